@@ -1,0 +1,304 @@
+"""``AVME``: the model of the paper on top of :class:`AVMECore`: ELBO, sampling, reconstruction."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, check_tensor
+from .config import AVMEConfig
+from .core import AVMECore
+
+__all__ = ["AVME", "ELBOTerms", "gaussian_kl", "log_weights"]
+
+
+class ELBOTerms(NamedTuple):
+    """Per-image terms of the negative ELBO, in nats.
+
+    Attributes:
+        reconstruction: (B,) -log p(x | z, y): BCE-with-logits of s_K summed over pixels.
+        kl: (B, K) KL(q(z_t | ...) || N(0, I)) of every step.
+    """
+
+    reconstruction: Tensor
+    kl: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """(B,) negative ELBO: reconstruction + sum_t KL_t."""
+        return self.reconstruction + self.kl.sum(dim=1)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dimension.
+
+    Args:
+        mu, logvar: (..., Z).
+
+    Returns:
+        (...,) the KL in nats.
+    """
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
+
+
+def reconstruction_nll(canvas: Tensor, x: Tensor) -> Tensor:
+    """-log Bernoulli(x; sigmoid(canvas)) summed over pixels: (B, D), (B, D) -> (B,)."""
+    return F.binary_cross_entropy_with_logits(canvas, x, reduction="none").sum(dim=1)
+
+
+def log_weights(canvas: Tensor, x: Tensor, eps: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Log importance weights of whole trajectories: log p(x|z) + sum_t [log N(z_t; 0, I) - log q(z_t)].
+
+    With z_t = mu_t + exp(logvar_t / 2) * eps_t the Gaussian normalisers cancel and
+    log N(z_t; 0, I) - log q(z_t) = sum(-z_t^2 / 2 + eps_t^2 / 2 + logvar_t / 2).
+
+    Args:
+        canvas: (B, D) final canvas logits.
+        x: (B, D) binary data.
+        eps, mu, logvar: (K, B, Z).
+
+    Returns:
+        (B,) log weights in nats.
+    """
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_ratio = 0.5 * (eps.square() - z.square() + logvar).sum(dim=(0, 2))
+    return log_ratio - reconstruction_nll(canvas, x)
+
+
+class AVME(nn.Module):
+    """Adaptive Variational Memory Encoding model with a Bernoulli likelihood.
+
+    Args:
+        data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input:
+            see :class:`AVMEConfig` (defaults: the paper's MNIST sizes, unconditional).
+        impl: ``"auto"``, ``"cuda"`` or ``"ref"``, see :class:`AVMECore`.
+        precision: matrix-product precision of the fused ops, see :class:`AVMECore`.
+
+    Data conventions: ``x`` is (B, D) float with values in {0, 1}; ``y`` is (B,) int64 class
+    labels in [0, C) for a conditional model and must be None for an unconditional one.
+    """
+
+    def __init__(
+        self,
+        data_dim: int = 784,
+        num_classes: int = 0,
+        enc_hidden: int = 400,
+        dec_hidden: int = 400,
+        latent_dim: int = 100,
+        steps: int = 12,
+        encoder_input: str = "canvas",
+        *,
+        impl: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        self.config = AVMEConfig(data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input)
+        self.core = AVMECore(
+            data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input, impl=impl, precision=precision
+        )
+
+    @classmethod
+    def from_config(cls, config: AVMEConfig, **kwargs) -> AVME:
+        """Build a model from an :class:`AVMEConfig` (``kwargs``: ``impl``, ``precision``)."""
+        return cls(**config.to_dict(), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
+
+    def _param(self) -> Tensor:
+        return self.core.write.weight
+
+    # ----------------------------------------------------------------- inputs
+    def check_images(self, x: Tensor) -> Tensor:
+        """Validate binary images (B, D) and return them in the parameters' dtype and device."""
+        check_tensor("x", x, (None, self.config.data_dim), floating=False)
+        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.bool)):
+            raise TypeError(f"x must be a float, uint8 or bool tensor of 0/1 pixels, got dtype {x.dtype}")
+        weight = self._param()
+        x = x.to(device=weight.device, dtype=weight.dtype)
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(
+                "x must be binary (every pixel 0 or 1) for the Bernoulli likelihood; "
+                "binarize gray levels first (see avme_ext.data), and check for NaN"
+            )
+        return x
+
+    def encode_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
+        """Validate labels (B,) int64 and return them one-hot (B, C), or None for an unconditional model."""
+        num_classes = self.config.num_classes
+        if num_classes == 0:
+            if y is not None:
+                raise ValueError("y must be None: this model is unconditional (num_classes=0)")
+            return None
+        if y is None:
+            raise ValueError(f"y is required: this model is conditional (num_classes={num_classes})")
+        check_tensor("y", y, (batch_size,), floating=False)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y must be an integer tensor of class labels, got dtype {y.dtype}")
+        if batch_size > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"y must hold labels in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+        weight = self._param()
+        return F.one_hot(y.to(device=weight.device, dtype=torch.int64), num_classes).to(weight.dtype)
+
+    # ----------------------------------------------------------------- ELBO
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        eps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ELBOTerms:
+        """Per-image negative-ELBO terms for one draw of the noise.
+
+        Args:
+            x: (B, D) binary images.
+            y: (B,) labels for a conditional model, else None.
+            eps: (K, B, Z) noise; drawn from ``generator`` when None.
+
+        Returns:
+            :class:`ELBOTerms`: reconstruction (B,) and kl (B, K).
+        """
+        x = self.check_images(x)
+        y_vec = self.encode_labels(y, x.shape[0])
+        out = self.core(x, y_vec, eps, generator=generator)
+        return ELBOTerms(reconstruction_nll(out.canvas, x), gaussian_kl(out.mu, out.logvar).transpose(0, 1))
+
+    def loss(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        kl_weight: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, ELBOTerms]:
+        """Training objective: batch mean of reconstruction + kl_weight * sum_t KL_t.
+
+        Returns:
+            (scalar loss, the :class:`ELBOTerms` it was computed from).
+        """
+        terms = self(x, y, generator=generator)
+        return (terms.reconstruction + kl_weight * terms.kl.sum(dim=1)).mean(), terms
+
+    # ----------------------------------------------------------------- likelihood bounds
+    def log_weights(self, x: Tensor, y_vec: Tensor | None, eps: Tensor) -> Tensor:
+        """Log importance weights (B,) of trajectories with noise ``eps`` (K, B, Z).
+
+        ``x`` must already be checked (see :meth:`check_images`) and ``y_vec`` one-hot.
+        """
+        out = self.core(x, y_vec, eps)
+        return log_weights(out.canvas, x, eps, out.mu, out.logvar)
+
+    @torch.no_grad()
+    def iwae_bound(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        samples: int = 5000,
+        *,
+        max_rows: int = 20000,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Importance-weighted lower bound on log p(x) (or log p(x | y)) per image, in nats.
+
+        log p(x) >= logsumexp_s log w_s - log S over S whole trajectories, computed in chunks
+        of at most ``max_rows`` trajectories so memory stays bounded for any S.
+
+        Args:
+            x: (B, D) binary images.
+            y: (B,) labels (conditional model: gives log p(x | y)), else None.
+            samples: S, trajectories per image (S=1 is the ELBO of one draw).
+            max_rows: trajectories evaluated at once.
+
+        Returns:
+            (B,) the bound.
+        """
+        check_positive_int("samples", samples)
+        check_positive_int("max_rows", max_rows)
+        x = self.check_images(x)
+        y_vec = self.encode_labels(y, x.shape[0])
+        bounds = []
+        images_per_chunk = max(1, max_rows // samples)
+        samples_per_chunk = min(samples, max_rows)
+        for start in range(0, x.shape[0], images_per_chunk):
+            xs = x[start : start + images_per_chunk]
+            ys = None if y_vec is None else y_vec[start : start + images_per_chunk]
+            n = xs.shape[0]
+            chunks = []
+            for s0 in range(0, samples, samples_per_chunk):
+                s = min(samples_per_chunk, samples - s0)
+                x_rep = xs.repeat_interleave(s, dim=0)
+                y_rep = None if ys is None else ys.repeat_interleave(s, dim=0)
+                eps = self.core.draw_noise(n * s, generator)
+                chunks.append(self.log_weights(x_rep, y_rep, eps).view(n, s))
+            bounds.append(torch.logsumexp(torch.cat(chunks, dim=1), dim=1) - math.log(samples))
+        return torch.cat(bounds) if bounds else x.new_zeros(0)
+
+    @torch.no_grad()
+    def class_log_likelihoods(
+        self, x: Tensor, samples: int = 5000, *, max_rows: int = 20000, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """IWAE bounds on log p(x | y=c) for every class c of a conditional model: (B, D) -> (B, C)."""
+        if self.config.num_classes == 0:
+            raise ValueError("class_log_likelihoods needs a conditional model (num_classes > 0)")
+        columns = []
+        for c in range(self.config.num_classes):
+            labels = torch.full((x.shape[0],), c, dtype=torch.int64, device=x.device)
+            columns.append(self.iwae_bound(x, labels, samples, max_rows=max_rows, generator=generator))
+        return torch.stack(columns, dim=1)
+
+    @staticmethod
+    def marginal_from_class_bounds(class_bounds: Tensor) -> Tensor:
+        """log p(x) >= logsumexp_y log p(x | y) - log C under a uniform label prior: (B, C) -> (B,)."""
+        return torch.logsumexp(class_bounds, dim=1) - math.log(class_bounds.shape[1])
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        y: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_steps: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Draw images from the prior: z_t ~ N(0, I), decoder and write only.
+
+        Args:
+            num_samples: B (unconditional), or None to take it from ``y``.
+            y: (B,) labels for a conditional model.
+            return_steps: also return sigmoid(s_t) for every step (the unrolled strip).
+
+        Returns:
+            (probs (B, D), steps (K, B, D) or None): Bernoulli means sigmoid(s_K) and sigmoid(s_t).
+        """
+        if y is None and num_samples is None:
+            raise ValueError("sample() needs num_samples (unconditional) or y (conditional)")
+        if y is not None and num_samples is not None and num_samples != y.shape[0]:
+            raise ValueError(f"num_samples={num_samples} does not match y's batch size {y.shape[0]}")
+        batch = y.shape[0] if y is not None else num_samples
+        check_positive_int("num_samples", batch, minimum=0)
+        y_vec = self.encode_labels(y, batch)
+        out = self.core.sample(y=y_vec, batch_size=batch, generator=generator, return_canvases=return_steps)
+        steps = torch.sigmoid(out.canvases) if out.canvases is not None else None
+        return torch.sigmoid(out.canvas), steps
+
+    @torch.no_grad()
+    def reconstruct(
+        self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None, return_steps: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Encode and redraw images: (B, D) -> (sigmoid(s_K) (B, D), sigmoid(s_t) (K, B, D) or None)."""
+        x = self.check_images(x)
+        y_vec = self.encode_labels(y, x.shape[0])
+        out = self.core(x, y_vec, generator=generator, return_canvases=return_steps)
+        steps = torch.sigmoid(out.canvases) if out.canvases is not None else None
+        return torch.sigmoid(out.canvas), steps
