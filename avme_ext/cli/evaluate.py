@@ -1,0 +1,244 @@
+"""``avme eval``: negative ELBO and IWAE likelihood bounds of a checkpoint on a data split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ._common import (
+    CLIError,
+    RawDefaultsFormatter,
+    add_checkpoint_argument,
+    add_data_arguments,
+    add_device_arguments,
+    add_seed_argument,
+    fail,
+    load_model_for_cli,
+    nonnegative_int,
+    positive_int,
+)
+
+DESCRIPTION = """\
+Evaluate a checkpoint on a data split; all numbers are nats per image, lower is better.
+
+  negative ELBO          reconstruction term + KL, one noise draw per image
+  reconstruction term    -log p(x|z) of that draw (a term of the bound, not a likelihood)
+  KL                     total and per drawing step t = 1..K
+  IWAE bound (--samples S > 0)
+                         -log p(x) <= -(logsumexp_s log w_s - log S) over S whole trajectories;
+                         S = 5000 for reported numbers (S = 0: ELBO only)
+  conditional models     -log p(x|y) with the true labels (IWAE), and -log p(x) over a
+                         uniform label prior from one IWAE bound per class: C times the cost
+                         (--no-marginal skips it)
+
+Results are deterministic given --seed and --batch-size (each chunk of --batch-size images
+has its own seeded noise). Under torchrun every rank evaluates its share of the chunks and
+rank 0 reports the merged result, identical to a single-process run. --json writes the
+summary with its provenance (checkpoint, split, images, samples, seed, device, versions,
+wall-clock seconds)."""
+
+EPILOG = """\
+examples:
+  avme eval runs/mnist                                   # ELBO on the 10k test images
+  avme eval runs/mnist --samples 5000 --json test.json   # the reported IWAE bound
+  avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
+  torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="negative ELBO and IWAE likelihood bounds on a data split (table + JSON)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=RawDefaultsFormatter,
+    )
+    add_checkpoint_argument(parser)
+    parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="data split")
+    parser.add_argument(
+        "--samples", type=nonnegative_int, default=0, metavar="S",
+        help="IWAE trajectories per image (0: ELBO only; 5000 for reported numbers)",
+    )
+    parser.add_argument(
+        "--num-images", type=positive_int, default=None, metavar="N",
+        help="evaluate a random subset of N images (seeded by --seed; default: the whole split)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per chunk")
+    parser.add_argument(
+        "--max-rows", type=positive_int, default=20000,
+        help="IWAE trajectories evaluated at once (bounds memory for any S)",
+    )
+    parser.add_argument(
+        "--no-marginal", dest="marginal", action="store_false",
+        help="conditional model: skip -log p(x) over all classes (saves C IWAE bounds per image)",
+    )
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="write the summary and provenance here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_seed_argument(parser)
+    add_device_arguments(parser)
+    add_data_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CLIError as error:
+        return fail(error)
+
+
+# --------------------------------------------------------------------------- distributed hook
+# The only places that touch avme_ext.distributed: joining the torchrun job and gathering shards.
+def _join_job(device_arg: str):
+    """(DistInfo, device) of this process; joins the process group under torchrun (nothing otherwise)."""
+    from .. import distributed as dist_utils
+
+    try:
+        info = dist_utils.detect()
+        device = dist_utils.resolve_device(device_arg, info)
+    except (RuntimeError, ValueError) as error:
+        raise CLIError(error) from None
+    dist_utils.setup(info, device)
+    return info, device
+
+
+def _gather(result, info):
+    """The merged :class:`EvalResult` of all ranks (every rank gets it); the result itself for one process."""
+    if not info.distributed:
+        return result
+    from .. import distributed as dist_utils
+
+    return dist_utils.gather_eval_result(result)
+
+
+def _leave_job(info) -> None:
+    if info.distributed:
+        from .. import distributed as dist_utils
+
+        dist_utils.teardown()
+
+
+# --------------------------------------------------------------------------- main
+def _run(args: argparse.Namespace) -> int:
+    info, device = _join_job(args.device)
+    try:
+        return _evaluate_and_report(args, info, device)
+    finally:
+        _leave_job(info)
+
+
+def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -> int:
+    from ..data import load_split
+    from ..evaluation import evaluate
+
+    checkpoint = Path(args.checkpoint)
+    rank, world = info.rank, info.world_size
+    model = load_model_for_cli(args, device)
+    try:
+        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        raise CLIError(f"cannot load {args.dataset}/{args.split}: {error}") from None
+    if args.num_images is not None:
+        if args.num_images > len(split):
+            raise CLIError(f"--num-images {args.num_images}: {split.name} has only {len(split)} images")
+        split = split.subset(args.num_images, torch.Generator().manual_seed(args.seed))
+    if model.num_classes > 0 and not split.has_labels:
+        raise CLIError(f"{split.name} has no labels, which this conditional model needs")
+
+    start = time.perf_counter()
+    try:
+        result = evaluate(
+            model,
+            split,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            max_rows=args.max_rows,
+            shard=(rank, world),
+            marginal=args.marginal,
+            progress=args.progress and rank == 0,
+        )
+    except ValueError as error:
+        raise CLIError(error) from None
+    result = _gather(result, info)
+    seconds = time.perf_counter() - start
+    if rank != 0:  # only rank 0 prints and writes files
+        return 0
+
+    summary = result.summary()
+    print(format_table(summary, model, split.name, checkpoint))
+    if args.json:
+        document = {
+            "summary": summary,
+            "provenance": {
+                "checkpoint": str(checkpoint.resolve()),
+                "dataset": args.dataset,
+                "split": args.split,
+                "num_images": len(result),
+                "subset": args.num_images is not None,
+                "samples": args.samples,
+                "marginal": bool(args.marginal and model.num_classes > 0 and args.samples > 0),
+                "batch_size": args.batch_size,
+                "max_rows": args.max_rows,
+                "seed": args.seed,
+                "device": str(device),
+                "impl": args.impl,
+                "precision": args.precision,
+                "world_size": world,
+                "model_config": model.config.to_dict(),
+                "torch_version": torch.__version__,
+                "python_version": sys.version.split()[0],
+                "wall_clock_seconds": seconds,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        }
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
+        print(out)
+    return 0
+
+
+def _jsonable(value):
+    """Replace non-finite floats by None so the JSON stays standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def format_table(summary: dict, model, split_name: str, checkpoint: Path) -> str:
+    """The human-readable table printed by ``avme eval``."""
+
+    def fmt(value: float, sem: float | None = None) -> str:
+        text = f"{value:10.3f}"
+        if sem is not None and math.isfinite(sem):
+            text += f"  ± {sem:.3f} (s.e.)"
+        return text
+
+    rows = [
+        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"))),
+        ("reconstruction term -log p(x|z) (not a likelihood)", fmt(summary["reconstruction"])),
+        ("KL total", fmt(summary["kl"])),
+    ]
+    for t, value in enumerate(summary["kl_per_step"], start=1):
+        rows.append((f"  KL step {t}", fmt(value)))
+    if "iwae_nll" in summary:
+        what = "-log p(x|y)" if model.num_classes > 0 else "-log p(x)"
+        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}", fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"))))
+    if "nll_marginal" in summary:
+        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}", fmt(summary["nll_marginal"])))
+    width = max(len(name) for name, _ in rows)
+    header = f"{checkpoint} on {split_name}: {summary['num_images']} images (nats per image, lower is better)"
+    lines = [header, "-" * max(len(header), width + 12)]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Honest evaluation of an AVME model: per-image negative ELBO, IWAE bounds, class marginals.
+
+:func:`evaluate` returns an :class:`EvalResult` of per-image values (all in nats, lower is
+better) for the images of an :class:`~avme_ext.data.ImageSplit`:
+
+* ``nelbo`` = ``reconstruction`` + ``kl.sum(1)``: the negative ELBO for one draw of the noise.
+  ``reconstruction`` is -log p(x | z) of that draw, a term of the bound, **not** a likelihood.
+* ``iwae_nll`` (``samples`` = S > 0): -(logsumexp_s log w_s - log S) over S whole trajectories,
+  an upper bound on -log p(x) (or -log p(x | y) for a conditional model) that tightens as S
+  grows; S = 5000 for reported numbers.
+* conditional models (``num_classes`` = C > 0) with S > 0: ``nll_given_y`` = -log p(x | y) with the
+  true labels, and, when ``marginal=True``, ``nll_marginal`` = -log p(x) =
+  -(logsumexp_c log p(x | c) - log C) under a uniform label prior, from one IWAE bound per class
+  (``class_nll``, (N, C)). The marginal costs C IWAE bounds per image (C times the cost of
+  ``nll_given_y``); with ``marginal=True`` ``nll_given_y`` is read from the true-label column of
+  that table rather than computed again, so -log p(x) <= -log p(x | y) + log C holds exactly.
+
+Determinism and sharding. The split is cut into fixed chunks of ``batch_size`` consecutive
+images. Chunk ``i`` draws all its randomness from fresh generators seeded by a hash of
+``(seed, i, stream)``, one stream each for the dynamic binarization (gray-level data sets),
+the ELBO noise, the IWAE noise and the per-class IWAE noise. Rank ``r`` of ``W`` evaluates the
+chunks with ``i % W == r`` (``shard=(r, W)``), so ``merge_results`` of all shards equals the
+unsharded result exactly (same ``seed``, ``batch_size``, ``max_rows`` and device). Because each
+quantity has its own stream, turning the IWAE on or off does not change the ELBO values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import ImageSplit
+from .model import AVME
+
+__all__ = ["EvalResult", "chunk_generator", "chunk_seed", "evaluate", "merge_results", "STREAMS"]
+
+#: Random streams of a chunk (see the module docstring).
+STREAMS = ("data", "elbo", "iwae", "class")
+
+
+def chunk_seed(seed: int, chunk: int, stream: str = "elbo") -> int:
+    """A 63-bit seed for chunk ``chunk`` and random ``stream`` derived from ``seed`` (stable across runs)."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+    digest = hashlib.blake2b(f"avme-eval:{int(seed)}:{int(chunk)}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def chunk_generator(seed: int, chunk: int, device: torch.device | str, stream: str = "elbo") -> torch.Generator:
+    """A fresh ``torch.Generator`` on ``device`` for ``stream`` of chunk ``chunk`` (see :func:`chunk_seed`)."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(chunk_seed(seed, chunk, stream))
+    return generator
+
+
+@dataclass
+class EvalResult:
+    """Per-image evaluation values (nats, lower is better) for a set of images of a split.
+
+    Attributes:
+        indices: (N,) int64 positions of the images in the evaluated split (sorted after a merge).
+        nelbo: (N,) float64 negative ELBO = reconstruction + kl.sum(1), one noise draw.
+        reconstruction: (N,) float64 -log p(x | z) of that draw (a term of the bound, not a likelihood).
+        kl: (N, K) float64 KL of every drawing step.
+        iwae_nll: (N,) IWAE upper bound on -log p(x) (-log p(x | y) for a conditional model), or None.
+        nll_given_y: (N,) conditional model: -log p(x | y) with the true labels (IWAE), else None.
+        nll_marginal: (N,) conditional model: -log p(x) over a uniform label prior (IWAE), else None.
+        class_nll: (N, C) conditional model with the marginal: -log p(x | y=c) for every class c.
+        samples: S, the IWAE samples per image (0: ELBO only).
+    """
+
+    indices: Tensor
+    nelbo: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    iwae_nll: Tensor | None = None
+    nll_given_y: Tensor | None = None
+    nll_marginal: Tensor | None = None
+    class_nll: Tensor | None = None
+    samples: int = 0
+
+    _PER_IMAGE = ("indices", "nelbo", "reconstruction", "kl", "iwae_nll", "nll_given_y", "nll_marginal", "class_nll")
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def steps(self) -> int:
+        """K, the number of drawing steps."""
+        return int(self.kl.shape[1])
+
+    def to(self, device: torch.device | str) -> EvalResult:
+        """A copy with every tensor on ``device``."""
+        values = {
+            name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._PER_IMAGE
+        }
+        return EvalResult(**values, samples=self.samples)
+
+    def summary(self) -> dict[str, Any]:
+        """Means over the images, in nats per image, as plain JSON-able numbers.
+
+        Keys: ``num_images``, ``nelbo`` (+ ``nelbo_sem``, its standard error), ``reconstruction``,
+        ``kl``, ``kl_per_step`` (list of K), ``samples``; with IWAE samples also ``iwae_nll``
+        (+ ``iwae_nll_sem``) and ``iwae_samples``; for a conditional model ``nll_given_y`` and,
+        when computed, ``nll_marginal``. A mean over zero images is NaN.
+        """
+
+        def mean(t: Tensor) -> float:
+            return float(t.double().mean()) if t.numel() else math.nan
+
+        def sem(t: Tensor) -> float:
+            n = t.numel()
+            return float(t.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+
+        out: dict[str, Any] = {
+            "num_images": len(self),
+            "nelbo": mean(self.nelbo),
+            "nelbo_sem": sem(self.nelbo),
+            "reconstruction": mean(self.reconstruction),
+            "kl": mean(self.kl.sum(dim=1)) if len(self) else math.nan,
+            "kl_per_step": [mean(self.kl[:, t]) for t in range(self.steps)],
+            "samples": self.samples,
+        }
+        if self.iwae_nll is not None:
+            out["iwae_nll"] = mean(self.iwae_nll)
+            out["iwae_nll_sem"] = sem(self.iwae_nll)
+            out["iwae_samples"] = self.samples
+        if self.nll_given_y is not None:
+            out["nll_given_y"] = mean(self.nll_given_y)
+        if self.nll_marginal is not None:
+            out["nll_marginal"] = mean(self.nll_marginal)
+        return out
+
+
+def _empty_result(steps: int, samples: int, conditional: bool, marginal: bool, num_classes: int) -> EvalResult:
+    f64 = torch.float64
+    return EvalResult(
+        indices=torch.zeros(0, dtype=torch.int64),
+        nelbo=torch.zeros(0, dtype=f64),
+        reconstruction=torch.zeros(0, dtype=f64),
+        kl=torch.zeros(0, steps, dtype=f64),
+        iwae_nll=torch.zeros(0, dtype=f64) if samples > 0 else None,
+        nll_given_y=torch.zeros(0, dtype=f64) if samples > 0 and conditional else None,
+        nll_marginal=torch.zeros(0, dtype=f64) if samples > 0 and conditional and marginal else None,
+        class_nll=torch.zeros(0, num_classes, dtype=f64) if samples > 0 and conditional and marginal else None,
+        samples=samples,
+    )
+
+
+def _concat(results: Sequence[EvalResult]) -> EvalResult:
+    values: dict[str, Tensor | None] = {}
+    for name in EvalResult._PER_IMAGE:
+        parts = [getattr(r, name) for r in results]
+        present = [p is not None for p in parts]
+        if any(present) and not all(present):
+            raise ValueError(f"cannot merge results: {name!r} is present in some results and missing in others")
+        values[name] = torch.cat([p.cpu() for p in parts]) if all(present) else None
+    return EvalResult(**values, samples=results[0].samples)
+
+
+def merge_results(results: Sequence[EvalResult]) -> EvalResult:
+    """Concatenate results (e.g. the shards of several ranks) and sort them by image index.
+
+    Raises:
+        ValueError: no results, mismatched settings (samples, K, computed fields) or duplicate indices.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("merge_results needs at least one EvalResult")
+    samples = {r.samples for r in results}
+    steps = {r.steps for r in results}
+    if len(samples) > 1 or len(steps) > 1:
+        raise ValueError(f"cannot merge results with different samples {sorted(samples)} or steps {sorted(steps)}")
+    merged = _concat(results)
+    order = torch.argsort(merged.indices, stable=True)
+    sorted_indices = merged.indices[order]
+    if sorted_indices.numel() > 1 and bool((sorted_indices[1:] == sorted_indices[:-1]).any()):
+        raise ValueError("cannot merge results: some image indices appear in more than one result")
+    values = {
+        name: (None if getattr(merged, name) is None else getattr(merged, name)[order]) for name in EvalResult._PER_IMAGE
+    }
+    return EvalResult(**values, samples=merged.samples)
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    try:
+        rank, world = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be a pair (rank, world_size), got {shard!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
+    return rank, world
+
+
+@torch.no_grad()
+def evaluate(
+    model: AVME,
+    split: ImageSplit,
+    *,
+    samples: int = 0,
+    batch_size: int = 100,
+    seed: int = 0,
+    max_rows: int = 20000,
+    shard: tuple[int, int] = (0, 1),
+    marginal: bool = True,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on the images of ``split`` (or this rank's shard of them).
+
+    Args:
+        model: the model (its training/eval mode is restored afterwards).
+        split: the images; labels are needed for a conditional model.
+        samples: S, IWAE trajectories per image (0: ELBO only; 5000 for reported numbers).
+        batch_size: images per chunk (also the unit of seeding and sharding, see the module docs).
+        seed: base seed of every chunk's random streams.
+        max_rows: trajectories evaluated at once by the IWAE (bounds memory for any S).
+        shard: ``(rank, world_size)``: evaluate the chunks ``i`` with ``i % world_size == rank``.
+        marginal: conditional model with S > 0: also compute -log p(x) over all C classes
+            (C IWAE bounds per image, i.e. C times the cost of -log p(x | y)).
+        progress: show a tqdm bar over the chunks with the running means.
+        device: where to compute (default: the model's device); the model must already be there.
+
+    Returns:
+        :class:`EvalResult` for the evaluated images, ``indices`` being positions in ``split``.
+    """
+    if not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    rank, world = _check_shard(shard)
+    param = next(model.parameters())
+    device = param.device if device is None else torch.device(device)
+    if device != param.device and not (device.type == param.device.type and device.index is None):
+        raise ValueError(f"model is on {param.device} but device={device}; move the model first")
+    device = param.device
+    conditional = model.num_classes > 0
+    if conditional and not split.has_labels:
+        raise ValueError(f"{split.name}: a conditional model needs labels, but this split has none")
+    do_marginal = samples > 0 and conditional and marginal
+
+    num_chunks = math.ceil(len(split) / batch_size)
+    my_chunks = list(range(rank, num_chunks, world))
+    parts: list[EvalResult] = []
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(my_chunks, desc=f"eval {split.name}" + (f" S={samples}" if samples else ""), unit="chunk")
+    running = {"n": 0, "nelbo": 0.0, "iwae": 0.0}
+    try:
+        for i in bar if bar is not None else my_chunks:
+            start, stop = i * batch_size, min((i + 1) * batch_size, len(split))
+            index = torch.arange(start, stop, dtype=torch.int64)
+            x, y = split.batch(
+                index, generator=chunk_generator(seed, i, split.images.device, "data"), device=device, dtype=param.dtype
+            )
+            y = y if conditional else None
+            terms = model(x, y, generator=chunk_generator(seed, i, device, "elbo"))
+            recon = terms.reconstruction.double()
+            kl = terms.kl.double()
+            part = EvalResult(index, recon + kl.sum(dim=1), recon, kl, samples=samples)
+            if samples > 0:
+                if do_marginal:
+                    class_ll = model.class_log_likelihoods(
+                        x, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "class")
+                    ).double()
+                    part.class_nll = -class_ll
+                    part.nll_given_y = -class_ll.gather(1, y.view(-1, 1)).squeeze(1)
+                    part.nll_marginal = -AVME.marginal_from_class_bounds(class_ll)
+                else:
+                    bound = model.iwae_bound(
+                        x, y, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "iwae")
+                    ).double()
+                    if conditional:
+                        part.nll_given_y = -bound
+                part.iwae_nll = part.nll_given_y if conditional else -bound
+            part = part.to("cpu")
+            parts.append(part)
+            if bar is not None:
+                running["n"] += len(part)
+                running["nelbo"] += float(part.nelbo.sum())
+                postfix = {"nelbo": f"{running['nelbo'] / running['n']:.2f}"}
+                if part.iwae_nll is not None:
+                    running["iwae"] += float(part.iwae_nll.sum())
+                    postfix["iwae_nll"] = f"{running['iwae'] / running['n']:.2f}"
+                bar.set_postfix(postfix)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if not parts:
+        return _empty_result(model.steps, samples, conditional, do_marginal, model.num_classes)
+    return _concat(parts)

@@ -1,0 +1,264 @@
+"""Training plots from a run's ``metrics.jsonl`` (matplotlib, Agg backend: no display needed).
+
+``metrics.jsonl`` (written by the trainer) holds one JSON object per line, each with a
+``"kind"``:
+
+* ``{"kind": "train", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}``
+* ``{"kind": "valid", "epoch", "step", "nelbo", "reconstruction", "kl", "kl_per_step": [K floats], "best", "time"}``
+* ``{"kind": "epoch", "epoch", "step", "seconds", "train_loss", "examples"}``
+
+:func:`plot_training_curve` draws the training loss per step and the validation negative ELBO
+per epoch (the paper's Figure 7); :func:`plot_kl_per_step` draws the KL of every drawing step
+of the best (or last) validation record. Unknown kinds and extra keys are ignored, so the
+trainer may add records freely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402  (no display; must precede pyplot)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["MetricsError", "find_metrics", "plot_kl_per_step", "plot_training_curve", "read_metrics"]
+
+METRICS_FILENAME = "metrics.jsonl"
+_REQUIRED = {
+    "train": ("step", "loss"),
+    "valid": ("epoch", "step", "nelbo"),
+    "epoch": ("epoch", "step"),
+}
+
+
+class MetricsError(ValueError):
+    """A metrics file is missing, empty or malformed (the message names the file and line)."""
+
+
+def find_metrics(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file, else ``path/metrics.jsonl`` for a run directory.
+
+    Raises:
+        MetricsError: nothing there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / METRICS_FILENAME
+        if not candidate.is_file():
+            raise MetricsError(f"{path}: run directory has no {METRICS_FILENAME}")
+        return candidate
+    if not path.is_file():
+        raise MetricsError(f"{path}: metrics file does not exist")
+    return path
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a ``metrics.jsonl`` file (or a run directory's) into a list of records.
+
+    Blank lines are skipped. Every other line must be a JSON object with a string ``"kind"``;
+    ``train``/``valid``/``epoch`` records must carry their numeric keys (see the module docs).
+    A torn last line (a run killed while writing) is an error too: the message says which line.
+
+    Raises:
+        MetricsError: missing file, empty file, or a malformed line (naming file and line number).
+    """
+    path = find_metrics(path)
+    records = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MetricsError(f"{path}: cannot read metrics file ({error})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MetricsError(f"{path}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+            raise MetricsError(f"{path}:{number}: expected a JSON object with a string \"kind\", got {line[:80]!r}")
+        for key in _REQUIRED.get(record["kind"], ()):
+            if not _number(record.get(key)):
+                raise MetricsError(
+                    f"{path}:{number}: {record['kind']!r} record needs a number {key!r}, got {record.get(key)!r}"
+                )
+        if record["kind"] == "valid" and "kl_per_step" in record:
+            steps = record["kl_per_step"]
+            if not isinstance(steps, list) or not all(_number(v) for v in steps):
+                raise MetricsError(f"{path}:{number}: 'kl_per_step' must be a list of numbers, got {steps!r}")
+        records.append(record)
+    if not records:
+        raise MetricsError(f"{path}: metrics file is empty")
+    return records
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    head = np.cumsum(values[: window - 1]) / np.arange(1, window)
+    return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
+
+
+def _save_figure(fig: plt.Figure, out_png: str | os.PathLike) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _add_epoch_axis(ax: plt.Axes, records: list[dict[str, Any]]) -> None:
+    """Add a top axis of epochs completed when epochs have a constant number of steps.
+
+    ``epoch``/``valid`` records mark the end of epoch ``e`` at ``step``; the axis is the linear
+    map step -> step / steps_per_epoch, drawn only when every record agrees with it within 5%.
+    """
+    pairs = {(float(r["step"]), float(r["epoch"])) for r in records
+             if r["kind"] in ("epoch", "valid") and _number(r.get("epoch")) and _number(r.get("step"))}
+    pairs = sorted(p for p in pairs if p[0] > 0 and p[1] > 0)
+    if not pairs:
+        return
+    steps_per_epoch = pairs[-1][0] / pairs[-1][1]
+    if not all(abs(e * steps_per_epoch - s) <= 0.05 * s + 1 for s, e in pairs):
+        return
+    secax = ax.secondary_xaxis(
+        "top", functions=(lambda v: np.asarray(v) / steps_per_epoch, lambda v: np.asarray(v) * steps_per_epoch)
+    )
+    secax.set_xlabel(f"epochs completed ({steps_per_epoch:g} steps per epoch)")
+
+
+def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Plot the training loss per step and the validation negative ELBO per epoch (nats).
+
+    The x axis is the training step; a secondary top axis shows epochs when ``epoch`` or
+    ``valid`` records allow the mapping. The training loss is the logged batch mean of
+    reconstruction + kl_weight * KL (a negative ELBO once the KL warm-up ends), drawn raw and
+    smoothed; the best validation record is starred. The y range focuses on the later,
+    converged part of the curve (the first steps of a fresh model sit hundreds of nats higher).
+
+    Returns:
+        the PNG's path.
+
+    Raises:
+        MetricsError: bad file, or neither ``train`` nor ``valid`` records.
+    """
+    path = find_metrics(metrics_path)
+    records = read_metrics(path)
+    train = [r for r in records if r["kind"] == "train"]
+    valid = [r for r in records if r["kind"] == "valid"]
+    if not train and not valid:
+        raise MetricsError(f"{path}: no 'train' or 'valid' records to plot")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown: list[float] = []
+    if train:
+        steps = np.array([r["step"] for r in train], dtype=float)
+        loss = np.array([r["loss"] for r in train], dtype=float)
+        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (batch)")
+        window = max(1, len(loss) // 50)
+        if window > 1:
+            ax.plot(steps, _moving_average(loss, window), color="tab:blue", linewidth=1.5,
+                    label=f"train loss (moving mean of {window})")
+        finite = loss[np.isfinite(loss)]
+        if finite.size:
+            shown += [float(np.percentile(finite, 90)), float(finite.min())]
+    if valid:
+        vsteps = np.array([r["step"] for r in valid], dtype=float)
+        nelbo = np.array([r["nelbo"] for r in valid], dtype=float)
+        ax.plot(vsteps, nelbo, "o-", color="tab:orange", markersize=4, label="validation negative ELBO (per epoch)")
+        best = [r for r in valid if r.get("best")]
+        if best:
+            b = best[-1]
+            ax.plot([b["step"]], [b["nelbo"]], "*", color="tab:red", markersize=14,
+                    label=f"best validation: {b['nelbo']:.2f} nats (epoch {b['epoch']})")
+        finite = nelbo[np.isfinite(nelbo)]
+        if finite.size:
+            shown += [float(finite.max()), float(finite.min())]
+    if shown:
+        low, high = min(shown), max(shown)
+        margin = max(1.0, 0.05 * (high - low))
+        ax.set_ylim(low - margin, high + margin)
+
+    _add_epoch_axis(ax, records)
+
+    ax.set_xlabel("training step")
+    ax.set_ylabel("negative ELBO (nats per image)")
+    ax.set_title(title or f"AVME training: {path.parent.name or path.name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _pick_valid_record(records: list[dict[str, Any]], which: str, path: Path) -> dict[str, Any]:
+    valid = [r for r in records if r["kind"] == "valid" and isinstance(r.get("kl_per_step"), list)]
+    if not valid:
+        raise MetricsError(f"{path}: no 'valid' record with 'kl_per_step' to plot")
+    if which == "best":
+        best = [r for r in valid if r.get("best")]
+        if best:
+            return best[-1]
+    return valid[-1]
+
+
+def plot_kl_per_step(
+    source: str | os.PathLike | Sequence[float],
+    out_png: str | os.PathLike,
+    *,
+    which: str = "best",
+    title: str | None = None,
+) -> Path:
+    """Bar chart of the KL (nats per image) of every drawing step t = 1..K.
+
+    Args:
+        source: a metrics file or run directory (the ``kl_per_step`` of its last validation record
+            marked ``best``, or of its last one when ``which="last"`` or none is marked), or a list
+            of K numbers (e.g. ``EvalResult.summary()["kl_per_step"]``).
+        which: ``"best"`` or ``"last"`` validation record.
+
+    Returns:
+        the PNG's path.
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if isinstance(source, (str, os.PathLike)):
+        path = find_metrics(source)
+        record = _pick_valid_record(read_metrics(path), which, path)
+        values = [float(v) for v in record["kl_per_step"]]
+        label = f"{'best' if record.get('best') else 'last'} validation, epoch {record['epoch']}"
+        default_title = f"KL per drawing step ({label}): {path.parent.name or path.name}"
+    else:
+        values = [float(v) for v in source]
+        default_title = "KL per drawing step"
+    if not values:
+        raise MetricsError("kl_per_step is empty: nothing to plot")
+    if not all(math.isfinite(v) for v in values):
+        raise MetricsError(f"kl_per_step has non-finite values: {values}")
+
+    steps = np.arange(1, len(values) + 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(values) + 2), 4))
+    bars = ax.bar(steps, values, color="tab:green", label=f"KL per step (total {sum(values):.2f} nats)")
+    if len(values) <= 24:
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(steps)
+    ax.set_xlabel("drawing step t")
+    ax.set_ylabel("KL(q(z_t|·) || p(z_t)) (nats per image)")
+    ax.set_title(title or default_title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return _save_figure(fig, out_png)

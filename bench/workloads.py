@@ -1,0 +1,399 @@
+"""Builders of the benchmarked callables: one per (implementation, configuration).
+
+An *implementation* (:data:`IMPLS`) is a way of running the same model:
+
+=========================== ===========================================================
+``ref-eager``               the pure-PyTorch reference, eager mode, fp32 (TF32 off)
+``ref-compile``             the reference under ``torch.compile`` (default mode)
+``ref-compile-max-autotune`` the reference under ``torch.compile(mode="max-autotune")``
+                            (Triton GEMM autotuning + CUDA graphs through cudagraph trees)
+``ref-cudagraph``           the reference captured by hand in one CUDA graph: forward,
+                            backward and a ``capturable=True`` Adam step, replayed on
+                            static input buffers
+``fused-fp32``              the fused CUDA ops (``avme_ext.ops``), fp32 products
+``fused-tf32``              the fused ops with TF32 tensor-core products
+``fused-bf16``              the fused ops with bf16 tensor-core products (fp32 accumulation)
+``ref-eager-tf32``          (optional) the reference in eager mode with TF32 matmuls allowed
+``ref-eager-bf16``          (optional) the reference in eager mode under bf16 autocast
+=========================== ===========================================================
+
+Every training step is: ``zero_grad``, the mean negative ELBO (reconstruction + sum of the K
+KL terms, i.e. ``AVME.loss`` with ``kl_weight=1``) on a fresh batch ``x`` with fresh noise
+``eps``, ``backward``, ``Adam.step``. The loss is computed from ``model.core(x, None, eps)``
+rather than through ``AVME.loss`` so that the noise is pre-generated and no host
+synchronisation (``AVME.check_images`` checks that pixels are binary) sits in the step: it
+would forbid CUDA-graph capture and add a sync to every eager step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from avme_ext import AVME, ops
+from avme_ext.model import gaussian_kl, reconstruction_nll
+
+try:  # sibling modules, whether imported as ``bench.workloads`` or run from bench/
+    from .flops import ModelSize
+except ImportError:  # pragma: no cover
+    from flops import ModelSize  # type: ignore[no-redef]
+
+__all__ = [
+    "ImplSpec",
+    "IMPLS",
+    "DEFAULT_IMPLS",
+    "TRAIN_IMPLS",
+    "SAMPLE_IMPLS",
+    "IWAE_IMPLS",
+    "unavailable_reason",
+    "elbo_loss",
+    "build_model",
+    "TrainCase",
+    "build_train_case",
+    "make_train_inputs",
+    "make_sample_inputs",
+    "build_sample_case",
+    "pool_size",
+    "free_memory",
+]
+
+
+@dataclass(frozen=True)
+class ImplSpec:
+    """How one implementation runs the model.
+
+    Attributes:
+        name: the key in :data:`IMPLS`, used in records.
+        core_impl: ``AVMECore``'s ``impl``: ``"ref"`` or ``"cuda"`` (fused ops).
+        precision: ``AVMECore``'s ``precision`` (used by the fused ops only).
+        mode: ``"eager"``, ``"compile"``, ``"compile-max-autotune"`` or ``"cudagraph"``.
+        matmul: precision of the matrix products, the key of the peak rate it is compared
+            with (``"fp32"``, ``"tf32"`` or ``"bf16"``).
+        description: one line for the README and the report.
+    """
+
+    name: str
+    core_impl: str
+    precision: str
+    mode: str
+    matmul: str
+    description: str
+
+    @property
+    def fused(self) -> bool:
+        return self.core_impl == "cuda"
+
+
+IMPLS: dict[str, ImplSpec] = {
+    spec.name: spec
+    for spec in [
+        ImplSpec("ref-eager", "ref", "fp32", "eager", "fp32", "reference, eager, fp32 (TF32 off)"),
+        ImplSpec("ref-compile", "ref", "fp32", "compile", "fp32", "reference under torch.compile (default mode)"),
+        ImplSpec(
+            "ref-compile-max-autotune", "ref", "fp32", "compile-max-autotune", "fp32",
+            "reference under torch.compile(mode='max-autotune'): GEMM autotuning + CUDA graphs",
+        ),
+        ImplSpec(
+            "ref-cudagraph", "ref", "fp32", "cudagraph", "fp32",
+            "reference captured by hand in one CUDA graph (fwd + bwd + capturable Adam)",
+        ),
+        ImplSpec("fused-fp32", "cuda", "fp32", "eager", "fp32", "fused CUDA ops, fp32 products"),
+        ImplSpec("fused-tf32", "cuda", "tf32", "eager", "tf32", "fused CUDA ops, TF32 tensor cores"),
+        ImplSpec("fused-bf16", "cuda", "bf16", "eager", "bf16", "fused CUDA ops, bf16 tensor cores, fp32 accumulation"),
+        ImplSpec("ref-eager-tf32", "ref", "fp32", "eager-tf32", "tf32", "reference, eager, TF32 matmuls allowed"),
+        ImplSpec("ref-eager-bf16", "ref", "fp32", "eager-bf16", "bf16", "reference, eager, bf16 autocast"),
+    ]
+}
+
+#: Implementations run when ``--impls`` is not given.
+DEFAULT_IMPLS: tuple[str, ...] = (
+    "ref-eager", "ref-compile", "ref-compile-max-autotune", "ref-cudagraph", "fused-fp32", "fused-tf32", "fused-bf16",
+)
+#: Implementations each workload knows how to run (others requested are not applicable).
+TRAIN_IMPLS: tuple[str, ...] = tuple(IMPLS)
+SAMPLE_IMPLS: tuple[str, ...] = ("ref-eager", "ref-eager-tf32", "ref-eager-bf16", "fused-fp32", "fused-tf32", "fused-bf16")
+IWAE_IMPLS: tuple[str, ...] = SAMPLE_IMPLS
+
+
+def unavailable_reason(spec: ImplSpec, device: torch.device, *, cpu_compile: bool = False) -> str | None:
+    """Why ``spec`` cannot run on ``device`` (None when it can)."""
+    cuda = device.type == "cuda"
+    if spec.fused:
+        if not cuda:
+            return "the fused ops need a CUDA device"
+        if not ops.is_available():
+            return "the avme CUDA extension is not built (avme_ext.ops.is_available() is False)"
+    if spec.mode in ("cudagraph", "compile-max-autotune") and not cuda:
+        return "CUDA graphs need a CUDA device"
+    if spec.mode == "eager-tf32" and not cuda:
+        return "TF32 is a CUDA tensor-core mode"
+    if spec.mode == "compile" and not cuda and not cpu_compile:
+        return (
+            "torch.compile is skipped on the CPU (inductor's C++ build of the unrolled K-step loop and "
+            "its backward takes minutes on a small CPU); pass --cpu-compile to include it"
+        )
+    return None
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA blocks, so that measurements start clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pool_size(wanted: int, bytes_per_set: int, cap_bytes: int) -> int:
+    """How many input sets to pre-generate: ``wanted``, at most ``cap_bytes`` worth, at least 1."""
+    return max(1, min(wanted, cap_bytes // max(1, bytes_per_set)))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_train_inputs(
+    images: Tensor, batch: int, steps: int, size: ModelSize, sets: int, device: torch.device, seed: int
+) -> list[tuple[Tensor, Tensor]]:
+    """``sets`` fresh (x, eps) pairs: random batches of real binary images and N(0, 1) noise.
+
+    Args:
+        images: (N, D) uint8 0/1 images on ``device`` (the training split).
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(sets):
+        index = torch.randint(0, images.shape[0], (batch,), generator=generator, device=device)
+        x = images[index].to(torch.float32)
+        eps = torch.randn((steps, batch, size.latent_dim), generator=generator, device=device)
+        out.append((x, eps))
+    return out
+
+
+def make_sample_inputs(num: int, steps: int, size: ModelSize, sets: int, device: torch.device, seed: int) -> list[Tensor]:
+    """``sets`` fresh prior draws z (K, num, Z)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn((steps, num, size.latent_dim), generator=generator, device=device) for _ in range(sets)]
+
+
+# --------------------------------------------------------------------------- model and loss
+
+
+def build_model(spec: ImplSpec, size: ModelSize, steps: int, device: torch.device, seed: int = 0) -> AVME:
+    """The model for ``spec`` with weights drawn from ``seed`` (identical across implementations)."""
+    torch.manual_seed(seed)
+    model = AVME(
+        data_dim=size.data_dim,
+        num_classes=size.num_classes,
+        enc_hidden=size.enc_hidden,
+        dec_hidden=size.dec_hidden,
+        latent_dim=size.latent_dim,
+        steps=steps,
+        impl=spec.core_impl,
+        precision=spec.precision,
+    )
+    return model.to(device)
+
+
+def elbo_loss(model: AVME, x: Tensor, eps: Tensor) -> Tensor:
+    """Mean negative ELBO of the batch with the given noise (``AVME.loss`` with kl_weight=1, no checks)."""
+    out = model.core(x, None, eps)
+    kl = gaussian_kl(out.mu.float(), out.logvar.float()).sum(dim=0)
+    return (reconstruction_nll(out.canvas.float(), x) + kl).mean()
+
+
+@contextlib.contextmanager
+def matmul_mode(mode: str, device: torch.device) -> Iterator[None]:
+    """The matmul precision context of an eager mode: TF32 allowed, bf16 autocast, or nothing."""
+    if mode == "eager-tf32":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    elif mode == "eager-bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------- training step
+
+
+@dataclass
+class TrainCase:
+    """A ready training step.
+
+    Attributes:
+        step: ``step(i)`` runs one training step on input set ``i % len(inputs)``.
+        setup_seconds: wall seconds of compilation / graph capture (first calls included),
+            None for eager implementations.
+        setup_kind: what ``setup_seconds`` measured.
+        extras: anything worth recording about the build (e.g. dynamo graph counts).
+    """
+
+    step: Callable[[int], None]
+    setup_seconds: float | None = None
+    setup_kind: str | None = None
+    extras: dict | None = None
+
+
+def _dynamo_counts() -> dict[str, int]:
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover
+        return {}
+    return {
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def configure_dynamo(limit: int = 64) -> None:
+    """Raise dynamo's recompile limits: every (batch, K, mode) is a new compile of one code object."""
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(limit, getattr(dynamo.config, name)))
+
+
+def build_train_case(
+    spec: ImplSpec,
+    size: ModelSize,
+    steps: int,
+    inputs: list[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    lr: float = 1e-3,
+    seed: int = 0,
+    setup_calls: int = 3,
+) -> TrainCase:
+    """Build the training step of ``spec`` for the batch/K of ``inputs`` (compiling or capturing it).
+
+    Args:
+        spec: the implementation.
+        size: model sizes.
+        steps: K.
+        inputs: pre-generated (x, eps) sets; the step picks set ``i % len(inputs)``.
+        device: where to run.
+        lr: Adam learning rate.
+        seed: weight seed.
+        setup_calls: for compiled/graph implementations, calls made at build time (the first
+            one compiles; cudagraph trees record a graph on a later one), wall-timed together
+            as ``setup_seconds``.
+    """
+    model = build_model(spec, size, steps, device, seed)
+    n = len(inputs)
+
+    if spec.mode == "cudagraph":
+        return _build_cudagraph_case(model, inputs, lr)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    if spec.mode in ("compile", "compile-max-autotune"):
+        configure_dynamo()
+        mode = "max-autotune" if spec.mode == "compile-max-autotune" else None
+        loss_fn = torch.compile(lambda x, eps: elbo_loss(model, x, eps), mode=mode, dynamic=False)
+        mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+
+        def step(i: int) -> None:
+            x, eps = inputs[i % n]
+            if mark_step is not None and mode == "max-autotune":
+                mark_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(x, eps)
+            loss.backward()
+            optimizer.step()
+
+        before = _dynamo_counts()
+        seconds = _wall(device, lambda: [step(i) for i in range(setup_calls)])
+        after = _dynamo_counts()
+        extras = {key: after[key] - before.get(key, 0) for key in after}
+        return TrainCase(step, seconds, f"torch.compile mode={mode or 'default'}, {setup_calls} first calls", extras)
+
+    def eager_step(i: int) -> None:
+        x, eps = inputs[i % n]
+        optimizer.zero_grad(set_to_none=True)
+        with matmul_mode(spec.mode, device):
+            loss = elbo_loss(model, x, eps)
+        loss.backward()
+        optimizer.step()
+
+    return TrainCase(eager_step)
+
+
+def _wall(device: torch.device, fn: Callable[[], object]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _build_cudagraph_case(model: AVME, inputs: list[tuple[Tensor, Tensor]], lr: float, warmup: int = 3) -> TrainCase:
+    """Whole-step capture as in the PyTorch CUDA-graphs docs ("whole network capture").
+
+    Static input buffers; warm-up iterations on a side stream; ``torch.cuda.graph`` around
+    zero-grad-free forward + backward + ``Adam(capturable=True).step()``; every call copies
+    the next fresh batch and noise into the static buffers (the copy is inside the timed
+    region, as it is in a training loop) and replays the graph.
+    """
+    n = len(inputs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+    static_x = inputs[0][0].clone()
+    static_eps = inputs[0][1].clone()
+    start = time.perf_counter()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            elbo_loss(model, static_x, static_eps).backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = elbo_loss(model, static_x, static_eps)
+        static_loss.backward()
+        optimizer.step()
+    graph.replay()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    def step(i: int) -> None:
+        x, eps = inputs[i % n]
+        static_x.copy_(x)
+        static_eps.copy_(eps)
+        graph.replay()
+
+    step.graph = graph  # type: ignore[attr-defined]  # keep the graph (and its pool) alive with the step
+    return TrainCase(step, seconds, f"side-stream warm-up ({warmup} steps) + capture + first replay")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def build_sample_case(
+    spec: ImplSpec, size: ModelSize, steps: int, inputs: list[Tensor], device: torch.device, *, seed: int = 0
+) -> Callable[[int], None]:
+    """``call(i)``: draw images from prior draws ``inputs[i % n]`` (decoder + write, sigmoid of s_K)."""
+    model = build_model(spec, size, steps, device, seed)
+    n = len(inputs)
+
+    @torch.no_grad()
+    def call(i: int) -> None:
+        with matmul_mode(spec.mode, device):
+            torch.sigmoid(model.core.sample(z=inputs[i % n]).canvas)
+
+    return call

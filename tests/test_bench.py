@@ -1,0 +1,277 @@
+"""The benchmark suite (bench/): a CPU smoke run end to end, FLOP formulas, timing helpers, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from bench import flops as F  # noqa: E402
+from bench import report  # noqa: E402
+from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
+
+from avme_ext.reference import AVMEParams, avme_forward_reference  # noqa: E402
+
+
+# --------------------------------------------------------------------------- end to end (CPU smoke)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--device", "cpu", "--repeats", "2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
+    data = json.loads(smoke_results.read_text())
+    for key in ("device", "torch", "cuda", "driver", "date", "git_commit", "command", "records", "config"):
+        assert key in data, key
+    assert data["torch"] == torch.__version__
+    assert "--smoke" in data["command"]
+    records = data["records"]
+    for r in records:
+        for key in ("workload", "impl", "batch", "steps", "value", "unit"):
+            assert key in r, (key, r)
+        assert (r["value"] is None) == ("skipped" in r), r
+        if r["value"] is None:
+            assert isinstance(r["skipped"], str) and r["skipped"]
+
+    by = {(r["workload"], r["impl"], r["batch"], r["steps"]): r for r in records}
+    # Training: the reference in eager mode at every smoke configuration (B in {4, 16} at K=3, K=5 at B=16).
+    for batch, steps in [(4, 3), (16, 3), (16, 5)]:
+        r = by[("train", "ref-eager", batch, steps)]
+        assert r["unit"] == "samples/s" and r["value"] > 0
+        assert r["repeats"] == 2 and r["iqr"] is not None and r["iqr"] >= 0
+        assert r["value_min"] <= r["value"] <= r["value_max"]
+        assert r["flops"] == F.train_step_flops(batch, steps, F.ModelSize(784, 32, 32, 8))
+        assert r["flops_executed"] < r["flops"]
+        assert r["precision"] == "fp32"
+        assert 0 < r["fraction_of_peak"]  # against the fp32 matmul measured in the same run
+        # CPU: torch.compile skipped by default in smoke mode, CUDA graphs and fused ops unavailable.
+        for impl in ("ref-compile", "ref-compile-max-autotune", "ref-cudagraph", "fused-fp32", "fused-tf32",
+                     "fused-bf16"):
+            assert by[("train", impl, batch, steps)]["value"] is None
+    assert "torch.compile" in by[("train", "ref-compile", 4, 3)]["skipped"]
+    assert "not built" in by[("train", "fused-bf16", 4, 3)]["skipped"] or "CUDA" in by[("train", "fused-bf16", 4, 3)]["skipped"]
+
+    sample = by[("sample", "ref-eager", 64, 3)]
+    assert sample["unit"] == "images/s" and sample["value"] > 0
+    iwae = by[("iwae", "ref-eager", None, 3)]
+    assert iwae["value"] > 0 and iwae["extrapolated"] is True and iwae["images"] == 8 and iwae["samples"] == 16
+    assert iwae["seconds_full_test"] == pytest.approx(10000 / iwae["value"])
+    matmul = by[("roofline", "matmul-fp32", None, None)]
+    assert matmul["unit"] == "TFLOP/s" and matmul["value"] > 0
+    assert by[("roofline", "matmul-tf32", None, None)]["value"] is None
+    assert data["peaks"]["fp32"] == matmul["value"]
+    assert all(r["value"] is None for r in records if r["workload"] == "memory")  # needs CUDA
+
+
+def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_results: Path, tmp_path: Path):
+    real_readme = ROOT / "bench" / "README.md"
+    before = real_readme.read_text()
+    readme = tmp_path / "README.md"
+    shutil.copy(real_readme, readme)
+    cmd = [sys.executable, str(ROOT / "bench" / "report.py"), str(smoke_results), "--readme", str(readme),
+           "--plot-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert real_readme.read_text() == before
+
+    text = readme.read_text()
+    section = text.split(report.START, 1)[1].split(report.END, 1)[0]
+    assert "No GPU results" not in section
+    assert "| B | K | ref-eager |" in section
+    assert "Smoke run" in section
+    assert "| train | ref-eager | 16 | 5 |" in section
+    assert "skipped: " in section
+    assert text.startswith(before.split(report.START, 1)[0])  # the rest of the README is kept
+    plot = tmp_path / f"{smoke_results.stem}-train-throughput.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({plot.name})" in section  # linked relative to the README
+
+
+def test_append_replaces_records_of_the_same_key(smoke_results: Path, tmp_path: Path):
+    merged = tmp_path / "merged.json"
+    from bench import run
+
+    assert run.main(["--smoke", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--workloads", "roofline",
+                     "--matmul-size", "64", "--copy-mib", "1", "--append", str(smoke_results), "--out", str(merged)]) == 0
+    first, data = json.loads(smoke_results.read_text()), json.loads(merged.read_text())
+    assert len(data["commands"]) == 2 and "--append" in data["commands"][1]
+    assert len(data["records"]) == len(first["records"])
+    runs = {(r["workload"], r["impl"]): r["run"] for r in data["records"]}
+    assert runs[("roofline", "matmul-fp32")] == 1 and runs[("sample", "ref-eager")] == 0
+    assert data["peaks"]["fp32"] == next(r["value"] for r in data["records"] if r["impl"] == "matmul-fp32")
+
+
+def test_real_readme_has_markers_and_no_invented_numbers():
+    text = (ROOT / "bench" / "README.md").read_text()
+    assert report.START in text and report.END in text
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+
+
+TINY = F.ModelSize(data_dim=3, enc_hidden=2, dec_hidden=2, latent_dim=1, num_classes=0)
+
+
+def test_flop_formulas_match_a_hand_count():
+    # B=2, D=3, He=Hd=2, Z=1, C=0, one step:
+    #   encoder  2*2*(4*2)*(2*3 + 2 + 0 + 2) = 320
+    #   posterior 2*2*(2*1)*2               =  16
+    #   decoder  2*2*(4*2)*(1 + 0 + 2)      =  96
+    #   write    2*2*3*2                    =  24      -> 456 per step
+    assert F.forward_step_flops(2, TINY) == 456
+    assert F.forward_flops(2, 2, TINY) == 912
+    # executed: x's part of the encoder product (2*2*8*3 = 96) once instead of twice
+    assert F.forward_flops(2, 2, TINY, executed=True) == 912 - 96
+    assert F.train_step_flops(2, 2, TINY) == 3 * 912
+    # sampling: decoder 96 + write 24 per step
+    assert F.sample_flops(2, 2, TINY) == 240
+    assert F.iwae_flops(images=1, samples=2, steps=2, size=TINY) == 912
+    assert F.matmul_flops(2, 3, 4) == 48
+    # with a condition (C=1): y's parts hoisted from both LSTMs when executed
+    cond = F.ModelSize(3, 2, 2, 1, num_classes=1)
+    per_step = 2 * 2 * 8 * (6 + 2 + 1 + 2) + 16 + 2 * 2 * 8 * (1 + 1 + 2) + 24
+    assert F.forward_step_flops(2, cond) == per_step
+    assert F.forward_flops(2, 3, cond, executed=True) == 3 * per_step - 2 * (2 * 2 * 8 * (3 + 1) + 2 * 2 * 8 * 1)
+    assert F.sample_flops(2, 3, cond, executed=True) == 3 * (2 * 2 * 8 * 4 + 24) - 2 * (2 * 2 * 8 * 1)
+
+
+def _random_params(size: F.ModelSize, generator: torch.Generator) -> AVMEParams:
+    d, he, hd, z, c = size.data_dim, size.enc_hidden, size.dec_hidden, size.latent_dim, size.num_classes
+    shapes = [(4 * he, 2 * d + hd + c), (4 * he, he), (4 * he,), (4 * he,), (2 * z, he), (2 * z,),
+              (4 * hd, z + c), (4 * hd, hd), (4 * hd,), (4 * hd,), (d, hd), (d,)]
+    return AVMEParams(*[(0.3 * torch.randn(s, generator=generator)).requires_grad_() for s in shapes])
+
+
+def test_executed_flops_match_torch_flop_counter_on_the_reference():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = F.ModelSize(data_dim=7, enc_hidden=5, dec_hidden=4, latent_dim=3)
+    batch, steps = 6, 4
+    g = torch.Generator().manual_seed(0)
+    params = _random_params(size, g)
+    x = torch.randint(0, 2, (batch, size.data_dim), generator=g).float()
+    eps = torch.randn(steps, batch, size.latent_dim, generator=g)
+    with FlopCounterMode(display=False) as forward_counter:
+        out = avme_forward_reference(x, None, eps, params)
+    assert forward_counter.get_total_flops() == F.forward_flops(batch, steps, size, executed=True)
+    with FlopCounterMode(display=False) as backward_counter:
+        (out.canvas.sum() + out.mu.sum() + out.logvar.sum()).backward()
+    ratio = backward_counter.get_total_flops() / forward_counter.get_total_flops()
+    # backward ~ 2x forward; a bit less since no gradient flows into x or the zero initial states
+    assert 1.5 < ratio <= 2.0
+
+
+def test_paper_sizes_flops():
+    per_step = F.forward_step_flops(1, F.PAPER_SIZE)
+    assert per_step == 2 * 1600 * 2368 + 2 * 200 * 400 + 2 * 1600 * 500 + 2 * 784 * 400
+    assert F.train_step_flops(1024, 12, F.PAPER_SIZE) == 3 * 12 * 1024 * per_step
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def test_quantiles_and_summary_match_numpy():
+    np = pytest.importorskip("numpy")
+    values = [5.0, 1.0, 4.0, 2.0, 10.0, 3.0]
+    s = summarize(values)
+    assert s.median == pytest.approx(np.median(values))
+    assert s.q1 == pytest.approx(np.quantile(values, 0.25))
+    assert s.q3 == pytest.approx(np.quantile(values, 0.75))
+    assert s.iqr == pytest.approx(s.q3 - s.q1)
+    assert (s.min, s.max, s.n) == (1.0, 10.0, 6)
+    assert summarize([7.0]).iqr == 0.0
+    assert quantile([1.0, 2.0], 0.5) == 1.5
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_round_order_rotates():
+    names = ["a", "b", "c"]
+    assert round_order(names, 0) == ["a", "b", "c"]
+    assert round_order(names, 1) == ["b", "c", "a"]
+    assert round_order(names, 4) == ["b", "c", "a"]
+    assert round_order([], 3) == []
+
+
+def test_interleave_runs_round_robin_with_fresh_indices_after_warmup():
+    calls: list[tuple[str, int]] = []
+    cases = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    samples = interleave(cases, repeats=3, warmup=2, timer=Timer("cpu"))
+    assert calls[:6] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]  # warm-up rounds
+    assert calls[6:] == [("a", 2), ("b", 2), ("c", 2), ("b", 3), ("c", 3), ("a", 3), ("c", 4), ("a", 4), ("b", 4)]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for v in samples.values() for t in v)
+
+
+def test_interleave_stops_on_budget_but_keeps_one_round():
+    cases = {"a": lambda i: None, "b": lambda i: None}
+    samples = interleave(cases, repeats=10, warmup=0, timer=Timer("cpu"), should_stop=lambda: True)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 1, "b": 1}
+
+
+def test_timer_measures_sleep():
+    import time
+
+    assert Timer("cpu").time(lambda: time.sleep(0.02)) >= 0.015
+
+
+# --------------------------------------------------------------------------- report and fractions
+
+
+def test_report_markers_and_formatting():
+    text = f"intro\n{report.START}\nold\n{report.END}\noutro\n"
+    assert report.replace_between_markers(text, "new") == f"intro\n{report.START}\nnew\n{report.END}\noutro\n"
+    with pytest.raises(ValueError):
+        report.replace_between_markers("no markers", "x")
+    assert report.fmt(1234567.8) == "1,234,568"
+    assert report.fmt(12.3456) == "12.35"
+    assert report.fmt(None) == ""
+
+
+def test_fractions_use_the_peak_of_the_same_precision():
+    from bench.run import add_fractions, peaks_of
+
+    records = [
+        {"workload": "roofline", "impl": "matmul-fp32", "value": 50.0},
+        {"workload": "roofline", "impl": "matmul-bf16", "value": 500.0},
+        {"workload": "train", "impl": "ref-eager", "tflops": 25.0, "precision": "fp32"},
+        {"workload": "train", "impl": "fused-bf16", "tflops": 100.0, "precision": "bf16"},
+        {"workload": "train", "impl": "fused-tf32", "tflops": 100.0, "precision": "tf32"},
+    ]
+    assert peaks_of(records) == {"fp32": 50.0, "bf16": 500.0}
+    out = add_fractions(records)
+    assert out[2]["fraction_of_peak"] == pytest.approx(0.5)
+    assert out[3]["fraction_of_peak"] == pytest.approx(0.2)
+    assert "fraction_of_peak" not in out[4]  # no tf32 peak measured in this run
+
+
+def test_merge_of_results_files(tmp_path: Path):
+    a = {"device": "X", "records": [{"workload": "train", "impl": "ref-eager", "batch": 1, "steps": 2, "value": 1.0,
+                                     "unit": "samples/s"},
+                                    {"workload": "train", "impl": "ref-compile", "batch": 1, "steps": 2, "value": None,
+                                     "unit": "samples/s", "skipped": "budget"}]}
+    b = {"device": "X", "records": [{"workload": "train", "impl": "ref-compile", "batch": 1, "steps": 2, "value": 3.0,
+                                     "unit": "samples/s"}]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    merged = report.load_results([tmp_path / "a.json", tmp_path / "b.json"])
+    values = {r["impl"]: r["value"] for r in merged["records"]}
+    assert values == {"ref-eager": 1.0, "ref-compile": 3.0}
+    markdown = report.render_markdown(merged)
+    assert "3 (3.00x)" in markdown
