@@ -1,0 +1,291 @@
+"""Fused CUDA ops of the K-step loop (``torch.ops.avme``), with autograd and fake kernels.
+
+The compiled extension ``avme_ext._C`` (csrc/) registers three ops:
+
+- ``avme::forward``: the training forward (all K steps in one kernel launch); returns the
+  outputs and, when ``save_for_backward``, the per-step state the backward needs.
+- ``avme::backward``: backward through time (one launch) plus the weight gradients as
+  large matmuls over all K*B rows.
+- ``avme::sample``: the decoder-only sampler (one launch).
+
+This module registers their autograd formula (``forward`` -> ``backward``) and their fake
+(meta) kernels, so the ops work under ``torch.compile(fullgraph=True)``. Gradients flow to
+every parameter and to ``x``; none to ``y`` or ``eps`` (they are treated as constants: the
+backward returns None for them). Double backward is not supported, nor is backward through
+``avme::sample``.
+
+``precision`` ("fp32", "tf32", "bf16") selects the cuBLAS mode of the step-invariant input
+products and of the weight-gradient matmuls; the step kernels themselves compute in the
+tensor dtype (float32 or float64) without tensor cores. "fp32" turns TF32 off for these
+products whatever the global setting is. With float64 tensors the precision is ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
+
+__all__ = [
+    "PRECISIONS",
+    "is_available",
+    "extension_loaded",
+    "extension_error",
+    "fused_forward",
+    "fused_sample",
+]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+try:  # importing the library runs its TORCH_LIBRARY registrations
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401
+except ImportError as _exc:  # not built (pure-Python install) or not loadable
+    _C = None
+    _IMPORT_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
+else:
+    _IMPORT_ERROR = None
+
+
+def _ops_registered() -> bool:
+    try:
+        torch.ops.avme.forward  # noqa: B018
+        torch.ops.avme.backward  # noqa: B018
+        torch.ops.avme.sample  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_LOADED = _C is not None and _ops_registered()
+
+
+def extension_loaded() -> bool:
+    """True when ``avme_ext._C`` is importable and the ``torch.ops.avme`` ops are registered.
+
+    Needs no GPU: true on a CPU-only machine where the extension was built.
+    """
+    return _LOADED
+
+
+def extension_error() -> str | None:
+    """Why the extension could not be imported (None when it was)."""
+    return _IMPORT_ERROR
+
+
+def is_available() -> bool:
+    """True when the compiled extension is loaded and a CUDA device is present."""
+    return extension_loaded() and torch.cuda.is_available()
+
+
+def _require_extension() -> None:
+    if not extension_loaded():
+        reason = f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else ""
+        raise RuntimeError(
+            "the avme CUDA extension (avme_ext._C) is not built" + reason + "; install with "
+            "`CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .` or use the "
+            "reference implementation (AVMECore(impl='ref'))"
+        )
+
+
+def _check_options(encoder_input: str, precision: str) -> None:
+    if encoder_input not in ENCODER_INPUTS:
+        raise ValueError(f"encoder_input must be one of {ENCODER_INPUTS}, got {encoder_input!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def fused_forward(
+    x: Tensor,
+    y: Tensor | None,
+    eps: Tensor,
+    params: AVMEParams,
+    encoder_input: str = "canvas",
+    return_canvases: bool = False,
+    precision: str = "fp32",
+) -> ForwardOutput:
+    """Fused training forward; same contract as :func:`avme_ext.reference.avme_forward_reference`.
+
+    Differentiable w.r.t. ``x`` and every parameter (not ``y``, ``eps``). The per-step state
+    for the backward is kept only when grad mode is on and some input requires grad, so
+    inference (``torch.no_grad()``, e.g. IWAE with a huge batch) stores no K-step state.
+    """
+    _require_extension()
+    return _forward_with(torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision)
+
+
+def _forward_with(ns, x, y, eps, params, encoder_input, return_canvases, precision) -> ForwardOutput:
+    """fused_forward on the ops of namespace ``ns`` (torch.ops.avme, or the test emulator's)."""
+    _check_options(encoder_input, precision)
+    enc_b = params.enc_b_ih + params.enc_b_hh
+    dec_b = params.dec_b_ih + params.dec_b_hh
+    tensors = (
+        x, y, eps,
+        params.enc_w_ih, params.enc_w_hh, enc_b,
+        params.q_w, params.q_b,
+        params.dec_w_ih, params.dec_w_hh, dec_b,
+        params.write_w, params.write_b,
+    )  # fmt: skip
+    tensors = tuple(_contiguous(t) for t in tensors)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out = ns.forward(*tensors, encoder_input, bool(return_canvases), save, precision)
+    return ForwardOutput(
+        canvas=out[0], mu=out[1], logvar=out[2], canvases=out[3] if return_canvases else None
+    )
+
+
+def fused_sample(
+    z: Tensor,
+    y: Tensor | None,
+    params: AVMEParams,
+    return_canvases: bool = False,
+    precision: str = "fp32",
+) -> SampleOutput:
+    """Fused decoder-only sampler; same contract as :func:`avme_ext.reference.avme_sample_reference`.
+
+    Not differentiable (backward raises); use the reference to differentiate through sampling.
+    """
+    _require_extension()
+    return _sample_with(torch.ops.avme, z, y, params, return_canvases, precision)
+
+
+def _sample_with(ns, z, y, params, return_canvases, precision) -> SampleOutput:
+    """fused_sample on the ops of namespace ``ns``."""
+    _check_options("canvas", precision)
+    dec_b = params.dec_b_ih + params.dec_b_hh
+    tensors = (z, y, params.dec_w_ih, params.dec_w_hh, dec_b, params.write_w, params.write_b)
+    tensors = tuple(_contiguous(t) for t in tensors)
+    canvas, canvases = ns.sample(*tensors, bool(return_canvases), precision)
+    return SampleOutput(canvas=canvas, canvases=canvases if return_canvases else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels and autograd (registered only when the library is loaded).
+# ---------------------------------------------------------------------------------------
+def _forward_fake(
+    x, y, eps, enc_w_ih, enc_w_hh, enc_b, q_w, q_b, dec_w_ih, dec_w_hh, dec_b, write_w, write_b,
+    encoder_input, return_canvases, save_for_backward, precision,
+):  # fmt: skip
+    steps, batch, latent = eps.shape
+    data_dim, enc_hidden, dec_hidden = write_w.shape[0], enc_w_hh.shape[1], dec_w_hh.shape[1]
+    saved = steps if save_for_backward else 0
+    kept = steps if (return_canvases or save_for_backward) else 0
+    new = x.new_empty
+    return (
+        new((batch, data_dim)),
+        new((steps, batch, latent)),
+        new((steps, batch, latent)),
+        new((kept, batch, data_dim)),
+        new((saved, batch, enc_hidden)),
+        new((saved, batch, enc_hidden)),
+        new((saved, batch, 4 * enc_hidden)),
+        new((saved, batch, latent)),
+        new((saved, batch, dec_hidden)),
+        new((saved, batch, dec_hidden)),
+        new((saved, batch, 4 * dec_hidden)),
+    )
+
+
+def _backward_fake(
+    grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases,
+    h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
+    enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w, encoder_input, need_grad_x, precision,
+):  # fmt: skip
+    batch = x.shape[0] if need_grad_x else 0
+    return (
+        x.new_empty((batch, x.shape[1])),
+        enc_w_ih.new_empty(enc_w_ih.shape),
+        enc_w_hh.new_empty(enc_w_hh.shape),
+        enc_w_hh.new_empty((enc_w_hh.shape[0],)),
+        q_w.new_empty(q_w.shape),
+        q_w.new_empty((q_w.shape[0],)),
+        dec_w_ih.new_empty(dec_w_ih.shape),
+        dec_w_hh.new_empty(dec_w_hh.shape),
+        dec_w_hh.new_empty((dec_w_hh.shape[0],)),
+        write_w.new_empty(write_w.shape),
+        write_w.new_empty((write_w.shape[0],)),
+    )
+
+
+def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canvases, precision):
+    steps, batch, _ = z.shape
+    data_dim = write_w.shape[0]
+    return (
+        z.new_empty((batch, data_dim)),
+        z.new_empty((steps if return_canvases else 0, batch, data_dim)),
+    )
+
+
+def _forward_setup_context(ctx, inputs, output):
+    (
+        x, y, eps, enc_w_ih, enc_w_hh, _enc_b, q_w, _q_b, dec_w_ih, dec_w_hh, _dec_b, write_w,
+        _write_b, encoder_input, _return_canvases, _save, precision,
+    ) = inputs  # fmt: skip
+    _canvas, _mu, logvar, canvases, *state = output
+    ctx.encoder_input = encoder_input
+    ctx.precision = precision
+    ctx.mark_non_differentiable(*state)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(
+        x, y, eps, logvar, canvases, *state, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w
+    )
+
+
+def _grad(t: Tensor | None) -> Tensor | None:
+    # Incoming gradients can be expanded/strided views (e.g. from .sum()); the op wants
+    # contiguous tensors.
+    return None if t is None else t.contiguous()
+
+
+def _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases):
+    (
+        x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
+        enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
+    ) = ctx.saved_tensors  # fmt: skip
+    need_x = bool(ctx.needs_input_grad[0])
+    grads = ns.backward(
+        _grad(grad_canvas), _grad(grad_mu), _grad(grad_logvar), _grad(grad_canvases),
+        x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
+        enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
+        ctx.encoder_input, need_x, ctx.precision,
+    )  # fmt: skip
+    grad_x = grads[0] if need_x else None
+    # Inputs: x, y, eps, 10 weights/biases, encoder_input, return_canvases, save, precision.
+    return (grad_x, None, None, *grads[1:], None, None, None, None)
+
+
+def _sample_setup_context(ctx, inputs, output):
+    pass
+
+
+def _sample_backward(ctx, grad_canvas, grad_canvases):
+    raise RuntimeError(
+        "backward through the fused sampler (avme::sample) is not implemented; "
+        "run the sampler under torch.no_grad(), or use AVMECore(impl='ref') to differentiate it"
+    )
+
+
+def _register(namespace: str = "avme") -> None:
+    """Register fake kernels and autograd for the ops of ``namespace``."""
+    ns = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases, *_grad_state):
+        return _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases)
+
+    torch.library.register_fake(f"{namespace}::forward", _forward_fake)
+    torch.library.register_fake(f"{namespace}::backward", _backward_fake)
+    torch.library.register_fake(f"{namespace}::sample", _sample_fake)
+    torch.library.register_autograd(
+        f"{namespace}::forward", backward, setup_context=_forward_setup_context
+    )
+    torch.library.register_autograd(
+        f"{namespace}::sample", _sample_backward, setup_context=_sample_setup_context
+    )
+
+
+if extension_loaded():
+    _register()

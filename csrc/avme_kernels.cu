@@ -1,0 +1,647 @@
+// Fused CUDA kernels of the AVME K-step loop: forward (+ sampler) and backward through time.
+//
+// Design
+// ------
+// * One launch runs all K steps. Block b owns RT consecutive batch rows (RT in {1,2,4,8},
+//   chosen on the host so that there are about as many blocks as SMs when B is small and the
+//   rows' state fits in shared memory). Rows are independent, so blocks never synchronise
+//   with each other: no grid-wide barrier, no cooperative launch, CUDA-graph safe.
+// * The rows' recurrent state (h and c of both LSTMs, the canvas, z, and in "error" mode the
+//   encoder input r_t) lives in shared memory for the whole loop. Weights (about 5M values
+//   at the paper's sizes) are read from global memory through L1/L2 every step.
+// * Every matrix product inside the loop has the form out[r][n] = sum_k A[r][k] * W[k][n]
+//   with A a (RT x k) tile in shared memory and W in global memory. Thread n of the block
+//   owns output column n for all RT rows (RT accumulators in registers, times the G gate
+//   columns it owns); it reads W[k][n] (coalesced across the warp, each weight reused RT
+//   times) and A[r][k] (one shared-memory broadcast per warp). For the forward the host
+//   passes the weights transposed ((in, out) layout) so reads are coalesced; the backward
+//   multiplies by W^T and therefore reads the weights in their native nn.Linear layout.
+// * A thread owning LSTM unit j computes all four gate columns (j, H+j, 2H+j, 3H+j) of
+//   unit j, so the cell update needs no extra pass: c is updated in place (only its owner
+//   touches it) and h is double-buffered (other threads still read the old h).
+// * The step-invariant products (x W_x^T + y W_y^T + biases, y W_dy^T) are computed once
+//   by cuBLAS (ATen) before the launch, and the weight gradients are large ATen matmuls
+//   over all K*B rows of the per-step gradients the backward kernel writes (as cuDNN does
+//   for RNNs). The precision option (TF32/BF16) applies to those cuBLAS products; the step
+//   kernels compute in the tensor dtype (fp32 or fp64) with fp32/fp64 accumulation.
+// * Padding rows of the last block (row >= B) run the same arithmetic on zero inputs; every
+//   global read for them is guarded (reads 0) and nothing is written for them, so the
+//   inner loops carry no per-row predicates.
+// This favours simple, clearly-correct code over peak throughput (no tensor cores in the
+// step kernels; per-step cuBLAS calls would be faster for very large B).
+
+#include "avme.h"
+
+#include <atomic>
+
+#ifdef AVME_CPU_EMULATION
+// Test-only build: the same kernel source compiled as C++, one OS thread per CUDA thread
+// (csrc/emulation/). Lets the kernels' logic be checked against the reference without a GPU.
+#include "emulation/cuda_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#define AVME_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+#include <c10/util/Exception.h>
+
+namespace avme {
+namespace {
+
+// Shared-memory elements per batch row; must match the layouts in the kernels below.
+__host__ __device__ inline int64_t loop_elems_hd(int D, int He, int Hd, int Z, bool encoder,
+                                                 bool error_mode) {
+  int64_t n = static_cast<int64_t>(D) + 3 * static_cast<int64_t>(Hd) + Z;  // canvas, h_dec x2, c_dec, z
+  if (encoder) {
+    n += 3 * static_cast<int64_t>(He);  // h_enc x2, c_enc
+    if (error_mode) n += D;             // r
+  }
+  return n;
+}
+
+__host__ __device__ inline int64_t backward_elems_hd(int D, int He, int Hd, int Z) {
+  // gs, dh_e, dc_e, dh_d, dc_d, dge, dgd, dq
+  return static_cast<int64_t>(D) + 6 * static_cast<int64_t>(He) + 6 * static_cast<int64_t>(Hd) +
+         2 * static_cast<int64_t>(Z);
+}
+
+__device__ __forceinline__ float dexp(float v) { return expf(v); }
+__device__ __forceinline__ double dexp(double v) { return exp(v); }
+__device__ __forceinline__ float dtanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double dtanh(double v) { return tanh(v); }
+__device__ __forceinline__ float dfma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double dfma(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+__device__ __forceinline__ T dsigmoid(T v) {
+  return T(1) / (T(1) + dexp(-v));
+}
+
+// acc[g][r] += sum_{k < kdim} A[r * lda + k] * W[k * ldw + col + g * gstride]
+// A: shared memory (RT rows), W: global read-only memory.
+template <typename T, int RT, int G>
+__device__ __forceinline__ void accumulate(T (&acc)[G][RT], const T* A, int lda, int kdim,
+                                           const T* __restrict__ W, int64_t ldw, int64_t col,
+                                           int64_t gstride) {
+  const T* w = W + col;
+#pragma unroll 4
+  for (int k = 0; k < kdim; ++k) {
+    T wv[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) wv[g] = __ldg(w + g * gstride);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const T a = A[r * lda + k];
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[g][r] = dfma(a, wv[g], acc[g][r]);
+    }
+    w += ldw;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward / sampler. Shared memory per row (elements of T):
+//   canvas[D] | h_dec[2][Hd] | c_dec[Hd] | z[Z] | (encoder) h_enc[2][He] | c_enc[He]
+//   | (error mode) r[D]
+// ---------------------------------------------------------------------------------------
+template <typename T, int RT>
+__global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T> p) {
+  AVME_DYNAMIC_SMEM(smem_raw);
+  T* const smem = reinterpret_cast<T*>(smem_raw);
+
+  const int D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, K = p.K;
+  const int64_t B = p.B;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * RT;
+  const int tid = threadIdx.x;
+
+  T* const canvas = smem;
+  T* hd_cur = canvas + RT * D;
+  T* hd_nxt = hd_cur + RT * Hd;
+  T* const c_dec = hd_nxt + RT * Hd;
+  T* const z_s = c_dec + RT * Hd;
+  T* he_cur = z_s + RT * Z;  // encoder buffers exist only when p.encoder
+  T* he_nxt = he_cur + RT * He;
+  T* const c_enc = he_nxt + RT * He;
+  T* const r_s = c_enc + RT * He;  // exists only in error mode
+
+  const int64_t total = static_cast<int64_t>(RT) *
+                        loop_elems_hd(D, He, Hd, Z, p.encoder, p.error_mode);
+  for (int64_t i = tid; i < total; i += kThreads) smem[i] = T(0);
+  __syncthreads();
+
+  for (int t = 0; t < K; ++t) {
+    const int64_t tB = static_cast<int64_t>(t) * B;
+
+    if (p.encoder) {
+      // ---- encoder input r_t -------------------------------------------------------------
+      const T* r_in = canvas;
+      if (p.error_mode) {
+        for (int i = tid; i < RT * D; i += kThreads) {
+          const int r = i / D, d = i - r * D;
+          const int64_t row = row0 + r;
+          const T xv = row < B ? p.x[row * D + d] : T(0);
+          r_s[i] = xv - dsigmoid(canvas[i]);
+        }
+        __syncthreads();
+        r_in = r_s;
+      }
+
+      // ---- encoder LSTM: gates = static + r W_r^T + h_dec W_hd^T + h_enc W_hh^T ------------
+      for (int j = tid; j < He; j += kThreads) {
+        T acc[4][RT];
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const int64_t row = row0 + r;
+#pragma unroll
+          for (int g = 0; g < 4; ++g)
+            acc[g][r] = row < B ? p.enc_static[row * 4 * He + g * He + j] : T(0);
+        }
+        const int64_t ld = 4 * static_cast<int64_t>(He);
+        accumulate<T, RT, 4>(acc, r_in, D, D, p.enc_wT, ld, j, He);
+        accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.enc_wT + D * ld, ld, j, He);
+        accumulate<T, RT, 4>(acc, he_cur, He, He, p.enc_wT + (D + Hd) * ld, ld, j, He);
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const T ig = dsigmoid(acc[0][r]);
+          const T fg = dsigmoid(acc[1][r]);
+          const T gg = dtanh(acc[2][r]);
+          const T og = dsigmoid(acc[3][r]);
+          const T c = fg * c_enc[r * He + j] + ig * gg;
+          const T h = og * dtanh(c);
+          c_enc[r * He + j] = c;
+          he_nxt[r * He + j] = h;
+          const int64_t row = row0 + r;
+          if (row < B && p.h_enc != nullptr) {
+            const int64_t base = tB + row;
+            p.h_enc[base * He + j] = h;
+            p.c_enc[base * He + j] = c;
+            T* gp = p.gates_enc + base * 4 * He;
+            gp[j] = ig;
+            gp[He + j] = fg;
+            gp[2 * He + j] = gg;
+            gp[3 * He + j] = og;
+          }
+        }
+      }
+      __syncthreads();
+      {
+        T* tmp = he_cur;
+        he_cur = he_nxt;
+        he_nxt = tmp;
+      }
+
+      // ---- posterior: [mu, logvar] = h_enc q_w^T + q_b; z = mu + exp(logvar/2) eps ---------
+      for (int j = tid; j < Z; j += kThreads) {
+        T acc[2][RT];
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          acc[0][r] = p.q_b[j];
+          acc[1][r] = p.q_b[Z + j];
+        }
+        accumulate<T, RT, 2>(acc, he_cur, He, He, p.q_wT, 2 * static_cast<int64_t>(Z), j, Z);
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const int64_t row = row0 + r;
+          T zv = T(0);
+          if (row < B) {
+            const int64_t idx = (tB + row) * Z + j;
+            const T m = acc[0][r];
+            const T lv = acc[1][r];
+            zv = m + dexp(T(0.5) * lv) * p.eps[idx];
+            p.mu[idx] = m;
+            p.logvar[idx] = lv;
+            if (p.z_out != nullptr) p.z_out[idx] = zv;
+          }
+          z_s[r * Z + j] = zv;
+        }
+      }
+    } else {
+      // ---- sampler: z_t is an input -------------------------------------------------------
+      for (int i = tid; i < RT * Z; i += kThreads) {
+        const int r = i / Z, j = i - r * Z;
+        const int64_t row = row0 + r;
+        z_s[i] = row < B ? p.z_in[(tB + row) * Z + j] : T(0);
+      }
+    }
+    __syncthreads();
+
+    // ---- decoder LSTM: gates = static + z W_z^T + h_dec W_hh^T ------------------------------
+    for (int j = tid; j < Hd; j += kThreads) {
+      T acc[4][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int64_t row = row0 + r;
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+          acc[g][r] = row < B ? p.dec_static[row * p.dec_static_stride + g * Hd + j] : T(0);
+      }
+      const int64_t ld = 4 * static_cast<int64_t>(Hd);
+      accumulate<T, RT, 4>(acc, z_s, Z, Z, p.dec_wT, ld, j, Hd);
+      accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.dec_wT + Z * ld, ld, j, Hd);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const T ig = dsigmoid(acc[0][r]);
+        const T fg = dsigmoid(acc[1][r]);
+        const T gg = dtanh(acc[2][r]);
+        const T og = dsigmoid(acc[3][r]);
+        const T c = fg * c_dec[r * Hd + j] + ig * gg;
+        const T h = og * dtanh(c);
+        c_dec[r * Hd + j] = c;
+        hd_nxt[r * Hd + j] = h;
+        const int64_t row = row0 + r;
+        if (row < B && p.h_dec != nullptr) {
+          const int64_t base = tB + row;
+          p.h_dec[base * Hd + j] = h;
+          p.c_dec[base * Hd + j] = c;
+          T* gp = p.gates_dec + base * 4 * Hd;
+          gp[j] = ig;
+          gp[Hd + j] = fg;
+          gp[2 * Hd + j] = gg;
+          gp[3 * Hd + j] = og;
+        }
+      }
+    }
+    __syncthreads();
+    {
+      T* tmp = hd_cur;
+      hd_cur = hd_nxt;
+      hd_nxt = tmp;
+    }
+
+    // ---- write: s_t = s_{t-1} + (h_dec write_w^T + write_b) ---------------------------------
+    for (int d = tid; d < D; d += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = p.write_b[d];
+      accumulate<T, RT, 1>(acc, hd_cur, Hd, Hd, p.write_wT, D, d, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const T s = canvas[r * D + d] + acc[0][r];
+        canvas[r * D + d] = s;
+        const int64_t row = row0 + r;
+        if (row < B) {
+          if (p.canvases != nullptr) p.canvases[(tB + row) * D + d] = s;
+          if (t == K - 1) p.canvas[row * D + d] = s;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward through time. Shared memory per row (elements of T):
+//   gs[D] | dh_e[He] | dc_e[He] | dh_d[Hd] | dc_d[Hd] | dge[4He] | dgd[4Hd] | dq[2Z]
+// gs: dL/ds_t; dh_*, dc_*: gradients carried from step t+1 into step t;
+// dge, dgd, dq: this step's gradients w.r.t. gate pre-activations and [mu, logvar].
+// ---------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void lstm_cell_backward(T dh, T dc_carry, T ig, T fg, T gg, T og, T c,
+                                                   T c_prev, T& di, T& df, T& dg, T& d_o,
+                                                   T& dc_prev) {
+  const T tc = dtanh(c);
+  const T dc = dh * og * (T(1) - tc * tc) + dc_carry;
+  di = dc * gg * ig * (T(1) - ig);
+  df = dc * c_prev * fg * (T(1) - fg);
+  dg = dc * ig * (T(1) - gg * gg);
+  d_o = dh * tc * og * (T(1) - og);
+  dc_prev = dc * fg;
+}
+
+template <typename T, int RT>
+__global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardParams<T> p) {
+  AVME_DYNAMIC_SMEM(smem_raw);
+  T* const smem = reinterpret_cast<T*>(smem_raw);
+
+  const int D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, K = p.K;
+  const int64_t B = p.B;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * RT;
+  const int tid = threadIdx.x;
+  const int64_t ldi = 2 * static_cast<int64_t>(D) + Hd + p.C;  // enc_w_ih row stride
+
+  T* const gs = smem;
+  T* const dh_e = gs + RT * D;
+  T* const dc_e = dh_e + RT * He;
+  T* const dh_d = dc_e + RT * He;
+  T* const dc_d = dh_d + RT * Hd;
+  T* const dge = dc_d + RT * Hd;
+  T* const dgd = dge + RT * 4 * He;
+  T* const dq = dgd + RT * 4 * Hd;
+
+  const int64_t total = static_cast<int64_t>(RT) * backward_elems_hd(D, He, Hd, Z);
+  for (int64_t i = tid; i < total; i += kThreads) smem[i] = T(0);
+  __syncthreads();
+  if (p.grad_canvas != nullptr) {
+    for (int i = tid; i < RT * D; i += kThreads) {
+      const int r = i / D, d = i - r * D;
+      const int64_t row = row0 + r;
+      if (row < B) gs[i] = p.grad_canvas[row * D + d];
+    }
+  }
+  __syncthreads();
+
+  for (int t = K - 1; t >= 0; --t) {
+    const int64_t tB = static_cast<int64_t>(t) * B;
+
+    // ---- S0: dL/ds_t = carried + gradient of the output canvases[t]; save it --------------
+    for (int i = tid; i < RT * D; i += kThreads) {
+      const int r = i / D, d = i - r * D;
+      const int64_t row = row0 + r;
+      if (row < B) {
+        const int64_t idx = (tB + row) * D + d;
+        T v = gs[i];
+        if (p.grad_canvases != nullptr) v += p.grad_canvases[idx];
+        gs[i] = v;
+        p.d_canvas[idx] = v;
+      }
+    }
+    __syncthreads();
+
+    // ---- S1: decoder. dh_dec_t = carried + gs write_w; LSTM cell backward -----------------
+    for (int j = tid; j < Hd; j += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = dh_d[r * Hd + j];
+      accumulate<T, RT, 1>(acc, gs, D, D, p.write_w, Hd, j, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int64_t row = row0 + r;
+        T ig = T(0), fg = T(0), gg = T(0), og = T(0), c = T(0), c_prev = T(0);
+        if (row < B) {
+          const int64_t base = tB + row;
+          const T* gp = p.gates_dec + base * 4 * Hd;
+          ig = gp[j];
+          fg = gp[Hd + j];
+          gg = gp[2 * Hd + j];
+          og = gp[3 * Hd + j];
+          c = p.c_dec[base * Hd + j];
+          if (t > 0) c_prev = p.c_dec[(base - B) * Hd + j];
+        }
+        T di, df, dg, d_o, dc_prev;
+        lstm_cell_backward(acc[0][r], dc_d[r * Hd + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o,
+                           dc_prev);
+        dc_d[r * Hd + j] = dc_prev;
+        T* sp = dgd + r * 4 * Hd;
+        sp[j] = di;
+        sp[Hd + j] = df;
+        sp[2 * Hd + j] = dg;
+        sp[3 * Hd + j] = d_o;
+        if (row < B) {
+          T* gp = p.d_gates_dec + (tB + row) * 4 * Hd;
+          gp[j] = di;
+          gp[Hd + j] = df;
+          gp[2 * Hd + j] = dg;
+          gp[3 * Hd + j] = d_o;
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- S2: posterior. dz = dgd W_z; dmu = g_mu + dz; dlogvar = g_lv + dz eps exp(lv/2)/2 -
+    for (int j = tid; j < Z; j += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = T(0);
+      accumulate<T, RT, 1>(acc, dgd, 4 * Hd, 4 * Hd, p.dec_w_ih, Z + p.C, j, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int64_t row = row0 + r;
+        T dmu = T(0), dlv = T(0);
+        if (row < B) {
+          const int64_t idx = (tB + row) * Z + j;
+          const T dz = acc[0][r];
+          dmu = dz;
+          dlv = dz * p.eps[idx] * T(0.5) * dexp(T(0.5) * p.logvar[idx]);
+          if (p.grad_mu != nullptr) dmu += p.grad_mu[idx];
+          if (p.grad_logvar != nullptr) dlv += p.grad_logvar[idx];
+          T* qp = p.d_q + (tB + row) * 2 * Z;
+          qp[j] = dmu;
+          qp[Z + j] = dlv;
+        }
+        dq[r * 2 * Z + j] = dmu;
+        dq[r * 2 * Z + Z + j] = dlv;
+      }
+    }
+    __syncthreads();
+
+    // ---- S3: encoder. dh_enc_t = carried + dq q_w; LSTM cell backward ---------------------
+    for (int j = tid; j < He; j += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = dh_e[r * He + j];
+      accumulate<T, RT, 1>(acc, dq, 2 * Z, 2 * Z, p.q_w, He, j, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int64_t row = row0 + r;
+        T ig = T(0), fg = T(0), gg = T(0), og = T(0), c = T(0), c_prev = T(0);
+        if (row < B) {
+          const int64_t base = tB + row;
+          const T* gp = p.gates_enc + base * 4 * He;
+          ig = gp[j];
+          fg = gp[He + j];
+          gg = gp[2 * He + j];
+          og = gp[3 * He + j];
+          c = p.c_enc[base * He + j];
+          if (t > 0) c_prev = p.c_enc[(base - B) * He + j];
+        }
+        T di, df, dg, d_o, dc_prev;
+        lstm_cell_backward(acc[0][r], dc_e[r * He + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o,
+                           dc_prev);
+        dc_e[r * He + j] = dc_prev;
+        T* sp = dge + r * 4 * He;
+        sp[j] = di;
+        sp[He + j] = df;
+        sp[2 * He + j] = dg;
+        sp[3 * He + j] = d_o;
+        if (row < B) {
+          T* gp = p.d_gates_enc + (tB + row) * 4 * He;
+          gp[j] = di;
+          gp[He + j] = df;
+          gp[2 * He + j] = dg;
+          gp[3 * He + j] = d_o;
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- S4: gradients carried into step t-1 -------------------------------------------------
+    // dh_enc_{t-1} = dge W_hh(enc)
+    for (int j = tid; j < He; j += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = T(0);
+      accumulate<T, RT, 1>(acc, dge, 4 * He, 4 * He, p.enc_w_hh, He, j, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) dh_e[r * He + j] = acc[0][r];
+    }
+    // dh_dec_{t-1} = dge W_hdec (encoder input) + dgd W_hh(dec)
+    for (int j = tid; j < Hd; j += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = T(0);
+      accumulate<T, RT, 1>(acc, dge, 4 * He, 4 * He, p.enc_w_ih + 2 * static_cast<int64_t>(D), ldi,
+                           j, 0);
+      accumulate<T, RT, 1>(acc, dgd, 4 * Hd, 4 * Hd, p.dec_w_hh, Hd, j, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) dh_d[r * Hd + j] = acc[0][r];
+    }
+    // dr_t = dge W_r; r_t = s_{t-1} (canvas) or x - sigmoid(s_{t-1}) (error)
+    for (int d = tid; d < D; d += kThreads) {
+      T acc[1][RT];
+#pragma unroll
+      for (int r = 0; r < RT; ++r) acc[0][r] = T(0);
+      accumulate<T, RT, 1>(acc, dge, 4 * He, 4 * He, p.enc_w_ih + D, ldi, d, 0);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= B) continue;
+        const T dr = acc[0][r];
+        if (p.error_mode) {
+          if (p.d_x_error != nullptr) p.d_x_error[row * D + d] += dr;
+          if (t > 0) {
+            const T sg = dsigmoid(p.canvases[(tB - B + row) * D + d]);
+            gs[r * D + d] -= sg * (T(1) - sg) * dr;
+          }
+        } else if (t > 0) {
+          gs[r * D + d] += dr;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+int64_t loop_smem_elems_per_row(int D, int He, int Hd, int Z, bool encoder, bool error_mode) {
+  return loop_elems_hd(D, He, Hd, Z, encoder, error_mode);
+}
+
+int64_t backward_smem_elems_per_row(int D, int He, int Hd, int Z) {
+  return backward_elems_hd(D, He, Hd, Z);
+}
+
+int choose_rows_per_block(int64_t B, int64_t bytes_per_row, int64_t smem_limit, int num_sms) {
+  if (bytes_per_row <= 0 || bytes_per_row > smem_limit) return 0;
+  const int64_t fit = smem_limit / bytes_per_row;
+  // Enough rows per block that the grid is about one wave when B is large, but at least one
+  // block per SM while B allows it (small batches: one row per block).
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  const int64_t want = (B + sms - 1) / sms;
+  int rt = 1;
+  while (rt < kMaxRowsPerBlock && rt < want && 2 * rt <= fit) rt *= 2;
+  return rt;
+}
+
+#ifndef AVME_CPU_EMULATION
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// Opt in to more than 48 KiB of dynamic shared memory. `configured` (one per kernel
+// instantiation) remembers the largest size set per device, so the attribute is set only
+// when a launch needs more than before: after a warm-up no CUDA API call other than the
+// launch is made (CUDA-graph capture friendly).
+template <typename KernelT>
+void set_smem(KernelT kernel, size_t bytes, std::atomic<size_t>* configured) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::atomic<size_t>* slot = (device >= 0 && device < kMaxDevices) ? &configured[device] : nullptr;
+  if (slot != nullptr && slot->load() >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  if (slot != nullptr) {
+    size_t prev = slot->load();
+    while (prev < bytes && !slot->compare_exchange_weak(prev, bytes)) {
+    }
+  }
+}
+
+template <typename T, int RT>
+void launch_loop_rt(const LoopParams<T>& p, cudaStream_t stream) {
+  const size_t smem =
+      sizeof(T) * RT * loop_elems_hd(p.D, p.He, p.Hd, p.Z, p.encoder, p.error_mode);
+  const int64_t blocks = (p.B + RT - 1) / RT;
+  TORCH_CHECK(blocks <= 2147483647LL, "avme: batch too large for one launch (", p.B, " rows)");
+  static std::atomic<size_t> configured[kMaxDevices] = {};
+  auto kernel = avme_loop_kernel<T, RT>;
+  set_smem(kernel, smem, configured);
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int RT>
+void launch_backward_rt(const BackwardParams<T>& p, cudaStream_t stream) {
+  const size_t smem = sizeof(T) * RT * backward_elems_hd(p.D, p.He, p.Hd, p.Z);
+  const int64_t blocks = (p.B + RT - 1) / RT;
+  TORCH_CHECK(blocks <= 2147483647LL, "avme: batch too large for one launch (", p.B, " rows)");
+  static std::atomic<size_t> configured[kMaxDevices] = {};
+  auto kernel = avme_backward_kernel<T, RT>;
+  set_smem(kernel, smem, configured);
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename T>
+void launch_loop(const LoopParams<T>& p, int rows_per_block, cudaStream_t stream) {
+  if (p.B <= 0) return;
+  switch (rows_per_block) {
+    case 1: launch_loop_rt<T, 1>(p, stream); break;
+    case 2: launch_loop_rt<T, 2>(p, stream); break;
+    case 4: launch_loop_rt<T, 4>(p, stream); break;
+    case 8: launch_loop_rt<T, 8>(p, stream); break;
+    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
+  }
+}
+
+template <typename T>
+void launch_backward(const BackwardParams<T>& p, int rows_per_block, cudaStream_t stream) {
+  if (p.B <= 0) return;
+  switch (rows_per_block) {
+    case 1: launch_backward_rt<T, 1>(p, stream); break;
+    case 2: launch_backward_rt<T, 2>(p, stream); break;
+    case 4: launch_backward_rt<T, 4>(p, stream); break;
+    case 8: launch_backward_rt<T, 8>(p, stream); break;
+    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
+  }
+}
+
+#else   // AVME_CPU_EMULATION
+template <typename T>
+void launch_loop(const LoopParams<T>& p, int rows_per_block, cudaStream_t) {
+  if (p.B <= 0) return;
+  const size_t smem = sizeof(T) * rows_per_block *
+                      loop_elems_hd(p.D, p.He, p.Hd, p.Z, p.encoder, p.error_mode);
+  const int64_t blocks = (p.B + rows_per_block - 1) / rows_per_block;
+  switch (rows_per_block) {
+    case 1: emu::launch(avme_loop_kernel<T, 1>, blocks, smem, p); break;
+    case 2: emu::launch(avme_loop_kernel<T, 2>, blocks, smem, p); break;
+    case 4: emu::launch(avme_loop_kernel<T, 4>, blocks, smem, p); break;
+    case 8: emu::launch(avme_loop_kernel<T, 8>, blocks, smem, p); break;
+    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
+  }
+}
+
+template <typename T>
+void launch_backward(const BackwardParams<T>& p, int rows_per_block, cudaStream_t) {
+  if (p.B <= 0) return;
+  const size_t smem = sizeof(T) * rows_per_block * backward_elems_hd(p.D, p.He, p.Hd, p.Z);
+  const int64_t blocks = (p.B + rows_per_block - 1) / rows_per_block;
+  switch (rows_per_block) {
+    case 1: emu::launch(avme_backward_kernel<T, 1>, blocks, smem, p); break;
+    case 2: emu::launch(avme_backward_kernel<T, 2>, blocks, smem, p); break;
+    case 4: emu::launch(avme_backward_kernel<T, 4>, blocks, smem, p); break;
+    case 8: emu::launch(avme_backward_kernel<T, 8>, blocks, smem, p); break;
+    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
+  }
+}
+#endif  // AVME_CPU_EMULATION
+
+template void launch_loop<float>(const LoopParams<float>&, int, cudaStream_t);
+template void launch_loop<double>(const LoopParams<double>&, int, cudaStream_t);
+template void launch_backward<float>(const BackwardParams<float>&, int, cudaStream_t);
+template void launch_backward<double>(const BackwardParams<double>&, int, cudaStream_t);
+
+}  // namespace avme
