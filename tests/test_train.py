@@ -1,0 +1,251 @@
+"""Tests of ``avme train`` (avme_ext.train and avme_ext.cli.train) on CPU with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from avme_ext import train as T
+from avme_ext.checkpoint import load_checkpoint, load_model
+from avme_ext.cli import main
+from avme_ext.config import AVMEConfig
+from avme_ext.distributed import DistInfo
+
+TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4",
+        "--train-subset", "2000", "--valid-subset", "500", "--no-progress", "--log-every", "5",
+        "--kl-warmup-steps", "10"]
+STEPS_PER_EPOCH = 20  # 2000 images / batch 100
+
+TRAIN_KEYS = {"kind", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}
+VALID_KEYS = {"kind", "epoch", "step", "nelbo", "reconstruction", "kl", "kl_per_step", "best", "time"}
+EPOCH_KEYS = {"kind", "epoch", "step", "seconds", "train_loss", "examples"}
+WALL_CLOCK = {"time", "examples_per_s", "seconds"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded CPU math, like the subprocesses of the other test files (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_cli(out: Path, *extra: str) -> int:
+    return main(["train", "--out", str(out), *TINY, *extra])
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_wall_clock(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
+
+
+def assert_same_tensors(a: Path, b: Path, prefix: str = "") -> None:
+    ta, tb = load_file(a), load_file(b)
+    keys = sorted(k for k in ta if k.startswith(prefix))
+    assert keys == sorted(k for k in tb if k.startswith(prefix))
+    for key in keys:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs between {a} and {b}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (the reference for every resume test)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    torch.set_num_threads(1)
+    assert train_cli(out, "--epochs", "2") == 0
+    return out
+
+
+def test_run_directory_contents(reference: Path) -> None:
+    for name in ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "last.json"):
+        assert (reference / name).is_file(), name
+    config = json.loads((reference / "config.json").read_text())
+    assert config["model"] == AVMEConfig(enc_hidden=32, dec_hidden=32, latent_dim=8, steps=4).to_dict()
+    assert config["train"]["epochs"] == 2 and config["train"]["train_subset"] == 2000
+    assert config["train"]["lr"] == 1e-3 and config["train"]["batch_size"] == 100
+    assert config["train"]["clip_grad"] == 10.0 and config["world_size"] == 1
+
+    model = load_model(reference)  # best.safetensors
+    assert model.config.enc_hidden == 32
+    last = load_checkpoint(reference / "last.safetensors")
+    assert last.trainer_state["state"]["step"] == 2 * STEPS_PER_EPOCH
+    assert last.trainer_state["state"]["epoch"] == 2 and last.optimizer_state is not None
+    for parameter in load_model(reference / "last.safetensors").parameters():
+        assert torch.isfinite(parameter).all()
+
+
+def test_metrics_schema_and_progress(reference: Path) -> None:
+    records = read_metrics(reference)
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("valid") == 2 and kinds.count("epoch") == 2
+    for record in records:
+        expected = {"train": TRAIN_KEYS, "valid": VALID_KEYS, "epoch": EPOCH_KEYS}[record["kind"]]
+        assert set(record) == expected, record
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30, 35, 40]  # --log-every 5
+    assert train[-1]["loss"] < train[0]["loss"] - 50, "the loss did not fall"
+    # KL warm-up over 10 steps: the weight of the update after s steps is min(1, s / 10)
+    assert [r["kl_weight"] for r in train[:3]] == [0.4, 0.9, 1.0]
+    assert all(r["lr"] == 1e-3 and r["examples_per_s"] > 0 for r in train)
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert all(math.isfinite(r["nelbo"]) and len(r["kl_per_step"]) == 4 for r in valid)
+    assert valid[1]["nelbo"] < valid[0]["nelbo"] and valid[0]["best"] and valid[1]["best"]
+    assert valid[0]["nelbo"] == pytest.approx(valid[0]["reconstruction"] + valid[0]["kl"])
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [e["examples"] for e in epochs] == [2000, 2000] and [e["step"] for e in epochs] == [20, 40]
+    assert all(e["seconds"] > 0 for e in epochs)
+    times = [r["time"] for r in records if "time" in r]
+    assert times == sorted(times)
+
+
+def test_resume_is_bit_identical(reference: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train_cli(out, "--epochs", "1") == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert_same_tensors(reference / "last.safetensors", out / "last.safetensors")  # weights + Adam state
+    assert_same_tensors(reference / "best.safetensors", out / "best.safetensors", "model.")
+    assert without_wall_clock(read_metrics(out)) == without_wall_clock(read_metrics(reference))
+    # a finished run resumed again has nothing to do, and its files are left as they are
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--epochs", "1"]):
+        assert main(["train", "--out", str(out), "--resume", "--no-progress", *extra]) == 0
+        assert "nothing to do" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_mid_epoch_resume_after_crash(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """A crash at step 13 with --checkpoint-every 7 resumes from step 7 and ends like the reference."""
+    out = tmp_path / "run"
+    original = T.Trainer.train_step
+
+    def crashing(self, *args, **kwargs):
+        if self.state.step == 13:
+            raise Crash("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Trainer, "train_step", crashing)
+    with pytest.raises(Crash):
+        train_cli(out, "--epochs", "2", "--checkpoint-every", "7")
+    state = load_checkpoint(out / "last.safetensors").trainer_state["state"]
+    assert (state["step"], state["epoch"], state["batch"]) == (7, 0, 7)
+    monkeypatch.setattr(T.Trainer, "train_step", original)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert_same_tensors(reference / "last.safetensors", out / "last.safetensors")
+    # records written after the checkpoint by the crashed run were dropped, not duplicated
+    assert without_wall_clock(read_metrics(out)) == without_wall_clock(read_metrics(reference))
+
+
+def test_refuses_to_overwrite_a_run(reference: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert train_cli(out, "--epochs", "1") == 1
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "notes.txt").write_text("mine")
+    assert train_cli(out, "--epochs", "1", "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"  # only run files are replaced
+    assert load_checkpoint(out / "last.safetensors").trainer_state["state"]["epoch"] == 1
+    assert len([r for r in read_metrics(out) if r["kind"] == "epoch"]) == 1
+
+
+def test_resume_without_checkpoint_starts_a_new_run(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train_cli(out, "--resume", "--epochs", "1", "--train-subset", "300", "--valid-subset", "0") == 0
+    assert "no checkpoint" in capsys.readouterr().err
+    assert (out / "last.safetensors").is_file() and not (out / "best.safetensors").exists()
+    assert [r["kind"] for r in read_metrics(out)] == ["train", "epoch"]  # validation disabled
+
+
+def test_resume_refuses_changed_settings(reference: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--lr", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "lr: 0.001 (checkpoint) vs 0.01 (this command)" in err
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--steps", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "steps=4" in err and "steps=6" in err  # both configs named
+
+
+def test_help_explains_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--lr", "--batch-size", "--epochs", "--clip-grad", "--seed", "--device", "--impl", "--precision",
+                   "--num-classes", "--conditional", "--enc-hidden", "--dec-hidden", "--latent-dim", "--steps",
+                   "--encoder-input", "--dataset", "--data-root", "--download", "--train-subset", "--valid-subset",
+                   "--kl-warmup-steps", "--out", "--tensorboard", "--no-tensorboard", "--resume", "--checkpoint-every",
+                   "--log-every", "--skip-nonfinite", "--overwrite", "examples:", "torchrun"):
+        assert option in text, option
+
+
+def test_pure_functions() -> None:
+    assert T.kl_weight_at(0, 0) == 1.0 and T.kl_weight_at(0, 4) == 0.0
+    assert T.kl_weight_at(2, 4) == 0.5 and T.kl_weight_at(9, 4) == 1.0
+    assert T.batches_per_epoch(2000, 100) == 20 and T.batches_per_epoch(2050, 100) == 21
+    assert T.batches_per_epoch(2001, 100, world_size=2) == 20  # a 1-example batch cannot be split in 2
+    assert T.batches_per_epoch(2002, 100, world_size=2) == 21
+    a, b = T.epoch_permutation(50, 3, 1), T.epoch_permutation(50, 3, 1)
+    assert torch.equal(a, b) and not torch.equal(a, T.epoch_permutation(50, 3, 2))
+    assert sorted(a.tolist()) == list(range(50))
+    assert T.derive_seed(0, "noise", 1) != T.derive_seed(0, "noise", 2)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        T.TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        T.TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown training options"):
+        T.resolve_configs({"learning_rate": 1.0})
+    with pytest.raises(T.TrainError, match="divisible"):
+        T.Trainer(T.TrainConfig(batch_size=100), AVMEConfig(), Path("unused"), DistInfo(0, 3, 0), torch.device("cpu"))
+
+
+def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
+    small = ["--train-subset", "200", "--valid-subset", "0", "--epochs", "1"]
+    if not T.tensorboard_available():
+        assert train_cli(tmp_path / "a", *small, "--tensorboard") == 1
+        assert "pip install tensorboard" in capsys.readouterr().err
+        assert train_cli(tmp_path / "b", *small) == 0  # the default: on only when importable
+        assert not (tmp_path / "b" / "tensorboard").exists()
+    else:
+        assert train_cli(tmp_path / "a", *small, "--tensorboard") == 0
+        assert any((tmp_path / "a" / "tensorboard").iterdir())
+    assert train_cli(tmp_path / "c", *small, "--no-tensorboard") == 0
+    assert not (tmp_path / "c" / "tensorboard").exists()
+
+
+MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST IDX files in {MNIST}")
+def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
+    args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
+            "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",
+            "--valid-subset", "100", "--batch-size", "60", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "full"), *args, "--epochs", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "part"), *args, "--epochs", "1"]) == 0
+    assert main(["train", "--out", str(tmp_path / "part"), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert_same_tensors(tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors")
+    model = load_model(tmp_path / "full")
+    assert model.num_classes == 10 and model.config.encoder_input == "error"
