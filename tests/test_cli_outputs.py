@@ -15,11 +15,11 @@ from PIL import Image
 from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
+from helpers import REPO, subprocess_env
 
 SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
 K = SIZES["steps"]
 PAD = 2
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def grid_pixels(rows: int, cols: int, scale: int) -> tuple[int, int]:
@@ -250,7 +250,7 @@ def test_module_entry_point_exit_codes(tmp_path):
     """``python -m avme_ext`` returns a non-zero exit status (not a traceback) for a bad input."""
     result = subprocess.run(
         [sys.executable, "-m", "avme_ext", "plot", str(tmp_path / "missing.jsonl")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
@@ -259,18 +259,16 @@ def test_module_entry_point_exit_codes(tmp_path):
 def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
     """Two CPU ranks (gloo) evaluate their chunks and rank 0 reports the merged result, which equals
     a single-process run bit for bit (same thread count: torchrun sets OMP_NUM_THREADS=1)."""
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     common = ["eval", str(checkpoints["cond_run"]), "--samples", "2", "--num-images", "20", "--batch-size", "6",
               "--device", "cpu", "--no-progress", "--json"]
     single = subprocess.run([sys.executable, "-m", "avme_ext", *common, str(tmp_path / "single.json")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "avme_ext", *common, str(tmp_path / "multi.json")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert multi.stdout.count("negative ELBO") == 1  # only rank 0 prints

@@ -3,12 +3,15 @@ and sharded evaluation equals unsharded evaluation (CPU, subprocesses with timeo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +23,10 @@ from avme_ext.checkpoint import load_model
 from avme_ext.data import load_split
 from avme_ext.evaluation import evaluate
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, SHARED_DATA, free_port, subprocess_env
+
 TIMEOUT = 180
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST = SHARED_DATA / "mnist"
 # the harder data path when the official MNIST files are there: labels (conditional model) and a fresh
 # Bernoulli draw of every batch (dynamic binarization), which must not depend on the sharding either
 DATA = (["--dataset", "mnist_dynamic", "--data-root", str(MNIST)]
@@ -32,31 +36,15 @@ TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--step
         "--log-every", "5", "--no-progress", "--conditional", *DATA]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded CPU math, like the subprocesses (OMP_NUM_THREADS=1): results then match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
-    result = subprocess.run(command, env=env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -64,7 +52,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run([sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY],
-                            env=env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert single.returncode == 0, single.stderr
     # --resume on a fresh directory: what an elastic job (--max-restarts) does from its first launch
     ddp = torchrun("--max-restarts=1", "-m", "avme_ext", "train", "--out", str(two), "--resume", *TINY)
@@ -86,6 +74,109 @@ def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
         if "examples" in r1:
             assert r1["examples"] == r2["examples"] == 1000
     assert json.loads((two / "config.json").read_text())["world_size"] == 2
+
+
+# --------------------------------------------------------------------------- elastic restart
+
+#: 2 epochs of 20 global batches (1000 images, batch 50), a checkpoint every 5 steps: the kill lands mid-epoch
+ELASTIC = [*TINY, "--epochs", "2", "--checkpoint-every", "5"]
+ELASTIC_STEPS = 40
+
+
+def _wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen, log: Path, poll: float = 0.01):
+    """Poll ``predicate()`` until it returns something truthy; fail clearly on timeout or when ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"torchrun exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()}")
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{log.read_text()}")
+
+
+def _checkpoint_step(out: Path) -> int | None:
+    """The trainer's step counter in ``out/last.json`` (None while there is no complete checkpoint)."""
+    if not (out / "last.safetensors").is_file():
+        return None
+    try:
+        return int(json.loads((out / "last.json").read_text())["trainer"]["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or replaced between the two reads
+        return None
+
+
+def _worker_pids(agent: int) -> dict[int, int]:
+    """{RANK: pid} of the torchrun agent's worker processes (its children with RANK in their environment)."""
+    workers = {}
+    for children in Path(f"/proc/{agent}/task").glob("*/children"):
+        try:
+            pids = [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                           if "=" in item)
+            except OSError:
+                continue
+            if "RANK" in env:
+                workers[int(env["RANK"])] = pid
+    return workers
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL one worker of a ``--max-restarts=1`` job mid-training: torchrun restarts the worker group,
+    ``--resume`` picks up the last mid-epoch checkpoint, and the final weights equal an uninterrupted run's."""
+    out, reference, log = tmp_path / "elastic", tmp_path / "reference", tmp_path / "torchrun.log"
+    # c10d rendezvous without the shared TCP store, so that each attempt gets a fresh store: with the static
+    # rendezvous (--master_addr/--master_port) or c10d's default shared store, torch 2.14 keeps the first
+    # attempt's keys and the restarted workers' gloo init reads the dead workers' addresses ("Gloo
+    # connectFullMesh failed ... Connection refused"; cf. pytorch/pytorch#135712)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+               "-m", "avme_ext", "train", "--out", str(out), "--resume", *ELASTIC]
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, env=subprocess_env(LOGLEVEL="INFO", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+                                cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        killed_after = _wait_for("a mid-run checkpoint",
+                                 lambda: (s := _checkpoint_step(out)) and s < ELASTIC_STEPS and s, TIMEOUT, proc, log)
+        workers = _wait_for("two worker processes", lambda: (w := _worker_pids(proc.pid)) and len(w) == 2 and w,
+                            10, proc, log)
+        os.kill(workers[1], signal.SIGKILL)  # rank 1: rank 0 then fails in its next collective
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun did not finish within {TIMEOUT} s after the kill:\n{log.read_text()}")
+    finally:
+        if proc.poll() is None:  # a failed wait: leave no processes behind
+            for pid in _worker_pids(proc.pid).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait(timeout=30)
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    # the agent saw the failure and restarted the group once; the first launch started a new run and the
+    # second resumed the checkpoint written before the kill (or a later one), mid-run
+    assert "will restart worker group" in output, output
+    assert output.count("no checkpoint") == 1, output
+    resumed = [int(s) for s in re.findall(r"resuming \S+last\.safetensors at step (\d+)", output)]
+    assert len(resumed) == 1 and killed_after <= resumed[0] < ELASTIC_STEPS, (killed_after, output)
+    assert _checkpoint_step(out) == ELASTIC_STEPS
+
+    torchrun("-m", "avme_ext", "train", "--out", str(reference), *ELASTIC)
+    # same world size, single-threaded: the weights and Adam's state are bit for bit those of the uninterrupted
+    # run, and the metrics (truncated to the checkpoint on resume, then rewritten) agree apart from wall times
+    a, b = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
+    assert any(k.startswith("model.") for k in a) and sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{key} differs")
+    wall = ("time", "examples_per_s", "seconds")
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in wall}
+                for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (reference, out)]
+    assert metrics[0] == metrics[1]
 
 
 SHARDED_EVAL = textwrap.dedent("""

@@ -7,7 +7,6 @@ compute single-threaded, so they give the same bits.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
@@ -27,31 +26,22 @@ from avme_ext import train as T
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model
 from avme_ext.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, subprocess_env
+
 TIMEOUT = 120
 # 1000 images, batch 50: 20 steps per epoch, 40 in all
 ARGS = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4", "--train-subset", "1000",
         "--valid-subset", "200", "--batch-size", "50", "--epochs", "2", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return out
 
 
 def spawn(*args: str, script: str | None = None) -> subprocess.Popen:
     """Start ``avme train ARGS`` (or ``python -c script ARGS``) in a subprocess."""
     head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "avme_ext", "train"]
-    return subprocess.Popen([*head, *args], env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([*head, *args], env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 

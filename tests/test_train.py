@@ -28,13 +28,7 @@ EPOCH_KEYS = {"kind", "epoch", "step", "seconds", "train_loss", "examples"}
 WALL_CLOCK = {"time", "examples_per_s", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded CPU math, like the subprocesses of the other test files (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_cli(out: Path, *extra: str) -> int:

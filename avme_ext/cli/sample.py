@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..images import save_class_grid, save_reconstructions, save_sample_grid, save_unrolled_strips
+    from ..images import save_class_grid, save_sample_grid, save_unrolled_strips
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
