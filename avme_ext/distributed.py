@@ -127,12 +127,13 @@ def resolve_device(requested: str, info: DistInfo) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested!r}: CUDA is not available on this machine (use --device cpu)")
-        if info.distributed or device.index is None:
-            index = info.local_rank if info.distributed else (device.index or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK={index} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                                 "use --nproc_per_node <= the number of GPUs")
-            device = torch.device("cuda", index)
+        index = info.local_rank if info.distributed else (device.index or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            what = f"LOCAL_RANK={index} (use --nproc_per_node <= the number of GPUs)" if info.distributed else (
+                f"--device {requested!r}")
+            raise ValueError(f"{what}: only {count} CUDA devices are visible")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ValueError(f"--device {requested!r}: only cpu and cuda devices are supported")
@@ -146,7 +147,15 @@ def setup(info: DistInfo, device: torch.device, timeout_s: float = 1800.0) -> No
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    timeout = timedelta(seconds=timeout_s)
+    # torchrun's elastic agent shares one TCP store across restart attempts, so a restarted
+    # worker group would read the dead workers' addresses left by the previous attempt (gloo:
+    # "connectFullMesh failed ... Connection refused"). Give every attempt its own key space.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"avme/attempt-{attempt}", store)
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": rank,
+                              "world_size": world_size}
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)

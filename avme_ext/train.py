@@ -983,9 +983,11 @@ def train(
         else:
             say(f"training {model_cfg} in {out_dir} ({info.world_size} process(es), {device})")
         try:
-            return trainer.run()
+            code = trainer.run()
         finally:
             if trainer.metrics is not None:
                 trainer.metrics.close()
+        dist_utils.barrier()  # leave together: a rank torn down while a peer still talks to it can abort
+        return code
     finally:
         dist_utils.teardown()

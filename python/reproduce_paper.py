@@ -121,21 +121,22 @@ def figures(spec: ModelSpec, run: Path, figures_dir: Path, args: argparse.Namesp
 
 
 def collect(spec: ModelSpec, eval_json: Path, args: argparse.Namespace) -> dict:
-    """One object of docs/results.json from an eval JSON."""
-    summary = json.loads(eval_json.read_text())
+    """One object of docs/results.json from the JSON that ``avme eval --json`` wrote."""
+    written = json.loads(eval_json.read_text())
+    summary, provenance = written["summary"], written["provenance"]
     record = {
         "name": spec.name,
         "conditional": spec.conditional,
         "encoder_input": spec.encoder_input,
-        "steps": 12,
+        "steps": provenance["model_config"]["steps"],
         "test_nelbo": summary["nelbo"],
         "test_iwae": summary.get("iwae_nll"),
         "iwae_samples": summary.get("iwae_samples"),
         "test_reconstruction": summary["reconstruction"],
-        "test_kl_per_step": summary.get("kl_per_step"),
-        "num_images": summary.get("num_images"),
+        "test_kl_per_step": summary["kl_per_step"],
+        "num_images": summary["num_images"],
         "checkpoint": str(Path(args.out) / spec.name),
-        "eval": {k: summary.get(k) for k in ("device", "torch_version", "seconds", "seed") if k in summary},
+        "provenance": provenance,
     }
     if spec.conditional:
         record["test_nll_given_y"] = summary.get("nll_given_y")

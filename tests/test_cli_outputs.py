@@ -52,6 +52,15 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 # --------------------------------------------------------------------------- sample
+@pytest.mark.parametrize("device,message", [("tpu", "is not a device"), ("cuda:7", "CUDA")])
+def test_bad_device_is_a_clear_error(checkpoints, tmp_path, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = _run(["sample", checkpoints["uncond"], "--out", tmp_path / "s.png", "--device", device], capsys)
+    assert code == 2 and f"--device '{device}'" in err and message in err
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_sample_plain_grid(checkpoints, tmp_path, capsys):
     out = tmp_path / "samples.png"
     code, stdout, _ = _run(["sample", checkpoints["uncond"], "--num", 12, "--nrow", 4, "--out", out, "--device", "cpu"], capsys)

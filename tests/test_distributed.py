@@ -129,15 +129,14 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     """SIGKILL one worker of a ``--max-restarts=1`` job mid-training: torchrun restarts the worker group,
     ``--resume`` picks up the last mid-epoch checkpoint, and the final weights equal an uninterrupted run's."""
     out, reference, log = tmp_path / "elastic", tmp_path / "reference", tmp_path / "torchrun.log"
-    # c10d rendezvous without the shared TCP store, so that each attempt gets a fresh store: with the static
-    # rendezvous (--master_addr/--master_port) or c10d's default shared store, torch 2.14 keeps the first
-    # attempt's keys and the restarted workers' gloo init reads the dead workers' addresses ("Gloo
-    # connectFullMesh failed ... Connection refused"; cf. pytorch/pytorch#135712)
+    # c10d rendezvous with torchrun's default shared TCP store, as in `avme train --help`: the store outlives
+    # the first attempt, so this also checks that distributed.setup gives each attempt its own keys (without
+    # that the restarted workers' gloo init reads the dead workers' addresses and fails).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                "-m", "avme_ext", "train", "--out", str(out), "--resume", *ELASTIC]
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, env=subprocess_env(LOGLEVEL="INFO", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+        proc = subprocess.Popen(command, env=subprocess_env(LOGLEVEL="INFO"),
                                 cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
     try:
         killed_after = _wait_for("a mid-run checkpoint",

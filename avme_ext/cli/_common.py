@@ -101,23 +101,19 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = T
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``"auto"``/None → ``cuda`` if available else ``cpu``; otherwise ``torch.device(name)``.
+    """``"auto"``/None → ``cuda`` if available else ``cpu``; otherwise ``torch.device(name)``
+    (see :func:`avme_ext.distributed.resolve_device`, which this wraps for one process).
 
     Raises:
         CLIError: the name is not a device, or names a CUDA device that is not present.
     """
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..distributed import DistInfo
+    from ..distributed import resolve_device as resolve_for_process
+
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as error:
-        raise CLIError(f"bad --device {name!r}: {error}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
+        return resolve_for_process("auto" if name is None else str(name), DistInfo())
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def add_seed_argument(parser: argparse.ArgumentParser, default: int = 0) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_write_bytes
 from ._common import (
     CLIError,
     RawDefaultsFormatter,
@@ -128,7 +129,12 @@ def _leave_job(info) -> None:
 def _run(args: argparse.Namespace) -> int:
     info, device = _join_job(args.device)
     try:
-        return _evaluate_and_report(args, info, device)
+        code = _evaluate_and_report(args, info, device)
+        if info.distributed:
+            from .. import distributed as dist_utils
+
+            dist_utils.barrier()  # leave together: a rank torn down while a peer still talks to it can abort
+        return code
     finally:
         _leave_job(info)
 
@@ -199,8 +205,8 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -
             },
         }
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
+        text = (json.dumps(_jsonable(document), indent=2) + "\n").encode()
+        atomic_write_bytes(out, lambda tmp: Path(tmp).write_bytes(text))
         print(out)
     return 0
 
