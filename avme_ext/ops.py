@@ -22,6 +22,8 @@ products whatever the global setting is. With float64 tensors the precision is i
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -38,13 +40,16 @@ __all__ = [
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
-try:  # importing the library runs its TORCH_LIBRARY registrations
-    from . import _C  # type: ignore[attr-defined]  # noqa: F401
-except ImportError as _exc:  # not built (pure-Python install) or not loadable
+_IMPORT_ERROR: str | None = None
+if importlib.util.find_spec(f"{__package__}._C") is None:  # a pure-Python install
     _C = None
-    _IMPORT_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
+    _IMPORT_ERROR = "avme_ext._C is not built (pure-Python install)"
 else:
-    _IMPORT_ERROR = None
+    try:  # importing the library runs its TORCH_LIBRARY registrations
+        from . import _C  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError as _exc:  # built, but not loadable (e.g. built against another torch)
+        _C = None
+        _IMPORT_ERROR = f"avme_ext._C failed to load: {type(_exc).__name__}: {_exc}"
 
 
 def _ops_registered() -> bool:

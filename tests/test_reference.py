@@ -198,3 +198,14 @@ def test_impl_cuda_without_cuda_tensors_is_an_error():
     x = torch.zeros(2, SMALL["data_dim"])
     with pytest.raises(RuntimeError, match="impl='cuda'"):
         core(x)
+
+
+def test_tensors_on_another_device_are_refused():
+    core = make_core(4)
+    x, y, eps = make_inputs(core, 3)
+    with pytest.raises(ValueError, match=r"x must be on device cpu \(the parameters' device\), got meta"):
+        core(x.to("meta"), y, eps)
+    with pytest.raises(ValueError, match="eps must be on device cpu"):
+        core(x, y, eps.to("meta"))
+    with pytest.raises(ValueError, match="y must be on device cpu"):
+        core(x, y.to("meta"), eps)

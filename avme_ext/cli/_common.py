@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -25,6 +27,7 @@ __all__ = [
     "fail",
     "load_model_for_cli",
     "positive_int",
+    "reports_cli_errors",
     "nonnegative_int",
     "resolve_device",
 ]
@@ -54,6 +57,19 @@ def fail(message: object, code: int = 2) -> int:
     """Print ``avme: error: message`` to stderr and return ``code`` (a non-zero exit status)."""
     print(f"avme: error: {message}", file=sys.stderr)
     return code
+
+
+def reports_cli_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Decorate a subcommand's ``run(args)``: a :class:`CLIError` becomes ``avme: error: ...`` and exit code 2."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except CLIError as error:
+            return fail(error)
+
+    return run
 
 
 def positive_int(text: str) -> int:

@@ -19,10 +19,10 @@ from ._common import (
     add_data_arguments,
     add_device_arguments,
     add_seed_argument,
-    fail,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
+    reports_cli_errors,
 )
 
 DESCRIPTION = """\
@@ -87,13 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as error:
-        return fail(error)
-
-
 # --------------------------------------------------------------------------- distributed hook
 # The only places that touch avme_ext.distributed: joining the torchrun job and gathering shards.
 def _join_job(device_arg: str):
@@ -126,7 +119,8 @@ def _leave_job(info) -> None:
 
 
 # --------------------------------------------------------------------------- main
-def _run(args: argparse.Namespace) -> int:
+@reports_cli_errors
+def run(args: argparse.Namespace) -> int:
     info, device = _join_job(args.device)
     try:
         code = _evaluate_and_report(args, info, device)

@@ -38,7 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plotting import MetricsError, find_metrics, plot_kl_per_step, plot_training_curve
+    from ..plotting import (
+        MetricsError,
+        find_metrics,
+        plot_kl_per_step,
+        plot_training_curve,
+    )
 
     try:
         metrics = find_metrics(args.run)

@@ -14,10 +14,10 @@ from ._common import (
     add_data_arguments,
     add_device_arguments,
     add_seed_argument,
-    fail,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
+    reports_cli_errors,
     resolve_device,
 )
 
@@ -75,14 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@reports_cli_errors
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as error:
-        return fail(error)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..images import save_class_grid, save_sample_grid, save_unrolled_strips
 
     out = Path(args.out)
