@@ -307,6 +307,49 @@ __device__ __forceinline__ void lstm_cell_backward(T dh, T dc_carry, T ig, T fg,
   dc_prev = dc * fg;
 }
 
+// Backward of LSTM unit j for the tile's RT rows at step t. dh[r] is the gradient reaching h_t;
+// dc (RT x H, shared) carries dc_t in and dc_{t-1} out. Reads the saved activated gates
+// (K, B, 4H) and cell states (K, B, H); writes the gate pre-activation gradients to dgates_s
+// (RT x 4H, shared) for the rest of the step and, for real rows, to d_gates (K, B, 4H).
+template <typename T, int RT>
+__device__ __forceinline__ void lstm_unit_backward_tile(const T (&dh)[RT], T* dc, T* dgates_s,
+                                                        const T* __restrict__ gates,
+                                                        const T* __restrict__ cells,
+                                                        T* __restrict__ d_gates, int H, int j,
+                                                        int64_t row0, int64_t B, int64_t tB,
+                                                        int t) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int64_t row = row0 + r;
+    T ig = T(0), fg = T(0), gg = T(0), og = T(0), c = T(0), c_prev = T(0);
+    if (row < B) {
+      const int64_t base = tB + row;
+      const T* gp = gates + base * 4 * H;
+      ig = gp[j];
+      fg = gp[H + j];
+      gg = gp[2 * H + j];
+      og = gp[3 * H + j];
+      c = cells[base * H + j];
+      if (t > 0) c_prev = cells[(base - B) * H + j];
+    }
+    T di, df, dg, d_o, dc_prev;
+    lstm_cell_backward(dh[r], dc[r * H + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o, dc_prev);
+    dc[r * H + j] = dc_prev;
+    T* sp = dgates_s + r * 4 * H;
+    sp[j] = di;
+    sp[H + j] = df;
+    sp[2 * H + j] = dg;
+    sp[3 * H + j] = d_o;
+    if (row < B) {
+      T* gp = d_gates + (tB + row) * 4 * H;
+      gp[j] = di;
+      gp[H + j] = df;
+      gp[2 * H + j] = dg;
+      gp[3 * H + j] = d_o;
+    }
+  }
+}
+
 template <typename T, int RT>
 __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardParams<T> p) {
   AVME_DYNAMIC_SMEM(smem_raw);
@@ -362,37 +405,8 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
 #pragma unroll
       for (int r = 0; r < RT; ++r) acc[0][r] = dh_d[r * Hd + j];
       accumulate<T, RT, 1>(acc, gs, D, D, p.write_w, Hd, j, 0);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const int64_t row = row0 + r;
-        T ig = T(0), fg = T(0), gg = T(0), og = T(0), c = T(0), c_prev = T(0);
-        if (row < B) {
-          const int64_t base = tB + row;
-          const T* gp = p.gates_dec + base * 4 * Hd;
-          ig = gp[j];
-          fg = gp[Hd + j];
-          gg = gp[2 * Hd + j];
-          og = gp[3 * Hd + j];
-          c = p.c_dec[base * Hd + j];
-          if (t > 0) c_prev = p.c_dec[(base - B) * Hd + j];
-        }
-        T di, df, dg, d_o, dc_prev;
-        lstm_cell_backward(acc[0][r], dc_d[r * Hd + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o,
-                           dc_prev);
-        dc_d[r * Hd + j] = dc_prev;
-        T* sp = dgd + r * 4 * Hd;
-        sp[j] = di;
-        sp[Hd + j] = df;
-        sp[2 * Hd + j] = dg;
-        sp[3 * Hd + j] = d_o;
-        if (row < B) {
-          T* gp = p.d_gates_dec + (tB + row) * 4 * Hd;
-          gp[j] = di;
-          gp[Hd + j] = df;
-          gp[2 * Hd + j] = dg;
-          gp[3 * Hd + j] = d_o;
-        }
-      }
+      lstm_unit_backward_tile<T, RT>(acc[0], dc_d, dgd, p.gates_dec, p.c_dec, p.d_gates_dec, Hd, j, row0,
+                                     B, tB, t);
     }
     __syncthreads();
 
@@ -429,37 +443,8 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
 #pragma unroll
       for (int r = 0; r < RT; ++r) acc[0][r] = dh_e[r * He + j];
       accumulate<T, RT, 1>(acc, dq, 2 * Z, 2 * Z, p.q_w, He, j, 0);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const int64_t row = row0 + r;
-        T ig = T(0), fg = T(0), gg = T(0), og = T(0), c = T(0), c_prev = T(0);
-        if (row < B) {
-          const int64_t base = tB + row;
-          const T* gp = p.gates_enc + base * 4 * He;
-          ig = gp[j];
-          fg = gp[He + j];
-          gg = gp[2 * He + j];
-          og = gp[3 * He + j];
-          c = p.c_enc[base * He + j];
-          if (t > 0) c_prev = p.c_enc[(base - B) * He + j];
-        }
-        T di, df, dg, d_o, dc_prev;
-        lstm_cell_backward(acc[0][r], dc_e[r * He + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o,
-                           dc_prev);
-        dc_e[r * He + j] = dc_prev;
-        T* sp = dge + r * 4 * He;
-        sp[j] = di;
-        sp[He + j] = df;
-        sp[2 * He + j] = dg;
-        sp[3 * He + j] = d_o;
-        if (row < B) {
-          T* gp = p.d_gates_enc + (tB + row) * 4 * He;
-          gp[j] = di;
-          gp[He + j] = df;
-          gp[2 * He + j] = dg;
-          gp[3 * He + j] = d_o;
-        }
-      }
+      lstm_unit_backward_tile<T, RT>(acc[0], dc_e, dge, p.gates_enc, p.c_enc, p.d_gates_enc, He, j, row0,
+                                     B, tB, t);
     }
     __syncthreads();
 
