@@ -98,6 +98,40 @@ __device__ __forceinline__ void accumulate(T (&acc)[G][RT], const T* A, int lda,
   }
 }
 
+// Forward of LSTM unit j for the tile's RT rows: acc holds the pre-activations of its four gates
+// (i, f, g, o). Updates c (RT x H, shared) in place, writes h to h_next (RT x H, shared) and, when
+// saving for the backward (h_saved != nullptr), h, c and the activated gates of real rows to
+// (K, B, H) / (K, B, 4H) at step offset tB.
+template <typename T, int RT>
+__device__ __forceinline__ void lstm_unit_forward_tile(const T (&acc)[4][RT], T* c_s, T* h_next,
+                                                       T* __restrict__ h_saved,
+                                                       T* __restrict__ c_saved,
+                                                       T* __restrict__ gates_saved, int H, int j,
+                                                       int64_t row0, int64_t B, int64_t tB) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const T ig = dsigmoid(acc[0][r]);
+    const T fg = dsigmoid(acc[1][r]);
+    const T gg = dtanh(acc[2][r]);
+    const T og = dsigmoid(acc[3][r]);
+    const T c = fg * c_s[r * H + j] + ig * gg;
+    const T h = og * dtanh(c);
+    c_s[r * H + j] = c;
+    h_next[r * H + j] = h;
+    const int64_t row = row0 + r;
+    if (row < B && h_saved != nullptr) {
+      const int64_t base = tB + row;
+      h_saved[base * H + j] = h;
+      c_saved[base * H + j] = c;
+      T* gp = gates_saved + base * 4 * H;
+      gp[j] = ig;
+      gp[H + j] = fg;
+      gp[2 * H + j] = gg;
+      gp[3 * H + j] = og;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward / sampler. Shared memory per row (elements of T):
 //   canvas[D] | h_dec[2][Hd] | c_dec[Hd] | z[Z] | (encoder) h_enc[2][He] | c_enc[He]
@@ -159,28 +193,8 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
         accumulate<T, RT, 4>(acc, r_in, D, D, p.enc_wT, ld, j, He);
         accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.enc_wT + D * ld, ld, j, He);
         accumulate<T, RT, 4>(acc, he_cur, He, He, p.enc_wT + (D + Hd) * ld, ld, j, He);
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          const T ig = dsigmoid(acc[0][r]);
-          const T fg = dsigmoid(acc[1][r]);
-          const T gg = dtanh(acc[2][r]);
-          const T og = dsigmoid(acc[3][r]);
-          const T c = fg * c_enc[r * He + j] + ig * gg;
-          const T h = og * dtanh(c);
-          c_enc[r * He + j] = c;
-          he_nxt[r * He + j] = h;
-          const int64_t row = row0 + r;
-          if (row < B && p.h_enc != nullptr) {
-            const int64_t base = tB + row;
-            p.h_enc[base * He + j] = h;
-            p.c_enc[base * He + j] = c;
-            T* gp = p.gates_enc + base * 4 * He;
-            gp[j] = ig;
-            gp[He + j] = fg;
-            gp[2 * He + j] = gg;
-            gp[3 * He + j] = og;
-          }
-        }
+        lstm_unit_forward_tile<T, RT>(acc, c_enc, he_nxt, p.h_enc, p.c_enc, p.gates_enc, He, j, row0,
+                                      B, tB);
       }
       __syncthreads();
       {
@@ -237,28 +251,8 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
       const int64_t ld = 4 * static_cast<int64_t>(Hd);
       accumulate<T, RT, 4>(acc, z_s, Z, Z, p.dec_wT, ld, j, Hd);
       accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.dec_wT + Z * ld, ld, j, Hd);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const T ig = dsigmoid(acc[0][r]);
-        const T fg = dsigmoid(acc[1][r]);
-        const T gg = dtanh(acc[2][r]);
-        const T og = dsigmoid(acc[3][r]);
-        const T c = fg * c_dec[r * Hd + j] + ig * gg;
-        const T h = og * dtanh(c);
-        c_dec[r * Hd + j] = c;
-        hd_nxt[r * Hd + j] = h;
-        const int64_t row = row0 + r;
-        if (row < B && p.h_dec != nullptr) {
-          const int64_t base = tB + row;
-          p.h_dec[base * Hd + j] = h;
-          p.c_dec[base * Hd + j] = c;
-          T* gp = p.gates_dec + base * 4 * Hd;
-          gp[j] = ig;
-          gp[Hd + j] = fg;
-          gp[2 * Hd + j] = gg;
-          gp[3 * Hd + j] = og;
-        }
-      }
+      lstm_unit_forward_tile<T, RT>(acc, c_dec, hd_nxt, p.h_dec, p.c_dec, p.gates_dec, Hd, j, row0, B,
+                                    tB);
     }
     __syncthreads();
     {
