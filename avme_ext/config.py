@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import check_choice, check_positive_int
-from .reference import ENCODER_INPUTS
+from .loop_types import ENCODER_INPUTS
 
 __all__ = ["AVMEConfig"]
 

@@ -7,14 +7,8 @@ from torch import Tensor, nn
 
 from . import ops
 from ._checks import check_choice, check_loop_inputs, check_positive_int
-from .reference import (
-    ENCODER_INPUTS,
-    AVMEParams,
-    ForwardOutput,
-    SampleOutput,
-    avme_forward_reference,
-    avme_sample_reference,
-)
+from .loop_types import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
+from .reference import avme_forward_reference, avme_sample_reference
 
 __all__ = ["AVMECore", "IMPLS"]
 

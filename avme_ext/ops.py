@@ -27,7 +27,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from .reference import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
+from .loop_types import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
 
 __all__ = [
     "PRECISIONS",

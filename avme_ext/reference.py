@@ -24,101 +24,17 @@ For t = 1..K, with all state starting at zero:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .loop_types import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
+
 __all__ = [
-    "ENCODER_INPUTS",
-    "AVMEParams",
-    "ForwardOutput",
-    "SampleOutput",
     "lstm_cell",
     "avme_forward_reference",
     "avme_sample_reference",
 ]
-
-ENCODER_INPUTS = ("canvas", "error")
-
-
-class AVMEParams(NamedTuple):
-    """The weights of the K-step loop, laid out as ``nn.LSTMCell``/``nn.Linear`` hold them.
-
-    Attributes (shapes):
-        enc_w_ih: (4*He, 2*D + Hd + C)  columns ordered [x, r, h_dec, y]
-        enc_w_hh: (4*He, He)
-        enc_b_ih, enc_b_hh: (4*He,)
-        q_w: (2*Z, He)  rows [mu; logvar]
-        q_b: (2*Z,)
-        dec_w_ih: (4*Hd, Z + C)  columns ordered [z, y]
-        dec_w_hh: (4*Hd, Hd)
-        dec_b_ih, dec_b_hh: (4*Hd,)
-        write_w: (D, Hd)
-        write_b: (D,)
-    """
-
-    enc_w_ih: Tensor
-    enc_w_hh: Tensor
-    enc_b_ih: Tensor
-    enc_b_hh: Tensor
-    q_w: Tensor
-    q_b: Tensor
-    dec_w_ih: Tensor
-    dec_w_hh: Tensor
-    dec_b_ih: Tensor
-    dec_b_hh: Tensor
-    write_w: Tensor
-    write_b: Tensor
-
-    @property
-    def data_dim(self) -> int:
-        return self.write_w.shape[0]
-
-    @property
-    def enc_hidden(self) -> int:
-        return self.enc_w_hh.shape[1]
-
-    @property
-    def dec_hidden(self) -> int:
-        return self.dec_w_hh.shape[1]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.q_w.shape[0] // 2
-
-    @property
-    def num_classes(self) -> int:
-        return self.dec_w_ih.shape[1] - self.latent_dim
-
-
-class ForwardOutput(NamedTuple):
-    """Result of the training forward.
-
-    Attributes:
-        canvas: (B, D) final canvas logits s_K.
-        mu: (K, B, Z) posterior means.
-        logvar: (K, B, Z) posterior log-variances.
-        canvases: (K, B, D) canvas logits s_1..s_K, or None when not requested.
-    """
-
-    canvas: Tensor
-    mu: Tensor
-    logvar: Tensor
-    canvases: Tensor | None
-
-
-class SampleOutput(NamedTuple):
-    """Result of the decoder-only sampler.
-
-    Attributes:
-        canvas: (B, D) final canvas logits s_K.
-        canvases: (K, B, D) canvas logits s_1..s_K, or None when not requested.
-    """
-
-    canvas: Tensor
-    canvases: Tensor | None
 
 
 def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

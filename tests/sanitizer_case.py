@@ -16,7 +16,8 @@ import sys
 import torch
 
 from avme_ext import ops
-from avme_ext.reference import AVMEParams, avme_forward_reference, avme_sample_reference
+from avme_ext.loop_types import AVMEParams
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 
 def params(D, C, He, Hd, Z, dtype):

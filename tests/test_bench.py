@@ -19,7 +19,8 @@ from bench import flops as F  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
 
-from avme_ext.reference import AVMEParams, avme_forward_reference  # noqa: E402
+from avme_ext.loop_types import AVMEParams  # noqa: E402
+from avme_ext.reference import avme_forward_reference  # noqa: E402
 
 
 # --------------------------------------------------------------------------- end to end (CPU smoke)

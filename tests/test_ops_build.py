@@ -26,11 +26,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from avme_ext import ops
-from avme_ext.reference import (
-    AVMEParams,
-    avme_forward_reference,
-    avme_sample_reference,
-)
+from avme_ext.loop_types import AVMEParams
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"

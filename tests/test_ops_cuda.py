@@ -22,11 +22,8 @@ import torch
 
 from avme_ext import ops
 from avme_ext.core import AVMECore
-from avme_ext.reference import (
-    AVMEParams,
-    avme_forward_reference,
-    avme_sample_reference,
-)
+from avme_ext.loop_types import AVMEParams
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 pytestmark = pytest.mark.skipif(
     not ops.is_available(),

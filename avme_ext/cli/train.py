@@ -11,7 +11,7 @@ from ..config import AVMEConfig
 from ..core import IMPLS
 from ..data import DATASETS, DataFormatError
 from ..ops import PRECISIONS
-from ..reference import ENCODER_INPUTS
+from ..loop_types import ENCODER_INPUTS
 from ..train import MODEL_FIELDS, TrainConfig, TrainError
 
 __all__ = ["register", "run", "given_options"]
