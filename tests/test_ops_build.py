@@ -331,7 +331,7 @@ def _emulator():
     # flag so that edits to csrc/ rebuild the emulator.
     digest = hashlib.sha1()
     for path in sorted(CSRC.rglob("*")):
-        if path.suffix in {".h", ".cu", ".cpp"}:
+        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
             digest.update(path.read_bytes())
     cpp_extension.load(
         name="avme_emulation",

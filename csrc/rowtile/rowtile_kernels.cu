@@ -1,4 +1,5 @@
-// Fused CUDA kernels of the AVME K-step loop: forward (+ sampler) and backward through time.
+// The "rowtile" design of the fused AVME K-step loop: forward (+ sampler) and backward through
+// time, one block per tile of batch rows.
 //
 // Design
 // ------
@@ -44,6 +45,8 @@
 #endif
 #include <c10/util/Exception.h>
 
+#include "common/device_math.cuh"
+
 namespace avme {
 namespace {
 
@@ -62,18 +65,6 @@ __host__ __device__ inline int64_t backward_elems_hd(int D, int He, int Hd, int 
   // gs, dh_e, dc_e, dh_d, dc_d, dge, dgd, dq
   return static_cast<int64_t>(D) + 6 * static_cast<int64_t>(He) + 6 * static_cast<int64_t>(Hd) +
          2 * static_cast<int64_t>(Z);
-}
-
-__device__ __forceinline__ float dexp(float v) { return expf(v); }
-__device__ __forceinline__ double dexp(double v) { return exp(v); }
-__device__ __forceinline__ float dtanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double dtanh(double v) { return tanh(v); }
-__device__ __forceinline__ float dfma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double dfma(double a, double b, double c) { return fma(a, b, c); }
-
-template <typename T>
-__device__ __forceinline__ T dsigmoid(T v) {
-  return T(1) / (T(1) + dexp(-v));
 }
 
 // acc[g][r] += sum_{k < kdim} A[r * lda + k] * W[k * ldw + col + g * gstride]
