@@ -5,7 +5,7 @@ Every check raises an error that names the argument and what was expected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ __all__ = [
     "check_loop_inputs",
     "check_choice",
     "check_positive_int",
+    "check_values",
 ]
 
 
@@ -35,8 +36,8 @@ def check_tensor(
     """
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+        expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -58,6 +59,25 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check_values(condition: Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """Check a data-dependent condition on tensor values: every element of ``condition`` is true.
+
+    In eager mode this reads the result on the host and raises ``ValueError(message + details())``.
+    While ``torch.compile`` traces, reading a value would break the graph, so the check becomes
+    ``torch._assert_async``: it stays in the compiled graph and fails at run time with ``message``
+    (a RuntimeError on the CPU, a device-side assert on a GPU).
+
+    Args:
+        condition: bool tensor of any shape.
+        message: what was expected, naming the argument.
+        details: in eager mode, describes the values found (appended to ``message``).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition.all(), message)
+    elif not bool(condition.all()):
+        raise ValueError(message + (details() if details is not None else ""))
 
 
 def check_loop_inputs(

@@ -1,5 +1,9 @@
 """The contract of the K-step loop: its weights, its outputs and its options.
 
+The option tuples here (:data:`ENCODER_INPUTS`, :data:`IMPLS`, :data:`PRECISIONS`) are the single
+source of the choices; this module needs only torch, so the CLI and the benchmarks can import
+them without the modules or the extension.
+
 Every implementation (the reference in :mod:`avme_ext.reference`, the fused ops in
 :mod:`avme_ext.ops`) takes :class:`AVMEParams` and returns :class:`ForwardOutput` /
 :class:`SampleOutput`, so callers never depend on which one ran.
@@ -11,9 +15,14 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-__all__ = ["ENCODER_INPUTS", "AVMEParams", "ForwardOutput", "SampleOutput"]
+__all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "AVMEParams", "ForwardOutput", "SampleOutput"]
 
+#: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")
+#: Implementations of the loop: chosen per call ("auto"), the fused CUDA ops, or the reference.
+IMPLS = ("auto", "cuda", "ref")
+#: Matrix-product precisions of the fused ops.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class AVMEParams(NamedTuple):

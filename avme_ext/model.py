@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_positive_int, check_tensor, check_values
 from .config import AVMEConfig
 from .core import AVMECore
 
 __all__ = ["AVME", "ELBOTerms", "gaussian_kl", "log_weights"]
+
+_DEFAULTS = AVMEConfig()
 
 
 class ELBOTerms(NamedTuple):
@@ -77,34 +79,60 @@ class AVME(nn.Module):
             see :class:`AVMEConfig` (defaults: the paper's MNIST sizes, unconditional).
         impl: ``"auto"``, ``"cuda"`` or ``"ref"``, see :class:`AVMECore`.
         precision: matrix-product precision of the fused ops, see :class:`AVMECore`.
+        device, dtype: of the parameters, as for any ``torch.nn`` module.
+
+    ``impl``, ``precision``, ``device`` and ``dtype`` are keyword-only. The weights are those of
+    ``core`` (an :class:`AVMECore`, with its rules on submodules and hooks).
 
     Data conventions: ``x`` is (B, D) float with values in {0, 1}; ``y`` is (B,) int64 class
-    labels in [0, C) for a conditional model and must be None for an unconditional one.
+    labels in [0, C) for a conditional model and must be None for an unconditional one. These
+    value checks read the data on the host in eager mode; under ``torch.compile`` they run as
+    asynchronous asserts so the graph does not break.
     """
 
     def __init__(
         self,
-        data_dim: int = 784,
-        num_classes: int = 0,
-        enc_hidden: int = 400,
-        dec_hidden: int = 400,
-        latent_dim: int = 100,
-        steps: int = 12,
-        encoder_input: str = "canvas",
+        data_dim: int = _DEFAULTS.data_dim,
+        num_classes: int = _DEFAULTS.num_classes,
+        enc_hidden: int = _DEFAULTS.enc_hidden,
+        dec_hidden: int = _DEFAULTS.dec_hidden,
+        latent_dim: int = _DEFAULTS.latent_dim,
+        steps: int = _DEFAULTS.steps,
+        encoder_input: str = _DEFAULTS.encoder_input,
         *,
         impl: str = "auto",
         precision: str = "fp32",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.config = AVMEConfig(data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input)
         self.core = AVMECore(
-            data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input, impl=impl, precision=precision
+            data_dim=data_dim,
+            num_classes=num_classes,
+            enc_hidden=enc_hidden,
+            dec_hidden=dec_hidden,
+            latent_dim=latent_dim,
+            steps=steps,
+            encoder_input=encoder_input,
+            impl=impl,
+            precision=precision,
+            device=device,
+            dtype=dtype,
         )
 
     @classmethod
     def from_config(cls, config: AVMEConfig, **kwargs) -> AVME:
-        """Build a model from an :class:`AVMEConfig` (``kwargs``: ``impl``, ``precision``)."""
+        """Build a model from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype)."""
         return cls(**config.to_dict(), **kwargs)
+
+    @property
+    def config(self) -> AVMEConfig:
+        """The architecture (that of ``core``)."""
+        return self.core.config
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight as at construction (see :meth:`AVMECore.reset_parameters`)."""
+        self.core.reset_parameters()
 
     @property
     def num_classes(self) -> int:
@@ -125,11 +153,11 @@ class AVME(nn.Module):
             raise TypeError(f"x must be a float, uint8 or bool tensor of 0/1 pixels, got dtype {x.dtype}")
         weight = self._param()
         x = x.to(device=weight.device, dtype=weight.dtype)
-        if not bool(((x == 0) | (x == 1)).all()):
-            raise ValueError(
-                "x must be binary (every pixel 0 or 1) for the Bernoulli likelihood; "
-                "binarize gray levels first (see avme_ext.data), and check for NaN"
-            )
+        check_values(
+            (x == 0) | (x == 1),
+            "x must be binary (every pixel 0 or 1) for the Bernoulli likelihood; "
+            "binarize gray levels first (see avme_ext.data), and check for NaN",
+        )
         return x
 
     def encode_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
@@ -144,8 +172,11 @@ class AVME(nn.Module):
         check_tensor("y", y, (batch_size,), floating=False)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"y must be an integer tensor of class labels, got dtype {y.dtype}")
-        if batch_size > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"y must hold labels in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+        check_values(
+            (y >= 0) & (y < num_classes),
+            f"y must hold labels in [0, {num_classes})",
+            lambda: f", got values in [{int(y.min())}, {int(y.max())}]",
+        )
         weight = self._param()
         return F.one_hot(y.to(device=weight.device, dtype=torch.int64), num_classes).to(weight.dtype)
 
@@ -163,7 +194,7 @@ class AVME(nn.Module):
         Args:
             x: (B, D) binary images.
             y: (B,) labels for a conditional model, else None.
-            eps: (K, B, Z) noise; drawn from ``generator`` when None.
+            eps: (K, B, Z) noise; drawn from ``generator`` when None (giving both is an error).
 
         Returns:
             :class:`ELBOTerms`: reconstruction (B,) and kl (B, K).
@@ -179,14 +210,17 @@ class AVME(nn.Module):
         y: Tensor | None = None,
         *,
         kl_weight: float = 1.0,
+        eps: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, ELBOTerms]:
         """Training objective: batch mean of reconstruction + kl_weight * sum_t KL_t.
 
+        ``x``, ``y``, ``eps`` and ``generator`` are as for :meth:`forward`.
+
         Returns:
             (scalar loss, the :class:`ELBOTerms` it was computed from).
         """
-        terms = self(x, y, generator=generator)
+        terms = self(x, y, eps=eps, generator=generator)
         return (terms.reconstruction + kl_weight * terms.kl.sum(dim=1)).mean(), terms
 
     # ----------------------------------------------------------------- likelihood bounds
