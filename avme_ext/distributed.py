@@ -11,9 +11,9 @@ Sharding follows ``torch.utils.data.DistributedSampler``, over tensors rather th
 one global permutation per epoch, the same on every rank, and rank ``r`` of ``W`` takes the
 positions ``r, r + W, r + 2W, ...`` of every global batch (see :func:`local_rows`).
 
-Sharded evaluation: each rank evaluates its chunks with ``evaluation.evaluate(..., shard=(r, W))``
-and :func:`gather_eval_result` all-gathers the shards and merges them with
-``evaluation.merge_results``; the merged result equals the single-process one exactly.
+Gathering: :func:`all_gather_objects` gives every rank the objects of all ranks, in rank order;
+e.g. sharded evaluation (``avme_ext.evaluation``) gathers its per-rank results with it. This
+module knows nothing of what it gathers.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .evaluation import EvalResult, merge_results
-
 __all__ = [
     "DistInfo",
     "detect",
@@ -37,11 +35,10 @@ __all__ = [
     "is_initialized",
     "barrier",
     "broadcast_object",
-    "all_gather_object",
+    "all_gather_objects",
     "all_reduce_sum",
     "any_true",
     "local_rows",
-    "gather_eval_result",
 ]
 
 T = TypeVar("T")
@@ -187,12 +184,15 @@ def broadcast_object(value: T, src: int = 0) -> T:
     return box[0]
 
 
-def all_gather_object(value: T) -> list[T]:
-    """Every rank's ``value``, in rank order (``[value]`` for a single process)."""
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for a single process).
+
+    ``obj`` must be picklable; tensors in it should be on the CPU (they are sent as pickles).
+    """
     if not is_initialized():
-        return [value]
+        return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -224,12 +224,3 @@ def local_rows(batch_size: int, rank: int, world_size: int) -> slice:
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
     return slice(rank, batch_size, world_size)
-
-
-def gather_eval_result(result: EvalResult) -> EvalResult:
-    """All-gather every rank's :class:`EvalResult` shard and merge them (same result on every rank).
-
-    With one process the result is returned merged (sorted by image index) as well.
-    """
-    shards = all_gather_object(result.to("cpu"))
-    return merge_results(shards)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from avme_ext import distributed as D
 from avme_ext.checkpoint import load_model
 from avme_ext.data import load_split
-from avme_ext.evaluation import evaluate
+from avme_ext.evaluation import evaluate, gather_across_ranks
 
 from helpers import REPO, SHARED_DATA, free_port, subprocess_env
 
@@ -183,13 +183,13 @@ SHARDED_EVAL = textwrap.dedent("""
     from avme_ext import distributed as D
     from avme_ext.checkpoint import load_model
     from avme_ext.data import load_split
-    from avme_ext.evaluation import evaluate
+    from avme_ext.evaluation import evaluate, gather_across_ranks
     info = D.detect()
     D.setup(info, torch.device("cpu"))
     model = load_model(sys.argv[1])
     split = load_split("binarized_mnist", "valid").subset(250, torch.Generator().manual_seed(1))
     part = evaluate(model, split, batch_size=40, seed=7, shard=(info.rank, info.world_size))
-    merged = D.gather_eval_result(part)
+    merged = gather_across_ranks(part)
     if info.rank == 0:
         json.dump({"part": len(part), "indices": merged.indices.tolist(), "nelbo": merged.nelbo.tolist(),
                    "kl": merged.kl.tolist(), "summary": merged.summary()}, open(sys.argv[2], "w"))
@@ -210,7 +210,7 @@ def test_sharded_evaluation_equals_unsharded(tmp_path: Path) -> None:
 
     model = load_model(tmp_path / "model.safetensors")
     split = load_split("binarized_mnist", "valid").subset(250, torch.Generator().manual_seed(1))
-    full = D.gather_eval_result(evaluate(model, split, batch_size=40, seed=7))  # single process: merge of one
+    full = gather_across_ranks(evaluate(model, split, batch_size=40, seed=7))  # single process: merge of one
     assert sharded["part"] == 130  # rank 0 holds chunks 0, 2, 4, 6 of 7 (40 + 40 + 40 + 10 images)
     assert sharded["indices"] == list(range(250)) == full.indices.tolist()
     assert sharded["nelbo"] == full.nelbo.tolist()  # exact, not approximate
@@ -240,7 +240,7 @@ def test_local_rows_partition_the_global_batch() -> None:
 
 def test_single_process_helpers_are_no_ops() -> None:
     assert not D.is_initialized()
-    assert D.broadcast_object({"a": 1}) == {"a": 1} and D.all_gather_object(5) == [5]
+    assert D.broadcast_object({"a": 1}) == {"a": 1} and D.all_gather_objects(5) == [5]
     assert D.any_true(True, torch.device("cpu")) and not D.any_true(False, torch.device("cpu"))
     t = torch.ones(2)
     assert D.all_reduce_sum(t) is t

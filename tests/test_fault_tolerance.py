@@ -7,6 +7,7 @@ compute single-threaded, so they give the same bits.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 import shutil
@@ -22,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avme_ext import train as T
+from avme_ext import training as T
+from avme_ext.training import trainer as trainer_module
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model
 from avme_ext.cli import main
 
@@ -185,13 +187,13 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(reference: Path, tmp_path: 
 
 def _nan_noise_at(monkeypatch, bad_step: int) -> None:
     """Make the reparameterisation noise of step index ``bad_step`` NaN (so the loss and gradients are NaN)."""
-    original = T.step_noise
+    original = trainer_module.step_noise
 
     def noise(model, seed, step, batch_size, generator):
         eps = original(model, seed, step, batch_size, generator)
         return eps * float("nan") if step == bad_step else eps
 
-    monkeypatch.setattr(T, "step_noise", noise)
+    monkeypatch.setattr(trainer_module, "step_noise", noise)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(reference: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -220,7 +222,7 @@ def test_skip_nonfinite_skips_the_update(tmp_path: Path, monkeypatch, capsys) ->
 
 def test_lr_overflow_is_reported(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), *ARGS, "--lr", "1e30", "--epochs", "1"]) == 1
+    assert main(["train", "--out", str(out), *ARGS, "--lr", "1e30", "--epochs", "1"]) == 1  # failed while working
     assert "non-finite" in capsys.readouterr().err
     assert not (out / "last.safetensors").exists()
 
@@ -246,7 +248,7 @@ def test_pickle_checkpoint_is_never_executed(reference: Path, tmp_path: Path, ca
             load_checkpoint(out / "last.safetensors")
         with pytest.raises(CheckpointError):
             load_model(out / "last.safetensors")
-        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 1
+        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "last.safetensors" in err and ("not a safetensors file" in err or "not an avme checkpoint" in err), name
         assert not marker.exists(), f"a {name} payload was executed"
@@ -258,7 +260,7 @@ def test_truncated_checkpoint_is_refused_and_kept(reference: Path, tmp_path: Pat
     data = (out / "last.safetensors").read_bytes()
     for size in (4, 100, len(data) // 2, len(data) - 1):
         (out / "last.safetensors").write_bytes(data[:size])
-        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 1
+        assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "last.safetensors" in err and ("truncated" in err or "corrupt" in err or "not a safetensors" in err)
         assert (out / "last.safetensors").read_bytes() == data[:size]  # the user's file is left as it was
@@ -268,7 +270,7 @@ def test_checkpoint_of_another_config_is_refused(reference: Path, tmp_path: Path
     # resuming with another model size names both configs
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    assert main(["train", "--out", str(out), "--resume", "--enc-hidden", "16"]) == 1
+    assert main(["train", "--out", str(out), "--resume", "--enc-hidden", "16"]) == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "enc_hidden=32" in err and "enc_hidden=16" in err
     # a run directory whose checkpoint comes from another run
@@ -277,7 +279,7 @@ def test_checkpoint_of_another_config_is_refused(reference: Path, tmp_path: Path
                  "--steps", "3", "--epochs", "1", "--train-subset", "100", "--valid-subset", "0",
                  "--no-progress"]) == 0
     shutil.copy(reference / "last.safetensors", other / "last.safetensors")
-    assert main(["train", "--out", str(other), "--resume", "--no-progress"]) == 1
+    assert main(["train", "--out", str(other), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "enc_hidden=16" in err and "enc_hidden=32" in err and "mixes two runs" in err
 
@@ -286,10 +288,10 @@ def test_corrupt_data_file_is_reported(tmp_path: Path, capsys) -> None:
     root, out = tmp_path / "data", tmp_path / "run"
     root.mkdir()
     np.savez(root / "binarized_mnist.npz", x_train=np.full((10, 98), 255, np.uint8))  # no y_train
-    assert main(["train", "--out", str(out), "--data-root", str(root), *ARGS]) == 1
+    assert main(["train", "--out", str(out), "--data-root", str(root), *ARGS]) == 2
     assert "missing keys" in capsys.readouterr().err
     (root / "binarized_mnist.npz").write_bytes(b"PK\x03\x04 truncated zip")
-    assert main(["train", "--out", str(out), "--data-root", str(root), *ARGS]) == 1
+    assert main(["train", "--out", str(out), "--data-root", str(root), *ARGS]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
     assert not (out / "config.json").exists()  # nothing written for a run that could not start
 
@@ -299,8 +301,9 @@ def test_bad_inputs_to_public_functions(tmp_path: Path) -> None:
     from avme_ext.config import AVMEConfig
     from avme_ext.distributed import DistInfo
 
-    trainer = T.Trainer(cfg, AVMEConfig(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2), tmp_path, DistInfo(),
-                        torch.device("cpu"))
+    cpu = torch.device("cpu")
+    small = AVMEConfig(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2)
+    trainer = T.Trainer(T.build_setup(cfg, small, DistInfo(), cpu), tmp_path)
     x, _, eps, size = trainer._batch(T.epoch_permutation(100, 0, 0), 0, 0)
     with pytest.raises(ValueError, match="binary|NaN"):
         trainer.train_step(x * float("nan"), None, eps, size, 1.0)
@@ -310,12 +313,10 @@ def test_bad_inputs_to_public_functions(tmp_path: Path) -> None:
         trainer.train_step(x, None, eps.double(), size, 1.0)
     with pytest.raises(ValueError, match="unconditional"):
         trainer.train_step(x, torch.zeros(size, dtype=torch.int64), eps, size, 1.0)
-    conditional = T.Trainer(cfg, AVMEConfig(num_classes=10, enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2),
-                            tmp_path, DistInfo(), torch.device("cpu"))
+    conditional = T.Trainer(T.build_setup(cfg, dataclasses.replace(small, num_classes=10), DistInfo(), cpu), tmp_path)
     x, y, eps, size = conditional._batch(T.epoch_permutation(100, 0, 0), 0, 0)
     with pytest.raises(ValueError, match="labels in"):
         conditional.train_step(x, y + 10, eps, size, 1.0)
     with pytest.raises(T.TrainError, match="out of range"):
-        T.Trainer(cfg, AVMEConfig(num_classes=5, enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2), tmp_path,
-                  DistInfo(), torch.device("cpu"))
+        T.build_setup(cfg, dataclasses.replace(small, num_classes=5), DistInfo(), cpu)
     assert not any(tmp_path.iterdir())  # constructing trainers writes nothing

@@ -1,4 +1,4 @@
-"""Tests of ``avme train`` (avme_ext.train and avme_ext.cli.train) on CPU with a tiny model."""
+"""Tests of ``avme train`` (avme_ext.training and avme_ext.cli.train) on CPU with a tiny model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avme_ext import train as T
+from avme_ext import training as T
 from avme_ext.checkpoint import load_checkpoint, load_model
 from avme_ext.cli import main
 from avme_ext.config import AVMEConfig
 from avme_ext.distributed import DistInfo
+from avme_ext.seeds import derive_seed
 
 TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4",
         "--train-subset", "2000", "--valid-subset", "500", "--no-progress", "--log-every", "5",
@@ -105,6 +106,11 @@ def test_metrics_schema_and_progress(reference: Path) -> None:
 def test_resume_is_bit_identical(reference: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert train_cli(out, "--epochs", "1") == 0
+    err = capsys.readouterr().err
+    # what the run costs: the plan up front, one measured estimate, the summary (singular "1 epoch")
+    assert "20 steps per epoch, 20 steps to go (1 epoch) on cpu" in err
+    assert err.count("ms per step on cpu: about ") == 1 and "for the 20 steps to go" in err
+    assert "done: 1 epoch, 20 steps in " in err and "(1 process on cpu)" in err
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().err
     assert_same_tensors(reference / "last.safetensors", out / "last.safetensors")  # weights + Adam state
@@ -149,9 +155,13 @@ def test_refuses_to_overwrite_a_run(reference: Path, tmp_path: Path, capsys) -> 
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert train_cli(out, "--epochs", "1") == 1
+    assert train_cli(out, "--epochs", "1") == 2
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite of a run that then cannot start (a subset larger than the split) keeps the old run
+    assert train_cli(out, "--epochs", "1", "--overwrite", "--train-subset", "60000") == 2
+    assert "--train-subset 60000 is larger than" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (out / "notes.txt").write_text("mine")
     assert train_cli(out, "--epochs", "1", "--overwrite") == 0
@@ -171,10 +181,10 @@ def test_resume_without_checkpoint_starts_a_new_run(tmp_path: Path, capsys) -> N
 def test_resume_refuses_changed_settings(reference: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--lr", "0.01"]) == 1
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "lr: 0.001 (checkpoint) vs 0.01 (this command)" in err
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--steps", "6"]) == 1
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--steps", "6"]) == 2
     err = capsys.readouterr().err
     assert "steps=4" in err and "steps=6" in err  # both configs named
 
@@ -188,8 +198,21 @@ def test_help_explains_every_option(capsys) -> None:
                    "--num-classes", "--conditional", "--enc-hidden", "--dec-hidden", "--latent-dim", "--steps",
                    "--encoder-input", "--dataset", "--data-root", "--download", "--train-subset", "--valid-subset",
                    "--kl-warmup-steps", "--out", "--tensorboard", "--no-tensorboard", "--resume", "--checkpoint-every",
-                   "--log-every", "--skip-nonfinite", "--overwrite", "examples:", "torchrun"):
+                   "--log-every", "--skip-nonfinite", "--overwrite", "--graph", "examples:", "torchrun"):
         assert option in text, option
+    flat = " ".join(text.split())
+    # one style of defaults, never stated twice, and --data-root described as in the other commands
+    assert "(default " not in flat and "(default: 50)" in flat and "(default: auto)" in flat
+    options = " ".join(text.split("\noptions:")[1].split("\nexamples:")[0].split())
+    entries = [entry for entry in options.split(" --") if entry]
+    assert len(entries) > 30
+    assert all(entry.count("(default:") <= 1 for entry in entries), [e for e in entries if e.count("(default:") > 1]
+    from avme_ext.cli._common import DATA_ROOT_HELP
+
+    assert " ".join(DATA_ROOT_HELP.split()) in flat
+    # the quick example can be run twice (a fixed --out without --overwrite would be refused the second time)
+    quick = [line for line in text.splitlines() if "runs/quick" in line]
+    assert quick and all("--overwrite" in line for line in quick)
 
 
 def test_pure_functions() -> None:
@@ -201,24 +224,29 @@ def test_pure_functions() -> None:
     a, b = T.epoch_permutation(50, 3, 1), T.epoch_permutation(50, 3, 1)
     assert torch.equal(a, b) and not torch.equal(a, T.epoch_permutation(50, 3, 2))
     assert sorted(a.tolist()) == list(range(50))
-    assert T.derive_seed(0, "noise", 1) != T.derive_seed(0, "noise", 2)
+    # the training streams' seeds never change (a checkpoint resumes with the same noise in any version)
+    assert derive_seed("avme-train", 0, "noise", 1) == 2070960897098411645
+    assert derive_seed("avme-train", 0, "epoch", 0) == 8417313910559108253
+    assert derive_seed("avme-train", 0, "noise", 1) != derive_seed("avme-train", 0, "noise", 2)
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"lr \(--lr\) must be a finite number > 0, got nan"):
         T.TrainConfig(lr=float("nan"))
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be an integer >= 1, got 0"):
         T.TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"graph \(--graph\) must be one of"):
+        T.TrainConfig(graph="yes")
     with pytest.raises(ValueError, match="unknown training options"):
         T.resolve_configs({"learning_rate": 1.0})
     with pytest.raises(T.TrainError, match="divisible"):
-        T.Trainer(T.TrainConfig(batch_size=100), AVMEConfig(), Path("unused"), DistInfo(0, 3, 0), torch.device("cpu"))
+        T.build_setup(T.TrainConfig(batch_size=100), AVMEConfig(), DistInfo(0, 3, 0), torch.device("cpu"))
 
 
 def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
     small = ["--train-subset", "200", "--valid-subset", "0", "--epochs", "1"]
     if not T.tensorboard_available():
-        assert train_cli(tmp_path / "a", *small, "--tensorboard") == 1
+        assert train_cli(tmp_path / "a", *small, "--tensorboard") == 2
         assert "pip install tensorboard" in capsys.readouterr().err
         assert train_cli(tmp_path / "b", *small) == 0  # the default: on only when importable
         assert not (tmp_path / "b" / "tensorboard").exists()

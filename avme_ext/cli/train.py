@@ -1,18 +1,28 @@
-"""``avme train``: train an AVME model with Adam; checkpoints, metrics, exact resume, DDP under torchrun."""
+"""``avme train``: train an AVME model with Adam; checkpoints, metrics, exact resume, DDP under torchrun.
+
+Errors are raised, never printed here: TrainError (exit status 2, NonFiniteError 1), OptionError
+(a ValueError, 2), CheckpointError, DataFormatError, FileNotFoundError, with messages in terms of
+the command's options; the ``avme`` wrapper (``cli._common.run_subcommand``) reports them as one
+line, and Ctrl-C while the run starts as one line with exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from ..checkpoint import CheckpointError
 from ..config import AVMEConfig
-from ..core import IMPLS
-from ..data import DATASETS, DataFormatError
-from ..ops import PRECISIONS
 from ..loop_types import ENCODER_INPUTS
-from ..train import MODEL_FIELDS, TrainConfig, TrainError
+from ..training.config import GRAPH_MODES, MODEL_FIELDS, TrainConfig
+from ._common import (
+    EXIT_STATUS_HELP,
+    RawDefaultsFormatter,
+    add_data_arguments,
+    add_device_arguments,
+    add_switch,
+    nonnegative_int,
+    positive_int,
+)
 
 __all__ = ["register", "run", "given_options"]
 
@@ -43,8 +53,15 @@ from the first launch.
 
 Batches: the global batch i of an epoch is positions [i*B, (i+1)*B) of the epoch's permutation;
 the final partial batch is kept (with N processes, unless it has fewer than N examples). At the
-end the run prints the seconds per epoch (training and validation), also logged in the "epoch"
-records.
+start the run prints its steps per epoch and, after its first few steps, the measured time per
+epoch and for the whole run on the device it found; at the end, the seconds per epoch (training
+and validation), also logged in the "epoch" records.
+
+Speed on a GPU: with --graph auto (the default) a single-process run on CUDA records each training
+step (forward, loss, backward, gradient clipping, Adam) in CUDA graphs once and replays them, with
+no per-kernel launch cost; the last, smaller batch of an epoch runs eagerly. Several runs can share
+one GPU: start one 'avme train' process per run (each with its own --out, and --device cuda:N to
+choose the GPU); nothing in a run locks the device.
 
 Signals: SIGINT (Ctrl-C) or SIGTERM save a checkpoint at the next step boundary and exit with
 code 130 or 143; a second signal stops at once. A non-finite loss or gradient norm stops the run
@@ -55,91 +72,112 @@ Distributed: launch with torchrun; --batch-size is the global batch, split over 
 (it must be divisible by their number). NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on
 CPUs. Each example gets the same data and noise whatever the number of processes, so N processes
 train like one process with the same --batch-size (to float tolerance). Only rank 0 writes files.
+Steps under torchrun run eagerly (--graph on is refused there).
 """
 
 EPILOG = """\
 examples:
   avme train --out runs/mnist                       # 50 epochs on binarized MNIST (vendored)
-  avme train --out runs/quick --epochs 1 --train-subset 2000 --valid-subset 500 \\
-      --enc-hidden 64 --dec-hidden 64 --latent-dim 16 --steps 4
+  avme train --out runs/quick --overwrite --epochs 1 --train-subset 2000 --valid-subset 500 \\
+      --enc-hidden 64 --dec-hidden 64 --latent-dim 16 --steps 4   # a first look; --overwrite: rerun at will
   avme train --out runs/mnist --resume --epochs 80   # continue (and extend) a run
   avme train --out runs/cond --conditional --kl-warmup-steps 5000 --checkpoint-every 200
+  avme train --out runs/gpu1 --device cuda:1         # one of several runs sharing the GPUs
   torchrun --nproc_per_node=4 -m avme_ext train --out runs/ddp --batch-size 400
   torchrun --nnodes=2 --nproc_per_node=8 --max-restarts 3 --rdzv-backend=c10d \\
       --rdzv-endpoint=HOST:29500 -m avme_ext train --out /shared/runs/big --resume
-"""
+
+""" + EXIT_STATUS_HELP
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
-    """Every option defaults to None: None means "not given" (defaults, or the checkpoint's on --resume)."""
+def _default(value: object) -> str:
+    """The ``(default: X)`` of a help text: every option defaults to None ("not given"), so the
+    formatter cannot show the value that applies."""
+    return f"(default: {value})"
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run directory")
     run.add_argument("--out", metavar="DIR", default=None,
-                     help="run directory (default: runs/<--name or a timestamp>); an existing run is only "
-                          "continued with --resume or replaced with --overwrite")
+                     help="run directory; an existing run is only continued with --resume or replaced with "
+                          "--overwrite " + _default("runs/NAME with --name, else a new runs/<timestamp>"))
     run.add_argument("--name", default=None, help="name of the default run directory runs/NAME")
     run.add_argument("--resume", action="store_true",
                      help="continue DIR/last.safetensors exactly (a new run, with a notice, if there is none yet)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run files (config, metrics, checkpoints, tensorboard) of an existing DIR")
-    run.add_argument("--checkpoint-every", type=int, metavar="N", default=None,
-                     help="also write DIR/last.safetensors every N optimizer steps (mid-epoch; default 0: "
-                          "only at epoch ends)")
-    run.add_argument("--log-every", type=int, metavar="N", default=None,
-                     help=f"write a 'train' record averaged over the last N steps (and at epoch end) "
-                          f"(default {_T.log_every})")
-    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                     help="write TensorBoard events to DIR/tensorboard (default: when torch.utils.tensorboard "
-                          "is importable; --tensorboard fails if it is not)")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="show a tqdm progress bar with the running loss (default: on)")
+    run.add_argument("--checkpoint-every", type=nonnegative_int, metavar="N", default=None,
+                     help="also write DIR/last.safetensors every N optimizer steps, mid-epoch; 0: only at epoch "
+                          "ends " + _default(_T.checkpoint_every))
+    run.add_argument("--log-every", type=positive_int, metavar="N", default=None,
+                     help="write a 'train' record averaged over the last N steps (and at epoch end) "
+                          + _default(_T.log_every))
+    add_switch(run, "--tensorboard", default=None,
+               help="write TensorBoard events to DIR/tensorboard; --tensorboard fails if torch.utils.tensorboard "
+                    "cannot be imported " + _default("on when it can"))
+    add_switch(run, "--progress", default=None, help="show a tqdm progress bar with the running loss " + _default("on"))
 
+
+def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {_T.epochs})")
-    optim.add_argument("--batch-size", type=int, default=None,
-                       help=f"GLOBAL batch size, split across torchrun processes (default {_T.batch_size})")
-    optim.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {_T.lr:g})")
+    optim.add_argument("--epochs", type=positive_int, default=None, help="total epochs " + _default(_T.epochs))
+    optim.add_argument("--batch-size", type=positive_int, default=None,
+                       help="GLOBAL batch size, split across torchrun processes " + _default(_T.batch_size))
+    optim.add_argument("--lr", type=float, default=None, help="Adam learning rate " + _default(f"{_T.lr:g}"))
     optim.add_argument("--clip-grad", type=float, metavar="NORM", default=None,
-                       help=f"clip the global gradient norm to NORM; 0 disables (default {_T.clip_grad:g})")
-    optim.add_argument("--kl-warmup-steps", type=int, metavar="N", default=None,
-                       help="KL weight rises linearly from 0 to 1 over the first N steps (default 0: always 1)")
-    optim.add_argument("--seed", type=int, default=None,
-                       help=f"seed of the initialisation, data order, noise and subsets (default {_T.seed})")
+                       help="clip the global gradient norm to NORM; 0 disables " + _default(f"{_T.clip_grad:g}"))
+    optim.add_argument("--kl-warmup-steps", type=nonnegative_int, metavar="N", default=None,
+                       help="KL weight rises linearly from 0 to 1 over the first N steps; 0: always 1 "
+                            + _default(_T.kl_warmup_steps))
+    optim.add_argument("--seed", type=nonnegative_int, default=None,
+                       help="seed of the initialisation, data order, noise and subsets " + _default(_T.seed))
     optim.add_argument("--skip-nonfinite", action="store_const", const=True, default=None,
                        help="skip (and count) updates with a non-finite loss or gradient instead of stopping")
 
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--num-classes", type=int, choices=(0, 10), default=None,
-                       help="10: conditional on the digit label; 0: unconditional (default)")
+                       help="10: conditional on the digit label; 0: unconditional " + _default(_M.num_classes))
     model.add_argument("--conditional", dest="num_classes", action="store_const", const=10,
                        help="same as --num-classes 10")
-    model.add_argument("--enc-hidden", type=int, default=None, help=f"encoder LSTM units (default {_M.enc_hidden})")
-    model.add_argument("--dec-hidden", type=int, default=None, help=f"decoder LSTM units (default {_M.dec_hidden})")
-    model.add_argument("--latent-dim", type=int, default=None, help=f"latent size per step (default {_M.latent_dim})")
-    model.add_argument("--steps", type=int, default=None, help=f"drawing steps K (default {_M.steps})")
+    for option, what, default in (("--enc-hidden", "encoder LSTM units", _M.enc_hidden),
+                                  ("--dec-hidden", "decoder LSTM units", _M.dec_hidden),
+                                  ("--latent-dim", "latent size per step", _M.latent_dim),
+                                  ("--steps", "drawing steps K", _M.steps)):
+        model.add_argument(option, type=positive_int, default=None, help=f"{what} " + _default(default))
     model.add_argument("--encoder-input", choices=ENCODER_INPUTS, default=None,
-                       help="what the encoder reads besides x: the canvas (paper, default) or DRAW's error image")
+                       help="what the encoder reads besides x: the canvas (the paper's) or DRAW's error image "
+                            + _default(_M.encoder_input))
 
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=None, help=f"data set (default {_T.dataset}, vendored)")
-    data.add_argument("--data-root", metavar="DIR", default=None,
-                      help="where the data files are (default: vendored copy / $AVME_DATA_ROOT or ~/.cache/avme_data)")
-    data.add_argument("--download", action="store_const", const=True, default=None,
-                      help="download missing data files")
-    data.add_argument("--train-subset", type=int, metavar="N", default=None,
-                      help="train on a random subset of N training images (quick runs)")
-    data.add_argument("--valid-subset", type=int, metavar="N", default=None,
+    add_data_arguments(data, given_only=True)
+    data.add_argument("--train-subset", type=positive_int, metavar="N", default=None,
+                      help="train on a random subset of N training images (quick runs) " + _default("all"))
+    data.add_argument("--valid-subset", type=nonnegative_int, metavar="N", default=None,
                       help="validate on a random subset of N validation images; 0 disables validation "
-                           "(default: all)")
-    data.add_argument("--valid-batch-size", type=int, metavar="N", default=None,
-                      help=f"images per validation chunk (default {_T.valid_batch_size})")
+                           + _default("all"))
+    data.add_argument("--valid-batch-size", type=positive_int, metavar="N", default=None,
+                      help="images per validation chunk " + _default(_T.valid_batch_size))
 
+
+def _add_hardware_options(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
-    hw.add_argument("--device", default=None,
-                    help="auto (CUDA when present, default), cpu, cuda; under torchrun CUDA means cuda:LOCAL_RANK")
-    hw.add_argument("--impl", choices=IMPLS, default=None,
-                    help="auto (fused CUDA ops when built, default), cuda (fused, error if unavailable), ref")
-    hw.add_argument("--precision", choices=PRECISIONS, default=None,
-                    help="matrix-product precision of the fused ops (default fp32)")
+    add_device_arguments(hw, given_only=True)
+    hw.add_argument("--graph", choices=GRAPH_MODES, default=None,
+                    help="record the training step in CUDA graphs and replay it: auto (on CUDA in a single "
+                         "process), on (an error elsewhere), off " + _default(_T.graph))
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """Every option defaults to None: None means "not given" (defaults, or the checkpoint's on --resume)."""
+    _add_run_options(parser)
+    _add_optimisation_options(parser)
+    _add_model_options(parser)
+    _add_data_options(parser)
+    _add_hardware_options(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -149,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a model (checkpoints, metrics, --resume, torchrun)",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsFormatter,
     )
     _add_options(parser)
     parser.set_defaults(func=run)
@@ -165,18 +203,7 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``avme train``; returns the exit code (errors are printed, exit code 1)."""
-    from .. import distributed
-    from ..train import train
+    """Run ``avme train``; returns the exit code (0, or 130/143 after a signal). Errors are raised."""
+    from ..training import train
 
-    try:
-        return train(given_options(args), out=args.out, name=args.name, resume=args.resume,
-                     overwrite=args.overwrite)
-    except (TrainError, CheckpointError, DataFormatError, FileNotFoundError, ValueError) as error:
-        try:
-            info = distributed.detect()
-            prefix = f"[rank {info.rank}] " if info.distributed else ""
-        except RuntimeError:
-            prefix = ""
-        print(f"{prefix}avme train: error: {error}", file=sys.stderr, flush=True)
-        return 1
+    return train(given_options(args), out=args.out, name=args.name, resume=args.resume, overwrite=args.overwrite)
