@@ -13,7 +13,7 @@ from ._checks import check_positive_int, check_tensor, check_values
 from .config import AVMEConfig
 from .core import AVMECore
 
-__all__ = ["AVME", "ELBOTerms", "gaussian_kl", "log_weights"]
+__all__ = ["AVME", "ELBOTerms", "elbo_terms", "gaussian_kl", "log_weights"]
 
 _DEFAULTS = AVMEConfig()
 
@@ -50,6 +50,31 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 def reconstruction_nll(canvas: Tensor, x: Tensor) -> Tensor:
     """-log Bernoulli(x; sigmoid(canvas)) summed over pixels: (B, D), (B, D) -> (B,)."""
     return F.binary_cross_entropy_with_logits(canvas, x, reduction="none").sum(dim=1)
+
+
+def elbo_terms(
+    core: AVMECore,
+    x: Tensor,
+    y_vec: Tensor | None,
+    eps: Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+) -> ELBOTerms:
+    """Per-image negative-ELBO terms of inputs already checked, with no host synchronisation.
+
+    What :meth:`AVME.forward` computes after validating its inputs; capturable in a CUDA graph.
+
+    Args:
+        core: the model's loop.
+        x: (B, D) binary images in the parameters' dtype and device.
+        y_vec: (B, C) one-hot labels, or None for an unconditional model.
+        eps: (K, B, Z) noise, or None to draw it from ``generator``.
+
+    Returns:
+        :class:`ELBOTerms`: reconstruction (B,) and kl (B, K).
+    """
+    out = core(x, y_vec, eps, generator=generator)
+    return ELBOTerms(reconstruction_nll(out.canvas, x), gaussian_kl(out.mu, out.logvar).transpose(0, 1))
 
 
 def log_weights(canvas: Tensor, x: Tensor, eps: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -201,8 +226,7 @@ class AVME(nn.Module):
         """
         x = self.check_images(x)
         y_vec = self.encode_labels(y, x.shape[0])
-        out = self.core(x, y_vec, eps, generator=generator)
-        return ELBOTerms(reconstruction_nll(out.canvas, x), gaussian_kl(out.mu, out.logvar).transpose(0, 1))
+        return elbo_terms(self.core, x, y_vec, eps, generator=generator)
 
     def loss(
         self,

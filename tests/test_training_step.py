@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from avme_ext.checkpoint import load_checkpoint, save_checkpoint
 from avme_ext.config import AVMEConfig
 from avme_ext.distributed import DistInfo
-from avme_ext.model import AVME
+from avme_ext.model import AVME, elbo_terms
 from avme_ext.training import OptionError, TrainConfig, Trainer, build_setup, make_adam
 from avme_ext.training.step import (
     EagerRecorder,
     EagerStep,
     GraphedStep,
     ParameterSnapshot,
-    elbo_terms,
     gradient_pass,
     update_pass,
     use_cuda_graphs,

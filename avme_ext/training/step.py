@@ -21,7 +21,7 @@ Two implementations with one interface (:class:`TrainStep`), chosen by ``--graph
   of the trajectory.
 
 Both run the same functions, :func:`gradient_pass` and :func:`update_pass`; the graphed step
-runs them with the sync-free :func:`elbo_terms` forward (inputs are checked when the data is
+runs them with the sync-free :func:`avme_ext.model.elbo_terms` forward (inputs are checked when the data is
 loaded, not per step).
 """
 
@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
-from ..core import AVMECore
 from ..distributed import DistInfo
-from ..model import AVME, ELBOTerms, gaussian_kl, reconstruction_nll
+from ..model import AVME, ELBOTerms, elbo_terms
 from .config import GRAPH_MODES
 from .errors import OptionError
 
@@ -128,24 +127,6 @@ class TrainStep(Protocol):
 
 
 # --------------------------------------------------------------------------- the step body
-
-
-def elbo_terms(core: AVMECore, x: Tensor, y: Tensor | None, eps: Tensor) -> ELBOTerms:
-    """Per-image negative-ELBO terms without any host synchronisation (capturable in a CUDA graph).
-
-    Unlike :meth:`AVME.forward` it does not check the values of ``x`` and takes ``y`` one-hot.
-
-    Args:
-        core: the model's loop.
-        x: (B, D) binary images in the parameters' dtype.
-        y: (B, C) one-hot labels, or None for an unconditional model.
-        eps: (K, B, Z) noise.
-
-    Returns:
-        :class:`ELBOTerms`: reconstruction (B,) and kl (B, K), as :meth:`AVME.forward` computes them.
-    """
-    out = core(x, y, eps)
-    return ELBOTerms(reconstruction_nll(out.canvas, x), gaussian_kl(out.mu, out.logvar).transpose(0, 1))
 
 
 def gradient_pass(forward: Forward, parameters: list[nn.Parameter], x: Tensor, y: Tensor | None, eps: Tensor,
