@@ -4,20 +4,24 @@ The compiled extension ``avme_ext._C`` (csrc/) registers three ops:
 
 - ``avme::forward``: the training forward (all K steps in one kernel launch); returns the
   outputs and, when ``save_for_backward``, the per-step state the backward needs.
-- ``avme::backward``: backward through time (one launch) plus the weight gradients as
-  large matmuls over all K*B rows.
+- ``avme::backward``: backward through time (one launch) plus the gradients of the weights
+  and, on request (``need_grad_x``/``need_grad_y``/``need_grad_eps``), of ``x``, ``y`` and
+  ``eps``, as large matmuls over all K*B rows.
 - ``avme::sample``: the decoder-only sampler (one launch).
 
-This module registers their autograd formula (``forward`` -> ``backward``) and their fake
-(meta) kernels, so the ops work under ``torch.compile(fullgraph=True)``. Gradients flow to
-every parameter and to ``x``; none to ``y`` or ``eps`` (they are treated as constants: the
-backward returns None for them). Double backward is not supported, nor is backward through
-``avme::sample``.
+Each op checks every argument (device, dtype, shape, contiguity, options) before it touches
+any data, and raises a RuntimeError naming the argument and what was expected.
+
+This module registers their autograd formulas and their fake (meta) kernels, so the ops work
+under ``torch.compile(fullgraph=True)``. Gradients flow to every parameter and to ``x``,
+``y`` and ``eps``, as through the reference. Double backward (a second derivative through
+``avme::backward``, e.g. ``create_graph=True`` then another ``grad``) raises a clear error,
+as does backward through ``avme::sample``; use the reference for those.
 
 ``precision`` ("fp32", "tf32", "bf16") selects the cuBLAS mode of the step-invariant input
-products and of the weight-gradient matmuls; the step kernels themselves compute in the
-tensor dtype (float32 or float64) without tensor cores. "fp32" turns TF32 off for these
-products whatever the global setting is. With float64 tensors the precision is ignored.
+products and of the gradient matmuls; the step kernels themselves compute in the tensor
+dtype (float32 or float64) without tensor cores. "fp32" turns TF32 off for these products
+whatever the global setting is. With float64 tensors the precision is ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from .loop_types import ENCODER_INPUTS, AVMEParams, ForwardOutput, SampleOutput
+from .loop_types import (
+    ENCODER_INPUTS,
+    PRECISIONS,
+    AVMEParams,
+    ForwardOutput,
+    SampleOutput,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -37,8 +47,6 @@ __all__ = [
     "fused_forward",
     "fused_sample",
 ]
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 _IMPORT_ERROR: str | None = None
 if importlib.util.find_spec(f"{__package__}._C") is None:  # a pure-Python install
@@ -115,7 +123,8 @@ def fused_forward(
 ) -> ForwardOutput:
     """Fused training forward; same contract as :func:`avme_ext.reference.avme_forward_reference`.
 
-    Differentiable w.r.t. ``x`` and every parameter (not ``y``, ``eps``). The per-step state
+    Differentiable w.r.t. ``x``, ``y``, ``eps`` and every parameter (once: no double
+    backward). The per-step state
     for the backward is kept only when grad mode is on and some input requires grad, so
     inference (``torch.no_grad()``, e.g. IWAE with a huge batch) stores no K-step state.
     """
@@ -198,11 +207,15 @@ def _forward_fake(
 def _backward_fake(
     grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases,
     h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
-    enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w, encoder_input, need_grad_x, precision,
+    enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
+    encoder_input, need_grad_x, need_grad_y, need_grad_eps, precision,
 ):  # fmt: skip
-    batch = x.shape[0] if need_grad_x else 0
+    steps, batch, latent = eps.shape
+    classes = dec_w_ih.shape[1] - latent
     return (
-        x.new_empty((batch, x.shape[1])),
+        x.new_empty((batch if need_grad_x else 0, x.shape[1])),
+        x.new_empty((batch if need_grad_y else 0, classes)),
+        x.new_empty((steps if need_grad_eps else 0, batch, latent)),
         enc_w_ih.new_empty(enc_w_ih.shape),
         enc_w_hh.new_empty(enc_w_hh.shape),
         enc_w_hh.new_empty((enc_w_hh.shape[0],)),
@@ -251,16 +264,38 @@ def _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases)
         x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
         enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
     ) = ctx.saved_tensors  # fmt: skip
-    need_x = bool(ctx.needs_input_grad[0])
+    need_x, need_y, need_eps = (bool(n) for n in ctx.needs_input_grad[:3])
+    need_y = need_y and y is not None
     grads = ns.backward(
         _grad(grad_canvas), _grad(grad_mu), _grad(grad_logvar), _grad(grad_canvases),
         x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
         enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
-        ctx.encoder_input, need_x, ctx.precision,
+        ctx.encoder_input, need_x, need_y, need_eps, ctx.precision,
     )  # fmt: skip
-    grad_x = grads[0] if need_x else None
+    grad_x, grad_y, grad_eps, *grad_weights = grads
     # Inputs: x, y, eps, 10 weights/biases, encoder_input, return_canvases, save, precision.
-    return (grad_x, None, None, *grads[1:], None, None, None, None)
+    return (
+        grad_x if need_x else None,
+        grad_y if need_y else None,
+        grad_eps if need_eps else None,
+        *grad_weights,
+        None, None, None, None,
+    )  # fmt: skip
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "double backward through the fused AVME ops is not supported; use AVMECore(impl='ref') "
+    "(the reference implementation) for higher-order gradients"
+)
+
+
+def _backward_backward(ctx, *grads):
+    """Autograd formula of ``avme::backward``: refuse to differentiate it (double backward).
+
+    Runs only when the gradients computed with ``create_graph=True`` are differentiated
+    again; the first backward itself is unaffected.
+    """
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 def _sample_setup_context(ctx, inputs, output):
@@ -287,6 +322,7 @@ def _register(namespace: str = "avme") -> None:
     torch.library.register_autograd(
         f"{namespace}::forward", backward, setup_context=_forward_setup_context
     )
+    torch.library.register_autograd(f"{namespace}::backward", _backward_backward)
     torch.library.register_autograd(
         f"{namespace}::sample", _sample_backward, setup_context=_sample_setup_context
     )

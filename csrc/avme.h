@@ -1,5 +1,5 @@
-// Shared declarations of the avme fused CUDA kernels (csrc/avme_kernels.cu) and the
-// torch ops that launch them (csrc/avme_ops.cpp).
+// Shared declarations of the avme fused CUDA kernels (csrc/rowtile/rowtile_kernels.cu) and the
+// torch ops that launch them (csrc/avme_ops.cpp, which checks every argument before a launch).
 //
 // Layouts (all row-major, contiguous; K steps, B batch rows):
 //   per-step tensors are (K, B, N): element (t, b, n) at (t * B + b) * N + n;

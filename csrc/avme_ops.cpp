@@ -2,25 +2,35 @@
 //
 // The ops are registered with TORCH_LIBRARY (no pybind11): `import avme_ext._C` loads this
 // library (see PyInit__C at the bottom), which runs the registrations. Autograd
-// (forward -> backward) and the fake/meta kernels are registered in Python, in
-// avme_ext/ops.py (torch.library.register_autograd / register_fake).
+// (forward -> backward; backward -> a clear error for double backward) and the fake/meta
+// kernels are registered in Python, in avme_ext/ops.py (torch.library.register_autograd /
+// register_fake).
 //
-// Every tensor argument is checked (device, dtype, shape, contiguity) with a message that
-// names the argument. Supported dtypes: float32 and float64 (all tensors the same dtype).
+// Every op starts with one validation function (validate_forward / validate_backward /
+// validate_sample) that checks every argument before any data pointer is read, any memory is
+// allocated or the device is queried, in this order:
+//   1. the string options (encoder_input, precision) and the flags;
+//   2. every tensor argument: defined, on the device of the first one (a CUDA device; the CPU
+//      in the test-only emulator build), float32 or float64, all the same dtype;
+//   3. ranks, then the sizes (taken from the weights, as nn.LSTMCell / nn.Linear hold them)
+//      and every tensor's full shape against them, then contiguity.
+// Each message names the op, the argument and what was expected. Then the op checks that one
+// batch row's state fits in the device's shared memory, and only then allocates and launches.
 
 #ifndef AVME_CPU_EMULATION
 #include <Python.h>
 #endif
 
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "avme.h"
@@ -42,46 +52,61 @@ namespace {
 
 using at::Tensor;
 
+constexpr const char* kForwardOp = "avme::forward";
+constexpr const char* kBackwardOp = "avme::backward";
+constexpr const char* kSampleOp = "avme::sample";
+
+// ---------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------
 enum class Precision { FP32, TF32, BF16 };
 
-Precision parse_precision(const std::string& s) {
+Precision parse_precision(const char* op, const std::string& s) {
   if (s == "fp32") return Precision::FP32;
   if (s == "tf32") return Precision::TF32;
   if (s == "bf16") return Precision::BF16;
-  TORCH_CHECK(false, "avme: precision must be one of 'fp32', 'tf32', 'bf16', got '", s, "'");
+  TORCH_CHECK(false, op, ": precision must be one of 'fp32', 'tf32', 'bf16', got '", s, "'");
 }
 
-bool parse_error_mode(const std::string& s) {
+bool parse_error_mode(const char* op, const std::string& s) {
   if (s == "canvas") return false;
   if (s == "error") return true;
-  TORCH_CHECK(false, "avme: encoder_input must be 'canvas' or 'error', got '", s, "'");
+  TORCH_CHECK(false, op, ": encoder_input must be 'canvas' or 'error', got '", s, "'");
 }
 
 // Sets the cuBLAS float32 matmul mode for the duration of an op:
 //   fp32: TF32 off (at::NoTF32Guard, thread-local), whatever the global setting is;
 //   tf32: TF32 on (process-global setting, restored on exit; not thread-safe);
 //   bf16: products are computed by mm_p on bfloat16 copies (fp32 accumulate and output).
+// The constructor either completes or throws before changing anything; the destructor never
+// throws (a failure to restore the global setting is reported as a warning).
 class PrecisionGuard {
  public:
   explicit PrecisionGuard(Precision p) {
     if (p == Precision::TF32) {
       auto& ctx = at::globalContext();
-      legacy_ = ctx.float32MatmulPrecision();
-      new_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+      const at::Float32MatmulPrecision legacy = ctx.float32MatmulPrecision();
+      const at::Float32Precision current =
+          ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
       ctx.setAllowTF32CuBLAS(true);
+      legacy_ = legacy;
+      new_ = current;
       restore_ = true;
     } else {
       no_tf32_.emplace();
     }
   }
   ~PrecisionGuard() {
-    if (restore_) {
+    if (!restore_) return;
+    try {
       auto& ctx = at::globalContext();
       const char* name = legacy_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
                          : legacy_ == at::Float32MatmulPrecision::HIGH  ? "high"
                                                                          : "medium";
       ctx.setFloat32MatmulPrecision(name);
       ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, new_);
+    } catch (const std::exception& e) {
+      TORCH_WARN("avme: could not restore the float32 matmul precision after a tf32 op: ", e.what());
     }
   }
   PrecisionGuard(const PrecisionGuard&) = delete;
@@ -108,91 +133,303 @@ Tensor mm_p(const Tensor& a, const Tensor& b, Precision p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Checks.
+// Argument checks
 // ---------------------------------------------------------------------------------------
 #ifdef AVME_CPU_EMULATION
-constexpr bool kNeedCuda = false;
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+constexpr const char* kDeviceWord = "a CPU tensor (the test-only CPU emulation of the kernels)";
 #else
-constexpr bool kNeedCuda = true;
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+constexpr const char* kDeviceWord = "a CUDA tensor";
 #endif
 
-void check_reference(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda() || !kNeedCuda, "avme: ", name, " must be a CUDA tensor, got a tensor on ", x.device(),
-              ". The fused ops run on CUDA only; on the CPU use avme_ext.reference "
-              "(AVMECore(impl='ref')).");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "avme: ", name,
-              " must be float32 or float64, got ", x.scalar_type());
-}
+// Largest size of any model dimension (D, He, Hd, Z, C) and of K: the kernels index within a
+// row in int (e.g. 2*D + Hd + C columns, 4*He gate columns); offsets across rows are int64.
+constexpr int64_t kMaxSize = int64_t(1) << 24;
 
-void check_tensor(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name,
-                  at::IntArrayRef shape) {
-  TORCH_CHECK(t.defined(), "avme: ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda() || !kNeedCuda, "avme: ", name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), "avme: ", name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device(), "; all tensors must be on the same device");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "avme: ", name, " has dtype ", t.scalar_type(),
-              " but ", ref_name, " has dtype ", ref.scalar_type(),
-              "; all tensors must have the same dtype");
-  TORCH_CHECK(t.sizes() == shape, "avme: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "avme: ", name,
-              " must be contiguous (call .contiguous() on it first)");
-}
+bool is_given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-void check_optional(const std::optional<Tensor>& t, const char* name, const Tensor& ref,
-                    const char* ref_name, at::IntArrayRef shape) {
-  if (t.has_value() && t->defined()) check_tensor(*t, name, ref, ref_name, shape);
-}
+// Checks the tensor arguments of one call of `op` against its first tensor argument `ref`.
+// The constructor checks `ref` itself (defined, device type, dtype); the methods never read a
+// tensor's data, only its metadata, and `ndim` must pass before `size` is read.
+class ArgChecker {
+ public:
+  ArgChecker(const char* op, const Tensor& ref, const char* ref_name)
+      : op_(op), ref_(ref), ref_name_(ref_name) {
+    TORCH_CHECK(ref.defined(), op, ": ", ref_name, " is undefined; expected a tensor");
+    TORCH_CHECK(ref.device().type() == kDeviceType, op, ": ", ref_name, " must be ", kDeviceWord,
+                ", got a tensor on ", ref.device(),
+                ". The fused ops run on CUDA only; on the CPU use avme_ext.reference "
+                "(AVMECore(impl='ref')).");
+    TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op, ": ",
+                ref_name, " must be float32 or float64, got ", ref.scalar_type());
+  }
 
-const Tensor* opt_ptr(const std::optional<Tensor>& t) {
-  return (t.has_value() && t->defined()) ? &*t : nullptr;
-}
+  // Defined, on ref's device, with ref's dtype.
+  void same_device_and_dtype(const Tensor& t, const char* name) const {
+    TORCH_CHECK(t.defined(), op_, ": ", name, " is undefined; expected a tensor");
+    TORCH_CHECK(t.device().type() == kDeviceType, op_, ": ", name, " must be ", kDeviceWord,
+                ", got a tensor on ", t.device());
+    TORCH_CHECK(t.device() == ref_.device(), op_, ": ", name, " is on ", t.device(), " but ",
+                ref_name_, " is on ", ref_.device(), "; all tensors must be on the same device");
+    TORCH_CHECK(t.scalar_type() == ref_.scalar_type(), op_, ": ", name, " has dtype ",
+                t.scalar_type(), " but ", ref_name_, " has dtype ", ref_.scalar_type(),
+                "; all tensors must have the same dtype (float32 or float64)");
+  }
+  void same_device_and_dtype(const std::optional<Tensor>& t, const char* name) const {
+    if (is_given(t)) same_device_and_dtype(*t, name);
+  }
 
-int checked_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= 1000000000LL, "avme: ", what, " = ", v, " is out of range");
-  return static_cast<int>(v);
-}
+  void ndim(const Tensor& t, const char* name, int64_t n, const char* layout) const {
+    TORCH_CHECK(t.dim() == n, op_, ": ", name, " must be ", n, "-D ", layout, ", got shape ",
+                t.sizes());
+  }
 
-struct Dims {
-  int64_t B;
-  int K, D, He, Hd, Z, C;
+  // t.size(i) as a model size in [lo, kMaxSize] (`what` names it, e.g. "He").
+  int size(const Tensor& t, const char* name, int64_t i, const char* what, int64_t lo) const {
+    return in_range(t.size(i), what, lo, name, i);
+  }
+  int in_range(int64_t v, const char* what, int64_t lo, const char* name, int64_t i) const {
+    TORCH_CHECK(v >= lo && v <= kMaxSize, op_, ": ", what, " = ", v, " (", name, ".shape[", i,
+                "]) must be in [", lo, ", ", kMaxSize, "]");
+    return static_cast<int>(v);
+  }
+
+  // Exactly this shape, and contiguous.
+  void shape(const Tensor& t, const char* name, const char* layout, at::IntArrayRef expected) const {
+    TORCH_CHECK(t.sizes() == expected, op_, ": ", name, " must have shape ", layout, " = ",
+                expected, ", got ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), op_, ": ", name,
+                " must be contiguous (call .contiguous() on it first)");
+  }
+  void shape(const std::optional<Tensor>& t, const char* name, const char* layout,
+             at::IntArrayRef expected) const {
+    if (is_given(t)) shape(*t, name, layout, expected);
+  }
+
+  const char* op() const { return op_; }
+
+ private:
+  const char* op_;
+  const Tensor& ref_;
+  const char* ref_name_;
 };
 
-// Sizes from the weights (as nn.LSTMCell / nn.Linear hold them), checking their shapes.
-Dims weight_dims(const Tensor& ref, const char* ref_name, const Tensor& dec_w_ih,
-                 const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
-                 const Tensor& write_b, int Z) {
-  TORCH_CHECK(write_w.dim() == 2, "avme: write_w must be 2-D (D, Hd), got shape ", write_w.sizes());
-  TORCH_CHECK(dec_w_hh.dim() == 2, "avme: dec_w_hh must be 2-D (4*Hd, Hd), got shape ",
-              dec_w_hh.sizes());
-  TORCH_CHECK(dec_w_ih.dim() == 2, "avme: dec_w_ih must be 2-D (4*Hd, Z + C), got shape ",
-              dec_w_ih.sizes());
-  Dims d{};
-  d.D = checked_int(write_w.size(0), "D");
-  d.Hd = checked_int(dec_w_hh.size(1), "Hd");
-  d.Z = Z;
-  TORCH_CHECK(d.D > 0 && d.Hd > 0 && d.Z > 0, "avme: D, Hd and Z must be positive");
-  TORCH_CHECK(dec_w_ih.size(1) >= Z, "avme: dec_w_ih must have at least Z = ", Z,
+// Sizes of one call. B rows, K steps; D data, He/Hd encoder/decoder hidden, Z latent, C classes.
+struct Dims {
+  int64_t B = 0;
+  int K = 0, D = 0, He = 0, Hd = 0, Z = 0, C = 0;
+  int64_t enc_in() const { return 2 * int64_t(D) + Hd + C; }  // columns of enc_w_ih
+  int64_t He4() const { return 4 * int64_t(He); }
+  int64_t Hd4() const { return 4 * int64_t(Hd); }
+  int64_t Z2() const { return 2 * int64_t(Z); }
+};
+
+// D, Hd and C from the decoder-side weights (d.Z must be set); checks their ranks first.
+void decoder_dims(const ArgChecker& c, Dims& d, const Tensor& dec_w_ih, const Tensor& dec_w_hh,
+                  const Tensor& write_w) {
+  c.ndim(dec_w_ih, "dec_w_ih", 2, "(4*Hd, Z + C)");
+  c.ndim(dec_w_hh, "dec_w_hh", 2, "(4*Hd, Hd)");
+  c.ndim(write_w, "write_w", 2, "(D, Hd)");
+  d.D = c.size(write_w, "write_w", 0, "D", 1);
+  d.Hd = c.size(dec_w_hh, "dec_w_hh", 1, "Hd", 1);
+  TORCH_CHECK(dec_w_ih.size(1) >= d.Z, c.op(), ": dec_w_ih must have Z + C >= Z = ", d.Z,
               " columns ([z, y]), got shape ", dec_w_ih.sizes());
-  d.C = checked_int(dec_w_ih.size(1) - Z, "C");
-  check_tensor(write_w, "write_w", ref, ref_name, {d.D, d.Hd});
-  check_tensor(write_b, "write_b", ref, ref_name, {d.D});
-  check_tensor(dec_w_hh, "dec_w_hh", ref, ref_name, {4 * int64_t(d.Hd), d.Hd});
-  check_tensor(dec_w_ih, "dec_w_ih", ref, ref_name, {4 * int64_t(d.Hd), int64_t(d.Z) + d.C});
-  check_tensor(dec_b, "dec_b", ref, ref_name, {4 * int64_t(d.Hd)});
-  return d;
+  d.C = c.in_range(dec_w_ih.size(1) - d.Z, "C", 0, "dec_w_ih", 1);
 }
 
-void check_y(const std::optional<Tensor>& y, const Dims& d, const Tensor& ref, const char* ref_name) {
+// He and Z from the encoder-side weights; checks their ranks first.
+void encoder_dims(const ArgChecker& c, Dims& d, const Tensor& enc_w_ih, const Tensor& enc_w_hh,
+                  const Tensor& q_w) {
+  c.ndim(enc_w_ih, "enc_w_ih", 2, "(4*He, 2*D + Hd + C)");
+  c.ndim(enc_w_hh, "enc_w_hh", 2, "(4*He, He)");
+  c.ndim(q_w, "q_w", 2, "(2*Z, He)");
+  d.He = c.size(enc_w_hh, "enc_w_hh", 1, "He", 1);
+  TORCH_CHECK(q_w.size(0) % 2 == 0, c.op(), ": q_w must have 2*Z rows ([mu; logvar]), got shape ",
+              q_w.sizes());
+  d.Z = c.in_range(q_w.size(0) / 2, "Z", 1, "q_w", 0);
+}
+
+void check_decoder_shapes(const ArgChecker& c, const Dims& d, const Tensor& dec_w_ih,
+                          const Tensor& dec_w_hh, const Tensor& write_w) {
+  c.shape(dec_w_ih, "dec_w_ih", "(4*Hd, Z + C)", {d.Hd4(), int64_t(d.Z) + d.C});
+  c.shape(dec_w_hh, "dec_w_hh", "(4*Hd, Hd)", {d.Hd4(), d.Hd});
+  c.shape(write_w, "write_w", "(D, Hd)", {d.D, d.Hd});
+}
+
+void check_encoder_shapes(const ArgChecker& c, const Dims& d, const Tensor& enc_w_ih,
+                          const Tensor& enc_w_hh, const Tensor& q_w) {
+  c.shape(enc_w_ih, "enc_w_ih", "(4*He, 2*D + Hd + C)", {d.He4(), d.enc_in()});
+  c.shape(enc_w_hh, "enc_w_hh", "(4*He, He)", {d.He4(), d.He});
+  c.shape(q_w, "q_w", "(2*Z, He)", {d.Z2(), d.He});
+}
+
+// y is given exactly when the model is conditional (C > 0), with shape (B, C).
+void check_y(const ArgChecker& c, const std::optional<Tensor>& y, const Dims& d) {
   if (d.C == 0) {
-    TORCH_CHECK(!(y.has_value() && y->defined()),
-                "avme: y must be None for an unconditional model (dec_w_ih has Z columns)");
+    TORCH_CHECK(!is_given(y), c.op(), ": y must be None for an unconditional model "
+                "(dec_w_ih has Z = ", d.Z, " columns, so C = 0), got a tensor of shape ",
+                y->sizes());
   } else {
-    TORCH_CHECK(y.has_value() && y->defined(), "avme: y (B, C=", d.C,
-                ") is required: the model is conditional");
-    check_tensor(*y, "y", ref, ref_name, {d.B, d.C});
+    TORCH_CHECK(is_given(y), c.op(), ": y (B, C) = [", d.B, ", ", d.C,
+                "] is required: the model is conditional (dec_w_ih has Z + C = ", d.Z + d.C,
+                " columns)");
+    c.ndim(*y, "y", 2, "(B, C)");
+    c.shape(*y, "y", "(B, C)", {d.B, d.C});
   }
 }
 
+struct Validated {
+  Dims d;
+  Precision prec = Precision::FP32;
+  bool error_mode = false;
+};
+
+Validated validate_forward(const Tensor& x, const std::optional<Tensor>& y, const Tensor& eps,
+                           const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& enc_b,
+                           const Tensor& q_w, const Tensor& q_b, const Tensor& dec_w_ih,
+                           const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
+                           const Tensor& write_b, const std::string& encoder_input,
+                           const std::string& precision) {
+  Validated v;
+  v.error_mode = parse_error_mode(kForwardOp, encoder_input);
+  v.prec = parse_precision(kForwardOp, precision);
+  const ArgChecker c(kForwardOp, x, "x");
+  c.same_device_and_dtype(y, "y");
+  c.same_device_and_dtype(eps, "eps");
+  c.same_device_and_dtype(enc_w_ih, "enc_w_ih");
+  c.same_device_and_dtype(enc_w_hh, "enc_w_hh");
+  c.same_device_and_dtype(enc_b, "enc_b");
+  c.same_device_and_dtype(q_w, "q_w");
+  c.same_device_and_dtype(q_b, "q_b");
+  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
+  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
+  c.same_device_and_dtype(dec_b, "dec_b");
+  c.same_device_and_dtype(write_w, "write_w");
+  c.same_device_and_dtype(write_b, "write_b");
+
+  Dims& d = v.d;
+  encoder_dims(c, d, enc_w_ih, enc_w_hh, q_w);
+  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.ndim(x, "x", 2, "(B, D)");
+  c.ndim(eps, "eps", 3, "(K, B, Z)");
+  d.B = x.size(0);
+  d.K = c.size(eps, "eps", 0, "K", 1);
+
+  c.shape(x, "x", "(B, D)", {d.B, d.D});
+  check_y(c, y, d);
+  c.shape(eps, "eps", "(K, B, Z)", {d.K, d.B, d.Z});
+  check_encoder_shapes(c, d, enc_w_ih, enc_w_hh, q_w);
+  c.shape(enc_b, "enc_b", "(4*He)", {d.He4()});
+  c.shape(q_b, "q_b", "(2*Z)", {d.Z2()});
+  check_decoder_shapes(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.shape(dec_b, "dec_b", "(4*Hd)", {d.Hd4()});
+  c.shape(write_b, "write_b", "(D)", {d.D});
+  return v;
+}
+
+Validated validate_backward(
+    const std::optional<Tensor>& grad_canvas, const std::optional<Tensor>& grad_mu,
+    const std::optional<Tensor>& grad_logvar, const std::optional<Tensor>& grad_canvases,
+    const Tensor& x, const std::optional<Tensor>& y, const Tensor& eps, const Tensor& logvar,
+    const Tensor& canvases, const Tensor& h_enc, const Tensor& c_enc, const Tensor& gates_enc,
+    const Tensor& z, const Tensor& h_dec, const Tensor& c_dec, const Tensor& gates_dec,
+    const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w, const Tensor& dec_w_ih,
+    const Tensor& dec_w_hh, const Tensor& write_w, const std::string& encoder_input,
+    bool need_grad_y, const std::string& precision) {
+  Validated v;
+  v.error_mode = parse_error_mode(kBackwardOp, encoder_input);
+  v.prec = parse_precision(kBackwardOp, precision);
+  const ArgChecker c(kBackwardOp, x, "x");
+  c.same_device_and_dtype(grad_canvas, "grad_canvas");
+  c.same_device_and_dtype(grad_mu, "grad_mu");
+  c.same_device_and_dtype(grad_logvar, "grad_logvar");
+  c.same_device_and_dtype(grad_canvases, "grad_canvases");
+  c.same_device_and_dtype(y, "y");
+  c.same_device_and_dtype(eps, "eps");
+  c.same_device_and_dtype(logvar, "logvar");
+  c.same_device_and_dtype(canvases, "canvases");
+  c.same_device_and_dtype(h_enc, "h_enc");
+  c.same_device_and_dtype(c_enc, "c_enc");
+  c.same_device_and_dtype(gates_enc, "gates_enc");
+  c.same_device_and_dtype(z, "z");
+  c.same_device_and_dtype(h_dec, "h_dec");
+  c.same_device_and_dtype(c_dec, "c_dec");
+  c.same_device_and_dtype(gates_dec, "gates_dec");
+  c.same_device_and_dtype(enc_w_ih, "enc_w_ih");
+  c.same_device_and_dtype(enc_w_hh, "enc_w_hh");
+  c.same_device_and_dtype(q_w, "q_w");
+  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
+  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
+  c.same_device_and_dtype(write_w, "write_w");
+
+  Dims& d = v.d;
+  encoder_dims(c, d, enc_w_ih, enc_w_hh, q_w);
+  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.ndim(x, "x", 2, "(B, D)");
+  c.ndim(eps, "eps", 3, "(K, B, Z)");
+  d.B = x.size(0);
+  d.K = c.size(eps, "eps", 0, "K", 1);
+  TORCH_CHECK(!need_grad_y || d.C > 0, kBackwardOp, ": need_grad_y is true but the model is "
+              "unconditional (C = 0, y is None)");
+
+  c.shape(x, "x", "(B, D)", {d.B, d.D});
+  check_y(c, y, d);
+  c.shape(eps, "eps", "(K, B, Z)", {d.K, d.B, d.Z});
+  const int64_t K = d.K, B = d.B;
+  c.shape(logvar, "logvar", "(K, B, Z)", {K, B, d.Z});
+  c.ndim(h_enc, "h_enc", 3, "(K, B, He)");
+  TORCH_CHECK(h_enc.size(0) != 0 || K == 0, kBackwardOp, ": the forward did not save its state "
+              "(it ran with save_for_backward=False, e.g. under torch.no_grad()), so there is "
+              "nothing to differentiate");
+  c.shape(canvases, "canvases", "(K, B, D)", {K, B, d.D});
+  c.shape(h_enc, "h_enc", "(K, B, He)", {K, B, d.He});
+  c.shape(c_enc, "c_enc", "(K, B, He)", {K, B, d.He});
+  c.shape(gates_enc, "gates_enc", "(K, B, 4*He)", {K, B, d.He4()});
+  c.shape(z, "z", "(K, B, Z)", {K, B, d.Z});
+  c.shape(h_dec, "h_dec", "(K, B, Hd)", {K, B, d.Hd});
+  c.shape(c_dec, "c_dec", "(K, B, Hd)", {K, B, d.Hd});
+  c.shape(gates_dec, "gates_dec", "(K, B, 4*Hd)", {K, B, d.Hd4()});
+  check_encoder_shapes(c, d, enc_w_ih, enc_w_hh, q_w);
+  check_decoder_shapes(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.shape(grad_canvas, "grad_canvas", "(B, D)", {B, d.D});
+  c.shape(grad_mu, "grad_mu", "(K, B, Z)", {K, B, d.Z});
+  c.shape(grad_logvar, "grad_logvar", "(K, B, Z)", {K, B, d.Z});
+  c.shape(grad_canvases, "grad_canvases", "(K, B, D)", {K, B, d.D});
+  return v;
+}
+
+Validated validate_sample(const Tensor& z, const std::optional<Tensor>& y, const Tensor& dec_w_ih,
+                          const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
+                          const Tensor& write_b, const std::string& precision) {
+  Validated v;
+  v.prec = parse_precision(kSampleOp, precision);
+  const ArgChecker c(kSampleOp, z, "z");
+  c.same_device_and_dtype(y, "y");
+  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
+  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
+  c.same_device_and_dtype(dec_b, "dec_b");
+  c.same_device_and_dtype(write_w, "write_w");
+  c.same_device_and_dtype(write_b, "write_b");
+
+  Dims& d = v.d;
+  c.ndim(z, "z", 3, "(K, B, Z)");
+  d.K = c.size(z, "z", 0, "K", 1);
+  d.B = z.size(1);
+  d.Z = c.size(z, "z", 2, "Z", 1);
+  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
+
+  c.shape(z, "z", "(K, B, Z)", {d.K, d.B, d.Z});
+  check_y(c, y, d);
+  check_decoder_shapes(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.shape(dec_b, "dec_b", "(4*Hd)", {d.Hd4()});
+  c.shape(write_b, "write_b", "(D)", {d.D});
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch planning
+// ---------------------------------------------------------------------------------------
 struct DeviceInfo {
   int64_t smem_optin;
   int num_sms;
@@ -201,7 +438,7 @@ struct DeviceInfo {
 DeviceInfo device_info(const Tensor& ref) {
 #ifdef AVME_CPU_EMULATION
   // Emulated device: H100-like shared memory; SM count from AVME_EMU_SMS (default 4) so that
-  // tests can steer the rows-per-block choice.
+  // tests can steer the rows-per-block choice, shared memory from AVME_EMU_SMEM.
   (void)ref;
   const char* sms_env = std::getenv("AVME_EMU_SMS");
   const char* smem_env = std::getenv("AVME_EMU_SMEM");
@@ -215,13 +452,16 @@ DeviceInfo device_info(const Tensor& ref) {
 #endif
 }
 
-int plan_rows(const char* op, int64_t B, int64_t elems_per_row, size_t elem_size,
-              const DeviceInfo& info, const Dims& d) {
-  const int64_t bytes = elems_per_row * static_cast<int64_t>(elem_size);
-  const int rt = choose_rows_per_block(B, bytes, info.smem_optin, info.num_sms);
-  TORCH_CHECK(rt > 0, "avme::", op, ": one batch row needs ", bytes,
-              " bytes of shared memory (D=", d.D, ", He=", d.He, ", Hd=", d.Hd, ", Z=", d.Z,
-              ", dtype size ", elem_size, ") but this GPU allows at most ", info.smem_optin,
+// Rows per block for a launch over d.B rows; a clear error when one row's state does not fit
+// in the device's shared memory (checked whatever B is, before anything is allocated).
+int plan_rows(const char* op, const Dims& d, int64_t elems_per_row, const Tensor& ref) {
+  const DeviceInfo info = device_info(ref);
+  const int64_t elem_size = static_cast<int64_t>(ref.element_size());
+  const int64_t bytes = elems_per_row * elem_size;
+  const int rt = choose_rows_per_block(d.B, bytes, info.smem_optin, info.num_sms);
+  TORCH_CHECK(rt > 0, op, ": one batch row needs ", bytes, " bytes of shared memory (D=", d.D,
+              ", He=", d.He, ", Hd=", d.Hd, ", Z=", d.Z, ", dtype size ", elem_size,
+              ") but this GPU allows at most ", info.smem_optin,
               " bytes per block. Use smaller sizes, float32, or the reference implementation "
               "(AVMECore(impl='ref')).");
   return rt;
@@ -239,7 +479,12 @@ Tensor uninit(at::IntArrayRef shape, const at::TensorOptions& opts) {
 
 template <typename T>
 T* ptr_or_null(const Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<Tensor>& t) {
+  return is_given(t) && t->numel() > 0 ? t->data_ptr<T>() : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,64 +500,43 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
                            const Tensor& write_b, const std::string& encoder_input,
                            bool return_canvases, bool save_for_backward,
                            const std::string& precision) {
-  const bool error_mode = parse_error_mode(encoder_input);
-  const Precision prec = parse_precision(precision);
-  check_reference(x, "x");
-  TORCH_CHECK(x.dim() == 2, "avme: x must be 2-D (B, D), got shape ", x.sizes());
-  TORCH_CHECK(eps.dim() == 3, "avme: eps must be 3-D (K, B, Z), got shape ", eps.sizes());
-  TORCH_CHECK(eps.size(0) >= 1, "avme: eps must have K >= 1 steps, got shape ", eps.sizes());
-  Dims d = weight_dims(x, "x", dec_w_ih, dec_w_hh, dec_b, write_w, write_b,
-                       checked_int(eps.size(2), "Z"));
-  d.B = x.size(0);
-  d.K = checked_int(eps.size(0), "K");
-  TORCH_CHECK(enc_w_hh.dim() == 2, "avme: enc_w_hh must be 2-D (4*He, He), got shape ",
-              enc_w_hh.sizes());
-  d.He = checked_int(enc_w_hh.size(1), "He");
-  TORCH_CHECK(d.He > 0, "avme: He must be positive");
-  check_tensor(x, "x", x, "x", {d.B, d.D});
-  check_tensor(eps, "eps", x, "x", {d.K, d.B, d.Z});
-  check_y(y, d, x, "x");
-  const int64_t in_enc = 2 * int64_t(d.D) + d.Hd + d.C;
-  check_tensor(enc_w_ih, "enc_w_ih", x, "x", {4 * int64_t(d.He), in_enc});
-  check_tensor(enc_w_hh, "enc_w_hh", x, "x", {4 * int64_t(d.He), d.He});
-  check_tensor(enc_b, "enc_b", x, "x", {4 * int64_t(d.He)});
-  check_tensor(q_w, "q_w", x, "x", {2 * int64_t(d.Z), d.He});
-  check_tensor(q_b, "q_b", x, "x", {2 * int64_t(d.Z)});
+  const Validated v = validate_forward(x, y, eps, enc_w_ih, enc_w_hh, enc_b, q_w, q_b, dec_w_ih,
+                                       dec_w_hh, dec_b, write_w, write_b, encoder_input,
+                                       precision);
+  const Dims& d = v.d;
+  const int rt = plan_rows(
+      kForwardOp, d, loop_smem_elems_per_row(d.D, d.He, d.Hd, d.Z, true, v.error_mode), x);
 
   AVME_DEVICE_GUARD(x);
   const int64_t B = d.B, K = d.K;
   const int64_t S = save_for_backward ? K : 0;
   const int64_t KC = (return_canvases || save_for_backward) ? K : 0;
-  auto opts = x.options();
+  const auto opts = x.options();
   Tensor canvas = uninit({B, d.D}, opts);
   Tensor mu = uninit({K, B, d.Z}, opts);
   Tensor logvar = uninit({K, B, d.Z}, opts);
   Tensor canvases = uninit({KC, B, d.D}, opts);
   Tensor h_enc = uninit({S, B, d.He}, opts);
   Tensor c_enc = uninit({S, B, d.He}, opts);
-  Tensor gates_enc = uninit({S, B, 4 * int64_t(d.He)}, opts);
+  Tensor gates_enc = uninit({S, B, d.He4()}, opts);
   Tensor z = uninit({S, B, d.Z}, opts);
   Tensor h_dec = uninit({S, B, d.Hd}, opts);
   Tensor c_dec = uninit({S, B, d.Hd}, opts);
-  Tensor gates_dec = uninit({S, B, 4 * int64_t(d.Hd)}, opts);
+  Tensor gates_dec = uninit({S, B, d.Hd4()}, opts);
   ForwardResult result{canvas, mu, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec,
                        gates_dec};
   if (B == 0) return result;  // nothing to compute: empty outputs, no launch
 
-  const DeviceInfo info = device_info(x);
-  const int rt = plan_rows("forward",
-                           B, loop_smem_elems_per_row(d.D, d.He, d.Hd, d.Z, true, error_mode),
-                           x.element_size(), info, d);
-
-  Tensor enc_static, dec_static, enc_wT, dec_wT, q_wT, write_wT;
+  const int64_t in_enc = d.enc_in();
+  Tensor enc_static, dec_static;
   {
-    PrecisionGuard pg(prec);
+    PrecisionGuard pg(v.prec);
     // Step-invariant input products, once per call (not K times).
-    enc_static = mm_p(x, enc_w_ih.slice(1, 0, d.D).t(), prec);
+    enc_static = mm_p(x, enc_w_ih.slice(1, 0, d.D).t(), v.prec);
     enc_static.add_(enc_b);
     if (d.C > 0) {
-      enc_static.add_(mm_p(*y, enc_w_ih.slice(1, in_enc - d.C, in_enc).t(), prec));
-      dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, d.Z + d.C).t(), prec);
+      enc_static.add_(mm_p(*y, enc_w_ih.slice(1, in_enc - d.C, in_enc).t(), v.prec));
+      dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
       dec_static.add_(dec_b);
     } else {
       dec_static = dec_b;
@@ -321,10 +545,11 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
   enc_static = enc_static.contiguous();
   dec_static = dec_static.contiguous();
   // Recurrent weights in (in, out) layout for coalesced reads in the step kernel.
-  enc_wT = at::cat({enc_w_ih.slice(1, d.D, 2 * int64_t(d.D) + d.Hd), enc_w_hh}, 1).t().contiguous();
-  dec_wT = at::cat({dec_w_ih.slice(1, 0, d.Z), dec_w_hh}, 1).t().contiguous();
-  q_wT = q_w.t().contiguous();
-  write_wT = write_w.t().contiguous();
+  const Tensor enc_wT =
+      at::cat({enc_w_ih.slice(1, d.D, 2 * int64_t(d.D) + d.Hd), enc_w_hh}, 1).t().contiguous();
+  const Tensor dec_wT = at::cat({dec_w_ih.slice(1, 0, d.Z), dec_w_hh}, 1).t().contiguous();
+  const Tensor q_wT = q_w.t().contiguous();
+  const Tensor write_wT = write_w.t().contiguous();
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_forward", [&] {
@@ -336,7 +561,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
     p.Hd = d.Hd;
     p.Z = d.Z;
     p.encoder = true;
-    p.error_mode = error_mode;
+    p.error_mode = v.error_mode;
     p.x = x.data_ptr<scalar_t>();
     p.eps = eps.data_ptr<scalar_t>();
     p.enc_static = enc_static.data_ptr<scalar_t>();
@@ -344,7 +569,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
     p.q_wT = q_wT.data_ptr<scalar_t>();
     p.q_b = q_b.data_ptr<scalar_t>();
     p.dec_static = dec_static.data_ptr<scalar_t>();
-    p.dec_static_stride = d.C > 0 ? 4 * int64_t(d.Hd) : 0;
+    p.dec_static_stride = d.C > 0 ? d.Hd4() : 0;
     p.dec_wT = dec_wT.data_ptr<scalar_t>();
     p.write_wT = write_wT.data_ptr<scalar_t>();
     p.write_b = write_b.data_ptr<scalar_t>();
@@ -369,8 +594,9 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
 // ---------------------------------------------------------------------------------------
 // backward
 // ---------------------------------------------------------------------------------------
+// grad_x, grad_y, grad_eps, then the 10 weight/bias gradients.
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                  Tensor, Tensor, Tensor>;
+                                  Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 BackwardResult avme_backward(
     const std::optional<Tensor>& grad_canvas, const std::optional<Tensor>& grad_mu,
@@ -380,81 +606,44 @@ BackwardResult avme_backward(
     const Tensor& z, const Tensor& h_dec, const Tensor& c_dec, const Tensor& gates_dec,
     const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w, const Tensor& dec_w_ih,
     const Tensor& dec_w_hh, const Tensor& write_w, const std::string& encoder_input,
-    bool need_grad_x, const std::string& precision) {
-  const bool error_mode = parse_error_mode(encoder_input);
-  const Precision prec = parse_precision(precision);
-  check_reference(x, "x");
-  TORCH_CHECK(x.dim() == 2, "avme: x must be 2-D (B, D), got shape ", x.sizes());
-  TORCH_CHECK(eps.dim() == 3 && eps.size(0) >= 1, "avme: eps must be (K >= 1, B, Z), got shape ",
-              eps.sizes());
-  TORCH_CHECK(enc_w_hh.dim() == 2, "avme: enc_w_hh must be 2-D (4*He, He), got shape ",
-              enc_w_hh.sizes());
-  TORCH_CHECK(write_w.dim() == 2 && dec_w_hh.dim() == 2 && dec_w_ih.dim() == 2,
-              "avme: write_w, dec_w_hh and dec_w_ih must be 2-D");
-  Dims d{};
-  d.B = x.size(0);
-  d.K = checked_int(eps.size(0), "K");
-  d.Z = checked_int(eps.size(2), "Z");
-  d.D = checked_int(write_w.size(0), "D");
-  d.Hd = checked_int(dec_w_hh.size(1), "Hd");
-  d.He = checked_int(enc_w_hh.size(1), "He");
-  TORCH_CHECK(dec_w_ih.size(1) >= d.Z, "avme: dec_w_ih must have at least Z columns");
-  d.C = checked_int(dec_w_ih.size(1) - d.Z, "C");
-  const int64_t B = d.B, K = d.K, He4 = 4 * int64_t(d.He), Hd4 = 4 * int64_t(d.Hd);
-  const int64_t in_enc = 2 * int64_t(d.D) + d.Hd + d.C;
-  check_tensor(x, "x", x, "x", {B, d.D});
-  check_y(y, d, x, "x");
-  check_tensor(eps, "eps", x, "x", {K, B, d.Z});
-  check_tensor(logvar, "logvar", x, "x", {K, B, d.Z});
-  TORCH_CHECK(h_enc.dim() == 3 && h_enc.size(0) == K,
-              "avme::backward: the forward did not save its state (it ran with "
-              "save_for_backward=False, e.g. under torch.no_grad())");
-  check_tensor(canvases, "canvases", x, "x", {K, B, d.D});
-  check_tensor(h_enc, "h_enc", x, "x", {K, B, d.He});
-  check_tensor(c_enc, "c_enc", x, "x", {K, B, d.He});
-  check_tensor(gates_enc, "gates_enc", x, "x", {K, B, He4});
-  check_tensor(z, "z", x, "x", {K, B, d.Z});
-  check_tensor(h_dec, "h_dec", x, "x", {K, B, d.Hd});
-  check_tensor(c_dec, "c_dec", x, "x", {K, B, d.Hd});
-  check_tensor(gates_dec, "gates_dec", x, "x", {K, B, Hd4});
-  check_tensor(enc_w_ih, "enc_w_ih", x, "x", {He4, in_enc});
-  check_tensor(enc_w_hh, "enc_w_hh", x, "x", {He4, d.He});
-  check_tensor(q_w, "q_w", x, "x", {2 * int64_t(d.Z), d.He});
-  check_tensor(dec_w_ih, "dec_w_ih", x, "x", {Hd4, int64_t(d.Z) + d.C});
-  check_tensor(dec_w_hh, "dec_w_hh", x, "x", {Hd4, d.Hd});
-  check_tensor(write_w, "write_w", x, "x", {d.D, d.Hd});
-  check_optional(grad_canvas, "grad_canvas", x, "x", {B, d.D});
-  check_optional(grad_mu, "grad_mu", x, "x", {K, B, d.Z});
-  check_optional(grad_logvar, "grad_logvar", x, "x", {K, B, d.Z});
-  check_optional(grad_canvases, "grad_canvases", x, "x", {K, B, d.D});
+    bool need_grad_x, bool need_grad_y, bool need_grad_eps, const std::string& precision) {
+  const Validated v = validate_backward(
+      grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases, h_enc,
+      c_enc, gates_enc, z, h_dec, c_dec, gates_dec, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh,
+      write_w, encoder_input, need_grad_y, precision);
+  const Dims& d = v.d;
+  const Precision prec = v.prec;
+  const int rt =
+      plan_rows(kBackwardOp, d, backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z), x);
 
   AVME_DEVICE_GUARD(x);
-  auto opts = x.options();
-  Tensor grad_x = need_grad_x ? at::zeros({B, d.D}, opts) : uninit({0, d.D}, opts);
+  const int64_t B = d.B, K = d.K, He4 = d.He4(), Hd4 = d.Hd4(), in_enc = d.enc_in();
+  const auto opts = x.options();
+  // Gradients nobody asked for are empty (first dimension 0).
+  Tensor grad_x = at::zeros({need_grad_x ? B : 0, d.D}, opts);
+  Tensor grad_y = at::zeros({need_grad_y ? B : 0, d.C}, opts);
+  Tensor grad_eps = at::zeros({need_grad_eps ? K : 0, B, d.Z}, opts);
   Tensor g_enc_w_ih = at::zeros({He4, in_enc}, opts);
   Tensor g_enc_w_hh = at::zeros({He4, d.He}, opts);
   Tensor g_enc_b = at::zeros({He4}, opts);
-  Tensor g_q_w = at::zeros({2 * int64_t(d.Z), d.He}, opts);
-  Tensor g_q_b = at::zeros({2 * int64_t(d.Z)}, opts);
+  Tensor g_q_w = at::zeros({d.Z2(), d.He}, opts);
+  Tensor g_q_b = at::zeros({d.Z2()}, opts);
   Tensor g_dec_w_ih = at::zeros({Hd4, int64_t(d.Z) + d.C}, opts);
   Tensor g_dec_w_hh = at::zeros({Hd4, d.Hd}, opts);
   Tensor g_dec_b = at::zeros({Hd4}, opts);
   Tensor g_write_w = at::zeros({d.D, d.Hd}, opts);
   Tensor g_write_b = at::zeros({d.D}, opts);
-  BackwardResult result{grad_x,    g_enc_w_ih, g_enc_w_hh, g_enc_b,   g_q_w,    g_q_b,
-                        g_dec_w_ih, g_dec_w_hh, g_dec_b,   g_write_w, g_write_b};
+  BackwardResult result{grad_x,     grad_y,     grad_eps, g_enc_w_ih, g_enc_w_hh,
+                        g_enc_b,    g_q_w,      g_q_b,    g_dec_w_ih, g_dec_w_hh,
+                        g_dec_b,    g_write_w,  g_write_b};
   if (B == 0) return result;
-
-  const DeviceInfo info = device_info(x);
-  const int rt = plan_rows("backward", B, backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z),
-                           x.element_size(), info, d);
 
   // Per-step gradients written by the kernel (every element is written for rows < B).
   Tensor d_canvas = uninit({K, B, d.D}, opts);
-  Tensor d_q = uninit({K, B, 2 * int64_t(d.Z)}, opts);
+  Tensor d_q = uninit({K, B, d.Z2()}, opts);
   Tensor d_ge = uninit({K, B, He4}, opts);
   Tensor d_gd = uninit({K, B, Hd4}, opts);
-  Tensor d_x_error = (error_mode && need_grad_x) ? at::zeros({B, d.D}, opts) : Tensor();
+  Tensor d_x_error = (v.error_mode && need_grad_x) ? at::zeros({B, d.D}, opts) : Tensor();
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_backward", [&] {
@@ -466,15 +655,11 @@ BackwardResult avme_backward(
     p.Hd = d.Hd;
     p.Z = d.Z;
     p.C = d.C;
-    p.error_mode = error_mode;
-    auto opt = [](const std::optional<Tensor>& t) -> const scalar_t* {
-      const Tensor* tp = opt_ptr(t);
-      return tp ? tp->data_ptr<scalar_t>() : nullptr;
-    };
-    p.grad_canvas = opt(grad_canvas);
-    p.grad_canvases = opt(grad_canvases);
-    p.grad_mu = opt(grad_mu);
-    p.grad_logvar = opt(grad_logvar);
+    p.error_mode = v.error_mode;
+    p.grad_canvas = ptr_or_null<scalar_t>(grad_canvas);
+    p.grad_canvases = ptr_or_null<scalar_t>(grad_canvases);
+    p.grad_mu = ptr_or_null<scalar_t>(grad_mu);
+    p.grad_logvar = ptr_or_null<scalar_t>(grad_logvar);
     p.eps = eps.data_ptr<scalar_t>();
     p.logvar = logvar.data_ptr<scalar_t>();
     p.canvases = canvases.data_ptr<scalar_t>();
@@ -492,7 +677,7 @@ BackwardResult avme_backward(
     p.d_q = d_q.data_ptr<scalar_t>();
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
-    p.d_x_error = d_x_error.defined() ? d_x_error.data_ptr<scalar_t>() : nullptr;
+    p.d_x_error = ptr_or_null<scalar_t>(d_x_error);
     launch_backward<scalar_t>(p, rt, stream);
   });
 
@@ -500,15 +685,20 @@ BackwardResult avme_backward(
   PrecisionGuard pg(prec);
   const int64_t M = K * B;
   const Tensor dS = d_canvas.view({M, d.D});
-  const Tensor dQ = d_q.view({M, 2 * int64_t(d.Z)});
+  const Tensor dQ = d_q.view({M, d.Z2()});
   const Tensor dGe = d_ge.view({M, He4});
   const Tensor dGd = d_gd.view({M, Hd4});
   const Tensor sum_ge = d_ge.sum(0);  // (B, 4He): x and y enter every step
-  const Tensor sum_gd = d_gd.sum(0);  // (B, 4Hd)
+  const Tensor sum_gd = d_gd.sum(0);  // (B, 4Hd): y enters every step
   // Rows of steps 2..K and the states of steps 1..K-1 (the recurrent inputs; they are 0 at t=1).
   const int64_t M1 = (K - 1) * B;
   auto tail = [&](const Tensor& t, int64_t n) { return t.slice(0, 1, K).reshape({M1, n}); };
   auto head = [&](const Tensor& t, int64_t n) { return t.slice(0, 0, K - 1).reshape({M1, n}); };
+  // Column blocks of the input weights: encoder [x, r, h_dec, y], decoder [z, y].
+  const Tensor w_enc_x = enc_w_ih.slice(1, 0, d.D);
+  const Tensor w_enc_y = enc_w_ih.slice(1, in_enc - d.C, in_enc);
+  const Tensor w_dec_z = dec_w_ih.slice(1, 0, d.Z);
+  const Tensor w_dec_y = dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C);
 
   // write
   g_write_w.copy_(mm_p(dS.t(), h_dec.view({M, d.Hd}), prec));
@@ -523,7 +713,7 @@ BackwardResult avme_backward(
   g_dec_b.copy_(dGd.sum(0));
   // encoder: input [x, r, h_dec, y], recurrent h_enc
   g_enc_w_ih.slice(1, 0, d.D).copy_(mm_p(sum_ge.t(), x, prec));
-  if (error_mode) {
+  if (v.error_mode) {
     // r_t = x - sigmoid(s_{t-1}), s_0 = 0
     Tensor r = uninit({K, B, d.D}, opts);
     r.select(0, 0).copy_(x - 0.5);
@@ -534,7 +724,8 @@ BackwardResult avme_backward(
     g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D)).copy_(mm_p(dGe.t(), r.view({M, d.D}), prec));
   } else if (K > 1) {
     // r_t = s_{t-1}, s_0 = 0
-    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D)).copy_(mm_p(tail(d_ge, He4).t(), head(canvases, d.D), prec));
+    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D))
+        .copy_(mm_p(tail(d_ge, He4).t(), head(canvases, d.D), prec));
   }
   if (K > 1) {
     g_enc_w_ih.slice(1, 2 * int64_t(d.D), 2 * int64_t(d.D) + d.Hd)
@@ -543,9 +734,23 @@ BackwardResult avme_backward(
   }
   if (d.C > 0) g_enc_w_ih.slice(1, in_enc - d.C, in_enc).copy_(mm_p(sum_ge.t(), *y, prec));
   g_enc_b.copy_(dGe.sum(0));
+
+  // Inputs. x and y enter every step's encoder (and y the decoder) through their column
+  // blocks of the input weights.
   if (need_grad_x) {
-    grad_x.copy_(mm_p(sum_ge, enc_w_ih.slice(1, 0, d.D), prec));
-    if (error_mode) grad_x.add_(d_x_error);
+    grad_x.copy_(mm_p(sum_ge, w_enc_x, prec));
+    if (v.error_mode) grad_x.add_(d_x_error);
+  }
+  if (need_grad_y) {
+    grad_y.copy_(mm_p(sum_ge, w_enc_y, prec));
+    grad_y.add_(mm_p(sum_gd, w_dec_y, prec));
+  }
+  if (need_grad_eps) {
+    // z_t = mu_t + exp(logvar_t / 2) * eps_t feeds only step t's decoder gates, so
+    // dL/dz_t = dL/d(decoder gates)_t @ W_z. (The same as total dL/dmu_t - grad_mu_t, without
+    // the cancellation of that difference.)
+    const Tensor dz = mm_p(dGd, w_dec_z, prec).view({K, B, d.Z});
+    at::mul_out(grad_eps, dz, at::exp(logvar * 0.5));
   }
   return result;
 }
@@ -558,32 +763,23 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
                                        const Tensor& dec_b, const Tensor& write_w,
                                        const Tensor& write_b, bool return_canvases,
                                        const std::string& precision) {
-  const Precision prec = parse_precision(precision);
-  check_reference(z, "z");
-  TORCH_CHECK(z.dim() == 3 && z.size(0) >= 1, "avme: z must be 3-D (K >= 1, B, Z), got shape ",
-              z.sizes());
-  Dims d = weight_dims(z, "z", dec_w_ih, dec_w_hh, dec_b, write_w, write_b,
-                       checked_int(z.size(2), "Z"));
-  d.B = z.size(1);
-  d.K = checked_int(z.size(0), "K");
-  d.He = 0;
-  check_tensor(z, "z", z, "z", {d.K, d.B, d.Z});
-  check_y(y, d, z, "z");
+  const Validated v =
+      validate_sample(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, precision);
+  const Dims& d = v.d;
+  const int rt =
+      plan_rows(kSampleOp, d, loop_smem_elems_per_row(d.D, 0, d.Hd, d.Z, false, false), z);
 
   AVME_DEVICE_GUARD(z);
   const int64_t B = d.B, K = d.K;
-  auto opts = z.options();
+  const auto opts = z.options();
   Tensor canvas = uninit({B, d.D}, opts);
   Tensor canvases = uninit({return_canvases ? K : 0, B, d.D}, opts);
   if (B == 0) return {canvas, canvases};
 
-  const DeviceInfo info = device_info(z);
-  const int rt = plan_rows("sample", B, loop_smem_elems_per_row(d.D, 0, d.Hd, d.Z, false, false),
-                           z.element_size(), info, d);
   Tensor dec_static;
   if (d.C > 0) {
-    PrecisionGuard pg(prec);
-    dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), prec);
+    PrecisionGuard pg(v.prec);
+    dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
     dec_static.add_(dec_b);
     dec_static = dec_static.contiguous();
   } else {
@@ -605,7 +801,7 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
     p.error_mode = false;
     p.z_in = z.data_ptr<scalar_t>();
     p.dec_static = dec_static.data_ptr<scalar_t>();
-    p.dec_static_stride = d.C > 0 ? 4 * int64_t(d.Hd) : 0;
+    p.dec_static_stride = d.C > 0 ? d.Hd4() : 0;
     p.dec_wT = dec_wT.data_ptr<scalar_t>();
     p.write_wT = write_wT.data_ptr<scalar_t>();
     p.write_b = write_b.data_ptr<scalar_t>();
@@ -616,11 +812,6 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
   return {canvas, canvases};
 }
 
-}  // namespace
-}  // namespace avme
-
-namespace avme {
-namespace {
 constexpr const char* kForwardSchema =
     "forward(Tensor x, Tensor? y, Tensor eps, Tensor enc_w_ih, Tensor enc_w_hh, Tensor enc_b, "
     "Tensor q_w, Tensor q_b, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, Tensor write_w, "
@@ -633,14 +824,16 @@ constexpr const char* kBackwardSchema =
     "Tensor? grad_canvases, Tensor x, Tensor? y, Tensor eps, Tensor logvar, Tensor canvases, "
     "Tensor h_enc, Tensor c_enc, Tensor gates_enc, Tensor z, Tensor h_dec, Tensor c_dec, "
     "Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, Tensor q_w, Tensor dec_w_ih, "
-    "Tensor dec_w_hh, Tensor write_w, str encoder_input, bool need_grad_x, str precision) -> "
-    "(Tensor grad_x, Tensor grad_enc_w_ih, Tensor grad_enc_w_hh, Tensor grad_enc_b, "
-    "Tensor grad_q_w, Tensor grad_q_b, Tensor grad_dec_w_ih, Tensor grad_dec_w_hh, "
-    "Tensor grad_dec_b, Tensor grad_write_w, Tensor grad_write_b)";
+    "Tensor dec_w_hh, Tensor write_w, str encoder_input, bool need_grad_x, bool need_grad_y, "
+    "bool need_grad_eps, str precision) -> (Tensor grad_x, Tensor grad_y, Tensor grad_eps, "
+    "Tensor grad_enc_w_ih, Tensor grad_enc_w_hh, Tensor grad_enc_b, Tensor grad_q_w, "
+    "Tensor grad_q_b, Tensor grad_dec_w_ih, Tensor grad_dec_w_hh, Tensor grad_dec_b, "
+    "Tensor grad_write_w, Tensor grad_write_b)";
 constexpr const char* kSampleSchema =
     "sample(Tensor z, Tensor? y, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, "
     "Tensor write_w, Tensor write_b, bool return_canvases, str precision) -> "
     "(Tensor canvas, Tensor canvases)";
+
 }  // namespace
 }  // namespace avme
 

@@ -1,0 +1,154 @@
+"""Where the fused ops run in the tests: the CPU emulator or a CUDA device.
+
+- ``emulator``: csrc/avme_ops.cpp and the kernels compiled as C++ (csrc/emulation/), each CUDA
+  thread an OS thread, registered as ``torch.ops.avme_emu.*`` on CPU tensors. Built on first
+  use with ``torch.utils.cpp_extension.load`` (about a minute; cached across runs); needs a
+  C++ compiler and ninja. ``AVME_EMULATION=0`` skips it.
+- ``cuda``: the built extension ``torch.ops.avme.*`` on the current CUDA device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avme_ext import ops
+from avme_ext.loop_types import AVMEParams, ForwardOutput, SampleOutput
+
+REPO = Path(__file__).resolve().parents[2]
+CSRC = REPO / "csrc"
+EXPECT_EXTENSION = os.environ.get("AVME_EXPECT_EXTENSION", "") == "1"
+BACKENDS = ("emulator", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One place the ops run: its op namespace and the device of its tensors."""
+
+    name: str
+    ns: Any  # torch.ops.avme_emu or torch.ops.avme
+    device: torch.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        eps: torch.Tensor,
+        params: AVMEParams,
+        encoder_input: str = "canvas",
+        return_canvases: bool = False,
+        precision: str = "fp32",
+    ) -> ForwardOutput:
+        """ops.fused_forward on this backend's ops (differentiable)."""
+        return ops._forward_with(self.ns, x, y, eps, params, encoder_input, return_canvases, precision)
+
+    def sample(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor | None,
+        params: AVMEParams,
+        return_canvases: bool = False,
+        precision: str = "fp32",
+    ) -> SampleOutput:
+        """ops.fused_sample on this backend's ops."""
+        return ops._sample_with(self.ns, z, y, params, return_canvases, precision)
+
+    def poison(self) -> None:
+        """Make unwritten output elements show up as NaN. The emulator's outputs start as NaN
+        already (csrc/avme_ops.cpp: uninit); on CUDA the caching allocator's free memory is
+        filled with NaN."""
+        if self.is_cuda:
+            poison_cuda_memory()
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+
+def poison_cuda_memory(num_bytes: int = 1 << 28) -> None:
+    """Fill (up to) num_bytes of the CUDA caching allocator's free memory with NaN and free it."""
+    free = torch.cuda.mem_get_info()[0]
+    num_bytes = max(1 << 20, min(num_bytes, free // 2))
+    blocks = []
+    for size in (num_bytes // 2, num_bytes // 4, num_bytes // 8, 1 << 20, 1 << 16):
+        block = torch.empty(size // 4, dtype=torch.float32, device="cuda")
+        block.fill_(float("nan"))
+        blocks.append(block)
+    del blocks
+
+
+class Unavailable(Exception):
+    """A backend cannot run here; the message says why (the tests skip with it)."""
+
+
+class MissingExtension(Exception):
+    """AVME_EXPECT_EXTENSION=1 but the built ops are missing (the tests fail with it)."""
+
+
+_EMULATOR: dict[str, Any] = {}
+
+
+def emulator() -> Backend:
+    """The emulator backend, built on first use (raises Unavailable when it cannot be)."""
+    if "backend" in _EMULATOR:
+        return _EMULATOR["backend"]
+    if "error" in _EMULATOR:
+        raise Unavailable(_EMULATOR["error"])
+    if os.environ.get("AVME_EMULATION", "1") == "0":
+        _EMULATOR["error"] = "AVME_EMULATION=0"
+    elif shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        _EMULATOR["error"] = "the CPU emulator needs a C++ compiler and ninja"
+    if "error" in _EMULATOR:
+        raise Unavailable(_EMULATOR["error"])
+    from torch.utils import cpp_extension
+
+    # The JIT cache keys on the listed source and the flags: hash every included file into a
+    # flag so that edits to csrc/ rebuild the emulator.
+    digest = hashlib.sha1()
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
+            digest.update(path.read_bytes())
+    cpp_extension.load(
+        name="avme_emulation",
+        sources=[str(CSRC / "emulation" / "avme_emulation.cpp")],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O2", "-pthread", f"-DAVME_EMU_SOURCES_{digest.hexdigest()[:16]}"],
+        extra_ldflags=["-pthread"],
+        is_python_module=False,
+        verbose=False,
+    )
+    ops._register("avme_emu")
+    _EMULATOR["backend"] = Backend("emulator", torch.ops.avme_emu, torch.device("cpu"))
+    return _EMULATOR["backend"]
+
+
+def require_extension() -> None:
+    """Raise MissingExtension (AVME_EXPECT_EXTENSION=1) or Unavailable when the ops are not built."""
+    if ops.extension_loaded():
+        return
+    reason = ops.extension_error() or "the ops are not registered"
+    if EXPECT_EXTENSION:
+        raise MissingExtension(f"AVME_EXPECT_EXTENSION=1 but the avme extension is not loaded: {reason}")
+    raise Unavailable(f"the avme CUDA extension (avme_ext._C) is not built: {reason}")
+
+
+def cuda() -> Backend:
+    """The CUDA backend (raises Unavailable without a GPU, MissingExtension as above)."""
+    if not torch.cuda.is_available():
+        raise Unavailable("needs a CUDA device")
+    require_extension()
+    return Backend("cuda", torch.ops.avme, torch.device("cuda", torch.cuda.current_device()))
+
+
+def get(name: str) -> Backend:
+    return {"emulator": emulator, "cuda": cuda}[name]()

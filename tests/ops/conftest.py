@@ -1,0 +1,39 @@
+"""Fixtures of the fused-op tests: ``backend`` (the emulator, or CUDA when present)."""
+
+from __future__ import annotations
+
+import pytest
+
+from . import backends
+
+
+def _backend(name: str) -> backends.Backend:
+    try:
+        return backends.get(name)
+    except backends.MissingExtension as exc:
+        pytest.fail(str(exc))
+    except backends.Unavailable as exc:
+        pytest.skip(f"{name} backend: {exc}")
+
+
+@pytest.fixture(params=backends.BACKENDS)
+def backend(request) -> backends.Backend:
+    """The ops on the CPU emulator and on CUDA (each skipped with the reason where it cannot
+    run). Tests parametrised with ``backend_params`` pick the backends per case."""
+    return _backend(request.param)
+
+
+@pytest.fixture
+def cuda_backend() -> backends.Backend:
+    return _backend("cuda")
+
+
+@pytest.fixture
+def emu_sms(monkeypatch):
+    """Set the emulated SM count (steers rows per block: B / SMs rounded up to 1, 2, 4, 8).
+    No effect on CUDA."""
+
+    def set_sms(n: int) -> None:
+        monkeypatch.setenv("AVME_EMU_SMS", str(n))
+
+    return set_sms
