@@ -1,21 +1,22 @@
 #!/usr/bin/env python
 """Run the avme benchmarks and write ``bench/results/<YYYY-MM-DD>-<gpu>.json``.
 
-Workloads (``--workloads``, in this order):
+Workloads (``--workloads``, run in this order):
 
 ``roofline``  dense matmul rate (one large product per precision: fp32 with TF32 off, tf32,
               bf16) and device-to-device copy bandwidth: the ceilings the others are compared with
-``train``     training step (forward, backward, Adam) in samples/s, per implementation, at
-              every ``--batches`` B with K = the first ``--steps``, and at B = ``--steps-batch``
-              for every other K of ``--steps``; compile / capture time as separate records
 ``sample``    images/s drawing ``--sample-num`` images of K steps
 ``iwae``      the IWAE bound with S = ``--iwae-samples`` over the test images, images/s
+``train``     training step (forward, backward, Adam) in samples/s, per implementation, at
+              every ``--batches`` B with K = the first ``--steps``, and at B = ``--steps-batch``
+              for every other K of ``--steps``; the torch.compile modes in a second pass, with
+              what is left of the budget; compile / capture time as separate records
 ``memory``    peak GPU memory of a training step per implementation at B = ``--memory-batch``
 
 Examples::
 
     python bench/run.py                                   # everything, paper sizes, on the GPU
-    python bench/run.py --workloads train --impls ref-eager,fused-tf32 --batches 1024
+    python bench/run.py --workloads train --impls 'ref-eager,fused-*-tf32' --batches 1024
     python bench/run.py --smoke --device cpu --out /tmp/bench   # tiny sizes, seconds on a CPU
 
 See bench/README.md for the method.
@@ -52,23 +53,27 @@ from avme_ext.data import load_split  # noqa: E402
 from bench import flops as F  # noqa: E402
 from bench.timing import Timer, interleave, round_order, summarize  # noqa: E402
 from bench.workloads import (  # noqa: E402
+    APPLICABLE,
     DEFAULT_IMPLS,
     IMPLS,
-    IWAE_IMPLS,
-    SAMPLE_IMPLS,
-    TRAIN_IMPLS,
+    ImplSpec,
     build_model,
     build_sample_case,
     build_train_case,
     free_memory,
     make_sample_inputs,
     make_train_inputs,
-    matmul_mode,
     pool_size,
+    run_context,
+    select_impls,
+    spec_extras,
     unavailable_reason,
 )
 
-WORKLOADS = ("roofline", "train", "sample", "iwae", "memory")
+#: In the order they run: the roofline first (the peaks for the fractions), then the capped
+#: sample and iwae workloads, then training (its torch.compile builds last, within the budget),
+#: and the memory workload, which builds every implementation again.
+WORKLOADS = ("roofline", "sample", "iwae", "train", "memory")
 MATMUL_PRECISIONS = ("fp32", "tf32", "bf16")
 MIB = 1024 * 1024
 
@@ -101,13 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--impls", help="comma list of implementations or globs (e.g. 'ref-*,fused-*-bf16'), "
+                   "run by every workload that applies; default: each workload's own list (see bench/README.md). "
+                   f"Known: {', '.join(IMPLS)}")
     p.add_argument("--batches", help="training batch sizes B (default 100,256,1024,4096; smoke 4,16)")
     p.add_argument("--steps", help="K values: the first for every workload, the others for training at "
                    "--steps-batch (default 12,64; smoke 3,5)")
     p.add_argument("--steps-batch", type=int, help="B of the training runs over K (default 1024)")
     p.add_argument("--repeats", type=int, help="timed rounds per configuration (default 30; smoke 3)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; smoke 1)")
+    p.add_argument("--config-seconds", type=float, help="cap on the timed rounds of one configuration (all its "
+                   "implementations together): past it, rounds stop once --min-repeats are done (default: none)")
+    p.add_argument("--min-repeats", type=int, default=10,
+                   help="timed rounds always run under --config-seconds (default 10)")
     p.add_argument("--model-size", help="D,He,Hd,Z (default 784,400,400,100)")
     p.add_argument("--sample-num", type=int, help="images per sampling call (default 10000)")
     p.add_argument("--iwae-samples", type=int, help="S importance samples per image (default 5000)")
@@ -139,13 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.workload_list = _csv(args.workloads)
-    args.impl_list = _csv(args.impls)
+    try:
+        args.impl_list = None if args.impls is None else select_impls(_csv(args.impls))
+    except ValueError as error:
+        p.error(str(error))
     for name in args.workload_list:
         if name not in WORKLOADS:
             p.error(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}")
-    for name in args.impl_list:
-        if name not in IMPLS:
-            p.error(f"unknown implementation {name!r}; valid: {', '.join(IMPLS)}")
     args.batch_list = _ints(args.batches)
     args.steps_list = _ints(args.steps)
     sizes = _ints(args.model_size)
@@ -154,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = F.ModelSize(*sizes)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.min_repeats < 1:
+        p.error("--min-repeats must be >= 1")
+    if args.config_seconds is not None and args.config_seconds <= 0:
+        p.error("--config-seconds must be > 0")
     return args
 
 
@@ -187,6 +202,31 @@ def _git(*cmd: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_revision() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the source tree: from git, else from ``AVME_GIT_COMMIT``/``AVME_GIT_DIRTY``.
+
+    The GPU machine gets a copy of the working tree without ``.git``; tools/gpu/stamp.sh writes
+    those two variables into a file the device call carries (see tools/gpu/README.md).
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    commit = _git("rev-parse", "HEAD") if top is not None and Path(top).resolve() == ROOT else None
+    if commit is not None:
+        status = _git("status", "--porcelain")
+        return commit, None if status is None else bool(status)
+    commit = os.environ.get("AVME_GIT_COMMIT") or None
+    dirty = os.environ.get("AVME_GIT_DIRTY")
+    return commit, None if dirty in (None, "") else dirty == "1"
+
+
+def _gpu_properties(device: torch.device) -> dict[str, Any] | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {"capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": round(getattr(props, "L2_cache_size", 0) / MIB, 1) or None}
 
 
 def _driver_version() -> str | None:
@@ -268,8 +308,7 @@ class Context:
     # ---- output
     def header(self) -> dict[str, Any]:
         args = self.args
-        commit = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain")
+        commit, dirty = source_revision()
         return {
             "schema": 1,
             "device": self.name,
@@ -281,14 +320,19 @@ class Context:
             "date": self.date,
             "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": commit,
-            "git_dirty": None if dirty is None else bool(dirty),
+            "git_dirty": dirty,
             "command": " ".join(shlex.quote(a) for a in [sys.executable, "bench/run.py", *args.argv]),
             "python": platform.python_version(),
             "host": platform.node(),
             "cpu_threads": torch.get_num_threads(),
             "avme_ops_available": bool(ops.is_available()),
+            "avme_designs": list(getattr(ops, "DESIGNS", [])) or None,
+            "avme_design_override": hasattr(ops, "design"),
+            "gpu_properties": _gpu_properties(self.device),
             "config": {
-                "model_size": vars(self.size), "workloads": args.workload_list, "impls": args.impl_list,
+                "model_size": vars(self.size), "workloads": args.workload_list,
+                "impls": {w: impls_for(args, w) for w in args.workload_list if w != "roofline"},
+                "dtype": "float32", "config_seconds": args.config_seconds, "min_repeats": args.min_repeats,
                 "batches": args.batch_list, "steps": args.steps_list, "steps_batch": args.steps_batch,
                 "repeats": args.repeats, "warmup": args.warmup, "sample_num": args.sample_num,
                 "iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images,
@@ -377,11 +421,19 @@ def _guarded(name: str, fn: Callable[[int], object], failures: dict[str, str]) -
     return call
 
 
-def _applicable(ctx: Context, workload: str, known: tuple[str, ...]) -> list[str]:
-    names = [n for n in ctx.args.impl_list if n in known]
-    left_out = [n for n in ctx.args.impl_list if n not in known]
-    if left_out:
-        _say(f"  [{workload}] not applicable to: {', '.join(left_out)}")
+def impls_for(args: argparse.Namespace, workload: str) -> list[str]:
+    """The implementations ``workload`` runs: ``--impls`` where it applies, else the workload's defaults."""
+    if args.impl_list is None:
+        return list(DEFAULT_IMPLS[workload])
+    return [n for n in args.impl_list if n in APPLICABLE[workload]]
+
+
+def _applicable(ctx: Context, workload: str) -> list[str]:
+    names = impls_for(ctx.args, workload)
+    if ctx.args.impl_list is not None:
+        left_out = [n for n in ctx.args.impl_list if n not in APPLICABLE[workload]]
+        if left_out:
+            _say(f"  [{workload}] not applicable to: {', '.join(left_out)}")
     return names
 
 
@@ -458,40 +510,82 @@ def _cpu_compile(ctx: Context) -> bool:
     return bool(ctx.args.cpu_compile)
 
 
+class RoundLimit:
+    """``should_stop`` of :func:`interleave` for one configuration: the run's budget, and
+    ``--config-seconds`` (counted from the first warm-up round) once ``--min-repeats`` timed rounds are done."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.start = time.perf_counter()
+        self.rounds = 0  # timed rounds done when called (interleave asks before every round after the first)
+
+    def __call__(self) -> bool:
+        self.rounds += 1
+        if self.ctx.budget.exceeded():
+            return True
+        cap = self.ctx.args.config_seconds
+        return cap is not None and self.rounds >= self.ctx.args.min_repeats and time.perf_counter() - self.start > cap
+
+
+ANCHOR_IMPL = "ref-eager"
+
+
 def run_train(ctx: Context) -> None:
-    """Training throughput per implementation, interleaved, for every (B, K) configuration."""
-    names = _applicable(ctx, "train", TRAIN_IMPLS)
+    """Training throughput per implementation, interleaved, for every (B, K) configuration.
+
+    Two passes over the configurations: first every implementation that builds quickly (eager
+    modes, CUDA graphs, the fused ops), then the ``torch.compile`` ones, whose builds take tens
+    of seconds each and so fill what is left of ``--budget-s``. The second pass times
+    ``ref-eager`` alongside again (``anchor_ref_eager`` in its records, against the first pass's
+    ``anchor_ref_eager_first_pass``, from this run or the file it appends to), so a drift between
+    the passes shows.
+    """
+    names = _applicable(ctx, "train")
+    quick = [n for n in names if not IMPLS[n].compiles]
+    compiled = [n for n in names if IMPLS[n].compiles]
     images = _load_images("train", ctx.device)
-    for batch, steps in _train_configs(ctx.args):
-        _train_config(ctx, names, images, batch, steps)
-        # Everything of the configuration (models, graphs, inputs) died with the call's frame.
-        _reset_dynamo()
-        free_memory()
-        ctx.write()
+    configs = _train_configs(ctx.args)
+    passes = [("main", quick)] + ([("compile", compiled)] if compiled else [])
+    for group, group_names in passes:
+        if not group_names:
+            continue
+        anchor = ANCHOR_IMPL if group == "compile" and not unavailable_reason(IMPLS[ANCHOR_IMPL], ctx.device) else None
+        for batch, steps in configs:
+            _train_config(ctx, group_names, images, batch, steps, group=group, anchor=anchor)
+            # Everything of the configuration (models, graphs, inputs) died with the call's frame.
+            _reset_dynamo()
+            free_memory()
+            ctx.write()
 
 
-def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: int, steps: int) -> None:
-    """Build every implementation for one (B, K), then time them interleaved."""
+def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: int, steps: int,
+                  group: str = "main", anchor: str | None = None) -> None:
+    """Build every implementation for one (B, K), then time them interleaved.
+
+    ``anchor``: an implementation already recorded for this (B, K) to time alongside again; its
+    rate goes into the extras of this call's records instead of a record of its own.
+    """
     args, size, dev = ctx.args, ctx.size, ctx.device
-    _say(f"train B={batch} K={steps}")
+    _say(f"train B={batch} K={steps} ({group})")
     set_bytes = 4 * (batch * size.data_dim + steps * batch * size.latent_dim)
     sets = pool_size(args.warmup + args.repeats, set_bytes, ctx.pool_bytes)
     inputs = make_train_inputs(images, batch, steps, size, sets, dev, seed=args.seed + batch * 1000 + steps)
     cases: dict[str, Callable[[int], None]] = {}
-    specs = {}
+    specs: dict[str, ImplSpec] = {}
     for name in names:
         spec = IMPLS[name]
         reason = unavailable_reason(spec, dev, cpu_compile=_cpu_compile(ctx)) or ctx.budget_reason(
-            compile_build=spec.mode.startswith("compile")
+            compile_build=spec.compiles
         )
         if reason:
-            ctx.skip("train", name, batch, steps, "samples/s", reason)
+            ctx.skip("train", name, batch, steps, "samples/s", reason, **spec_extras(spec), timing_group=group)
             continue
         try:
             case = build_train_case(spec, size, steps, inputs, dev, lr=args.lr, seed=args.seed)
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
-            ctx.skip("train", name, batch, steps, "samples/s", f"build failed: {_first_line(error)}")
+            ctx.skip("train", name, batch, steps, "samples/s", f"build failed: {_first_line(error)}",
+                     **spec_extras(spec), timing_group=group)
             continue
         if case.setup_seconds is not None:
             ctx.add("compile", name, batch, steps, case.setup_seconds, "s", what=case.setup_kind,
@@ -500,19 +594,32 @@ def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: i
         specs[name] = spec
     if not cases:
         return
+    if anchor is not None:
+        cases[anchor] = build_train_case(IMPLS[anchor], size, steps, inputs, dev, lr=args.lr, seed=args.seed).step
     failures: dict[str, str] = {}
     guarded = {name: _guarded(name, fn, failures) for name, fn in cases.items()}
-    samples = interleave(guarded, args.repeats, args.warmup, ctx.timer, should_stop=ctx.budget.exceeded)
+    samples = interleave(guarded, args.repeats, args.warmup, ctx.timer, should_stop=RoundLimit(ctx))
+    anchor_extras: dict[str, Any] = {}
+    if anchor is not None:
+        anchor_seconds = samples.pop(anchor)
+        if anchor not in failures and anchor_seconds:
+            first = next((r["value"] for r in ctx.merged_records() if (r["workload"], r["impl"], r["batch"],
+                          r["steps"]) == ("train", anchor, batch, steps) and r["value"] is not None), None)
+            anchor_extras = {"anchor_impl": anchor, "anchor_ref_eager": batch / summarize(anchor_seconds).median,
+                             "anchor_ref_eager_first_pass": first}
     flops = F.train_step_flops(batch, steps, size)
     executed = F.train_step_flops(batch, steps, size, executed=True)
     for name, seconds in samples.items():
+        spec = specs[name]
         if name in failures:
-            ctx.skip("train", name, batch, steps, "samples/s", f"failed while timing: {failures[name]}")
+            ctx.skip("train", name, batch, steps, "samples/s", f"failed while timing: {failures[name]}",
+                     **spec_extras(spec), timing_group=group)
             continue
         med = summarize(seconds).median
         ctx.add("train", name, batch, steps, batch / med, "samples/s",
                 flops=flops, flops_executed=executed, flops_convention="algorithmic",
-                tflops=flops / med / 1e12, precision=specs[name].matmul, input_sets=sets,
+                tflops=flops / med / 1e12, precision=spec.matmul, input_sets=sets,
+                **spec_extras(spec), timing_group=group, **anchor_extras,
                 **_timing_extras(seconds, batch))
 
 
@@ -524,28 +631,29 @@ def run_sample(ctx: Context) -> None:
     sets = pool_size(args.warmup + args.repeats, 4 * steps * num * size.latent_dim, ctx.pool_bytes)
     inputs = make_sample_inputs(num, steps, size, sets, dev, seed=args.seed + 7)
     cases, specs = {}, {}
-    for name in _applicable(ctx, "sample", SAMPLE_IMPLS):
+    for name in _applicable(ctx, "sample"):
         spec = IMPLS[name]
         reason = unavailable_reason(spec, dev) or ctx.budget_reason()
         if reason:
-            ctx.skip("sample", name, num, steps, "images/s", reason)
+            ctx.skip("sample", name, num, steps, "images/s", reason, **spec_extras(spec))
             continue
         cases[name] = build_sample_case(spec, size, steps, inputs, dev, seed=args.seed)
         specs[name] = spec
     failures: dict[str, str] = {}
     if cases:
         guarded = {name: _guarded(name, fn, failures) for name, fn in cases.items()}
-        samples = interleave(guarded, args.repeats, args.warmup, ctx.timer, should_stop=ctx.budget.exceeded)
+        samples = interleave(guarded, args.repeats, args.warmup, ctx.timer, should_stop=RoundLimit(ctx))
         flops = F.sample_flops(num, steps, size)
         for name, seconds in samples.items():
             if name in failures:
-                ctx.skip("sample", name, num, steps, "images/s", f"failed while timing: {failures[name]}")
+                ctx.skip("sample", name, num, steps, "images/s", f"failed while timing: {failures[name]}",
+                         **spec_extras(specs[name]))
                 continue
             med = summarize(seconds).median
             ctx.add("sample", name, num, steps, num / med, "images/s", flops=flops,
                     flops_executed=F.sample_flops(num, steps, size, executed=True), flops_convention="algorithmic",
                     tflops=flops / med / 1e12, precision=specs[name].matmul, input_sets=sets,
-                    **_timing_extras(seconds, num))
+                    **spec_extras(specs[name]), **_timing_extras(seconds, num))
     ctx.write()
 
 
@@ -568,11 +676,11 @@ def run_iwae(ctx: Context) -> None:
     per_call = max(1, rows // samples)
     _say(f"iwae S={samples} K={steps}: {per_call} images per call")
     models, limits, specs = {}, {}, {}
-    for name in _applicable(ctx, "iwae", IWAE_IMPLS):
+    for name in _applicable(ctx, "iwae"):
         spec = IMPLS[name]
         reason = unavailable_reason(spec, dev) or ctx.budget_reason()
         if reason:
-            ctx.skip("iwae", name, None, steps, "images/s", reason, samples=samples)
+            ctx.skip("iwae", name, None, steps, "images/s", reason, samples=samples, **spec_extras(spec))
             continue
         models[name] = build_model(spec, size, steps, dev, seed=args.seed)
         limits[name] = total if spec.fused else min(total, args.iwae_ref_images)
@@ -581,7 +689,7 @@ def run_iwae(ctx: Context) -> None:
 
     def call(name: str, start: int) -> int:
         x = images[start : min(start + per_call, limits[name])]
-        with matmul_mode(specs[name].mode, dev):
+        with run_context(specs[name], dev):
             models[name].iwae_bound(x, samples=samples, max_rows=rows, generator=generators[name])
         return x.shape[0]
 
@@ -618,16 +726,18 @@ def run_iwae(ctx: Context) -> None:
             break
     for name in models:
         if name in failures:
-            ctx.skip("iwae", name, None, steps, "images/s", f"failed: {failures[name]}", samples=samples)
+            ctx.skip("iwae", name, None, steps, "images/s", f"failed: {failures[name]}", samples=samples,
+                     **spec_extras(specs[name]))
             continue
         if not times[name]:
-            ctx.skip("iwae", name, None, steps, "images/s", "no call finished within --iwae-seconds", samples=samples)
+            ctx.skip("iwae", name, None, steps, "images/s", "no call finished within --iwae-seconds", samples=samples,
+                     **spec_extras(specs[name]))
             continue
         seconds = sum(times[name])
         rate = done[name] / seconds
         flops = F.iwae_flops(done[name], samples, steps, size)
         stats = summarize(times[name])
-        ctx.add("iwae", name, None, steps, rate, "images/s", samples=samples, images=done[name],
+        ctx.add("iwae", name, None, steps, rate, "images/s", samples=samples, images=done[name], **spec_extras(specs[name]),
                 target_images=target, extrapolated=done[name] < target,
                 seconds_measured=seconds, seconds_full_test=target / rate, images_per_call=per_call,
                 repeats=stats.n, time_median_s=stats.median, time_iqr_s=stats.iqr,
@@ -642,7 +752,7 @@ def run_memory(ctx: Context) -> None:
     """Peak GPU memory of a training step, each implementation built and measured alone."""
     args, size, dev = ctx.args, ctx.size, ctx.device
     batch, steps = args.memory_batch, args.steps_list[0]
-    names = _applicable(ctx, "memory", TRAIN_IMPLS)
+    names = _applicable(ctx, "memory")
     if dev.type != "cuda":
         for name in names:
             ctx.skip("memory", name, batch, steps, "MiB",
@@ -654,7 +764,7 @@ def run_memory(ctx: Context) -> None:
     input_bytes = 4 * (batch * size.data_dim + steps * batch * size.latent_dim)
     for name in names:
         spec = IMPLS[name]
-        reason = unavailable_reason(spec, dev) or ctx.budget_reason(compile_build=spec.mode.startswith("compile"))
+        reason = unavailable_reason(spec, dev) or ctx.budget_reason(compile_build=spec.compiles)
         if reason:
             ctx.skip("memory", name, batch, steps, "MiB", reason)
             continue

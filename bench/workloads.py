@@ -1,21 +1,36 @@
 """Builders of the benchmarked callables: one per (implementation, configuration).
 
-An *implementation* (:data:`IMPLS`) is a way of running the same model:
+An *implementation* (:data:`IMPLS`) is a way of running the same model. Reference modes (the
+pure-PyTorch loop of ``avme_ext.reference``):
 
-=========================== ===========================================================
-``ref-eager``               the pure-PyTorch reference, eager mode, fp32 (TF32 off)
-``ref-compile``             the reference under ``torch.compile`` (default mode)
-``ref-compile-max-autotune`` the reference under ``torch.compile(mode="max-autotune")``
-                            (Triton GEMM autotuning + CUDA graphs through cudagraph trees)
-``ref-cudagraph``           the reference captured by hand in one CUDA graph: forward,
-                            backward and a ``capturable=True`` Adam step, replayed on
-                            static input buffers
-``fused-fp32``              the fused CUDA ops (``avme_ext.ops``), fp32 products
-``fused-tf32``              the fused ops with TF32 tensor-core products
-``fused-bf16``              the fused ops with bf16 tensor-core products (fp32 accumulation)
-``ref-eager-tf32``          (optional) the reference in eager mode with TF32 matmuls allowed
-``ref-eager-bf16``          (optional) the reference in eager mode under bf16 autocast
-=========================== ===========================================================
+=============================== ===========================================================
+``ref-eager``                   eager mode, fp32 (TF32 off)
+``ref-eager-tf32``              eager mode with TF32 matmuls allowed
+``ref-eager-bf16``              eager mode under bf16 autocast
+``ref-compile``                 the loss under ``torch.compile`` (default mode)
+``ref-compile-reduce-overhead`` the loss under ``torch.compile(mode="reduce-overhead")``
+                                (inductor + CUDA graphs through cudagraph trees)
+``ref-compile-max-autotune``    (optional) ``torch.compile(mode="max-autotune")``: Triton GEMM
+                                autotuning + CUDA graphs
+``ref-cudagraph``               the whole step captured by hand in one CUDA graph: forward,
+                                backward and a ``capturable=True`` Adam step, replayed on
+                                static input buffers
+=============================== ===========================================================
+
+Fused modes (the CUDA ops of ``avme_ext.ops``), one per design and precision:
+
+=================================== =======================================================
+``fused-<design>-<precision>``      the fused ops forced to ``<design>`` (``auto``: the host's
+                                    own choice) with ``<precision>`` products (fp32, tf32, bf16)
+``fused-<design>-<precision>-graph`` the same, the whole step captured in one CUDA graph as
+                                    ``ref-cudagraph`` (forward, backward, ``capturable=True``
+                                    Adam): how a training loop runs it
+=================================== =======================================================
+
+The design is forced with ``avme_ext.ops.design(name)``, a context manager, around the whole
+step (and around the warm-up and capture of a graph); when the extension has no such override,
+only ``fused-auto-*`` runs (the extension's default design) and the others are skipped with the
+reason.
 
 Every training step is: ``zero_grad``, the mean negative ELBO (reconstruction + sum of the K
 KL terms, i.e. ``AVME.loss`` with ``kl_weight=1``) on a fresh batch ``x`` with fresh noise
@@ -28,6 +43,7 @@ would forbid CUDA-graph capture and add a sync to every eager step.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -46,12 +62,20 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "ImplSpec",
+    "DESIGNS",
+    "PRECISIONS",
     "IMPLS",
     "DEFAULT_IMPLS",
-    "TRAIN_IMPLS",
-    "SAMPLE_IMPLS",
-    "IWAE_IMPLS",
+    "APPLICABLE",
+    "select_impls",
+    "spec_extras",
+    "design_reason",
     "unavailable_reason",
+    "design_context",
+    "tf32_mode",
+    "autocast_mode",
+    "matmul_mode",
+    "run_context",
     "elbo_loss",
     "build_model",
     "TrainCase",
@@ -63,6 +87,13 @@ __all__ = [
     "free_memory",
 ]
 
+#: The fused designs benchmarked (``avme_ext.ops.DESIGNS`` names them once the host has them).
+DESIGNS: tuple[str, ...] = ("auto", "rowtile", "persistent", "stagewise")
+#: Matrix-product precisions of the fused ops.
+PRECISIONS: tuple[str, ...] = tuple(ops.PRECISIONS)
+#: Modes whose build is a ``torch.compile`` (expensive: timed separately, last, within the budget).
+COMPILE_MODES = ("compile", "compile-reduce-overhead", "compile-max-autotune")
+
 
 @dataclass(frozen=True)
 class ImplSpec:
@@ -72,10 +103,12 @@ class ImplSpec:
         name: the key in :data:`IMPLS`, used in records.
         core_impl: ``AVMECore``'s ``impl``: ``"ref"`` or ``"cuda"`` (fused ops).
         precision: ``AVMECore``'s ``precision`` (used by the fused ops only).
-        mode: ``"eager"``, ``"compile"``, ``"compile-max-autotune"`` or ``"cudagraph"``.
+        mode: ``"eager"``, ``"eager-tf32"``, ``"eager-bf16"``, ``"compile"``,
+            ``"compile-reduce-overhead"``, ``"compile-max-autotune"`` or ``"cudagraph"``.
         matmul: precision of the matrix products, the key of the peak rate it is compared
             with (``"fp32"``, ``"tf32"`` or ``"bf16"``).
         description: one line for the README and the report.
+        design: the fused design forced with ``avme_ext.ops.design`` (None for the reference).
     """
 
     name: str
@@ -84,17 +117,33 @@ class ImplSpec:
     mode: str
     matmul: str
     description: str
+    design: str | None = None
 
     @property
     def fused(self) -> bool:
         return self.core_impl == "cuda"
 
+    @property
+    def compiles(self) -> bool:
+        """Whether building it runs ``torch.compile``."""
+        return self.mode in COMPILE_MODES
 
-IMPLS: dict[str, ImplSpec] = {
-    spec.name: spec
-    for spec in [
+    @property
+    def graph(self) -> bool:
+        """Whether the whole training step is captured in one CUDA graph."""
+        return self.mode == "cudagraph"
+
+
+def _reference_specs() -> list[ImplSpec]:
+    return [
         ImplSpec("ref-eager", "ref", "fp32", "eager", "fp32", "reference, eager, fp32 (TF32 off)"),
+        ImplSpec("ref-eager-tf32", "ref", "fp32", "eager-tf32", "tf32", "reference, eager, TF32 matmuls allowed"),
+        ImplSpec("ref-eager-bf16", "ref", "fp32", "eager-bf16", "bf16", "reference, eager, bf16 autocast"),
         ImplSpec("ref-compile", "ref", "fp32", "compile", "fp32", "reference under torch.compile (default mode)"),
+        ImplSpec(
+            "ref-compile-reduce-overhead", "ref", "fp32", "compile-reduce-overhead", "fp32",
+            "reference under torch.compile(mode='reduce-overhead'): inductor + CUDA graphs",
+        ),
         ImplSpec(
             "ref-compile-max-autotune", "ref", "fp32", "compile-max-autotune", "fp32",
             "reference under torch.compile(mode='max-autotune'): GEMM autotuning + CUDA graphs",
@@ -103,22 +152,83 @@ IMPLS: dict[str, ImplSpec] = {
             "ref-cudagraph", "ref", "fp32", "cudagraph", "fp32",
             "reference captured by hand in one CUDA graph (fwd + bwd + capturable Adam)",
         ),
-        ImplSpec("fused-fp32", "cuda", "fp32", "eager", "fp32", "fused CUDA ops, fp32 products"),
-        ImplSpec("fused-tf32", "cuda", "tf32", "eager", "tf32", "fused CUDA ops, TF32 tensor cores"),
-        ImplSpec("fused-bf16", "cuda", "bf16", "eager", "bf16", "fused CUDA ops, bf16 tensor cores, fp32 accumulation"),
-        ImplSpec("ref-eager-tf32", "ref", "fp32", "eager-tf32", "tf32", "reference, eager, TF32 matmuls allowed"),
-        ImplSpec("ref-eager-bf16", "ref", "fp32", "eager-bf16", "bf16", "reference, eager, bf16 autocast"),
     ]
+
+
+def _fused_specs() -> list[ImplSpec]:
+    specs = []
+    for design in DESIGNS:
+        what = "the host's choice of design" if design == "auto" else f"{design} design"
+        for precision in PRECISIONS:
+            products = {"fp32": "fp32 products", "tf32": "TF32 tensor cores",
+                        "bf16": "bf16 tensor cores, fp32 accumulation"}[precision]
+            specs.append(ImplSpec(f"fused-{design}-{precision}", "cuda", precision, "eager", precision,
+                                  f"fused CUDA ops, {what}, {products}", design))
+            specs.append(ImplSpec(f"fused-{design}-{precision}-graph", "cuda", precision, "cudagraph", precision,
+                                  f"fused CUDA ops, {what}, {products}, whole step in one CUDA graph", design))
+    return specs
+
+
+IMPLS: dict[str, ImplSpec] = {spec.name: spec for spec in _reference_specs() + _fused_specs()}
+
+_REF_EAGER = ("ref-eager", "ref-eager-tf32", "ref-eager-bf16")
+_FUSED_EAGER = tuple(f"fused-{d}-{p}" for d in DESIGNS for p in PRECISIONS)
+_FUSED_AUTO = tuple(f"fused-auto-{p}" for p in PRECISIONS)
+
+#: Implementations each workload can run (others requested are reported as not applicable).
+APPLICABLE: dict[str, tuple[str, ...]] = {
+    "train": tuple(IMPLS),
+    "memory": tuple(IMPLS),
+    "sample": _REF_EAGER + _FUSED_EAGER,
+    "iwae": _REF_EAGER + _FUSED_EAGER,
+}
+#: Implementations each workload runs when ``--impls`` is not given.
+DEFAULT_IMPLS: dict[str, tuple[str, ...]] = {
+    "train": (*_REF_EAGER, "ref-compile", "ref-compile-reduce-overhead", "ref-cudagraph", *_FUSED_EAGER,
+              *(f"{name}-graph" for name in _FUSED_AUTO)),
+    "sample": _REF_EAGER + _FUSED_EAGER,
+    "iwae": _REF_EAGER + _FUSED_AUTO,
+    "memory": ("ref-eager", "ref-cudagraph", *_FUSED_AUTO, "fused-auto-bf16-graph"),
 }
 
-#: Implementations run when ``--impls`` is not given.
-DEFAULT_IMPLS: tuple[str, ...] = (
-    "ref-eager", "ref-compile", "ref-compile-max-autotune", "ref-cudagraph", "fused-fp32", "fused-tf32", "fused-bf16",
-)
-#: Implementations each workload knows how to run (others requested are not applicable).
-TRAIN_IMPLS: tuple[str, ...] = tuple(IMPLS)
-SAMPLE_IMPLS: tuple[str, ...] = ("ref-eager", "ref-eager-tf32", "ref-eager-bf16", "fused-fp32", "fused-tf32", "fused-bf16")
-IWAE_IMPLS: tuple[str, ...] = SAMPLE_IMPLS
+
+def select_impls(patterns: list[str]) -> list[str]:
+    """Expand ``--impls`` items (names or globs such as ``fused-*-bf16``) into implementation names.
+
+    Raises:
+        ValueError: an item that matches no implementation.
+    """
+    names: list[str] = []
+    for pattern in patterns:
+        matched = [name for name in IMPLS if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"--impls: {pattern!r} matches no implementation; valid: {', '.join(IMPLS)}")
+        names += [name for name in matched if name not in names]
+    return names
+
+
+def spec_extras(spec: ImplSpec) -> dict[str, object]:
+    """What a record says about its implementation: family, mode, design, precision of the fused ops."""
+    extras: dict[str, object] = {"fused": spec.fused, "mode": spec.mode, "dtype": "float32"}
+    if spec.fused:
+        extras.update(design=spec.design, core_precision=spec.precision,
+                      design_forced=spec.design != "auto" and hasattr(ops, "design"))
+        if not hasattr(ops, "design"):
+            extras["design_note"] = "avme_ext.ops.design not present: the extension's default design"
+    return extras
+
+
+def design_reason(design: str | None) -> str | None:
+    """Why ``design`` cannot be forced in this build (None when it can, or needs no forcing)."""
+    if design is None or design == "auto":
+        return None
+    if not hasattr(ops, "design"):
+        return ("avme_ext.ops.design is not present in this build: only the default design runs "
+                "(recorded as fused-auto-*)")
+    known = getattr(ops, "DESIGNS", DESIGNS)
+    if design not in known:
+        return f"design {design!r} is not in avme_ext.ops.DESIGNS {tuple(known)}"
+    return None
 
 
 def unavailable_reason(spec: ImplSpec, device: torch.device, *, cpu_compile: bool = False) -> str | None:
@@ -129,7 +239,10 @@ def unavailable_reason(spec: ImplSpec, device: torch.device, *, cpu_compile: boo
             return "the fused ops need a CUDA device"
         if not ops.is_available():
             return "the avme CUDA extension is not built (avme_ext.ops.is_available() is False)"
-    if spec.mode in ("cudagraph", "compile-max-autotune") and not cuda:
+        reason = design_reason(spec.design)
+        if reason:
+            return reason
+    if spec.mode in ("cudagraph", "compile-reduce-overhead", "compile-max-autotune") and not cuda:
         return "CUDA graphs need a CUDA device"
     if spec.mode == "eager-tf32" and not cuda:
         return "TF32 is a CUDA tensor-core mode"
@@ -207,19 +320,45 @@ def elbo_loss(model: AVME, x: Tensor, eps: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
+def tf32_mode(mode: str) -> Iterator[None]:
+    """TF32 matmuls allowed (forward and backward) for the ``eager-tf32`` mode; nothing otherwise."""
+    if mode != "eager-tf32":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def autocast_mode(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the ``eager-bf16`` mode (around the forward only, as autocast asks)."""
+    if mode == "eager-bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
 def matmul_mode(mode: str, device: torch.device) -> Iterator[None]:
-    """The matmul precision context of an eager mode: TF32 allowed, bf16 autocast, or nothing."""
-    if mode == "eager-tf32":
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-    elif mode == "eager-bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    else:
+    """The matmul precision context of an eager mode (inference): TF32 allowed, bf16 autocast, or nothing."""
+    with tf32_mode(mode), autocast_mode(mode, device):
+        yield
+
+
+def design_context(design: str | None) -> contextlib.AbstractContextManager:
+    """``avme_ext.ops.design(design)`` when the build has that override and a design is named."""
+    override = getattr(ops, "design", None)
+    if design is None or override is None:
+        return contextlib.nullcontext()
+    return override(design)
+
+
+@contextlib.contextmanager
+def run_context(spec: ImplSpec, device: torch.device) -> Iterator[None]:
+    """Everything ``spec`` runs under: its matmul mode and, for the fused ops, its forced design."""
+    with design_context(spec.design), matmul_mode(spec.mode, device):
         yield
 
 
@@ -236,12 +375,14 @@ class TrainCase:
             None for eager implementations.
         setup_kind: what ``setup_seconds`` measured.
         extras: anything worth recording about the build (e.g. dynamo graph counts).
+        model: the model the step trains.
     """
 
     step: Callable[[int], None]
     setup_seconds: float | None = None
     setup_kind: str | None = None
     extras: dict | None = None
+    model: AVME | None = None
 
 
 def _dynamo_counts() -> dict[str, int]:
@@ -292,20 +433,24 @@ def build_train_case(
     model = build_model(spec, size, steps, device, seed)
     n = len(inputs)
 
-    if spec.mode == "cudagraph":
-        return _build_cudagraph_case(model, inputs, lr)
+    if spec.graph:
+        case = _build_cudagraph_case(model, inputs, lr, lambda: design_context(spec.design))
+        case.model = model
+        return case
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
-    if spec.mode in ("compile", "compile-max-autotune"):
+    if spec.compiles:
         configure_dynamo()
-        mode = "max-autotune" if spec.mode == "compile-max-autotune" else None
+        mode = spec.mode.removeprefix("compile-") if spec.mode != "compile" else None
         loss_fn = torch.compile(lambda x, eps: elbo_loss(model, x, eps), mode=mode, dynamic=False)
-        mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+        # cudagraph trees (reduce-overhead, max-autotune) overwrite a replay's outputs on the next
+        # one: a training loop marks the start of every iteration.
+        mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if mode else None
 
         def step(i: int) -> None:
             x, eps = inputs[i % n]
-            if mark_step is not None and mode == "max-autotune":
+            if mark_step is not None:
                 mark_step()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(x, eps)
@@ -316,17 +461,19 @@ def build_train_case(
         seconds = _wall(device, lambda: [step(i) for i in range(setup_calls)])
         after = _dynamo_counts()
         extras = {key: after[key] - before.get(key, 0) for key in after}
-        return TrainCase(step, seconds, f"torch.compile mode={mode or 'default'}, {setup_calls} first calls", extras)
+        return TrainCase(step, seconds, f"torch.compile mode={mode or 'default'}, {setup_calls} first calls", extras,
+                         model)
 
     def eager_step(i: int) -> None:
         x, eps = inputs[i % n]
-        optimizer.zero_grad(set_to_none=True)
-        with matmul_mode(spec.mode, device):
-            loss = elbo_loss(model, x, eps)
-        loss.backward()
-        optimizer.step()
+        with design_context(spec.design), tf32_mode(spec.mode):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_mode(spec.mode, device):
+                loss = elbo_loss(model, x, eps)
+            loss.backward()
+            optimizer.step()
 
-    return TrainCase(eager_step)
+    return TrainCase(eager_step, model=model)
 
 
 def _wall(device: torch.device, fn: Callable[[], object]) -> float:
@@ -339,13 +486,20 @@ def _wall(device: torch.device, fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _build_cudagraph_case(model: AVME, inputs: list[tuple[Tensor, Tensor]], lr: float, warmup: int = 3) -> TrainCase:
+def _build_cudagraph_case(
+    model: AVME,
+    inputs: list[tuple[Tensor, Tensor]],
+    lr: float,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    warmup: int = 3,
+) -> TrainCase:
     """Whole-step capture as in the PyTorch CUDA-graphs docs ("whole network capture").
 
     Static input buffers; warm-up iterations on a side stream; ``torch.cuda.graph`` around
     zero-grad-free forward + backward + ``Adam(capturable=True).step()``; every call copies
     the next fresh batch and noise into the static buffers (the copy is inside the timed
-    region, as it is in a training loop) and replays the graph.
+    region, as it is in a training loop) and replays the graph. ``context()`` (the forced
+    design of the fused ops) is entered around the warm-up and the capture.
     """
     n = len(inputs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
@@ -355,7 +509,7 @@ def _build_cudagraph_case(model: AVME, inputs: list[tuple[Tensor, Tensor]], lr: 
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), context():
         for _ in range(warmup):
             optimizer.zero_grad(set_to_none=True)
             elbo_loss(model, static_x, static_eps).backward()
@@ -363,7 +517,7 @@ def _build_cudagraph_case(model: AVME, inputs: list[tuple[Tensor, Tensor]], lr: 
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
+    with context(), torch.cuda.graph(graph):
         static_loss = elbo_loss(model, static_x, static_eps)
         static_loss.backward()
         optimizer.step()
@@ -393,7 +547,7 @@ def build_sample_case(
 
     @torch.no_grad()
     def call(i: int) -> None:
-        with matmul_mode(spec.mode, device):
+        with run_context(spec, device):
             torch.sigmoid(model.core.sample(z=inputs[i % n]).canvas)
 
     return call

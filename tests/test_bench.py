@@ -1,4 +1,4 @@
-"""The benchmark suite (bench/): a CPU smoke run end to end, FLOP formulas, timing helpers, report."""
+"""The benchmark suite (bench/): a CPU smoke run end to end, FLOP formulas, timing helpers, report, crossover."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 from bench import flops as F  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
+from bench.workloads import DESIGNS  # noqa: E402
 
 from avme_ext.loop_types import AVMEParams  # noqa: E402
 from avme_ext.reference import avme_forward_reference  # noqa: E402
@@ -61,12 +62,21 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
         assert r["flops_executed"] < r["flops"]
         assert r["precision"] == "fp32"
         assert 0 < r["fraction_of_peak"]  # against the fp32 matmul measured in the same run
-        # CPU: torch.compile skipped by default in smoke mode, CUDA graphs and fused ops unavailable.
-        for impl in ("ref-compile", "ref-compile-max-autotune", "ref-cudagraph", "fused-fp32", "fused-tf32",
-                     "fused-bf16"):
-            assert by[("train", impl, batch, steps)]["value"] is None
+        assert r["fused"] is False and r["mode"] == "eager" and r["timing_group"] == "main"
+        bf16 = by[("train", "ref-eager-bf16", batch, steps)]  # autocast runs on the CPU too
+        assert bf16["value"] > 0 and bf16["precision"] == "bf16"
+        # CPU: torch.compile skipped by default in smoke mode, TF32, CUDA graphs and fused ops unavailable.
+        for impl in ("ref-eager-tf32", "ref-compile", "ref-compile-reduce-overhead", "ref-cudagraph",
+                     *(f"fused-{d}-{p}" for d in DESIGNS for p in ("fp32", "tf32", "bf16")),
+                     "fused-auto-bf16-graph"):
+            assert by[("train", impl, batch, steps)]["value"] is None, impl
+        assert ("train", "ref-compile-max-autotune", batch, steps) not in by  # optional: not run by default
     assert "torch.compile" in by[("train", "ref-compile", 4, 3)]["skipped"]
-    assert "not built" in by[("train", "fused-bf16", 4, 3)]["skipped"] or "CUDA" in by[("train", "fused-bf16", 4, 3)]["skipped"]
+    assert by[("train", "ref-compile", 4, 3)]["timing_group"] == "compile"
+    fused = by[("train", "fused-persistent-bf16", 4, 3)]
+    assert "CUDA" in fused["skipped"] and fused["design"] == "persistent" and fused["core_precision"] == "bf16"
+    assert data["config"]["impls"]["iwae"] == ["ref-eager", "ref-eager-tf32", "ref-eager-bf16", "fused-auto-fp32",
+                                               "fused-auto-tf32", "fused-auto-bf16"]
 
     sample = by[("sample", "ref-eager", 64, 3)]
     assert sample["unit"] == "images/s" and sample["value"] > 0
@@ -94,7 +104,10 @@ def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_res
     text = readme.read_text()
     section = text.split(report.START, 1)[1].split(report.END, 1)[0]
     assert "No GPU results" not in section
-    assert "| B | K | ref-eager |" in section
+    assert "| impl | B=4 K=3 | B=16 K=3 | B=16 K=5 |" in section
+    assert "| ref-eager-bf16 |" in section and "| fused-stagewise-bf16 | skipped |" in section
+    assert "**best fused / best non-fused**" in section
+    assert "**Targets**" in section and "| training B=16 K=5: best fused / best non-fused >= 1.5x | target |" in section
     assert "Smoke run" in section
     assert "| train | ref-eager | 16 | 5 |" in section
     assert "skipped: " in section
@@ -275,4 +288,192 @@ def test_merge_of_results_files(tmp_path: Path):
     values = {r["impl"]: r["value"] for r in merged["records"]}
     assert values == {"ref-eager": 1.0, "ref-compile": 3.0}
     markdown = report.render_markdown(merged)
-    assert "3 (3.00x)" in markdown
+    assert "| **best non-fused** | 3 (ref-compile) |" in markdown
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _train(impl: str, batch: int, value: float, **extra) -> dict:
+    return {"workload": "train", "impl": impl, "batch": batch, "steps": 12, "value": value, "unit": "samples/s", **extra}
+
+
+def test_targets_are_checked_against_the_best_of_each_family():
+    records = [
+        _train("ref-eager", 100, 3000.0), _train("ref-cudagraph", 100, 20000.0),
+        _train("fused-persistent-bf16", 100, 120000.0), _train("fused-auto-fp32-graph", 100, 90000.0),
+        _train("ref-eager", 4096, 100000.0), _train("ref-eager-bf16", 4096, 120000.0),
+        _train("fused-stagewise-bf16", 4096, 150000.0), _train("fused-stagewise-fp32", 4096, 600000.0),
+        _train("ref-compile", 4096, None, skipped="time budget (--budget-s 5) spent"),
+        {"workload": "sample", "impl": "ref-eager", "batch": 10000, "steps": 12, "value": 900000.0},
+        {"workload": "sample", "impl": "fused-auto-bf16", "batch": 10000, "steps": 12, "value": 1800000.0},
+    ]
+    checks = {c.goal: c for c in report.check_targets({"config": {"steps": [12]}, "records": records})}
+    ratio100 = checks["training B=100 K=12: best fused / best non-fused >= 1.5x"]
+    assert (ratio100.measured, ratio100.status) == ("6.00x", "met")
+    assert "fused-persistent-bf16" in ratio100.note and "ref-cudagraph" in ratio100.note
+    ratio4096 = checks["training B=4096 K=12: best fused / best non-fused >= 1.5x"]
+    assert (ratio4096.measured, ratio4096.status) == ("5.00x", "met") and "ref-compile" in ratio4096.note  # left out
+    eager = checks["training B=100 K=12: best fused / ref-eager >= 10x"]
+    assert (eager.measured, eager.status) == ("40.00x", "met")
+    assert checks["training B=100 K=12: best fused >= 100,000 samples/s"].status == "met"
+    bf16 = checks["training B=4096 K=12: best fused bf16 >= 500,000 samples/s"]
+    assert (bf16.status, bf16.note) == ("not met", "fused-stagewise-bf16")  # the fp32 record does not count
+    assert checks["sampling N=10000 K=12: best fused / best reference mode >= 1.5x"].status == "met"
+    assert checks["IWAE: best fused / best reference mode >= 1.5x"].status == "not measured"
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+def test_impls_accept_globs_and_refuse_unknown_names():
+    from bench.workloads import IMPLS, select_impls
+
+    assert select_impls(["ref-eager", "fused-*-bf16"]) == [
+        "ref-eager", *(f"fused-{d}-bf16" for d in DESIGNS)]
+    assert select_impls(["fused-persistent-*"]) == ["fused-persistent-fp32", "fused-persistent-fp32-graph",
+                                                     "fused-persistent-tf32", "fused-persistent-tf32-graph",
+                                                     "fused-persistent-bf16", "fused-persistent-bf16-graph"]
+    assert set(select_impls(["*"])) == set(IMPLS)
+    with pytest.raises(ValueError, match="fused-fp32"):
+        select_impls(["fused-fp32"])
+
+
+def test_forced_design_wraps_the_whole_step(monkeypatch):
+    """With ``avme_ext.ops.design`` present, every step (forward and backward) runs inside ``design(name)``."""
+    import contextlib
+
+    from bench import workloads as W
+    from avme_ext import ops
+
+    active: list[str] = []
+    seen: list[tuple[str, str | None]] = []
+
+    @contextlib.contextmanager
+    def fake_design(name: str):
+        active.append(name)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(ops, "design", fake_design, raising=False)
+    monkeypatch.setattr(ops, "DESIGNS", ("auto", "rowtile", "persistent"), raising=False)
+    spec = W.ImplSpec("test-persistent", "ref", "fp32", "eager", "fp32", "reference under a forced design",
+                      design="persistent")
+    size = F.ModelSize(12, 6, 5, 3)
+    images = torch.randint(0, 2, (20, 12), dtype=torch.uint8)
+    inputs = W.make_train_inputs(images, 4, 3, size, 2, torch.device("cpu"), seed=0)
+    case = W.build_train_case(spec, size, 3, inputs, torch.device("cpu"))
+    weight = case.model.core.write.weight
+    weight.register_hook(lambda grad: seen.append(("backward", active[-1] if active else None)))
+    case.step(0)
+    assert seen == [("backward", "persistent")] and active == []
+    assert W.unavailable_reason(spec, torch.device("cpu")) is None  # the reference runs on the CPU
+    fused = W.IMPLS["fused-stagewise-bf16"]
+    monkeypatch.setattr(ops, "is_available", lambda: True)
+    assert "not in avme_ext.ops.DESIGNS" in W.unavailable_reason(fused, torch.device("cuda"))
+    assert W.unavailable_reason(W.IMPLS["fused-persistent-bf16"], torch.device("cuda")) is None
+    assert W.spec_extras(W.IMPLS["fused-persistent-bf16"])["design_forced"] is True
+    monkeypatch.delattr(ops, "design")
+    assert "ops.design is not present" in W.unavailable_reason(W.IMPLS["fused-persistent-bf16"], torch.device("cuda"))
+    assert W.unavailable_reason(W.IMPLS["fused-auto-bf16"], torch.device("cuda")) is None  # the default design
+    assert "design_note" in W.spec_extras(W.IMPLS["fused-auto-bf16"])
+
+
+def test_round_limit_stops_after_the_cap_once_the_minimum_is_done():
+    from types import SimpleNamespace
+
+    from bench.run import Budget, RoundLimit
+
+    ctx = SimpleNamespace(budget=Budget(None), args=SimpleNamespace(config_seconds=1e-9, min_repeats=3))
+    limit = RoundLimit(ctx)
+    assert [limit() for _ in range(4)] == [False, False, True, True]
+    ctx.args.config_seconds = None
+    assert not RoundLimit(ctx)()
+    ctx.budget = Budget(-1.0)  # spent
+    assert RoundLimit(ctx)()
+
+
+# --------------------------------------------------------------------------- crossover
+
+
+def test_crossover_runs_on_the_smoke_results(smoke_results: Path, tmp_path: Path, capsys):
+    from avme_ext import dispatch
+    from bench import crossover
+
+    out = tmp_path / "dispatch.py"
+    with pytest.raises(SystemExit):  # a CPU smoke file says nothing about a GPU
+        crossover.main([str(smoke_results), "--out", str(out)])
+    assert "not a full-size GPU run" in capsys.readouterr().err and not out.exists()
+    assert crossover.main([str(smoke_results), "--allow-smoke", "--out", str(out)]) == 0
+    sources, table = dispatch.parse_table(out.read_text())
+    device = json.loads(smoke_results.read_text())["device"]
+    for precision in ("fp32", "tf32", "bf16"):
+        assert table[(device, "float32", precision)] == [(16, "ref")]  # no fused ops on the CPU: never faster
+        assert smoke_results.name in sources[(device, "float32", precision)]
+
+
+# --------------------------------------------------------------------------- GPU scripts (tools/gpu/)
+
+
+GPU_TOOLS = ROOT / "tools" / "gpu"
+
+
+def test_gpu_scripts_parse():
+    for script in sorted(GPU_TOOLS.glob("*.sh")):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, (script.name, proc.stderr)
+
+
+def test_source_revision_falls_back_to_the_stamp(monkeypatch):
+    from bench import run
+
+    monkeypatch.setattr(run, "_git", lambda *cmd: None)  # the GPU machine's copy has no .git
+    monkeypatch.setenv("AVME_GIT_COMMIT", "b" * 40)
+    monkeypatch.setenv("AVME_GIT_DIRTY", "1")
+    assert run.source_revision() == ("b" * 40, True)
+    monkeypatch.delenv("AVME_GIT_COMMIT")
+    monkeypatch.delenv("AVME_GIT_DIRTY")
+    assert run.source_revision() == (None, None)
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"gpu_{name}", GPU_TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_compare_checks_the_last_common_epoch(tmp_path: Path):
+    compare = _load_tool("train_compare")
+    nelbo = {"cuda-fp32": [120.0, 100.0, 95.0], "cuda-bf16": [120.5, 100.2], "cuda-tf32": [119.0, 100.5, 90.0]}
+    for name, values in nelbo.items():
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        lines = [json.dumps({"kind": "valid", "epoch": e + 1, "step": e, "nelbo": v}) for e, v in enumerate(values)]
+        (folder / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "valid", "ep']) + "\n")  # a cut line
+        (tmp_path / "runs" / f"{name}.rc").write_text("143\n" if name == "cuda-bf16" else "0\n")
+    out = tmp_path / "check.json"
+    assert compare.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--epochs", "3"]) == 1
+    result = json.loads(out.read_text())
+    assert result["epoch_compared"] == 2  # cuda-bf16 was stopped after two epochs
+    assert result["checks"]["cuda-bf16"]["pass"] and result["checks"]["cuda-bf16"]["difference"] == pytest.approx(0.2)
+    assert not result["checks"]["cuda-tf32"]["pass"]  # 0.5 nats off
+    assert result["runs"]["cuda-bf16"]["exit_code"] == 143 and result["pass"] is False
+    assert compare.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--tolerance", "0.6"]) == 0
+    assert compare.main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert "baseline" in json.loads(out.read_text())["reason"]
+
+
+def test_ddp_checkpoint_comparison_is_exact_or_relative():
+    ddp = _load_tool("ddp_equal")
+    a = {"w": torch.ones(3), "step": torch.tensor(5)}
+    assert ddp.compare(a, {"w": torch.ones(3), "step": torch.tensor(5)})["exact"] is True
+    near = ddp.compare(a, {"w": torch.tensor([1.0, 1.0, 1.0 + 1e-6]), "step": torch.tensor(5)})
+    assert near["exact"] is False and 0 < near["max_rel"] < 1e-6 and near["worst_tensor"] == "w"
+    nan = ddp.compare(a, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(5)})
+    assert nan["finite"] is False and not nan["max_rel"] <= 1e-5
+    assert ddp.compare(a, {"w": torch.ones(3)})["same_keys"] is False
