@@ -1,0 +1,182 @@
+// Test-only CPU build of the stagewise design (torch.ops.avme_swemu.*): the real host code and
+// pointwise kernels of csrc/stagewise/ compiled as C++, the kernels run by the thread-per-CUDA-
+// thread emulator (cuda_emulation.h), the GEMMs by ATen on the CPU. The ops take exactly the
+// tensors behind LoopParams / BackwardParams (the test prepares them as csrc/avme_ops.cpp does)
+// and write into caller-provided outputs (None = nullptr = not written). Built on demand by
+// tests/ops/test_stagewise_kernels.py (torch.utils.cpp_extension.load); never part of the package.
+#define AVME_CPU_EMULATION 1
+#include "../stagewise/pointwise_kernels.cu"
+#include "../stagewise/host.cpp"
+#include "../stagewise/forward.cpp"
+#include "../stagewise/backward.cpp"
+
+#include <optional>
+#include <string>
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+namespace avme {
+namespace stagewise {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Checks one tensor behind a params pointer (dtype, contiguity, shape) and returns its data.
+template <typename T>
+T* data_of(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<T>::value, "avme_swemu: ", name,
+              " has dtype ", t.scalar_type(), ", expected ", c10::CppTypeToScalarType<T>::value);
+  TORCH_CHECK(t.device().is_cpu(), "avme_swemu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "avme_swemu: ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, "avme_swemu: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  return t.data_ptr<T>();
+}
+
+template <typename T>
+T* data_of(const OptTensor& t, const char* name, at::IntArrayRef shape) {
+  return (t.has_value() && t->defined()) ? data_of<T>(*t, name, shape) : nullptr;
+}
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_in,
+                   const OptTensor& enc_static, const OptTensor& enc_wT, const OptTensor& q_wT,
+                   const OptTensor& q_b, const Tensor& dec_static, const Tensor& dec_wT,
+                   const Tensor& write_wT, const Tensor& write_b, bool error_mode,
+                   const std::string& precision, const OptTensor& canvas,
+                   const OptTensor& canvases, const OptTensor& mu, const OptTensor& logvar,
+                   const OptTensor& h_enc, const OptTensor& c_enc, const OptTensor& gates_enc,
+                   const OptTensor& z, const OptTensor& h_dec, const OptTensor& c_dec,
+                   const OptTensor& gates_dec) {
+  const bool encoder = !present(z_in);
+  const OptTensor& noise = encoder ? eps : z_in;
+  TORCH_CHECK(present(noise) && noise->dim() == 3,
+              "avme_swemu.forward: eps (encoder) or z_in (sampler) must be given as (K, B, Z)");
+  TORCH_CHECK(write_wT.dim() == 2, "avme_swemu.forward: write_wT must be (Hd, D)");
+  const int64_t K = noise->size(0), B = noise->size(1), Z = noise->size(2);
+  const int64_t Hd = write_wT.size(0), D = write_wT.size(1);
+  // He from q_wT (He, 2Z) or enc_static (B, 4He); a missing one is then reported by the design.
+  const int64_t He = !encoder             ? 0
+                     : present(q_wT)       ? q_wT->size(0)
+                     : present(enc_static) ? enc_static->size(1) / 4
+                                           : 0;
+  const bool per_row = dec_static.dim() == 2;
+  AT_DISPATCH_FLOATING_TYPES(dec_wT.scalar_type(), "avme_swemu_forward", [&] {
+    using T = scalar_t;
+    LoopParams<T> p;
+    p.B = B;
+    p.K = static_cast<int>(K);
+    p.D = static_cast<int>(D);
+    p.He = static_cast<int>(He);
+    p.Hd = static_cast<int>(Hd);
+    p.Z = static_cast<int>(Z);
+    p.encoder = encoder;
+    p.error_mode = error_mode;
+    p.x = data_of<T>(x, "x", {B, D});
+    p.eps = data_of<T>(eps, "eps", {K, B, Z});
+    p.z_in = data_of<T>(z_in, "z_in", {K, B, Z});
+    p.enc_static = data_of<T>(enc_static, "enc_static", {B, 4 * He});
+    p.enc_wT = data_of<T>(enc_wT, "enc_wT", {D + Hd + He, 4 * He});
+    p.q_wT = data_of<T>(q_wT, "q_wT", {He, 2 * Z});
+    p.q_b = data_of<T>(q_b, "q_b", {2 * Z});
+    p.dec_static = per_row ? data_of<T>(dec_static, "dec_static", {B, 4 * Hd})
+                           : data_of<T>(dec_static, "dec_static", {4 * Hd});
+    p.dec_static_stride = per_row ? 4 * Hd : 0;
+    p.dec_wT = data_of<T>(dec_wT, "dec_wT", {Z + Hd, 4 * Hd});
+    p.write_wT = data_of<T>(write_wT, "write_wT", {Hd, D});
+    p.write_b = data_of<T>(write_b, "write_b", {D});
+    p.canvas = data_of<T>(canvas, "canvas", {B, D});
+    p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
+    p.mu = data_of<T>(mu, "mu", {K, B, Z});
+    p.logvar = data_of<T>(logvar, "logvar", {K, B, Z});
+    p.h_enc = data_of<T>(h_enc, "h_enc", {K, B, He});
+    p.c_enc = data_of<T>(c_enc, "c_enc", {K, B, He});
+    p.gates_enc = data_of<T>(gates_enc, "gates_enc", {K, B, 4 * He});
+    p.z_out = data_of<T>(z, "z", {K, B, Z});
+    p.h_dec = data_of<T>(h_dec, "h_dec", {K, B, Hd});
+    p.c_dec = data_of<T>(c_dec, "c_dec", {K, B, Hd});
+    p.gates_dec = data_of<T>(gates_dec, "gates_dec", {K, B, 4 * Hd});
+    forward<T>(p, parse_gemm_precision(precision), nullptr);
+  });
+}
+
+void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases,
+                    const OptTensor& grad_mu, const OptTensor& grad_logvar, const Tensor& eps,
+                    const Tensor& logvar, const OptTensor& canvases, const Tensor& c_enc,
+                    const Tensor& gates_enc, const Tensor& c_dec, const Tensor& gates_dec,
+                    const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w,
+                    const Tensor& dec_w_ih, const Tensor& dec_w_hh, const Tensor& write_w,
+                    bool error_mode, const std::string& precision, const Tensor& d_canvas,
+                    const Tensor& d_q, const Tensor& d_gates_enc, const Tensor& d_gates_dec,
+                    const OptTensor& d_x_error) {
+  TORCH_CHECK(eps.dim() == 3 && write_w.dim() == 2 && enc_w_hh.dim() == 2 && dec_w_hh.dim() == 2 &&
+                  dec_w_ih.dim() == 2,
+              "avme_swemu.backward: eps must be (K, B, Z) and the weights 2-D");
+  const int64_t K = eps.size(0), B = eps.size(1), Z = eps.size(2);
+  const int64_t D = write_w.size(0), Hd = dec_w_hh.size(1), He = enc_w_hh.size(1);
+  const int64_t C = dec_w_ih.size(1) - Z;
+  AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "avme_swemu_backward", [&] {
+    using T = scalar_t;
+    BackwardParams<T> p;
+    p.B = B;
+    p.K = static_cast<int>(K);
+    p.D = static_cast<int>(D);
+    p.He = static_cast<int>(He);
+    p.Hd = static_cast<int>(Hd);
+    p.Z = static_cast<int>(Z);
+    p.C = static_cast<int>(C);
+    p.error_mode = error_mode;
+    p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
+    p.grad_canvases = data_of<T>(grad_canvases, "grad_canvases", {K, B, D});
+    p.grad_mu = data_of<T>(grad_mu, "grad_mu", {K, B, Z});
+    p.grad_logvar = data_of<T>(grad_logvar, "grad_logvar", {K, B, Z});
+    p.eps = data_of<T>(eps, "eps", {K, B, Z});
+    p.logvar = data_of<T>(logvar, "logvar", {K, B, Z});
+    p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
+    p.c_enc = data_of<T>(c_enc, "c_enc", {K, B, He});
+    p.gates_enc = data_of<T>(gates_enc, "gates_enc", {K, B, 4 * He});
+    p.c_dec = data_of<T>(c_dec, "c_dec", {K, B, Hd});
+    p.gates_dec = data_of<T>(gates_dec, "gates_dec", {K, B, 4 * Hd});
+    p.enc_w_ih = data_of<T>(enc_w_ih, "enc_w_ih", {4 * He, 2 * D + Hd + C});
+    p.enc_w_hh = data_of<T>(enc_w_hh, "enc_w_hh", {4 * He, He});
+    p.q_w = data_of<T>(q_w, "q_w", {2 * Z, He});
+    p.dec_w_ih = data_of<T>(dec_w_ih, "dec_w_ih", {4 * Hd, Z + C});
+    p.dec_w_hh = data_of<T>(dec_w_hh, "dec_w_hh", {4 * Hd, Hd});
+    p.write_w = data_of<T>(write_w, "write_w", {D, Hd});
+    p.d_canvas = data_of<T>(d_canvas, "d_canvas", {K, B, D});
+    p.d_q = data_of<T>(d_q, "d_q", {K, B, 2 * Z});
+    p.d_gates_enc = data_of<T>(d_gates_enc, "d_gates_enc", {K, B, 4 * He});
+    p.d_gates_dec = data_of<T>(d_gates_dec, "d_gates_dec", {K, B, 4 * Hd});
+    p.d_x_error = data_of<T>(d_x_error, "d_x_error", {B, D});
+    backward<T>(p, parse_gemm_precision(precision), nullptr);
+  });
+}
+
+}  // namespace
+}  // namespace stagewise
+}  // namespace avme
+
+TORCH_LIBRARY(avme_swemu, m) {
+  m.def(
+      "forward(Tensor? x, Tensor? eps, Tensor? z_in, Tensor? enc_static, Tensor? enc_wT, "
+      "Tensor? q_wT, Tensor? q_b, Tensor dec_static, Tensor dec_wT, Tensor write_wT, "
+      "Tensor write_b, bool error_mode, str precision, Tensor(a!)? canvas, "
+      "Tensor(b!)? canvases, Tensor(c!)? mu, Tensor(d!)? logvar, Tensor(e!)? h_enc, "
+      "Tensor(f!)? c_enc, Tensor(g!)? gates_enc, Tensor(h!)? z, Tensor(i!)? h_dec, "
+      "Tensor(j!)? c_dec, Tensor(k!)? gates_dec) -> ()");
+  m.def(
+      "backward(Tensor? grad_canvas, Tensor? grad_canvases, Tensor? grad_mu, "
+      "Tensor? grad_logvar, Tensor eps, Tensor logvar, Tensor? canvases, Tensor c_enc, "
+      "Tensor gates_enc, Tensor c_dec, Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, "
+      "Tensor q_w, Tensor dec_w_ih, Tensor dec_w_hh, Tensor write_w, bool error_mode, "
+      "str precision, Tensor(a!) d_canvas, Tensor(b!) d_q, Tensor(c!) d_gates_enc, "
+      "Tensor(d!) d_gates_dec, Tensor(e!)? d_x_error) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(avme_swemu, CPU, m) {
+  m.impl("forward", &avme::stagewise::swemu_forward);
+  m.impl("backward", &avme::stagewise::swemu_backward);
+}

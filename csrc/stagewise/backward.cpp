@@ -1,0 +1,225 @@
+// Stagewise backward through time: the reverse step loop of csrc/stagewise/stagewise.h.
+
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include "stagewise/host.h"
+
+namespace avme {
+namespace stagewise {
+namespace {
+
+using at::Tensor;
+using detail::CallContext;
+using detail::ColumnLayout;
+using detail::slot;
+
+template <typename T>
+void check_backward_params(const BackwardParams<T>& p) {
+  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.He > 0 && p.Hd > 0 && p.Z > 0 && p.C >= 0,
+              "avme::stagewise::backward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
+              " Hd=", p.Hd, " Z=", p.Z, " C=", p.C);
+  if (p.B == 0) return;  // nothing is read or written
+  auto need = [](const void* ptr, const char* name) {
+    TORCH_CHECK(ptr != nullptr, "avme::stagewise::backward: BackwardParams.", name, " is null");
+  };
+  need(p.eps, "eps");
+  need(p.logvar, "logvar");
+  if (p.error_mode) need(p.canvases, "canvases");
+  need(p.c_enc, "c_enc");
+  need(p.gates_enc, "gates_enc");
+  need(p.c_dec, "c_dec");
+  need(p.gates_dec, "gates_dec");
+  need(p.enc_w_ih, "enc_w_ih");
+  need(p.enc_w_hh, "enc_w_hh");
+  need(p.q_w, "q_w");
+  need(p.dec_w_ih, "dec_w_ih");
+  need(p.dec_w_hh, "dec_w_hh");
+  need(p.write_w, "write_w");
+  need(p.d_canvas, "d_canvas");
+  need(p.d_q, "d_q");
+  need(p.d_gates_enc, "d_gates_enc");
+  need(p.d_gates_dec, "d_gates_dec");
+}
+
+// GEMM-operand copy of a per-step gradient: bf16 buffer written by the pointwise kernel, or the
+// (B, N) step slice of the fp32 output itself.
+template <typename T, typename A>
+struct OperandCopy {
+  Tensor buffer;  // (B, N) operand type, only when the operands are cast
+
+  OperandCopy(int64_t B, int64_t N, const CallContext& ctx) {
+    if (ctx.casts_operands()) buffer = at::empty({B, N}, ctx.operand());
+  }
+  Slot<A> target() const { return buffer.defined() ? slot<A>(buffer, 0) : Slot<A>{}; }
+  Tensor operand(const T* step_output, int64_t B, int64_t N, const CallContext& ctx) const {
+    return buffer.defined() ? buffer : detail::wrap(step_output, {B, N}, ctx.state_type, ctx);
+  }
+};
+
+// Persistent buffers and packed weights of one backward call (allocated before the loop).
+template <typename T, typename A>
+struct BackwardWorkspace {
+  ColumnLayout enc_cols;  // [r | h_dec | h_enc]: the encoder input's gradient
+  ColumnLayout dec_cols;  // [z | h_dec]: the decoder input's gradient
+  Tensor enc_w, dec_w, q_w, write_w;  // (out, in) layout, packed / cast
+  Tensor enc_in_grad;     // (B, We) = d_gates_enc[t] @ enc_w
+  Tensor dec_in_grad;     // (B, Wd) = d_gates_dec[t] @ dec_w
+  Tensor dh_dec_write;    // (B, Hd) = d_canvas[t] @ write_w
+  Tensor dh_enc_q;        // (B, He) = d_q[t] @ q_w
+  Tensor dc_enc, dc_dec;  // (B, H) carried cell gradients, start at zero
+  OperandCopy<T, A> g, dgd, dq, dge;
+
+  BackwardWorkspace(const BackwardParams<T>& p, const CallContext& ctx)
+      : enc_cols({p.D, p.Hd, p.He}),
+        dec_cols({p.Z, p.Hd}),
+        g(p.B, p.D, ctx),
+        dgd(p.B, 4 * int64_t(p.Hd), ctx),
+        dq(p.B, 2 * int64_t(p.Z), ctx),
+        dge(p.B, 4 * int64_t(p.He), ctx) {
+    const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, C = p.C;
+    const auto st = ctx.state_type;
+    const Tensor enc_w_ih = detail::wrap(p.enc_w_ih, {4 * He, 2 * D + Hd + C}, st, ctx);
+    const Tensor enc_w_hh = detail::wrap(p.enc_w_hh, {4 * He, He}, st, ctx);
+    enc_w = detail::pack({enc_w_ih.narrow(1, D, D), enc_w_ih.narrow(1, 2 * D, Hd), enc_w_hh},
+                         enc_cols, 1, ctx.operand());
+    const Tensor dec_w_ih = detail::wrap(p.dec_w_ih, {4 * Hd, Z + C}, st, ctx);
+    const Tensor dec_w_hh = detail::wrap(p.dec_w_hh, {4 * Hd, Hd}, st, ctx);
+    dec_w = detail::pack({dec_w_ih.narrow(1, 0, Z), dec_w_hh}, dec_cols, 1, ctx.operand());
+    q_w = detail::as_operand(detail::wrap(p.q_w, {2 * Z, He}, st, ctx), ctx);
+    write_w = detail::as_operand(detail::wrap(p.write_w, {D, Hd}, st, ctx), ctx);
+    enc_in_grad = at::empty({B, enc_cols.total()}, ctx.state());
+    dec_in_grad = at::empty({B, dec_cols.total()}, ctx.state());
+    dh_dec_write = at::empty({B, Hd}, ctx.state());
+    dh_enc_q = at::empty({B, He}, ctx.state());
+    dc_enc = at::zeros({B, He}, ctx.state());
+    dc_dec = at::zeros({B, Hd}, ctx.state());
+  }
+};
+
+
+template <typename T, typename A>
+void run_backward(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
+  const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
+  const int K = p.K;
+  BackwardWorkspace<T, A> ws(p, ctx);
+  const int64_t enc_r = ws.enc_cols.offset(0), enc_hd = ws.enc_cols.offset(1),
+                enc_he = ws.enc_cols.offset(2);
+  const int64_t dec_z = ws.dec_cols.offset(0), dec_hd = ws.dec_cols.offset(1);
+  const bool x_error = p.error_mode && p.d_x_error != nullptr;
+
+  for (int t = K - 1; t >= 0; --t) {
+    const bool last = t == K - 1;  // nothing carried in from step t+1 yet
+    T* const d_canvas = p.d_canvas + t * B * D;
+    T* const d_gates_dec = p.d_gates_dec + t * B * 4 * Hd;
+    T* const d_q = p.d_q + t * B * 2 * Z;
+    T* const d_gates_enc = p.d_gates_enc + t * B * 4 * He;
+
+    // dL/ds_t, and d_x += dr_{t+1} (error mode).
+    CanvasGradArgs<T, A> cg;
+    cg.B = B;
+    cg.D = p.D;
+    cg.g_next = last ? p.grad_canvas : p.d_canvas + (t + 1) * B * D;
+    cg.grad_extra = detail::step_slice(p.grad_canvases, t, B * D);
+    if (!last) cg.dr = slot<const T>(ws.enc_in_grad, enc_r);
+    cg.error_mode = p.error_mode;
+    cg.s = p.error_mode ? p.canvases + t * B * D : nullptr;
+    cg.d_x = (x_error && !last) ? p.d_x_error : nullptr;
+    cg.g_out = d_canvas;
+    cg.g_copy = ws.g.target();
+    launch_canvas_grad(cg, stream);
+
+    // Decoder: dh_dec_t = d_canvas[t] write_w + the step t+1 carries.
+    detail::gemm(ws.dh_dec_write, ws.g.operand(d_canvas, B, D, ctx), ws.write_w);
+    LstmBackwardArgs<T, A> dec;
+    dec.B = B;
+    dec.H = p.Hd;
+    dec.dh_in[0] = slot<const T>(ws.dh_dec_write, 0);
+    if (!last) {
+      dec.dh_in[1] = slot<const T>(ws.enc_in_grad, enc_hd);
+      dec.dh_in[2] = slot<const T>(ws.dec_in_grad, dec_hd);
+    }
+    dec.gates = p.gates_dec + t * B * 4 * Hd;
+    dec.c = p.c_dec + t * B * Hd;
+    dec.c_prev = t > 0 ? p.c_dec + (t - 1) * B * Hd : nullptr;
+    dec.dc_carry = ws.dc_dec.template data_ptr<T>();
+    dec.d_gates = d_gates_dec;
+    dec.d_gates_copy = ws.dgd.target();
+    launch_lstm_backward(dec, stream);
+
+    // Posterior: [dz | dh_dec carry] = d_gates_dec[t] [W_z | W_hh] (no carry needed at t = 0).
+    const int64_t dec_cols = t > 0 ? ws.dec_cols.total() : Z;
+    detail::gemm(ws.dec_in_grad.narrow(1, 0, dec_cols),
+                 ws.dgd.operand(d_gates_dec, B, 4 * Hd, ctx), ws.dec_w.narrow(1, 0, dec_cols));
+    ReparamBackwardArgs<T, A> rb;
+    rb.B = B;
+    rb.Z = p.Z;
+    rb.dz = slot<const T>(ws.dec_in_grad, dec_z);
+    rb.eps = p.eps + t * B * Z;
+    rb.logvar = p.logvar + t * B * Z;
+    rb.grad_mu = detail::step_slice(p.grad_mu, t, B * Z);
+    rb.grad_logvar = detail::step_slice(p.grad_logvar, t, B * Z);
+    rb.d_q = d_q;
+    rb.d_q_copy = ws.dq.target();
+    launch_reparam_backward(rb, stream);
+
+    // Encoder: dh_enc_t = d_q[t] q_w + the step t+1 carry.
+    detail::gemm(ws.dh_enc_q, ws.dq.operand(d_q, B, 2 * Z, ctx), ws.q_w);
+    LstmBackwardArgs<T, A> enc;
+    enc.B = B;
+    enc.H = p.He;
+    enc.dh_in[0] = slot<const T>(ws.dh_enc_q, 0);
+    if (!last) enc.dh_in[1] = slot<const T>(ws.enc_in_grad, enc_he);
+    enc.gates = p.gates_enc + t * B * 4 * He;
+    enc.c = p.c_enc + t * B * He;
+    enc.c_prev = t > 0 ? p.c_enc + (t - 1) * B * He : nullptr;
+    enc.dc_carry = ws.dc_enc.template data_ptr<T>();
+    enc.d_gates = d_gates_enc;
+    enc.d_gates_copy = ws.dge.target();
+    launch_lstm_backward(enc, stream);
+
+    // Carries into step t-1: [dr_t | dh_dec | dh_enc] = d_gates_enc[t] [W_r | W_hd | W_hh]. At
+    // t = 0 only dr_1 matters, and only for d_x (error mode).
+    const int64_t enc_cols = t > 0 ? ws.enc_cols.total() : (x_error ? D : 0);
+    if (enc_cols > 0) {
+      detail::gemm(ws.enc_in_grad.narrow(1, 0, enc_cols),
+                   ws.dge.operand(d_gates_enc, B, 4 * He, ctx), ws.enc_w.narrow(1, 0, enc_cols));
+    }
+  }
+
+  if (x_error) {  // d_x += dr_1 (r_1 = x - sigmoid(s_0))
+    CanvasGradArgs<T, A> cg;
+    cg.B = B;
+    cg.D = p.D;
+    cg.dr = slot<const T>(ws.enc_in_grad, enc_r);
+    cg.error_mode = true;
+    cg.d_x = p.d_x_error;
+    launch_canvas_grad(cg, stream);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void backward(const BackwardParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
+  check_backward_params(p);
+  if (p.B == 0) return;
+  const CallContext ctx = detail::make_context(c10::CppTypeToScalarType<T>::value, precision);
+  const detail::StreamScope stream_scope(stream);
+  const detail::MatmulModeGuard matmul_mode(precision);
+  if constexpr (std::is_same_v<T, float>) {
+    if (ctx.casts_operands()) {
+      run_backward<float, c10::BFloat16>(p, ctx, stream);
+      return;
+    }
+  }
+  run_backward<T, T>(p, ctx, stream);
+}
+
+template void backward<float>(const BackwardParams<float>&, GemmPrecision, cudaStream_t);
+template void backward<double>(const BackwardParams<double>&, GemmPrecision, cudaStream_t);
+
+}  // namespace stagewise
+}  // namespace avme

@@ -1,0 +1,212 @@
+// Stagewise forward and sampler: the step loop of csrc/stagewise/stagewise.h.
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include "stagewise/host.h"
+
+namespace avme {
+namespace stagewise {
+namespace {
+
+using at::Tensor;
+using detail::CallContext;
+using detail::ColumnLayout;
+using detail::slot;
+
+template <typename T>
+void check_forward_params(const LoopParams<T>& p) {
+  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.Hd > 0 && p.Z > 0 && (!p.encoder || p.He > 0),
+              "avme::stagewise::forward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
+              " Hd=", p.Hd, " Z=", p.Z);
+  if (p.B == 0) return;  // nothing is read or written
+  auto need = [](const void* ptr, const char* name) {
+    TORCH_CHECK(ptr != nullptr, "avme::stagewise::forward: LoopParams.", name, " is null");
+  };
+  need(p.dec_static, "dec_static");
+  need(p.dec_wT, "dec_wT");
+  need(p.write_wT, "write_wT");
+  need(p.write_b, "write_b");
+  if (p.encoder) {
+    need(p.x, "x");
+    need(p.eps, "eps");
+    need(p.enc_static, "enc_static");
+    need(p.enc_wT, "enc_wT");
+    need(p.q_wT, "q_wT");
+    need(p.q_b, "q_b");
+  } else {
+    need(p.z_in, "z_in");
+  }
+}
+
+// Persistent buffers and packed weights of one forward call (allocated before the loop).
+template <typename T>
+struct ForwardWorkspace {
+  ColumnLayout enc_cols;  // E_in = [r | h_dec | h_enc]
+  ColumnLayout dec_cols;  // D_in = [z | h_dec]
+  Tensor e_in, d_in;      // (B, We), (B, Wd) operand type
+  Tensor enc_w, q_w, dec_w, write_w;  // packed / cast weights, (in, out) layout
+  Tensor gates;           // (B, 4 max(He, Hd)) GEMM output
+  Tensor q;               // (B, 2Z) GEMM output
+  Tensor delta;           // (B, D) write GEMM output
+  Tensor c_enc, c_dec;    // (B, H) cell states when the caller does not save them
+  Tensor canvas_state;    // (B, D) when the caller wants neither canvas nor canvases
+
+  ForwardWorkspace(const LoopParams<T>& p, const CallContext& ctx)
+      : enc_cols({p.D, p.Hd, std::max(p.He, 1)}), dec_cols({p.Z, p.Hd}) {
+    const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
+    const auto st = ctx.state_type;
+    d_in = at::zeros({B, dec_cols.total()}, ctx.operand());
+    const Tensor dec_wT = detail::wrap(p.dec_wT, {Z + Hd, 4 * Hd}, st, ctx);
+    dec_w = detail::pack({dec_wT.narrow(0, 0, Z), dec_wT.narrow(0, Z, Hd)}, dec_cols, 0,
+                         ctx.operand());
+    write_w = detail::as_operand(detail::wrap(p.write_wT, {Hd, D}, st, ctx), ctx);
+    gates = at::empty({B, 4 * std::max(He, Hd)}, ctx.state());
+    delta = at::empty({B, D}, ctx.state());
+    if (p.c_dec == nullptr) c_dec = at::empty({B, Hd}, ctx.state());
+    if (p.canvas == nullptr && p.canvases == nullptr) {
+      canvas_state = at::empty({B, D}, ctx.state());
+    }
+    if (!p.encoder) return;
+    e_in = at::zeros({B, enc_cols.total()}, ctx.operand());
+    const Tensor enc_wT = detail::wrap(p.enc_wT, {D + Hd + He, 4 * He}, st, ctx);
+    enc_w = detail::pack(
+        {enc_wT.narrow(0, 0, D), enc_wT.narrow(0, D, Hd), enc_wT.narrow(0, D + Hd, He)}, enc_cols,
+        0, ctx.operand());
+    q_w = detail::as_operand(detail::wrap(p.q_wT, {He, 2 * Z}, st, ctx), ctx);
+    q = at::empty({B, 2 * Z}, ctx.state());
+    if (p.c_enc == nullptr) c_enc = at::empty({B, He}, ctx.state());
+  }
+
+  // (B, 4H) view of the gates buffer.
+  Tensor gates_for(int64_t H, int64_t B) const {
+    return gates.view({-1}).narrow(0, 0, B * 4 * H).view({B, 4 * H});
+  }
+};
+
+// (prev, out) cell-state pointers of step t: through the saved (K, B, H) states when the caller
+// saves them (no extra copy), else in place in a (B, H) buffer.
+template <typename T>
+std::pair<const T*, T*> cell_state(T* saved, const Tensor& buffer, int t, int64_t BH) {
+  if (saved != nullptr) return {t > 0 ? saved + (t - 1) * BH : nullptr, saved + t * BH};
+  T* own = buffer.data_ptr<T>();
+  return {t > 0 ? own : nullptr, own};
+}
+
+template <typename T, typename A>
+void run_forward(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
+  const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
+  const int K = p.K;
+  ForwardWorkspace<T> ws(p, ctx);
+  const Tensor enc_gates = p.encoder ? ws.gates_for(He, B) : Tensor();
+  const Tensor dec_gates = ws.gates_for(Hd, B);
+  const Tensor d_in_h = ws.d_in.narrow(1, ws.dec_cols.offset(1), Hd);
+  const Tensor e_in_h = p.encoder ? ws.e_in.narrow(1, ws.enc_cols.offset(2), He) : Tensor();
+  const Tensor d_in_z = ws.d_in.narrow(1, ws.dec_cols.offset(0), Z);
+  T* const canvas_state = p.canvas != nullptr ? p.canvas
+                          : ws.canvas_state.defined() ? ws.canvas_state.template data_ptr<T>()
+                                                     : nullptr;
+
+  CanvasArgs<T, A> canvas_args;  // fields common to every step
+  canvas_args.B = B;
+  canvas_args.D = p.D;
+  canvas_args.error_mode = p.error_mode;
+  canvas_args.x = p.x;
+
+  if (p.encoder && p.error_mode) {
+    // r_1 = x - sigmoid(s_0) = x - 1/2 (in canvas mode r_1 = s_0 = 0: E_in starts at zero).
+    CanvasArgs<T, A> a = canvas_args;
+    a.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
+    launch_canvas(a, stream);
+  }
+
+  for (int t = 0; t < K; ++t) {
+    if (p.encoder) {
+      detail::gemm(enc_gates, ws.e_in, ws.enc_w);
+      LstmForwardArgs<T, A> enc;
+      enc.B = B;
+      enc.H = p.He;
+      enc.pre = enc_gates.data_ptr<T>();
+      enc.bias = p.enc_static;
+      enc.bias_ld = 4 * He;
+      std::tie(enc.c_prev, enc.c_out) = cell_state(p.c_enc, ws.c_enc, t, B * He);
+      enc.h_out[0] = slot<A>(ws.e_in, ws.enc_cols.offset(2));
+      enc.h_saved = detail::step_slice(p.h_enc, t, B * He);
+      enc.gates_saved = detail::step_slice(p.gates_enc, t, B * 4 * He);
+      launch_lstm_forward(enc, stream);
+
+      detail::gemm(ws.q, e_in_h, ws.q_w);
+      ReparamArgs<T, A> rep;
+      rep.B = B;
+      rep.Z = p.Z;
+      rep.q = ws.q.template data_ptr<T>();
+      rep.q_b = p.q_b;
+      rep.eps = p.eps + t * B * Z;
+      rep.mu = detail::step_slice(p.mu, t, B * Z);
+      rep.logvar = detail::step_slice(p.logvar, t, B * Z);
+      rep.z_saved = detail::step_slice(p.z_out, t, B * Z);
+      rep.z_out = slot<A>(ws.d_in, ws.dec_cols.offset(0));
+      launch_reparam(rep, stream);
+    } else {
+      d_in_z.copy_(detail::wrap(p.z_in + t * B * Z, {B, Z}, ctx.state_type, ctx));
+    }
+
+    detail::gemm(dec_gates, ws.d_in, ws.dec_w);
+    LstmForwardArgs<T, A> dec;
+    dec.B = B;
+    dec.H = p.Hd;
+    dec.pre = dec_gates.data_ptr<T>();
+    dec.bias = p.dec_static;
+    dec.bias_ld = p.dec_static_stride;
+    std::tie(dec.c_prev, dec.c_out) = cell_state(p.c_dec, ws.c_dec, t, B * Hd);
+    dec.h_out[0] = slot<A>(ws.d_in, ws.dec_cols.offset(1));
+    if (p.encoder) dec.h_out[1] = slot<A>(ws.e_in, ws.enc_cols.offset(1));
+    dec.h_saved = detail::step_slice(p.h_dec, t, B * Hd);
+    dec.gates_saved = detail::step_slice(p.gates_dec, t, B * 4 * Hd);
+    launch_lstm_forward(dec, stream);
+
+    detail::gemm(ws.delta, d_in_h, ws.write_w);
+    CanvasArgs<T, A> can = canvas_args;
+    can.delta = ws.delta.template data_ptr<T>();
+    can.bias = p.write_b;
+    if (p.canvases != nullptr) {  // the state lives in canvases[t]
+      can.s_prev = t > 0 ? p.canvases + (t - 1) * B * D : nullptr;
+      can.s_out = p.canvases + t * B * D;
+      can.s_out2 = t == K - 1 ? p.canvas : nullptr;
+    } else {
+      can.s_prev = t > 0 ? canvas_state : nullptr;
+      can.s_out = canvas_state;
+    }
+    if (p.encoder && t < K - 1) can.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
+    launch_canvas(can, stream);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
+  check_forward_params(p);
+  if (p.B == 0) return;
+  const CallContext ctx = detail::make_context(c10::CppTypeToScalarType<T>::value, precision);
+  const detail::StreamScope stream_scope(stream);
+  const detail::MatmulModeGuard matmul_mode(precision);
+  if constexpr (std::is_same_v<T, float>) {
+    if (ctx.casts_operands()) {
+      run_forward<float, c10::BFloat16>(p, ctx, stream);
+      return;
+    }
+  }
+  run_forward<T, T>(p, ctx, stream);
+}
+
+template void forward<float>(const LoopParams<float>&, GemmPrecision, cudaStream_t);
+template void forward<double>(const LoopParams<double>&, GemmPrecision, cudaStream_t);
+
+}  // namespace stagewise
+}  // namespace avme

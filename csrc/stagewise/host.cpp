@@ -1,0 +1,122 @@
+// Host-side building blocks of the stagewise design; see host.h.
+
+#include "stagewise/host.h"
+
+#include <algorithm>
+
+#include <c10/util/Exception.h>
+
+#ifndef AVME_CPU_EMULATION
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace avme {
+namespace stagewise {
+
+GemmPrecision parse_gemm_precision(const std::string& name) {
+  if (name == "fp32") return GemmPrecision::kFP32;
+  if (name == "tf32") return GemmPrecision::kTF32;
+  if (name == "bf16") return GemmPrecision::kBF16;
+  TORCH_CHECK(false, "avme: precision must be one of 'fp32', 'tf32', 'bf16', got '", name, "'");
+}
+
+namespace detail {
+
+CallContext make_context(at::ScalarType state_type, GemmPrecision precision) {
+  TORCH_CHECK(state_type == at::kFloat || state_type == at::kDouble,
+              "avme::stagewise: tensors must be float32 or float64, got ", state_type);
+#ifdef AVME_CPU_EMULATION
+  const at::Device device(at::kCPU);
+#else
+  const at::Device device(at::kCUDA, c10::cuda::current_device());
+#endif
+  const bool bf16 = precision == GemmPrecision::kBF16 && state_type == at::kFloat;
+  return CallContext{device, state_type, bf16 ? at::kBFloat16 : state_type};
+}
+
+at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
+                const CallContext& ctx) {
+  TORCH_CHECK(data != nullptr, "avme::stagewise: internal error: wrapping a null pointer");
+  return at::for_blob(const_cast<void*>(data), sizes)
+      .options(at::TensorOptions().dtype(dtype).device(ctx.device))
+      .target_device(ctx.device)
+      .make_tensor();
+}
+
+void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#ifdef AVME_CPU_EMULATION
+  // aten::mm.dtype exists on CUDA only: the bf16-rounded operands, multiplied in fp32.
+  at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
+#else
+  at::mm_out(out, a, b, out.scalar_type());
+#endif
+}
+
+MatmulModeGuard::MatmulModeGuard(GemmPrecision precision) {
+  if (precision == GemmPrecision::kTF32) {
+    auto& ctx = at::globalContext();
+    legacy_ = ctx.float32MatmulPrecision();
+    cuda_matmul_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+    ctx.setAllowTF32CuBLAS(true);
+    restore_ = true;
+  } else {
+    no_tf32_.emplace();
+  }
+}
+
+MatmulModeGuard::~MatmulModeGuard() {
+  if (!restore_) return;
+  auto& ctx = at::globalContext();
+  const char* name = legacy_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
+                     : legacy_ == at::Float32MatmulPrecision::HIGH  ? "high"
+                                                                     : "medium";
+  ctx.setFloat32MatmulPrecision(name);
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, cuda_matmul_);
+}
+
+StreamScope::StreamScope(cudaStream_t stream) {
+#ifdef AVME_CPU_EMULATION
+  (void)stream;
+#else
+  guard_.emplace(c10::cuda::getStreamFromExternal(stream, c10::cuda::current_device()));
+#endif
+}
+
+ColumnLayout::ColumnLayout(std::initializer_list<int64_t> widths) : widths_(widths) {
+  for (const int64_t w : widths_) {
+    TORCH_CHECK(w > 0, "avme::stagewise: internal error: empty slot in a column layout");
+    offsets_.push_back(total_);
+    total_ += (w + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  }
+}
+
+at::Tensor pack(const std::vector<at::Tensor>& parts, const ColumnLayout& layout, int64_t dim,
+                const at::TensorOptions& opts) {
+  TORCH_CHECK(!parts.empty() && (dim == 0 || dim == 1),
+              "avme::stagewise: internal error: bad weight packing");
+  const int64_t other = parts.front().size(1 - dim);
+  std::vector<int64_t> sizes(2);
+  sizes[dim] = layout.total();
+  sizes[1 - dim] = other;
+  at::Tensor packed = at::zeros(sizes, opts);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    TORCH_CHECK(parts[i].size(dim) == layout.width(i) && parts[i].size(1 - dim) == other,
+                "avme::stagewise: internal error: weight part ", i, " has shape ",
+                parts[i].sizes());
+    packed.narrow(dim, layout.offset(i), layout.width(i)).copy_(parts[i]);
+  }
+  return packed;
+}
+
+at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx) {
+  return x.scalar_type() == ctx.operand_type ? x : x.to(ctx.operand_type);
+}
+
+}  // namespace detail
+}  // namespace stagewise
+}  // namespace avme

@@ -1,0 +1,115 @@
+// Host-side building blocks of the stagewise forward and backward (csrc/stagewise/stagewise.h):
+// the call's device/dtypes/stream, raw-pointer views, the GEMM wrapper and its precision guard,
+// and the slot layout of the GEMM-operand buffers with the matching packed weights.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include "stagewise/pointwise.h"
+#include "stagewise/stagewise.h"
+
+#ifndef AVME_CPU_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace avme {
+namespace stagewise {
+namespace detail {
+
+// Device, dtypes and stream of one forward or backward call.
+struct CallContext {
+  at::Device device;
+  at::ScalarType state_type;    // T: states, outputs, GEMM outputs
+  at::ScalarType operand_type;  // A: GEMM operands (T, or bfloat16 for kBF16 with float32)
+
+  at::TensorOptions state() const { return at::TensorOptions().dtype(state_type).device(device); }
+  at::TensorOptions operand() const {
+    return at::TensorOptions().dtype(operand_type).device(device);
+  }
+  bool casts_operands() const { return operand_type != state_type; }
+};
+
+// The current device (set by the caller's device guard), T and the operand type.
+CallContext make_context(at::ScalarType state_type, GemmPrecision precision);
+
+// Non-owning tensor over caller memory on the call's device (no pointer-attribute query).
+at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
+                const CallContext& ctx);
+
+// out = a @ b (beta = 0, no allocation on CUDA). out: T; a, b: the operand type (strided views
+// with unit column stride allowed). bf16 operands: fp32 accumulation and output (on the CPU
+// emulator: the bf16-rounded operands multiplied in fp32).
+void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b);
+
+// Sets the cuBLAS float32 GEMM mode for its lifetime (see the precision policy in stagewise.h).
+class MatmulModeGuard {
+ public:
+  explicit MatmulModeGuard(GemmPrecision precision);
+  ~MatmulModeGuard();
+  MatmulModeGuard(const MatmulModeGuard&) = delete;
+  MatmulModeGuard& operator=(const MatmulModeGuard&) = delete;
+
+ private:
+  std::optional<at::NoTF32Guard> no_tf32_;
+  bool restore_ = false;
+  at::Float32MatmulPrecision legacy_ = at::Float32MatmulPrecision::HIGHEST;
+  at::Float32Precision cuda_matmul_ = at::Float32Precision::NONE;
+};
+
+// Makes ATen enqueue its work on `stream` for its lifetime (CUDA builds; nothing on the emulator).
+class StreamScope {
+ public:
+  explicit StreamScope(cudaStream_t stream);
+
+ private:
+#ifndef AVME_CPU_EMULATION
+  std::optional<c10::cuda::CUDAStreamGuard> guard_;
+#endif
+};
+
+// Columns of a GEMM-operand buffer made of consecutive slots, each starting at a multiple of
+// kColumnAlign (padding columns stay zero).
+class ColumnLayout {
+ public:
+  static constexpr int64_t kColumnAlign = 8;
+  ColumnLayout(std::initializer_list<int64_t> widths);
+  int64_t offset(size_t slot) const { return offsets_.at(slot); }
+  int64_t width(size_t slot) const { return widths_.at(slot); }
+  int64_t total() const { return total_; }
+
+ private:
+  std::vector<int64_t> widths_, offsets_;
+  int64_t total_ = 0;
+};
+
+// A weight packed to a ColumnLayout along `dim` (0: rows, for forward (in, out) weights; 1:
+// columns, for backward (out, in) weights): part i lands at the layout's slot i, zero elsewhere;
+// cast to `opts`' dtype.
+at::Tensor pack(const std::vector<at::Tensor>& parts, const ColumnLayout& layout, int64_t dim,
+                const at::TensorOptions& opts);
+
+// Typed slot of a row-major buffer at column `col`.
+template <typename U>
+Slot<U> slot(const at::Tensor& buffer, int64_t col) {
+  return Slot<U>{buffer.data_ptr<std::remove_const_t<U>>() + col, buffer.stride(0)};
+}
+
+// Step t's slice of a (K, B, N) tensor (per_step = B * N elements), or nullptr.
+template <typename T>
+T* step_slice(T* base, int t, int64_t per_step) {
+  return base != nullptr ? base + t * per_step : nullptr;
+}
+
+// `x` as the operand type: a no-op view when it already is, else a cast copy (once per call).
+at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx);
+
+}  // namespace detail
+}  // namespace stagewise
+}  // namespace avme
