@@ -16,19 +16,25 @@ better) for the images of an :class:`~avme_ext.data.ImageSplit`:
   that table rather than computed again, so -log p(x) <= -log p(x | y) + log C holds exactly.
 
 Determinism and sharding. The split is cut into fixed chunks of ``batch_size`` consecutive
-images. Chunk ``i`` draws all its randomness from fresh generators seeded by a hash of
-``(seed, i, stream)``, one stream each for the dynamic binarization (gray-level data sets),
+images. Chunk ``i`` draws all its randomness from fresh generators seeded by
+``derive_seed("avme-eval", seed, i, stream)`` (:mod:`avme_ext.seeds`), one stream each for
+the dynamic binarization (gray-level data sets),
 the ELBO noise, the IWAE noise and the per-class IWAE noise. Rank ``r`` of ``W`` evaluates the
 chunks with ``i % W == r`` (``shard=(r, W)``), so ``merge_results`` of all shards equals the
-unsharded result exactly (same ``seed``, ``batch_size``, ``max_rows`` and device). Because each
-quantity has its own stream, turning the IWAE on or off does not change the ELBO values.
+unsharded result exactly (same ``seed``, ``batch_size``, ``max_rows`` and device);
+:func:`gather_across_ranks` does that merge under torchrun. Because each quantity has its own
+stream, turning the IWAE on or off does not change the ELBO values.
+
+Cost. The IWAE runs S whole trajectories of the K-step loop per image (C times that for the
+class marginal): :func:`estimate_cost` times a short pilot on the model's device and
+extrapolates, so a caller can say what an evaluation will cost before starting it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +43,19 @@ from torch import Tensor
 
 from .data import ImageSplit
 from .model import AVME
+from .seeds import derive_seed
 
-__all__ = ["EvalResult", "chunk_generator", "chunk_seed", "evaluate", "merge_results", "STREAMS"]
+__all__ = [
+    "STREAMS",
+    "CostEstimate",
+    "EvalResult",
+    "chunk_generator",
+    "chunk_seed",
+    "estimate_cost",
+    "evaluate",
+    "gather_across_ranks",
+    "merge_results",
+]
 
 #: Random streams of a chunk (see the module docstring).
 STREAMS = ("data", "elbo", "iwae", "class")
@@ -48,8 +65,7 @@ def chunk_seed(seed: int, chunk: int, stream: str = "elbo") -> int:
     """A 63-bit seed for chunk ``chunk`` and random ``stream`` derived from ``seed`` (stable across runs)."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
-    digest = hashlib.blake2b(f"avme-eval:{int(seed)}:{int(chunk)}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return derive_seed("avme-eval", seed, int(chunk), stream)
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device | str, stream: str = "elbo") -> torch.Generator:
@@ -188,6 +204,17 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     return EvalResult(**values, samples=merged.samples)
 
 
+def gather_across_ranks(result: EvalResult) -> EvalResult:
+    """The merge of every rank's :class:`EvalResult` shard (the same on every rank).
+
+    Collective: every rank of the torchrun job must call it. With one process it returns the
+    result merged with itself alone (sorted by image index).
+    """
+    from . import distributed  # imported here: avme_ext.distributed must not be needed to import this module
+
+    return merge_results(distributed.all_gather_objects(result.to("cpu")))
+
+
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     try:
         rank, world = (int(v) for v in shard)
@@ -196,6 +223,80 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard must satisfy 0 <= rank < world_size, got {shard!r}")
     return rank, world
+
+
+def _image_groups(num_images: int, samples: int, max_rows: int) -> list[slice]:
+    """The groups of images :meth:`AVME.iwae_bound` evaluates at once: ``max(1, max_rows // samples)`` each.
+
+    Calling ``iwae_bound`` on these groups in order, with one generator, draws exactly the noise
+    one call on all images draws, so the bounds are identical; the groups are where progress is
+    reported inside a chunk.
+    """
+    group = max(1, max_rows // samples)
+    return [slice(start, min(start + group, num_images)) for start in range(0, num_images, group)]
+
+
+def _iwae_bounds(
+    model: AVME,
+    x: Tensor,
+    y: Tensor | None,
+    samples: int,
+    max_rows: int,
+    generator: torch.Generator,
+    advance: Callable[[int], None],
+) -> Tensor:
+    """``model.iwae_bound(x, y, samples, max_rows=max_rows, generator=generator)``, (B,), calling
+    ``advance(n)`` after every group of ``n`` images."""
+    parts = []
+    for rows in _image_groups(x.shape[0], samples, max_rows):
+        parts.append(model.iwae_bound(x[rows], None if y is None else y[rows], samples, max_rows=max_rows,
+                                      generator=generator))
+        advance(parts[-1].shape[0])
+    return torch.cat(parts)
+
+
+def _class_log_likelihoods(
+    model: AVME, x: Tensor, samples: int, max_rows: int, generator: torch.Generator, advance: Callable[[int], None]
+) -> Tensor:
+    """``model.class_log_likelihoods(x, samples, ...)``, (B, C): the same classes in the same order,
+    so the same noise; ``advance`` is called after every group of images of every class."""
+    columns = []
+    for c in range(model.num_classes):
+        labels = torch.full((x.shape[0],), c, dtype=torch.int64, device=x.device)
+        columns.append(_iwae_bounds(model, x, labels, samples, max_rows, generator, advance))
+    return torch.stack(columns, dim=1)
+
+
+class _Progress:
+    """A tqdm bar counting image bounds (images x classes for the marginal), with running means."""
+
+    def __init__(self, enabled: bool, total: int, description: str, unit: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True)
+        self.images = 0
+        self.sums = {"nelbo": 0.0, "iwae_nll": 0.0}
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def chunk_done(self, part: EvalResult) -> None:
+        if self.bar is None:
+            return
+        self.images += len(part)
+        self.sums["nelbo"] += float(part.nelbo.sum())
+        postfix = {"nelbo": f"{self.sums['nelbo'] / self.images:.2f}"}
+        if part.iwae_nll is not None:
+            self.sums["iwae_nll"] += float(part.iwae_nll.sum())
+            postfix["iwae_nll"] = f"{self.sums['iwae_nll'] / self.images:.2f}"
+        self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @torch.no_grad()
@@ -224,7 +325,9 @@ def evaluate(
         shard: ``(rank, world_size)``: evaluate the chunks ``i`` with ``i % world_size == rank``.
         marginal: conditional model with S > 0: also compute -log p(x) over all C classes
             (C IWAE bounds per image, i.e. C times the cost of -log p(x | y)).
-        progress: show a tqdm bar over the chunks with the running means.
+        progress: show a tqdm bar with the running means. It counts images (image x class bounds
+            for the marginal) and moves after every group of at most ``max_rows`` trajectories,
+            not only at chunk ends.
         device: where to compute (default: the model's device); the model must already be there.
 
     Returns:
@@ -249,17 +352,15 @@ def evaluate(
 
     num_chunks = math.ceil(len(split) / batch_size)
     my_chunks = list(range(rank, num_chunks, world))
+    my_images = sum(min((i + 1) * batch_size, len(split)) - i * batch_size for i in my_chunks)
+    passes = model.num_classes if do_marginal else 1
+    description = f"eval {split.name}" + (f" S={samples}" if samples else "")
+    meter = _Progress(progress, my_images * passes, description, "img x class" if do_marginal else "img")
     parts: list[EvalResult] = []
     was_training = model.training
     model.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(my_chunks, desc=f"eval {split.name}" + (f" S={samples}" if samples else ""), unit="chunk")
-    running = {"n": 0, "nelbo": 0.0, "iwae": 0.0}
     try:
-        for i in bar if bar is not None else my_chunks:
+        for i in my_chunks:
             start, stop = i * batch_size, min((i + 1) * batch_size, len(split))
             index = torch.arange(start, stop, dtype=torch.int64)
             x, y = split.batch(
@@ -270,35 +371,104 @@ def evaluate(
             recon = terms.reconstruction.double()
             kl = terms.kl.double()
             part = EvalResult(index, recon + kl.sum(dim=1), recon, kl, samples=samples)
-            if samples > 0:
-                if do_marginal:
-                    class_ll = model.class_log_likelihoods(
-                        x, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "class")
-                    ).double()
-                    part.class_nll = -class_ll
-                    part.nll_given_y = -class_ll.gather(1, y.view(-1, 1)).squeeze(1)
-                    part.nll_marginal = -AVME.marginal_from_class_bounds(class_ll)
-                else:
-                    bound = model.iwae_bound(
-                        x, y, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "iwae")
-                    ).double()
-                    if conditional:
-                        part.nll_given_y = -bound
-                part.iwae_nll = part.nll_given_y if conditional else -bound
+            if samples == 0:
+                meter.advance(len(index))
+            elif do_marginal:
+                class_ll = _class_log_likelihoods(
+                    model, x, samples, max_rows, chunk_generator(seed, i, device, "class"), meter.advance
+                ).double()
+                part.class_nll = -class_ll
+                part.nll_given_y = -class_ll.gather(1, y.view(-1, 1)).squeeze(1)
+                part.nll_marginal = -AVME.marginal_from_class_bounds(class_ll)
+                part.iwae_nll = part.nll_given_y
+            else:
+                bound = _iwae_bounds(
+                    model, x, y, samples, max_rows, chunk_generator(seed, i, device, "iwae"), meter.advance
+                ).double()
+                part.iwae_nll = -bound
+                if conditional:
+                    part.nll_given_y = part.iwae_nll
             part = part.to("cpu")
             parts.append(part)
-            if bar is not None:
-                running["n"] += len(part)
-                running["nelbo"] += float(part.nelbo.sum())
-                postfix = {"nelbo": f"{running['nelbo'] / running['n']:.2f}"}
-                if part.iwae_nll is not None:
-                    running["iwae"] += float(part.iwae_nll.sum())
-                    postfix["iwae_nll"] = f"{running['iwae'] / running['n']:.2f}"
-                bar.set_postfix(postfix)
+            meter.chunk_done(part)
     finally:
-        if bar is not None:
-            bar.close()
+        meter.close()
         model.train(was_training)
     if not parts:
         return _empty_result(model.steps, samples, conditional, do_marginal, model.num_classes)
     return _concat(parts)
+
+
+# --------------------------------------------------------------------------- cost
+@dataclass(frozen=True)
+class CostEstimate:
+    """What an evaluation will cost, from a timed pilot on the model's device.
+
+    Attributes:
+        trajectories: K-step passes in all: one per image for the ELBO, plus S per image (times C
+            for a conditional model's marginal) for the IWAE.
+        seconds: the estimated wall-clock time.
+        trajectories_per_second: the pilot's measured rate.
+        pilot_seconds: how long the pilot took.
+    """
+
+    trajectories: int
+    seconds: float
+    trajectories_per_second: float
+    pilot_seconds: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def estimate_cost(
+    model: AVME,
+    num_images: int,
+    *,
+    samples: int = 0,
+    marginal: bool = True,
+    max_rows: int = 20000,
+    pilot_seconds: float = 0.2,
+) -> CostEstimate:
+    """Estimate the time :func:`evaluate` takes on ``num_images`` images with these settings.
+
+    Times the IWAE's unit of work (whole trajectories of the K-step loop, on a random binary
+    image, with a private generator: no global random state is touched) in batches growing
+    from 64 rows up to ``max_rows`` until one batch takes at least ``pilot_seconds``, and
+    extrapolates linearly from the last batch's rate. The ELBO pass counts as one trajectory
+    per image.
+    """
+    if not isinstance(num_images, int) or num_images < 0:
+        raise ValueError(f"num_images must be an integer >= 0, got {num_images!r}")
+    if not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
+    if not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    passes = model.num_classes if samples > 0 and model.num_classes > 0 and marginal else 1
+    trajectories = num_images * (1 + samples * passes)
+    param = next(model.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(0)
+    x = torch.rand(1, model.config.data_dim, generator=generator, device=param.device).round().to(param.dtype)
+    y = torch.zeros(1, dtype=torch.int64, device=param.device) if model.num_classes > 0 else None
+    was_training = model.training
+    model.eval()
+    began = time.perf_counter()
+    try:
+        rows = min(64, max_rows)
+        model.iwae_bound(x, y, rows, max_rows=rows, generator=generator)  # warm-up (allocations, kernel loads)
+        while True:
+            _synchronize(param.device)
+            start = time.perf_counter()
+            model.iwae_bound(x, y, rows, max_rows=rows, generator=generator)
+            _synchronize(param.device)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            if elapsed >= pilot_seconds or rows >= max_rows:
+                break
+            rows = min(rows * 4, max_rows)
+    finally:
+        model.train(was_training)
+    rate = rows / elapsed
+    return CostEstimate(trajectories, trajectories / rate, rate, time.perf_counter() - began)

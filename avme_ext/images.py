@@ -8,10 +8,15 @@ grid is scaled up by an integer factor with nearest-neighbour upsampling so it i
 Geometry: a grid of ``rows x cols`` tiles is
 ``scale * (rows * (28 + padding) + padding)`` pixels high and
 ``scale * (cols * (28 + padding) + padding)`` wide (see :func:`grid_size`).
+
+Every layout has a function that returns the ``(3, H, W)`` grid (``*_grid``) and one that saves
+it (``save_*``). :func:`write_png` saves a grid atomically with the permissions of a normally
+created file, so a command can lay out all its images first and write them only at the end.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -20,16 +25,23 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from .checkpoint import atomic_write_bytes
 from .data import IMAGE_SIZE, NUM_PIXELS
 
 __all__ = [
+    "class_grid",
+    "encode_png",
     "grid_size",
     "make_image_grid",
+    "reconstructions_grid",
+    "sample_grid",
     "save_class_grid",
     "save_image_grid",
     "save_reconstructions",
     "save_sample_grid",
     "save_unrolled_strips",
+    "unrolled_strips_grid",
+    "write_png",
 ]
 
 DEFAULT_PADDING = 2
@@ -87,45 +99,66 @@ def make_image_grid(
     return grid
 
 
-def _save(grid: Tensor, path: str | os.PathLike) -> Path:
+def encode_png(grid: Tensor) -> bytes:
+    """The PNG file of a ``(3, H, W)`` (or ``(1, H, W)``) float grid with values in [0, 1]."""
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    return buffer.getvalue()
+
+
+def _check_png_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: image files are written as PNG; use a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
     return path
+
+
+def write_png(grid: Tensor, path: str | os.PathLike) -> Path:
+    """Write a grid as a PNG file, atomically (a reader never sees a partial file); returns the path."""
+    path = _check_png_path(path)
+    return atomic_write_bytes(path, encode_png(grid))
 
 
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, **kwargs) -> Path:
     """Save flattened images ``(B, 784)`` as a PNG grid (``kwargs``: see :func:`make_image_grid`)."""
-    return _save(make_image_grid(images, nrow, **kwargs), path)
+    return write_png(make_image_grid(images, nrow, **kwargs), _check_png_path(path))
+
+
+def sample_grid(probs: Tensor, nrow: int | None = None, **kwargs) -> Tensor:
+    """Samples ``(B, 784)`` (Bernoulli means) as a grid, ``nrow`` per row (default ~square)."""
+    if nrow is None:
+        nrow = max(1, math.ceil(math.sqrt(_check_flat("probs", probs).shape[0])))
+    return make_image_grid(probs, nrow, **kwargs)
 
 
 def save_sample_grid(probs: Tensor, path: str | os.PathLike, nrow: int | None = None, **kwargs) -> Path:
     """Save samples ``(B, 784)`` (Bernoulli means) as a PNG grid, ``nrow`` per row (default ~square)."""
-    if nrow is None:
-        nrow = max(1, math.ceil(math.sqrt(_check_flat("probs", probs).shape[0])))
-    return save_image_grid(probs, path, nrow, **kwargs)
+    return write_png(sample_grid(probs, nrow, **kwargs), _check_png_path(path))
 
 
-def save_unrolled_strips(steps: Tensor, path: str | os.PathLike, **kwargs) -> Path:
-    """Save the drawing process: one row per image showing sigmoid(s_t) for t = 1..K left to right.
+def unrolled_strips_grid(steps: Tensor, **kwargs) -> Tensor:
+    """The drawing process: one row per image showing sigmoid(s_t) for t = 1..K left to right.
 
     Args:
         steps: (K, B, 784) canvases after every step (``AVME.sample(..., return_steps=True)``).
 
-    The PNG is a grid of B rows and K columns (the paper's Figures 8 and 9).
+    The grid has B rows and K columns (the paper's Figures 8 and 9).
     """
     if not isinstance(steps, Tensor) or steps.dim() != 3 or steps.shape[2] != NUM_PIXELS:
         shape = tuple(steps.shape) if isinstance(steps, Tensor) else type(steps).__name__
         raise ValueError(f"steps must be (K, B, {NUM_PIXELS}), got {shape}")
     k, b, _ = steps.shape
     rows = steps.transpose(0, 1).reshape(b * k, NUM_PIXELS)
-    return save_image_grid(rows, path, k, **kwargs)
+    return make_image_grid(rows, k, **kwargs)
 
 
-def save_class_grid(probs: Tensor, path: str | os.PathLike, **kwargs) -> Path:
-    """Save class-conditional samples with one row per class.
+def save_unrolled_strips(steps: Tensor, path: str | os.PathLike, **kwargs) -> Path:
+    """Save :func:`unrolled_strips_grid` of ``steps`` (K, B, 784) as a PNG."""
+    return write_png(unrolled_strips_grid(steps, **kwargs), _check_png_path(path))
+
+
+def class_grid(probs: Tensor, **kwargs) -> Tensor:
+    """Class-conditional samples with one row per class.
 
     Args:
         probs: (C, N, 784) N samples for each of C classes (or (C * N, 784) with an explicit
@@ -140,17 +173,22 @@ def save_class_grid(probs: Tensor, path: str | os.PathLike, **kwargs) -> Path:
         shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
         raise ValueError(f"class samples must be (C, N, {NUM_PIXELS}), got {shape}")
     c, n, _ = probs.shape
-    return save_image_grid(probs.reshape(c * n, NUM_PIXELS), path, n, **kwargs)
+    return make_image_grid(probs.reshape(c * n, NUM_PIXELS), n, **kwargs)
 
 
-def save_reconstructions(x: Tensor, recon: Tensor, path: str | os.PathLike, nrow: int = 8, **kwargs) -> Path:
-    """Save data and reconstructions as pairs of rows: ``nrow`` originals, then their reconstructions below.
+def save_class_grid(probs: Tensor, path: str | os.PathLike, **kwargs) -> Path:
+    """Save :func:`class_grid` of ``probs`` as a PNG."""
+    return write_png(class_grid(probs, **kwargs), _check_png_path(path))
+
+
+def reconstructions_grid(x: Tensor, recon: Tensor, nrow: int = 8, **kwargs) -> Tensor:
+    """Data and reconstructions as pairs of rows: ``nrow`` originals, then their reconstructions below.
 
     Args:
         x: (B, 784) the images; recon: (B, 784) their reconstructions (Bernoulli means).
 
     When B is not a multiple of ``nrow`` the last pair of rows is padded with blank tiles.
-    The PNG has ``2 * ceil(B / nrow)`` rows of ``min(nrow, B)`` tiles.
+    The grid has ``2 * ceil(B / nrow)`` rows of ``min(nrow, B)`` tiles.
     """
     x = _check_flat("x", x)
     recon = _check_flat("recon", recon)
@@ -163,4 +201,9 @@ def save_reconstructions(x: Tensor, recon: Tensor, path: str | os.PathLike, nrow
     x = torch.cat([x, blank]).view(groups, 1, cols, NUM_PIXELS)
     recon = torch.cat([recon, blank]).view(groups, 1, cols, NUM_PIXELS)
     paired = torch.cat([x, recon], dim=1).reshape(groups * 2 * cols, NUM_PIXELS)
-    return save_image_grid(paired, path, cols, **kwargs)
+    return make_image_grid(paired, cols, **kwargs)
+
+
+def save_reconstructions(x: Tensor, recon: Tensor, path: str | os.PathLike, nrow: int = 8, **kwargs) -> Path:
+    """Save :func:`reconstructions_grid` of ``x`` and ``recon`` (B, 784) as a PNG."""
+    return write_png(reconstructions_grid(x, recon, nrow, **kwargs), _check_png_path(path))

@@ -11,10 +11,15 @@
 per epoch (the paper's Figure 7); :func:`plot_kl_per_step` draws the KL of every drawing step
 of the best (or last) validation record. Unknown kinds and extra keys are ignored, so the
 trainer may add records freely.
+
+Each plot also has a function returning the figure (``*_figure``); :func:`figure_png` renders a
+figure to PNG bytes, so a command can render every plot before writing any file. Files are
+written atomically (:func:`avme_ext.checkpoint.atomic_write_bytes`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -28,7 +33,19 @@ matplotlib.use("Agg")  # noqa: E402  (no display; must precede pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["MetricsError", "find_metrics", "plot_kl_per_step", "plot_training_curve", "read_metrics"]
+from .checkpoint import atomic_write_bytes  # noqa: E402
+
+__all__ = [
+    "MetricsError",
+    "figure_png",
+    "find_metrics",
+    "kl_per_step_figure",
+    "plot_kl_per_step",
+    "plot_training_curve",
+    "read_metrics",
+    "render_run_plots",
+    "training_curve_figure",
+]
 
 METRICS_FILENAME = "metrics.jsonl"
 _REQUIRED = {
@@ -111,14 +128,18 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
-def _save_figure(fig: plt.Figure, out_png: str | os.PathLike) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def figure_png(fig: plt.Figure) -> bytes:
+    """Render ``fig`` to PNG bytes (120 dpi) and close it."""
+    buffer = io.BytesIO()
     try:
-        fig.savefig(out, dpi=120)
+        fig.savefig(buffer, format="png", dpi=120)
     finally:
         plt.close(fig)
-    return out
+    return buffer.getvalue()
+
+
+def _save_figure(fig: plt.Figure, out_png: str | os.PathLike) -> Path:
+    return atomic_write_bytes(Path(out_png), figure_png(fig))
 
 
 def _add_epoch_axis(ax: plt.Axes, records: list[dict[str, Any]]) -> None:
@@ -141,66 +162,95 @@ def _add_epoch_axis(ax: plt.Axes, records: list[dict[str, Any]]) -> None:
     secax.set_xlabel(f"epochs completed ({steps_per_epoch:g} steps per epoch)")
 
 
-def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Plot the training loss per step and the validation negative ELBO per epoch (nats).
+def _typical_gap(steps: np.ndarray) -> int | None:
+    """The most common difference between consecutive logged steps (the logging interval), or None."""
+    gaps = np.diff(steps)
+    gaps = gaps[gaps > 0]
+    if not gaps.size:
+        return int(steps[0]) if steps.size == 1 and steps[0] > 0 else None
+    values, counts = np.unique(gaps, return_counts=True)
+    return int(values[np.argmax(counts)])
 
-    The x axis is the training step; a secondary top axis shows epochs when ``epoch`` or
-    ``valid`` records allow the mapping. The training loss is the logged batch mean of
-    reconstruction + kl_weight * KL (a negative ELBO once the KL warm-up ends), drawn raw and
-    smoothed; the best validation record is starred. The y range focuses on the later,
-    converged part of the curve (the first steps of a fresh model sit hundreds of nats higher).
 
-    Returns:
-        the PNG's path.
+def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME training") -> plt.Figure:
+    """The training curve of parsed metrics records (see :func:`plot_training_curve`).
 
     Raises:
-        MetricsError: bad file, or neither ``train`` nor ``valid`` records.
+        MetricsError: neither ``train`` nor ``valid`` records.
     """
-    path = find_metrics(metrics_path)
-    records = read_metrics(path)
     train = [r for r in records if r["kind"] == "train"]
     valid = [r for r in records if r["kind"] == "valid"]
     if not train and not valid:
-        raise MetricsError(f"{path}: no 'train' or 'valid' records to plot")
+        raise MetricsError("no 'train' or 'valid' records to plot")
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    shown: list[float] = []
     if train:
         steps = np.array([r["step"] for r in train], dtype=float)
         loss = np.array([r["loss"] for r in train], dtype=float)
-        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (batch)")
+        gap = _typical_gap(steps)
+        averaged = (f"mean over the {gap} steps before each point" if gap and gap > 1 else
+                    "one step per point" if gap == 1 else "mean over the steps before each point")
+        marker = "." if len(loss) <= 200 else None
+        ax.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=0.8, marker=marker,
+                label=f"training loss ({averaged})")
         window = max(1, len(loss) // 50)
         if window > 1:
             ax.plot(steps, _moving_average(loss, window), color="tab:blue", linewidth=1.5,
-                    label=f"train loss (moving mean of {window})")
-        finite = loss[np.isfinite(loss)]
-        if finite.size:
-            shown += [float(np.percentile(finite, 90)), float(finite.min())]
+                    label=f"training loss, moving mean of {window} points")
     if valid:
         vsteps = np.array([r["step"] for r in valid], dtype=float)
         nelbo = np.array([r["nelbo"] for r in valid], dtype=float)
-        ax.plot(vsteps, nelbo, "o-", color="tab:orange", markersize=4, label="validation negative ELBO (per epoch)")
+        images = {r.get("num_images") for r in valid}
+        over = (f"the {images.pop()} validation images" if len(images) == 1 and None not in images
+                else "the validation images")
+        ax.plot(vsteps, nelbo, "o-", color="tab:orange", markersize=4,
+                label=f"validation negative ELBO (end of each epoch, mean over {over})")
         best = [r for r in valid if r.get("best")]
         if best:
             b = best[-1]
             ax.plot([b["step"]], [b["nelbo"]], "*", color="tab:red", markersize=14,
                     label=f"best validation: {b['nelbo']:.2f} nats (epoch {b['epoch']})")
-        finite = nelbo[np.isfinite(nelbo)]
-        if finite.size:
-            shown += [float(finite.max()), float(finite.min())]
-    if shown:
-        low, high = min(shown), max(shown)
+    shown = np.array([r["loss"] for r in train] + [r["nelbo"] for r in valid], dtype=float)
+    shown = shown[np.isfinite(shown)]
+    if shown.size:  # every point in view, the first (highest) one included
+        low, high = float(shown.min()), float(shown.max())
         margin = max(1.0, 0.05 * (high - low))
         ax.set_ylim(low - margin, high + margin)
+    first = min(float(r["step"]) for r in train + valid)
+    ax.set_xlim(left=min(0.0, first))
 
     _add_epoch_axis(ax, records)
 
     ax.set_xlabel("training step")
     ax.set_ylabel("negative ELBO (nats per image)")
-    ax.set_title(title or f"AVME training: {path.parent.name or path.name}")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Plot the training loss per step and the validation negative ELBO per epoch (nats).
+
+    The x axis is the training step, from 0; a secondary top axis shows epochs when ``epoch`` or
+    ``valid`` records allow the mapping. Each training point is a logged record: the mean of
+    reconstruction + kl_weight * KL (a negative ELBO once the KL warm-up ends) over the steps since
+    the previous record, drawn raw and smoothed; each validation point is the mean negative ELBO
+    over the validation images at the end of an epoch, the best one starred. The y range holds
+    every point, the first (highest) one included. The legend says what each point averages.
+
+    Returns:
+        the PNG's path (written atomically).
+
+    Raises:
+        MetricsError: bad file, or neither ``train`` nor ``valid`` records.
+    """
+    path = find_metrics(metrics_path)
+    try:
+        fig = training_curve_figure(read_metrics(path), title=title or f"AVME training: {path.parent.name or path.name}")
+    except MetricsError as error:
+        raise MetricsError(f"{path}: {error}") from None
     return _save_figure(fig, out_png)
 
 
@@ -215,40 +265,17 @@ def _pick_valid_record(records: list[dict[str, Any]], which: str, path: Path) ->
     return valid[-1]
 
 
-def plot_kl_per_step(
-    source: str | os.PathLike | Sequence[float],
-    out_png: str | os.PathLike,
-    *,
-    which: str = "best",
-    title: str | None = None,
-) -> Path:
+def kl_per_step_figure(values: Sequence[float], *, title: str = "KL per drawing step") -> plt.Figure:
     """Bar chart of the KL (nats per image) of every drawing step t = 1..K.
 
-    Args:
-        source: a metrics file or run directory (the ``kl_per_step`` of its last validation record
-            marked ``best``, or of its last one when ``which="last"`` or none is marked), or a list
-            of K numbers (e.g. ``EvalResult.summary()["kl_per_step"]``).
-        which: ``"best"`` or ``"last"`` validation record.
-
-    Returns:
-        the PNG's path.
+    Raises:
+        MetricsError: no values, or a non-finite one.
     """
-    if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    if isinstance(source, (str, os.PathLike)):
-        path = find_metrics(source)
-        record = _pick_valid_record(read_metrics(path), which, path)
-        values = [float(v) for v in record["kl_per_step"]]
-        label = f"{'best' if record.get('best') else 'last'} validation, epoch {record['epoch']}"
-        default_title = f"KL per drawing step ({label}): {path.parent.name or path.name}"
-    else:
-        values = [float(v) for v in source]
-        default_title = "KL per drawing step"
+    values = [float(v) for v in values]
     if not values:
         raise MetricsError("kl_per_step is empty: nothing to plot")
     if not all(math.isfinite(v) for v in values):
         raise MetricsError(f"kl_per_step has non-finite values: {values}")
-
     steps = np.arange(1, len(values) + 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(values) + 2), 4))
     bars = ax.bar(steps, values, color="tab:green", label=f"KL per step (total {sum(values):.2f} nats)")
@@ -257,8 +284,67 @@ def plot_kl_per_step(
     ax.set_xticks(steps)
     ax.set_xlabel("drawing step t")
     ax.set_ylabel("KL(q(z_t|·) || p(z_t)) (nats per image)")
-    ax.set_title(title or default_title, fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    return _save_figure(fig, out_png)
+    return fig
+
+
+def plot_kl_per_step(
+    source: str | os.PathLike | Sequence[float],
+    out_png: str | os.PathLike,
+    *,
+    which: str = "best",
+    title: str | None = None,
+) -> Path:
+    """Bar chart of the KL (nats per image) of every drawing step t = 1..K, written to ``out_png``.
+
+    Args:
+        source: a metrics file or run directory (the ``kl_per_step`` of its last validation record
+            marked ``best``, or of its last one when ``which="last"`` or none is marked), or a list
+            of K numbers (e.g. ``EvalResult.summary()["kl_per_step"]``).
+        which: ``"best"`` or ``"last"`` validation record.
+
+    Returns:
+        the PNG's path (written atomically).
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if isinstance(source, (str, os.PathLike)):
+        path = find_metrics(source)
+        record = _pick_valid_record(read_metrics(path), which, path)
+        values = record["kl_per_step"]
+        label = f"{'best' if record.get('best') else 'last'} validation, epoch {record['epoch']}"
+        default_title = f"KL per drawing step ({label}): {path.parent.name or path.name}"
+    else:
+        values = source
+        default_title = "KL per drawing step"
+    return _save_figure(kl_per_step_figure(values, title=title or default_title), out_png)
+
+
+def render_run_plots(metrics_path: str | os.PathLike, *, which: str = "best") -> dict[str, bytes]:
+    """Render a run's plots to PNG bytes without writing anything.
+
+    Returns:
+        ``{"training_curve.png": ..., "kl_per_step.png": ...}``; the KL plot only when a
+        validation record has ``kl_per_step``.
+
+    Raises:
+        MetricsError: bad file, or nothing to plot.
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    path = find_metrics(metrics_path)
+    records = read_metrics(path)
+    name = path.parent.name or path.name
+    try:
+        pngs = {"training_curve.png": figure_png(training_curve_figure(records, title=f"AVME training: {name}"))}
+    except MetricsError as error:
+        raise MetricsError(f"{path}: {error}") from None
+    if any(r["kind"] == "valid" and isinstance(r.get("kl_per_step"), list) for r in records):
+        record = _pick_valid_record(records, which, path)
+        label = f"{'best' if record.get('best') else 'last'} validation, epoch {record['epoch']}"
+        figure = kl_per_step_figure(record["kl_per_step"], title=f"KL per drawing step ({label}): {name}")
+        pngs["kl_per_step.png"] = figure_png(figure)
+    return pngs

@@ -285,3 +285,66 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
     b = json.loads((tmp_path / "multi.json").read_text())
     assert b["provenance"]["world_size"] == 2 and a["provenance"]["world_size"] == 1
     assert a["summary"] == b["summary"]
+
+
+# --------------------------------------------------------------------------- cost estimate and plots
+def test_eval_says_what_it_will_cost_before_starting(checkpoints, capsys, monkeypatch):
+    code, _, err = _run(["eval", checkpoints["uncond"], "--samples", 3, "--num-images", 12, "--no-progress"], capsys)
+    lines = err.splitlines()
+    assert code == 0 and len(lines) == 1
+    assert lines[0].startswith("avme eval: IWAE S=3 on 12 images: about ") and "this CPU" in lines[0]
+    assert "--num-images" not in lines[0]  # a quick evaluation needs no advice
+
+    import avme_ext.evaluation as E
+
+    day = E.CostEstimate(trajectories=10, seconds=26 * 3600.0, trajectories_per_second=1.0, pilot_seconds=0.1)
+    monkeypatch.setattr(E, "estimate_cost", lambda *args, **kwargs: day)
+    code, _, err = _run(["eval", checkpoints["cond_run"], "--samples", 3, "--num-images", 4, "--no-progress"], capsys)
+    assert code == 0
+    assert "IWAE S=3 x 10 classes on 4 images: about 26.0 h on this CPU" in err
+    assert "use --num-images N or a GPU" in err
+
+
+def _sparse_metrics(path: Path, log_every: int = 5, steps: int = 50) -> list[dict]:
+    records = []
+    for step in range(log_every, steps + 1, log_every):
+        records.append({"kind": "train", "epoch": 1 + (step - 1) // 25, "step": step, "loss": 90 + 1050 / step})
+        if step % 25 == 0:
+            records.append({"kind": "valid", "epoch": step // 25, "step": step, "nelbo": 100 + 50 / step,
+                            "kl_per_step": [1.0, 2.0, 3.0], "best": True})
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return records
+
+
+def test_training_curve_shows_its_first_point_and_what_points_average(tmp_path):
+    from avme_ext.plotting import read_metrics, training_curve_figure
+
+    records = _sparse_metrics(tmp_path / "metrics.jsonl")
+    figure = training_curve_figure(read_metrics(tmp_path / "metrics.jsonl"))
+    ax = figure.axes[0]
+    low, high = ax.get_ylim()
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert high >= losses[0] == max(losses) and low <= min(losses)  # the first point (300 nats) is in view
+    assert ax.get_xlim()[0] <= 5
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("mean over the 5 steps before each point" in label for label in labels), labels
+    assert any("validation" in label and "mean over the validation images" in label for label in labels), labels
+
+
+def test_training_curve_of_a_single_record_is_visible(tmp_path):
+    from avme_ext.plotting import training_curve_figure
+
+    figure = training_curve_figure([{"kind": "train", "epoch": 1, "step": 50, "loss": 240.0}])
+    (line,) = figure.axes[0].lines
+    assert line.get_marker() not in (None, "None", "") and list(line.get_xdata()) == [50.0]
+    low, high = figure.axes[0].get_ylim()
+    assert low < 240.0 < high
+
+
+def test_plot_failure_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1, "step": 3}\n')  # nothing to plot
+    code, _, err = _run(["plot", run], capsys)
+    assert code == 2 and err.startswith("avme plot: error: ") and "no 'train' or 'valid'" in err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

@@ -209,3 +209,101 @@ def test_progress_bar_does_not_change_results(model, split, capsys):
     err = capsys.readouterr().err
     assert "nelbo=" in err
     _assert_results_equal(a, evaluate(model, split, samples=1, batch_size=BATCH))
+
+
+def test_chunk_seed_is_the_eval_namespace_of_derive_seed():
+    from avme_ext.seeds import derive_seed
+
+    # values of the former private hash, so results of earlier evaluations stay reproducible
+    known = {(0, 0, "elbo"): 6561077256986760138, (7, 3, "iwae"): 3966894830935414917,
+             (123, 45, "class"): 8206139814530748599, (2**40, 9, "data"): 4943704000034059393}
+    for (seed, chunk, stream), value in known.items():
+        assert chunk_seed(seed, chunk, stream) == value == derive_seed("avme-eval", seed, chunk, stream)
+
+
+def test_gather_across_ranks_merges_what_all_ranks_send(model, split, monkeypatch):
+    """gather_across_ranks = merge_results(distributed.all_gather_objects(result on the CPU))."""
+    import avme_ext.distributed as D
+    from avme_ext.evaluation import gather_across_ranks
+
+    full = evaluate(model, split, samples=2, batch_size=BATCH, seed=3)
+    shards = [evaluate(model, split, samples=2, batch_size=BATCH, seed=3, shard=(r, 3)) for r in range(3)]
+    sent = []
+
+    def all_gather_objects(obj):
+        sent.append(obj)
+        return [shards[2], obj, shards[1]]  # what ranks 2, 0 and 1 sent, in any order
+
+    monkeypatch.setattr(D, "all_gather_objects", all_gather_objects, raising=False)
+    merged = gather_across_ranks(shards[0])
+    assert len(sent) == 1 and sent[0].nelbo.device.type == "cpu"
+    _assert_results_equal(merged, full)
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records the total and every update."""
+
+    instances: list = []
+
+    def __init__(self, *args, total=None, **kwargs):
+        self.total, self.updates, self.closed = total, [], False
+        _RecordingBar.instances.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_progress_moves_within_a_chunk(model, cond_model, split, monkeypatch, conditional):
+    """One chunk of 36 images, S=4, at most 8 trajectories at once: the bar moves every 2 images (and
+    every class for the marginal), and the results are those of whole-chunk IWAE calls."""
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.instances.clear()
+    net = cond_model if conditional else model
+    result = evaluate(net, split, samples=4, batch_size=NUM_IMAGES, max_rows=8, seed=1, progress=True)
+    (bar,) = _RecordingBar.instances
+    passes = 10 if conditional else 1
+    assert bar.total == NUM_IMAGES * passes and sum(bar.updates) == bar.total and bar.closed
+    assert bar.updates == [2] * (NUM_IMAGES // 2 * passes)
+    x, y = split.batch(torch.arange(NUM_IMAGES))
+    if conditional:
+        table = net.class_log_likelihoods(x, 4, max_rows=8, generator=chunk_generator(1, 0, "cpu", "class"))
+        torch.testing.assert_close(result.class_nll, -table.double(), rtol=0, atol=0)
+    else:
+        bound = net.iwae_bound(x, None, 4, max_rows=8, generator=chunk_generator(1, 0, "cpu", "iwae"))
+        torch.testing.assert_close(result.iwae_nll, -bound.double(), rtol=0, atol=0)
+
+
+def test_progress_counts_images_for_the_elbo(model, split, monkeypatch):
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.instances.clear()
+    evaluate(model, split, batch_size=BATCH, progress=True, shard=(1, 2))
+    (bar,) = _RecordingBar.instances
+    assert bar.total == 16 and bar.updates == [8, 8]  # chunks 1 and 3 of this shard
+
+
+def test_estimate_cost_counts_trajectories_and_measures_a_rate(model, cond_model):
+    from avme_ext.evaluation import estimate_cost
+
+    generator_state = torch.get_rng_state()
+    plain = estimate_cost(model, 30, samples=50, max_rows=256, pilot_seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), generator_state)  # the pilot draws from its own generator
+    assert plain.trajectories == 30 * (1 + 50)
+    assert math.isfinite(plain.seconds) and plain.seconds > 0 and plain.trajectories_per_second > 0
+    assert math.isclose(plain.seconds, plain.trajectories / plain.trajectories_per_second)
+    marginal = estimate_cost(cond_model, 30, samples=50, max_rows=256, pilot_seconds=0.01)
+    assert marginal.trajectories == 30 * (1 + 50 * 10)
+    assert estimate_cost(cond_model, 30, samples=50, marginal=False, pilot_seconds=0.01).trajectories == 30 * 51
+    assert estimate_cost(model, 30, pilot_seconds=0.01).trajectories == 30
+    with pytest.raises(ValueError, match="num_images"):
+        estimate_cost(model, -1)

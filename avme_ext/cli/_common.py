@@ -1,78 +1,140 @@
-"""Shared argparse helpers of the ``avme`` subcommands.
+"""What every ``avme`` subcommand shares: its options, its help format, its errors and exit codes.
 
-* :func:`add_device_arguments` adds ``--device`` (``auto`` picks CUDA when available),
-  ``--impl`` (fused CUDA ops or the pure-PyTorch reference) and ``--precision``.
-* :func:`resolve_device` turns a ``--device`` string into a :class:`torch.device`, refusing
-  a CUDA device that does not exist with a clear message.
-* :func:`add_seed_argument`, :func:`add_checkpoint_argument`, :func:`add_data_arguments`.
-* :class:`CLIError` is an error the user can fix; :func:`fail` prints it and returns exit code 2.
+* :func:`run_subcommand` runs a parsed subcommand: it applies ``--threads``, turns SIGINT and
+  SIGTERM into a one-line message and exit status 130 / 143, and reports errors as one line
+  ``avme <command>: error: <message>`` with the exit status of :data:`EXIT_STATUS_HELP`.
+* :class:`CLIError` is an error the user can fix (``exit_code`` 2 by default). Any exception with
+  an integer ``exit_code`` attribute is reported the same way; an exception with a ``cli_hint``
+  attribute is reported with that command-line wording instead of its Python wording.
+* :class:`RawDefaultsFormatter` is the one help formatter: ``(default: X)`` after every option
+  that has a default, ``on``/``off`` for switches, description line breaks kept.
+* Argument helpers: :func:`add_checkpoint_argument`, :func:`add_data_arguments`,
+  :func:`add_device_arguments`, :func:`add_seed_argument`, :func:`add_switch`,
+  :func:`add_threads_argument`; argparse types :func:`positive_int`, :func:`nonnegative_int`.
+* :func:`load_model_for_cli` loads a run directory, a checkpoint or weights file, or a
+  pretrained model by name; :func:`check_output_path` refuses an output file that cannot be
+  written before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import os
+import re
+import shlex
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..loop_types import IMPLS, PRECISIONS
+
 __all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
+    "EXIT_STATUS_HELP",
+    "EXIT_USAGE",
     "CLIError",
+    "ModelSource",
     "RawDefaultsFormatter",
     "add_checkpoint_argument",
     "add_data_arguments",
     "add_device_arguments",
     "add_seed_argument",
+    "add_switch",
+    "add_threads_argument",
+    "apply_threads",
+    "check_output_path",
+    "cli_message",
     "fail",
     "load_model_for_cli",
-    "positive_int",
-    "reports_cli_errors",
+    "parse_and_run",
     "nonnegative_int",
+    "positive_int",
     "resolve_device",
+    "resolve_model_source",
+    "run_subcommand",
 ]
 
-IMPL_CHOICES = ("auto", "cuda", "ref")
-PRECISION_CHOICES = ("fp32", "tf32", "bf16")
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command failed while working (non-finite loss, disk full, ...)
+EXIT_USAGE = 2  # bad arguments or unusable input files (argparse uses 2 as well)
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+EXIT_STATUS_HELP = """\
+exit status (every command):
+  0    done
+  1    failed while working (e.g. a non-finite loss, a full disk); outputs are left as they were
+  2    bad arguments or unusable input files (missing, corrupt, of the wrong kind); nothing written
+  130  interrupted by SIGINT (Ctrl-C); 143: stopped by SIGTERM
+errors are one line on stderr: 'avme <command>: error: <message>'"""
 
 
 class CLIError(Exception):
-    """A problem with the command's inputs (missing file, bad value) reported without a traceback."""
+    """A problem the user can fix, reported as one line without a traceback.
+
+    Args:
+        message: what is wrong and what to do, in command-line terms (option names, commands).
+        exit_code: :data:`EXIT_USAGE` (bad arguments or input files, the default) or
+            :data:`EXIT_FAILURE` (a failure while working).
+    """
+
+    def __init__(self, message: object, *, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(str(message))
+        self.exit_code = exit_code
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a subcommand runs (like KeyboardInterrupt for SIGINT)."""
+
+
+# --------------------------------------------------------------------------- help
 class RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults in ``--help`` and keep the description/epilog line breaks (for examples).
+    """The help format of every subcommand: ``(default: X)`` after each option that has a default, the
+    description and epilog line breaks kept (for examples).
 
-    A default is not repeated when the help text already states it, nor shown when it is None
-    or False (a flag that is off)."""
+    A switch (:func:`add_switch`) shows ``(default: on)`` or ``(default: off)``; a plain flag
+    (``store_true``) and an option whose default is None show nothing unless their help states
+    ``(default: ...)`` itself, which is how an option whose default depends on others says so.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "(default:" in text or action.default is None or action.default is argparse.SUPPRESS:
             return text
-        return super()._get_help_string(action)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is False or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-def fail(message: object, code: int = 2) -> int:
-    """Print ``avme: error: message`` to stderr and return ``code`` (a non-zero exit status)."""
-    print(f"avme: error: {message}", file=sys.stderr)
-    return code
+def add_switch(parser: argparse.ArgumentParser, name: str, *, default: bool | None, help: str) -> argparse.Action:
+    """Add ``--name`` / ``--no-name`` (``argparse.BooleanOptionalAction``), shown as ``(default: on|off)``."""
+    action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
+    action.help = help  # Python < 3.13 appends its own "(default: True)"; the formatter writes on/off
+    return action
 
 
-def reports_cli_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Decorate a subcommand's ``run(args)``: a :class:`CLIError` becomes ``avme: error: ...`` and exit code 2."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except CLIError as error:
-            return fail(error)
-
-    return run
+# --------------------------------------------------------------------------- argument types and helpers
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _parsed_int(text, 1)
 
 
-def _integer_at_least(text: str, minimum: int) -> int:
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _parsed_int(text, 0)
+
+
+def _parsed_int(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -82,35 +144,56 @@ def _integer_at_least(text: str, minimum: int) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _integer_at_least(text, 1)
+def add_threads_argument(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """Add ``--threads N``: CPU threads of PyTorch's operators, applied by :func:`run_subcommand`.
+
+    On the top-level parser it defaults to None; on a subcommand it is only set when given, so
+    ``avme --threads 2 eval ...`` and ``avme eval ... --threads 2`` both work.
+    """
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        default=None if top_level else argparse.SUPPRESS,
+        help="CPU threads for PyTorch's operators (torch.set_num_threads), set before any work; on a shared "
+        "machine a value at or below your share of the cores avoids oversubscription "
+        f"(default: PyTorch's, which follows OMP_NUM_THREADS; {torch.get_num_threads()} here)",
+    )
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _integer_at_least(text, 0)
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given; None leaves PyTorch's default."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
-    """Add ``--device``, ``--impl`` (and ``--precision`` unless ``precision=False``)."""
+def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True, given_only: bool = False) -> None:
+    """Add ``--device``, ``--impl`` (and ``--precision`` unless ``precision=False``).
+
+    ``given_only=True`` makes every default None ("not given"), for a subcommand that fills in
+    defaults later (``avme train --resume`` takes them from the checkpoint); the help text then
+    states the default.
+    """
     parser.add_argument(
         "--device",
-        default="auto",
-        help="torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...",
+        default=None if given_only else "auto",
+        help="torch device: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:1', ...; under "
+        "torchrun a CUDA device is cuda:LOCAL_RANK" + (" (default: auto)" if given_only else ""),
     )
     parser.add_argument(
         "--impl",
-        default="auto",
-        choices=IMPL_CHOICES,
-        help="recurrence implementation: 'cuda' fused kernels, 'ref' pure PyTorch, 'auto' fused when available",
+        default=None if given_only else "auto",
+        choices=IMPLS,
+        help="K-step loop: 'cuda' fused kernels (an error when not built), 'ref' pure PyTorch, 'auto' fused "
+        "kernels for CUDA tensors when built" + (" (default: auto)" if given_only else ""),
     )
     if precision:
         parser.add_argument(
             "--precision",
-            default="fp32",
-            choices=PRECISION_CHOICES,
-            help="matrix-product precision of the fused CUDA ops (the reference path is fp32)",
+            default=None if given_only else PRECISIONS[0],
+            choices=PRECISIONS,
+            help="matrix-product precision of the fused CUDA ops (the reference computes in fp32)"
+            + (f" (default: {PRECISIONS[0]})" if given_only else ""),
         )
 
 
@@ -130,45 +213,270 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise CLIError(str(error)) from None
 
 
-def add_seed_argument(parser: argparse.ArgumentParser, default: int = 0) -> None:
-    """Add ``--seed`` (an integer)."""
-    parser.add_argument("--seed", type=int, default=default, help="random seed (results are reproducible given it)")
+def add_seed_argument(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
+    """Add ``--seed`` (an integer; None: "not given", with the default stated by the caller's help)."""
+    parser.add_argument("--seed", type=int, default=default,
+                        help="random seed: results are reproducible given it")
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    """Add the positional ``CHECKPOINT`` (a run directory or a ``.safetensors`` file)."""
+    """Add the positional ``CHECKPOINT``: a run directory, a ``.safetensors`` file, or a pretrained model's name."""
     parser.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint file",
+        help="a run directory (its best.safetensors, else last.safetensors), a .safetensors checkpoint or "
+        "weights file, or the name of a pretrained model (see 'avme list-pretrained')",
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--dataset`` and ``--data-root`` (the vendored binarized MNIST needs neither)."""
+#: How ``--data-root`` is described wherever it appears.
+DATA_ROOT_HELP = (
+    "directory holding the data files: binarized_mnist reads DIR/binarized_mnist.npz instead of the copy "
+    "vendored in the package, the other data sets read and download their files there "
+    "(default: the vendored copy for binarized_mnist; $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
+)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = False) -> None:
+    """Add ``--dataset``, ``--data-root`` and ``--download``.
+
+    ``given_only=True``: defaults are None ("not given"), for ``avme train`` whose ``--resume``
+    takes them from the checkpoint; the help text states the default.
+    """
     from ..data import DATASETS
 
-    parser.add_argument("--dataset", default=DATASETS[0], choices=DATASETS, help="data set")
     parser.add_argument(
-        "--data-root",
-        default=None,
-        help="directory of downloaded data files (default: the package's data directory / vendored copy)",
+        "--dataset",
+        default=None if given_only else DATASETS[0],
+        choices=DATASETS,
+        help=f"data set; {DATASETS[0]} is vendored (no download)" + (f" (default: {DATASETS[0]})" if given_only else ""),
     )
+    parser.add_argument("--data-root", metavar="DIR", default=None, help=DATA_ROOT_HELP)
     parser.add_argument(
-        "--download", action="store_true", help="download the data set into --data-root if missing (needs network)"
+        "--download",
+        action="store_const",
+        const=True,
+        default=None if given_only else False,
+        help="download missing data files into --data-root (needs network)",
     )
 
 
-def load_model_for_cli(args: argparse.Namespace, device: torch.device):
-    """Load ``args.checkpoint`` onto ``device`` with ``--impl``/``--precision``, as a :class:`CLIError` on failure."""
+def check_output_path(path: str | os.PathLike, option: str, *, suffix: str | None = None) -> Path:
+    """Refuse an output file that could not be written, before any work starts.
+
+    Args:
+        path: the file to write later.
+        option: the option that named it (for the message), e.g. ``"--out"``.
+        suffix: the required suffix (e.g. ``".png"``), compared case-insensitively.
+
+    Raises:
+        CLIError: wrong suffix, an existing directory, or no writable directory to create it in.
+    """
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise CLIError(f"{option} {path}: must be a {suffix} file")
+    if path.is_dir():
+        raise CLIError(f"{option} {path}: is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"{option} {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
+    return path
+
+
+# --------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a subcommand's model comes from.
+
+    Attributes:
+        given: the CHECKPOINT argument as the user typed it.
+        path: the checkpoint or weights file it resolves to.
+        pretrained: the pretrained model's name when ``given`` named one, else None.
+    """
+
+    given: str
+    path: Path
+    pretrained: str | None = None
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def resolve_model_source(given: str) -> ModelSource:
+    """Resolve a CHECKPOINT argument: an existing path first, then a pretrained model's name.
+
+    Raises:
+        CLIError: nothing usable under that name (the message names what the user gave).
+    """
+    from ..checkpoint import CheckpointError, resolve_checkpoint
+
+    path = Path(given)
+    if path.exists():
+        try:
+            return ModelSource(given, resolve_checkpoint(path))
+        except (FileNotFoundError, CheckpointError) as error:
+            raise CLIError(cli_message(error)) from None
+    if _NAME.fullmatch(given) and path.suffix not in (".safetensors", ".json"):
+        from ..pretrained import PretrainedError, list_pretrained, pretrained_path
+
+        try:
+            return ModelSource(given, pretrained_path(given), given)
+        except PretrainedError as error:
+            if list_pretrained():
+                raise CLIError(f"{given}: no such run directory or checkpoint file, and {error}") from None
+            raise CLIError(
+                f"{given}: no such run directory or checkpoint file, and no pretrained models are installed in "
+                "this version; pass a run directory or a .safetensors checkpoint"
+            ) from None
+    raise CLIError(f"checkpoint {given} does not exist; pass a run directory or a .safetensors checkpoint")
+
+
+def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: ModelSource | None = None):
+    """Load ``args.checkpoint`` (or ``source``) onto ``device`` with ``--impl``/``--precision``.
+
+    A corrupt ``best.safetensors`` whose run has an intact ``last.safetensors`` is reported with
+    the exact command that uses the latter.
+
+    Raises:
+        CLIError: the model cannot be loaded.
+    """
     from ..checkpoint import CheckpointError, load_model
 
+    source = source or resolve_model_source(args.checkpoint)
     try:
         return load_model(
-            args.checkpoint,
+            source.path,
             device=device,
-            impl=getattr(args, "impl", "auto"),
-            precision=getattr(args, "precision", "fp32"),
+            impl=getattr(args, "impl", None) or "auto",
+            precision=getattr(args, "precision", None) or PRECISIONS[0],
         )
     except (FileNotFoundError, CheckpointError) as error:
-        raise CLIError(str(error)) from None
+        alternative = getattr(error, "alternative", None)
+        if alternative is None:
+            raise CLIError(cli_message(error)) from None
+        command = _command_with(args, source.given, str(alternative))
+        raise CLIError(f"{error.reason}; the run's last checkpoint {alternative} is intact, use it: {command}") from None
+
+
+def _command_with(args: argparse.Namespace, old: str, new: str) -> str:
+    """The command line of this invocation with the argument ``old`` replaced by ``new``."""
+    argv = list(getattr(args, "argv", None) or [args.command, old])
+    if old in argv:
+        argv[argv.index(old)] = new
+    return "avme " + shlex.join(argv)
+
+
+# --------------------------------------------------------------------------- errors
+_API_OPTION = re.compile(r"\b\w+=\w+ \(CLI: (--[\w-]+)\)")
+
+
+def cli_message(error: BaseException) -> str:
+    """An exception's message in command-line terms, on one line.
+
+    An exception's ``cli_hint`` attribute, when set, replaces its message. Otherwise Python
+    wording of the form ``download=True (CLI: --download)`` becomes ``--download``.
+    """
+    text = getattr(error, "cli_hint", None) or str(error)
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    text = _API_OPTION.sub(r"\1", text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _rank_prefix() -> str:
+    """``"[rank R] "`` under torchrun with several processes, else empty."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if world.isdigit() and int(world) > 1 else ""
+
+
+def fail(command: str, message: object, code: int = EXIT_USAGE) -> int:
+    """Print ``avme <command>: error: <message>`` (one line) to stderr and return ``code``."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{_rank_prefix()}avme {command}: error: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean an unusable input file or name (exit status 2)."""
+    from ..checkpoint import CheckpointError
+    from ..data import DataFormatError
+    from ..pretrained import PretrainedError
+
+    types: list[type[BaseException]] = [CheckpointError, DataFormatError, PretrainedError, FileNotFoundError,
+                                         NotADirectoryError, IsADirectoryError]
+    plotting = sys.modules.get(f"{__package__.rpartition('.')[0]}.plotting")  # only a command that plotted
+    if plotting is not None:
+        types.append(plotting.MetricsError)
+    return tuple(types)
+
+
+def _exit_code_of(error: Exception) -> int | None:
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(error, _input_errors()):
+        return EXIT_USAGE
+    if isinstance(error, OSError):
+        return EXIT_FAILURE
+    return None
+
+
+def run_subcommand(args: argparse.Namespace) -> int:
+    """Run ``args.func(args)`` the way every subcommand runs, and return the exit status.
+
+    ``--threads`` is applied first. SIGINT (KeyboardInterrupt) and SIGTERM print one line and
+    return 130 / 143; a subcommand that handles them itself (``avme train`` checkpoints and
+    returns 130 / 143) keeps doing so. A :class:`CLIError`, an exception with an ``exit_code``
+    attribute, an unusable input file (exit 2) or an OS error while working (exit 1) print
+    ``avme <command>: error: <message>``; anything else is a bug and keeps its traceback.
+    """
+    command = getattr(args, "command", None) or "?"
+    previous = _install_sigterm()
+    try:
+        apply_threads(getattr(args, "threads", None))
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{_rank_prefix()}avme {command}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
+    except _Terminated:
+        print(f"{_rank_prefix()}avme {command}: stopped (SIGTERM)", file=sys.stderr, flush=True)
+        return EXIT_SIGTERM
+    except Exception as error:  # noqa: BLE001 - classified below, re-raised when unknown
+        code = _exit_code_of(error)
+        if code is None:
+            raise
+        return fail(command, cli_message(error), code)
+    finally:
+        _restore_sigterm(previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _install_sigterm() -> Any:
+    """Make SIGTERM raise :class:`_Terminated` (main thread only); returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and :func:`run_subcommand` it; keeps ``argv`` in
+    ``args.argv`` for messages that suggest a corrected command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return run_subcommand(args)
+

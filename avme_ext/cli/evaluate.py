@@ -11,18 +11,22 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_bytes
 from ._common import (
+    EXIT_STATUS_HELP,
     CLIError,
+    ModelSource,
     RawDefaultsFormatter,
     add_checkpoint_argument,
     add_data_arguments,
     add_device_arguments,
     add_seed_argument,
+    add_switch,
+    check_output_path,
+    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
-    reports_cli_errors,
+    resolve_model_source,
 )
 
 DESCRIPTION = """\
@@ -38,18 +42,26 @@ Evaluate a checkpoint on a data split; all numbers are nats per image, lower is 
                          uniform label prior from one IWAE bound per class: C times the cost
                          (--no-marginal skips it)
 
+Cost: before starting, a short timed pilot on the chosen device estimates the whole run and
+the estimate is printed once to stderr (the IWAE costs S trajectories per image: on a CPU,
+S = 5000 on the whole test set takes about a day; use --num-images or a GPU). The progress bar
+counts images (image x class bounds for the marginal) and moves within each chunk.
+
 Results are deterministic given --seed and --batch-size (each chunk of --batch-size images
 has its own seeded noise). Under torchrun every rank evaluates its share of the chunks and
 rank 0 reports the merged result, identical to a single-process run. --json writes the
 summary with its provenance (checkpoint, split, images, samples, seed, device, versions,
-wall-clock seconds)."""
+wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing."""
 
 EPILOG = """\
 examples:
+  avme eval runs/mnist --num-images 100 --samples 100    # a quick look (seconds to minutes on a CPU)
   avme eval runs/mnist                                   # ELBO on the 10k test images
-  avme eval runs/mnist --samples 5000 --json test.json   # the reported IWAE bound
+  avme eval runs/mnist --samples 5000 --json test.json   # the reported IWAE bound (use a GPU)
   avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
-  torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000"""
+  torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000
+
+""" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,19 +80,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--num-images", type=positive_int, default=None, metavar="N",
-        help="evaluate a random subset of N images (seeded by --seed; default: the whole split)",
+        help="evaluate a random subset of N images, seeded by --seed (default: the whole split)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=100, help="images per chunk")
     parser.add_argument(
         "--max-rows", type=positive_int, default=20000,
         help="IWAE trajectories evaluated at once (bounds memory for any S)",
     )
-    parser.add_argument(
-        "--no-marginal", dest="marginal", action="store_false",
-        help="conditional model: skip -log p(x) over all classes (saves C IWAE bounds per image)",
-    )
+    add_switch(parser, "--marginal", default=True,
+               help="conditional model with S > 0: also compute -log p(x) over all classes (C IWAE bounds "
+                    "per image)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the summary and provenance here")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
     add_device_arguments(parser)
     add_data_arguments(parser)
@@ -88,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- distributed hook
-# The only places that touch avme_ext.distributed: joining the torchrun job and gathering shards.
+# The only places that touch avme_ext.distributed: joining the torchrun job and leaving it.
 def _join_job(device_arg: str):
     """(DistInfo, device) of this process; joins the process group under torchrun (nothing otherwise)."""
     from .. import distributed as dist_utils
@@ -102,15 +113,6 @@ def _join_job(device_arg: str):
     return info, device
 
 
-def _gather(result, info):
-    """The merged :class:`EvalResult` of all ranks (every rank gets it); the result itself for one process."""
-    if not info.distributed:
-        return result
-    from .. import distributed as dist_utils
-
-    return dist_utils.gather_eval_result(result)
-
-
 def _leave_job(info) -> None:
     if info.distributed:
         from .. import distributed as dist_utils
@@ -119,11 +121,12 @@ def _leave_job(info) -> None:
 
 
 # --------------------------------------------------------------------------- main
-@reports_cli_errors
 def run(args: argparse.Namespace) -> int:
+    json_out = check_output_path(args.json, "--json", suffix=".json") if args.json else None
+    source = resolve_model_source(args.checkpoint)
     info, device = _join_job(args.device)
     try:
-        code = _evaluate_and_report(args, info, device)
+        code = _evaluate_and_report(args, info, device, source, json_out)
         if info.distributed:
             from .. import distributed as dist_utils
 
@@ -133,23 +136,32 @@ def run(args: argparse.Namespace) -> int:
         _leave_job(info)
 
 
-def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -> int:
+def _load_images(args: argparse.Namespace, model):
     from ..data import load_split
-    from ..evaluation import evaluate
 
-    checkpoint = Path(args.checkpoint)
-    rank, world = info.rank, info.world_size
-    model = load_model_for_cli(args, device)
     try:
         split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
     except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split}: {error}") from None
+        raise CLIError(f"cannot load {args.dataset}/{args.split}: {cli_message(error)}") from None
     if args.num_images is not None:
         if args.num_images > len(split):
             raise CLIError(f"--num-images {args.num_images}: {split.name} has only {len(split)} images")
         split = split.subset(args.num_images, torch.Generator().manual_seed(args.seed))
     if model.num_classes > 0 and not split.has_labels:
         raise CLIError(f"{split.name} has no labels, which this conditional model needs")
+    return split
+
+
+def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, source: ModelSource,
+                         json_out: Path | None) -> int:
+    from ..checkpoint import atomic_write_bytes
+    from ..evaluation import evaluate, gather_across_ranks
+
+    rank, world = info.rank, info.world_size
+    model = load_model_for_cli(args, device, source)
+    split = _load_images(args, model)
+    if rank == 0:
+        _announce_cost(args, model, len(split), device, world)
 
     start = time.perf_counter()
     try:
@@ -166,18 +178,20 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -
         )
     except ValueError as error:
         raise CLIError(error) from None
-    result = _gather(result, info)
+    if info.distributed:
+        result = gather_across_ranks(result)
     seconds = time.perf_counter() - start
     if rank != 0:  # only rank 0 prints and writes files
         return 0
 
     summary = result.summary()
-    print(format_table(summary, model, split.name, checkpoint))
-    if args.json:
+    print(format_table(summary, model, split.name, source.given))
+    if json_out is not None:
         document = {
             "summary": summary,
             "provenance": {
-                "checkpoint": str(checkpoint.resolve()),
+                "checkpoint": str(source.path.resolve()),
+                "pretrained": source.pretrained,
                 "dataset": args.dataset,
                 "split": args.split,
                 "num_images": len(result),
@@ -188,6 +202,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -
                 "max_rows": args.max_rows,
                 "seed": args.seed,
                 "device": str(device),
+                "threads": torch.get_num_threads(),
                 "impl": args.impl,
                 "precision": args.precision,
                 "world_size": world,
@@ -198,11 +213,43 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device) -
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         }
-        out = Path(args.json)
-        text = (json.dumps(_jsonable(document), indent=2) + "\n").encode()
-        atomic_write_bytes(out, lambda tmp: Path(tmp).write_bytes(text))
-        print(out)
+        print(atomic_write_bytes(json_out, (json.dumps(_jsonable(document), indent=2) + "\n").encode()))
     return 0
+
+
+def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> None:
+    """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot)."""
+    from ..evaluation import estimate_cost
+
+    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows)
+    seconds = estimate.seconds / world
+    what = f"IWAE S={args.samples}" if args.samples else "ELBO"
+    if args.samples and model.num_classes > 0 and args.marginal:
+        what += f" x {model.num_classes} classes"
+    where = describe_device(device) + (f", {world} processes" if world > 1 else "")
+    line = f"avme eval: {what} on {num_images} images: about {format_duration(seconds)} on {where}"
+    if seconds > 600:
+        line += "; use --num-images N" + (" or a GPU" if device.type == "cpu" else "") + " for a quicker look"
+    print(line, file=sys.stderr, flush=True)
+
+
+def describe_device(device: torch.device) -> str:
+    """``"this CPU (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"this CPU ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def format_duration(seconds: float) -> str:
+    """A rough, readable duration: ``"3 s"``, ``"12 min"``, ``"2.6 h"``, ``"1.1 days"``."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _jsonable(value):
@@ -216,7 +263,7 @@ def _jsonable(value):
     return value
 
 
-def format_table(summary: dict, model, split_name: str, checkpoint: Path) -> str:
+def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) -> str:
     """The human-readable table printed by ``avme eval``."""
 
     def fmt(value: float, sem: float | None = None) -> str:

@@ -8,16 +8,18 @@ from pathlib import Path
 import torch
 
 from ._common import (
+    EXIT_STATUS_HELP,
     CLIError,
     RawDefaultsFormatter,
     add_checkpoint_argument,
     add_data_arguments,
     add_device_arguments,
     add_seed_argument,
+    check_output_path,
+    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
-    reports_cli_errors,
     resolve_device,
 )
 
@@ -27,16 +29,22 @@ Draw images from a trained model's prior and save them as a PNG grid.
 An unconditional model gives a grid of --num samples (--nrow per row). A conditional model
 gives one row per class with --per-class samples each. --unroll instead writes one strip per
 row showing the canvas sigmoid(s_t) after every drawing step t = 1..K (the paper's Figures 8
-and 9). --reconstruct N also saves N random test images (odd rows) above their
+and 9). --reconstruct N also saves N random images of --split (odd rows) above their
 reconstructions (even rows). Images are white on black (--invert: black on white), scaled up
-by --scale with nearest-neighbour upsampling. Prints the path of every file written."""
+by --scale with nearest-neighbour upsampling.
+
+Everything is checked (model, data set, output names) and every image drawn before any file
+is written; files are replaced atomically, so a failed or interrupted command leaves the old
+files as they were. Prints the path of every file written."""
 
 EPILOG = """\
 examples:
   avme sample runs/mnist --out samples.png                 # 8x8 grid of 64 samples
   avme sample runs/mnist --unroll --num 8 --out steps.png  # 8 strips of K steps
   avme sample runs/cond/best.safetensors --per-class 10    # 10 rows (digits 0-9) of 10
-  avme sample runs/mnist --reconstruct 16 --seed 3"""
+  avme sample runs/mnist --reconstruct 16 --seed 3
+
+""" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,23 +58,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument(
         "--num", type=positive_int, default=None,
-        help="samples from an unconditional model (default 64; 8 with --unroll)",
+        help="samples from an unconditional model (default: 64; 8 with --unroll)",
     )
     parser.add_argument(
         "--per-class", type=positive_int, default=None, metavar="N",
-        help="conditional model: N samples for every class, one row per class (default 8; 1 with --unroll)",
+        help="conditional model: N samples for every class, one row per class (default: 8; 1 with --unroll)",
     )
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
     parser.add_argument("--unroll", action="store_true", help="one strip per row showing sigmoid(s_t), t = 1..K")
-    parser.add_argument("--nrow", type=positive_int, default=None, help="tiles per row of a plain grid (default ~square)")
+    parser.add_argument("--nrow", type=positive_int, default=None,
+                        help="tiles per row of a plain grid (default: about the square root of the number)")
     parser.add_argument("--scale", type=positive_int, default=2, help="integer upscaling factor (nearest neighbour)")
     parser.add_argument("--invert", action="store_true", help="black digits on white")
     parser.add_argument(
         "--reconstruct", type=nonnegative_int, default=0, metavar="N",
-        help="also save N random test images above their reconstructions",
+        help="also save N random images of --split above their reconstructions",
     )
     parser.add_argument(
-        "--recon-out", default=None, help="PNG for --reconstruct (default: <out stem>_recon.png)",
+        "--recon-out", default=None, help="PNG for --reconstruct (default: <--out stem>_recon.png)",
     )
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="images for --reconstruct")
     add_seed_argument(parser)
@@ -75,66 +84,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@reports_cli_errors
 def run(args: argparse.Namespace) -> int:
-    from ..images import save_class_grid, save_sample_grid, save_unrolled_strips
+    from ..images import class_grid, reconstructions_grid, sample_grid, unrolled_strips_grid, write_png
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out {out}: must be a .png file")
+    out = check_output_path(args.out, "--out", suffix=".png")
+    recon_out = None
+    if args.reconstruct:
+        recon_out = Path(args.recon_out) if args.recon_out else out.with_name(f"{out.stem}_recon.png")
+        check_output_path(recon_out, "--recon-out", suffix=".png")
+        if recon_out.resolve() == out.resolve():
+            raise CLIError(f"--recon-out {recon_out} is the same file as --out; give another name")
+    elif args.recon_out:
+        raise CLIError("--recon-out needs --reconstruct N")
     device = resolve_device(args.device)
     model = load_model_for_cli(args, device)
     num_classes = model.num_classes
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    style = {"scale": args.scale, "invert": args.invert}
-    written: list[Path] = []
+    if num_classes > 0 and args.num is not None:
+        raise CLIError(f"this model is conditional ({num_classes} classes): use --per-class N instead of --num")
+    if num_classes == 0 and args.per_class is not None:
+        raise CLIError("--per-class needs a conditional model; this one is unconditional (use --num)")
+    originals = _reconstruction_inputs(args, model, device) if args.reconstruct else None
 
+    style = {"scale": args.scale, "invert": args.invert}
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     if num_classes > 0:
-        if args.num is not None:
-            raise CLIError(f"this model is conditional ({num_classes} classes): use --per-class N instead of --num")
         per_class = args.per_class or (1 if args.unroll else 8)
         y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
         probs, steps = model.sample(y=y, generator=generator, return_steps=args.unroll)
-        if args.unroll:
-            written.append(save_unrolled_strips(steps, out, **style))
-        else:
-            written.append(save_class_grid(probs.view(num_classes, per_class, -1), out, **style))
+        grid = unrolled_strips_grid(steps, **style) if args.unroll else class_grid(
+            probs.view(num_classes, per_class, -1), **style)
     else:
-        if args.per_class is not None:
-            raise CLIError("--per-class needs a conditional model; this one is unconditional (use --num)")
         num = args.num or (8 if args.unroll else 64)
         probs, steps = model.sample(num, generator=generator, return_steps=args.unroll)
-        if args.unroll:
-            written.append(save_unrolled_strips(steps, out, **style))
-        else:
-            written.append(save_sample_grid(probs, out, args.nrow, **style))
+        grid = unrolled_strips_grid(steps, **style) if args.unroll else sample_grid(probs, args.nrow, **style)
+    grids = [(out, grid)]
+    if originals is not None:
+        x, y = originals
+        recon, _ = model.reconstruct(x, y, generator=torch.Generator(device=device).manual_seed(args.seed + 1))
+        grids.append((recon_out, reconstructions_grid(x, recon, **style)))
 
-    if args.reconstruct:
-        written.append(_reconstructions(args, model, device, out, style))
-    for path in written:
-        print(path)
+    for path, image in grids:  # every image is ready: only now touch the files
+        print(write_png(image, path))
     return 0
 
 
-def _reconstructions(args: argparse.Namespace, model, device: torch.device, out: Path, style: dict) -> Path:
+def _reconstruction_inputs(args: argparse.Namespace, model, device: torch.device):
+    """(x, y) of ``--reconstruct`` random images of ``--split`` (y None for an unconditional model)."""
     from ..data import load_split
-    from ..images import save_reconstructions
 
-    recon_out = Path(args.recon_out) if args.recon_out else out.with_name(f"{out.stem}_recon.png")
     try:
         split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
     except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split} for --reconstruct: {error}") from None
+        raise CLIError(f"cannot load {args.dataset}/{args.split} for --reconstruct: {cli_message(error)}") from None
     if args.reconstruct > len(split):
         raise CLIError(f"--reconstruct {args.reconstruct}: {split.name} has only {len(split)} images")
+    if model.num_classes > 0 and not split.has_labels:
+        raise CLIError(f"{split.name} has no labels, which a conditional model needs to reconstruct")
     pick = torch.Generator().manual_seed(args.seed)
     subset = split.subset(args.reconstruct, pick)
     x, y = subset.batch(torch.arange(len(subset)), generator=pick, device=device)
-    if model.num_classes > 0:
-        if not subset.has_labels:
-            raise CLIError(f"{split.name} has no labels, which a conditional model needs to reconstruct")
-    else:
-        y = None
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    recon, _ = model.reconstruct(x, y, generator=generator)
-    return save_reconstructions(x, recon, recon_out, **style)
+    return x, (y if model.num_classes > 0 else None)
