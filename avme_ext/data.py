@@ -190,9 +190,10 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
 
 def _missing_files_error(what: str, paths: Iterable[Path], hint: str = "") -> FileNotFoundError:
     listing = "\n  ".join(str(p) for p in paths)
-    return FileNotFoundError(
-        f"{what} not found. Expected:\n  {listing}\n{hint}"
-        "Pass download=True (CLI: --download) to fetch the files.")
+    found = f"{what} not found. Expected:\n  {listing}\n{hint}"
+    error = FileNotFoundError(found + "Pass download=True to fetch the files.")
+    error.cli_hint = found + "Pass --download to fetch the files."  # what the command line says
+    return error
 
 
 def default_data_root() -> Path:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from avme_ext.checkpoint import atomic_write_bytes
+from reproduce_state import atomic_write_text
 
 INDEX_NAME = "repro-pack.json"
 PART_PATTERN = "repro-pack.{:03d}"
@@ -184,7 +185,7 @@ def pack(
         part_entries.append({"file": path.name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
     index_document = {"format": PACK_FORMAT, "version": PACK_VERSION, "base": base, "files": entries,
                       "removed": list(removed), "parts": part_entries, "packed_bytes": total, "raw_bytes": raw}
-    (destination / INDEX_NAME).write_text(json.dumps(index_document, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(destination / INDEX_NAME, json.dumps(index_document, indent=1) + "\n")
     return PackReport(list(files), list(removed), parts, total, raw)
 
 
@@ -224,12 +225,7 @@ def unpack(source: Path, root: Path) -> dict[str, Any]:
             raise ValueError(f"{rel}: damaged in the pack (SHA-256 differs)")
         decoded.append((rel, data))
     for rel, data in decoded:
-        target = root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
+        atomic_write_bytes(root / rel, data)
     for rel in document["removed"]:
         (root / _safe_relative(rel)).unlink(missing_ok=True)
     _remove_empty_dirs(root)

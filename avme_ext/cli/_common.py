@@ -371,19 +371,15 @@ def _command_with(args: argparse.Namespace, old: str, new: str) -> str:
 
 
 # --------------------------------------------------------------------------- errors
-_API_OPTION = re.compile(r"\b\w+=\w+ \(CLI: (--[\w-]+)\)")
-
-
 def cli_message(error: BaseException) -> str:
     """An exception's message in command-line terms, on one line.
 
-    An exception's ``cli_hint`` attribute, when set, replaces its message. Otherwise Python
-    wording of the form ``download=True (CLI: --download)`` becomes ``--download``.
+    An exception's ``cli_hint`` attribute, when set, replaces its message (the data loaders
+    set it so that their errors name the command-line flag, not the Python argument).
     """
     text = getattr(error, "cli_hint", None) or str(error)
     if isinstance(error, KeyError) and error.args:
         text = str(error.args[0])
-    text = _API_OPTION.sub(r"\1", text)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
