@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,48 +225,6 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return rank, world
 
 
-def _image_groups(num_images: int, samples: int, max_rows: int) -> list[slice]:
-    """The groups of images :meth:`AVME.iwae_bound` evaluates at once: ``max(1, max_rows // samples)`` each.
-
-    Calling ``iwae_bound`` on these groups in order, with one generator, draws exactly the noise
-    one call on all images draws, so the bounds are identical; the groups are where progress is
-    reported inside a chunk.
-    """
-    group = max(1, max_rows // samples)
-    return [slice(start, min(start + group, num_images)) for start in range(0, num_images, group)]
-
-
-def _iwae_bounds(
-    model: AVME,
-    x: Tensor,
-    y: Tensor | None,
-    samples: int,
-    max_rows: int,
-    generator: torch.Generator,
-    advance: Callable[[int], None],
-) -> Tensor:
-    """``model.iwae_bound(x, y, samples, max_rows=max_rows, generator=generator)``, (B,), calling
-    ``advance(n)`` after every group of ``n`` images."""
-    parts = []
-    for rows in _image_groups(x.shape[0], samples, max_rows):
-        parts.append(model.iwae_bound(x[rows], None if y is None else y[rows], samples, max_rows=max_rows,
-                                      generator=generator))
-        advance(parts[-1].shape[0])
-    return torch.cat(parts)
-
-
-def _class_log_likelihoods(
-    model: AVME, x: Tensor, samples: int, max_rows: int, generator: torch.Generator, advance: Callable[[int], None]
-) -> Tensor:
-    """``model.class_log_likelihoods(x, samples, ...)``, (B, C): the same classes in the same order,
-    so the same noise; ``advance`` is called after every group of images of every class."""
-    columns = []
-    for c in range(model.num_classes):
-        labels = torch.full((x.shape[0],), c, dtype=torch.int64, device=x.device)
-        columns.append(_iwae_bounds(model, x, labels, samples, max_rows, generator, advance))
-    return torch.stack(columns, dim=1)
-
-
 class _Progress:
     """A tqdm bar counting image bounds (images x classes for the marginal), with running means."""
 
@@ -374,16 +332,18 @@ def evaluate(
             if samples == 0:
                 meter.advance(len(index))
             elif do_marginal:
-                class_ll = _class_log_likelihoods(
-                    model, x, samples, max_rows, chunk_generator(seed, i, device, "class"), meter.advance
+                class_ll = model.class_log_likelihoods(
+                    x, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "class"),
+                    progress=meter.advance,
                 ).double()
                 part.class_nll = -class_ll
                 part.nll_given_y = -class_ll.gather(1, y.view(-1, 1)).squeeze(1)
                 part.nll_marginal = -AVME.marginal_from_class_bounds(class_ll)
                 part.iwae_nll = part.nll_given_y
             else:
-                bound = _iwae_bounds(
-                    model, x, y, samples, max_rows, chunk_generator(seed, i, device, "iwae"), meter.advance
+                bound = model.iwae_bound(
+                    x, y, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "iwae"),
+                    progress=meter.advance,
                 ).double()
                 part.iwae_nll = -bound
                 if conditional:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -265,6 +266,7 @@ class AVME(nn.Module):
         *,
         max_rows: int = 20000,
         generator: torch.Generator | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Tensor:
         """Importance-weighted lower bound on log p(x) (or log p(x | y)) per image, in nats.
 
@@ -276,6 +278,8 @@ class AVME(nn.Module):
             y: (B,) labels (conditional model: gives log p(x | y)), else None.
             samples: S, trajectories per image (S=1 is the ELBO of one draw).
             max_rows: trajectories evaluated at once.
+            progress: called with the number of images after each group of images is done
+                (groups of ``max(1, max_rows // samples)`` images), e.g. to move a progress bar.
 
         Returns:
             (B,) the bound.
@@ -299,19 +303,32 @@ class AVME(nn.Module):
                 eps = self.core.draw_noise(n * s, generator)
                 chunks.append(self.log_weights(x_rep, y_rep, eps).view(n, s))
             bounds.append(torch.logsumexp(torch.cat(chunks, dim=1), dim=1) - math.log(samples))
+            if progress is not None:
+                progress(n)
         return torch.cat(bounds) if bounds else x.new_zeros(0)
 
     @torch.no_grad()
     def class_log_likelihoods(
-        self, x: Tensor, samples: int = 5000, *, max_rows: int = 20000, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        samples: int = 5000,
+        *,
+        max_rows: int = 20000,
+        generator: torch.Generator | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Tensor:
-        """IWAE bounds on log p(x | y=c) for every class c of a conditional model: (B, D) -> (B, C)."""
+        """IWAE bounds on log p(x | y=c) for every class c of a conditional model: (B, D) -> (B, C).
+
+        ``progress`` as for :meth:`iwae_bound`, called for every group of images of every class.
+        """
         if self.config.num_classes == 0:
             raise ValueError("class_log_likelihoods needs a conditional model (num_classes > 0)")
         columns = []
         for c in range(self.config.num_classes):
             labels = torch.full((x.shape[0],), c, dtype=torch.int64, device=x.device)
-            columns.append(self.iwae_bound(x, labels, samples, max_rows=max_rows, generator=generator))
+            columns.append(
+                self.iwae_bound(x, labels, samples, max_rows=max_rows, generator=generator, progress=progress)
+            )
         return torch.stack(columns, dim=1)
 
     @staticmethod
