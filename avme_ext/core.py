@@ -185,6 +185,19 @@ class AVMECore(nn.Module):
             write_b=self.write.bias,
         )
 
+    def fused_design(self, device: torch.device | str, batch_size: int) -> str:
+        """The kernel design a fused call on ``device`` with ``batch_size`` rows runs.
+
+        The one forced by an :func:`avme_ext.ops.design` block; else the design the measured
+        crossover table names for this device, dtype, precision and batch size
+        (:func:`avme_ext.dispatch.auto_design`); else ``"auto"`` (the host's choice by what fits).
+        """
+        forced = ops.requested_design()
+        if forced != "auto":
+            return forced
+        measured = dispatch.auto_design(torch.device(device), self.write.weight.dtype, self.precision, batch_size)
+        return "auto" if measured == "ref" else measured
+
     def resolved_impl(self, device: torch.device | str, batch_size: int | None = None) -> str:
         """The implementation that runs for inputs on ``device`` with ``batch_size`` rows.
 
@@ -276,7 +289,10 @@ class AVMECore(nn.Module):
         self._check(x, y, eps, "eps")
         params = self.loop_params()
         if self.resolved_impl(x.device, x.shape[0]) == "cuda":
-            return ops.fused_forward(x, y, eps, params, self.encoder_input, return_canvases, self.precision)
+            return ops.fused_forward(
+                x, y, eps, params, self.encoder_input, return_canvases, self.precision,
+                design=self.fused_design(x.device, x.shape[0]),
+            )  # fmt: skip
         return avme_forward_reference(x, y, eps, params, self.encoder_input, return_canvases)
 
     def sample(
@@ -313,5 +329,7 @@ class AVMECore(nn.Module):
         self._check(None, y, z, "z")
         params = self.loop_params()
         if self.resolved_impl(z.device, z.shape[1]) == "cuda":
-            return ops.fused_sample(z, y, params, return_canvases, self.precision)
+            return ops.fused_sample(
+                z, y, params, return_canvases, self.precision, design=self.fused_design(z.device, z.shape[1])
+            )
         return avme_sample_reference(z, y, params, return_canvases)

@@ -1,6 +1,7 @@
 """The contract of the K-step loop: its weights, its outputs and its options.
 
-The option tuples here (:data:`ENCODER_INPUTS`, :data:`IMPLS`, :data:`PRECISIONS`) are the single
+The option tuples here (:data:`ENCODER_INPUTS`, :data:`IMPLS`, :data:`PRECISIONS`,
+:data:`DESIGNS`) are the single
 source of the choices; this module needs only torch, so the CLI and the benchmarks can import
 them without the modules or the extension.
 
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-__all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "AVMEParams", "ForwardOutput", "SampleOutput"]
+__all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "DESIGNS", "AVMEParams", "ForwardOutput", "SampleOutput"]
 
 #: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")
@@ -23,6 +24,10 @@ ENCODER_INPUTS = ("canvas", "error")
 IMPLS = ("auto", "cuda", "ref")
 #: Matrix-product precisions of the fused ops.
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: Kernel designs of the fused ops: chosen by the host ("auto"), or one forced by name:
+#: "rowtile" (a block per tile of batch rows), "persistent" (weight-stationary persistent
+#: kernels, small batches), "stagewise" (a GEMM per stage with fused pointwise kernels).
+DESIGNS = ("auto", "rowtile", "persistent", "stagewise")
 
 
 class AVMEParams(NamedTuple):

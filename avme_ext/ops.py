@@ -18,10 +18,21 @@ under ``torch.compile(fullgraph=True)``. Gradients flow to every parameter and t
 ``avme::backward``, e.g. ``create_graph=True`` then another ``grad``) raises a clear error,
 as does backward through ``avme::sample``; use the reference for those.
 
-``precision`` ("fp32", "tf32", "bf16") selects the cuBLAS mode of the step-invariant input
-products and of the gradient matmuls; the step kernels themselves compute in the tensor
-dtype (float32 or float64) without tensor cores. "fp32" turns TF32 off for these products
-whatever the global setting is. With float64 tensors the precision is ignored.
+Kernel designs (``design``, one of :data:`DESIGNS`; see csrc/README.md): ``"rowtile"`` (a
+block per tile of batch rows, all K steps in one launch), ``"persistent"`` (weight-stationary
+persistent kernels: each block keeps its slice of the weights on chip for all K steps, grid
+barriers between stages; small batches), ``"stagewise"`` (one GEMM per stage with fused
+pointwise kernels; large batches). ``"auto"`` lets the host choose: persistent when it fits
+and B <= 256, stagewise otherwise. Every design computes the same function and is tested
+against the reference; :func:`design` forces one.
+
+Precision policy (``precision``): ``"fp32"`` computes every product in fp32 (TF32 off, whatever
+the global setting is); ``"tf32"`` runs the products on TF32 tensor cores and ``"bf16"`` on bf16
+tensor cores (bf16 operands), both with fp32 accumulation, while the LSTM cell states, the
+canvas and every pointwise operation stay in fp32. Which products that covers depends on the
+design: the step-invariant input products and the weight-gradient matmuls always; the
+per-step products in the stagewise design; the rowtile and persistent step kernels compute
+in fp32 (or fp64). With float64 tensors the precision is ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +42,11 @@ import importlib.util
 import torch
 from torch import Tensor
 
+import contextlib
+from collections.abc import Iterator
+
 from .loop_types import (
+    DESIGNS,
     ENCODER_INPUTS,
     PRECISIONS,
     AVMEParams,
@@ -40,7 +55,10 @@ from .loop_types import (
 )
 
 __all__ = [
+    "DESIGNS",
     "PRECISIONS",
+    "design",
+    "requested_design",
     "is_available",
     "extension_loaded",
     "extension_error",
@@ -101,11 +119,38 @@ def _require_extension() -> None:
         )
 
 
-def _check_options(encoder_input: str, precision: str) -> None:
+def _check_options(encoder_input: str, precision: str, design_name: str) -> None:
     if encoder_input not in ENCODER_INPUTS:
         raise ValueError(f"encoder_input must be one of {ENCODER_INPUTS}, got {encoder_input!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if design_name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design_name!r}")
+
+
+_FORCED_DESIGN: list[str] = []
+
+
+@contextlib.contextmanager
+def design(name: str) -> Iterator[None]:
+    """Force the kernel design of every fused op call inside the ``with`` block.
+
+    ``name`` is one of :data:`DESIGNS`; ``"auto"`` restores the automatic choice. Used by the
+    benchmarks and tests to compare designs; a design that cannot run the sizes or the dtype
+    of a call raises a RuntimeError saying why. Not thread-local: do not race it.
+    """
+    if name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
+    _FORCED_DESIGN.append(name)
+    try:
+        yield
+    finally:
+        _FORCED_DESIGN.pop()
+
+
+def requested_design() -> str:
+    """The design forced by the innermost :func:`design` block, or ``"auto"``."""
+    return _FORCED_DESIGN[-1] if _FORCED_DESIGN else "auto"
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -120,8 +165,12 @@ def fused_forward(
     encoder_input: str = "canvas",
     return_canvases: bool = False,
     precision: str = "fp32",
+    design: str | None = None,
 ) -> ForwardOutput:
     """Fused training forward; same contract as :func:`avme_ext.reference.avme_forward_reference`.
+
+    ``design`` names the kernel design (one of :data:`DESIGNS`); None takes the one forced by
+    :func:`design` blocks, else ``"auto"`` (the host picks by batch size and what fits).
 
     Differentiable w.r.t. ``x``, ``y``, ``eps`` and every parameter (once: no double
     backward). The per-step state
@@ -129,12 +178,17 @@ def fused_forward(
     inference (``torch.no_grad()``, e.g. IWAE with a huge batch) stores no K-step state.
     """
     _require_extension()
-    return _forward_with(torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision)
+    return _forward_with(
+        torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision, design
+    )
 
 
-def _forward_with(ns, x, y, eps, params, encoder_input, return_canvases, precision) -> ForwardOutput:
+def _forward_with(
+    ns, x, y, eps, params, encoder_input, return_canvases, precision, design_name=None
+) -> ForwardOutput:
     """fused_forward on the ops of namespace ``ns`` (torch.ops.avme, or the test emulator's)."""
-    _check_options(encoder_input, precision)
+    design_name = requested_design() if design_name is None else design_name
+    _check_options(encoder_input, precision, design_name)
     enc_b = params.enc_b_ih + params.enc_b_hh
     dec_b = params.dec_b_ih + params.dec_b_hh
     tensors = (
@@ -146,7 +200,7 @@ def _forward_with(ns, x, y, eps, params, encoder_input, return_canvases, precisi
     )  # fmt: skip
     tensors = tuple(_contiguous(t) for t in tensors)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out = ns.forward(*tensors, encoder_input, bool(return_canvases), save, precision)
+    out = ns.forward(*tensors, encoder_input, bool(return_canvases), save, precision, design_name)
     return ForwardOutput(
         canvas=out[0], mu=out[1], logvar=out[2], canvases=out[3] if return_canvases else None
     )
@@ -158,22 +212,25 @@ def fused_sample(
     params: AVMEParams,
     return_canvases: bool = False,
     precision: str = "fp32",
+    design: str | None = None,
 ) -> SampleOutput:
     """Fused decoder-only sampler; same contract as :func:`avme_ext.reference.avme_sample_reference`.
 
     Not differentiable (backward raises); use the reference to differentiate through sampling.
+    ``design`` as for :func:`fused_forward`.
     """
     _require_extension()
-    return _sample_with(torch.ops.avme, z, y, params, return_canvases, precision)
+    return _sample_with(torch.ops.avme, z, y, params, return_canvases, precision, design)
 
 
-def _sample_with(ns, z, y, params, return_canvases, precision) -> SampleOutput:
+def _sample_with(ns, z, y, params, return_canvases, precision, design_name=None) -> SampleOutput:
     """fused_sample on the ops of namespace ``ns``."""
-    _check_options("canvas", precision)
+    design_name = requested_design() if design_name is None else design_name
+    _check_options("canvas", precision, design_name)
     dec_b = params.dec_b_ih + params.dec_b_hh
     tensors = (z, y, params.dec_w_ih, params.dec_w_hh, dec_b, params.write_w, params.write_b)
     tensors = tuple(_contiguous(t) for t in tensors)
-    canvas, canvases = ns.sample(*tensors, bool(return_canvases), precision)
+    canvas, canvases = ns.sample(*tensors, bool(return_canvases), precision, design_name)
     return SampleOutput(canvas=canvas, canvases=canvases if return_canvases else None)
 
 
@@ -182,7 +239,7 @@ def _sample_with(ns, z, y, params, return_canvases, precision) -> SampleOutput:
 # ---------------------------------------------------------------------------------------
 def _forward_fake(
     x, y, eps, enc_w_ih, enc_w_hh, enc_b, q_w, q_b, dec_w_ih, dec_w_hh, dec_b, write_w, write_b,
-    encoder_input, return_canvases, save_for_backward, precision,
+    encoder_input, return_canvases, save_for_backward, precision, design,
 ):  # fmt: skip
     steps, batch, latent = eps.shape
     data_dim, enc_hidden, dec_hidden = write_w.shape[0], enc_w_hh.shape[1], dec_w_hh.shape[1]
@@ -208,7 +265,7 @@ def _backward_fake(
     grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases,
     h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
     enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
-    encoder_input, need_grad_x, need_grad_y, need_grad_eps, precision,
+    encoder_input, need_grad_x, need_grad_y, need_grad_eps, precision, design,
 ):  # fmt: skip
     steps, batch, latent = eps.shape
     classes = dec_w_ih.shape[1] - latent
@@ -229,7 +286,7 @@ def _backward_fake(
     )
 
 
-def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canvases, precision):
+def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canvases, precision, design):
     steps, batch, _ = z.shape
     data_dim = write_w.shape[0]
     return (
@@ -241,11 +298,12 @@ def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canva
 def _forward_setup_context(ctx, inputs, output):
     (
         x, y, eps, enc_w_ih, enc_w_hh, _enc_b, q_w, _q_b, dec_w_ih, dec_w_hh, _dec_b, write_w,
-        _write_b, encoder_input, _return_canvases, _save, precision,
+        _write_b, encoder_input, _return_canvases, _save, precision, design_name,
     ) = inputs  # fmt: skip
     _canvas, _mu, logvar, canvases, *state = output
     ctx.encoder_input = encoder_input
     ctx.precision = precision
+    ctx.design = design_name
     ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(
@@ -270,16 +328,17 @@ def _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases)
         _grad(grad_canvas), _grad(grad_mu), _grad(grad_logvar), _grad(grad_canvases),
         x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
         enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
-        ctx.encoder_input, need_x, need_y, need_eps, ctx.precision,
+        ctx.encoder_input, need_x, need_y, need_eps, ctx.precision, ctx.design,
     )  # fmt: skip
     grad_x, grad_y, grad_eps, *grad_weights = grads
-    # Inputs: x, y, eps, 10 weights/biases, encoder_input, return_canvases, save, precision.
+    # Inputs: x, y, eps, 10 weights/biases, encoder_input, return_canvases, save, precision,
+    # design.
     return (
         grad_x if need_x else None,
         grad_y if need_y else None,
         grad_eps if need_eps else None,
         *grad_weights,
-        None, None, None, None,
+        None, None, None, None, None,
     )  # fmt: skip
 
 

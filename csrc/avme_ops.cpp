@@ -27,6 +27,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -34,6 +35,8 @@
 #include <torch/library.h>
 
 #include "avme.h"
+#include "persistent/persistent.h"
+#include "stagewise/stagewise.h"
 
 #ifdef AVME_CPU_EMULATION
 // Test-only CPU build (csrc/emulation/): CPU tensors, kernels run by the emulator.
@@ -66,6 +69,26 @@ Precision parse_precision(const char* op, const std::string& s) {
   if (s == "tf32") return Precision::TF32;
   if (s == "bf16") return Precision::BF16;
   TORCH_CHECK(false, op, ": precision must be one of 'fp32', 'tf32', 'bf16', got '", s, "'");
+}
+
+// Kernel designs (csrc/README.md). kAuto: the host picks by batch size and what fits.
+enum class Design { kAuto, kRowTile, kPersistent, kStagewise };
+
+Design parse_design(const char* op, const std::string& s) {
+  if (s == "auto") return Design::kAuto;
+  if (s == "rowtile") return Design::kRowTile;
+  if (s == "persistent") return Design::kPersistent;
+  if (s == "stagewise") return Design::kStagewise;
+  TORCH_CHECK(false, op, ": design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', got '",
+              s, "'");
+}
+
+stagewise::GemmPrecision gemm_precision(Precision p) {
+  switch (p) {
+    case Precision::TF32: return stagewise::GemmPrecision::kTF32;
+    case Precision::BF16: return stagewise::GemmPrecision::kBF16;
+    default: return stagewise::GemmPrecision::kFP32;
+  }
 }
 
 bool parse_error_mode(const char* op, const std::string& s) {
@@ -283,6 +306,7 @@ struct Validated {
   Dims d;
   Precision prec = Precision::FP32;
   bool error_mode = false;
+  Design design = Design::kAuto;
 };
 
 Validated validate_forward(const Tensor& x, const std::optional<Tensor>& y, const Tensor& eps,
@@ -290,10 +314,11 @@ Validated validate_forward(const Tensor& x, const std::optional<Tensor>& y, cons
                            const Tensor& q_w, const Tensor& q_b, const Tensor& dec_w_ih,
                            const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
                            const Tensor& write_b, const std::string& encoder_input,
-                           const std::string& precision) {
+                           const std::string& precision, const std::string& design) {
   Validated v;
   v.error_mode = parse_error_mode(kForwardOp, encoder_input);
   v.prec = parse_precision(kForwardOp, precision);
+  v.design = parse_design(kForwardOp, design);
   const ArgChecker c(kForwardOp, x, "x");
   c.same_device_and_dtype(y, "y");
   c.same_device_and_dtype(eps, "eps");
@@ -336,10 +361,11 @@ Validated validate_backward(
     const Tensor& z, const Tensor& h_dec, const Tensor& c_dec, const Tensor& gates_dec,
     const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w, const Tensor& dec_w_ih,
     const Tensor& dec_w_hh, const Tensor& write_w, const std::string& encoder_input,
-    bool need_grad_y, const std::string& precision) {
+    bool need_grad_y, const std::string& precision, const std::string& design) {
   Validated v;
   v.error_mode = parse_error_mode(kBackwardOp, encoder_input);
   v.prec = parse_precision(kBackwardOp, precision);
+  v.design = parse_design(kBackwardOp, design);
   const ArgChecker c(kBackwardOp, x, "x");
   c.same_device_and_dtype(grad_canvas, "grad_canvas");
   c.same_device_and_dtype(grad_mu, "grad_mu");
@@ -401,9 +427,11 @@ Validated validate_backward(
 
 Validated validate_sample(const Tensor& z, const std::optional<Tensor>& y, const Tensor& dec_w_ih,
                           const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
-                          const Tensor& write_b, const std::string& precision) {
+                          const Tensor& write_b, const std::string& precision,
+                          const std::string& design) {
   Validated v;
   v.prec = parse_precision(kSampleOp, precision);
+  v.design = parse_design(kSampleOp, design);
   const ArgChecker c(kSampleOp, z, "z");
   c.same_device_and_dtype(y, "y");
   c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
@@ -452,19 +480,89 @@ DeviceInfo device_info(const Tensor& ref) {
 #endif
 }
 
-// Rows per block for a launch over d.B rows; a clear error when one row's state does not fit
-// in the device's shared memory (checked whatever B is, before anything is allocated).
-int plan_rows(const char* op, const Dims& d, int64_t elems_per_row, const Tensor& ref) {
-  const DeviceInfo info = device_info(ref);
+// Rows per block of the rowtile design for a launch over d.B rows (0: one row's state does not
+// fit in the device's shared memory). When the rowtile design is requested by name, a row
+// that does not fit is a clear error (checked whatever B is, before anything is allocated).
+int plan_rows(const char* op, const Dims& d, int64_t elems_per_row, const Tensor& ref,
+              const DeviceInfo& info, Design requested) {
   const int64_t elem_size = static_cast<int64_t>(ref.element_size());
   const int64_t bytes = elems_per_row * elem_size;
   const int rt = choose_rows_per_block(d.B, bytes, info.smem_optin, info.num_sms);
-  TORCH_CHECK(rt > 0, op, ": one batch row needs ", bytes, " bytes of shared memory (D=", d.D,
-              ", He=", d.He, ", Hd=", d.Hd, ", Z=", d.Z, ", dtype size ", elem_size,
-              ") but this GPU allows at most ", info.smem_optin,
-              " bytes per block. Use smaller sizes, float32, or the reference implementation "
-              "(AVMECore(impl='ref')).");
+  TORCH_CHECK(rt > 0 || requested != Design::kRowTile, op, ": the rowtile design needs ", bytes,
+              " bytes of shared memory per batch row (D=", d.D, ", He=", d.He, ", Hd=", d.Hd,
+              ", Z=", d.Z, ", dtype size ", elem_size, ") but this GPU allows at most ",
+              info.smem_optin,
+              " bytes per block. Use design 'stagewise' or 'auto', smaller sizes, float32, or the "
+              "reference implementation (AVMECore(impl='ref')).");
   return rt;
+}
+
+// Largest batch the automatic choice gives to the persistent design (where it fits); larger
+// batches go to the stagewise design. Not measured yet: the measured per-GPU crossover lives in
+// avme_ext/dispatch.py, which passes a design by name once a benchmark has chosen one.
+constexpr int64_t kPersistentMaxRows = 256;
+
+// Tile math of the persistent design for a precision: fp32 (and every float64 call) on CUDA-core
+// FMA in the tensor dtype; tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the design
+// has no bf16 tile: bf16 calls get the more accurate TF32 products).
+template <typename T>
+persistent::Config persistent_config(Precision p) {
+  persistent::Config cfg;
+  if (std::is_same_v<T, float> && p != Precision::FP32) cfg.math = persistent::kMathTf32;
+  return cfg;
+}
+
+// The design that runs: the requested one (an error if it cannot run these sizes), or for
+// kAuto the persistent design when it fits and B <= kPersistentMaxRows, else stagewise.
+template <typename T, typename Params>
+Design resolve_design(const char* op, const Validated& v, const Params& p, const DeviceInfo& info) {
+  const auto persistent_fits = [&] {
+    return persistent::supports<T>(p, info.num_sms, info.smem_optin, persistent_config<T>(v.prec));
+  };
+  switch (v.design) {
+    case Design::kRowTile:
+    case Design::kStagewise:
+      return v.design;
+    case Design::kPersistent:
+      TORCH_CHECK(persistent_fits(), op,
+                  ": the persistent design cannot run these sizes on this device (its weight "
+                  "slices do not fit in the shared memory of ", info.num_sms,
+                  " blocks of at most ", info.smem_optin, " bytes each, or tensor-core tiles "
+                  "were asked for on a device older than sm_80); use design 'stagewise' or 'auto'");
+      return v.design;
+    case Design::kAuto:
+      break;
+  }
+  if (p.B <= kPersistentMaxRows && persistent_fits()) return Design::kPersistent;
+  return Design::kStagewise;
+}
+
+// Run the K-step loop (training forward or sampler) with the chosen design.
+template <typename T>
+void run_loop(const char* op, const Validated& v, const LoopParams<T>& p, const DeviceInfo& info,
+              int rowtile_rows, cudaStream_t stream) {
+  switch (resolve_design<T>(op, v, p, info)) {
+    case Design::kPersistent:
+      persistent::launch_forward<T>(p, persistent::DeviceLimits{info.num_sms, info.smem_optin},
+                                    persistent_config<T>(v.prec), stream);
+      return;
+    case Design::kStagewise: stagewise::forward<T>(p, gemm_precision(v.prec), stream); return;
+    default: launch_loop<T>(p, rowtile_rows, stream); return;
+  }
+}
+
+// Run backward through time (the per-step gradients of BackwardParams) with the chosen design.
+template <typename T>
+void run_backward(const Validated& v, const BackwardParams<T>& p, const DeviceInfo& info,
+                  int rowtile_rows, cudaStream_t stream) {
+  switch (resolve_design<T>(kBackwardOp, v, p, info)) {
+    case Design::kPersistent:
+      persistent::launch_backward<T>(p, persistent::DeviceLimits{info.num_sms, info.smem_optin},
+                                     persistent_config<T>(v.prec), stream);
+      return;
+    case Design::kStagewise: stagewise::backward<T>(p, gemm_precision(v.prec), stream); return;
+    default: launch_backward<T>(p, rowtile_rows, stream); return;
+  }
 }
 
 // Outputs and workspaces the kernels fully overwrite. The test-only CPU emulation fills them
@@ -499,13 +597,15 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
                            const Tensor& dec_w_hh, const Tensor& dec_b, const Tensor& write_w,
                            const Tensor& write_b, const std::string& encoder_input,
                            bool return_canvases, bool save_for_backward,
-                           const std::string& precision) {
+                           const std::string& precision, const std::string& design) {
   const Validated v = validate_forward(x, y, eps, enc_w_ih, enc_w_hh, enc_b, q_w, q_b, dec_w_ih,
                                        dec_w_hh, dec_b, write_w, write_b, encoder_input,
-                                       precision);
+                                       precision, design);
   const Dims& d = v.d;
-  const int rt = plan_rows(
-      kForwardOp, d, loop_smem_elems_per_row(d.D, d.He, d.Hd, d.Z, true, v.error_mode), x);
+  const DeviceInfo info = device_info(x);
+  const int rt =
+      plan_rows(kForwardOp, d, loop_smem_elems_per_row(d.D, d.He, d.Hd, d.Z, true, v.error_mode),
+                x, info, v.design);
 
   AVME_DEVICE_GUARD(x);
   const int64_t B = d.B, K = d.K;
@@ -586,7 +686,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
       p.c_dec = c_dec.data_ptr<scalar_t>();
       p.gates_dec = gates_dec.data_ptr<scalar_t>();
     }
-    launch_loop<scalar_t>(p, rt, stream);
+    run_loop<scalar_t>(kForwardOp, v, p, info, rt, stream);
   });
   return result;
 }
@@ -606,15 +706,17 @@ BackwardResult avme_backward(
     const Tensor& z, const Tensor& h_dec, const Tensor& c_dec, const Tensor& gates_dec,
     const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w, const Tensor& dec_w_ih,
     const Tensor& dec_w_hh, const Tensor& write_w, const std::string& encoder_input,
-    bool need_grad_x, bool need_grad_y, bool need_grad_eps, const std::string& precision) {
+    bool need_grad_x, bool need_grad_y, bool need_grad_eps, const std::string& precision,
+    const std::string& design) {
   const Validated v = validate_backward(
       grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases, h_enc,
       c_enc, gates_enc, z, h_dec, c_dec, gates_dec, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh,
-      write_w, encoder_input, need_grad_y, precision);
+      write_w, encoder_input, need_grad_y, precision, design);
   const Dims& d = v.d;
   const Precision prec = v.prec;
-  const int rt =
-      plan_rows(kBackwardOp, d, backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z), x);
+  const DeviceInfo info = device_info(x);
+  const int rt = plan_rows(kBackwardOp, d, backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z), x,
+                           info, v.design);
 
   AVME_DEVICE_GUARD(x);
   const int64_t B = d.B, K = d.K, He4 = d.He4(), Hd4 = d.Hd4(), in_enc = d.enc_in();
@@ -678,7 +780,7 @@ BackwardResult avme_backward(
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
     p.d_x_error = ptr_or_null<scalar_t>(d_x_error);
-    launch_backward<scalar_t>(p, rt, stream);
+    run_backward<scalar_t>(v, p, info, rt, stream);
   });
 
   // Weight gradients: large products over all K*B rows (cuBLAS through ATen).
@@ -762,12 +864,13 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
                                        const Tensor& dec_w_ih, const Tensor& dec_w_hh,
                                        const Tensor& dec_b, const Tensor& write_w,
                                        const Tensor& write_b, bool return_canvases,
-                                       const std::string& precision) {
+                                       const std::string& precision, const std::string& design) {
   const Validated v =
-      validate_sample(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, precision);
+      validate_sample(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, precision, design);
   const Dims& d = v.d;
-  const int rt =
-      plan_rows(kSampleOp, d, loop_smem_elems_per_row(d.D, 0, d.Hd, d.Z, false, false), z);
+  const DeviceInfo info = device_info(z);
+  const int rt = plan_rows(kSampleOp, d, loop_smem_elems_per_row(d.D, 0, d.Hd, d.Z, false, false),
+                           z, info, v.design);
 
   AVME_DEVICE_GUARD(z);
   const int64_t B = d.B, K = d.K;
@@ -807,7 +910,7 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
     p.write_b = write_b.data_ptr<scalar_t>();
     p.canvas = canvas.data_ptr<scalar_t>();
     p.canvases = ptr_or_null<scalar_t>(canvases);
-    launch_loop<scalar_t>(p, rt, stream);
+    run_loop<scalar_t>(kSampleOp, v, p, info, rt, stream);
   });
   return {canvas, canvases};
 }
@@ -816,7 +919,7 @@ constexpr const char* kForwardSchema =
     "forward(Tensor x, Tensor? y, Tensor eps, Tensor enc_w_ih, Tensor enc_w_hh, Tensor enc_b, "
     "Tensor q_w, Tensor q_b, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, Tensor write_w, "
     "Tensor write_b, str encoder_input, bool return_canvases, bool save_for_backward, "
-    "str precision) -> (Tensor canvas, Tensor mu, Tensor logvar, Tensor canvases, "
+    "str precision, str design) -> (Tensor canvas, Tensor mu, Tensor logvar, Tensor canvases, "
     "Tensor h_enc, Tensor c_enc, Tensor gates_enc, Tensor z, Tensor h_dec, Tensor c_dec, "
     "Tensor gates_dec)";
 constexpr const char* kBackwardSchema =
@@ -825,13 +928,14 @@ constexpr const char* kBackwardSchema =
     "Tensor h_enc, Tensor c_enc, Tensor gates_enc, Tensor z, Tensor h_dec, Tensor c_dec, "
     "Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, Tensor q_w, Tensor dec_w_ih, "
     "Tensor dec_w_hh, Tensor write_w, str encoder_input, bool need_grad_x, bool need_grad_y, "
-    "bool need_grad_eps, str precision) -> (Tensor grad_x, Tensor grad_y, Tensor grad_eps, "
+    "bool need_grad_eps, str precision, str design) -> (Tensor grad_x, Tensor grad_y, "
+    "Tensor grad_eps, "
     "Tensor grad_enc_w_ih, Tensor grad_enc_w_hh, Tensor grad_enc_b, Tensor grad_q_w, "
     "Tensor grad_q_b, Tensor grad_dec_w_ih, Tensor grad_dec_w_hh, Tensor grad_dec_b, "
     "Tensor grad_write_w, Tensor grad_write_b)";
 constexpr const char* kSampleSchema =
     "sample(Tensor z, Tensor? y, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, "
-    "Tensor write_w, Tensor write_b, bool return_canvases, str precision) -> "
+    "Tensor write_w, Tensor write_b, bool return_canvases, str precision, str design) -> "
     "(Tensor canvas, Tensor canvases)";
 
 }  // namespace

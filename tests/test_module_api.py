@@ -295,8 +295,9 @@ def test_auto_runs_what_the_dispatch_table_chooses(monkeypatch):
     x, y, eps = make_inputs(core)
     fused_calls = []
 
-    def fake_fused_forward(x, y, eps, params, encoder_input, return_canvases, precision):
+    def fake_fused_forward(x, y, eps, params, encoder_input, return_canvases, precision, *, design):
         fused_calls.append(precision)
+        assert design == "auto"  # on the CPU nothing was measured: the host would choose
         return avme_forward_reference(x, y, eps, params, encoder_input, return_canvases)
 
     monkeypatch.setattr(avme_ext.ops, "fused_forward", fake_fused_forward)
@@ -321,3 +322,32 @@ def test_forced_implementations_do_not_ask_the_dispatch_table(monkeypatch):
     with pytest.raises(RuntimeError, match="impl='cuda'.*extension is not built"):
         make_core(impl="cuda").resolved_impl("cuda", 4)
     assert spy.calls == []
+
+
+def test_design_blocks_nest_and_refuse_unknown_names():
+    assert avme_ext.ops.requested_design() == "auto"
+    with avme_ext.ops.design("stagewise"):
+        assert avme_ext.ops.requested_design() == "stagewise"
+        with avme_ext.ops.design("persistent"):
+            assert avme_ext.ops.requested_design() == "persistent"
+        assert avme_ext.ops.requested_design() == "stagewise"
+    assert avme_ext.ops.requested_design() == "auto"
+    with pytest.raises(ValueError, match="design must be one of"):
+        with avme_ext.ops.design("fastest"):
+            pass
+
+
+def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch):
+    core = AVMECore(16, 0, 8, 8, 4, 2)
+    asked = []
+
+    def table(device, dtype, precision, batch_size):
+        asked.append((device.type, dtype, precision, batch_size))
+        return "ref" if batch_size < 100 else "stagewise"
+
+    monkeypatch.setattr(avme_ext.dispatch, "auto_design", table)
+    assert core.fused_design("cuda", 10) == "auto"  # never measured faster: the host decides
+    assert core.fused_design("cuda", 500) == "stagewise"  # the measured crossover
+    with avme_ext.ops.design("rowtile"):
+        assert core.fused_design("cuda", 500) == "rowtile"  # forced beats measured
+    assert asked == [("cuda", torch.float32, "fp32", 10), ("cuda", torch.float32, "fp32", 500)]

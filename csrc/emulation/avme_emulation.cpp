@@ -1,7 +1,14 @@
 // Test-only CPU build of the avme ops (torch.ops.avme_emu.*): the real host code
-// (csrc/avme_ops.cpp) and the real kernels (csrc/rowtile/) compiled as C++, with the
-// kernels run by the thread-per-CUDA-thread emulator in cuda_emulation.h. Built on demand by
+// (csrc/avme_ops.cpp) and every design's kernels (csrc/rowtile/, csrc/persistent/,
+// csrc/stagewise/) compiled as C++, with the kernels run by the thread-per-CUDA-thread emulator
+// in cuda_emulation.h and the stagewise GEMMs by ATen on the CPU. Built on demand by
 // tests/ops/backends.py (torch.utils.cpp_extension.load); never part of the package.
 #define AVME_CPU_EMULATION 1
 #include "../rowtile/rowtile_kernels.cu"
+#include "../persistent/forward.cu"
+#include "../persistent/backward.cu"
+#include "../stagewise/pointwise_kernels.cu"
+#include "../stagewise/host.cpp"
+#include "../stagewise/forward.cpp"
+#include "../stagewise/backward.cpp"
 #include "../avme_ops.cpp"

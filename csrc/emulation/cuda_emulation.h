@@ -2,16 +2,33 @@
 // csrc/avme_kernels.cu can be compiled as C++ and run without a GPU (tests/test_ops_build.py).
 //
 // Each CUDA thread of a block is one OS thread; __syncthreads() is a std::barrier over the
-// block's threads; dynamic shared memory is one buffer per block; blocks run one after
-// another. This checks the kernels' arithmetic, indexing and barrier placement for the
-// sizes tested (a missing barrier can show up as a wrong result, but is not guaranteed to:
-// run compute-sanitizer --tool racecheck on a GPU for that).
+// block's threads; dynamic shared memory is one buffer per block. Two launches:
+//   launch():             blocks of kThreads threads run one after another;
+//   cooperative_launch(): a cooperative grid (cudaLaunchCooperativeKernel): the threads of ALL
+//                         blocks run at the same time, any block size (blockDim / gridDim are
+//                         set), and grid_sync() is a barrier over every thread of the grid.
+//                         Warp-collective instructions are emulated there by an exchange among
+//                         the warp's 32 threads: mma_m16n8k8_tf32() (mma.sync.aligned.m16n8k8
+//                         .row.col.f32.tf32.tf32.f32) gathers every lane's fragment registers,
+//                         rebuilds A, B and C from the PTX ISA's fragment layouts and hands each
+//                         lane its part of D, so a kernel's fragment indexing is checked.
+// This checks the kernels' arithmetic, indexing and barrier placement for the sizes tested (a
+// missing barrier can show up as a wrong result, but is not guaranteed to: run
+// compute-sanitizer --tool racecheck on a GPU for that). A barrier that some thread never
+// reaches (a divergent or missing grid_sync) aborts the process after kBarrierTimeout instead
+// of hanging.
 #pragma once
 
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -19,10 +36,10 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __ldg(ptr) (*(ptr))
 #define AVME_DYNAMIC_SMEM(name) unsigned char* name = ::avme::emu::tls_smem
-#define __syncthreads() ::avme::emu::tls_barrier->arrive_and_wait()
+#define __syncthreads() ::avme::emu::sync_block()
 
 namespace avme {
 namespace emu {
@@ -31,10 +48,116 @@ struct Dim3 {
   unsigned int x = 0, y = 0, z = 0;
 };
 
+// A barrier over `count` threads that aborts the process (with a message) when a phase does
+// not complete within kBarrierTimeout: some thread skipped it, so the kernel would hang on a GPU.
+class TimedBarrier {
+ public:
+  static constexpr std::chrono::seconds kBarrierTimeout{300};
+
+  TimedBarrier(int count, const char* what) : count_(count), what_(what) {}
+
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const std::uint64_t phase = phase_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++phase_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, kBarrierTimeout, [&] { return phase_ != phase; })) {
+      std::fprintf(stderr,
+                   "avme CUDA emulator: a %s barrier timed out (%d of %d threads arrived): a "
+                   "barrier is missing or not reached by every thread\n",
+                   what_, arrived_, count_);
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_;
+  int arrived_ = 0;
+  std::uint64_t phase_ = 0;
+  const char* what_;
+};
+
+// What the 32 threads of one emulated warp share for warp-collective instructions.
+struct WarpExchange {
+  std::barrier<> barrier{32};
+  std::uint32_t a[32][4];
+  std::uint32_t b[32][2];
+};
+
 inline thread_local unsigned char* tls_smem = nullptr;
 inline thread_local std::barrier<>* tls_barrier = nullptr;
+inline thread_local TimedBarrier* tls_grid_barrier = nullptr;
+inline thread_local WarpExchange* tls_warp = nullptr;
 inline thread_local Dim3 tls_thread_idx;
 inline thread_local Dim3 tls_block_idx;
+inline thread_local Dim3 tls_block_dim;
+inline thread_local Dim3 tls_grid_dim;
+
+// __syncthreads(): the calling thread's block barrier.
+inline void sync_block() { tls_barrier->arrive_and_wait(); }
+
+// Grid-wide barrier of a cooperative launch (cooperative_groups::this_grid().sync()).
+inline void grid_sync() {
+  if (tls_grid_barrier == nullptr) {
+    std::fprintf(stderr, "avme CUDA emulator: grid_sync() outside a cooperative launch\n");
+    std::abort();
+  }
+  tls_grid_barrier->arrive_and_wait();
+}
+
+// float -> tf32 (cvt.rna.tf32.f32: round to nearest, ties away from zero; 10 mantissa bits),
+// returned as the fp32 bit pattern with the 13 low bits zero.
+inline std::uint32_t tf32_rna(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;  // finite: add half a tf32 ulp
+  return u & 0xffffe000u;
+}
+
+inline float bits_to_float(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// d += A B for one warp (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, A 16x8, B 8x8).
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32), g = lane / 4,
+// t = lane % 4:  a0 (g, t)  a1 (g + 8, t)  a2 (g, t + 4)  a3 (g + 8, t + 4)      [row, col of A]
+//                b0 (t, g)  b1 (t + 4, g)                                       [row, col of B]
+//                c0 (g, 2t) c1 (g, 2t + 1) c2 (g + 8, 2t) c3 (g + 8, 2t + 1)    [row, col of C/D]
+// The products are exact and accumulated in float, k ascending, onto c (the hardware's
+// internal order and rounding may differ slightly).
+inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4],
+                             const std::uint32_t (&b)[2]) {
+  if (tls_warp == nullptr) {
+    std::fprintf(stderr, "avme CUDA emulator: mma outside a cooperative launch\n");
+    std::abort();
+  }
+  WarpExchange& w = *tls_warp;
+  const int lane = static_cast<int>(tls_thread_idx.x % 32);
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) w.b[lane][i] = b[i];
+  w.barrier.arrive_and_wait();
+  auto A = [&](int m, int k) {
+    return bits_to_float(w.a[(m % 8) * 4 + k % 4][(m >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  };
+  auto B = [&](int k, int n) { return bits_to_float(w.b[n * 4 + k % 4][k >= 4 ? 1 : 0]); };
+  const int g = lane / 4, t = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int m = g + (q >= 2 ? 8 : 0), n = 2 * t + (q & 1);
+    float acc = d[q];
+    for (int k = 0; k < 8; ++k)
+      acc = static_cast<float>(static_cast<double>(A(m, k)) * B(k, n) + acc);
+    d[q] = acc;
+  }
+  w.barrier.arrive_and_wait();  // the exchange area is reused by the next instruction
+}
 
 // Run kernel(params) over `blocks` blocks of kThreads threads each, sequentially by block.
 template <typename Kernel, typename Params>
@@ -52,6 +175,8 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& para
         tls_barrier = &barrier;
         tls_thread_idx.x = static_cast<unsigned int>(t);
         tls_block_idx.x = static_cast<unsigned int>(b);
+        tls_block_dim = Dim3{static_cast<unsigned int>(kThreads), 1, 1};
+        tls_grid_dim = Dim3{static_cast<unsigned int>(blocks), 1, 1};
         kernel(params);
       });
     }
@@ -59,8 +184,48 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& para
   }
 }
 
+// Run kernel(args...) as a cooperative grid of `blocks` blocks of `threads` threads: every
+// thread of every block is started at once (as the GPU guarantees for a cooperative launch, so
+// grid_sync() cannot deadlock), each block with its own garbage-filled shared memory.
+template <typename Kernel, typename... Args>
+void cooperative_launch(Kernel kernel, int blocks, int threads, size_t smem_bytes,
+                        const Args&... args) {
+  const size_t words = (smem_bytes + sizeof(double) - 1) / sizeof(double) + 1;
+  std::vector<std::vector<double>> smem(static_cast<size_t>(blocks));
+  std::deque<std::barrier<>> block_barriers;  // not movable: a deque keeps them in place
+  for (int b = 0; b < blocks; ++b) {
+    smem[b].resize(words);
+    std::memset(smem[b].data(), 0x7f, words * sizeof(double));  // kernels initialise what they read
+    block_barriers.emplace_back(threads);
+  }
+  TimedBarrier grid_barrier(blocks * threads, "grid");
+  std::deque<WarpExchange> warps(static_cast<size_t>(blocks) * ((threads + 31) / 32));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(blocks) * threads);
+  for (int b = 0; b < blocks; ++b) {
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        tls_smem = reinterpret_cast<unsigned char*>(smem[b].data());
+        tls_barrier = &block_barriers[b];
+        tls_grid_barrier = &grid_barrier;
+        tls_warp = &warps[static_cast<size_t>(b) * ((threads + 31) / 32) + t / 32];
+        tls_thread_idx = Dim3{static_cast<unsigned int>(t), 0, 0};
+        tls_block_idx = Dim3{static_cast<unsigned int>(b), 0, 0};
+        tls_block_dim = Dim3{static_cast<unsigned int>(threads), 1, 1};
+        tls_grid_dim = Dim3{static_cast<unsigned int>(blocks), 1, 1};
+        kernel(args...);
+        tls_grid_barrier = nullptr;
+        tls_warp = nullptr;
+      });
+    }
+  }
+  for (auto& th : pool) th.join();
+}
+
 }  // namespace emu
 }  // namespace avme
 
 #define threadIdx (::avme::emu::tls_thread_idx)
 #define blockIdx (::avme::emu::tls_block_idx)
+#define blockDim (::avme::emu::tls_block_dim)
+#define gridDim (::avme::emu::tls_grid_dim)

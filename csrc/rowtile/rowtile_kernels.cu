@@ -41,11 +41,13 @@
 #include "emulation/cuda_emulation.h"
 #else
 #include <c10/cuda/CUDAException.h>
+
+#include "common/smem_attribute.h"
 #define AVME_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 #include <c10/util/Exception.h>
 
-#include "common/device_math.cuh"
+#include "common/cell_math.cuh"
 
 namespace avme {
 namespace {
@@ -101,12 +103,9 @@ __device__ __forceinline__ void lstm_unit_forward_tile(const T (&acc)[4][RT], T*
                                                        int64_t row0, int64_t B, int64_t tB) {
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    const T ig = dsigmoid(acc[0][r]);
-    const T fg = dsigmoid(acc[1][r]);
-    const T gg = dtanh(acc[2][r]);
-    const T og = dsigmoid(acc[3][r]);
-    const T c = fg * c_s[r * H + j] + ig * gg;
-    const T h = og * dtanh(c);
+    T ig, fg, gg, og, c, h;
+    lstm_cell_forward(acc[0][r], acc[1][r], acc[2][r], acc[3][r], c_s[r * H + j], ig, fg, gg, og,
+                      c, h);
     c_s[r * H + j] = c;
     h_next[r * H + j] = h;
     const int64_t row = row0 + r;
@@ -211,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
             const int64_t idx = (tB + row) * Z + j;
             const T m = acc[0][r];
             const T lv = acc[1][r];
-            zv = m + dexp(T(0.5) * lv) * p.eps[idx];
+            zv = reparam_sample(m, lv, p.eps[idx]);
             p.mu[idx] = m;
             p.logvar[idx] = lv;
             if (p.z_out != nullptr) p.z_out[idx] = zv;
@@ -278,19 +277,8 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
 //   gs[D] | dh_e[He] | dc_e[He] | dh_d[Hd] | dc_d[Hd] | dge[4He] | dgd[4Hd] | dq[2Z]
 // gs: dL/ds_t; dh_*, dc_*: gradients carried from step t+1 into step t;
 // dge, dgd, dq: this step's gradients w.r.t. gate pre-activations and [mu, logvar].
+// (The scalar LSTM cell backward, lstm_cell_backward, is in common/cell_math.cuh.)
 // ---------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ void lstm_cell_backward(T dh, T dc_carry, T ig, T fg, T gg, T og, T c,
-                                                   T c_prev, T& di, T& df, T& dg, T& d_o,
-                                                   T& dc_prev) {
-  const T tc = dtanh(c);
-  const T dc = dh * og * (T(1) - tc * tc) + dc_carry;
-  di = dc * gg * ig * (T(1) - ig);
-  df = dc * c_prev * fg * (T(1) - fg);
-  dg = dc * ig * (T(1) - gg * gg);
-  d_o = dh * tc * og * (T(1) - og);
-  dc_prev = dc * fg;
-}
 
 // Backward of LSTM unit j for the tile's RT rows at step t. dh[r] is the gradient reaching h_t;
 // dc (RT x H, shared) carries dc_t in and dc_{t-1} out. Reads the saved activated gates
@@ -409,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
           const int64_t idx = (tB + row) * Z + j;
           const T dz = acc[0][r];
           dmu = dz;
-          dlv = dz * p.eps[idx] * T(0.5) * dexp(T(0.5) * p.logvar[idx]);
+          dlv = reparam_logvar_grad(dz, p.eps[idx], p.logvar[idx]);
           if (p.grad_mu != nullptr) dmu += p.grad_mu[idx];
           if (p.grad_logvar != nullptr) dlv += p.grad_logvar[idx];
           T* qp = p.d_q + (tB + row) * 2 * Z;
@@ -504,28 +492,6 @@ int choose_rows_per_block(int64_t B, int64_t bytes_per_row, int64_t smem_limit, 
 
 #ifndef AVME_CPU_EMULATION
 namespace {
-
-constexpr int kMaxDevices = 64;
-
-// Opt in to more than 48 KiB of dynamic shared memory. `configured` (one per kernel
-// instantiation) remembers the largest size set per device, so the attribute is set only
-// when a launch needs more than before: after a warm-up no CUDA API call other than the
-// launch is made (CUDA-graph capture friendly).
-template <typename KernelT>
-void set_smem(KernelT kernel, size_t bytes, std::atomic<size_t>* configured) {
-  if (bytes <= 48 * 1024) return;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  std::atomic<size_t>* slot = (device >= 0 && device < kMaxDevices) ? &configured[device] : nullptr;
-  if (slot != nullptr && slot->load() >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-  if (slot != nullptr) {
-    size_t prev = slot->load();
-    while (prev < bytes && !slot->compare_exchange_weak(prev, bytes)) {
-    }
-  }
-}
 
 template <typename T, int RT>
 void launch_loop_rt(const LoopParams<T>& p, cudaStream_t stream) {

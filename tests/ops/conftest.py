@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from avme_ext import ops
+
 from . import backends
+
+#: Every kernel design, each forced by name (``"auto"`` picks one of these).
+NAMED_DESIGNS = tuple(d for d in ops.DESIGNS if d != "auto")
 
 
 def _backend(name: str) -> backends.Backend:
@@ -37,3 +42,10 @@ def emu_sms(monkeypatch):
         monkeypatch.setenv("AVME_EMU_SMS", str(n))
 
     return set_sms
+
+
+@pytest.fixture(params=NAMED_DESIGNS)
+def each_design(request):
+    """Run the test once per kernel design, forced with :func:`avme_ext.ops.design`."""
+    with ops.design(request.param):
+        yield request.param

@@ -34,10 +34,13 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -336,6 +339,19 @@ def fp32_bounds(ref32: Mapping[str, Tensor], ref64: Mapping[str, Tensor]) -> dic
     return {k: FP32_FACTOR * rel_err(ref32[k], ref64[k]) + FP32_FLOOR for k in ref64}
 
 
+@contextlib.contextmanager
+def design_may_not_fit() -> Iterator[None]:
+    """Skip the test when a design forced by name says it cannot run the case's sizes on this
+    device (e.g. the persistent design's weight slices do not fit the emulated shared memory):
+    that refusal is the design's own documented error, not a wrong result."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "cannot run these sizes" not in str(exc):
+            raise
+        pytest.skip(str(exc).splitlines()[0])
+
+
 def compare_with_reference(
     backend,
     case: Case,
@@ -363,7 +379,8 @@ def compare_with_reference(
         )  # fmt: skip
 
     backend.poison()
-    got = run_and_grad(fused, params, x, y, eps, weights, input_grads=input_grads)
+    with design_may_not_fit():
+        got = run_and_grad(fused, params, x, y, eps, weights, input_grads=input_grads)
     backend.synchronize()
     ref = reference(torch.float64)
     if dtype == torch.float64:

@@ -31,20 +31,20 @@ from .helpers import (
 
 
 @pytest.mark.parametrize("backend, case", backend_params(CASES), indirect=["backend"])
-def test_gradients_match_reference_fp32(backend, case: Case, emu_sms):
+def test_gradients_match_reference_fp32(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case)
 
 
 @pytest.mark.parametrize("backend, case", backend_params(FP64_CASES), indirect=["backend"])
-def test_gradients_match_reference_fp64(backend, case: Case, emu_sms):
+def test_gradients_match_reference_fp64(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("backend, case", backend_params(PRECISION_CASES), indirect=["backend"])
-def test_gradients_tensor_core_precisions(backend, case: Case, precision, emu_sms):
+def test_gradients_tensor_core_precisions(backend, case: Case, precision, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, precision=precision)
 
@@ -59,7 +59,7 @@ def test_weight_gradients_without_input_gradients(backend):
 # Which of x, y, eps require grad; each alone, since the op computes each only on request.
 @pytest.mark.parametrize("wanted", [("x",), ("y",), ("eps",), ("x", "y", "eps")])
 @pytest.mark.parametrize("encoder_input", ["canvas", "error"])
-def test_each_input_gradient_alone(backend, wanted, encoder_input):
+def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
     B, K, C = 4, 3, 3
     sizes = Sizes(9, 5, 4, 2)
     p = make_params(sizes, C, dtype=torch.float64, device=backend.device, grad=False)
@@ -101,7 +101,7 @@ def test_loss_of_one_output(backend, pick):
 
 @pytest.mark.parametrize("C", [0, 1])
 @pytest.mark.parametrize("encoder_input", ["canvas", "error"])
-def test_gradcheck(backend, C, encoder_input):
+def test_gradcheck(backend, C, encoder_input, each_design):
     """Finite differences of the fused op itself, w.r.t. x, y, eps and every weight."""
     B, K = 2, 3
     sizes = Sizes(3, 2, 2, 1)
@@ -161,11 +161,11 @@ def test_backward_without_saved_state_is_a_clear_error(backend):
     x, _, eps = make_inputs(3, 2, TINY, 0, device=backend.device)
     args = (x, None, eps, p.enc_w_ih, p.enc_w_hh, p.enc_b_ih, p.q_w, p.q_b, p.dec_w_ih,
             p.dec_w_hh, p.dec_b_ih, p.write_w, p.write_b)  # fmt: skip
-    canvas, _mu, logvar, canvases, *state = backend.ns.forward(*args, "canvas", False, False, "fp32")
+    canvas, _mu, logvar, canvases, *state = backend.ns.forward(*args, "canvas", False, False, "fp32", "auto")
     with pytest.raises(RuntimeError, match="did not save its state"):
         backend.ns.backward(
             torch.ones_like(canvas), None, None, None, x, None, eps, logvar, canvases, *state,
             p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w,
-            "canvas", True, False, True, "fp32",
+            "canvas", True, False, True, "fp32", "auto",
         )  # fmt: skip
 

@@ -61,11 +61,11 @@ def arguments(op: str, device, *, sizes: Sizes = TINY, C: int = 2, grad: bool = 
         t = (torch.randn(all_shapes[name], generator=gen) * 0.3).to(device)
         args[name] = t.requires_grad_(grad and (name in WEIGHTS or name == "x"))
     if op == "forward":
-        args.update(encoder_input="canvas", return_canvases=False, save_for_backward=False, precision="fp32")
+        args.update(encoder_input="canvas", return_canvases=False, save_for_backward=False, precision="fp32", design="auto")
     elif op == "backward":
-        args.update(encoder_input="canvas", need_grad_x=True, need_grad_y=C > 0, need_grad_eps=True, precision="fp32")
+        args.update(encoder_input="canvas", need_grad_x=True, need_grad_y=C > 0, need_grad_eps=True, precision="fp32", design="auto")
     else:
-        args.update(return_canvases=True, precision="fp32")
+        args.update(return_canvases=True, precision="fp32", design="auto")
     return args
 
 
@@ -118,6 +118,7 @@ FORWARD = [
     # options
     Bad("forward", "encoder_input", _set("encoder_input", lambda _: "nope"), FWD + "encoder_input must be 'canvas' or 'error', got 'nope'"),
     Bad("forward", "precision", _set("precision", lambda _: "fp16"), FWD + "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"),
+    Bad("forward", "design", _set("design", lambda _: "fastest"), FWD + "design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', got 'fastest'"),
     # defined
     Bad("forward", "x-none", _set("x", lambda _: None), FWD + "x is undefined"),
     Bad("forward", "eps-none", _set("eps", lambda _: None), FWD + "eps is undefined"),
@@ -181,6 +182,7 @@ FORWARD = [
 BACKWARD = [
     Bad("backward", "encoder_input", _set("encoder_input", lambda _: "canvases"), BWD + "encoder_input must be 'canvas' or 'error'"),
     Bad("backward", "precision", _set("precision", lambda _: "FP32"), BWD + "precision must be one of"),
+    Bad("backward", "design", _set("design", lambda _: "Auto"), BWD + "design must be one of"),
     Bad("backward", "need_grad_y-unconditional", _set("need_grad_y", lambda _: True), BWD + "need_grad_y is true but the model is unconditional", C=0),
     Bad("backward", "no-saved-state", _shape("h_enc", 0, B, He), BWD + "the forward did not save its state"),
     Bad("backward", "x-none", _set("x", lambda _: None), BWD + "x is undefined"),
@@ -215,6 +217,7 @@ BACKWARD = [
 
 SAMPLE = [
     Bad("sample", "precision", _set("precision", lambda _: "fp64"), SMP + "precision must be one of"),
+    Bad("sample", "design", _set("design", lambda _: ""), SMP + "design must be one of"),
     Bad("sample", "z-none", _set("z", lambda _: None), SMP + "z is undefined"),
     Bad("sample", "z-2d", _set("z", lambda t: t[0]), SMP + r"z must be 3-D \(K, B, Z\)"),
     Bad("sample", "K-0", _shape("z", 0, B, Z), SMP + r"K = 0 \(z.shape\[0\]\) must be in \[1, "),
@@ -274,8 +277,10 @@ def test_every_argument_has_a_case():
 
 @pytest.mark.parametrize("op", ["forward", "backward", "sample"])
 def test_shared_memory_limit_is_a_clear_error(backend, op, monkeypatch):
-    """One batch row's state must fit in the device's shared memory; checked before any
-    allocation, whatever the batch size."""
+    """The rowtile design keeps one batch row's state in shared memory: asked for by name, a row
+    that does not fit is a clear error, checked before any allocation, whatever the batch size.
+    The designs that do not need it (stagewise, and "auto", which picks a design that fits)
+    run the same sizes."""
     if backend.is_cuda:
         sizes = Sizes(D=200_000, He=4, Hd=4, Z=2)  # the canvas alone exceeds any GPU's limit
     else:
@@ -283,8 +288,14 @@ def test_shared_memory_limit_is_a_clear_error(backend, op, monkeypatch):
         sizes = Sizes(D=64, He=32, Hd=32, Z=8)  # over 600 bytes per row for every op
     for batch in (1, 0):
         args = arguments(op, backend.device, sizes=sizes, C=0, B=batch, K=1)
-        with pytest.raises(RuntimeError, match=rf"avme::{op}: one batch row needs \d+ bytes of shared memory"):
+        args["design"] = "rowtile"
+        with pytest.raises(RuntimeError, match=rf"avme::{op}: the rowtile design needs \d+ bytes of shared memory"):
             call(backend, op, args)
+        for other in ("stagewise", "auto"):
+            args["design"] = other
+            out = call(backend, op, args)
+            backend.synchronize()
+            assert all(bool(torch.isfinite(t).all()) for t in out if t.numel()), (op, other)
 
 
 def test_tensors_on_two_gpus(cuda_backend):

@@ -30,7 +30,7 @@ FORWARD_SCHEMA = (
     "avme::forward(Tensor x, Tensor? y, Tensor eps, Tensor enc_w_ih, Tensor enc_w_hh, "
     "Tensor enc_b, Tensor q_w, Tensor q_b, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, "
     "Tensor write_w, Tensor write_b, str encoder_input, bool return_canvases, "
-    "bool save_for_backward, str precision) -> (Tensor canvas, Tensor mu, Tensor logvar, "
+    "bool save_for_backward, str precision, str design) -> (Tensor canvas, Tensor mu, Tensor logvar, "
     "Tensor canvases, Tensor h_enc, Tensor c_enc, Tensor gates_enc, Tensor z, Tensor h_dec, "
     "Tensor c_dec, Tensor gates_dec)"
 )
@@ -40,14 +40,14 @@ BACKWARD_SCHEMA = (
     "Tensor h_enc, Tensor c_enc, Tensor gates_enc, Tensor z, Tensor h_dec, Tensor c_dec, "
     "Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, Tensor q_w, Tensor dec_w_ih, "
     "Tensor dec_w_hh, Tensor write_w, str encoder_input, bool need_grad_x, bool need_grad_y, "
-    "bool need_grad_eps, str precision) -> (Tensor grad_x, Tensor grad_y, Tensor grad_eps, "
+    "bool need_grad_eps, str precision, str design) -> (Tensor grad_x, Tensor grad_y, Tensor grad_eps, "
     "Tensor grad_enc_w_ih, Tensor grad_enc_w_hh, Tensor grad_enc_b, Tensor grad_q_w, "
     "Tensor grad_q_b, Tensor grad_dec_w_ih, Tensor grad_dec_w_hh, Tensor grad_dec_b, "
     "Tensor grad_write_w, Tensor grad_write_b)"
 )
 SAMPLE_SCHEMA = (
     "avme::sample(Tensor z, Tensor? y, Tensor dec_w_ih, Tensor dec_w_hh, Tensor dec_b, "
-    "Tensor write_w, Tensor write_b, bool return_canvases, str precision) -> "
+    "Tensor write_w, Tensor write_b, bool return_canvases, str precision, str design) -> "
     "(Tensor canvas, Tensor canvases)"
 )
 SIZES = Sizes(D=12, He=9, Hd=7, Z=3)
@@ -121,7 +121,7 @@ def test_forward_fake_shapes(ext, mode, C, return_canvases, save, B):
     fake = FakeTensorMode() if mode == "fake" else None
     p, (x, y, eps) = convert(p, fake), convert((x, y, eps), fake)
     with fake if fake is not None else torch.device("meta"):
-        out = torch.ops.avme.forward(*forward_args(x, y, eps, p), "error", return_canvases, save, "fp32")
+        out = torch.ops.avme.forward(*forward_args(x, y, eps, p), "error", return_canvases, save, "fp32", "auto")
         assert [tuple(t.shape) for t in out] == _expected_forward_shapes(B, K, return_canvases, save)
         assert all(t.dtype == dtype for t in out)
         if mode == "meta":
@@ -160,13 +160,13 @@ def test_backward_fake_shapes(ext, C, need, B):
     p = convert(make_params(SIZES, C, grad=False), fake)
     x, y, eps = convert(make_inputs(B, K, SIZES, C), fake)
     with fake:
-        fwd = torch.ops.avme.forward(*forward_args(x, y, eps, p), "canvas", False, True, "fp32")
+        fwd = torch.ops.avme.forward(*forward_args(x, y, eps, p), "canvas", False, True, "fp32", "auto")
         canvas, _mu, logvar, canvases, *state = fwd
         grads = torch.ops.avme.backward(
             torch.empty_like(canvas), None, torch.empty_like(logvar), None,
             x, y, eps, logvar, canvases, *state,
             p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w,
-            "canvas", need_x, need_y, need_eps, "fp32",
+            "canvas", need_x, need_y, need_eps, "fp32", "auto",
         )  # fmt: skip
     expected = [
         (B if need_x else 0, D), (B if need_y else 0, C), (K if need_eps else 0, B, Z),
@@ -263,20 +263,20 @@ def test_opcheck(backend, C):
     x.requires_grad_(True)
     eps.requires_grad_(True)
     # save_for_backward=True is what fused_forward passes when anything requires grad ...
-    torch.library.opcheck(backend.ns.forward.default, (*forward_args(x, y, eps, p), "error", True, True, "fp32"))
+    torch.library.opcheck(backend.ns.forward.default, (*forward_args(x, y, eps, p), "error", True, True, "fp32", "auto"))
     # ... and False otherwise (then the op is not differentiable: nothing was saved)
     pd = AVMEParams(*[t.detach() for t in p])
     xd, ed = x.detach(), eps.detach()
-    torch.library.opcheck(backend.ns.forward.default, (*forward_args(xd, y, ed, pd), "canvas", False, False, "fp32"))
-    torch.library.opcheck(backend.ns.sample.default, (*sample_args(ed, y, pd), True, "fp32"))
+    torch.library.opcheck(backend.ns.forward.default, (*forward_args(xd, y, ed, pd), "canvas", False, False, "fp32", "auto"))
+    torch.library.opcheck(backend.ns.sample.default, (*sample_args(ed, y, pd), True, "fp32", "auto"))
     # the backward, on the state a saving forward returned (not differentiable itself)
-    canvas, mu, logvar, canvases, *state = backend.ns.forward(*forward_args(xd, y, ed, pd), "error", False, True, "fp32")
+    canvas, mu, logvar, canvases, *state = backend.ns.forward(*forward_args(xd, y, ed, pd), "error", False, True, "fp32", "auto")
     torch.library.opcheck(
         backend.ns.backward.default,
         (
             torch.ones_like(canvas), torch.ones_like(mu), None, None, xd, y, ed, logvar, canvases, *state,
             pd.enc_w_ih, pd.enc_w_hh, pd.q_w, pd.dec_w_ih, pd.dec_w_hh, pd.write_w,
-            "error", True, C > 0, True, "fp32",
+            "error", True, C > 0, True, "fp32", "auto",
         ),
     )  # fmt: skip
 

@@ -28,20 +28,20 @@ from .helpers import (
 
 
 @pytest.mark.parametrize("backend, case", backend_params(CASES), indirect=["backend"])
-def test_outputs_match_reference_fp32(backend, case: Case, emu_sms):
+def test_outputs_match_reference_fp32(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, grads=False)
 
 
 @pytest.mark.parametrize("backend, case", backend_params(FP64_CASES), indirect=["backend"])
-def test_outputs_match_reference_fp64(backend, case: Case, emu_sms):
+def test_outputs_match_reference_fp64(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, dtype=torch.float64, grads=False)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("backend, case", backend_params(PRECISION_CASES), indirect=["backend"])
-def test_tensor_core_precisions(backend, case: Case, precision, emu_sms):
+def test_tensor_core_precisions(backend, case: Case, precision, emu_sms, each_design):
     """The tf32/bf16 options' code paths (on the CPU: the bf16 rounding of the products)."""
     emu_sms(case.sms)
     compare_with_reference(backend, case, precision=precision, grads=False)
@@ -54,14 +54,14 @@ def test_saved_state_only_when_asked(backend, save):
     B, K, C = 5, 3, 2
     p = make_params(TINY, C, dtype=torch.float64, device=backend.device, grad=False)
     x, y, eps = make_inputs(B, K, TINY, C, dtype=torch.float64, device=backend.device)
-    out = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, save, "fp32")
+    out = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, save, "fp32", "auto")
     steps = K if save else 0
     assert [t.shape[0] for t in out[4:]] == [steps] * 7
     assert out[3].shape[0] == steps  # canvases are kept for the backward only
     if save:
         assert_finite({f"state{i}": t for i, t in enumerate(out[3:])})
     ref = avme_forward_reference(x, y, eps, p, "error", False)
-    other = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, not save, "fp32")
+    other = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, not save, "fp32", "auto")
     names = ("canvas", "mu", "logvar")
     assert_within(dict(zip(names, out[:3])), dict(zip(names, ref[:3])), fp64_bound(K, TINY, C))
     for got, again in zip(out[:3], other[:3]):
@@ -111,3 +111,19 @@ def test_tf32_option_restores_global_state(backend):
     out.canvas.sum().backward()
     after = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
     assert before == after
+
+
+@pytest.mark.parametrize("B, expected", [(3, "persistent"), (257, "stagewise")])
+def test_auto_design_follows_the_batch_size(backend, B, expected):
+    """design="auto" runs the persistent kernels up to 256 rows (where they fit) and the stagewise
+    design above: its outputs are bit-identical to the design forced by name, not to the other."""
+    p = make_params(TINY, 2, dtype=torch.float32, device=backend.device, grad=False)
+    x, y, eps = make_inputs(B, 2, TINY, 2, dtype=torch.float32, device=backend.device)
+    runs = {name: backend.ns.forward(*forward_args(x, y, eps, p), "error", True, False, "fp32", name)
+            for name in ("auto", "persistent", "stagewise")}
+    backend.synchronize()
+    other = "stagewise" if expected == "persistent" else "persistent"
+    for got, want in zip(runs["auto"][:4], runs[expected][:4]):
+        assert_finite({"out": got})
+        assert torch.equal(got, want)
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"][:4], runs[other][:4]))

@@ -13,6 +13,7 @@ from .helpers import (
     PAPER,
     Sizes,
     assert_within,
+    design_may_not_fit,
     fp32_bounds,
     fp64_bound,
     make_inputs,
@@ -40,12 +41,12 @@ def _sample_run(sample, z, y, params, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C", [0, 10])
 @pytest.mark.parametrize("backend, B, K, sizes, sms", _params(), indirect=["backend"])
-def test_sample_matches_reference(backend, B, K, sizes, sms, C, dtype, emu_sms):
+def test_sample_matches_reference(backend, B, K, sizes, sms, C, dtype, emu_sms, each_design):
     emu_sms(sms)
     params = make_params(sizes, C, dtype=dtype, device=backend.device, grad=False)
     _, y, z = make_inputs(B, K, sizes, C, dtype=dtype, device=backend.device)
     backend.poison()
-    with torch.no_grad():
+    with torch.no_grad(), design_may_not_fit():
         got = _sample_run(backend.sample, z, y, params, dtype)
         last = backend.sample(z, y, params, return_canvases=False)
         ref = _sample_run(avme_sample_reference, z, y, params, torch.float64)

@@ -1,0 +1,608 @@
+"""The persistent design's kernels (csrc/persistent/) under the CPU emulator.
+
+csrc/emulation/persistent_emulation.cpp compiles the kernels and their launchers as C++ and
+registers ``torch.ops.avme_pemu.*``, which take exactly the tensors behind ``LoopParams`` /
+``BackwardParams`` plus a launch configuration ``[ctas, threads, nbl, kc(, math)]`` (0 = chosen)
+and device limits ``[num_sms, smem_optin]``. Each launch is a cooperative grid: every thread of
+every block runs at once as an OS thread and the grid barrier is a barrier over all of them. The
+tensor-core products (math 3xTF32 / TF32) run the emulator's mma.sync, which rebuilds each
+instruction's matrices from the 32 lanes' fragment registers (PTX layouts): a wrong fragment
+index fails the comparisons.
+
+The tests prepare the inputs as csrc/avme_ops.cpp does (hoisted step-invariant products,
+transposed weights), run the kernels on fresh random inputs with NaN-filled outputs, and compare
+against the float64 reference: the forward's outputs and saved state, the backward's per-step
+gradients (autograd through :func:`unrolled_reference`, itself checked against
+:func:`avme_ext.reference.avme_forward_reference`), and the weight gradients the host computes
+from them. Sizes are small and blocks few (3-8 blocks of 32-128 threads) so that each test
+takes seconds; the cases cover K = 1, B = 1, odd sizes, units not divisible by the block count,
+blocks without units, partial batch chunks and k tiles, several row passes, both encoder inputs,
+conditional and unconditional models, and the sampler.
+
+Bounds (tests/ops/helpers.py): float64 kernels ``fp64_bound``; float32 kernels (FMA, 3xTF32)
+FP32_FACTOR x the float32 reference's own error + FP32_FLOOR; TF32 the documented tensor-core
+bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avme_ext.loop_types import AVMEParams
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
+
+from .helpers import (
+    FP32_FACTOR,
+    FP32_FLOOR,
+    PAPER,
+    TENSOR_CORE_BOUNDS,
+    Sizes,
+    fp64_bound,
+    make_inputs,
+    make_params,
+    merged_biases,
+    rel_err,
+)
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+H100 = [132, 232448]  # SMs, opt-in shared memory per block (bytes)
+# Config::math (csrc/persistent/plan.h): CUDA-core FMA, 3xTF32 and TF32 tensor cores.
+FMA, TF32X3, TF32 = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------
+# The emulated ops
+# ---------------------------------------------------------------------------------------
+_BUILD: dict = {}
+
+
+def _build():
+    if "ns" in _BUILD:
+        return _BUILD["ns"]
+    if "error" not in _BUILD:
+        if os.environ.get("AVME_EMULATION", "1") == "0":
+            _BUILD["error"] = "AVME_EMULATION=0"
+        elif shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+            _BUILD["error"] = "the CPU emulator needs a C++ compiler and ninja"
+    if "error" in _BUILD:
+        pytest.skip(_BUILD["error"])
+    from torch.utils import cpp_extension
+
+    # The JIT cache keys on the listed source and the flags: hash every file under csrc/ into a
+    # flag so that edits to the included kernels rebuild the emulator.
+    digest = hashlib.sha1()
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
+            digest.update(path.read_bytes())
+    cpp_extension.load(
+        name="avme_persistent_emulation",
+        sources=[str(CSRC / "emulation" / "persistent_emulation.cpp")],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O2", "-pthread", f"-DAVME_EMU_SOURCES_{digest.hexdigest()[:16]}"],
+        extra_ldflags=["-pthread"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _BUILD["ns"] = torch.ops.avme_pemu
+    return _BUILD["ns"]
+
+
+@pytest.fixture(scope="module")
+def pemu():
+    return _build()
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs as csrc/avme_ops.cpp prepares them
+# ---------------------------------------------------------------------------------------
+def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int) -> dict[str, Tensor]:
+    """The LoopParams tensors: hoisted x/y products with both biases, transposed weights.
+    (x None: the sampler's.)"""
+    D, Hd, C = p.data_dim, p.dec_hidden, p.num_classes
+    enc_b, dec_b = merged_biases(p)
+    out = {}
+    if x is not None:
+        enc_static = x @ p.enc_w_ih[:, :D].t() + enc_b
+        if C:
+            enc_static = enc_static + y @ p.enc_w_ih[:, 2 * D + Hd :].t()
+        out["enc_static"] = enc_static.contiguous()
+        out["enc_wT"] = torch.cat([p.enc_w_ih[:, D : 2 * D + Hd], p.enc_w_hh], 1).t().contiguous()
+        out["q_wT"] = p.q_w.t().contiguous()
+        out["q_b"] = p.q_b.contiguous()
+    out["dec_static"] = (y @ p.dec_w_ih[:, Z:].t() + dec_b).contiguous() if C else dec_b.contiguous()
+    out["dec_wT"] = torch.cat([p.dec_w_ih[:, :Z], p.dec_w_hh], 1).t().contiguous()
+    out["write_wT"] = p.write_w.t().contiguous()
+    out["write_b"] = p.write_b.contiguous()
+    return out
+
+
+FORWARD_OUTPUTS = (
+    "canvas", "mu", "logvar", "canvases", "h_enc", "c_enc", "gates_enc", "z", "h_dec", "c_dec",
+    "gates_dec",
+)  # fmt: skip
+
+
+def run_forward(ns, x, y, eps, p, mode, config, limits=H100, *, save=True, canvases=True):
+    with torch.no_grad():
+        t = loop_tensors(x, y, p, eps.shape[2])
+        out = ns.forward(
+            x, eps, t["enc_static"], t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"],
+            t["dec_wT"], t["write_wT"], t["write_b"], mode == "error", canvases, save, config, limits,
+        )  # fmt: skip
+    return dict(zip(FORWARD_OUTPUTS, out))
+
+
+def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100, *, need_dx=True):
+    """The per-step gradients (d_canvas, d_q, d_gates_enc, d_gates_dec, d_x_error)."""
+    with torch.no_grad():
+        out = ns.backward(
+            grads.get("canvas"), grads.get("canvases"), grads.get("mu"), grads.get("logvar"),
+            eps, saved["logvar"], saved["canvases"], saved["c_enc"], saved["gates_enc"],
+            saved["c_dec"], saved["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih,
+            p.dec_w_hh, p.write_w, mode == "error", need_dx, config, limits,
+        )  # fmt: skip
+    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec", "d_x_error"), out))
+
+
+LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_smem", "barriers")
+
+
+def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), limits=H100, *,
+             fp64=True, d_x_error=False) -> dict[str, int]:
+    """The launch the launcher would make (persistent::LaunchInfo), by field name."""
+    info = ns.describe(kind, B, K, s.D, s.He, s.Hd, s.Z, C, mode == "error", d_x_error, fp64,
+                       list(config), list(limits))  # fmt: skip
+    return dict(zip(LAUNCH_FIELDS, info))
+
+
+# ---------------------------------------------------------------------------------------
+# Reference with every intermediate
+# ---------------------------------------------------------------------------------------
+def unrolled_reference(x, y, eps, p: AVMEParams, mode: str) -> dict[str, list[Tensor]]:
+    """The reference loop (the equations of avme_forward_reference), keeping every per-step
+    tensor: pre-activations, activated gates, states, r_t and s_t, each a list over t."""
+    K, B, Z = eps.shape
+    D, Hd, C = p.data_dim, p.dec_hidden, p.num_classes
+    w_x, w_r, w_h, w_y = p.enc_w_ih.split([D, D, Hd, C], dim=1)
+    w_z, w_dy = p.dec_w_ih.split([Z, C], dim=1)
+    enc_static = F.linear(x, w_x, p.enc_b_ih + p.enc_b_hh)
+    dec_static = p.dec_b_ih + p.dec_b_hh
+    if C:
+        enc_static = enc_static + F.linear(y, w_y)
+        dec_static = dec_static + F.linear(y, w_dy)
+    h_enc = c_enc = x.new_zeros(B, p.enc_hidden)
+    h_dec = c_dec = x.new_zeros(B, Hd)
+    canvas = x.new_zeros(B, D)
+    rec: dict[str, list[Tensor]] = {}
+
+    def keep(**named):
+        for k, v in named.items():
+            rec.setdefault(k, []).append(v)
+
+    def cell(pre, c):
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=1)
+
+    for t in range(K):
+        r = canvas if mode == "canvas" else x - torch.sigmoid(canvas)
+        if mode == "error" and not r.requires_grad:
+            r.requires_grad_()  # r_1 = x - 1/2: a leaf, so that dL/dr_1 is defined
+        enc_pre = enc_static + F.linear(r, w_r) + F.linear(h_dec, w_h) + F.linear(h_enc, p.enc_w_hh)
+        h_enc, c_enc, gates_enc = cell(enc_pre, c_enc)
+        q = F.linear(h_enc, p.q_w, p.q_b)
+        mu, logvar = q[:, :Z], q[:, Z:]
+        z = mu + torch.exp(0.5 * logvar) * eps[t]
+        dec_pre = dec_static + F.linear(z, w_z) + F.linear(h_dec, p.dec_w_hh)
+        h_dec, c_dec, gates_dec = cell(dec_pre, c_dec)
+        canvas = canvas + F.linear(h_dec, p.write_w, p.write_b)
+        keep(r=r, enc_pre=enc_pre, h_enc=h_enc, c_enc=c_enc, gates_enc=gates_enc, mu=mu,
+             logvar=logvar, z=z, dec_pre=dec_pre, h_dec=h_dec, c_dec=c_dec, gates_dec=gates_dec,
+             canvases=canvas)  # fmt: skip
+    return rec
+
+
+def stacked(rec: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    out = {k: torch.stack(v).detach() for k, v in rec.items() if k in FORWARD_OUTPUTS}
+    out["canvas"] = rec["canvases"][-1].detach()
+    return out
+
+
+def loss_grads(B, K, s: Sizes, seed, present=("canvas", "mu", "logvar", "canvases")):
+    """Random float64 output gradients (the weights of a linear test loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"canvas": (B, s.D), "mu": (K, B, s.Z), "logvar": (K, B, s.Z), "canvases": (K, B, s.D)}
+    return {k: torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in present}
+
+
+def per_step_gradients(rec, grads, mode) -> dict[str, Tensor]:
+    """What BackwardParams asks of the kernel, by autograd through the unrolled reference."""
+    terms = {"canvas": rec["canvases"][-1], "mu": torch.stack(rec["mu"]),
+             "logvar": torch.stack(rec["logvar"]), "canvases": torch.stack(rec["canvases"])}  # fmt: skip
+    loss = sum((terms[k] * g.to(terms[k].dtype)).sum() for k, g in grads.items())
+    K = len(rec["mu"])
+    wrt = rec["canvases"] + rec["mu"] + rec["logvar"] + rec["enc_pre"] + rec["dec_pre"]
+    if mode == "error":
+        wrt = wrt + rec["r"]
+    g = torch.autograd.grad(loss, wrt, allow_unused=True)
+    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
+    out = {
+        "d_canvas": torch.stack(g[:K]),
+        "d_q": torch.cat([torch.stack(g[K : 2 * K]), torch.stack(g[2 * K : 3 * K])], dim=2),
+        "d_gates_enc": torch.stack(g[3 * K : 4 * K]),
+        "d_gates_dec": torch.stack(g[4 * K : 5 * K]),
+    }
+    if mode == "error":
+        out["d_x_error"] = torch.stack(g[5 * K :]).sum(0)
+    return out
+
+
+def reference_run(sizes, C, B, K, mode, dtype, seed):
+    """Weights, inputs and the unrolled reference in `dtype` (weights and inputs are drawn in
+    float64 and rounded, so every dtype sees the same values)."""
+    p64 = make_params(sizes, C, dtype=torch.float64, seed=seed, grad=True)
+    x, y, eps = make_inputs(B, K, sizes, C, dtype=torch.float64, seed=seed + 1)
+    p = AVMEParams(*[t.detach().to(dtype).requires_grad_() for t in p64])
+    x, eps = x.to(dtype), eps.to(dtype)
+    y = None if y is None else y.to(dtype)
+    return p, x, y, eps, unrolled_reference(x, y, eps, p, mode)
+
+
+def check(got: dict[str, Tensor], ref64: dict[str, Tensor], bounds: dict[str, float]) -> None:
+    bad = [k for k, v in got.items() if not torch.isfinite(v).all()]
+    assert not bad, f"non-finite values (NaN: an element was never written) in {bad}"
+    errors = {k: rel_err(got[k], ref64[k]) for k in ref64}
+    over = {k: (e, bounds[k]) for k, e in errors.items() if not e <= bounds[k]}
+    assert not over, f"errors above bounds (error, bound): {over}; all: {errors}"
+
+
+def fp32_bounds_of(ref32: dict[str, Tensor], ref64: dict[str, Tensor]) -> dict[str, float]:
+    """FP32_FACTOR x the float32 reference's own error + FP32_FLOOR (tests/ops/helpers.py)."""
+    return {k: FP32_FACTOR * rel_err(ref32[k], ref64[k]) + FP32_FLOOR for k in ref64}
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    B: int
+    K: int
+    sizes: Sizes
+    C: int
+    mode: str
+    config: tuple[int, int, int, int]  # ctas, threads, nbl, kc
+    note: str
+
+    @property
+    def id(self) -> str:
+        s, c = self.sizes, self.config
+        return (f"B{self.B}-K{self.K}-D{s.D}-He{s.He}-Hd{s.Hd}-Z{s.Z}-C{self.C}-{self.mode}"
+                f"-g{c[0]}t{c[1]}n{c[2]}k{c[3]}")  # fmt: skip
+
+
+CASES = [
+    Case(1, 1, Sizes(10, 6, 5, 2), 0, "canvas", (3, 64, 1, 8), "K = 1, B = 1"),
+    Case(5, 3, Sizes(13, 9, 7, 3), 3, "error", (4, 64, 1, 8), "units not divisible by 4 blocks"),
+    Case(37, 2, Sizes(11, 5, 6, 2), 0, "canvas", (8, 64, 1, 4),
+         "two batch chunks (partial); blocks without encoder/latent units; 4-row tiles"),
+    Case(70, 2, Sizes(9, 7, 4, 3), 2, "error", (3, 128, 2, 16), "nbl 2, 4 warps, partial chunk"),
+    Case(6, 2, Sizes(40, 30, 20, 4), 0, "canvas", (3, 64, 4, 8), "several row passes per stage"),
+    Case(3, 3, Sizes(12, 8, 6, 5), 1, "error", (5, 32, 1, 3), "one warp per block, kc 3"),
+]  # fmt: skip
+FP32_CASES = [CASES[1], CASES[3]]
+# Tensor-core tiles: batch chunks of 32 and 64 columns (2 and 4 m-tiles), and kc = 3 (every
+# k block of 8 rows partial).
+TENSOR_CORE_CASES = [CASES[1], CASES[3], CASES[5]]
+
+
+def _params(cases):
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+def test_unrolled_reference_is_the_reference():
+    """The instrumented loop the per-step checks use computes avme_forward_reference."""
+    for mode in ("canvas", "error"):
+        p, x, y, eps, rec = reference_run(Sizes(9, 5, 4, 2), 2, 3, 3, mode, torch.float64, 5)
+        ref = avme_forward_reference(x, y, eps, p, mode, True)
+        got = stacked(rec)
+        for name in ("canvas", "mu", "logvar", "canvases"):
+            assert rel_err(got[name], getattr(ref, name)) < 1e-14, name
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_forward_fp64(pemu, case):
+    p, x, y, eps, rec = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
+    got = run_forward(pemu, x, y, eps, p, case.mode, list(case.config))
+    check(got, stacked(rec), dict.fromkeys(FORWARD_OUTPUTS, fp64_bound(case.K, case.sizes, case.C)))
+
+
+@pytest.mark.parametrize("case", _params(FP32_CASES))
+def test_forward_fp32(pemu, case):
+    *_, rec64 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
+    p, x, y, eps, rec32 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float32, 0)
+    got = run_forward(pemu, x, y, eps, p, case.mode, list(case.config))
+    assert all(t.dtype == torch.float32 for t in got.values())
+    ref64, ref32 = stacked(rec64), stacked(rec32)
+    check(got, ref64, fp32_bounds_of(ref32, ref64))
+
+
+def float32_bounds(math, ref32, ref64):
+    """FMA and 3xTF32 are held to the float32 bounds; TF32 to its documented bound
+    (tests/ops/helpers.py)."""
+    if math in (FMA, TF32X3):
+        return fp32_bounds_of(ref32, ref64)
+    return dict.fromkeys(ref64, TENSOR_CORE_BOUNDS["tf32"])
+
+
+@pytest.mark.parametrize("math", [TF32X3, TF32], ids=["3xtf32", "tf32"])
+@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES))
+def test_forward_tensor_cores(pemu, case, math):
+    """mma.sync m16n8k8 tiles; the emulator rebuilds each mma's matrices from the lanes'
+    fragment registers (PTX layouts), so wrong fragment indexing fails here."""
+    *_, rec64 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
+    p, x, y, eps, rec32 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float32, 0)
+    got = run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [math])
+    ref64, ref32 = stacked(rec64), stacked(rec32)
+    check(got, ref64, float32_bounds(math, ref32, ref64))
+
+
+def test_tensor_cores_take_float32_only(pemu):
+    case = CASES[0]
+    p, x, y, eps, _ = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
+    with pytest.raises(RuntimeError, match="tensor-core math .* takes float32"):
+        run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [TF32X3])
+    with pytest.raises(RuntimeError, match="math must be"):
+        run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [7])
+    s = case.sizes
+    assert not pemu.supports("forward", case.B, case.K, s.D, s.He, s.Hd, s.Z, True, *H100, TF32X3)
+    assert pemu.supports("forward", case.B, case.K, s.D, s.He, s.Hd, s.Z, False, *H100, TF32X3)
+
+
+def test_forward_without_saving_or_canvases(pemu):
+    case = CASES[1]
+    p, x, y, eps, rec = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 3)
+    got = run_forward(pemu, x, y, eps, p, case.mode, list(case.config), save=False, canvases=False)
+    for name in FORWARD_OUTPUTS[3:]:
+        assert got[name].shape[0] == 0, name
+    ref = stacked(rec)
+    kept = {k: got[k] for k in ("canvas", "mu", "logvar")}
+    check(kept, {k: ref[k] for k in kept}, dict.fromkeys(kept, fp64_bound(case.K, case.sizes, case.C)))
+
+
+def test_forward_state_in_global_memory(pemu):
+    """With too little shared memory for the per-block state next to the weights, the state
+    moves to the global workspace (same results)."""
+    case = CASES[3]
+    s, cfg = case.sizes, list(case.config)
+    roomy = describe(pemu, "forward", case.B, case.K, s, case.C, case.mode, cfg)
+    assert roomy["state_in_smem"]
+    limits = [H100[0], roomy["smem"] - 1]
+    tight = describe(pemu, "forward", case.B, case.K, s, case.C, case.mode, cfg, limits)
+    assert not tight["state_in_smem"] and tight["smem"] <= limits[1]
+    p, x, y, eps, rec = reference_run(s, case.C, case.B, case.K, case.mode, torch.float64, 4)
+    got = run_forward(pemu, x, y, eps, p, case.mode, cfg, limits)
+    check(got, stacked(rec), dict.fromkeys(FORWARD_OUTPUTS, fp64_bound(case.K, s, case.C)))
+
+
+def test_forward_default_configuration(pemu):
+    """Configuration chosen by the launcher: 256 threads, 1 batch column per lane (B <= 32),
+    16 KiB tiles (kc = 128 rows of 32 columns), and 3 blocks on 4 SMs: 3 blocks give every
+    stage the same padded rows per block as 4 (E 8, Q 12, D 8, W 20)."""
+    s, B, K, C = Sizes(12, 6, 5, 3), 9, 2, 2
+    info = describe(pemu, "forward", B, K, s, C, limits=[4, 232448])
+    assert [info[k] for k in LAUNCH_FIELDS[:4]] == [3, 256, 1, 128]
+    p, x, y, eps, rec = reference_run(s, C, B, K, "canvas", torch.float64, 6)
+    got = run_forward(pemu, x, y, eps, p, "canvas", [0, 0, 0, 0], [4, 232448])
+    check(got, stacked(rec), dict.fromkeys(FORWARD_OUTPUTS, fp64_bound(K, s, C)))
+
+
+def test_forward_batch_zero(pemu):
+    s = Sizes(8, 5, 4, 2)
+    p = make_params(s, 0, dtype=torch.float64, grad=False)
+    x, y, eps = make_inputs(0, 3, s, 0, dtype=torch.float64)
+    got = run_forward(pemu, x, y, eps, p, "canvas", [2, 64, 1, 8])
+    assert got["canvas"].shape == (0, s.D) and got["h_enc"].shape == (3, 0, s.He)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [0, 3])
+@pytest.mark.parametrize("return_canvases", [False, True])
+def test_sample_fp64(pemu, C, return_canvases):
+    s, B, K = Sizes(11, 4, 6, 3), 35, 3
+    p = make_params(s, C, dtype=torch.float64, grad=False)
+    _, y, z = make_inputs(B, K, s, C, dtype=torch.float64, seed=7)
+    t = loop_tensors(None, y, p, s.Z)
+    canvas, canvases = pemu.sample(z, t["dec_static"], t["dec_wT"], t["write_wT"], t["write_b"],
+                                   return_canvases, [3, 64, 1, 4], H100)  # fmt: skip
+    ref = avme_sample_reference(z, y, p, return_canvases)
+    bound = fp64_bound(K, s, C)
+    assert torch.isfinite(canvas).all() and rel_err(canvas, ref.canvas) <= bound
+    if return_canvases:
+        assert torch.isfinite(canvases).all() and rel_err(canvases, ref.canvases) <= bound
+    else:
+        assert canvases.shape[0] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+def _backward_case(
+    pemu, case, dtype, seed, present=("canvas", "mu", "logvar", "canvases"), need_dx=True, math=FMA
+):
+    *_, rec64 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, seed)
+    p, _, _, eps, rec = reference_run(case.sizes, case.C, case.B, case.K, case.mode, dtype, seed)
+    grads = loss_grads(case.B, case.K, case.sizes, seed + 9, present)
+    saved = stacked(rec)
+    got = run_backward(pemu, {k: g.to(dtype) for k, g in grads.items()}, saved, eps, p,
+                       case.mode, list(case.config) + [math], need_dx=need_dx)  # fmt: skip
+    d_x_error = got.pop("d_x_error")
+    if not need_dx:
+        assert d_x_error.numel() == 0
+    elif case.mode == "error":
+        got["d_x_error"] = d_x_error
+    else:  # canvas mode: the kernel must leave the (zero-initialised) buffer alone
+        assert torch.equal(d_x_error, torch.zeros_like(d_x_error))
+    want64 = per_step_gradients(rec64, grads, case.mode)
+    if not need_dx:
+        want64.pop("d_x_error", None)
+    if dtype == torch.float64:
+        bounds = dict.fromkeys(want64, fp64_bound(case.K, case.sizes, case.C))
+    else:
+        want32 = per_step_gradients(rec, grads, case.mode)
+        bounds = float32_bounds(math, {k: want32[k] for k in want64}, want64)
+    check(got, want64, bounds)
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_backward_fp64(pemu, case):
+    _backward_case(pemu, case, torch.float64, 10)
+
+
+@pytest.mark.parametrize("case", _params(FP32_CASES))
+def test_backward_fp32(pemu, case):
+    _backward_case(pemu, case, torch.float32, 11)
+
+
+@pytest.mark.parametrize("math", [TF32X3, TF32], ids=["3xtf32", "tf32"])
+@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES))
+def test_backward_tensor_cores(pemu, case, math):
+    _backward_case(pemu, case, torch.float32, 13, math=math)
+
+
+@pytest.mark.parametrize("case", _params([CASES[1], CASES[2]]))
+def test_backward_partial_gradients(pemu, case):
+    """Only some outputs have gradients (the others are None: zero), no d_x_error."""
+    _backward_case(pemu, case, torch.float64, 12, present=("canvas", "logvar"), need_dx=False)
+
+
+@pytest.mark.parametrize("mode, C", [("error", 2), ("canvas", 0)])
+def test_weight_gradients_end_to_end(pemu, mode, C):
+    """The forward kernel's saved state and the backward kernel's per-step gradients, turned
+    into weight gradients by the host's products (csrc/avme_ops.cpp), equal autograd through
+    avme_forward_reference."""
+    s, B, K = Sizes(10, 7, 6, 3), 5, 3
+    config = [4, 64, 1, 8]
+    p = make_params(s, C, dtype=torch.float64, seed=20)
+    x, y, eps = make_inputs(B, K, s, C, dtype=torch.float64, seed=21)
+    x.requires_grad_(True)
+    grads = loss_grads(B, K, s, 22)
+    fwd = run_forward(pemu, x.detach(), y, eps, p, mode, config)
+    bwd = run_backward(pemu, grads, fwd, eps, p, mode, config)
+    got = host_weight_gradients(fwd, bwd, x.detach(), y, p, mode)
+
+    ref = avme_forward_reference(x, y, eps, p, mode, True)
+    loss = sum((getattr(ref, k) * g).sum() for k, g in grads.items())
+    names = list(AVMEParams._fields) + ["x"]
+    want = dict(zip(names, torch.autograd.grad(loss, list(p) + [x])))
+    check(got, want, dict.fromkeys(want, fp64_bound(K, s, C)))
+
+
+def host_weight_gradients(fwd, bwd, x, y, p: AVMEParams, mode) -> dict[str, Tensor]:
+    """The weight-gradient products of csrc/avme_ops.cpp (avme_backward), in Python."""
+    K, B, D = bwd["d_canvas"].shape
+    Z, He, Hd, C = fwd["z"].shape[2], p.enc_hidden, p.dec_hidden, p.num_classes
+    M = K * B
+    dS, dQ = bwd["d_canvas"].reshape(M, D), bwd["d_q"].reshape(M, 2 * Z)
+    dGe, dGd = bwd["d_gates_enc"].reshape(M, 4 * He), bwd["d_gates_dec"].reshape(M, 4 * Hd)
+    sum_ge, sum_gd = bwd["d_gates_enc"].sum(0), bwd["d_gates_dec"].sum(0)
+
+    def tail(t):
+        return t[1:].reshape((K - 1) * B, -1)
+
+    def head(t):
+        return t[:-1].reshape((K - 1) * B, -1)
+
+    g = {name: torch.zeros_like(t) for name, t in zip(AVMEParams._fields, p)}
+    g["write_w"] = dS.t() @ fwd["h_dec"].reshape(M, Hd)
+    g["write_b"] = dS.sum(0)
+    g["q_w"] = dQ.t() @ fwd["h_enc"].reshape(M, He)
+    g["q_b"] = dQ.sum(0)
+    g["dec_w_ih"][:, :Z] = dGd.t() @ fwd["z"].reshape(M, Z)
+    if C:
+        g["dec_w_ih"][:, Z:] = sum_gd.t() @ y
+    g["dec_b_ih"] = g["dec_b_hh"] = dGd.sum(0)
+    g["enc_w_ih"][:, :D] = sum_ge.t() @ x
+    if mode == "error":
+        prev = torch.cat([torch.zeros_like(fwd["canvases"][:1]), fwd["canvases"][:-1]])
+        r = x - torch.sigmoid(prev)
+        g["enc_w_ih"][:, D : 2 * D] = dGe.t() @ r.reshape(M, D)
+    elif K > 1:
+        g["enc_w_ih"][:, D : 2 * D] = tail(bwd["d_gates_enc"]).t() @ head(fwd["canvases"])
+    if K > 1:
+        g["enc_w_ih"][:, 2 * D : 2 * D + Hd] = tail(bwd["d_gates_enc"]).t() @ head(fwd["h_dec"])
+        g["enc_w_hh"] = tail(bwd["d_gates_enc"]).t() @ head(fwd["h_enc"])
+        g["dec_w_hh"] = tail(bwd["d_gates_dec"]).t() @ head(fwd["h_dec"])
+    if C:
+        g["enc_w_ih"][:, 2 * D + Hd :] = sum_ge.t() @ y
+    g["enc_b_ih"] = g["enc_b_hh"] = dGe.sum(0)
+    g["x"] = sum_ge @ p.enc_w_ih[:, :D]
+    if mode == "error":
+        g["x"] = g["x"] + bwd["d_x_error"]
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# Planning, limits and bad configurations
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["forward", "sample", "backward"])
+def test_paper_sizes_fit_an_h100(pemu, kind):
+    """float32 fits; float64 only for the sampler (its decoder and write rows are a third of
+    the forward's weights)."""
+    s = PAPER
+    assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, *H100)
+    assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, True, *H100) == (kind == "sample")
+    assert not pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, H100[0], 48 * 1024)
+    info = describe(pemu, kind, 100, 12, s, 10, "error", fp64=False, d_x_error=True)
+    assert 1 <= info["ctas"] <= H100[0] and info["threads"] == 256 and info["nbl"] == 4
+    assert info["smem"] <= H100[1]
+    assert info["barriers"] == {"forward": 48, "sample": 24, "backward": 48}[kind]
+    assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, *H100, TF32X3)
+
+
+def test_fewest_blocks_with_the_same_rows_per_block(pemu):
+    """At the paper's sizes 100 blocks give every stage the rows per block of 132 (4 units of
+    400 per block): the launcher takes 100."""
+    assert describe(pemu, "forward", 100, 12, PAPER, 0, fp64=False)["ctas"] == 100
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ([2, 48, 1, 8], "threads must be a multiple of 32"),
+        ([2, 512, 1, 8], "threads must be a multiple of 32"),
+        ([2, 64, 3, 8], "nbl"),
+        ([200, 64, 1, 8], "ctas must be in"),
+        ([2, 64, 1, -1], "kc"),
+    ],
+)
+def test_bad_configuration(pemu, config, match):
+    s = Sizes(8, 5, 4, 2)
+    p = make_params(s, 0, dtype=torch.float64, grad=False)
+    x, y, eps = make_inputs(3, 2, s, 0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=match):
+        run_forward(pemu, x, y, eps, p, "canvas", config)
+
+
+def test_not_enough_shared_memory(pemu):
+    s = Sizes(64, 32, 32, 8)
+    p = make_params(s, 0, dtype=torch.float64, grad=False)
+    x, y, eps = make_inputs(3, 2, s, 0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="bytes of shared memory"):
+        run_forward(pemu, x, y, eps, p, "canvas", [2, 64, 1, 8], [4, 4096])
+    assert not pemu.supports("forward", 3, 2, s.D, s.He, s.Hd, s.Z, True, 4, 4096)
