@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from . import ops
+from .loop_types import DESIGNS, PRECISIONS
 
 __all__ = [
     "REF",
@@ -45,7 +46,7 @@ __all__ = [
 #: The choice meaning "run the reference implementation".
 REF = "ref"
 #: The fused designs a table may name (``avme_ext.ops.DESIGNS`` once the host exposes it).
-DESIGN_NAMES: tuple[str, ...] = ("auto", "rowtile", "persistent", "stagewise")
+DESIGN_NAMES: tuple[str, ...] = DESIGNS
 #: The markers around the generated table below (``bench/crossover.py`` rewrites what is between).
 TABLE_START = "# crossover-table:start"
 TABLE_END = "# crossover-table:end"
@@ -85,8 +86,8 @@ def check_table(table: Table) -> None:
     for key, entries in table.items():
         if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, str) and k for k in key)):
             raise ValueError(f"crossover key {key!r}: expected (GPU name pattern, dtype, precision), three strings")
-        if key[2] not in ops.PRECISIONS:
-            raise ValueError(f"crossover key {key!r}: precision must be one of {ops.PRECISIONS}")
+        if key[2] not in PRECISIONS:
+            raise ValueError(f"crossover key {key!r}: precision must be one of {PRECISIONS}")
         if not isinstance(entries, (list, tuple)) or not entries:
             raise ValueError(f"crossover entries of {key!r}: expected a non-empty list of (max batch, choice)")
         previous = 0
@@ -202,15 +203,15 @@ def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_
     """
     device = torch.device(device)
     name = dtype_name(dtype)
-    if precision not in ops.PRECISIONS:
-        raise ValueError(f"precision must be one of {ops.PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, torch.SymInt)) or (
             isinstance(batch_size, int) and batch_size < 0):
         raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
     if device.type != "cuda" or not ops.is_available():
         return REF
     choice = choose(_device_entries(-1 if device.index is None else device.index, name, precision), batch_size)
-    if choice != REF and choice not in getattr(ops, "DESIGNS", DESIGN_NAMES):
+    if choice != REF and choice not in DESIGN_NAMES:
         return REF
     return choice
 

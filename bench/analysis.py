@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from avme_ext.loop_types import DESIGNS, PRECISIONS
+
 __all__ = [
     "Record",
     "load_results",
@@ -111,8 +113,8 @@ def is_graph(r: Record) -> bool:
 
 _REFERENCE_ORDER = ("ref-eager", "ref-eager-tf32", "ref-eager-bf16", "ref-compile", "ref-compile-reduce-overhead",
                     "ref-compile-max-autotune", "ref-cudagraph")
-_DESIGN_ORDER = ("auto", "rowtile", "persistent", "stagewise")
-_PRECISION_ORDER = ("fp32", "tf32", "bf16")
+_DESIGN_ORDER = DESIGNS
+_PRECISION_ORDER = PRECISIONS
 
 
 def impl_sort_key(name: str) -> tuple:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.append(str(ROOT))
 
+from avme_ext.loop_types import PRECISIONS  # noqa: E402
 from avme_ext.dispatch import (  # noqa: E402
     DESIGN_NAMES,
     REF,
@@ -60,7 +61,6 @@ from bench.analysis import (  # noqa: E402
 
 __all__ = ["PointDecision", "decide_point", "decide", "entries_from_points", "render_block", "update_source", "main"]
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 DTYPE = "float32"
 
 

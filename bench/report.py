@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.append(str(ROOT))
 
+from avme_ext.loop_types import PRECISIONS  # noqa: E402
 from bench.analysis import (  # noqa: E402
     ConfigSummary,
     Record,
@@ -359,7 +360,7 @@ def _plot_series(train: list[Record]) -> list[tuple[str, list[Record]]]:
     series = []
     for impl in _impl_order([r for r in train if is_reference(r)]):
         series.append((impl, sorted((r for r in train if r["impl"] == impl), key=lambda r: r["batch"])))
-    for precision in ("fp32", "tf32", "bf16"):
+    for precision in PRECISIONS:
         fused = [r for r in train if is_fused(r) and core_precision_of(r) == precision]
         tops = {}
         for r in fused:

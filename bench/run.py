@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from avme_ext import ops  # noqa: E402
 from avme_ext.data import load_split  # noqa: E402
+from avme_ext.loop_types import PRECISIONS  # noqa: E402
 from bench import flops as F  # noqa: E402
 from bench.timing import Timer, interleave, round_order, summarize  # noqa: E402
 from bench.workloads import (  # noqa: E402
@@ -74,7 +75,7 @@ from bench.workloads import (  # noqa: E402
 #: sample and iwae workloads, then training (its torch.compile builds last, within the budget),
 #: and the memory workload, which builds every implementation again.
 WORKLOADS = ("roofline", "sample", "iwae", "train", "memory")
-MATMUL_PRECISIONS = ("fp32", "tf32", "bf16")
+MATMUL_PRECISIONS = PRECISIONS
 MIB = 1024 * 1024
 
 #: Defaults at the paper's sizes (GPU) and in ``--smoke`` mode (tiny, CPU-friendly).

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from avme_ext import AVME, ops
+from avme_ext import AVME, loop_types, ops
 from avme_ext.model import gaussian_kl, reconstruction_nll
 
 try:  # sibling modules, whether imported as ``bench.workloads`` or run from bench/
@@ -87,10 +87,9 @@ __all__ = [
     "free_memory",
 ]
 
-#: The fused designs benchmarked (``avme_ext.ops.DESIGNS`` names them once the host has them).
-DESIGNS: tuple[str, ...] = ("auto", "rowtile", "persistent", "stagewise")
-#: Matrix-product precisions of the fused ops.
-PRECISIONS: tuple[str, ...] = tuple(ops.PRECISIONS)
+#: The fused designs benchmarked, and the matrix-product precisions of the fused ops.
+DESIGNS: tuple[str, ...] = loop_types.DESIGNS
+PRECISIONS: tuple[str, ...] = loop_types.PRECISIONS
 #: Modes whose build is a ``torch.compile`` (expensive: timed separately, last, within the budget).
 COMPILE_MODES = ("compile", "compile-reduce-overhead", "compile-max-autotune")
 

@@ -55,6 +55,7 @@ for _path in (str(HERE), str(REPO)):
         sys.path.insert(0, _path)
 
 import reproduce_pack as packing
+from avme_ext.loop_types import IMPLS
 from reproduce_eval import (
     ESTIMATED_TRAJECTORIES_PER_SECOND_H100,
     StageOrderError,
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (10)")
     plan.add_argument("--kl-warmup-steps", type=int, default=None, help="linear KL warm-up steps (0)")
     plan.add_argument("--seed", type=int, default=None, help="seed of training and evaluation (0)")
-    plan.add_argument("--impl", default=None, choices=("auto", "cuda", "ref"),
+    plan.add_argument("--impl", default=None, choices=IMPLS,
                       help="K-step loop implementation for training and evaluation (ref); keep one for a whole run")
     plan.add_argument("--samples", type=int, default=None, help="IWAE trajectories per test image (5000)")
     plan.add_argument("--marginal-samples", type=int, default=None,

@@ -10,9 +10,8 @@ from typing import Any
 
 from .._checks import check_choice, check_positive_int
 from ..config import AVMEConfig
-from ..core import IMPLS
 from ..data import DATASETS
-from ..ops import PRECISIONS
+from ..loop_types import IMPLS, PRECISIONS
 from .errors import OptionError, TrainError
 
 __all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "resolve_configs", "option_name"]
