@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include "avme.h"
+#include "common/matmul_mode.h"
 #include "persistent/persistent.h"
 #include "stagewise/stagewise.h"
 
@@ -96,51 +97,6 @@ bool parse_error_mode(const char* op, const std::string& s) {
   if (s == "error") return true;
   TORCH_CHECK(false, op, ": encoder_input must be 'canvas' or 'error', got '", s, "'");
 }
-
-// Sets the cuBLAS float32 matmul mode for the duration of an op:
-//   fp32: TF32 off (at::NoTF32Guard, thread-local), whatever the global setting is;
-//   tf32: TF32 on (process-global setting, restored on exit; not thread-safe);
-//   bf16: products are computed by mm_p on bfloat16 copies (fp32 accumulate and output).
-// The constructor either completes or throws before changing anything; the destructor never
-// throws (a failure to restore the global setting is reported as a warning).
-class PrecisionGuard {
- public:
-  explicit PrecisionGuard(Precision p) {
-    if (p == Precision::TF32) {
-      auto& ctx = at::globalContext();
-      const at::Float32MatmulPrecision legacy = ctx.float32MatmulPrecision();
-      const at::Float32Precision current =
-          ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-      ctx.setAllowTF32CuBLAS(true);
-      legacy_ = legacy;
-      new_ = current;
-      restore_ = true;
-    } else {
-      no_tf32_.emplace();
-    }
-  }
-  ~PrecisionGuard() {
-    if (!restore_) return;
-    try {
-      auto& ctx = at::globalContext();
-      const char* name = legacy_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
-                         : legacy_ == at::Float32MatmulPrecision::HIGH  ? "high"
-                                                                         : "medium";
-      ctx.setFloat32MatmulPrecision(name);
-      ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, new_);
-    } catch (const std::exception& e) {
-      TORCH_WARN("avme: could not restore the float32 matmul precision after a tf32 op: ", e.what());
-    }
-  }
-  PrecisionGuard(const PrecisionGuard&) = delete;
-  PrecisionGuard& operator=(const PrecisionGuard&) = delete;
-
- private:
-  std::optional<at::NoTF32Guard> no_tf32_;
-  bool restore_ = false;
-  at::Float32MatmulPrecision legacy_ = at::Float32MatmulPrecision::HIGHEST;
-  at::Float32Precision new_ = at::Float32Precision::NONE;
-};
 
 // a @ b with the requested precision (a, b may be strided views). float64: plain fp64 mm.
 Tensor mm_p(const Tensor& a, const Tensor& b, Precision p) {
@@ -630,7 +586,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
   const int64_t in_enc = d.enc_in();
   Tensor enc_static, dec_static;
   {
-    PrecisionGuard pg(v.prec);
+    const MatmulModeGuard matmul_mode(v.prec == Precision::TF32);
     // Step-invariant input products, once per call (not K times).
     enc_static = mm_p(x, enc_w_ih.slice(1, 0, d.D).t(), v.prec);
     enc_static.add_(enc_b);
@@ -784,7 +740,7 @@ BackwardResult avme_backward(
   });
 
   // Weight gradients: large products over all K*B rows (cuBLAS through ATen).
-  PrecisionGuard pg(prec);
+  const MatmulModeGuard matmul_mode(prec == Precision::TF32);
   const int64_t M = K * B;
   const Tensor dS = d_canvas.view({M, d.D});
   const Tensor dQ = d_q.view({M, d.Z2()});
@@ -881,7 +837,7 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
 
   Tensor dec_static;
   if (d.C > 0) {
-    PrecisionGuard pg(v.prec);
+    const MatmulModeGuard matmul_mode(v.prec == Precision::TF32);
     dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
     dec_static.add_(dec_b);
     dec_static = dec_static.contiguous();

@@ -151,7 +151,7 @@ def gradient_pass(forward: Forward, parameters: list[nn.Parameter], x: Tensor, y
     loss = objective.sum() * scale
     loss.backward()
     sums = torch.stack([objective.sum(), terms.reconstruction.sum(), terms.kl.sum()]).detach().double()
-    grad_norm = _total_norm([p.grad for p in parameters if p.grad is not None])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     return sums, grad_norm
 
 
@@ -161,24 +161,8 @@ def update_pass(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer
 
     Together with :func:`gradient_pass` this is exactly ``clip_grad_norm_`` followed by ``step()``.
     """
-    _clip_with_norm(parameters, clip_grad if clip_grad > 0 else math.inf, grad_norm)
+    torch.nn.utils.clip_grads_with_norm_(parameters, clip_grad if clip_grad > 0 else math.inf, grad_norm)
     optimizer.step()
-
-
-def _total_norm(grads: list[Tensor]) -> Tensor:
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: the two halves of clip_grad_norm_
-        return torch.nn.utils.get_total_norm(grads)
-    with torch.no_grad():  # pragma: no cover - older torch
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
-def _clip_with_norm(parameters: list[nn.Parameter], max_norm: float, total_norm: Tensor) -> None:
-    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-        return
-    with torch.no_grad():  # pragma: no cover - older torch
-        coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        torch._foreach_mul_([p.grad for p in parameters if p.grad is not None], coefficient)
 
 
 # --------------------------------------------------------------------------- eager

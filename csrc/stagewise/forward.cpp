@@ -195,7 +195,7 @@ void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t strea
   if (p.B == 0) return;
   const CallContext ctx = detail::make_context(c10::CppTypeToScalarType<T>::value, precision);
   const detail::StreamScope stream_scope(stream);
-  const detail::MatmulModeGuard matmul_mode(precision);
+  const MatmulModeGuard matmul_mode(precision == GemmPrecision::kTF32);
   if constexpr (std::is_same_v<T, float>) {
     if (ctx.casts_operands()) {
       run_forward<float, c10::BFloat16>(p, ctx, stream);

@@ -57,28 +57,6 @@ void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
-MatmulModeGuard::MatmulModeGuard(GemmPrecision precision) {
-  if (precision == GemmPrecision::kTF32) {
-    auto& ctx = at::globalContext();
-    legacy_ = ctx.float32MatmulPrecision();
-    cuda_matmul_ = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-    ctx.setAllowTF32CuBLAS(true);
-    restore_ = true;
-  } else {
-    no_tf32_.emplace();
-  }
-}
-
-MatmulModeGuard::~MatmulModeGuard() {
-  if (!restore_) return;
-  auto& ctx = at::globalContext();
-  const char* name = legacy_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
-                     : legacy_ == at::Float32MatmulPrecision::HIGH  ? "high"
-                                                                     : "medium";
-  ctx.setFloat32MatmulPrecision(name);
-  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, cuda_matmul_);
-}
-
 StreamScope::StreamScope(cudaStream_t stream) {
 #ifdef AVME_CPU_EMULATION
   (void)stream;

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include "common/matmul_mode.h"
 #include "stagewise/pointwise.h"
 #include "stagewise/stagewise.h"
 
@@ -47,21 +48,6 @@ at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
 // with unit column stride allowed). bf16 operands: fp32 accumulation and output (on the CPU
 // emulator: the bf16-rounded operands multiplied in fp32).
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b);
-
-// Sets the cuBLAS float32 GEMM mode for its lifetime (see the precision policy in stagewise.h).
-class MatmulModeGuard {
- public:
-  explicit MatmulModeGuard(GemmPrecision precision);
-  ~MatmulModeGuard();
-  MatmulModeGuard(const MatmulModeGuard&) = delete;
-  MatmulModeGuard& operator=(const MatmulModeGuard&) = delete;
-
- private:
-  std::optional<at::NoTF32Guard> no_tf32_;
-  bool restore_ = false;
-  at::Float32MatmulPrecision legacy_ = at::Float32MatmulPrecision::HIGHEST;
-  at::Float32Precision cuda_matmul_ = at::Float32Precision::NONE;
-};
 
 // Makes ATen enqueue its work on `stream` for its lifetime (CUDA builds; nothing on the emulator).
 class StreamScope {

@@ -64,6 +64,17 @@ else
             record "sanitizer $tool $design" "$(status_of $rc)" "rc=$rc ${summary_line}"
         done
     done
+    # The bad-input table on CUDA under memcheck: the cases where an earlier build of the ops
+    # killed the process; tiny tensors, so it is quick even under the sanitizer.
+    if enough 260; then
+        echo "--- memcheck, tests/ops/test_bad_inputs.py on CUDA" >> "$OUT/sanitizer.log"
+        timeout "$(cap 90 200)" compute-sanitizer --tool memcheck --error-exitcode 99 \
+            "$PY" -m pytest -x -q -p no:cacheprovider tests/ops/test_bad_inputs.py -k cuda >> "$OUT/sanitizer.log" 2>&1
+        rc=$?
+        record "sanitizer memcheck bad-inputs" "$(status_of $rc)" "rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+    else
+        record "sanitizer memcheck bad-inputs" skipped "deadline"
+    fi
     tail -30 "$OUT/sanitizer.log"
 fi
 
