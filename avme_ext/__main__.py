@@ -1,5 +1,5 @@
 """``python -m avme_ext``: the same as the ``avme`` command."""
 
-from .cli import main
+from .entry import main
 
 raise SystemExit(main())

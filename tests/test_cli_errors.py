@@ -254,3 +254,44 @@ def test_signal_during_eval_work_is_one_line_and_nothing_written(run_dir, tmp_pa
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("avme eval: ") and signal.Signals(signum).name in lines[0]
     assert not json_out.exists() and not list(tmp_path.glob(".eval.json.*"))
+
+
+IMPORT_BLOCKING = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    marker = Path(sys.argv.pop(1))
+
+    class SlowImport:  # the command line's import takes its time, as torch's start-up does
+        def find_spec(self, name, path=None, target=None):
+            if name == "avme_ext.cli":
+                marker.write_text("importing")
+                time.sleep(60)
+            return None
+
+    sys.meta_path.insert(0, SlowImport())
+    from avme_ext.entry import main
+    raise SystemExit(main())
+""")
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
+    """The console entry point (avme_ext.entry) catches Ctrl-C during the imports themselves:
+    ``import avme_ext`` does not import torch, so nothing runs before the handler is in place."""
+    marker = tmp_path / "marker"
+    process = subprocess.Popen([sys.executable, "-c", IMPORT_BLOCKING, str(marker), "train", "--help"], cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = _finish(process)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "avme: interrupted (SIGINT) while starting", err
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, avme_ext; assert 'torch' not in sys.modules; print(avme_ext.AVMECore.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout.strip() == "AVMECore", done.stderr
