@@ -209,7 +209,7 @@ def source_revision() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the source tree: from git, else from ``AVME_GIT_COMMIT``/``AVME_GIT_DIRTY``.
 
     The GPU machine gets a copy of the working tree without ``.git``; tools/gpu/stamp.sh writes
-    those two variables into a file the device call carries (see tools/gpu/README.md).
+    those two variables into a file the GPU call carries (see tools/gpu/README.md).
     """
     top = _git("rev-parse", "--show-toplevel")
     commit = _git("rev-parse", "HEAD") if top is not None and Path(top).resolve() == ROOT else None

@@ -14,7 +14,7 @@ Stages (``--stage``):
     all       everything, without a time limit (for a machine without limits, or a smoke run)
     train | eval | figures | report | publish     one stage
     status    what is done and an estimate of the GPU time left (reads only)
-    next-call the device call that continues the work: command, timeout_s, carry (reads only)
+    next-call the GPU call that continues the work: command, timeout_s, carry (reads only)
 
 All state lives in --out (default .carry/repro, ignored by git; layout in reproduce_state.py)
 with a manifest.json of what is done, timings, devices and commits. Every stage resumes: a
@@ -81,7 +81,7 @@ EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_MORE = 0, 1, 2, 3
 STAGES = ("auto", "all", "train", "eval", "figures", "report", "publish", "status", "next-call")
 #: Seconds kept back from --time-budget for stopping the runs and packing the results.
 PACK_RESERVE_SECONDS = 45.0
-#: A device call: the command's own budget and its timeout leave room for start-up and transfers.
+#: A GPU call: the command's own budget and its timeout leave room for start-up and transfers.
 CALL_BUDGET_MINUTES = 8.5
 CALL_OVERHEAD_SECONDS = 75
 DEVICE_START_SECONDS = 90
@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunks-per-call", type=int, default=None, metavar="N",
                      help="evaluate at most N chunks in this invocation (manual staging)")
     run.add_argument("--expect-calls", type=int, default=None, metavar="N",
-                     help="refuse to start unless the manifest records N calls (a device call checks it got the latest state)")
+                     help="refuse to start unless the manifest records N calls (a GPU call checks it got the latest state)")
     run.add_argument("--pack-to", default=None, metavar="DIR", help="write what this invocation changed to DIR (the device's $OUT)")
-    run.add_argument("--unpack", default=None, metavar="DIR", help="apply the files a device call returned, then stop")
+    run.add_argument("--unpack", default=None, metavar="DIR", help="apply the files a GPU call returned, then stop")
     run.add_argument("--device-seconds-left", type=float, default=900.0,
                      help="next-call: device seconds left in the current lease of the GPU machine")
     run.add_argument("--device-warm", action="store_true",
@@ -176,7 +176,7 @@ def given_plan_options(args: argparse.Namespace) -> list[str]:
 
 
 def open_manifest(layout: Layout, args: argparse.Namespace) -> Manifest:
-    """The manifest in --out; created from the plan options when there is none (not in a device call)."""
+    """The manifest in --out; created from the plan options when there is none (not in a GPU call)."""
     if Manifest.exists(layout):
         manifest = Manifest.load(layout)
         given = given_plan_options(args)
@@ -341,7 +341,7 @@ def print_status(layout: Layout, manifest: Manifest) -> None:
 
 
 def next_call(layout: Layout, manifest: Manifest, seconds_left: float, warm: bool = False) -> dict[str, Any] | None:
-    """The device call that continues the work (None when none is left): {"command", "timeout_s", "carry", ...}."""
+    """The GPU call that continues the work (None when none is left): {"command", "timeout_s", "carry", ...}."""
     carry = [layout.manifest]
     if manifest.untrained():
         for name in manifest.untrained():

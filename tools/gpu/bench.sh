@@ -1,11 +1,11 @@
 #!/bin/bash
-# The committed benchmark run, one device call (~9.5 min): build, then bench/run.py with every
+# The committed benchmark run, one GPU call (~9.5 min): build, then bench/run.py with every
 # reference mode and every fused design x precision at B in {100,256,1024,4096} (K=12), K=64 at
 # B=1024, sampling 10,000 images, IWAE S=5000 and memory, within --budget-s so a partial results
 # file always comes back; then bench/report.py and bench/crossover.py on it. Run from the repository
 # root on the GPU machine:
 #
-#     DEADLINE_S=560 bash tools/gpu/bench.sh         (device call: timeout_s 590)
+#     DEADLINE_S=560 bash tools/gpu/bench.sh         (GPU call: timeout_s 590)
 #     DRY_RUN=1 OUT=/tmp/gpu-bench bash tools/gpu/bench.sh   (here, on the CPU: checks the script)
 #
 # Environment: APPEND=bench/results/<file>.json adds this run's records to an earlier file (a

@@ -1,10 +1,10 @@
 #!/bin/bash
-# The GPU check, one device call (~8 min): environment, build, the op tests on CUDA (a debugger
+# The GPU check, one GPU call (~8 min): environment, build, the op tests on CUDA (a debugger
 # backtrace if they crash), compute-sanitizer memcheck and racecheck per design, the one-GPU DDP
 # equality check, a quick benchmark subset, and an Nsight Compute profile of one training step
 # per design. Run from the repository root on the GPU machine:
 #
-#     DEADLINE_S=500 bash tools/gpu/check.sh          (device call: timeout_s 540)
+#     DEADLINE_S=500 bash tools/gpu/check.sh          (GPU call: timeout_s 540)
 #     DRY_RUN=1 OUT=/tmp/gpu-check bash tools/gpu/check.sh   (here, on the CPU: checks the script)
 #
 # Environment: TESTS (default tests/ops, or tests/test_ops_cuda.py where tests/ops does not exist).

@@ -6,14 +6,14 @@
 # tools/gpu/stamp.sh before the call), and the build of the CUDA extension.
 #
 # Environment:
-#   OUT          folder whose files come back (set by the device tool; required)
+#   OUT          folder whose files come back (set by the remote call; required)
 #   DEADLINE_S   seconds the whole script may take (keep it ~30 s under the call's timeout_s)
 #   DRY_RUN=1    a CPU check of the script itself: no build, tiny sizes, GPU tools skipped
 #   SKIP_BUILD=1 use the extension already built in place
 #   PYTHON       the interpreter (default python3)
 
 set -u -o pipefail
-: "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
+: "${OUT:?OUT must name the folder whose files come back (the remote call sets it)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run HERE (not on the GPU machine) before a device call: writes tools/gpu/stamp.env with the
+# Run HERE (not on the GPU machine) before a GPU call: writes tools/gpu/stamp.env with the
 # commit and whether the tree is dirty, which the scripts read there (the copy of the working
 # tree that travels has no .git). Name tools/gpu/stamp.env in the call's `carry`.
 set -euo pipefail

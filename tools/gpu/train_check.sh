@@ -1,12 +1,12 @@
 #!/bin/bash
-# The precision policy check, one device call (~9 min): every fast mode trains as well as fp32.
+# The precision policy check, one GPU call (~9 min): every fast mode trains as well as fp32.
 # Launches in parallel on the one GPU `avme train` runs that differ only in --impl/--precision
 # (same seed, binarized MNIST, EPOCHS epochs): ref-fp32 (the reference), cuda-fp32 (the baseline),
 # cuda-tf32 and cuda-bf16; 60 s before the deadline the runs get SIGTERM (they checkpoint and stop); then
 # tools/gpu/train_compare.py checks that each run's validation -ELBO is within 0.3 nats of
 # cuda-fp32's at the last epoch all runs completed. Run from the repository root on the GPU machine:
 #
-#     DEADLINE_S=520 bash tools/gpu/train_check.sh     (device call: timeout_s 560)
+#     DEADLINE_S=520 bash tools/gpu/train_check.sh     (GPU call: timeout_s 560)
 #     DRY_RUN=1 OUT=/tmp/gpu-train bash tools/gpu/train_check.sh   (here, on the CPU: checks the script)
 #
 # Environment: EPOCHS (default 10), MODES (default "ref-fp32 cuda-fp32 cuda-tf32 cuda-bf16"),
