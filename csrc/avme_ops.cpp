@@ -99,13 +99,23 @@ bool parse_error_mode(const char* op, const std::string& s) {
 }
 
 // a @ b with the requested precision (a, b may be strided views). float64: plain fp64 mm.
+// The operand of a product: in bf16 mode a float32 tensor's bf16 copy, else the tensor itself.
+// A tensor that enters several products is converted once with this (a bf16 operand is kept).
+Tensor as_operand(const Tensor& t, Precision p) {
+  return (p == Precision::BF16 && t.scalar_type() == at::kFloat) ? t.to(at::kBFloat16) : t;
+}
+
+// a @ b with the requested precision (a, b may be strided views): in bf16 mode bf16 operands with
+// fp32 accumulation and output; otherwise the tensors' own dtype (float64: plain fp64 mm).
 Tensor mm_p(const Tensor& a, const Tensor& b, Precision p) {
-  if (p == Precision::BF16 && a.scalar_type() == at::kFloat) {
+  const Tensor a_op = as_operand(a, p);
+  const Tensor b_op = as_operand(b, p);
+  if (a_op.scalar_type() == at::kBFloat16) {
 #ifdef AVME_CPU_EMULATION
     // aten::mm.dtype (bf16 inputs, fp32 output) exists on CUDA only.
-    return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
+    return at::mm(a_op, b_op).to(at::kFloat);
 #else
-    return at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16), at::kFloat);
+    return at::mm(a_op, b_op, at::kFloat);
 #endif
   }
   return at::mm(a, b);
@@ -746,6 +756,9 @@ BackwardResult avme_backward(
   const Tensor dQ = d_q.view({M, d.Z2()});
   const Tensor dGe = d_ge.view({M, He4});
   const Tensor dGd = d_gd.view({M, Hd4});
+  // Each of these enters several products: in bf16 mode convert it once.
+  const Tensor ge_op = as_operand(d_ge, prec), gd_op = as_operand(d_gd, prec);
+  const Tensor h_enc_op = as_operand(h_enc, prec), h_dec_op = as_operand(h_dec, prec);
   const Tensor sum_ge = d_ge.sum(0);  // (B, 4He): x and y enter every step
   const Tensor sum_gd = d_gd.sum(0);  // (B, 4Hd): y enters every step
   // Rows of steps 2..K and the states of steps 1..K-1 (the recurrent inputs; they are 0 at t=1).
@@ -759,15 +772,15 @@ BackwardResult avme_backward(
   const Tensor w_dec_y = dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C);
 
   // write
-  g_write_w.copy_(mm_p(dS.t(), h_dec.view({M, d.Hd}), prec));
+  g_write_w.copy_(mm_p(dS.t(), h_dec_op.view({M, d.Hd}), prec));
   g_write_b.copy_(dS.sum(0));
   // posterior
-  g_q_w.copy_(mm_p(dQ.t(), h_enc.view({M, d.He}), prec));
+  g_q_w.copy_(mm_p(dQ.t(), h_enc_op.view({M, d.He}), prec));
   g_q_b.copy_(dQ.sum(0));
   // decoder: input [z, y], recurrent h_dec
-  g_dec_w_ih.slice(1, 0, d.Z).copy_(mm_p(dGd.t(), z.view({M, d.Z}), prec));
+  g_dec_w_ih.slice(1, 0, d.Z).copy_(mm_p(gd_op.view({M, Hd4}).t(), z.view({M, d.Z}), prec));
   if (d.C > 0) g_dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).copy_(mm_p(sum_gd.t(), *y, prec));
-  if (K > 1) g_dec_w_hh.copy_(mm_p(tail(d_gd, Hd4).t(), head(h_dec, d.Hd), prec));
+  if (K > 1) g_dec_w_hh.copy_(mm_p(tail(gd_op, Hd4).t(), head(h_dec_op, d.Hd), prec));
   g_dec_b.copy_(dGd.sum(0));
   // encoder: input [x, r, h_dec, y], recurrent h_enc
   g_enc_w_ih.slice(1, 0, d.D).copy_(mm_p(sum_ge.t(), x, prec));
@@ -779,16 +792,16 @@ BackwardResult avme_backward(
       Tensor rest = r.slice(0, 1, K);
       at::sub_out(rest, x.unsqueeze(0), at::sigmoid(canvases.slice(0, 0, K - 1)));
     }
-    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D)).copy_(mm_p(dGe.t(), r.view({M, d.D}), prec));
+    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D)).copy_(mm_p(ge_op.view({M, He4}).t(), r.view({M, d.D}), prec));
   } else if (K > 1) {
     // r_t = s_{t-1}, s_0 = 0
     g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D))
-        .copy_(mm_p(tail(d_ge, He4).t(), head(canvases, d.D), prec));
+        .copy_(mm_p(tail(ge_op, He4).t(), head(canvases, d.D), prec));
   }
   if (K > 1) {
     g_enc_w_ih.slice(1, 2 * int64_t(d.D), 2 * int64_t(d.D) + d.Hd)
-        .copy_(mm_p(tail(d_ge, He4).t(), head(h_dec, d.Hd), prec));
-    g_enc_w_hh.copy_(mm_p(tail(d_ge, He4).t(), head(h_enc, d.He), prec));
+        .copy_(mm_p(tail(ge_op, He4).t(), head(h_dec_op, d.Hd), prec));
+    g_enc_w_hh.copy_(mm_p(tail(ge_op, He4).t(), head(h_enc_op, d.He), prec));
   }
   if (d.C > 0) g_enc_w_ih.slice(1, in_enc - d.C, in_enc).copy_(mm_p(sum_ge.t(), *y, prec));
   g_enc_b.copy_(dGe.sum(0));
@@ -807,7 +820,7 @@ BackwardResult avme_backward(
     // z_t = mu_t + exp(logvar_t / 2) * eps_t feeds only step t's decoder gates, so
     // dL/dz_t = dL/d(decoder gates)_t @ W_z. (The same as total dL/dmu_t - grad_mu_t, without
     // the cancellation of that difference.)
-    const Tensor dz = mm_p(dGd, w_dec_z, prec).view({K, B, d.Z});
+    const Tensor dz = mm_p(gd_op.view({M, Hd4}), w_dec_z, prec).view({K, B, d.Z});
     at::mul_out(grad_eps, dz, at::exp(logvar * 0.5));
   }
   return result;
