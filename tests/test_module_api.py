@@ -351,3 +351,20 @@ def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch)
     with avme_ext.ops.design("rowtile"):
         assert core.fused_design("cuda", 500) == "rowtile"  # forced beats measured
     assert asked == [("cuda", torch.float32, "fp32", 10), ("cuda", torch.float32, "fp32", 500)]
+
+
+def test_option_tuples_are_the_loop_types_objects_everywhere():
+    import avme_ext.training.config as training_config
+    from avme_ext.cli import _common  # noqa: F401  (the CLI imports them too)
+
+    assert training_config.IMPLS is loop_types.IMPLS and training_config.PRECISIONS is loop_types.PRECISIONS
+    assert avme_ext.dispatch.DESIGN_NAMES is loop_types.DESIGNS and avme_ext.ops.DESIGNS is loop_types.DESIGNS
+
+
+def test_distributed_does_not_import_evaluation():
+    import subprocess
+    import sys
+
+    code = "import sys, avme_ext.distributed; assert 'avme_ext.evaluation' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
