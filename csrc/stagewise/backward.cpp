@@ -51,7 +51,7 @@ struct OperandCopy {
   Tensor buffer;  // (B, N) operand type, only when the operands are cast
 
   OperandCopy(int64_t B, int64_t N, const CallContext& ctx) {
-    if (ctx.casts_operands()) buffer = at::empty({B, N}, ctx.operand());
+    if (ctx.casts_operands()) buffer = detail::uninitialized({B, N}, ctx.operand());
   }
   Slot<A> target() const { return buffer.defined() ? slot<A>(buffer, 0) : Slot<A>{}; }
   Tensor operand(const T* step_output, int64_t B, int64_t N, const CallContext& ctx) const {
@@ -90,10 +90,10 @@ struct BackwardWorkspace {
     dec_w = detail::pack({dec_w_ih.narrow(1, 0, Z), dec_w_hh}, dec_cols, 1, ctx.operand());
     q_w = detail::as_operand(detail::wrap(p.q_w, {2 * Z, He}, st, ctx), ctx);
     write_w = detail::as_operand(detail::wrap(p.write_w, {D, Hd}, st, ctx), ctx);
-    enc_in_grad = at::empty({B, enc_cols.total()}, ctx.state());
-    dec_in_grad = at::empty({B, dec_cols.total()}, ctx.state());
-    dh_dec_write = at::empty({B, Hd}, ctx.state());
-    dh_enc_q = at::empty({B, He}, ctx.state());
+    enc_in_grad = detail::uninitialized({B, enc_cols.total()}, ctx.state());
+    dec_in_grad = detail::uninitialized({B, dec_cols.total()}, ctx.state());
+    dh_dec_write = detail::uninitialized({B, Hd}, ctx.state());
+    dh_enc_q = detail::uninitialized({B, He}, ctx.state());
     dc_enc = at::zeros({B, He}, ctx.state());
     dc_dec = at::zeros({B, Hd}, ctx.state());
   }

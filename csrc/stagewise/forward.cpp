@@ -66,11 +66,11 @@ struct ForwardWorkspace {
     dec_w = detail::pack({dec_wT.narrow(0, 0, Z), dec_wT.narrow(0, Z, Hd)}, dec_cols, 0,
                          ctx.operand());
     write_w = detail::as_operand(detail::wrap(p.write_wT, {Hd, D}, st, ctx), ctx);
-    gates = at::empty({B, 4 * std::max(He, Hd)}, ctx.state());
-    delta = at::empty({B, D}, ctx.state());
-    if (p.c_dec == nullptr) c_dec = at::empty({B, Hd}, ctx.state());
+    gates = detail::uninitialized({B, 4 * std::max(He, Hd)}, ctx.state());
+    delta = detail::uninitialized({B, D}, ctx.state());
+    if (p.c_dec == nullptr) c_dec = detail::uninitialized({B, Hd}, ctx.state());
     if (p.canvas == nullptr && p.canvases == nullptr) {
-      canvas_state = at::empty({B, D}, ctx.state());
+      canvas_state = detail::uninitialized({B, D}, ctx.state());
     }
     if (!p.encoder) return;
     e_in = at::zeros({B, enc_cols.total()}, ctx.operand());
@@ -79,8 +79,8 @@ struct ForwardWorkspace {
         {enc_wT.narrow(0, 0, D), enc_wT.narrow(0, D, Hd), enc_wT.narrow(0, D + Hd, He)}, enc_cols,
         0, ctx.operand());
     q_w = detail::as_operand(detail::wrap(p.q_wT, {He, 2 * Z}, st, ctx), ctx);
-    q = at::empty({B, 2 * Z}, ctx.state());
-    if (p.c_enc == nullptr) c_enc = at::empty({B, He}, ctx.state());
+    q = detail::uninitialized({B, 2 * Z}, ctx.state());
+    if (p.c_enc == nullptr) c_enc = detail::uninitialized({B, He}, ctx.state());
   }
 
   // (B, 4H) view of the gates buffer.

@@ -3,6 +3,7 @@
 #include "stagewise/host.h"
 
 #include <algorithm>
+#include <limits>
 
 #include <c10/util/Exception.h>
 
@@ -42,6 +43,14 @@ at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
       .options(at::TensorOptions().dtype(dtype).device(ctx.device))
       .target_device(ctx.device)
       .make_tensor();
+}
+
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+#ifdef AVME_CPU_EMULATION
+  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts);
+#else
+  return at::empty(sizes, opts);
+#endif
 }
 
 void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {

@@ -44,6 +44,11 @@ CallContext make_context(at::ScalarType state_type, GemmPrecision precision);
 at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
                 const CallContext& ctx);
 
+// A workspace whose every element a GEMM or kernel writes before anything reads it: uninitialised
+// on CUDA (recycled caching-allocator memory); NaN-filled on the CPU emulator, so that a read
+// before the first write shows up in the comparisons there as it would on a GPU.
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
 // out = a @ b (beta = 0, no allocation on CUDA). out: T; a, b: the operand type (strided views
 // with unit column stride allowed). bf16 operands: fp32 accumulation and output (on the CPU
 // emulator: the bf16-rounded operands multiplied in fp32).

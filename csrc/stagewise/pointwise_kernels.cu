@@ -112,7 +112,8 @@ __global__ void __launch_bounds__(kThreads) avme_sw_canvas_kernel(const Grid<Can
     if (p.bias != nullptr) s += p.bias[d];
     store(p.s_out, i, s);
     store(p.s_out2, i, s);
-    store(p.r_out, b, d, p.error_mode ? p.x[i] - dsigmoid(s) : s);
+    // x is read only where r is written (the sampler and the last step have no next input).
+    if (p.r_out.data != nullptr) store(p.r_out, b, d, p.error_mode ? p.x[i] - dsigmoid(s) : s);
   }
 }
 

@@ -627,11 +627,12 @@ def test_backward_without_optional_gradients(swemu):
     assert_close(got, pick(ref, STEP_GRADS), fp64_bound(case))
 
 
+@pytest.mark.parametrize("error_mode", [False, True])
 @pytest.mark.parametrize("C", [0, 3])
 @pytest.mark.parametrize("K", [1, 3])
-def test_sampler(swemu, C, K):
+def test_sampler(swemu, C, K, error_mode):
     """encoder=false: z_in drives the decoder; dec_static is one bias row (C = 0, stride 0) or
-    per-row (C > 0)."""
+    per-row (C > 0). error_mode concerns only the encoder input: the sampler (no x) ignores it."""
     case = Case(5, K, ODD, C, "canvas")
     p = make_params(case.sizes, C, torch.float64)
     _, y, z, _ = make_inputs(case, torch.float64)
@@ -640,7 +641,7 @@ def test_sampler(swemu, C, K):
     canvas, canvases = nans(B, D, dtype=torch.float64), nans(K, B, D, dtype=torch.float64)
     swemu.forward(
         None, None, z, None, None, None, None, t["dec_static"], t["dec_wT"], t["write_wT"],
-        t["write_b"], False, "fp32", canvas, canvases, *[None] * 9,
+        t["write_b"], error_mode, "fp32", canvas, canvases, *[None] * 9,
     )  # fmt: skip
     ref = avme_sample_reference(z, y, p, True)
     assert_close({"canvas": canvas, "canvases": canvases}, ref._asdict(), fp64_bound(case))
