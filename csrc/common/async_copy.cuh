@@ -13,6 +13,9 @@
 #pragma once
 
 #ifdef AVME_CPU_EMULATION
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "emulation/cuda_emulation.h"
@@ -23,6 +26,16 @@ namespace avme {
 __device__ __forceinline__ void copy_16_async(void* dst_smem, const void* src_global,
                                               int valid_bytes) {
 #if defined(AVME_CPU_EMULATION)
+  // The hardware faults on a misaligned cp.async (or a src-size above 16); the emulator checks
+  // the same (its shared memory and workspaces are 16-byte aligned like the GPU's).
+  if (reinterpret_cast<std::uintptr_t>(dst_smem) % 16 != 0 ||
+      reinterpret_cast<std::uintptr_t>(src_global) % 16 != 0 || valid_bytes < 0 ||
+      valid_bytes > 16) {
+    std::fprintf(stderr, "avme CUDA emulator: cp.async of 16 bytes with dst %p, src %p (must be "
+                 "16-byte aligned), src-size %d (must be 0..16)\n", dst_smem, src_global,
+                 valid_bytes);
+    std::abort();
+  }
   unsigned char* dst = static_cast<unsigned char*>(dst_smem);
   if (valid_bytes > 0) std::memcpy(dst, src_global, static_cast<size_t>(valid_bytes));
   std::memset(dst + valid_bytes, 0, static_cast<size_t>(16 - valid_bytes));

@@ -23,15 +23,33 @@
 
 #include <type_traits>
 
+#ifdef AVME_CPU_EMULATION
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#endif
+
 #include "common/device_math.cuh"
 #include "common/mma_tf32.cuh"
 
 namespace avme {
 
+// Whether load_row reads T[N] with 16-byte vector loads.
+template <typename T, int N>
+constexpr bool kVectorRow = (std::is_same_v<T, float> && N % 4 == 0) ||
+                            (std::is_same_v<T, double> && N % 2 == 0);
+
 // v[i] = p[i], i < N, with 16-byte vector loads where the type and N allow (p 16-byte aligned).
 template <typename T, int N>
 __device__ __forceinline__ void load_row(const T* p, T (&v)[N]) {
-#ifndef AVME_CPU_EMULATION
+#ifdef AVME_CPU_EMULATION
+  // The emulator reads element-wise, but checks the alignment the GPU's vector loads need.
+  if (kVectorRow<T, N> && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "avme CUDA emulator: 16-byte vector load from %p (not 16-byte aligned)\n",
+                 static_cast<const void*>(p));
+    std::abort();
+  }
+#else
   if constexpr (std::is_same_v<T, float> && N % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {

@@ -97,14 +97,15 @@ __device__ __forceinline__ int rows_used(const RowBlock& a, const RowBlock& b = 
 }
 
 // Runs `fn(unit, b, col)` for every unit of `units` and batch column of the chunk (col: column in
-// the chunk, b = b0 + col), spread over the block's threads, batch fastest.
+// the chunk, b = b0 + col), spread over the block's threads, batch fastest. The index runs in
+// int64: the start-up loops pass the whole batch as one chunk (units x B can exceed 2^31).
 template <typename Fn>
 __device__ __forceinline__ void for_units(const Range& units, int64_t b0, int ncols, Fn&& fn) {
-  const int total = units.count * ncols;
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int u = units.begin + idx / ncols;
-    const int col = idx - (idx / ncols) * ncols;
-    fn(u, b0 + col, col);
+  const int64_t total = static_cast<int64_t>(units.count) * ncols;
+  for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int64_t q = idx / ncols;
+    const int col = static_cast<int>(idx - q * ncols);
+    fn(units.begin + static_cast<int>(q), b0 + col, col);
   }
 }
 

@@ -7,7 +7,9 @@ and device limits ``[num_sms, smem_optin]``. Each launch is a cooperative grid: 
 every block runs at once as an OS thread and the grid barrier is a barrier over all of them. The
 tensor-core products (math 3xTF32 / TF32) run the emulator's mma.sync, which rebuilds each
 instruction's matrices from the 32 lanes' fragment registers (PTX layouts): a wrong fragment
-index fails the comparisons.
+index fails the comparisons. The emulated cp.async and the weights' vector loads abort the process
+when an address is not 16-byte aligned, as the GPU faults (odd batch sizes, partial tiles and the
+shared-memory carve-up of every case below are checked that way).
 
 The tests prepare the inputs as csrc/avme_ops.cpp does (hoisted step-invariant products,
 transposed weights), run the kernels on fresh random inputs with NaN-filled outputs, and compare
