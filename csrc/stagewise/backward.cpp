@@ -206,16 +206,9 @@ template <typename T>
 void backward(const BackwardParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
   check_backward_params(p);
   if (p.B == 0) return;
-  const CallContext ctx = detail::make_context(c10::CppTypeToScalarType<T>::value, precision);
-  const detail::StreamScope stream_scope(stream);
-  const MatmulModeGuard matmul_mode(precision == GemmPrecision::kTF32);
-  if constexpr (std::is_same_v<T, float>) {
-    if (ctx.casts_operands()) {
-      run_backward<float, c10::BFloat16>(p, ctx, stream);
-      return;
-    }
-  }
-  run_backward<T, T>(p, ctx, stream);
+  detail::run_in_call_scope<T>(precision, stream, [&](const CallContext& ctx, auto operand) {
+    run_backward<T, decltype(operand)>(p, ctx, stream);
+  });
 }
 
 template void backward<float>(const BackwardParams<float>&, GemmPrecision, cudaStream_t);

@@ -193,16 +193,9 @@ template <typename T>
 void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
   check_forward_params(p);
   if (p.B == 0) return;
-  const CallContext ctx = detail::make_context(c10::CppTypeToScalarType<T>::value, precision);
-  const detail::StreamScope stream_scope(stream);
-  const MatmulModeGuard matmul_mode(precision == GemmPrecision::kTF32);
-  if constexpr (std::is_same_v<T, float>) {
-    if (ctx.casts_operands()) {
-      run_forward<float, c10::BFloat16>(p, ctx, stream);
-      return;
-    }
-  }
-  run_forward<T, T>(p, ctx, stream);
+  detail::run_in_call_scope<T>(precision, stream, [&](const CallContext& ctx, auto operand) {
+    run_forward<T, decltype(operand)>(p, ctx, stream);
+  });
 }
 
 template void forward<float>(const LoopParams<float>&, GemmPrecision, cudaStream_t);

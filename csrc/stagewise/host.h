@@ -101,6 +101,23 @@ T* step_slice(T* base, int t, int64_t per_step) {
 // `x` as the operand type: a no-op view when it already is, else a cast copy (once per call).
 at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx);
 
+// Runs `run(ctx, A{})` inside the call's scope (its CallContext, the caller's stream for ATen,
+// the matmul mode of `precision`), with A the GEMM-operand type: c10::BFloat16 when float
+// tensors have their operands cast to bf16, else T. Shared by the forward and the backward.
+template <typename T, typename Run>
+void run_in_call_scope(GemmPrecision precision, cudaStream_t stream, Run&& run) {
+  const CallContext ctx = make_context(c10::CppTypeToScalarType<T>::value, precision);
+  const StreamScope stream_scope(stream);
+  const MatmulModeGuard matmul_mode(precision == GemmPrecision::kTF32);
+  if constexpr (std::is_same_v<T, float>) {
+    if (ctx.casts_operands()) {
+      run(ctx, c10::BFloat16{});
+      return;
+    }
+  }
+  run(ctx, T{});
+}
+
 }  // namespace detail
 }  // namespace stagewise
 }  // namespace avme
