@@ -95,21 +95,28 @@ class MissingExtension(Exception):
     """AVME_EXPECT_EXTENSION=1 but the built ops are missing (the tests fail with it)."""
 
 
-_EMULATOR: dict[str, Any] = {}
+_BUILDS: dict[str, Any] = {}  # emulation source -> its op namespace, or the Unavailable it raised
 
 
-def emulator() -> Backend:
-    """The emulator backend, built on first use (raises Unavailable when it cannot be)."""
-    if "backend" in _EMULATOR:
-        return _EMULATOR["backend"]
-    if "error" in _EMULATOR:
-        raise Unavailable(_EMULATOR["error"])
+def load_emulation(source: str, namespace: str) -> Any:
+    """Build the test-only emulation translation unit ``csrc/emulation/<source>`` (once per
+    process; cached across runs by torch's JIT) and return ``torch.ops.<namespace>``.
+
+    Raises Unavailable with the reason when it cannot be built here (``AVME_EMULATION=0``, or no
+    C++ compiler or ninja).
+    """
+    if source in _BUILDS:
+        if isinstance(_BUILDS[source], Unavailable):
+            raise _BUILDS[source]
+        return _BUILDS[source]
+    reason = None
     if os.environ.get("AVME_EMULATION", "1") == "0":
-        _EMULATOR["error"] = "AVME_EMULATION=0"
+        reason = "AVME_EMULATION=0"
     elif shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-        _EMULATOR["error"] = "the CPU emulator needs a C++ compiler and ninja"
-    if "error" in _EMULATOR:
-        raise Unavailable(_EMULATOR["error"])
+        reason = "the CPU emulator needs a C++ compiler and ninja"
+    if reason is not None:
+        _BUILDS[source] = Unavailable(reason)
+        raise _BUILDS[source]
     from torch.utils import cpp_extension
 
     # The JIT cache keys on the listed source and the flags: hash every included file into a
@@ -119,16 +126,27 @@ def emulator() -> Backend:
         if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
             digest.update(path.read_bytes())
     cpp_extension.load(
-        name="avme_emulation",
-        sources=[str(CSRC / "emulation" / "avme_emulation.cpp")],
+        name=Path(source).stem,
+        sources=[str(CSRC / "emulation" / source)],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O2", "-pthread", f"-DAVME_EMU_SOURCES_{digest.hexdigest()[:16]}"],
         extra_ldflags=["-pthread"],
         is_python_module=False,
         verbose=False,
     )
-    ops._register("avme_emu")
-    _EMULATOR["backend"] = Backend("emulator", torch.ops.avme_emu, torch.device("cpu"))
+    _BUILDS[source] = getattr(torch.ops, namespace)
+    return _BUILDS[source]
+
+
+_EMULATOR: dict[str, Backend] = {}
+
+
+def emulator() -> Backend:
+    """The emulator backend, built on first use (raises Unavailable when it cannot be)."""
+    if "backend" not in _EMULATOR:
+        ns = load_emulation("avme_emulation.cpp", "avme_emu")
+        ops._register("avme_emu")
+        _EMULATOR["backend"] = Backend("emulator", ns, torch.device("cpu"))
     return _EMULATOR["backend"]
 
 

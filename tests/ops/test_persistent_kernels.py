@@ -28,11 +28,7 @@ bound.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +38,7 @@ from torch import Tensor
 from avme_ext.loop_types import AVMEParams
 from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
+from . import backends
 from .helpers import (
     FP32_FACTOR,
     FP32_FLOOR,
@@ -55,7 +52,6 @@ from .helpers import (
     rel_err,
 )
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 H100 = [132, 232448]  # SMs, opt-in shared memory per block (bytes)
 # Config::math (csrc/persistent/plan.h): CUDA-core FMA, 3xTF32 and TF32 tensor cores.
 FMA, TF32X3, TF32 = 0, 1, 2
@@ -64,38 +60,11 @@ FMA, TF32X3, TF32 = 0, 1, 2
 # ---------------------------------------------------------------------------------------
 # The emulated ops
 # ---------------------------------------------------------------------------------------
-_BUILD: dict = {}
-
-
 def _build():
-    if "ns" in _BUILD:
-        return _BUILD["ns"]
-    if "error" not in _BUILD:
-        if os.environ.get("AVME_EMULATION", "1") == "0":
-            _BUILD["error"] = "AVME_EMULATION=0"
-        elif shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-            _BUILD["error"] = "the CPU emulator needs a C++ compiler and ninja"
-    if "error" in _BUILD:
-        pytest.skip(_BUILD["error"])
-    from torch.utils import cpp_extension
-
-    # The JIT cache keys on the listed source and the flags: hash every file under csrc/ into a
-    # flag so that edits to the included kernels rebuild the emulator.
-    digest = hashlib.sha1()
-    for path in sorted(CSRC.rglob("*")):
-        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
-            digest.update(path.read_bytes())
-    cpp_extension.load(
-        name="avme_persistent_emulation",
-        sources=[str(CSRC / "emulation" / "persistent_emulation.cpp")],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O2", "-pthread", f"-DAVME_EMU_SOURCES_{digest.hexdigest()[:16]}"],
-        extra_ldflags=["-pthread"],
-        is_python_module=False,
-        verbose=False,
-    )
-    _BUILD["ns"] = torch.ops.avme_pemu
-    return _BUILD["ns"]
+    try:
+        return backends.load_emulation("persistent_emulation.cpp", "avme_pemu")
+    except backends.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,9 @@ order of the bf16 roundoff, about 1e-2 to 4e-3 here).
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,8 +40,8 @@ from torch import Tensor
 from avme_ext.loop_types import AVMEParams
 from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
-REPO = Path(__file__).resolve().parents[2]
-CSRC = REPO / "csrc"
+from . import backends
+
 NAN = float("nan")
 FP64_BOUND_SCALE = 1e3 * 2.0**-53
 FP32_FACTOR, FP32_FLOOR = 3.0, 16 * 2.0**-24
@@ -57,41 +53,14 @@ STATES = ("h_enc", "c_enc", "gates_enc", "z", "h_dec", "c_dec", "gates_dec")
 # ---------------------------------------------------------------------------------------
 # The emulated ops
 # ---------------------------------------------------------------------------------------
-_BUILD: dict = {}
-
-
-def _sources_digest() -> str:
-    """Hash of every file the emulator TU includes: edits under csrc/ rebuild it (the JIT cache
-    keys on the listed source and the flags only)."""
-    digest = hashlib.sha1()
-    for path in sorted(CSRC.rglob("*")):
-        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 @pytest.fixture(scope="module")
 def swemu():
     """torch.ops.avme_swemu, built on first use (skipped without a C++ compiler or ninja, or with
     AVME_EMULATION=0)."""
-    if "ns" not in _BUILD:
-        if os.environ.get("AVME_EMULATION", "1") == "0":
-            pytest.skip("AVME_EMULATION=0")
-        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-            pytest.skip("the CPU emulator needs a C++ compiler and ninja")
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name="avme_stagewise_emulation",
-            sources=[str(CSRC / "emulation" / "stagewise_emulation.cpp")],
-            extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O2", "-pthread", f"-DAVME_EMU_SOURCES_{_sources_digest()}"],
-            extra_ldflags=["-pthread"],
-            is_python_module=False,
-            verbose=False,
-        )
-        _BUILD["ns"] = torch.ops.avme_swemu
-    return _BUILD["ns"]
+    try:
+        return backends.load_emulation("stagewise_emulation.cpp", "avme_swemu")
+    except backends.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 # ---------------------------------------------------------------------------------------
