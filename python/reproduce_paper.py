@@ -56,6 +56,7 @@ for _path in (str(HERE), str(REPO)):
 
 import reproduce_pack as packing
 from avme_ext.loop_types import IMPLS
+from avme_ext.training.config import LR_SCHEDULES
 from reproduce_eval import (
     ESTIMATED_TRAJECTORIES_PER_SECOND_H100,
     StageOrderError,
@@ -87,8 +88,8 @@ CALL_OVERHEAD_SECONDS = 75
 DEVICE_START_SECONDS = 90
 CARRY_LIMIT_BYTES = 64 << 20
 
-PLAN_OPTIONS = ("models", "epochs", "patience", "lr", "clip_grad", "kl_warmup_steps", "seed", "impl", "samples",
-                "marginal_samples", "eval_batch_size", "max_rows", "num_images")
+PLAN_OPTIONS = ("models", "epochs", "patience", "lr", "lr_schedule", "lr_final", "lr_decay_fraction", "clip_grad", "kl_warmup_steps", "seed",
+                "impl", "samples", "marginal_samples", "eval_batch_size", "max_rows", "num_images")
 
 
 def log(message: str) -> None:
@@ -118,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--epochs", type=_epochs_option, action="append", default=None, metavar="N|MODEL=N",
                       help=f"epoch cap of every model, or of one (repeatable; default {DEFAULT_EPOCHS})")
     plan.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better validation bound (10)")
-    plan.add_argument("--lr", type=float, default=None, help="Adam learning rate, constant (1e-3)")
+    plan.add_argument("--lr", type=float, default=None, help="Adam learning rate, at the start (1e-3)")
+    plan.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                      help="constant, or cosine: --lr, then a cosine decay to --lr-final over the last "
+                           "--lr-decay-fraction of each model's epoch cap (cosine)")
+    plan.add_argument("--lr-final", type=float, default=None, help="cosine: the rate at the epoch cap (0)")
+    plan.add_argument("--lr-decay-fraction", type=float, default=None,
+                      help="cosine: the share of each epoch cap spent decaying (1/3)")
     plan.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (10)")
     plan.add_argument("--kl-warmup-steps", type=int, default=None, help="linear KL warm-up steps (0)")
     plan.add_argument("--seed", type=int, default=None, help="seed of training and evaluation (0)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reproduce_eval import StageOrderError, load_pass, passes_for
-from reproduce_state import Layout, Manifest, ModelSpec, atomic_write_text
+from reproduce_state import Layout, Manifest, ModelSpec, Plan, atomic_write_text
 
 #: What each reported number is.
 KINDS = {
@@ -107,7 +107,8 @@ def collect_record(layout: Layout, manifest: Manifest, spec: ModelSpec) -> dict[
     record["training"] = {
         "epochs": entry["epochs_done"], "epoch_cap": entry["epochs_target"], "best_epoch": entry["best_epoch"],
         "best_valid_nelbo": entry["best_valid_nelbo"], "stop_reason": entry["stop_reason"],
-        "lr": plan.lr, "lr_schedule": "constant", "patience": plan.patience, "batch_size": plan.batch_size,
+        "lr": plan.lr, "lr_schedule": plan.lr_schedule, "lr_final": plan.lr_final,
+        "lr_decay_fraction": plan.lr_decay_fraction, "patience": plan.patience, "batch_size": plan.batch_size,
         "seconds": entry["train_seconds"], "selection": "best validation negative ELBO (validation split only)",
     }
     record["weights"] = {**entry["weights"], "path": layout.rel(layout.weights(spec.name)), "dtype": "float16"}
@@ -117,6 +118,14 @@ def collect_record(layout: Layout, manifest: Manifest, spec: ModelSpec) -> dict[
 
 def _fmt(value: Any, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def describe_schedule(plan: Plan) -> str:
+    """``"constant learning rate 0.001"``, or the held rate and its cosine decay."""
+    if plan.lr_schedule == "constant":
+        return f"constant learning rate {plan.lr:g}"
+    return (f"learning rate {plan.lr:g}, decayed to {plan.lr_final:g} along a {plan.lr_schedule} over the last "
+            f"{plan.lr_decay_fraction:.0%} of each model's epoch cap")
 
 
 def render_details(records: list[dict[str, Any]], manifest: Manifest, figures_rel: str) -> str:
@@ -132,7 +141,7 @@ def render_details(records: list[dict[str, Any]], manifest: Manifest, figures_re
         (f"- Test images: {images}{' (the whole test split)' if images == 10_000 else ' (a seeded random subset)'}; "
          f"IWAE with S={plan.samples} whole trajectories per image; for the conditional models -log p(x) uses "
          f"{plan.marginal_samples} trajectories per class ({plan.marginal_samples * 10} per image in all)."),
-        (f"- Training: Adam, constant learning rate {plan.lr:g}, batch {plan.batch_size}, gradient-norm clip "
+        (f"- Training: Adam, {describe_schedule(plan)}, batch {plan.batch_size}, gradient-norm clip "
          f"{plan.clip_grad:g}, seed {plan.seed}; each model stops at its epoch cap or after {plan.patience} epochs "
          "without a better validation negative ELBO, and its best validation epoch is kept. The test split was "
          "read only after every model had finished training."),

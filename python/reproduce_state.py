@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from avme_ext.checkpoint import atomic_write_bytes
+from avme_ext.training.config import LR_SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,10 @@ class Plan:
         models: model names in order of priority.
         epochs: the epoch cap of every model.
         patience: stop a model after this many epochs without a better validation bound.
-        lr, clip_grad, kl_warmup_steps, batch_size, seed, impl: ``avme train`` options (constant learning rate).
+        lr, clip_grad, kl_warmup_steps, batch_size, seed, impl: ``avme train`` options.
+        lr_schedule, lr_final, lr_decay_fraction: ``avme train --lr-schedule``; a cosine schedule
+            holds ``lr`` and then decays it to ``lr_final`` over the last ``lr_decay_fraction`` of
+            each model's epoch cap (see :func:`reproduce_train.schedule_args`).
         train_extra: more ``avme train`` options (e.g. tiny sizes for a smoke run).
         samples: IWAE trajectories per test image (-log p(x), and -log p(x|y) of conditional models).
         marginal_samples: IWAE trajectories per class for -log p(x) of conditional models (0: skip).
@@ -93,6 +97,9 @@ class Plan:
     epochs: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_EPOCHS))
     patience: int = 10
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    lr_final: float = 0.0
+    lr_decay_fraction: float = 1 / 3
     clip_grad: float = 10.0
     kl_warmup_steps: int = 0
     batch_size: int = 100
@@ -120,6 +127,12 @@ class Plan:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_final <= self.lr:
+            raise ValueError(f"lr_final must be in [0, lr={self.lr:g}], got {self.lr_final!r}")
+        if not 0 < self.lr_decay_fraction <= 1:
+            raise ValueError(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction!r}")
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -136,6 +149,9 @@ class Plan:
         data = dict(data)
         data["models"] = tuple(data["models"])
         data["train_extra"] = tuple(data.get("train_extra", ()))
+        data.setdefault("lr_schedule", "constant")  # manifests made before the schedule was an option
+        data.setdefault("lr_final", 0.0)
+        data.setdefault("lr_decay_fraction", 1.0)
         return cls(**data)
 
 

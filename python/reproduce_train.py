@@ -208,6 +208,16 @@ def plan_launch(
 
 
 # --------------------------------------------------------------------------- processes
+def schedule_args(plan: Plan, cap: int) -> list[str]:
+    """The ``avme train`` schedule options of a model with epoch cap ``cap``: a cosine schedule holds
+    ``plan.lr`` and decays it over the last ``plan.lr_decay_fraction`` of the cap (at least one epoch)."""
+    if plan.lr_schedule == "constant":
+        return ["--lr-schedule", "constant"]
+    decay = min(cap, max(1, round(cap * plan.lr_decay_fraction)))
+    return ["--lr-schedule", plan.lr_schedule, "--lr-final", repr(plan.lr_final), "--lr-decay-epochs", str(decay),
+            "--lr-hold-epochs", str(cap - decay)]
+
+
 def train_command(name: str, run_dir: Path, plan: Plan, target: int, device: str) -> list[str]:
     """The ``avme train`` command line of one launch (always ``--resume``: a new run starts, an old one continues)."""
     return [
@@ -215,7 +225,7 @@ def train_command(name: str, run_dir: Path, plan: Plan, target: int, device: str
         "--seed", str(plan.seed), "--lr", repr(plan.lr), "--clip-grad", repr(plan.clip_grad),
         "--kl-warmup-steps", str(plan.kl_warmup_steps), "--batch-size", str(plan.batch_size),
         "--device", device, "--impl", plan.impl, "--no-progress", "--no-tensorboard",
-        *MODELS[name].train_args(), *plan.train_extra,
+        *schedule_args(plan, plan.epochs[name]), *MODELS[name].train_args(), *plan.train_extra,
     ]
 
 

@@ -34,6 +34,7 @@ from reproduce_train import (
     plan_launch,
     run_pool,
     stop_reason,
+    train_command,
 )
 
 from avme_ext.results import PUBLISHED, render_results_markdown
@@ -496,6 +497,24 @@ def test_plan_and_manifest_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="epochs of avme-canvas"):
         Plan(models=("avme-canvas",), epochs={"avme-canvas": 0})
     assert manifest.data["models"]["avme-canvas"]["epochs_target"] == 9
+
+
+def test_each_model_decays_its_learning_rate_over_the_end_of_its_own_epoch_cap(tmp_path):
+    plan = Plan(models=("avme-error", "avme-canvas"), epochs={"avme-error": 7, "avme-canvas": 150}, lr_final=1e-5)
+    for name, (hold, decay) in {"avme-error": (5, 2), "avme-canvas": (100, 50)}.items():
+        command = train_command(name, tmp_path / name, plan, target=2, device="cpu")
+        options = " ".join(command[command.index("train") + 1:])
+        assert "--epochs 2 " in options  # this launch's target; the schedule spans the whole cap
+        assert f"--lr-schedule cosine --lr-final 1e-05 --lr-decay-epochs {decay} --lr-hold-epochs {hold} " in options
+    constant = train_command("avme-canvas", tmp_path, Plan(lr_schedule="constant"), target=2, device="cpu")
+    assert "--lr-final" not in constant and constant[constant.index("--lr-schedule") + 1] == "constant"
+    # a manifest written before the schedule was part of the plan keeps its constant rate
+    old = {k: v for k, v in Plan().to_dict().items() if k not in ("lr_schedule", "lr_final")}
+    assert Plan.from_dict(old).lr_schedule == "constant"
+    with pytest.raises(ValueError, match="lr_final must be in"):
+        Plan(lr_final=1.0)
+    with pytest.raises(ValueError, match="lr_decay_fraction must be in"):
+        Plan(lr_decay_fraction=0.0)
 
 
 def test_published_numbers_are_labelled():

@@ -53,7 +53,8 @@ def test_replayed_graphs_equal_the_same_step_run_eagerly(impl: str) -> None:
         if not poison:
             assert stats[0].loss_sum == pytest.approx(stats[1].loss_sum, rel=1e-5)
             assert stats[0].grad_norm == pytest.approx(stats[1].grad_norm, rel=1e-4)
-        for step in (graphed, eager):
+        for step in (graphed, eager):  # a new rate every step: the captured update must read it
+            step.set_learning_rate(1e-2 * 0.5**index)
             step.update() if stats[0].finite else step.skip()
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

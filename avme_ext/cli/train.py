@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import AVMEConfig
 from ..loop_types import ENCODER_INPUTS
-from ..training.config import GRAPH_MODES, MODEL_FIELDS, TrainConfig
+from ..training.config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig
 from ._common import (
     EXIT_STATUS_HELP,
     RawDefaultsFormatter,
@@ -43,8 +43,9 @@ Resume: --resume continues DIR exactly where it stopped; on CPU the final weight
 uninterrupted run's bit for bit. The epoch order is a function of (seed, epoch) and the noise of a
 step a function of (seed, step), so a mid-epoch checkpoint (--checkpoint-every) resumes mid-epoch.
 Options left out on --resume are taken from the checkpoint; those that define the trajectory
-(--batch-size, --lr, --clip-grad, --seed, --kl-warmup-steps, --dataset, --train-subset,
---valid-subset, --valid-batch-size, and the model sizes) cannot be changed; --epochs can be raised.
+(--batch-size, --lr, --lr-schedule, --lr-final, --lr-decay-epochs, --lr-hold-epochs, --clip-grad,
+--seed, --kl-warmup-steps, --dataset, --train-subset, --valid-subset, --valid-batch-size, and the model
+sizes) cannot be changed; --epochs can be raised.
 metrics.jsonl is truncated to the checkpoint, so records written after it by a killed run are
 dropped and written again. --resume without a checkpoint in DIR yet starts a new run (with a
 notice; with the settings of DIR/config.json when a launch that died before its first checkpoint
@@ -124,6 +125,17 @@ def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--batch-size", type=positive_int, default=None,
                        help="GLOBAL batch size, split across torchrun processes " + _default(_T.batch_size))
     optim.add_argument("--lr", type=float, default=None, help="Adam learning rate " + _default(f"{_T.lr:g}"))
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                       help="learning rate of each step: constant (--lr throughout) or cosine (--lr for "
+                            "--lr-hold-epochs, then down to --lr-final along half a cosine over --lr-decay-epochs, "
+                            "then --lr-final) " + _default(_T.lr_schedule))
+    optim.add_argument("--lr-final", type=float, metavar="LR", default=None,
+                       help="cosine only: the rate at the end of the decay, in [0, --lr] " + _default("0"))
+    optim.add_argument("--lr-decay-epochs", type=positive_int, metavar="N", default=None,
+                       help="cosine only: epochs of the decay, fixed when the run starts (a resume with a larger "
+                            "--epochs keeps it) " + _default("--epochs of the first launch minus --lr-hold-epochs"))
+    optim.add_argument("--lr-hold-epochs", type=nonnegative_int, metavar="N", default=None,
+                       help="cosine only: epochs at --lr before the decay starts " + _default("0"))
     optim.add_argument("--clip-grad", type=float, metavar="NORM", default=None,
                        help="clip the global gradient norm to NORM; 0 disables " + _default(f"{_T.clip_grad:g}"))
     optim.add_argument("--kl-warmup-steps", type=nonnegative_int, metavar="N", default=None,

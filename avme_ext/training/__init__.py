@@ -5,7 +5,7 @@ Entry point: :func:`train` (what ``avme train`` calls), which assembles a
 
 =================  ==========================================================================
 ``config``         :class:`TrainConfig`, :func:`resolve_configs` (options vs. a resumed run's)
-``schedule``       epoch order, KL warm-up, batches per epoch, step noise (pure functions)
+``schedule``       epoch order, KL warm-up, learning rate, batches per epoch, step noise (pure functions)
 ``state``          :class:`TrainState`, the counters a checkpoint holds
 ``run_dir``        the run directory: refusing/overwriting a run, config.json, temp files
 ``metrics``        :class:`MetricsLog` (metrics.jsonl and TensorBoard)
@@ -41,6 +41,8 @@ Determinism (what makes ``--resume`` exact and DDP equal to one process):
   ``rank, rank + W, ...`` of the global batch (:func:`avme_ext.distributed.local_rows`); each
   rank's loss is ``sum(local objective) * W / B`` so DDP's gradient average equals the
   single-process batch mean.
+* The learning rate of the update after ``s`` steps is a function of ``s`` (``--lr-schedule``;
+  the cosine decay's length is fixed in epochs when the run starts).
 * The checkpoint holds the weights, Adam's state, and every counter and running sum of the
   metrics, so a resumed run writes the same metrics (except wall times) as an uninterrupted one.
 * With ``--graph`` on (CUDA) the step replays CUDA graphs of the same operations; a resumed run
@@ -60,13 +62,13 @@ Errors raise :class:`TrainError` (non-finite values: :class:`NonFiniteError`).
 """
 
 from .builders import build_model, build_setup, make_adam, make_step, restore_training_state
-from .config import GRAPH_MODES, MODEL_FIELDS, TrainConfig, resolve_configs
+from .config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig, resolve_configs
 from .cost import CostEstimate
 from .entry import train
 from .errors import NonFiniteError, OptionError, RunDirError, TrainError
 from .metrics import MetricsLog, tensorboard_available
 from .run_dir import RUN_FILES, RunDirPlan, clear_run_files, plan_run_dir
-from .schedule import batches_per_epoch, epoch_permutation, kl_weight_at, step_noise
+from .schedule import batches_per_epoch, epoch_permutation, kl_weight_at, learning_rate_at, step_noise
 from .signals import StopFlag
 from .splits import TrainingData, load_training_data
 from .state import TrainState
@@ -89,6 +91,7 @@ __all__ = [
     "resolve_configs",
     "MODEL_FIELDS",
     "GRAPH_MODES",
+    "LR_SCHEDULES",
     "TrainError",
     "NonFiniteError",
     "RunDirError",
@@ -103,6 +106,7 @@ __all__ = [
     "use_cuda_graphs",
     "epoch_permutation",
     "kl_weight_at",
+    "learning_rate_at",
     "batches_per_epoch",
     "step_noise",
     "plan_run_dir",

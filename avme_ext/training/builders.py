@@ -48,13 +48,16 @@ def build_model(model_cfg: AVMEConfig, cfg: TrainConfig, device: torch.device) -
 
 
 def _store_portable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """state_dict post-hook: the saved groups say ``capturable: false`` whatever this launch uses."""
-    state_dict["param_groups"] = [{**group, "capturable": False} for group in state_dict["param_groups"]]
+    """state_dict post-hook: the saved groups say ``capturable: false`` whatever this launch uses,
+    and hold the learning rate as a float (a graphed step keeps it in a device tensor)."""
+    state_dict["param_groups"] = [{**group, "capturable": False, "lr": float(group["lr"])}
+                                  for group in state_dict["param_groups"]]
     return state_dict
 
 
 def _adopt_own_capturable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """load_state_dict pre-hook: keep this optimizer's ``capturable`` (which decides where ``step`` lives)."""
+    """load_state_dict pre-hook: keep this optimizer's ``capturable`` (which decides where ``step`` lives).
+    (The learning rate loaded is the saved one; the trainer sets each step's rate from the schedule.)"""
     own = [group.get("capturable", False) for group in optimizer.param_groups]
     groups = [{**group, "capturable": flag} for group, flag in zip(state_dict["param_groups"], own)]
     return {**state_dict, "param_groups": groups + list(state_dict["param_groups"][len(own):])}

@@ -14,10 +14,13 @@ from ..data import DATASETS
 from ..loop_types import IMPLS, PRECISIONS
 from .errors import OptionError, TrainError
 
-__all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "resolve_configs", "option_name"]
+__all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "resolve_configs", "option_name"]
 
 #: ``--graph``: capture the training step in CUDA graphs (see :mod:`avme_ext.training.step`).
 GRAPH_MODES = ("auto", "on", "off")
+
+#: ``--lr-schedule``: the learning rate of every step (see :func:`avme_ext.training.schedule.learning_rate_at`).
+LR_SCHEDULES = ("constant", "cosine")
 
 #: The fields of :class:`AVMEConfig`, given to ``avme train`` as model options.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(AVMEConfig))
@@ -35,11 +38,21 @@ class TrainConfig:
     Fields in :attr:`FIXED` define the run's trajectory: on ``--resume`` they are taken from the
     checkpoint and may not be changed. Fields in :attr:`PER_LAUNCH` describe the machine of one
     launch and are never taken from a checkpoint. The others may change between launches.
+
+    The learning rate follows ``lr_schedule``: ``constant`` (``lr`` throughout), or ``cosine``
+    (``lr`` for ``lr_hold_epochs``, default 0, then down to ``lr_final``, default 0, along half a
+    cosine over ``lr_decay_epochs``, default the rest of the run's first ``epochs``, then
+    ``lr_final``); the cosine fields are made concrete when the config is made, so a run resumed
+    with a larger ``--epochs`` keeps its schedule.
     """
 
     epochs: int = 50
     batch_size: int = 100
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_final: float | None = None
+    lr_decay_epochs: int | None = None
+    lr_hold_epochs: int | None = None
     clip_grad: float = 10.0
     seed: int = 0
     kl_warmup_steps: int = 0
@@ -59,8 +72,8 @@ class TrainConfig:
     progress: bool = True
     skip_nonfinite: bool = False
 
-    FIXED = ("batch_size", "lr", "clip_grad", "seed", "kl_warmup_steps", "dataset", "train_subset",
-             "valid_subset", "valid_batch_size")
+    FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed", "kl_warmup_steps",
+             "dataset", "train_subset", "valid_subset", "valid_batch_size")
     PER_LAUNCH = ("device", "graph")
 
     def __post_init__(self) -> None:
@@ -68,6 +81,13 @@ class TrainConfig:
             self._check()
         except ValueError as error:
             raise OptionError(str(error)) from None
+        if self.lr_schedule == "cosine":  # made concrete now: a later --epochs must not move the decay
+            if self.lr_final is None:
+                object.__setattr__(self, "lr_final", 0.0)
+            if self.lr_hold_epochs is None:
+                object.__setattr__(self, "lr_hold_epochs", 0)
+            if self.lr_decay_epochs is None:
+                object.__setattr__(self, "lr_decay_epochs", max(self.epochs - self.lr_hold_epochs, 1))
 
     def _check(self) -> None:
         minimums = {"epochs": 1, "batch_size": 1, "seed": 0, "kl_warmup_steps": 0, "valid_batch_size": 1,
@@ -80,6 +100,8 @@ class TrainConfig:
             check_positive_int(option_name("valid_subset"), self.valid_subset, 0)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{option_name('lr')} must be a finite number > 0, got {self.lr!r}")
+        check_choice(option_name("lr_schedule"), self.lr_schedule, LR_SCHEDULES)
+        self._check_schedule()
         if not (isinstance(self.clip_grad, (int, float)) and math.isfinite(self.clip_grad) and self.clip_grad >= 0):
             raise ValueError(f"{option_name('clip_grad')} must be a finite number >= 0 (0 disables clipping), "
                              f"got {self.clip_grad!r}")
@@ -87,6 +109,24 @@ class TrainConfig:
         check_choice(option_name("impl"), self.impl, IMPLS)
         check_choice(option_name("precision"), self.precision, PRECISIONS)
         check_choice(option_name("graph"), self.graph, GRAPH_MODES)
+
+    def _check_schedule(self) -> None:
+        if self.lr_schedule == "constant":
+            extra = [option_name(name) for name in ("lr_final", "lr_decay_epochs", "lr_hold_epochs")
+                     if getattr(self, name) is not None]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} only apply to {option_name('lr_schedule')} cosine; "
+                                 "the constant schedule keeps --lr for the whole run")
+            return
+        if self.lr_final is not None and not (
+            isinstance(self.lr_final, (int, float)) and math.isfinite(self.lr_final) and 0 <= self.lr_final <= self.lr
+        ):
+            raise ValueError(f"{option_name('lr_final')} must be a finite number in [0, lr={self.lr:g}], "
+                             f"got {self.lr_final!r}")
+        if self.lr_decay_epochs is not None:
+            check_positive_int(option_name("lr_decay_epochs"), self.lr_decay_epochs, 1)
+        if self.lr_hold_epochs is not None:
+            check_positive_int(option_name("lr_hold_epochs"), self.lr_hold_epochs, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
 """What every step of a run sees, as pure functions of the seed and the step: the epoch's order,
-the KL weight, the number of batches, and the reparameterisation noise.
+the KL weight, the learning rate, the number of batches, and the reparameterisation noise.
 
 Every random stream of a run is seeded by ``derive_seed(SEED_NAMESPACE, seed, *tags)``
 (:func:`avme_ext.seeds.derive_seed`): no generator state has to survive a restart.
@@ -7,13 +7,16 @@ Every random stream of a run is seeded by ``derive_seed(SEED_NAMESPACE, seed, *t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..model import AVME
 from ..seeds import derive_seed
 
-__all__ = ["SEED_NAMESPACE", "epoch_permutation", "kl_weight_at", "batches_per_epoch", "step_noise"]
+__all__ = ["SEED_NAMESPACE", "epoch_permutation", "kl_weight_at", "learning_rate_at", "batches_per_epoch",
+           "step_noise"]
 
 #: The namespace of the training streams: tags "init", "epoch", "noise", "data", "train-subset", "valid-subset".
 SEED_NAMESPACE = "avme-train"
@@ -30,6 +33,23 @@ def kl_weight_at(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
+
+
+def learning_rate_at(step: int, lr: float, schedule: str, *, final: float | None = None,
+                     decay_steps: int | None = None, hold_steps: int = 0) -> float:
+    """Learning rate of the update after ``step`` completed steps.
+
+    ``constant``: ``lr``. ``cosine``: ``lr`` for the first ``hold_steps`` updates, then
+    ``final + (lr - final) * (1 + cos(pi * t / decay_steps)) / 2`` with ``t = step - hold_steps``
+    while ``t < decay_steps``, then ``final``.
+    """
+    if schedule == "constant":
+        return float(lr)
+    if schedule != "cosine" or final is None or decay_steps is None or decay_steps < 1:
+        raise ValueError(f"learning_rate_at: schedule {schedule!r} needs a final rate and decay_steps >= 1, "
+                         f"got final={final!r}, decay_steps={decay_steps!r}")
+    progress = min(max(step - hold_steps, 0), decay_steps) / decay_steps
+    return float(final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * progress)))
 
 
 def batches_per_epoch(num_examples: int, batch_size: int, world_size: int = 1) -> int:

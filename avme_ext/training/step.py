@@ -10,7 +10,8 @@ Two implementations with one interface (:class:`TrainStep`), chosen by ``--graph
   1. the *gradient graph*: forward, loss, backward and the global gradient norm of the batch
      held in static input buffers (x, one-hot y, eps, KL weight);
   2. the *update graph*: clipping the gradients to ``--clip-grad`` and Adam's step
-     (``torch.optim.Adam(capturable=True)``).
+     (``torch.optim.Adam(capturable=True)``), whose learning rate is a 0-dim tensor on the
+     device that :meth:`GraphedStep.set_learning_rate` fills before each replay.
 
   After the gradient graph the loss and the gradient norm are read on the host (the step's one
   synchronisation); the update graph is replayed only when both are finite, so a non-finite
@@ -53,6 +54,7 @@ __all__ = [
     "elbo_terms",
     "gradient_pass",
     "update_pass",
+    "set_group_learning_rates",
     "ParameterSnapshot",
 ]
 
@@ -122,6 +124,9 @@ class TrainStep(Protocol):
     def update(self) -> None:
         """Clip the gradients of the last :meth:`gradients` and take Adam's step."""
 
+    def set_learning_rate(self, lr: float) -> None:
+        """The learning rate of the next :meth:`update`."""
+
     def skip(self) -> None:
         """Drop the gradients of the last :meth:`gradients` (a non-finite step): no update."""
 
@@ -165,6 +170,16 @@ def update_pass(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer
     optimizer.step()
 
 
+def set_group_learning_rates(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr``: in place where it is a tensor (a
+    captured update reads that tensor), else as a float."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = float(lr)
+
+
 # --------------------------------------------------------------------------- eager
 
 
@@ -201,6 +216,9 @@ class EagerStep:
     def update(self) -> None:
         assert self._grad_norm is not None, "update() without gradients()"
         update_pass(self._parameters, self.optimizer, self.clip_grad, self._grad_norm)
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_group_learning_rates(self.optimizer, lr)
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,6 +347,10 @@ class GraphedStep:
         self._update_call: Recorded[None] | None = None
         self._static: dict[str, Tensor | None] = {}
         self._eager_norm: Tensor | None = None  # set when the last batch ran eagerly
+        if any(group.get("capturable", False) for group in optimizer.param_groups):
+            # a captured update reads its rate from the device: one 0-dim tensor per group, filled in place
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self._parameters[0].device)
 
     @property
     def captured(self) -> bool:
@@ -363,6 +385,9 @@ class GraphedStep:
         else:
             assert self._update_call is not None, "update() without gradients()"
             self._update_call.replay()
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_group_learning_rates(self.optimizer, lr)
 
     def skip(self) -> None:
         """Nothing to drop: the next step overwrites the static gradients."""

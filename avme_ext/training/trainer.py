@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .cost import CostEstimate, plural
 from .errors import NonFiniteError
 from .metrics import MetricsLog
-from .schedule import SEED_NAMESPACE, epoch_permutation, kl_weight_at, step_noise
+from .schedule import SEED_NAMESPACE, epoch_permutation, kl_weight_at, learning_rate_at, step_noise
 from .signals import StopFlag
 from .splits import TrainingData
 from .state import TrainState, empty_window
@@ -149,6 +149,15 @@ class Trainer:
         """
         return self.step.gradients(x, y, eps, global_size, kl_weight, bool(self.stop))
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the update after ``step`` completed steps (``--lr-schedule``)."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        return learning_rate_at(step, cfg.lr, cfg.lr_schedule, final=cfg.lr_final,
+                                decay_steps=cfg.lr_decay_epochs * self.num_batches,
+                                hold_steps=cfg.lr_hold_epochs * self.num_batches)
+
     def _nonfinite(self, stats: StepStats, size: int, epoch: int, batch: int) -> None:
         """Stop (or, with ``--skip-nonfinite``, skip this update) after a non-finite loss or gradient."""
         loss = stats.loss_sum / size
@@ -189,6 +198,7 @@ class Trainer:
             self._nonfinite(stats, size, epoch, batch)
         else:
             self._consecutive_skips = 0
+            self.step.set_learning_rate(self.learning_rate(state.step))
             self.step.update()
             self._accumulate(stats, size)
         state.step += 1
