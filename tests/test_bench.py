@@ -477,3 +477,43 @@ def test_ddp_checkpoint_comparison_is_exact_or_relative():
     nan = ddp.compare(a, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(5)})
     assert nan["finite"] is False and not nan["max_rel"] <= 1e-5
     assert ddp.compare(a, {"w": torch.ones(3)})["same_keys"] is False
+
+
+# --------------------------------------------------------------------------- grid barrier microbenchmark
+
+
+def test_barrier_benchmark_refuses_bad_arguments_and_a_machine_without_cuda(capsys):
+    from bench import barrier
+
+    for argv, message in ((["--threads", "0"], "--threads: expected comma-separated integers >= 1"),
+                          (["--barriers", "nope"], "expected a comma-separated subset of ['cooperative_groups', 'flag']"),
+                          (["--rounds", "0"], "--rounds and --repeats must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            barrier.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    if not torch.cuda.is_available():
+        assert barrier.main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_barrier_benchmark_measures_both_barriers(tmp_path: Path):
+    from avme_ext import ops
+    from bench import barrier
+
+    if not ops.is_available():
+        pytest.skip("the CUDA extension is not built")
+    out = tmp_path / "barrier.json"
+    assert barrier.main(["--threads", "128", "--rounds", "200", "--repeats", "3", "--out", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert {r["barrier"] for r in document["results"]} == {"cooperative_groups", "flag"}
+    assert all(0 < r["round_us"] < 1000 for r in document["results"]), document["results"]
+    assert document["device"] and document["torch"] == torch.__version__
+    counters = torch.zeros(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="threads must be a multiple of 32"):
+        torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3, device="cuda"), 1, 48, 1, "flag")
+    with pytest.raises(RuntimeError, match="sink must be a contiguous float32 tensor of 3 \\* blocks = 6"):
+        torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3, device="cuda"), 2, 64, 1, "flag")
+    with pytest.raises(RuntimeError, match="cannot all be resident"):
+        torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3 * 65536, device="cuda"), 65536, 1024, 1,
+                                               "cooperative_groups")

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU check, one GPU call (~8 min): environment, build, the op tests on CUDA (a debugger
-# backtrace if they crash), compute-sanitizer memcheck and racecheck per design, the one-GPU DDP
-# equality check, a quick benchmark subset, and an Nsight Compute profile of one training step
+# backtrace if they crash), compute-sanitizer memcheck and racecheck per design, the cost of a
+# grid barrier round (bench/barrier.py), the one-GPU DDP equality check, a quick benchmark subset, and an Nsight Compute profile of one training step
 # per design. Run from the repository root on the GPU machine:
 #
 #     DEADLINE_S=500 bash tools/gpu/check.sh          (GPU call: timeout_s 540)
@@ -76,6 +76,20 @@ else
         record "sanitizer memcheck bad-inputs" skipped "deadline"
     fi
     tail -30 "$OUT/sanitizer.log"
+fi
+
+# ---------------------------------------------------------------- grid barrier cost
+step "grid barrier: microseconds per round (bench/barrier.py)"
+if [ "$DRY_RUN" = 1 ]; then
+    "$PY" bench/barrier.py --help > /dev/null
+    record barrier skipped "DRY_RUN (needs a GPU; --help ran, rc=$?)"
+elif enough 60; then
+    # printed into check.log; a barrier that hangs is cut by the timeout, the lines before it stay
+    timeout "$(cap 45 40)" "$PY" bench/barrier.py --repeats 7
+    rc=$?
+    record barrier "$(status_of $rc)" "rc=$rc (lines in check.log)"
+else
+    record barrier skipped deadline
 fi
 
 # ---------------------------------------------------------------- one-GPU DDP equality
