@@ -1,7 +1,10 @@
 // Scalar per-unit math of the model's cells, shared by every kernel design (float and double):
-// the LSTM cell forward and backward (nn.LSTMCell, gate order i, f, g, o) and the
-// reparameterised sample z = mu + exp(logvar / 2) * eps with its logvar gradient.
+// the LSTM cell forward and backward (nn.LSTMCell, gate order i, f, g, o), the store of a unit's
+// four gate values, and the reparameterised sample z = mu + exp(logvar / 2) * eps with its
+// logvar gradient.
 #pragma once
+
+#include <cstdint>
 
 #include "common/device_math.cuh"
 
@@ -34,6 +37,18 @@ __device__ __forceinline__ void lstm_cell_backward(T dh, T dc_carry, T ig, T fg,
   dg = dc * ig * (T(1) - gg * gg);
   d_o = dh * tc * og * (T(1) - og);
   dc_prev = dc * fg;
+}
+
+// Stores one LSTM unit's four per-gate values (activations or gradients, gate order i, f, g, o)
+// at at[0], at[gate_stride], at[2 gate_stride], at[3 gate_stride]: for unit j of a row of 4H
+// gate columns, at = row + j and gate_stride = H; for a feature-major (4H, bp) array, at =
+// array + j * bp + b and gate_stride = H * bp.
+template <typename T>
+__device__ __forceinline__ void store_gates(T* at, int64_t gate_stride, T i, T f, T g, T o) {
+  at[0] = i;
+  at[gate_stride] = f;
+  at[2 * gate_stride] = g;
+  at[3 * gate_stride] = o;
 }
 
 // z = mu + exp(logvar / 2) * eps.

@@ -65,6 +65,17 @@ DeviceLimits limits_of(at::IntArrayRef l) {
 
 int as_int(int64_t v) { return static_cast<int>(v); }
 
+// The sizes of LoopParams / BackwardParams.
+template <typename Params>
+void set_sizes(Params& p, int64_t B, int64_t K, int64_t D, int64_t He, int64_t Hd, int64_t Z) {
+  p.B = B;
+  p.K = as_int(K);
+  p.D = as_int(D);
+  p.He = as_int(He);
+  p.Hd = as_int(Hd);
+  p.Z = as_int(Z);
+}
+
 // LoopParams of the forward (encoder) or the sampler from the prepared tensors; outputs NaN.
 std::vector<Tensor> pemu_loop(const OptTensor& x, const OptTensor& eps, const OptTensor& z_in,
                               const OptTensor& enc_static, const OptTensor& enc_wT,
@@ -98,12 +109,7 @@ std::vector<Tensor> pemu_loop(const OptTensor& x, const OptTensor& eps, const Op
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "avme_pemu_loop", [&] {
     using T = scalar_t;
     LoopParams<T> p;
-    p.B = B;
-    p.K = as_int(K);
-    p.D = as_int(D);
-    p.He = as_int(He);
-    p.Hd = as_int(Hd);
-    p.Z = as_int(Z);
+    set_sizes(p, B, K, D, He, Hd, Z);
     p.encoder = encoder;
     p.error_mode = error_mode;
     if (encoder) {
@@ -194,12 +200,7 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "avme_pemu_backward", [&] {
     using T = scalar_t;
     BackwardParams<T> p;
-    p.B = B;
-    p.K = as_int(K);
-    p.D = as_int(D);
-    p.He = as_int(He);
-    p.Hd = as_int(Hd);
-    p.Z = as_int(Z);
+    set_sizes(p, B, K, D, He, Hd, Z);
     p.C = as_int(C);
     p.error_mode = error_mode;
     p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
@@ -240,16 +241,16 @@ std::vector<int64_t> describe_as(const std::string& kind, int64_t B, int64_t K, 
   if (kind == "backward") {
     BackwardParams<T> p;
     T dummy = T(0);
-    p.B = B, p.K = as_int(K), p.D = as_int(D), p.He = as_int(He), p.Hd = as_int(Hd);
-    p.Z = as_int(Z), p.C = as_int(C), p.error_mode = error_mode;
+    set_sizes(p, B, K, D, He, Hd, Z);
+    p.C = as_int(C), p.error_mode = error_mode;
     p.d_x_error = d_x_error ? &dummy : nullptr;
     info = describe_backward(p, limits, config);
   } else {
     TORCH_CHECK(kind == "forward" || kind == "sample", "avme_pemu.describe: kind must be "
                 "'forward', 'sample' or 'backward', got '", kind, "'");
     LoopParams<T> p;
-    p.B = B, p.K = as_int(K), p.D = as_int(D), p.He = as_int(He), p.Hd = as_int(Hd);
-    p.Z = as_int(Z), p.encoder = kind == "forward", p.error_mode = error_mode;
+    set_sizes(p, B, K, D, He, Hd, Z);
+    p.encoder = kind == "forward", p.error_mode = error_mode;
     info = describe_forward(p, limits, config);
   }
   return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
@@ -273,13 +274,12 @@ bool supports_as(const std::string& kind, int64_t B, int64_t K, int64_t D, int64
   config.math = as_int(math);
   if (kind == "backward") {
     BackwardParams<T> p;
-    p.B = B, p.K = as_int(K), p.D = as_int(D), p.He = as_int(He), p.Hd = as_int(Hd);
-    p.Z = as_int(Z);
+    set_sizes(p, B, K, D, He, Hd, Z);
     return supports(p, as_int(num_sms), smem_optin, config);
   }
   LoopParams<T> p;
-  p.B = B, p.K = as_int(K), p.D = as_int(D), p.He = as_int(He), p.Hd = as_int(Hd);
-  p.Z = as_int(Z), p.encoder = kind == "forward";
+  set_sizes(p, B, K, D, He, Hd, Z);
+  p.encoder = kind == "forward";
   return supports(p, as_int(num_sms), smem_optin, config);
 }
 

@@ -21,6 +21,7 @@
 
 #include <string>
 
+#include "common/cooperative_launch.h"
 #include "common/grid_sync.cuh"
 
 namespace avme {
@@ -77,16 +78,7 @@ void launch(int blocks, int threads, int iterations, unsigned* counters, float* 
   TORCH_CHECK(static_cast<int64_t>(per_sm) * sms >= blocks, "grid_barrier_loop: blocks=", blocks,
               " blocks of ", threads, " threads cannot all be resident on this device (", sms, " SMs x ",
               per_sm, " blocks per SM); a cooperative launch needs every block resident");
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeCooperative;
-  attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, counters, sink, iterations));
+  launch_cooperative(kernel, blocks, threads, 0, stream, counters, sink, iterations);
 }
 
 void grid_barrier_loop(at::Tensor& counters, at::Tensor& sink, int64_t blocks, int64_t threads,

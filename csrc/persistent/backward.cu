@@ -19,10 +19,6 @@
 
 #include "persistent/persistent.h"
 
-#include <array>
-#include <atomic>
-#include <type_traits>
-
 #include "common/cell_math.cuh"
 #include "common/grid_sync.cuh"
 #include "persistent/launch.h"
@@ -32,30 +28,47 @@ namespace avme {
 namespace persistent {
 namespace {
 
-// LSTM unit j's backward at step t for batch row b: dh reaches h_t, dc (per-block state) carries
-// dc_t in and dc_{t-1} out; writes the gate pre-activation gradients to d_gates (K, B, 4H) and to
-// the feature-major workspace dgT (4H rows of stride bp).
+// One LSTM layer of backward through time (decoder or encoder) as this block's stage sees it.
 template <typename T>
-__device__ __forceinline__ void lstm_unit_backward(T dh, T& dc, const T* gates, const T* cells,
-                                                   T* d_gates, T* dgT, int H, int j, int t,
-                                                   int64_t B, int64_t b, int64_t bp) {
-  const int64_t row = static_cast<int64_t>(t) * B + b;
-  const T* g = gates + row * 4 * H;
-  const T c = cells[row * H + j];
-  const T c_prev = t > 0 ? cells[(row - B) * H + j] : T(0);
-  T di, df, dg, d_o, dc_prev;
-  lstm_cell_backward(dh, dc, g[j], g[H + j], g[2 * H + j], g[3 * H + j], c, c_prev, di, df, dg,
-                     d_o, dc_prev);
-  dc = dc_prev;
-  T* out = d_gates + row * 4 * H;
-  out[j] = di;
-  out[H + j] = df;
-  out[2 * H + j] = dg;
-  out[3 * H + j] = d_o;
-  dgT[static_cast<int64_t>(j) * bp + b] = di;
-  dgT[static_cast<int64_t>(H + j) * bp + b] = df;
-  dgT[static_cast<int64_t>(2 * H + j) * bp + b] = dg;
-  dgT[static_cast<int64_t>(3 * H + j) * bp + b] = d_o;
+struct LstmLayerGrad {
+  int H = 0;                   // units of the layer
+  Range units;                 // the units this block owns
+  const T* carried = nullptr;  // per-block state: carried part of dh, a row per owned unit
+  T* dc = nullptr;             // per-block state: carried cell gradient, a row per owned unit
+  const T* gates = nullptr;    // saved activated gates (K, B, 4H) and cell states (K, B, H)
+  const T* cells = nullptr;
+  T* d_gates = nullptr;        // output: gate pre-activation gradients (K, B, 4H)
+  T* dgT = nullptr;            // workspace: the same, feature-major (4H rows)
+};
+
+// A stage whose rows are the owned units of an LSTM layer (B1, B3): dh_t = stage sum + carried
+// part, through the cell backward at step t (dc carries dc_t in and dc_{t-1} out); the gate
+// gradients to d_gates and the workspace.
+template <typename T, int NBL, int MATH>
+__device__ void lstm_backward_stage(const StageContext<T>& ctx, const StageLayout& layout,
+                                    const T* smem, const T* x, const LstmLayerGrad<T>& layer,
+                                    int t) {
+  const RowBlock rows{0, layer.units.count, 1};
+  const int64_t B = ctx.B, bp = ctx.bp;
+  const int H = layer.H;
+  run_stage<T, NBL, MATH>(ctx, layout, smem, rows_used(rows), x,
+                          [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
+    for_units(units_in_pass(rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
+      const int j = layer.units.begin + u;
+      const T dh = sum(u - row0, col) + layer.carried[u * bp + b];
+      const int64_t row = static_cast<int64_t>(t) * B + b;
+      const T* const g = layer.gates + row * 4 * H;
+      const T c = layer.cells[row * H + j];
+      const T c_prev = t > 0 ? layer.cells[(row - B) * H + j] : T(0);
+      T& dc = layer.dc[u * bp + b];
+      T di, df, dg, d_o, dc_prev;
+      lstm_cell_backward(dh, dc, g[j], g[H + j], g[2 * H + j], g[3 * H + j], c, c_prev, di, df,
+                         dg, d_o, dc_prev);
+      dc = dc_prev;
+      store_gates(layer.d_gates + row * 4 * H + j, H, di, df, dg, d_o);
+      store_gates(layer.dgT + static_cast<int64_t>(j) * bp + b, H * bp, di, df, dg, d_o);
+    });
+  });
 }
 
 template <typename T, int NBL, int MATH>
@@ -75,9 +88,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const Range up = share(D, G, cta);
   const bool dx_error = p.error_mode && p.d_x_error != nullptr;
 
-  T* const priv = plan.priv_in_smem
-                      ? smem + plan.priv_smem
-                      : ws + plan.ws_priv + static_cast<int64_t>(cta) * plan.priv_elems;
+  T* const priv = block_state(plan, smem, ws);
   T* const dc_dec = priv + plan.dc_dec;
   T* const dc_enc = priv + plan.dc_enc;
   T* const p_dec = priv + plan.p_dec;
@@ -126,19 +137,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
   const StageContext<T> ctx{smem + plan.scratch, plan.scratch_elems, plan.cfg.kc, bp, B,
                              plan.nchunks};
+  const LstmLayerGrad<T> dec{.H = Hd, .units = ud, .carried = p_dec, .dc = dc_dec,
+                             .gates = p.gates_dec, .cells = p.c_dec, .d_gates = p.d_gates_dec,
+                             .dgT = dgdT};
+  const LstmLayerGrad<T> enc{.H = He, .units = ue, .carried = p_enc, .dc = dc_enc,
+                             .gates = p.gates_enc, .cells = p.c_enc, .d_gates = p.d_gates_enc,
+                             .dgT = dgeT};
   for (int t = K - 1; t >= 0; --t) {
     const int64_t tB = static_cast<int64_t>(t) * B;
 
     // ---- B1: dh_dec_t -> decoder cell backward -> dgd_t ----------------------------------------
-    const RowBlock dec_rows{0, ud.count, 1};
-    run_stage<T, NBL, MATH>(ctx, plan.B1, smem, rows_used(dec_rows), gsT,
-                      [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
-      for_units(units_in_pass(dec_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
-        const T dh = sum(u - row0, col) + p_dec[u * bp + b];
-        lstm_unit_backward(dh, dc_dec[u * bp + b], p.gates_dec, p.c_dec, p.d_gates_dec, dgdT, Hd,
-                           ud.begin + u, t, B, b, bp);
-      });
-    });
+    lstm_backward_stage<T, NBL, MATH>(ctx, plan.B1, smem, gsT, dec, t);
     grid_sync();
 
     // ---- B2: d[mu, logvar]_t; W_hh(dec)^T dgd_t for step t-1 -----------------------------------
@@ -167,15 +176,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     grid_sync();
 
     // ---- B3: dh_enc_t -> encoder cell backward -> dge_t ----------------------------------------
-    const RowBlock enc_rows{0, ue.count, 1};
-    run_stage<T, NBL, MATH>(ctx, plan.B3, smem, rows_used(enc_rows), dqT,
-                      [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
-      for_units(units_in_pass(enc_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
-        const T dh = sum(u - row0, col) + p_enc[u * bp + b];
-        lstm_unit_backward(dh, dc_enc[u * bp + b], p.gates_enc, p.c_enc, p.d_gates_enc, dgeT, He,
-                           ue.begin + u, t, B, b, bp);
-      });
-    });
+    lstm_backward_stage<T, NBL, MATH>(ctx, plan.B3, smem, dqT, enc, t);
     if (t == 0 && !dx_error) break;
     grid_sync();
 
@@ -214,146 +215,29 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
+// Backward through time for the shared launch flow (launch.h).
 template <typename T>
-using BackwardKernel = void (*)(const BackwardParams<T>, const BackwardPlan, T* const);
-
-template <typename T, int MATH>
-BackwardKernel<T> backward_kernel_for_math(int nbl) {
-  switch (nbl) {
-    case 1: return backward_kernel<T, 1, MATH>;
-    case 2: return backward_kernel<T, 2, MATH>;
-    default: return backward_kernel<T, 4, MATH>;
+struct BackwardDirection {
+  using Params = BackwardParams<T>;
+  using Plan = BackwardPlan;
+  using Scalar = T;
+  using Kernel = void (*)(const BackwardParams<T>, const BackwardPlan, T* const);
+  template <int NBL, int MATH>
+  static Kernel instance() {
+    return backward_kernel<T, NBL, MATH>;
   }
-}
-
-// The instantiation of a configuration (tensor-core math exists for float only; resolve_config
-// rejects it for double).
-template <typename T>
-BackwardKernel<T> backward_kernel_for(const Config& c) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (c.math == kMathTf32x3) return backward_kernel_for_math<T, kMathTf32x3>(c.nbl);
-    if (c.math == kMathTf32) return backward_kernel_for_math<T, kMathTf32>(c.nbl);
+  static const char* op(const Params&) { return "backward"; }
+  static Plan plan(const Dims& d, const Config& c, int64_t smem_limit) {
+    return plan_backward(d, c, sizeof(T), smem_limit);
   }
-  return backward_kernel_for_math<T, kMathFma>(c.nbl);
-}
-
-template <typename T>
-BackwardPlan resolved_plan(const BackwardParams<T>& p, const DeviceLimits& limits,
-                           const Config& requested) {
-  const Dims d = detail::dims_of(p);
-  detail::check_dims(d, "backward");
-  TORCH_CHECK(p.C >= 0, "avme::persistent::backward: C must be >= 0, got ", p.C);
-  const Config cfg =
-      detail::resolve_config(d, limits, requested, sizeof(T), "backward", [&](const Config& c) {
-        const BackwardPlan b = plan_backward(d, c, sizeof(T), limits.smem_optin);
-        return std::array<int, 4>{b.B1.ld, b.B2.ld, b.B3.ld, b.B4.ld};
-      });
-  return plan_backward(d, cfg, sizeof(T), limits.smem_optin);
-}
-
-#ifndef AVME_CPU_EMULATION
-// Launch cache of each instantiation (nbl x math).
-template <typename T>
-detail::LaunchCache* launch_cache(const Config& c) {
-  static detail::LaunchCache caches[3][3];
-  return &caches[c.nbl == 1 ? 0 : (c.nbl == 2 ? 1 : 2)][c.math];
-}
-#endif
+  static int grid_barriers(const Params& p) {
+    return 4 * p.K - 1 + ((p.error_mode && p.d_x_error != nullptr) ? 1 : 0);
+  }
+};
 
 }  // namespace
 
-template <typename T>
-LaunchInfo describe_backward(const BackwardParams<T>& p, const DeviceLimits& limits,
-                             const Config& requested) {
-  const BackwardPlan b = resolved_plan(p, limits, requested);
-  LaunchInfo info;
-  info.config = b.cfg;
-  info.smem_bytes = b.smem_elems * static_cast<int64_t>(sizeof(T));
-  info.workspace_bytes = b.ws_elems * static_cast<int64_t>(sizeof(T));
-  info.state_in_smem = b.priv_in_smem;
-  info.grid_barriers = 4 * p.K - 1 + ((p.error_mode && p.d_x_error != nullptr) ? 1 : 0);
-  return info;
-}
-
-template <typename T>
-bool supports(const BackwardParams<T>& p, int num_sms, int64_t smem_optin,
-              const Config& requested) {
-  if (num_sms < 1 || p.K < 1 || p.D < 1 || p.Hd < 1 || p.Z < 1 || p.He < 1 || p.C < 0 || p.B < 0)
-    return false;
-  if (requested.math != kMathFma && !std::is_same_v<T, float>) return false;
-  if (p.B == 0) return true;
-  const DeviceLimits limits{num_sms, smem_optin};
-  const LaunchInfo info = describe_backward(p, limits, requested);
-  if (info.smem_bytes > smem_optin) return false;
-#ifdef AVME_CPU_EMULATION
-  return true;
-#else
-  if (requested.math != kMathFma && !detail::device_has_tf32_mma()) return false;
-  return detail::fits_cooperatively(backward_kernel_for<T>(info.config), info.config.ctas,
-                                    info.config.threads, static_cast<size_t>(info.smem_bytes),
-                                    num_sms, launch_cache<T>(info.config));
-#endif
-}
-
-template <typename T>
-bool supports(const BackwardParams<T>& p, int num_sms, int64_t smem_optin) {
-  return supports(p, num_sms, smem_optin, Config{});
-}
-
-template <typename T>
-void launch_backward(const BackwardParams<T>& p, const DeviceLimits& limits,
-                     const Config& requested, cudaStream_t stream) {
-  const BackwardPlan plan = resolved_plan(p, limits, requested);
-  if (p.B == 0) return;
-  const int64_t smem = plan.smem_elems * static_cast<int64_t>(sizeof(T));
-  TORCH_CHECK(smem <= limits.smem_optin, "avme::persistent::backward: a block needs ", smem,
-              " bytes of shared memory for the weights of its units, more than the ",
-              limits.smem_optin, " bytes per block of this device (D=", p.D, ", He=", p.He,
-              ", Hd=", p.Hd, ", Z=", p.Z, ", ", plan.cfg.ctas, " blocks, dtype size ", sizeof(T),
-              "); supports() says so: use another design");
-  detail::Workspace<T> ws(plan.ws_elems, stream);
-  const int ctas = plan.cfg.ctas, threads = plan.cfg.threads;
-#ifdef AVME_CPU_EMULATION
-  (void)stream;
-  emu::cooperative_launch(backward_kernel_for<T>(plan.cfg), ctas, threads,
-                          static_cast<size_t>(smem), p, plan, ws.get());
-#else
-  const BackwardKernel<T> kernel = backward_kernel_for<T>(plan.cfg);
-  TORCH_CHECK(plan.cfg.math == kMathFma || detail::device_has_tf32_mma(), "avme::persistent::",
-              "backward", ": tensor-core math needs an sm_80+ device");
-  TORCH_CHECK(detail::fits_cooperatively(kernel, ctas, threads, static_cast<size_t>(smem),
-                                         limits.num_sms, launch_cache<T>(plan.cfg)),
-              "avme::persistent::backward: ", ctas, " blocks of ", threads, " threads and ", smem,
-              " bytes of shared memory cannot all be resident on this device (cooperative "
-              "launch); supports() says so: use another design");
-  detail::launch_cooperative(kernel, ctas, threads, static_cast<size_t>(smem), stream, p, plan,
-                             ws.get());
-#endif
-}
-
-template <typename T>
-void launch_backward(const BackwardParams<T>& p, cudaStream_t stream) {
-#ifdef AVME_CPU_EMULATION
-  launch_backward(p, DeviceLimits{4, 232448}, Config{}, stream);
-#else
-  launch_backward(p, detail::current_device_limits(), Config{}, stream);
-#endif
-}
-
-template bool supports<float>(const BackwardParams<float>&, int, int64_t);
-template bool supports<float>(const BackwardParams<float>&, int, int64_t, const Config&);
-template bool supports<double>(const BackwardParams<double>&, int, int64_t);
-template bool supports<double>(const BackwardParams<double>&, int, int64_t, const Config&);
-template void launch_backward<float>(const BackwardParams<float>&, cudaStream_t);
-template void launch_backward<double>(const BackwardParams<double>&, cudaStream_t);
-template void launch_backward<float>(const BackwardParams<float>&, const DeviceLimits&,
-                                     const Config&, cudaStream_t);
-template void launch_backward<double>(const BackwardParams<double>&, const DeviceLimits&,
-                                      const Config&, cudaStream_t);
-template LaunchInfo describe_backward<float>(const BackwardParams<float>&, const DeviceLimits&,
-                                             const Config&);
-template LaunchInfo describe_backward<double>(const BackwardParams<double>&, const DeviceLimits&,
-                                              const Config&);
+AVME_PERSISTENT_ENTRY_POINTS(BackwardParams, BackwardDirection, launch_backward, describe_backward)
 
 }  // namespace persistent
 }  // namespace avme

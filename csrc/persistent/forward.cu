@@ -17,10 +17,6 @@
 
 #include "persistent/persistent.h"
 
-#include <array>
-#include <atomic>
-#include <type_traits>
-
 #include "common/cell_math.cuh"
 #include "common/grid_sync.cuh"
 #include "persistent/launch.h"
@@ -30,17 +26,53 @@ namespace avme {
 namespace persistent {
 namespace {
 
-// Saves an LSTM unit's h, c and activated gates at row `row` of (K, B, H) / (K, B, 4H).
+// One LSTM layer of the forward (encoder or decoder) as this block's stage sees it.
 template <typename T>
-__device__ __forceinline__ void save_lstm(T* h_out, T* c_out, T* gates_out, int H, int64_t row,
-                                          int j, T h, T c, T ig, T fg, T gg, T og) {
-  h_out[row * H + j] = h;
-  c_out[row * H + j] = c;
-  T* g = gates_out + row * 4 * H;
-  g[j] = ig;
-  g[H + j] = fg;
-  g[2 * H + j] = gg;
-  g[3 * H + j] = og;
+struct LstmLayer {
+  int H = 0;                    // units of the layer
+  Range units;                  // the units this block owns
+  const T* stat = nullptr;      // step-invariant gate pre-activations: row b at
+  int64_t stat_stride = 0;      //   stat + b * stat_stride, gate g of unit j at [g * H + j]
+  T* carried = nullptr;         // per-block state: recurrent gate parts, 4 rows per owned unit
+  T* cells = nullptr;           // per-block state: cell state, a row per owned unit
+  T* hT = nullptr;              // workspace: h, feature-major (H rows)
+  T* h_out = nullptr;           // saved h (K, B, H), c (K, B, H) and activated gates (K, B, 4H);
+  T* c_out = nullptr;           //   nullptr: not saved
+  T* gates_out = nullptr;
+};
+
+// A stage whose rows are the four gate rows of each owned unit of an LSTM layer (E, D): gate
+// pre-activations = stage sums + carried + step-invariant parts, through the cell; h to the
+// workspace and, when asked, the state saved at step row t * B + b.
+template <typename T, int NBL, int MATH>
+__device__ void lstm_forward_stage(const StageContext<T>& ctx, const StageLayout& layout,
+                                   const T* smem, const T* x, const LstmLayer<T>& layer,
+                                   int64_t tB) {
+  const RowBlock rows{0, layer.units.count, 4};
+  const int64_t bp = ctx.bp;
+  const int H = layer.H;
+  run_stage<T, NBL, MATH>(ctx, layout, smem, rows_used(rows), x,
+                          [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
+    for_units(units_in_pass(rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
+      const int j = layer.units.begin + u;
+      const T* const stat = layer.stat + b * layer.stat_stride + j;
+      T pre[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g)
+        pre[g] = sum(4 * u - row0 + g, col) + layer.carried[(4 * u + g) * bp + b] + stat[g * H];
+      T& cell = layer.cells[u * bp + b];
+      T ig, fg, gg, og, c, h;
+      lstm_cell_forward(pre[0], pre[1], pre[2], pre[3], cell, ig, fg, gg, og, c, h);
+      cell = c;
+      layer.hT[j * bp + b] = h;
+      if (layer.h_out != nullptr) {
+        const int64_t row = tB + b;
+        layer.h_out[row * H + j] = h;
+        layer.c_out[row * H + j] = c;
+        store_gates(layer.gates_out + row * 4 * H + j, H, ig, fg, gg, og);
+      }
+    });
+  });
 }
 
 template <typename T, int NBL, int MATH>
@@ -60,9 +92,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const Range up = share(D, G, cta);
 
   // Per-block state (rows of bp columns) and the shared feature-major workspace.
-  T* const priv = plan.priv_in_smem
-                      ? smem + plan.priv_smem
-                      : ws + plan.ws_priv + static_cast<int64_t>(cta) * plan.priv_elems;
+  T* const priv = block_state(plan, smem, ws);
   T* const p_enc = priv + plan.p_enc;
   T* const p_dec = priv + plan.p_dec;
   T* const c_enc = priv + plan.c_enc;
@@ -126,32 +156,20 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
   const StageContext<T> ctx{smem + plan.scratch, plan.scratch_elems, plan.cfg.kc, bp, B,
                              plan.nchunks};
+  const LstmLayer<T> enc{.H = He, .units = ue, .stat = p.enc_static, .stat_stride = He4,
+                         .carried = p_enc, .cells = c_enc, .hT = h_encT, .h_out = p.h_enc,
+                         .c_out = p.c_enc, .gates_out = p.gates_enc};
+  const LstmLayer<T> dec{.H = Hd, .units = ud, .stat = p.dec_static,
+                         .stat_stride = p.dec_static_stride, .carried = p_dec, .cells = c_dec,
+                         .hT = h_decT, .h_out = p.h_dec, .c_out = p.c_dec,
+                         .gates_out = p.gates_dec};
   for (int t = 0; t < K; ++t) {
     const bool last = t + 1 == K;
     const int64_t tB = static_cast<int64_t>(t) * B;
 
     if (encoder) {
       // ---- E: encoder gates from r_t; LSTM cell ----------------------------------------------
-      const RowBlock enc_rows{0, ue.count, 4};
-      run_stage<T, NBL, MATH>(ctx, plan.E, smem, rows_used(enc_rows), rT,
-                        [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
-        for_units(units_in_pass(enc_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
-          const int j = ue.begin + u;
-          const int r = 4 * u - row0;
-          T pre[4];
-#pragma unroll
-          for (int g = 0; g < 4; ++g)
-            pre[g] = sum(r + g, col) + p_enc[(4 * u + g) * bp + b] +
-                     p.enc_static[b * He4 + g * He + j];
-          T ig, fg, gg, og, c, h;
-          lstm_cell_forward(pre[0], pre[1], pre[2], pre[3], c_enc[u * bp + b], ig, fg, gg, og, c,
-                            h);
-          c_enc[u * bp + b] = c;
-          h_encT[j * bp + b] = h;
-          if (p.h_enc != nullptr)
-            save_lstm(p.h_enc, p.c_enc, p.gates_enc, He, tB + b, j, h, c, ig, fg, gg, og);
-        });
-      });
+      lstm_forward_stage<T, NBL, MATH>(ctx, plan.E, smem, rT, enc, tB);
       grid_sync();
 
       // ---- Q: posterior and z_t; W_hh(enc) h_enc_t for step t+1 -------------------------------
@@ -179,26 +197,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     }
 
     // ---- D: decoder gates from z_t; LSTM cell -----------------------------------------------
-    const RowBlock dec_rows{0, ud.count, 4};
     const T* const z_t = encoder ? zT : zT + static_cast<int64_t>(t) * Z * bp;
-    run_stage<T, NBL, MATH>(ctx, plan.D, smem, rows_used(dec_rows), z_t,
-                      [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
-      for_units(units_in_pass(dec_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
-        const int j = ud.begin + u;
-        const int r = 4 * u - row0;
-        T pre[4];
-#pragma unroll
-        for (int g = 0; g < 4; ++g)
-          pre[g] = sum(r + g, col) + p_dec[(4 * u + g) * bp + b] +
-                   p.dec_static[b * p.dec_static_stride + g * Hd + j];
-        T ig, fg, gg, og, c, h;
-        lstm_cell_forward(pre[0], pre[1], pre[2], pre[3], c_dec[u * bp + b], ig, fg, gg, og, c, h);
-        c_dec[u * bp + b] = c;
-        h_decT[j * bp + b] = h;
-        if (p.h_dec != nullptr)
-          save_lstm(p.h_dec, p.c_dec, p.gates_dec, Hd, tB + b, j, h, c, ig, fg, gg, og);
-      });
-    });
+    lstm_forward_stage<T, NBL, MATH>(ctx, plan.D, smem, z_t, dec, tB);
     grid_sync();
 
     // ---- W: canvas and r_{t+1}; the h_dec_t parts of step t+1's gates -----------------------
@@ -226,147 +226,27 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
+// The forward / sampler for the shared launch flow (launch.h).
 template <typename T>
-using ForwardKernel = void (*)(const LoopParams<T>, const ForwardPlan, T* const);
-
-template <typename T, int MATH>
-ForwardKernel<T> forward_kernel_for_math(int nbl) {
-  switch (nbl) {
-    case 1: return forward_kernel<T, 1, MATH>;
-    case 2: return forward_kernel<T, 2, MATH>;
-    default: return forward_kernel<T, 4, MATH>;
+struct ForwardDirection {
+  using Params = LoopParams<T>;
+  using Plan = ForwardPlan;
+  using Scalar = T;
+  using Kernel = void (*)(const LoopParams<T>, const ForwardPlan, T* const);
+  template <int NBL, int MATH>
+  static Kernel instance() {
+    return forward_kernel<T, NBL, MATH>;
   }
-}
-
-// The instantiation of a configuration (tensor-core math exists for float only; resolve_config
-// rejects it for double).
-template <typename T>
-ForwardKernel<T> forward_kernel_for(const Config& c) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (c.math == kMathTf32x3) return forward_kernel_for_math<T, kMathTf32x3>(c.nbl);
-    if (c.math == kMathTf32) return forward_kernel_for_math<T, kMathTf32>(c.nbl);
+  static const char* op(const Params& p) { return p.encoder ? "forward" : "sample"; }
+  static Plan plan(const Dims& d, const Config& c, int64_t smem_limit) {
+    return plan_forward(d, c, sizeof(T), smem_limit);
   }
-  return forward_kernel_for_math<T, kMathFma>(c.nbl);
-}
-
-template <typename T>
-ForwardPlan resolved_plan(const LoopParams<T>& p, const DeviceLimits& limits,
-                          const Config& requested) {
-  const Dims d = detail::dims_of(p);
-  detail::check_dims(d, p.encoder ? "forward" : "sample");
-  const Config cfg = detail::resolve_config(
-      d, limits, requested, sizeof(T), p.encoder ? "forward" : "sample", [&](const Config& c) {
-        const ForwardPlan f = plan_forward(d, c, sizeof(T), limits.smem_optin);
-        return std::array<int, 4>{f.E.ld, f.Q.ld, f.D.ld, f.W.ld};
-      });
-  return plan_forward(d, cfg, sizeof(T), limits.smem_optin);
-}
-
-#ifndef AVME_CPU_EMULATION
-// Launch cache of each instantiation (nbl x math).
-template <typename T>
-detail::LaunchCache* launch_cache(const Config& c) {
-  static detail::LaunchCache caches[3][3];
-  return &caches[c.nbl == 1 ? 0 : (c.nbl == 2 ? 1 : 2)][c.math];
-}
-#endif
+  static int grid_barriers(const Params& p) { return (p.encoder ? 4 : 2) * p.K; }
+};
 
 }  // namespace
 
-template <typename T>
-LaunchInfo describe_forward(const LoopParams<T>& p, const DeviceLimits& limits,
-                            const Config& requested) {
-  const ForwardPlan f = resolved_plan(p, limits, requested);
-  LaunchInfo info;
-  info.config = f.cfg;
-  info.smem_bytes = f.smem_elems * static_cast<int64_t>(sizeof(T));
-  info.workspace_bytes = f.ws_elems * static_cast<int64_t>(sizeof(T));
-  info.state_in_smem = f.priv_in_smem;
-  info.grid_barriers = (p.encoder ? 4 : 2) * p.K;
-  return info;
-}
-
-template <typename T>
-bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin,
-              const Config& requested) {
-  if (num_sms < 1 || p.K < 1 || p.D < 1 || p.Hd < 1 || p.Z < 1 || (p.encoder && p.He < 1) ||
-      p.B < 0)
-    return false;
-  if (requested.math != kMathFma && !std::is_same_v<T, float>) return false;
-  if (p.B == 0) return true;
-  const DeviceLimits limits{num_sms, smem_optin};
-  const LaunchInfo info = describe_forward(p, limits, requested);
-  if (info.smem_bytes > smem_optin) return false;
-#ifdef AVME_CPU_EMULATION
-  return true;
-#else
-  if (requested.math != kMathFma && !detail::device_has_tf32_mma()) return false;
-  return detail::fits_cooperatively(forward_kernel_for<T>(info.config), info.config.ctas,
-                                    info.config.threads, static_cast<size_t>(info.smem_bytes),
-                                    num_sms, launch_cache<T>(info.config));
-#endif
-}
-
-template <typename T>
-bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin) {
-  return supports(p, num_sms, smem_optin, Config{});
-}
-
-template <typename T>
-void launch_forward(const LoopParams<T>& p, const DeviceLimits& limits, const Config& requested,
-                    cudaStream_t stream) {
-  const char* op = p.encoder ? "forward" : "sample";
-  const ForwardPlan plan = resolved_plan(p, limits, requested);
-  if (p.B == 0) return;
-  const int64_t smem = plan.smem_elems * static_cast<int64_t>(sizeof(T));
-  TORCH_CHECK(smem <= limits.smem_optin, "avme::persistent::", op, ": a block needs ", smem,
-              " bytes of shared memory for the weights of its units, more than the ",
-              limits.smem_optin, " bytes per block of this device (D=", p.D, ", He=", p.He,
-              ", Hd=", p.Hd, ", Z=", p.Z, ", ", plan.cfg.ctas, " blocks, dtype size ", sizeof(T),
-              "); supports() says so: use another design");
-  detail::Workspace<T> ws(plan.ws_elems, stream);
-  const int ctas = plan.cfg.ctas, threads = plan.cfg.threads;
-#ifdef AVME_CPU_EMULATION
-  (void)stream;
-  emu::cooperative_launch(forward_kernel_for<T>(plan.cfg), ctas, threads,
-                          static_cast<size_t>(smem), p, plan, ws.get());
-#else
-  const ForwardKernel<T> kernel = forward_kernel_for<T>(plan.cfg);
-  TORCH_CHECK(plan.cfg.math == kMathFma || detail::device_has_tf32_mma(), "avme::persistent::",
-              op, ": tensor-core math needs an sm_80+ device");
-  TORCH_CHECK(detail::fits_cooperatively(kernel, ctas, threads, static_cast<size_t>(smem),
-                                         limits.num_sms, launch_cache<T>(plan.cfg)),
-              "avme::persistent::", op, ": ", ctas, " blocks of ", threads, " threads and ", smem,
-              " bytes of shared memory cannot all be resident on this device (cooperative "
-              "launch); supports() says so: use another design");
-  detail::launch_cooperative(kernel, ctas, threads, static_cast<size_t>(smem), stream, p, plan,
-                             ws.get());
-#endif
-}
-
-template <typename T>
-void launch_forward(const LoopParams<T>& p, cudaStream_t stream) {
-#ifdef AVME_CPU_EMULATION
-  launch_forward(p, DeviceLimits{4, 232448}, Config{}, stream);
-#else
-  launch_forward(p, detail::current_device_limits(), Config{}, stream);
-#endif
-}
-
-template bool supports<float>(const LoopParams<float>&, int, int64_t);
-template bool supports<float>(const LoopParams<float>&, int, int64_t, const Config&);
-template bool supports<double>(const LoopParams<double>&, int, int64_t);
-template bool supports<double>(const LoopParams<double>&, int, int64_t, const Config&);
-template void launch_forward<float>(const LoopParams<float>&, cudaStream_t);
-template void launch_forward<double>(const LoopParams<double>&, cudaStream_t);
-template void launch_forward<float>(const LoopParams<float>&, const DeviceLimits&, const Config&,
-                                    cudaStream_t);
-template void launch_forward<double>(const LoopParams<double>&, const DeviceLimits&,
-                                     const Config&, cudaStream_t);
-template LaunchInfo describe_forward<float>(const LoopParams<float>&, const DeviceLimits&,
-                                            const Config&);
-template LaunchInfo describe_forward<double>(const LoopParams<double>&, const DeviceLimits&,
-                                             const Config&);
+AVME_PERSISTENT_ENTRY_POINTS(LoopParams, ForwardDirection, launch_forward, describe_forward)
 
 }  // namespace persistent
 }  // namespace avme

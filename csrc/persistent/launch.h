@@ -1,10 +1,23 @@
 // Host side shared by the persistent forward and backward launchers: configuration choice and
-// checks, the workspace, the cooperative launch and the occupancy check.
+// checks, the workspace, the cooperative launch and the occupancy check, and the launch flow
+// (describe / supports / launch) of a kernel direction (forward.cu, backward.cu):
+//
+//   struct Direction {          // e.g. the forward of float tensors
+//     using Params = ...;       // LoopParams<T> or BackwardParams<T>
+//     using Plan = ...;         // ForwardPlan or BackwardPlan (plan.h)
+//     using Scalar = T;
+//     using Kernel = void (*)(const Params, const Plan, T* const);
+//     template <int NBL, int MATH> static Kernel instance();  // the kernel instantiation
+//     static const char* op(const Params&);                    // name in messages
+//     static Plan plan(const Dims&, const Config&, int64_t smem_limit);
+//     static int grid_barriers(const Params&);
+//   };
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -20,6 +33,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "common/cooperative_launch.h"
 #include "common/smem_attribute.h"
 #endif
 
@@ -29,21 +43,32 @@ namespace detail {
 
 template <typename T>
 Dims dims_of(const LoopParams<T>& p) {
-  return Dims{p.B, p.K, p.D, p.encoder ? p.He : 0, p.Hd, p.Z, p.encoder};
+  Dims d;
+  d.B = p.B, d.K = p.K, d.D = p.D, d.He = p.encoder ? p.He : 0, d.Hd = p.Hd, d.Z = p.Z;
+  d.encoder = p.encoder;
+  return d;
 }
 
 template <typename T>
 Dims dims_of(const BackwardParams<T>& p) {
-  return Dims{p.B, p.K, p.D, p.He, p.Hd, p.Z, true};
+  Dims d;
+  d.B = p.B, d.K = p.K, d.D = p.D, d.He = p.He, d.Hd = p.Hd, d.Z = p.Z, d.C = p.C;
+  return d;
+}
+
+// Largest batch of a launch (the start-up loops take the batch as an int column count).
+constexpr int64_t kMaxBatch = std::numeric_limits<int>::max() / 2;
+
+inline bool sizes_valid(const Dims& d) {
+  return d.B >= 0 && d.K >= 1 && d.D >= 1 && d.Hd >= 1 && d.Z >= 1 && d.C >= 0 &&
+         (!d.encoder || d.He >= 1);
 }
 
 inline void check_dims(const Dims& d, const char* op) {
-  TORCH_CHECK(d.B >= 0 && d.K >= 1 && d.D >= 1 && d.Hd >= 1 && d.Z >= 1 &&
-                  (!d.encoder || d.He >= 1),
-              "avme::persistent::", op, ": sizes must be positive (B >= 0, K >= 1), got B=", d.B,
-              " K=", d.K, " D=", d.D, " He=", d.He, " Hd=", d.Hd, " Z=", d.Z);
-  TORCH_CHECK(d.B <= std::numeric_limits<int>::max() / 2, "avme::persistent::", op,
-              ": batch too large (", d.B, " rows)");
+  TORCH_CHECK(sizes_valid(d), "avme::persistent::", op,
+              ": sizes must be positive (B >= 0, K >= 1, C >= 0), got B=", d.B, " K=", d.K,
+              " D=", d.D, " He=", d.He, " Hd=", d.Hd, " Z=", d.Z, " C=", d.C);
+  TORCH_CHECK(d.B <= kMaxBatch, "avme::persistent::", op, ": batch too large (", d.B, " rows)");
 }
 
 // The configuration of a launch: requested fields (non-zero) are checked and kept, the others
@@ -147,24 +172,6 @@ bool fits_cooperatively(Kernel kernel, int ctas, int threads, size_t smem, int n
   return fits;
 }
 
-// Cooperative launch of kernel<<<ctas, threads, smem, stream>>>(args...) (capturable in a CUDA
-// graph; fails instead of deadlocking when the blocks cannot all be resident).
-template <typename... KernelArgs, typename... Args>
-void launch_cooperative(void (*kernel)(KernelArgs...), int ctas, int threads, size_t smem,
-                        cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(ctas));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeCooperative;
-  attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
-}
-
 // Tensor-core math needs sm_80+ (mma.sync TF32, cp.async).
 inline bool device_has_tf32_mma() {
   int device = 0, major = 0;
@@ -182,6 +189,156 @@ inline DeviceLimits current_device_limits() {
 }
 #endif
 
+// Device limits of the current device (the emulator: 4 SMs with an H100's shared memory).
+inline DeviceLimits default_device_limits() {
+#ifdef AVME_CPU_EMULATION
+  return DeviceLimits{4, 232448};
+#else
+  return current_device_limits();
+#endif
+}
+
+// ---- the launch flow of a direction (see the file comment) -------------------------------------
+
+// The kernel instantiation of a configuration (tensor-core math exists for float only;
+// resolve_config rejects it for double).
+template <typename Dir, int MATH>
+typename Dir::Kernel kernel_for_math(int nbl) {
+  switch (nbl) {
+    case 1: return Dir::template instance<1, MATH>();
+    case 2: return Dir::template instance<2, MATH>();
+    default: return Dir::template instance<4, MATH>();
+  }
+}
+
+template <typename Dir>
+typename Dir::Kernel kernel_for(const Config& c) {
+  if constexpr (std::is_same_v<typename Dir::Scalar, float>) {
+    if (c.math == kMathTf32x3) return kernel_for_math<Dir, kMathTf32x3>(c.nbl);
+    if (c.math == kMathTf32) return kernel_for_math<Dir, kMathTf32>(c.nbl);
+  }
+  return kernel_for_math<Dir, kMathFma>(c.nbl);
+}
+
+#ifndef AVME_CPU_EMULATION
+// Launch cache of each instantiation of a direction (nbl x math).
+template <typename Dir>
+LaunchCache* launch_cache(const Config& c) {
+  static LaunchCache caches[3][3];
+  return &caches[c.nbl == 1 ? 0 : (c.nbl == 2 ? 1 : 2)][c.math];
+}
+#endif
+
+// The plan of a launch: sizes checked, the configuration resolved (raises on a bad request).
+template <typename Dir>
+typename Dir::Plan resolved_plan(const typename Dir::Params& p, const DeviceLimits& limits,
+                                 const Config& requested) {
+  const Dims d = dims_of(p);
+  const char* op = Dir::op(p);
+  check_dims(d, op);
+  const Config cfg = resolve_config(
+      d, limits, requested, sizeof(typename Dir::Scalar), op,
+      [&](const Config& c) { return stage_rows(Dir::plan(d, c, limits.smem_optin)); });
+  return Dir::plan(d, cfg, limits.smem_optin);
+}
+
+template <typename Dir>
+LaunchInfo describe(const typename Dir::Params& p, const DeviceLimits& limits,
+                    const Config& requested) {
+  const typename Dir::Plan plan = resolved_plan<Dir>(p, limits, requested);
+  LaunchInfo info;
+  info.config = plan.cfg;
+  info.smem_bytes = plan.smem_elems * static_cast<int64_t>(sizeof(typename Dir::Scalar));
+  info.workspace_bytes = plan.ws_elems * static_cast<int64_t>(sizeof(typename Dir::Scalar));
+  info.state_in_smem = plan.priv_in_smem;
+  info.grid_barriers = Dir::grid_barriers(p);
+  return info;
+}
+
+template <typename Dir>
+bool supports(const typename Dir::Params& p, int num_sms, int64_t smem_optin,
+              const Config& requested) {
+  const Dims d = dims_of(p);
+  if (num_sms < 1 || !sizes_valid(d) || d.B > kMaxBatch) return false;
+  if (requested.math != kMathFma && !std::is_same_v<typename Dir::Scalar, float>) return false;
+  if (d.B == 0) return true;
+  const LaunchInfo info = describe<Dir>(p, DeviceLimits{num_sms, smem_optin}, requested);
+  if (info.smem_bytes > smem_optin) return false;
+#ifdef AVME_CPU_EMULATION
+  return true;
+#else
+  if (requested.math != kMathFma && !device_has_tf32_mma()) return false;
+  return fits_cooperatively(kernel_for<Dir>(info.config), info.config.ctas, info.config.threads,
+                            static_cast<size_t>(info.smem_bytes), num_sms,
+                            launch_cache<Dir>(info.config));
+#endif
+}
+
+// One cooperative launch on `stream` (outputs as the params ask; workspace from the caching
+// allocator on `stream`); raises when the problem does not fit (supports() says so).
+template <typename Dir>
+void launch(const typename Dir::Params& p, const DeviceLimits& limits, const Config& requested,
+            cudaStream_t stream) {
+  using T = typename Dir::Scalar;
+  const char* op = Dir::op(p);
+  const typename Dir::Plan plan = resolved_plan<Dir>(p, limits, requested);
+  if (p.B == 0) return;
+  const int64_t smem = plan.smem_elems * static_cast<int64_t>(sizeof(T));
+  TORCH_CHECK(smem <= limits.smem_optin, "avme::persistent::", op, ": a block needs ", smem,
+              " bytes of shared memory for the weights of its units, more than the ",
+              limits.smem_optin, " bytes per block of this device (D=", p.D, ", He=", p.He,
+              ", Hd=", p.Hd, ", Z=", p.Z, ", ", plan.cfg.ctas, " blocks, dtype size ", sizeof(T),
+              "); supports() says so: use another design");
+  const typename Dir::Kernel kernel = kernel_for<Dir>(plan.cfg);
+  const int ctas = plan.cfg.ctas, threads = plan.cfg.threads;
+  Workspace<T> ws(plan.ws_elems, stream);
+#ifdef AVME_CPU_EMULATION
+  (void)stream;
+  emu::cooperative_launch(kernel, ctas, threads, static_cast<size_t>(smem), p, plan, ws.get());
+#else
+  TORCH_CHECK(plan.cfg.math == kMathFma || device_has_tf32_mma(), "avme::persistent::", op,
+              ": tensor-core math needs an sm_80+ device");
+  TORCH_CHECK(fits_cooperatively(kernel, ctas, threads, static_cast<size_t>(smem),
+                                 limits.num_sms, launch_cache<Dir>(plan.cfg)),
+              "avme::persistent::", op, ": ", ctas, " blocks of ", threads, " threads and ", smem,
+              " bytes of shared memory cannot all be resident on this device (cooperative "
+              "launch); supports() says so: use another design");
+  launch_cooperative(kernel, ctas, threads, static_cast<size_t>(smem), stream, p, plan, ws.get());
+#endif
+}
+
 }  // namespace detail
 }  // namespace persistent
 }  // namespace avme
+
+// The entry points of one direction (persistent.h), in namespace avme::persistent: each forwards
+// to the launch flow above with Direction<T>, and is instantiated for float and double. E.g.
+// AVME_PERSISTENT_ENTRY_POINTS(LoopParams, ForwardDirection, launch_forward, describe_forward).
+#define AVME_PERSISTENT_ENTRY_POINTS(Params, Direction, launch_fn, describe_fn)                  \
+  template <typename T>                                                                       \
+  LaunchInfo describe_fn(const Params<T>& p, const DeviceLimits& limits,                      \
+                         const Config& requested) {                                           \
+    return detail::describe<Direction<T>>(p, limits, requested);                              \
+  }                                                                                           \
+  template <typename T>                                                                       \
+  bool supports(const Params<T>& p, int num_sms, int64_t smem_optin, const Config& requested) { \
+    return detail::supports<Direction<T>>(p, num_sms, smem_optin, requested);                 \
+  }                                                                                           \
+  template <typename T>                                                                       \
+  void launch_fn(const Params<T>& p, const DeviceLimits& limits, const Config& requested,     \
+                 cudaStream_t stream) {                                                       \
+    detail::launch<Direction<T>>(p, limits, requested, stream);                               \
+  }                                                                                           \
+  template <typename T>                                                                       \
+  void launch_fn(const Params<T>& p, cudaStream_t stream) {                                   \
+    detail::launch<Direction<T>>(p, detail::default_device_limits(), Config{}, stream);       \
+  }                                                                                           \
+  AVME_PERSISTENT_INSTANTIATE(Params, launch_fn, describe_fn, float)                          \
+  AVME_PERSISTENT_INSTANTIATE(Params, launch_fn, describe_fn, double)
+
+#define AVME_PERSISTENT_INSTANTIATE(Params, launch_fn, describe_fn, T)                          \
+  template bool supports<T>(const Params<T>&, int, int64_t, const Config&);                  \
+  template void launch_fn<T>(const Params<T>&, cudaStream_t);                                \
+  template void launch_fn<T>(const Params<T>&, const DeviceLimits&, const Config&,           \
+                             cudaStream_t);                                                  \
+  template LaunchInfo describe_fn<T>(const Params<T>&, const DeviceLimits&, const Config&);

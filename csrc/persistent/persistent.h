@@ -71,17 +71,14 @@ struct LaunchInfo {
 // bytes of opt-in shared memory per block (the planned block's weights fit, and on a GPU the
 // occupancy calculator confirms a block of that size fits on an SM). B == 0 is supported (no
 // launch). Forward / sampler and backward have different weight slices: ask for each.
+// `requested`: a configuration (e.g. Config::math = kMathTf32x3: tensor cores, which also need
+// float tensors and an sm_80+ device); 0 fields are chosen.
 template <typename T>
-bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin);
-template <typename T>
-bool supports(const BackwardParams<T>& p, int num_sms, int64_t smem_optin);
-// The same for a requested configuration (e.g. Config::math = kMathTf32x3: tensor cores, which
-// also need float tensors and an sm_80+ device).
-template <typename T>
-bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin, const Config& requested);
+bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin,
+              const Config& requested = Config{});
 template <typename T>
 bool supports(const BackwardParams<T>& p, int num_sms, int64_t smem_optin,
-              const Config& requested);
+              const Config& requested = Config{});
 
 // One launch on `stream` (the current stream of the tensors' device: its workspace is taken
 // from the caching allocator on it). The caller has checked supports(); otherwise an error is

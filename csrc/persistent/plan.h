@@ -4,6 +4,7 @@
 // launch (plan_forward / plan_backward) and passed to the kernel by value.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -84,7 +85,24 @@ __host__ __device__ inline int max_tile_rows(int math) { return math == kMathFma
 struct Dims {
   int64_t B = 0;
   int K = 0, D = 0, He = 0, Hd = 0, Z = 0;
+  int C = 0;             // classes (backward: the width of the y columns of the weights)
   bool encoder = true;
+};
+
+// What every plan holds besides its stages: batch chunking, units per block, the scratch area,
+// the per-block state and the totals.
+struct PlanBase {
+  Config cfg;
+  int nb = 0;        // batch columns per chunk (32 * nbl)
+  int nchunks = 0;   // ceil(B / nb)
+  int64_t bp = 0;    // row stride of every (rows, batch) array: B rounded up to 4
+  int ne = 0, nz = 0, nd = 0, np = 0;  // most encoder / latent / decoder units, pixels per block
+  int64_t scratch = 0, scratch_elems = 0;  // activation tiles, then the cross-warp partial sums
+  bool priv_in_smem = false;
+  int64_t priv_elems = 0;        // per-block state, per block
+  int64_t priv_smem = 0;         // offset of the per-block state in shared memory
+  int64_t smem_elems = 0;
+  int64_t ws_priv = 0, ws_elems = 0;  // per-block state in the workspace (when not in smem)
 };
 
 // Shared-memory and workspace layout of the forward / sampler kernel.
@@ -95,22 +113,12 @@ struct Dims {
 //   step's gate pre-activations), c_enc / c_dec (cell states), s (canvas of the owned pixels).
 //   Workspace, feature-major (rows of bp columns, shared by all blocks): h_enc, h_dec, z (the
 //   sampler: z of all K steps), r (the encoder input of the next step).
-struct ForwardPlan {
-  Config cfg;
-  int nb = 0;        // batch columns per chunk (32 * nbl)
-  int nchunks = 0;   // ceil(B / nb)
-  int64_t bp = 0;    // row stride of every (rows, batch) array: B rounded up to 4
-  int ne = 0, nz = 0, nd = 0, np = 0;  // most encoder / latent / decoder units, pixels per block
+struct ForwardPlan : PlanBase {
   StageLayout E, Q, D, W;
   int q_he = 0;                  // Q: first row of the h_enc -> encoder-gates block
   int w_ehd = 0, w_dhh = 0;      // W: first rows of the h_dec -> encoder / decoder gates blocks
-  int64_t scratch = 0, scratch_elems = 0;  // activation tiles, then the cross-warp partial sums
-  bool priv_in_smem = false;
-  int64_t priv_elems = 0;        // per block
-  int64_t priv_smem = 0;         // offset of the per-block state in shared memory
-  int64_t p_enc = 0, p_dec = 0, c_enc = 0, c_dec = 0, s = 0;  // offsets inside it
-  int64_t smem_elems = 0;
-  int64_t ws_henc = 0, ws_hdec = 0, ws_z = 0, ws_r = 0, ws_priv = 0, ws_elems = 0;
+  int64_t p_enc = 0, p_dec = 0, c_enc = 0, c_dec = 0, s = 0;  // offsets in the per-block state
+  int64_t ws_henc = 0, ws_hdec = 0, ws_z = 0, ws_r = 0;
 };
 
 // Shared-memory and workspace layout of the backward-through-time kernel.
@@ -121,22 +129,12 @@ struct ForwardPlan {
 //   Per-block state: dc_dec, dc_enc (carried cell gradients), p_dec, p_enc (carried dh parts),
 //   gs (dL/ds of the owned pixels). Workspace, feature-major: gs, dgd (4Hd rows), dq (2Z rows),
 //   dge (4He rows).
-struct BackwardPlan {
-  Config cfg;
-  int nb = 0;
-  int nchunks = 0;
-  int64_t bp = 0;
-  int ne = 0, nz = 0, nd = 0, np = 0;
+struct BackwardPlan : PlanBase {
   StageLayout B1, B2, B3, B4;
   int b2_dhh = 0;                // B2: first row of the W_hh(dec)^T block
   int b4_ehd = 0, b4_ehh = 0;    // B4: first rows of the W_hdec^T and W_hh(enc)^T blocks
-  int64_t scratch = 0, scratch_elems = 0;
-  bool priv_in_smem = false;
-  int64_t priv_elems = 0;
-  int64_t priv_smem = 0;
   int64_t dc_dec = 0, dc_enc = 0, p_dec = 0, p_enc = 0, gs = 0;
-  int64_t smem_elems = 0;
-  int64_t ws_gs = 0, ws_dgd = 0, ws_dq = 0, ws_dge = 0, ws_priv = 0, ws_elems = 0;
+  int64_t ws_gs = 0, ws_dgd = 0, ws_dq = 0, ws_dge = 0;
 };
 
 // Appends regions to a layout, each starting at a multiple of 4 elements (16 bytes for float:
@@ -170,20 +168,45 @@ inline int64_t scratch_elems_for(const Config& cfg, int nb) {
   return tiles > partials ? tiles : partials;
 }
 
+// The first part of a plan: batch chunks and the units each block owns (d.encoder false: no
+// encoder or latent units).
+inline void plan_batch_and_units(PlanBase& plan, const Dims& d, const Config& cfg) {
+  plan.cfg = cfg;
+  plan.nb = 32 * cfg.nbl;
+  plan.nchunks = static_cast<int>((d.B + plan.nb - 1) / plan.nb);
+  plan.bp = round_up(d.B, 4);
+  plan.ne = d.encoder ? max_share(d.He, cfg.ctas) : 0;
+  plan.nz = d.encoder ? max_share(d.Z, cfg.ctas) : 0;
+  plan.nd = max_share(d.Hd, cfg.ctas);
+  plan.np = max_share(d.D, cfg.ctas);
+}
+
+// After the stages' weights: the scratch area, then the per-block state of `priv_elems`
+// elements, in shared memory when it fits next to the weights within `smem_limit` bytes.
+inline void plan_scratch_and_state(PlanBase& plan, Allocator& smem, int64_t priv_elems,
+                                   size_t elem_size, int64_t smem_limit) {
+  plan.scratch_elems = scratch_elems_for(plan.cfg, plan.nb);
+  plan.scratch = smem.take(plan.scratch_elems);
+  plan.priv_elems = priv_elems;
+  plan.priv_in_smem =
+      static_cast<int64_t>((smem.end + priv_elems) * elem_size) <= smem_limit;
+  if (plan.priv_in_smem) plan.priv_smem = smem.take(priv_elems);
+  plan.smem_elems = smem.end;
+}
+
+// After the exchange buffers: the per-block state in the workspace (when not in shared memory)
+// and the workspace's size.
+inline void plan_state_workspace(PlanBase& plan, Allocator& ws) {
+  plan.ws_priv = ws.take(plan.priv_in_smem ? 0 : plan.cfg.ctas * plan.priv_elems);
+  plan.ws_elems = ws.end;
+}
+
 // `cfg` fully resolved; `smem_limit` (bytes) decides whether the per-block state fits in shared
 // memory next to the weights (else it lives in the global workspace).
 inline ForwardPlan plan_forward(const Dims& d, const Config& cfg, size_t elem_size,
                                 int64_t smem_limit) {
   ForwardPlan f;
-  f.cfg = cfg;
-  f.nb = 32 * cfg.nbl;
-  f.nchunks = static_cast<int>((d.B + f.nb - 1) / f.nb);
-  f.bp = round_up(d.B, 4);
-  const int G = cfg.ctas;
-  f.ne = d.encoder ? max_share(d.He, G) : 0;
-  f.nz = d.encoder ? max_share(d.Z, G) : 0;
-  f.nd = max_share(d.Hd, G);
-  f.np = max_share(d.D, G);
+  plan_batch_and_units(f, d, cfg);
   Allocator smem;
   f.E = make_stage(d.D, 4 * f.ne, cfg.math, smem);
   f.q_he = 2 * f.nz;
@@ -192,8 +215,6 @@ inline ForwardPlan plan_forward(const Dims& d, const Config& cfg, size_t elem_si
   f.w_ehd = f.np;
   f.w_dhh = f.np + 4 * f.ne;
   f.W = make_stage(d.Hd, f.np + 4 * f.ne + 4 * f.nd, cfg.math, smem);
-  f.scratch_elems = scratch_elems_for(cfg, f.nb);
-  f.scratch = smem.take(f.scratch_elems);
 
   Allocator priv;
   f.p_enc = priv.take(4 * f.ne * f.bp);
@@ -201,34 +222,21 @@ inline ForwardPlan plan_forward(const Dims& d, const Config& cfg, size_t elem_si
   f.c_enc = priv.take(f.ne * f.bp);
   f.c_dec = priv.take(f.nd * f.bp);
   f.s = priv.take(f.np * f.bp);
-  f.priv_elems = priv.end;
-  f.priv_in_smem =
-      static_cast<int64_t>((smem.end + f.priv_elems) * elem_size) <= smem_limit;
-  if (f.priv_in_smem) f.priv_smem = smem.take(f.priv_elems);
-  f.smem_elems = smem.end;
+  plan_scratch_and_state(f, smem, priv.end, elem_size, smem_limit);
 
   Allocator ws;
   f.ws_henc = ws.take(static_cast<int64_t>(d.encoder ? d.He : 0) * f.bp);
   f.ws_hdec = ws.take(static_cast<int64_t>(d.Hd) * f.bp);
   f.ws_z = ws.take(static_cast<int64_t>(d.encoder ? 1 : d.K) * d.Z * f.bp);
   f.ws_r = ws.take(static_cast<int64_t>(d.encoder ? d.D : 0) * f.bp);
-  f.ws_priv = ws.take(f.priv_in_smem ? 0 : G * f.priv_elems);
-  f.ws_elems = ws.end;
+  plan_state_workspace(f, ws);
   return f;
 }
 
 inline BackwardPlan plan_backward(const Dims& d, const Config& cfg, size_t elem_size,
                                   int64_t smem_limit) {
   BackwardPlan b;
-  b.cfg = cfg;
-  b.nb = 32 * cfg.nbl;
-  b.nchunks = static_cast<int>((d.B + b.nb - 1) / b.nb);
-  b.bp = round_up(d.B, 4);
-  const int G = cfg.ctas;
-  b.ne = max_share(d.He, G);
-  b.nz = max_share(d.Z, G);
-  b.nd = max_share(d.Hd, G);
-  b.np = max_share(d.D, G);
+  plan_batch_and_units(b, d, cfg);
   Allocator smem;
   b.B1 = make_stage(d.D, b.nd, cfg.math, smem);
   b.b2_dhh = b.nz;
@@ -237,8 +245,6 @@ inline BackwardPlan plan_backward(const Dims& d, const Config& cfg, size_t elem_
   b.b4_ehd = b.np;
   b.b4_ehh = b.np + b.nd;
   b.B4 = make_stage(4 * d.He, b.np + b.nd + b.ne, cfg.math, smem);
-  b.scratch_elems = scratch_elems_for(cfg, b.nb);
-  b.scratch = smem.take(b.scratch_elems);
 
   Allocator priv;
   b.dc_dec = priv.take(b.nd * b.bp);
@@ -246,20 +252,23 @@ inline BackwardPlan plan_backward(const Dims& d, const Config& cfg, size_t elem_
   b.p_dec = priv.take(b.nd * b.bp);
   b.p_enc = priv.take(b.ne * b.bp);
   b.gs = priv.take(b.np * b.bp);
-  b.priv_elems = priv.end;
-  b.priv_in_smem =
-      static_cast<int64_t>((smem.end + b.priv_elems) * elem_size) <= smem_limit;
-  if (b.priv_in_smem) b.priv_smem = smem.take(b.priv_elems);
-  b.smem_elems = smem.end;
+  plan_scratch_and_state(b, smem, priv.end, elem_size, smem_limit);
 
   Allocator ws;
   b.ws_gs = ws.take(static_cast<int64_t>(d.D) * b.bp);
   b.ws_dgd = ws.take(4 * static_cast<int64_t>(d.Hd) * b.bp);
   b.ws_dq = ws.take(2 * static_cast<int64_t>(d.Z) * b.bp);
   b.ws_dge = ws.take(4 * static_cast<int64_t>(d.He) * b.bp);
-  b.ws_priv = ws.take(b.priv_in_smem ? 0 : G * b.priv_elems);
-  b.ws_elems = ws.end;
+  plan_state_workspace(b, ws);
   return b;
+}
+
+// The padded rows of each stage of a plan (the launcher compares them across block counts).
+inline std::array<int, 4> stage_rows(const ForwardPlan& f) {
+  return {f.E.ld, f.Q.ld, f.D.ld, f.W.ld};
+}
+inline std::array<int, 4> stage_rows(const BackwardPlan& b) {
+  return {b.B1.ld, b.B2.ld, b.B3.ld, b.B4.ld};
 }
 
 }  // namespace persistent

@@ -142,7 +142,11 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
   const int fit = static_cast<int>(ctx.scratch_elems / (RT * NB));  // groups whose sums fit
   const int max_groups = fit < nwarps ? fit : nwarps;
   const int ntiles = (k + ctx.kc - 1) / ctx.kc;
-  T* const tiles[2] = {ctx.scratch, ctx.scratch + ctx.kc * LDX};
+  // Tile buffer i & 1 at scratch + (i & 1) * kc * LDX. (Computed, not looked up in an array of
+  // two pointers: a runtime index into such an array puts it in local memory and loses the
+  // shared address space, so the innermost loop would use generic loads.)
+  const int64_t tile_elems = static_cast<int64_t>(ctx.kc) * LDX;
+  auto tile_buffer = [&](int i) { return ctx.scratch + (i & 1) * tile_elems; };
 
   for (int chunk = 0; chunk < ctx.nchunks; ++chunk) {
     const int64_t b0 = static_cast<int64_t>(chunk) * NB;
@@ -156,13 +160,13 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
 
       Tile tile;
       tile.zero();
-      load_tile<T, NB, LDX>(tiles[0], x, ctx.bp, 0, k < ctx.kc ? k : ctx.kc, b0, ncols);
+      load_tile<T, NB, LDX>(tile_buffer(0), x, ctx.bp, 0, k < ctx.kc ? k : ctx.kc, b0, ncols);
       async_commit();
       for (int i = 0; i < ntiles; ++i) {
         const int k0 = i * ctx.kc;
         if (i + 1 < ntiles) {
           const int k1 = k0 + ctx.kc;
-          load_tile<T, NB, LDX>(tiles[(i + 1) & 1], x, ctx.bp, k1,
+          load_tile<T, NB, LDX>(tile_buffer(i + 1), x, ctx.bp, k1,
                                 k - k1 < ctx.kc ? k - k1 : ctx.kc, b0, ncols);
           async_commit();
           async_wait<1>();
@@ -171,8 +175,8 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
         }
         __syncthreads();  // tile i is in shared memory for every warp
         const int krows = k - k0 < ctx.kc ? k - k0 : ctx.kc;
-        tile.mac(wg + static_cast<int64_t>(k0) * ld, ld, tiles[i & 1], LDX, krows, split, nsplit,
-                 lane);
+        tile.mac(wg + static_cast<int64_t>(k0) * ld, ld, tile_buffer(i), LDX, krows, split,
+                 nsplit, lane);
         __syncthreads();  // every warp is done with tile i before its buffer is refilled
       }
       // Split-K partial sums of each group, added by a tree (the tile buffers are free now).
@@ -232,6 +236,15 @@ __device__ void fill_stage(T* smem, const StageLayout& layout, Value&& value) {
     const int r = static_cast<int>(idx - static_cast<int64_t>(kk) * layout.ld);
     w[idx] = value(kk, r);
   }
+}
+
+// This block's per-block state (plan.priv_elems elements): in shared memory when the plan put it
+// there, else the block's slice of the workspace.
+template <typename T>
+__device__ __forceinline__ T* block_state(const PlanBase& plan, T* smem, T* ws) {
+  return plan.priv_in_smem
+             ? smem + plan.priv_smem
+             : ws + plan.ws_priv + static_cast<int64_t>(blockIdx.x) * plan.priv_elems;
 }
 
 // Sets rows x bp elements to zero (per-block state at the start of a launch).

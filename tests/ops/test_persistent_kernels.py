@@ -546,6 +546,16 @@ def test_paper_sizes_fit_an_h100(pemu, kind):
     assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, *H100, TF32X3)
 
 
+@pytest.mark.parametrize("kind", ["forward", "sample", "backward"])
+def test_supports_answers_for_a_batch_beyond_the_launch_limit(pemu, kind):
+    """supports() answers False (it does not raise) for a batch beyond what one launch takes
+    (2^30 rows), and still answers True just below the limit."""
+    s = Sizes(8, 5, 4, 2)
+    assert not pemu.supports(kind, 2**31, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
+    assert not pemu.supports(kind, 2**30, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
+    assert pemu.supports(kind, 2**30 - 1, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
+
+
 def test_fewest_blocks_with_the_same_rows_per_block(pemu):
     """At the paper's sizes 100 blocks give every stage the rows per block of 132 (4 units of
     400 per block): the launcher takes 100."""
