@@ -99,6 +99,20 @@ struct BackwardParams {
   T* d_x_error = nullptr;    // (B, D) zero-initialised; += dL/dr_t (error mode only, may be nullptr)
 };
 
+// LoopParams or BackwardParams with its sizes and encoder-input mode set, every pointer null.
+template <typename Params>
+Params params_with_sizes(int64_t B, int K, int D, int He, int Hd, int Z, bool error_mode) {
+  Params p;
+  p.B = B;
+  p.K = K;
+  p.D = D;
+  p.He = He;
+  p.Hd = Hd;
+  p.Z = Z;
+  p.error_mode = error_mode;
+  return p;
+}
+
 // Shared-memory elements (of T) one batch row needs.
 int64_t loop_smem_elems_per_row(int D, int He, int Hd, int Z, bool encoder, bool error_mode);
 int64_t backward_smem_elems_per_row(int D, int He, int Hd, int Z);

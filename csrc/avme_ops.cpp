@@ -14,8 +14,10 @@
 //      in the test-only emulator build), float32 or float64, all the same dtype;
 //   3. ranks, then the sizes (taken from the weights, as nn.LSTMCell / nn.Linear hold them)
 //      and every tensor's full shape against them, then contiguity.
-// Each message names the op, the argument and what was expected. Then the op checks that one
-// batch row's state fits in the device's shared memory, and only then allocates and launches.
+// Each message names the op, the argument and what was expected. Then, under a device guard on
+// the first tensor's device, the op plans the call (plan_call): the chosen design, and the
+// errors of a requested design that cannot run these sizes (the rowtile design's shared memory
+// per row, the persistent design's fit); only then does it allocate and launch.
 
 #ifndef AVME_CPU_EMULATION
 #include <Python.h>
@@ -23,6 +25,7 @@
 
 #include <cstdlib>
 #include <exception>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -138,6 +141,15 @@ constexpr int64_t kMaxSize = int64_t(1) << 24;
 
 bool is_given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A tensor argument and its name; an optional argument that is absent has tensor == nullptr.
+struct NamedTensor {
+  NamedTensor(const Tensor& t, const char* n) : tensor(&t), name(n) {}
+  NamedTensor(const std::optional<Tensor>& t, const char* n)
+      : tensor(is_given(t) ? &*t : nullptr), name(n) {}
+  const Tensor* tensor;
+  const char* name;
+};
+
 // Checks the tensor arguments of one call of `op` against its first tensor argument `ref`.
 // The constructor checks `ref` itself (defined, device type, dtype); the methods never read a
 // tensor's data, only its metadata, and `ndim` must pass before `size` is read.
@@ -167,6 +179,12 @@ class ArgChecker {
   }
   void same_device_and_dtype(const std::optional<Tensor>& t, const char* name) const {
     if (is_given(t)) same_device_and_dtype(*t, name);
+  }
+  // The same for each argument of a list, in order.
+  void same_device_and_dtype(std::initializer_list<NamedTensor> args) const {
+    for (const NamedTensor& a : args) {
+      if (a.tensor != nullptr) same_device_and_dtype(*a.tensor, a.name);
+    }
   }
 
   void ndim(const Tensor& t, const char* name, int64_t n, const char* layout) const {
@@ -268,6 +286,28 @@ void check_y(const ArgChecker& c, const std::optional<Tensor>& y, const Dims& d)
   }
 }
 
+// Sizes of a training call (forward or backward) from its weights, x and eps (ranks first).
+Dims training_dims(const ArgChecker& c, const Tensor& x, const Tensor& eps, const Tensor& enc_w_ih,
+                   const Tensor& enc_w_hh, const Tensor& q_w, const Tensor& dec_w_ih,
+                   const Tensor& dec_w_hh, const Tensor& write_w) {
+  Dims d;
+  encoder_dims(c, d, enc_w_ih, enc_w_hh, q_w);
+  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
+  c.ndim(x, "x", 2, "(B, D)");
+  c.ndim(eps, "eps", 3, "(K, B, Z)");
+  d.B = x.size(0);
+  d.K = c.size(eps, "eps", 0, "K", 1);
+  return d;
+}
+
+// The full shapes of x, y and eps (a training call).
+void check_training_inputs(const ArgChecker& c, const Dims& d, const Tensor& x,
+                           const std::optional<Tensor>& y, const Tensor& eps) {
+  c.shape(x, "x", "(B, D)", {d.B, d.D});
+  check_y(c, y, d);
+  c.shape(eps, "eps", "(K, B, Z)", {d.K, d.B, d.Z});
+}
+
 struct Validated {
   Dims d;
   Precision prec = Precision::FP32;
@@ -286,30 +326,14 @@ Validated validate_forward(const Tensor& x, const std::optional<Tensor>& y, cons
   v.prec = parse_precision(kForwardOp, precision);
   v.design = parse_design(kForwardOp, design);
   const ArgChecker c(kForwardOp, x, "x");
-  c.same_device_and_dtype(y, "y");
-  c.same_device_and_dtype(eps, "eps");
-  c.same_device_and_dtype(enc_w_ih, "enc_w_ih");
-  c.same_device_and_dtype(enc_w_hh, "enc_w_hh");
-  c.same_device_and_dtype(enc_b, "enc_b");
-  c.same_device_and_dtype(q_w, "q_w");
-  c.same_device_and_dtype(q_b, "q_b");
-  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
-  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
-  c.same_device_and_dtype(dec_b, "dec_b");
-  c.same_device_and_dtype(write_w, "write_w");
-  c.same_device_and_dtype(write_b, "write_b");
+  c.same_device_and_dtype({{y, "y"}, {eps, "eps"}, {enc_w_ih, "enc_w_ih"},
+                           {enc_w_hh, "enc_w_hh"}, {enc_b, "enc_b"}, {q_w, "q_w"}, {q_b, "q_b"},
+                           {dec_w_ih, "dec_w_ih"}, {dec_w_hh, "dec_w_hh"}, {dec_b, "dec_b"},
+                           {write_w, "write_w"}, {write_b, "write_b"}});
 
-  Dims& d = v.d;
-  encoder_dims(c, d, enc_w_ih, enc_w_hh, q_w);
-  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
-  c.ndim(x, "x", 2, "(B, D)");
-  c.ndim(eps, "eps", 3, "(K, B, Z)");
-  d.B = x.size(0);
-  d.K = c.size(eps, "eps", 0, "K", 1);
-
-  c.shape(x, "x", "(B, D)", {d.B, d.D});
-  check_y(c, y, d);
-  c.shape(eps, "eps", "(K, B, Z)", {d.K, d.B, d.Z});
+  v.d = training_dims(c, x, eps, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
+  const Dims& d = v.d;
+  check_training_inputs(c, d, x, y, eps);
   check_encoder_shapes(c, d, enc_w_ih, enc_w_hh, q_w);
   c.shape(enc_b, "enc_b", "(4*He)", {d.He4()});
   c.shape(q_b, "q_b", "(2*Z)", {d.Z2()});
@@ -333,41 +357,19 @@ Validated validate_backward(
   v.prec = parse_precision(kBackwardOp, precision);
   v.design = parse_design(kBackwardOp, design);
   const ArgChecker c(kBackwardOp, x, "x");
-  c.same_device_and_dtype(grad_canvas, "grad_canvas");
-  c.same_device_and_dtype(grad_mu, "grad_mu");
-  c.same_device_and_dtype(grad_logvar, "grad_logvar");
-  c.same_device_and_dtype(grad_canvases, "grad_canvases");
-  c.same_device_and_dtype(y, "y");
-  c.same_device_and_dtype(eps, "eps");
-  c.same_device_and_dtype(logvar, "logvar");
-  c.same_device_and_dtype(canvases, "canvases");
-  c.same_device_and_dtype(h_enc, "h_enc");
-  c.same_device_and_dtype(c_enc, "c_enc");
-  c.same_device_and_dtype(gates_enc, "gates_enc");
-  c.same_device_and_dtype(z, "z");
-  c.same_device_and_dtype(h_dec, "h_dec");
-  c.same_device_and_dtype(c_dec, "c_dec");
-  c.same_device_and_dtype(gates_dec, "gates_dec");
-  c.same_device_and_dtype(enc_w_ih, "enc_w_ih");
-  c.same_device_and_dtype(enc_w_hh, "enc_w_hh");
-  c.same_device_and_dtype(q_w, "q_w");
-  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
-  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
-  c.same_device_and_dtype(write_w, "write_w");
+  c.same_device_and_dtype({{grad_canvas, "grad_canvas"}, {grad_mu, "grad_mu"},
+                           {grad_logvar, "grad_logvar"}, {grad_canvases, "grad_canvases"},
+                           {y, "y"}, {eps, "eps"}, {logvar, "logvar"}, {canvases, "canvases"},
+                           {h_enc, "h_enc"}, {c_enc, "c_enc"}, {gates_enc, "gates_enc"}, {z, "z"},
+                           {h_dec, "h_dec"}, {c_dec, "c_dec"}, {gates_dec, "gates_dec"},
+                           {enc_w_ih, "enc_w_ih"}, {enc_w_hh, "enc_w_hh"}, {q_w, "q_w"},
+                           {dec_w_ih, "dec_w_ih"}, {dec_w_hh, "dec_w_hh"}, {write_w, "write_w"}});
 
-  Dims& d = v.d;
-  encoder_dims(c, d, enc_w_ih, enc_w_hh, q_w);
-  decoder_dims(c, d, dec_w_ih, dec_w_hh, write_w);
-  c.ndim(x, "x", 2, "(B, D)");
-  c.ndim(eps, "eps", 3, "(K, B, Z)");
-  d.B = x.size(0);
-  d.K = c.size(eps, "eps", 0, "K", 1);
+  v.d = training_dims(c, x, eps, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
+  const Dims& d = v.d;
   TORCH_CHECK(!need_grad_y || d.C > 0, kBackwardOp, ": need_grad_y is true but the model is "
               "unconditional (C = 0, y is None)");
-
-  c.shape(x, "x", "(B, D)", {d.B, d.D});
-  check_y(c, y, d);
-  c.shape(eps, "eps", "(K, B, Z)", {d.K, d.B, d.Z});
+  check_training_inputs(c, d, x, y, eps);
   const int64_t K = d.K, B = d.B;
   c.shape(logvar, "logvar", "(K, B, Z)", {K, B, d.Z});
   c.ndim(h_enc, "h_enc", 3, "(K, B, He)");
@@ -399,12 +401,8 @@ Validated validate_sample(const Tensor& z, const std::optional<Tensor>& y, const
   v.prec = parse_precision(kSampleOp, precision);
   v.design = parse_design(kSampleOp, design);
   const ArgChecker c(kSampleOp, z, "z");
-  c.same_device_and_dtype(y, "y");
-  c.same_device_and_dtype(dec_w_ih, "dec_w_ih");
-  c.same_device_and_dtype(dec_w_hh, "dec_w_hh");
-  c.same_device_and_dtype(dec_b, "dec_b");
-  c.same_device_and_dtype(write_w, "write_w");
-  c.same_device_and_dtype(write_b, "write_b");
+  c.same_device_and_dtype({{y, "y"}, {dec_w_ih, "dec_w_ih"}, {dec_w_hh, "dec_w_hh"},
+                           {dec_b, "dec_b"}, {write_w, "write_w"}, {write_b, "write_b"}});
 
   Dims& d = v.d;
   c.ndim(z, "z", 3, "(K, B, Z)");
@@ -478,8 +476,25 @@ persistent::Config persistent_config(Precision p) {
   return cfg;
 }
 
+// The sizes and flags of LoopParams / BackwardParams, every pointer null (the caller sets them).
+template <typename T>
+LoopParams<T> loop_params(const Dims& d, bool encoder, bool error_mode) {
+  const int He = encoder ? d.He : 0;
+  auto p = params_with_sizes<LoopParams<T>>(d.B, d.K, d.D, He, d.Hd, d.Z, error_mode);
+  p.encoder = encoder;
+  return p;
+}
+
+template <typename T>
+BackwardParams<T> backward_params(const Dims& d, bool error_mode) {
+  auto p = params_with_sizes<BackwardParams<T>>(d.B, d.K, d.D, d.He, d.Hd, d.Z, error_mode);
+  p.C = d.C;
+  return p;
+}
+
 // The design that runs: the requested one (an error if it cannot run these sizes), or for
 // kAuto the persistent design when it fits and B <= kPersistentMaxRows, else stagewise.
+// `p` needs only its sizes and flags (persistent::supports reads no data).
 template <typename T, typename Params>
 Design resolve_design(const char* op, const Validated& v, const Params& p, const DeviceInfo& info) {
   const auto persistent_fits = [&] {
@@ -503,31 +518,68 @@ Design resolve_design(const char* op, const Validated& v, const Params& p, const
   return Design::kStagewise;
 }
 
-// Run the K-step loop (training forward or sampler) with the chosen design.
-template <typename T>
-void run_loop(const char* op, const Validated& v, const LoopParams<T>& p, const DeviceInfo& info,
-              int rowtile_rows, cudaStream_t stream) {
-  switch (resolve_design<T>(op, v, p, info)) {
-    case Design::kPersistent:
-      persistent::launch_forward<T>(p, persistent::DeviceLimits{info.num_sms, info.smem_optin},
-                                    persistent_config<T>(v.prec), stream);
-      return;
-    case Design::kStagewise: stagewise::forward<T>(p, gemm_precision(v.prec), stream); return;
-    default: launch_loop<T>(p, rowtile_rows, stream); return;
-  }
+// The three ops' loops.
+enum class Loop { kForward, kSample, kBackward };
+
+// How one call runs, decided before anything is allocated or launched.
+struct CallPlan {
+  DeviceInfo info;
+  Design design = Design::kAuto;  // resolved: never kAuto
+  int rowtile_rows = 0;           // rows per block of the rowtile design (0: does not fit)
+};
+
+// Plans a call of `loop` on the validated sizes: every error a design can raise about the sizes
+// (rowtile shared memory, persistent fit) is raised here, before any allocation. Needs the
+// caller's device guard: the persistent design's checks query the current device.
+CallPlan plan_call(const char* op, Loop loop, const Validated& v, const Tensor& ref) {
+  const Dims& d = v.d;
+  CallPlan plan;
+  plan.info = device_info(ref);
+  const int64_t elems_per_row =
+      loop == Loop::kBackward
+          ? backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z)
+          : loop_smem_elems_per_row(d.D, loop == Loop::kForward ? d.He : 0, d.Hd, d.Z,
+                                    loop == Loop::kForward, v.error_mode);
+  plan.rowtile_rows = plan_rows(op, d, elems_per_row, ref, plan.info, v.design);
+  plan.design = AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "avme_plan", [&] {
+    if (loop == Loop::kBackward) {
+      return resolve_design<scalar_t>(op, v, backward_params<scalar_t>(d, v.error_mode), plan.info);
+    }
+    return resolve_design<scalar_t>(
+        op, v, loop_params<scalar_t>(d, loop == Loop::kForward, v.error_mode), plan.info);
+  });
+  return plan;
 }
 
-// Run backward through time (the per-step gradients of BackwardParams) with the chosen design.
-template <typename T>
-void run_backward(const Validated& v, const BackwardParams<T>& p, const DeviceInfo& info,
-                  int rowtile_rows, cudaStream_t stream) {
-  switch (resolve_design<T>(kBackwardOp, v, p, info)) {
+// Runs the planned design on `p`: the K-step loop (LoopParams: training forward or sampler) or
+// backward through time (BackwardParams: the per-step gradients).
+template <typename T, template <typename> class Params>
+void run_design(const Validated& v, const CallPlan& plan, const Params<T>& p,
+                cudaStream_t stream) {
+  constexpr bool kLoop = std::is_same_v<Params<T>, LoopParams<T>>;
+  const persistent::DeviceLimits limits{plan.info.num_sms, plan.info.smem_optin};
+  switch (plan.design) {
     case Design::kPersistent:
-      persistent::launch_backward<T>(p, persistent::DeviceLimits{info.num_sms, info.smem_optin},
-                                     persistent_config<T>(v.prec), stream);
+      if constexpr (kLoop) {
+        persistent::launch_forward<T>(p, limits, persistent_config<T>(v.prec), stream);
+      } else {
+        persistent::launch_backward<T>(p, limits, persistent_config<T>(v.prec), stream);
+      }
       return;
-    case Design::kStagewise: stagewise::backward<T>(p, gemm_precision(v.prec), stream); return;
-    default: launch_backward<T>(p, rowtile_rows, stream); return;
+    case Design::kStagewise:
+      if constexpr (kLoop) {
+        stagewise::forward<T>(p, gemm_precision(v.prec), stream);
+      } else {
+        stagewise::backward<T>(p, gemm_precision(v.prec), stream);
+      }
+      return;
+    default:
+      if constexpr (kLoop) {
+        launch_loop<T>(p, plan.rowtile_rows, stream);
+      } else {
+        launch_backward<T>(p, plan.rowtile_rows, stream);
+      }
+      return;
   }
 }
 
@@ -568,12 +620,9 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
                                        dec_w_hh, dec_b, write_w, write_b, encoder_input,
                                        precision, design);
   const Dims& d = v.d;
-  const DeviceInfo info = device_info(x);
-  const int rt =
-      plan_rows(kForwardOp, d, loop_smem_elems_per_row(d.D, d.He, d.Hd, d.Z, true, v.error_mode),
-                x, info, v.design);
-
   AVME_DEVICE_GUARD(x);
+  const CallPlan plan = plan_call(kForwardOp, Loop::kForward, v, x);
+
   const int64_t B = d.B, K = d.K;
   const int64_t S = save_for_backward ? K : 0;
   const int64_t KC = (return_canvases || save_for_backward) ? K : 0;
@@ -619,15 +668,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_forward", [&] {
-    LoopParams<scalar_t> p;
-    p.B = B;
-    p.K = d.K;
-    p.D = d.D;
-    p.He = d.He;
-    p.Hd = d.Hd;
-    p.Z = d.Z;
-    p.encoder = true;
-    p.error_mode = v.error_mode;
+    LoopParams<scalar_t> p = loop_params<scalar_t>(d, true, v.error_mode);
     p.x = x.data_ptr<scalar_t>();
     p.eps = eps.data_ptr<scalar_t>();
     p.enc_static = enc_static.data_ptr<scalar_t>();
@@ -652,7 +693,7 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
       p.c_dec = c_dec.data_ptr<scalar_t>();
       p.gates_dec = gates_dec.data_ptr<scalar_t>();
     }
-    run_loop<scalar_t>(kForwardOp, v, p, info, rt, stream);
+    run_design(v, plan, p, stream);
   });
   return result;
 }
@@ -680,11 +721,9 @@ BackwardResult avme_backward(
       write_w, encoder_input, need_grad_y, precision, design);
   const Dims& d = v.d;
   const Precision prec = v.prec;
-  const DeviceInfo info = device_info(x);
-  const int rt = plan_rows(kBackwardOp, d, backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z), x,
-                           info, v.design);
-
   AVME_DEVICE_GUARD(x);
+  const CallPlan plan = plan_call(kBackwardOp, Loop::kBackward, v, x);
+
   const int64_t B = d.B, K = d.K, He4 = d.He4(), Hd4 = d.Hd4(), in_enc = d.enc_in();
   const auto opts = x.options();
   // Gradients nobody asked for are empty (first dimension 0).
@@ -715,15 +754,7 @@ BackwardResult avme_backward(
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_backward", [&] {
-    BackwardParams<scalar_t> p;
-    p.B = B;
-    p.K = d.K;
-    p.D = d.D;
-    p.He = d.He;
-    p.Hd = d.Hd;
-    p.Z = d.Z;
-    p.C = d.C;
-    p.error_mode = v.error_mode;
+    BackwardParams<scalar_t> p = backward_params<scalar_t>(d, v.error_mode);
     p.grad_canvas = ptr_or_null<scalar_t>(grad_canvas);
     p.grad_canvases = ptr_or_null<scalar_t>(grad_canvases);
     p.grad_mu = ptr_or_null<scalar_t>(grad_mu);
@@ -746,7 +777,7 @@ BackwardResult avme_backward(
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
     p.d_x_error = ptr_or_null<scalar_t>(d_x_error);
-    run_backward<scalar_t>(v, p, info, rt, stream);
+    run_design(v, plan, p, stream);
   });
 
   // Weight gradients: large products over all K*B rows (cuBLAS through ATen).
@@ -837,11 +868,9 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
   const Validated v =
       validate_sample(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, precision, design);
   const Dims& d = v.d;
-  const DeviceInfo info = device_info(z);
-  const int rt = plan_rows(kSampleOp, d, loop_smem_elems_per_row(d.D, 0, d.Hd, d.Z, false, false),
-                           z, info, v.design);
-
   AVME_DEVICE_GUARD(z);
+  const CallPlan plan = plan_call(kSampleOp, Loop::kSample, v, z);
+
   const int64_t B = d.B, K = d.K;
   const auto opts = z.options();
   Tensor canvas = uninit({B, d.D}, opts);
@@ -862,15 +891,7 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "avme_sample", [&] {
-    LoopParams<scalar_t> p;
-    p.B = B;
-    p.K = d.K;
-    p.D = d.D;
-    p.He = 0;
-    p.Hd = d.Hd;
-    p.Z = d.Z;
-    p.encoder = false;
-    p.error_mode = false;
+    LoopParams<scalar_t> p = loop_params<scalar_t>(d, false, false);
     p.z_in = z.data_ptr<scalar_t>();
     p.dec_static = dec_static.data_ptr<scalar_t>();
     p.dec_static_stride = d.C > 0 ? d.Hd4() : 0;
@@ -879,7 +900,7 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
     p.write_b = write_b.data_ptr<scalar_t>();
     p.canvas = canvas.data_ptr<scalar_t>();
     p.canvases = ptr_or_null<scalar_t>(canvases);
-    run_loop<scalar_t>(kSampleOp, v, p, info, rt, stream);
+    run_design(v, plan, p, stream);
   });
   return {canvas, canvases};
 }
@@ -907,6 +928,19 @@ constexpr const char* kSampleSchema =
     "Tensor write_w, Tensor write_b, bool return_canvases, str precision, str design) -> "
     "(Tensor canvas, Tensor canvases)";
 
+// The three schemas, and their kernels (the same functions for every dispatch key used).
+void define_ops(torch::Library& m) {
+  m.def(kForwardSchema);
+  m.def(kBackwardSchema);
+  m.def(kSampleSchema);
+}
+
+void implement_ops(torch::Library& m) {
+  m.impl("forward", &avme_forward);
+  m.impl("backward", &avme_backward);
+  m.impl("sample", &avme_sample);
+}
+
 }  // namespace
 }  // namespace avme
 
@@ -914,25 +948,15 @@ constexpr const char* kSampleSchema =
 TORCH_LIBRARY(avme, m) {
   // Fake (meta) kernels and autograd live in this Python module.
   m.set_python_module("avme_ext.ops");
-  m.def(avme::kForwardSchema);
-  m.def(avme::kBackwardSchema);
-  m.def(avme::kSampleSchema);
+  avme::define_ops(m);
 }
 
-TORCH_LIBRARY_IMPL(avme, CUDA, m) {
-  m.impl("forward", &avme::avme_forward);
-  m.impl("backward", &avme::avme_backward);
-  m.impl("sample", &avme::avme_sample);
-}
+TORCH_LIBRARY_IMPL(avme, CUDA, m) { avme::implement_ops(m); }
 
 // CPU tensors reach these kernels, whose first check raises a clear "must be a CUDA tensor"
 // error (instead of the dispatcher's generic "could not run ... with arguments from the CPU
 // backend").
-TORCH_LIBRARY_IMPL(avme, CPU, m) {
-  m.impl("forward", &avme::avme_forward);
-  m.impl("backward", &avme::avme_backward);
-  m.impl("sample", &avme::avme_sample);
-}
+TORCH_LIBRARY_IMPL(avme, CPU, m) { avme::implement_ops(m); }
 
 // `import avme_ext._C` loads this shared library (running the registrations above) and
 // gets an empty module; the ops are then reachable as torch.ops.avme.*. No pybind11.
@@ -948,15 +972,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 }
 #else
 // Test-only: the same ops on CPU tensors, run by the CPU emulator, as torch.ops.avme_emu.*.
-TORCH_LIBRARY(avme_emu, m) {
-  m.def(avme::kForwardSchema);
-  m.def(avme::kBackwardSchema);
-  m.def(avme::kSampleSchema);
-}
+TORCH_LIBRARY(avme_emu, m) { avme::define_ops(m); }
 
-TORCH_LIBRARY_IMPL(avme_emu, CPU, m) {
-  m.impl("forward", &avme::avme_forward);
-  m.impl("backward", &avme::avme_backward);
-  m.impl("sample", &avme::avme_sample);
-}
+TORCH_LIBRARY_IMPL(avme_emu, CPU, m) { avme::implement_ops(m); }
 #endif

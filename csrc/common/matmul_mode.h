@@ -10,7 +10,9 @@
 
 namespace avme {
 
-// allow_tf32 = false: TF32 off (at::NoTF32Guard, thread-local), whatever the global setting is.
+// allow_tf32 = false: TF32 off, whatever the global setting is: at::NoTF32Guard (thread-local),
+// and, only where TF32 is on globally, the global setting turned off until the guard ends too
+// (ATen's cuBLASLt paths read the global setting alone, not the thread-local guard).
 // allow_tf32 = true: TF32 on (a process-global setting, restored when the guard ends; not
 // thread-safe). bf16 products are not a cuBLAS mode: callers pass bf16 operands themselves.
 // The constructor either completes or throws before changing anything; the destructor never
@@ -18,18 +20,15 @@ namespace avme {
 class MatmulModeGuard {
  public:
   explicit MatmulModeGuard(bool allow_tf32) {
-    if (allow_tf32) {
-      auto& ctx = at::globalContext();
-      const at::Float32MatmulPrecision legacy = ctx.float32MatmulPrecision();
-      const at::Float32Precision current =
-          ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-      ctx.setAllowTF32CuBLAS(true);
-      legacy_ = legacy;
-      cuda_matmul_ = current;
-      restore_ = true;
-    } else {
-      no_tf32_.emplace();
-    }
+    auto& ctx = at::globalContext();
+    if (!allow_tf32) no_tf32_.emplace();
+    if (allow_tf32 == ctx.allowTF32CuBLAS()) return;  // the global setting already agrees
+    const at::Float32MatmulPrecision legacy = ctx.float32MatmulPrecision();
+    const at::Float32Precision current = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+    ctx.setAllowTF32CuBLAS(allow_tf32);
+    legacy_ = legacy;
+    cuda_matmul_ = current;
+    restore_ = true;
   }
   ~MatmulModeGuard() {
     if (!restore_) return;
@@ -41,7 +40,7 @@ class MatmulModeGuard {
       ctx.setFloat32MatmulPrecision(name);
       ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, cuda_matmul_);
     } catch (const std::exception& e) {
-      TORCH_WARN("avme: could not restore the float32 matmul precision after a tf32 op: ", e.what());
+      TORCH_WARN("avme: could not restore the float32 matmul precision after an op: ", e.what());
     }
   }
   MatmulModeGuard(const MatmulModeGuard&) = delete;

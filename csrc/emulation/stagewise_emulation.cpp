@@ -66,15 +66,10 @@ void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_
   const bool per_row = dec_static.dim() == 2;
   AT_DISPATCH_FLOATING_TYPES(dec_wT.scalar_type(), "avme_swemu_forward", [&] {
     using T = scalar_t;
-    LoopParams<T> p;
-    p.B = B;
-    p.K = static_cast<int>(K);
-    p.D = static_cast<int>(D);
-    p.He = static_cast<int>(He);
-    p.Hd = static_cast<int>(Hd);
-    p.Z = static_cast<int>(Z);
+    auto p = params_with_sizes<LoopParams<T>>(B, static_cast<int>(K), static_cast<int>(D),
+                                              static_cast<int>(He), static_cast<int>(Hd),
+                                              static_cast<int>(Z), error_mode);
     p.encoder = encoder;
-    p.error_mode = error_mode;
     p.x = data_of<T>(x, "x", {B, D});
     p.eps = data_of<T>(eps, "eps", {K, B, Z});
     p.z_in = data_of<T>(z_in, "z_in", {K, B, Z});
@@ -120,15 +115,10 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
   const int64_t C = dec_w_ih.size(1) - Z;
   AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "avme_swemu_backward", [&] {
     using T = scalar_t;
-    BackwardParams<T> p;
-    p.B = B;
-    p.K = static_cast<int>(K);
-    p.D = static_cast<int>(D);
-    p.He = static_cast<int>(He);
-    p.Hd = static_cast<int>(Hd);
-    p.Z = static_cast<int>(Z);
+    auto p = params_with_sizes<BackwardParams<T>>(B, static_cast<int>(K), static_cast<int>(D),
+                                                  static_cast<int>(He), static_cast<int>(Hd),
+                                                  static_cast<int>(Z), error_mode);
     p.C = static_cast<int>(C);
-    p.error_mode = error_mode;
     p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
     p.grad_canvases = data_of<T>(grad_canvases, "grad_canvases", {K, B, D});
     p.grad_mu = data_of<T>(grad_mu, "grad_mu", {K, B, Z});

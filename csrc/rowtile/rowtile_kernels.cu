@@ -34,6 +34,7 @@
 #include "avme.h"
 
 #include <atomic>
+#include <type_traits>
 
 #ifdef AVME_CPU_EMULATION
 // Test-only build: the same kernel source compiled as C++, one OS thread per CUDA thread
@@ -91,6 +92,28 @@ __device__ __forceinline__ void accumulate(T (&acc)[G][RT], const T* A, int lda,
   }
 }
 
+// acc[g][r] = the step-invariant pre-activation of gate g of LSTM unit j for the tile's row r:
+// static_ (B, 4H) rows with row stride ld (0: one row for every batch row); 0 for padding rows.
+template <typename T, int RT>
+__device__ __forceinline__ void load_static_gates(T (&acc)[4][RT], const T* __restrict__ static_,
+                                                  int64_t ld, int H, int j, int64_t row0,
+                                                  int64_t B) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int64_t row = row0 + r;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) acc[g][r] = row < B ? static_[row * ld + g * H + j] : T(0);
+  }
+}
+
+// Exchanges the current and next buffers of a double-buffered state (block-uniform pointers).
+template <typename T>
+__device__ __forceinline__ void swap_buffers(T*& cur, T*& nxt) {
+  T* const tmp = cur;
+  cur = nxt;
+  nxt = tmp;
+}
+
 // Forward of LSTM unit j for the tile's RT rows: acc holds the pre-activations of its four gates
 // (i, f, g, o). Updates c (RT x H, shared) in place, writes h to h_next (RT x H, shared) and, when
 // saving for the backward (h_saved != nullptr), h, c and the activated gates of real rows to
@@ -113,11 +136,7 @@ __device__ __forceinline__ void lstm_unit_forward_tile(const T (&acc)[4][RT], T*
       const int64_t base = tB + row;
       h_saved[base * H + j] = h;
       c_saved[base * H + j] = c;
-      T* gp = gates_saved + base * 4 * H;
-      gp[j] = ig;
-      gp[H + j] = fg;
-      gp[2 * H + j] = gg;
-      gp[3 * H + j] = og;
+      store_gates(gates_saved + base * 4 * H + j, H, ig, fg, gg, og);
     }
   }
 }
@@ -172,13 +191,7 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
       // ---- encoder LSTM: gates = static + r W_r^T + h_dec W_hd^T + h_enc W_hh^T ------------
       for (int j = tid; j < He; j += kThreads) {
         T acc[4][RT];
-#pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          const int64_t row = row0 + r;
-#pragma unroll
-          for (int g = 0; g < 4; ++g)
-            acc[g][r] = row < B ? p.enc_static[row * 4 * He + g * He + j] : T(0);
-        }
+        load_static_gates<T, RT>(acc, p.enc_static, 4 * static_cast<int64_t>(He), He, j, row0, B);
         const int64_t ld = 4 * static_cast<int64_t>(He);
         accumulate<T, RT, 4>(acc, r_in, D, D, p.enc_wT, ld, j, He);
         accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.enc_wT + D * ld, ld, j, He);
@@ -187,11 +200,7 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
                                       B, tB);
       }
       __syncthreads();
-      {
-        T* tmp = he_cur;
-        he_cur = he_nxt;
-        he_nxt = tmp;
-      }
+      swap_buffers(he_cur, he_nxt);
 
       // ---- posterior: [mu, logvar] = h_enc q_w^T + q_b; z = mu + exp(logvar/2) eps ---------
       for (int j = tid; j < Z; j += kThreads) {
@@ -231,13 +240,7 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
     // ---- decoder LSTM: gates = static + z W_z^T + h_dec W_hh^T ------------------------------
     for (int j = tid; j < Hd; j += kThreads) {
       T acc[4][RT];
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const int64_t row = row0 + r;
-#pragma unroll
-        for (int g = 0; g < 4; ++g)
-          acc[g][r] = row < B ? p.dec_static[row * p.dec_static_stride + g * Hd + j] : T(0);
-      }
+      load_static_gates<T, RT>(acc, p.dec_static, p.dec_static_stride, Hd, j, row0, B);
       const int64_t ld = 4 * static_cast<int64_t>(Hd);
       accumulate<T, RT, 4>(acc, z_s, Z, Z, p.dec_wT, ld, j, Hd);
       accumulate<T, RT, 4>(acc, hd_cur, Hd, Hd, p.dec_wT + Z * ld, ld, j, Hd);
@@ -245,11 +248,7 @@ __global__ void __launch_bounds__(kThreads) avme_loop_kernel(const LoopParams<T>
                                     tB);
     }
     __syncthreads();
-    {
-      T* tmp = hd_cur;
-      hd_cur = hd_nxt;
-      hd_nxt = tmp;
-    }
+    swap_buffers(hd_cur, hd_nxt);
 
     // ---- write: s_t = s_{t-1} + (h_dec write_w^T + write_b) ---------------------------------
     for (int d = tid; d < D; d += kThreads) {
@@ -308,18 +307,27 @@ __device__ __forceinline__ void lstm_unit_backward_tile(const T (&dh)[RT], T* dc
     T di, df, dg, d_o, dc_prev;
     lstm_cell_backward(dh[r], dc[r * H + j], ig, fg, gg, og, c, c_prev, di, df, dg, d_o, dc_prev);
     dc[r * H + j] = dc_prev;
-    T* sp = dgates_s + r * 4 * H;
-    sp[j] = di;
-    sp[H + j] = df;
-    sp[2 * H + j] = dg;
-    sp[3 * H + j] = d_o;
-    if (row < B) {
-      T* gp = d_gates + (tB + row) * 4 * H;
-      gp[j] = di;
-      gp[H + j] = df;
-      gp[2 * H + j] = dg;
-      gp[3 * H + j] = d_o;
-    }
+    store_gates(dgates_s + r * 4 * H + j, H, di, df, dg, d_o);
+    if (row < B) store_gates(d_gates + (tB + row) * 4 * H + j, H, di, df, dg, d_o);
+  }
+}
+
+// Backward of one LSTM for the tile at step t: for each unit j, dh = dh_carry (RT x H, shared)
+// + in (RT x kdim, shared) W (kdim, H; column j), then lstm_unit_backward_tile.
+template <typename T, int RT>
+__device__ __forceinline__ void lstm_backward_stage(const T* dh_carry, const T* in, int kdim,
+                                                    const T* __restrict__ W, T* dc, T* dgates_s,
+                                                    const T* __restrict__ gates,
+                                                    const T* __restrict__ cells,
+                                                    T* __restrict__ d_gates, int H, int64_t row0,
+                                                    int64_t B, int64_t tB, int t) {
+  for (int j = static_cast<int>(threadIdx.x); j < H; j += kThreads) {
+    T acc[1][RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) acc[0][r] = dh_carry[r * H + j];
+    accumulate<T, RT, 1>(acc, in, kdim, kdim, W, H, j, 0);
+    lstm_unit_backward_tile<T, RT>(acc[0], dc, dgates_s, gates, cells, d_gates, H, j, row0, B, tB,
+                                   t);
   }
 }
 
@@ -373,14 +381,8 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
     __syncthreads();
 
     // ---- S1: decoder. dh_dec_t = carried + gs write_w; LSTM cell backward -----------------
-    for (int j = tid; j < Hd; j += kThreads) {
-      T acc[1][RT];
-#pragma unroll
-      for (int r = 0; r < RT; ++r) acc[0][r] = dh_d[r * Hd + j];
-      accumulate<T, RT, 1>(acc, gs, D, D, p.write_w, Hd, j, 0);
-      lstm_unit_backward_tile<T, RT>(acc[0], dc_d, dgd, p.gates_dec, p.c_dec, p.d_gates_dec, Hd, j, row0,
-                                     B, tB, t);
-    }
+    lstm_backward_stage<T, RT>(dh_d, gs, D, p.write_w, dc_d, dgd, p.gates_dec, p.c_dec,
+                               p.d_gates_dec, Hd, row0, B, tB, t);
     __syncthreads();
 
     // ---- S2: posterior. dz = dgd W_z; dmu = g_mu + dz; dlogvar = g_lv + dz eps exp(lv/2)/2 -
@@ -411,14 +413,8 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
     __syncthreads();
 
     // ---- S3: encoder. dh_enc_t = carried + dq q_w; LSTM cell backward ---------------------
-    for (int j = tid; j < He; j += kThreads) {
-      T acc[1][RT];
-#pragma unroll
-      for (int r = 0; r < RT; ++r) acc[0][r] = dh_e[r * He + j];
-      accumulate<T, RT, 1>(acc, dq, 2 * Z, 2 * Z, p.q_w, He, j, 0);
-      lstm_unit_backward_tile<T, RT>(acc[0], dc_e, dge, p.gates_enc, p.c_enc, p.d_gates_enc, He, j, row0,
-                                     B, tB, t);
-    }
+    lstm_backward_stage<T, RT>(dh_e, dq, 2 * Z, p.q_w, dc_e, dge, p.gates_enc, p.c_enc,
+                               p.d_gates_enc, He, row0, B, tB, t);
     __syncthreads();
 
     // ---- S4: gradients carried into step t-1 -------------------------------------------------
@@ -490,32 +486,38 @@ int choose_rows_per_block(int64_t B, int64_t bytes_per_row, int64_t smem_limit, 
   return rt;
 }
 
-#ifndef AVME_CPU_EMULATION
 namespace {
 
-template <typename T, int RT>
-void launch_loop_rt(const LoopParams<T>& p, cudaStream_t stream) {
-  const size_t smem =
-      sizeof(T) * RT * loop_elems_hd(p.D, p.He, p.Hd, p.Z, p.encoder, p.error_mode);
-  const int64_t blocks = (p.B + RT - 1) / RT;
-  TORCH_CHECK(blocks <= 2147483647LL, "avme: batch too large for one launch (", p.B, " rows)");
-  static std::atomic<size_t> configured[kMaxDevices] = {};
-  auto kernel = avme_loop_kernel<T, RT>;
-  set_smem(kernel, smem, configured);
-  kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Calls f(std::integral_constant<int, RT>{}) for rows_per_block = RT in {1, 2, 4, 8}.
+template <typename F>
+void with_rows_per_block(int rows_per_block, F&& f) {
+  switch (rows_per_block) {
+    case 1: f(std::integral_constant<int, 1>{}); return;
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    case 4: f(std::integral_constant<int, 4>{}); return;
+    case 8: f(std::integral_constant<int, 8>{}); return;
+    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
+  }
 }
 
-template <typename T, int RT>
-void launch_backward_rt(const BackwardParams<T>& p, cudaStream_t stream) {
-  const size_t smem = sizeof(T) * RT * backward_elems_hd(p.D, p.He, p.Hd, p.Z);
+// One launch of `kernel` on `stream`: a block per RT batch rows, RT * elems_per_row elements of
+// T of dynamic shared memory (checked with C10_CUDA_KERNEL_LAUNCH_CHECK; run by the emulator in
+// the CPU build).
+template <typename T, int RT, typename Params>
+void launch_tiles(void (*kernel)(Params), int64_t elems_per_row, const Params& p,
+                  cudaStream_t stream) {
+  const size_t smem = sizeof(T) * RT * static_cast<size_t>(elems_per_row);
   const int64_t blocks = (p.B + RT - 1) / RT;
+#ifdef AVME_CPU_EMULATION
+  (void)stream;
+  emu::launch(kernel, blocks, smem, p);
+#else
   TORCH_CHECK(blocks <= 2147483647LL, "avme: batch too large for one launch (", p.B, " rows)");
-  static std::atomic<size_t> configured[kMaxDevices] = {};
-  auto kernel = avme_backward_kernel<T, RT>;
+  static std::atomic<size_t> configured[kMaxDevices] = {};  // one per kernel instantiation
   set_smem(kernel, smem, configured);
   kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 }  // namespace
@@ -523,57 +525,20 @@ void launch_backward_rt(const BackwardParams<T>& p, cudaStream_t stream) {
 template <typename T>
 void launch_loop(const LoopParams<T>& p, int rows_per_block, cudaStream_t stream) {
   if (p.B <= 0) return;
-  switch (rows_per_block) {
-    case 1: launch_loop_rt<T, 1>(p, stream); break;
-    case 2: launch_loop_rt<T, 2>(p, stream); break;
-    case 4: launch_loop_rt<T, 4>(p, stream); break;
-    case 8: launch_loop_rt<T, 8>(p, stream); break;
-    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
-  }
+  const int64_t elems = loop_elems_hd(p.D, p.He, p.Hd, p.Z, p.encoder, p.error_mode);
+  with_rows_per_block(rows_per_block, [&](auto rt) {
+    launch_tiles<T, rt.value>(avme_loop_kernel<T, rt.value>, elems, p, stream);
+  });
 }
 
 template <typename T>
 void launch_backward(const BackwardParams<T>& p, int rows_per_block, cudaStream_t stream) {
   if (p.B <= 0) return;
-  switch (rows_per_block) {
-    case 1: launch_backward_rt<T, 1>(p, stream); break;
-    case 2: launch_backward_rt<T, 2>(p, stream); break;
-    case 4: launch_backward_rt<T, 4>(p, stream); break;
-    case 8: launch_backward_rt<T, 8>(p, stream); break;
-    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
-  }
+  const int64_t elems = backward_elems_hd(p.D, p.He, p.Hd, p.Z);
+  with_rows_per_block(rows_per_block, [&](auto rt) {
+    launch_tiles<T, rt.value>(avme_backward_kernel<T, rt.value>, elems, p, stream);
+  });
 }
-
-#else   // AVME_CPU_EMULATION
-template <typename T>
-void launch_loop(const LoopParams<T>& p, int rows_per_block, cudaStream_t) {
-  if (p.B <= 0) return;
-  const size_t smem = sizeof(T) * rows_per_block *
-                      loop_elems_hd(p.D, p.He, p.Hd, p.Z, p.encoder, p.error_mode);
-  const int64_t blocks = (p.B + rows_per_block - 1) / rows_per_block;
-  switch (rows_per_block) {
-    case 1: emu::launch(avme_loop_kernel<T, 1>, blocks, smem, p); break;
-    case 2: emu::launch(avme_loop_kernel<T, 2>, blocks, smem, p); break;
-    case 4: emu::launch(avme_loop_kernel<T, 4>, blocks, smem, p); break;
-    case 8: emu::launch(avme_loop_kernel<T, 8>, blocks, smem, p); break;
-    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
-  }
-}
-
-template <typename T>
-void launch_backward(const BackwardParams<T>& p, int rows_per_block, cudaStream_t) {
-  if (p.B <= 0) return;
-  const size_t smem = sizeof(T) * rows_per_block * backward_elems_hd(p.D, p.He, p.Hd, p.Z);
-  const int64_t blocks = (p.B + rows_per_block - 1) / rows_per_block;
-  switch (rows_per_block) {
-    case 1: emu::launch(avme_backward_kernel<T, 1>, blocks, smem, p); break;
-    case 2: emu::launch(avme_backward_kernel<T, 2>, blocks, smem, p); break;
-    case 4: emu::launch(avme_backward_kernel<T, 4>, blocks, smem, p); break;
-    case 8: emu::launch(avme_backward_kernel<T, 8>, blocks, smem, p); break;
-    default: TORCH_CHECK(false, "avme: internal error: rows_per_block=", rows_per_block);
-  }
-}
-#endif  // AVME_CPU_EMULATION
 
 template void launch_loop<float>(const LoopParams<float>&, int, cudaStream_t);
 template void launch_loop<double>(const LoopParams<double>&, int, cudaStream_t);

@@ -11,39 +11,6 @@ namespace avme {
 namespace stagewise {
 namespace {
 
-using at::Tensor;
-using detail::CallContext;
-using detail::ColumnLayout;
-using detail::slot;
-
-template <typename T>
-void check_backward_params(const BackwardParams<T>& p) {
-  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.He > 0 && p.Hd > 0 && p.Z > 0 && p.C >= 0,
-              "avme::stagewise::backward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
-              " Hd=", p.Hd, " Z=", p.Z, " C=", p.C);
-  if (p.B == 0) return;  // nothing is read or written
-  auto need = [](const void* ptr, const char* name) {
-    TORCH_CHECK(ptr != nullptr, "avme::stagewise::backward: BackwardParams.", name, " is null");
-  };
-  need(p.eps, "eps");
-  need(p.logvar, "logvar");
-  if (p.error_mode) need(p.canvases, "canvases");
-  need(p.c_enc, "c_enc");
-  need(p.gates_enc, "gates_enc");
-  need(p.c_dec, "c_dec");
-  need(p.gates_dec, "gates_dec");
-  need(p.enc_w_ih, "enc_w_ih");
-  need(p.enc_w_hh, "enc_w_hh");
-  need(p.q_w, "q_w");
-  need(p.dec_w_ih, "dec_w_ih");
-  need(p.dec_w_hh, "dec_w_hh");
-  need(p.write_w, "write_w");
-  need(p.d_canvas, "d_canvas");
-  need(p.d_q, "d_q");
-  need(p.d_gates_enc, "d_gates_enc");
-  need(p.d_gates_dec, "d_gates_dec");
-}
-
 // GEMM-operand copy of a per-step gradient: bf16 buffer written by the pointwise kernel, or the
 // (B, N) step slice of the fp32 output itself.
 template <typename T, typename A>
@@ -98,10 +65,59 @@ struct BackwardWorkspace {
     dc_dec = at::zeros({B, Hd}, ctx.state());
   }
 };
+// The backward LSTM cell of step t over B rows of H units, from the saved activated gates and
+// cell states (K, B, 4H) / (K, B, H); dc carried in place in `dc_carry`; the dh_in slots are
+// the caller's.
+template <typename T, typename A>
+LstmBackwardArgs<T, A> lstm_backward_args(int64_t B, int H, int t, const T* gates, const T* c,
+                                          const Tensor& dc_carry, T* d_gates,
+                                          Slot<A> d_gates_copy) {
+  LstmBackwardArgs<T, A> a;
+  a.B = B;
+  a.H = H;
+  a.gates = gates + t * B * 4 * H;
+  a.c = c + t * B * H;
+  a.c_prev = t > 0 ? c + (t - 1) * B * H : nullptr;
+  a.dc_carry = dc_carry.data_ptr<T>();
+  a.d_gates = d_gates;
+  a.d_gates_copy = d_gates_copy;
+  return a;
+}
 
+}  // namespace
+
+namespace detail {
+
+template <typename T>
+void check_params(const BackwardParams<T>& p) {
+  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.He > 0 && p.Hd > 0 && p.Z > 0 && p.C >= 0,
+              "avme::stagewise::backward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
+              " Hd=", p.Hd, " Z=", p.Z, " C=", p.C);
+  if (p.B == 0) return;  // nothing is read or written
+  auto need = [](const void* ptr, const char* name) {
+    TORCH_CHECK(ptr != nullptr, "avme::stagewise::backward: BackwardParams.", name, " is null");
+  };
+  need(p.eps, "eps");
+  need(p.logvar, "logvar");
+  if (p.error_mode) need(p.canvases, "canvases");
+  need(p.c_enc, "c_enc");
+  need(p.gates_enc, "gates_enc");
+  need(p.c_dec, "c_dec");
+  need(p.gates_dec, "gates_dec");
+  need(p.enc_w_ih, "enc_w_ih");
+  need(p.enc_w_hh, "enc_w_hh");
+  need(p.q_w, "q_w");
+  need(p.dec_w_ih, "dec_w_ih");
+  need(p.dec_w_hh, "dec_w_hh");
+  need(p.write_w, "write_w");
+  need(p.d_canvas, "d_canvas");
+  need(p.d_q, "d_q");
+  need(p.d_gates_enc, "d_gates_enc");
+  need(p.d_gates_dec, "d_gates_dec");
+}
 
 template <typename T, typename A>
-void run_backward(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
+void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
   const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   const int K = p.K;
   BackwardWorkspace<T, A> ws(p, ctx);
@@ -129,25 +145,18 @@ void run_backward(const BackwardParams<T>& p, const CallContext& ctx, cudaStream
     cg.d_x = (x_error && !last) ? p.d_x_error : nullptr;
     cg.g_out = d_canvas;
     cg.g_copy = ws.g.target();
-    launch_canvas_grad(cg, stream);
+    launch(cg, stream);
 
     // Decoder: dh_dec_t = d_canvas[t] write_w + the step t+1 carries.
     detail::gemm(ws.dh_dec_write, ws.g.operand(d_canvas, B, D, ctx), ws.write_w);
-    LstmBackwardArgs<T, A> dec;
-    dec.B = B;
-    dec.H = p.Hd;
+    auto dec = lstm_backward_args<T, A>(B, p.Hd, t, p.gates_dec, p.c_dec, ws.dc_dec, d_gates_dec,
+                                        ws.dgd.target());
     dec.dh_in[0] = slot<const T>(ws.dh_dec_write, 0);
     if (!last) {
       dec.dh_in[1] = slot<const T>(ws.enc_in_grad, enc_hd);
       dec.dh_in[2] = slot<const T>(ws.dec_in_grad, dec_hd);
     }
-    dec.gates = p.gates_dec + t * B * 4 * Hd;
-    dec.c = p.c_dec + t * B * Hd;
-    dec.c_prev = t > 0 ? p.c_dec + (t - 1) * B * Hd : nullptr;
-    dec.dc_carry = ws.dc_dec.template data_ptr<T>();
-    dec.d_gates = d_gates_dec;
-    dec.d_gates_copy = ws.dgd.target();
-    launch_lstm_backward(dec, stream);
+    launch(dec, stream);
 
     // Posterior: [dz | dh_dec carry] = d_gates_dec[t] [W_z | W_hh] (no carry needed at t = 0).
     const int64_t dec_cols = t > 0 ? ws.dec_cols.total() : Z;
@@ -163,22 +172,15 @@ void run_backward(const BackwardParams<T>& p, const CallContext& ctx, cudaStream
     rb.grad_logvar = detail::step_slice(p.grad_logvar, t, B * Z);
     rb.d_q = d_q;
     rb.d_q_copy = ws.dq.target();
-    launch_reparam_backward(rb, stream);
+    launch(rb, stream);
 
     // Encoder: dh_enc_t = d_q[t] q_w + the step t+1 carry.
     detail::gemm(ws.dh_enc_q, ws.dq.operand(d_q, B, 2 * Z, ctx), ws.q_w);
-    LstmBackwardArgs<T, A> enc;
-    enc.B = B;
-    enc.H = p.He;
+    auto enc = lstm_backward_args<T, A>(B, p.He, t, p.gates_enc, p.c_enc, ws.dc_enc, d_gates_enc,
+                                        ws.dge.target());
     enc.dh_in[0] = slot<const T>(ws.dh_enc_q, 0);
     if (!last) enc.dh_in[1] = slot<const T>(ws.enc_in_grad, enc_he);
-    enc.gates = p.gates_enc + t * B * 4 * He;
-    enc.c = p.c_enc + t * B * He;
-    enc.c_prev = t > 0 ? p.c_enc + (t - 1) * B * He : nullptr;
-    enc.dc_carry = ws.dc_enc.template data_ptr<T>();
-    enc.d_gates = d_gates_enc;
-    enc.d_gates_copy = ws.dge.target();
-    launch_lstm_backward(enc, stream);
+    launch(enc, stream);
 
     // Carries into step t-1: [dr_t | dh_dec | dh_enc] = d_gates_enc[t] [W_r | W_hd | W_hh]. At
     // t = 0 only dr_1 matters, and only for d_x (error mode).
@@ -196,23 +198,12 @@ void run_backward(const BackwardParams<T>& p, const CallContext& ctx, cudaStream
     cg.dr = slot<const T>(ws.enc_in_grad, enc_r);
     cg.error_mode = true;
     cg.d_x = p.d_x_error;
-    launch_canvas_grad(cg, stream);
+    launch(cg, stream);
   }
 }
 
-}  // namespace
+AVME_SW_INSTANTIATE_STEPS(BackwardParams)
 
-template <typename T>
-void backward(const BackwardParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
-  check_backward_params(p);
-  if (p.B == 0) return;
-  detail::run_in_call_scope<T>(precision, stream, [&](const CallContext& ctx, auto operand) {
-    run_backward<T, decltype(operand)>(p, ctx, stream);
-  });
-}
-
-template void backward<float>(const BackwardParams<float>&, GemmPrecision, cudaStream_t);
-template void backward<double>(const BackwardParams<double>&, GemmPrecision, cudaStream_t);
-
+}  // namespace detail
 }  // namespace stagewise
 }  // namespace avme

@@ -14,36 +14,6 @@ namespace avme {
 namespace stagewise {
 namespace {
 
-using at::Tensor;
-using detail::CallContext;
-using detail::ColumnLayout;
-using detail::slot;
-
-template <typename T>
-void check_forward_params(const LoopParams<T>& p) {
-  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.Hd > 0 && p.Z > 0 && (!p.encoder || p.He > 0),
-              "avme::stagewise::forward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
-              " Hd=", p.Hd, " Z=", p.Z);
-  if (p.B == 0) return;  // nothing is read or written
-  auto need = [](const void* ptr, const char* name) {
-    TORCH_CHECK(ptr != nullptr, "avme::stagewise::forward: LoopParams.", name, " is null");
-  };
-  need(p.dec_static, "dec_static");
-  need(p.dec_wT, "dec_wT");
-  need(p.write_wT, "write_wT");
-  need(p.write_b, "write_b");
-  if (p.encoder) {
-    need(p.x, "x");
-    need(p.eps, "eps");
-    need(p.enc_static, "enc_static");
-    need(p.enc_wT, "enc_wT");
-    need(p.q_wT, "q_wT");
-    need(p.q_b, "q_b");
-  } else {
-    need(p.z_in, "z_in");
-  }
-}
-
 // Persistent buffers and packed weights of one forward call (allocated before the loop).
 template <typename T>
 struct ForwardWorkspace {
@@ -98,8 +68,56 @@ std::pair<const T*, T*> cell_state(T* saved, const Tensor& buffer, int t, int64_
   return {t > 0 ? own : nullptr, own};
 }
 
+// The forward LSTM cell of step t over B rows of H units: pre-activations from `gates` plus
+// `bias` (row stride bias_ld), cell state through cell_state(), h and activated gates saved
+// when the caller saves them (the h_out slots are the caller's).
 template <typename T, typename A>
-void run_forward(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
+LstmForwardArgs<T, A> lstm_forward_args(int64_t B, int H, int t, const Tensor& gates,
+                                        const T* bias, int64_t bias_ld, T* c_saved,
+                                        const Tensor& c_buffer, T* h_saved, T* gates_saved) {
+  LstmForwardArgs<T, A> a;
+  a.B = B;
+  a.H = H;
+  a.pre = gates.data_ptr<T>();
+  a.bias = bias;
+  a.bias_ld = bias_ld;
+  std::tie(a.c_prev, a.c_out) = cell_state(c_saved, c_buffer, t, B * H);
+  a.h_saved = detail::step_slice(h_saved, t, B * H);
+  a.gates_saved = detail::step_slice(gates_saved, t, B * 4 * H);
+  return a;
+}
+
+}  // namespace
+
+namespace detail {
+
+template <typename T>
+void check_params(const LoopParams<T>& p) {
+  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.Hd > 0 && p.Z > 0 && (!p.encoder || p.He > 0),
+              "avme::stagewise::forward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
+              " Hd=", p.Hd, " Z=", p.Z);
+  if (p.B == 0) return;  // nothing is read or written
+  auto need = [](const void* ptr, const char* name) {
+    TORCH_CHECK(ptr != nullptr, "avme::stagewise::forward: LoopParams.", name, " is null");
+  };
+  need(p.dec_static, "dec_static");
+  need(p.dec_wT, "dec_wT");
+  need(p.write_wT, "write_wT");
+  need(p.write_b, "write_b");
+  if (p.encoder) {
+    need(p.x, "x");
+    need(p.eps, "eps");
+    need(p.enc_static, "enc_static");
+    need(p.enc_wT, "enc_wT");
+    need(p.q_wT, "q_wT");
+    need(p.q_b, "q_b");
+  } else {
+    need(p.z_in, "z_in");
+  }
+}
+
+template <typename T, typename A>
+void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stream) {
   const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   const int K = p.K;
   ForwardWorkspace<T> ws(p, ctx);
@@ -122,23 +140,16 @@ void run_forward(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t st
     // r_1 = x - sigmoid(s_0) = x - 1/2 (in canvas mode r_1 = s_0 = 0: E_in starts at zero).
     CanvasArgs<T, A> a = canvas_args;
     a.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
-    launch_canvas(a, stream);
+    launch(a, stream);
   }
 
   for (int t = 0; t < K; ++t) {
     if (p.encoder) {
       detail::gemm(enc_gates, ws.e_in, ws.enc_w);
-      LstmForwardArgs<T, A> enc;
-      enc.B = B;
-      enc.H = p.He;
-      enc.pre = enc_gates.data_ptr<T>();
-      enc.bias = p.enc_static;
-      enc.bias_ld = 4 * He;
-      std::tie(enc.c_prev, enc.c_out) = cell_state(p.c_enc, ws.c_enc, t, B * He);
+      auto enc = lstm_forward_args<T, A>(B, p.He, t, enc_gates, p.enc_static, 4 * He, p.c_enc,
+                                         ws.c_enc, p.h_enc, p.gates_enc);
       enc.h_out[0] = slot<A>(ws.e_in, ws.enc_cols.offset(2));
-      enc.h_saved = detail::step_slice(p.h_enc, t, B * He);
-      enc.gates_saved = detail::step_slice(p.gates_enc, t, B * 4 * He);
-      launch_lstm_forward(enc, stream);
+      launch(enc, stream);
 
       detail::gemm(ws.q, e_in_h, ws.q_w);
       ReparamArgs<T, A> rep;
@@ -151,24 +162,17 @@ void run_forward(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t st
       rep.logvar = detail::step_slice(p.logvar, t, B * Z);
       rep.z_saved = detail::step_slice(p.z_out, t, B * Z);
       rep.z_out = slot<A>(ws.d_in, ws.dec_cols.offset(0));
-      launch_reparam(rep, stream);
+      launch(rep, stream);
     } else {
       d_in_z.copy_(detail::wrap(p.z_in + t * B * Z, {B, Z}, ctx.state_type, ctx));
     }
 
     detail::gemm(dec_gates, ws.d_in, ws.dec_w);
-    LstmForwardArgs<T, A> dec;
-    dec.B = B;
-    dec.H = p.Hd;
-    dec.pre = dec_gates.data_ptr<T>();
-    dec.bias = p.dec_static;
-    dec.bias_ld = p.dec_static_stride;
-    std::tie(dec.c_prev, dec.c_out) = cell_state(p.c_dec, ws.c_dec, t, B * Hd);
+    auto dec = lstm_forward_args<T, A>(B, p.Hd, t, dec_gates, p.dec_static, p.dec_static_stride,
+                                       p.c_dec, ws.c_dec, p.h_dec, p.gates_dec);
     dec.h_out[0] = slot<A>(ws.d_in, ws.dec_cols.offset(1));
     if (p.encoder) dec.h_out[1] = slot<A>(ws.e_in, ws.enc_cols.offset(1));
-    dec.h_saved = detail::step_slice(p.h_dec, t, B * Hd);
-    dec.gates_saved = detail::step_slice(p.gates_dec, t, B * 4 * Hd);
-    launch_lstm_forward(dec, stream);
+    launch(dec, stream);
 
     detail::gemm(ws.delta, d_in_h, ws.write_w);
     CanvasArgs<T, A> can = canvas_args;
@@ -183,23 +187,12 @@ void run_forward(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t st
       can.s_out = canvas_state;
     }
     if (p.encoder && t < K - 1) can.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
-    launch_canvas(can, stream);
+    launch(can, stream);
   }
 }
 
-}  // namespace
+AVME_SW_INSTANTIATE_STEPS(LoopParams)
 
-template <typename T>
-void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
-  check_forward_params(p);
-  if (p.B == 0) return;
-  detail::run_in_call_scope<T>(precision, stream, [&](const CallContext& ctx, auto operand) {
-    run_forward<T, decltype(operand)>(p, ctx, stream);
-  });
-}
-
-template void forward<float>(const LoopParams<float>&, GemmPrecision, cudaStream_t);
-template void forward<double>(const LoopParams<double>&, GemmPrecision, cudaStream_t);
-
+}  // namespace detail
 }  // namespace stagewise
 }  // namespace avme

@@ -1,4 +1,5 @@
-// Host-side building blocks of the stagewise design; see host.h.
+// Host-side building blocks of the stagewise design (see host.h) and its two entry points,
+// forward and backward (stagewise.h), whose step loops are in forward.cpp and backward.cpp.
 
 #include "stagewise/host.h"
 
@@ -105,5 +106,21 @@ at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx) {
 }
 
 }  // namespace detail
+
+template <typename T>
+void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
+  detail::run_call(p, precision, stream);
+}
+
+template <typename T>
+void backward(const BackwardParams<T>& p, GemmPrecision precision, cudaStream_t stream) {
+  detail::run_call(p, precision, stream);
+}
+
+template void forward<float>(const LoopParams<float>&, GemmPrecision, cudaStream_t);
+template void forward<double>(const LoopParams<double>&, GemmPrecision, cudaStream_t);
+template void backward<float>(const BackwardParams<float>&, GemmPrecision, cudaStream_t);
+template void backward<double>(const BackwardParams<double>&, GemmPrecision, cudaStream_t);
+
 }  // namespace stagewise
 }  // namespace avme

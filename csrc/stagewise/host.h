@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/util/BFloat16.h>
 
 #include "common/matmul_mode.h"
 #include "stagewise/pointwise.h"
@@ -101,23 +102,55 @@ T* step_slice(T* base, int t, int64_t per_step) {
 // `x` as the operand type: a no-op view when it already is, else a cast copy (once per call).
 at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx);
 
-// Runs `run(ctx, A{})` inside the call's scope (its CallContext, the caller's stream for ATen,
-// the matmul mode of `precision`), with A the GEMM-operand type: c10::BFloat16 when float
-// tensors have their operands cast to bf16, else T. Shared by the forward and the backward.
-template <typename T, typename Run>
-void run_in_call_scope(GemmPrecision precision, cudaStream_t stream, Run&& run) {
+// The checks and the step loop of each direction (forward.cpp: LoopParams, the forward and
+// the sampler; backward.cpp: BackwardParams). check_params raises on bad sizes or a missing
+// pointer; run_steps runs the K steps with A the GEMM-operand type.
+template <typename T>
+void check_params(const LoopParams<T>& p);
+template <typename T>
+void check_params(const BackwardParams<T>& p);
+template <typename T, typename A>
+void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stream);
+template <typename T, typename A>
+void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t stream);
+
+// Explicit instantiations, inside namespace detail, of one direction's check_params and
+// run_steps (forward.cpp: LoopParams, backward.cpp: BackwardParams) for every (T, A) of run_call.
+#define AVME_SW_INSTANTIATE_STEPS(Params)                                                     \
+  template void check_params<float>(const Params<float>&);                                   \
+  template void check_params<double>(const Params<double>&);                                 \
+  template void run_steps<float, float>(const Params<float>&, const CallContext&, cudaStream_t); \
+  template void run_steps<float, c10::BFloat16>(const Params<float>&, const CallContext&,     \
+                                                cudaStream_t);                                \
+  template void run_steps<double, double>(const Params<double>&, const CallContext&, cudaStream_t);
+
+// One call of either direction: checks `p`, then (B > 0) runs run_steps<T, A> inside the
+// call's scope (its CallContext, the caller's stream for ATen, the matmul mode of
+// `precision`), with A = c10::BFloat16 when float tensors have their GEMM operands cast to
+// bf16, else T.
+template <typename T, template <typename> class Params>
+void run_call(const Params<T>& p, GemmPrecision precision, cudaStream_t stream) {
+  check_params(p);
+  if (p.B == 0) return;
   const CallContext ctx = make_context(c10::CppTypeToScalarType<T>::value, precision);
   const StreamScope stream_scope(stream);
   const MatmulModeGuard matmul_mode(precision == GemmPrecision::kTF32);
   if constexpr (std::is_same_v<T, float>) {
     if (ctx.casts_operands()) {
-      run(ctx, c10::BFloat16{});
+      run_steps<T, c10::BFloat16>(p, ctx, stream);
       return;
     }
   }
-  run(ctx, T{});
+  run_steps<T, T>(p, ctx, stream);
 }
 
 }  // namespace detail
+
+// The names the step loops (forward.cpp, backward.cpp) use unqualified.
+using at::Tensor;
+using detail::CallContext;
+using detail::ColumnLayout;
+using detail::slot;
+
 }  // namespace stagewise
 }  // namespace avme

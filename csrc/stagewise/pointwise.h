@@ -1,10 +1,10 @@
 // Pointwise kernels of the "stagewise" design (csrc/stagewise/stagewise.h): the element-wise
 // work between the per-stage GEMMs, one launch per stage and step.
 //
-// Every kernel is elementwise over a (B, N) index space (one thread per element, grid-stride
-// loop) and reads/writes plain row-major matrices. A matrix may be a column slot of a wider
-// buffer (a Slot: element (b, n) at data[b * ld + n]); that is how the GEMM-operand buffers
-// E_in = [r | h_dec | h_enc] and D_in = [z | h_dec] are filled in place.
+// Every kernel is elementwise over a (B, N) index space, N = Args::width() (one thread per
+// element, grid-stride loop) and reads/writes plain row-major matrices. A matrix may be a
+// column slot of a wider buffer (a Slot: element (b, n) at data[b * ld + n]); that is how the
+// GEMM-operand buffers E_in = [r | h_dec | h_enc] and D_in = [z | h_dec] are filled in place.
 //
 // Type parameters: T is the state/output type (float or double): every value is computed in T.
 // A is the type of the GEMM-operand copies the kernels write (T, or c10::BFloat16 when the GEMMs
@@ -40,6 +40,7 @@ struct LstmForwardArgs {
   Slot<A> h_out[2];          // GEMM-operand copies of h (E_in / D_in slots)
   T* h_saved = nullptr;      // (B, H)
   T* gates_saved = nullptr;  // (B, 4H) activated gates
+  int64_t width() const { return H; }
 };
 
 // Posterior sample: mu = q[:, :Z] + q_b[:Z], logvar = q[:, Z:] + q_b[Z:],
@@ -55,6 +56,7 @@ struct ReparamArgs {
   T* logvar = nullptr;     // (B, Z)
   T* z_saved = nullptr;    // (B, Z)
   Slot<A> z_out;           // D_in's z slot
+  int64_t width() const { return Z; }
 };
 
 // Canvas update and next encoder input: s = s_prev + delta + bias;
@@ -71,6 +73,7 @@ struct CanvasArgs {
   bool error_mode = false;
   const T* x = nullptr;       // (B, D), error mode
   Slot<A> r_out;              // E_in's r slot
+  int64_t width() const { return D; }
 };
 
 // Gradient of the canvas s_t: g = g_next + grad_extra + (canvas: dr; error: -sigmoid'(s) dr),
@@ -87,6 +90,7 @@ struct CanvasGradArgs {
   T* d_x = nullptr;               // (B, D) += dr (error mode)
   T* g_out = nullptr;             // (B, D)
   Slot<A> g_copy;                 // GEMM-operand copy of g
+  int64_t width() const { return D; }
 };
 
 // Backward LSTM cell from the saved activated gates and cell states:
@@ -103,6 +107,7 @@ struct LstmBackwardArgs {
   T* dc_carry = nullptr;      // (B, H) in: dL/dc_t from step t+1; out: dL/dc_{t-1}
   T* d_gates = nullptr;       // (B, 4H)
   Slot<A> d_gates_copy;       // GEMM-operand copy of d_gates
+  int64_t width() const { return H; }
 };
 
 // Reparameterisation backward: d_q = [grad_mu + dz, grad_logvar + dz * eps * exp(logvar/2) / 2].
@@ -117,22 +122,14 @@ struct ReparamBackwardArgs {
   const T* grad_logvar = nullptr;  // (B, Z)
   T* d_q = nullptr;                // (B, 2Z)
   Slot<A> d_q_copy;                // GEMM-operand copy of d_q
+  int64_t width() const { return Z; }
 };
 
-// Launch on `stream` (no allocation, no synchronisation: CUDA-graph capturable). Instantiated
-// for (T, A) = (float, float), (float, c10::BFloat16), (double, double).
-template <typename T, typename A>
-void launch_lstm_forward(const LstmForwardArgs<T, A>& args, cudaStream_t stream);
-template <typename T, typename A>
-void launch_reparam(const ReparamArgs<T, A>& args, cudaStream_t stream);
-template <typename T, typename A>
-void launch_canvas(const CanvasArgs<T, A>& args, cudaStream_t stream);
-template <typename T, typename A>
-void launch_canvas_grad(const CanvasGradArgs<T, A>& args, cudaStream_t stream);
-template <typename T, typename A>
-void launch_lstm_backward(const LstmBackwardArgs<T, A>& args, cudaStream_t stream);
-template <typename T, typename A>
-void launch_reparam_backward(const ReparamBackwardArgs<T, A>& args, cudaStream_t stream);
+// Launches the pointwise kernel of `args` (any of the argument structs above) over its
+// (B, width()) index space on `stream`: no allocation, no synchronisation (CUDA-graph
+// capturable). Instantiated for (T, A) = (float, float), (float, c10::BFloat16), (double, double).
+template <typename Args>
+void launch(const Args& args, cudaStream_t stream);
 
 }  // namespace stagewise
 }  // namespace avme

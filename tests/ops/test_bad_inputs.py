@@ -305,3 +305,40 @@ def test_tensors_on_two_gpus(cuda_backend):
     args["eps"] = args["eps"].to("cuda:1")
     with pytest.raises(RuntimeError, match="eps is on cuda:1 but x is on cuda:0"):
         call(cuda_backend, "forward", args)
+
+
+@pytest.mark.parametrize("op", ["forward", "backward", "sample"])
+def test_design_that_cannot_run_fails_before_any_work(backend, op, monkeypatch):
+    """The persistent design asked for by name at sizes it cannot run is a clear error raised
+    before any output is allocated or any product launched (the whole plan is made first)."""
+    if backend.is_cuda:
+        pytest.skip("steers the emulated device's shared memory (AVME_EMU_SMEM)")
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("AVME_EMU_SMEM", "256")  # no block's weight slice fits
+    args = arguments(op, backend.device, sizes=Sizes(D=64, He=32, Hd=32, Z=8))
+    args["design"] = "persistent"
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with pytest.raises(RuntimeError, match=rf"avme::{op}: the persistent design cannot run these sizes"):
+            call(backend, op, args)
+    work = sorted({e.name for e in prof.events() if e.name.startswith("aten::")})
+    assert not work, f"{op} allocated or computed before rejecting the design: {work}"
+
+
+@pytest.mark.parametrize("design", ["rowtile", "persistent", "stagewise"])
+def test_tensors_on_second_gpu_while_first_is_current(cuda_backend, design):
+    """The ops run on their tensors' device whatever the current device is (device guard):
+    every op on cuda:1 with cuda:0 current gives what it gives with cuda:1 current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    for op in ("forward", "backward", "sample"):
+        args = arguments(op, "cuda:1")
+        args["design"] = design
+        with torch.cuda.device(1):
+            expected = call(cuda_backend, op, args)
+        with torch.cuda.device(0):
+            got = call(cuda_backend, op, args)
+        torch.cuda.synchronize(1)
+        for g, e in zip(got, expected):
+            assert g.device == torch.device("cuda:1")
+            assert torch.equal(g, e), (op, design)
