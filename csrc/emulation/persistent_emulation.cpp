@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #define AVME_CPU_EMULATION 1
+#include "emulation/harness.h"
 #include "../persistent/backward.cu"
 #include "../persistent/forward.cu"
 
@@ -26,27 +27,11 @@ namespace persistent {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using emulation::OptTensor;
 
-template <typename T>
-T* data_of(const Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<T>::value, "avme_pemu: ", name,
-              " has dtype ", t.scalar_type(), ", expected ", c10::CppTypeToScalarType<T>::value);
-  TORCH_CHECK(t.device().is_cpu(), "avme_pemu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "avme_pemu: ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == shape, "avme_pemu: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  return t.data_ptr<T>();
-}
-
-template <typename T>
-T* data_of(const OptTensor& t, const char* name, at::IntArrayRef shape) {
-  return (t.has_value() && t->defined()) ? data_of<T>(*t, name, shape) : nullptr;
-}
-
-Tensor nan_tensor(at::IntArrayRef shape, const Tensor& like) {
-  return at::full(shape, std::numeric_limits<double>::quiet_NaN(), like.options());
-}
+using emulation::data_of;
+using emulation::nan_tensor;
+using emulation::present;
 
 Config config_of(at::IntArrayRef c) {
   TORCH_CHECK(c.size() == 4 || c.size() == 5,

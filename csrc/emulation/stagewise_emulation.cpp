@@ -5,6 +5,7 @@
 // and write into caller-provided outputs (None = nullptr = not written). Built on demand by
 // tests/ops/test_stagewise_kernels.py (torch.utils.cpp_extension.load); never part of the package.
 #define AVME_CPU_EMULATION 1
+#include "emulation/harness.h"
 #include "../stagewise/pointwise_kernels.cu"
 #include "../stagewise/host.cpp"
 #include "../stagewise/forward.cpp"
@@ -21,26 +22,11 @@ namespace stagewise {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using emulation::OptTensor;
 
-// Checks one tensor behind a params pointer (dtype, contiguity, shape) and returns its data.
-template <typename T>
-T* data_of(const Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<T>::value, "avme_swemu: ", name,
-              " has dtype ", t.scalar_type(), ", expected ", c10::CppTypeToScalarType<T>::value);
-  TORCH_CHECK(t.device().is_cpu(), "avme_swemu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "avme_swemu: ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == shape, "avme_swemu: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  return t.data_ptr<T>();
-}
-
-template <typename T>
-T* data_of(const OptTensor& t, const char* name, at::IntArrayRef shape) {
-  return (t.has_value() && t->defined()) ? data_of<T>(*t, name, shape) : nullptr;
-}
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+using emulation::data_of;
+using emulation::nan_tensor;
+using emulation::present;
 
 void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_in,
                    const OptTensor& enc_static, const OptTensor& enc_wT, const OptTensor& q_wT,
