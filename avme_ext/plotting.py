@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # noqa: E402  (no display; must precede pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
@@ -220,14 +221,35 @@ def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME t
     ax.set_xlim(left=min(0.0, first))
 
     _add_epoch_axis(ax, records)
+    rate_axis = _add_learning_rate_axis(ax, train)
 
     ax.set_xlabel("training step")
     ax.set_ylabel("negative ELBO (nats per image)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    lines, labels = ax.get_legend_handles_labels()
+    if rate_axis is not None:  # the legend on the top axes, so the rate's line passes under it
+        rate_lines, rate_labels = rate_axis.get_legend_handles_labels()
+        rate_axis.legend(lines + rate_lines, labels + rate_labels, loc="upper right", fontsize=8)
+    else:
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _add_learning_rate_axis(ax: plt.Axes, train: list[dict[str, Any]]) -> plt.Axes | None:
+    """Draw the logged learning rate on a right-hand axis when it changes during the run
+    (``--lr-schedule cosine``); returns that axis, or None for a constant rate."""
+    points = [(float(r["step"]), float(r["lr"])) for r in train if _number(r.get("lr")) and _number(r.get("step"))]
+    if len({lr for _, lr in points}) < 2:
+        return None
+    right = ax.twinx()
+    steps, rates = zip(*points)
+    right.plot(steps, rates, color="tab:gray", linewidth=1.0, linestyle="--", label="learning rate (right axis)")
+    right.set_ylabel("learning rate")
+    right.set_ylim(bottom=0.0, top=1.05 * max(rates))
+    right.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    return right
 
 
 def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -238,7 +260,8 @@ def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathL
     reconstruction + kl_weight * KL (a negative ELBO once the KL warm-up ends) over the steps since
     the previous record, drawn raw and smoothed; each validation point is the mean negative ELBO
     over the validation images at the end of an epoch, the best one starred. The y range holds
-    every point, the first (highest) one included. The legend says what each point averages.
+    every point, the first (highest) one included. The legend says what each point averages. A
+    learning rate that changes during the run (``--lr-schedule cosine``) is drawn on a right-hand axis.
 
     Returns:
         the PNG's path (written atomically).

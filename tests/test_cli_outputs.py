@@ -331,6 +331,22 @@ def test_training_curve_shows_its_first_point_and_what_points_average(tmp_path):
     assert any("validation" in label and "mean over the validation images" in label for label in labels), labels
 
 
+def test_training_curve_draws_a_changing_learning_rate_on_its_own_axis(tmp_path):
+    from avme_ext.plotting import training_curve_figure
+
+    records = _sparse_metrics(tmp_path / "metrics.jsonl")
+    constant = training_curve_figure([{**r, "lr": 1e-3} if r["kind"] == "train" else r for r in records])
+    assert not any(ax.get_ylabel() == "learning rate" for ax in constant.axes)  # a constant rate adds nothing
+    decaying = [{**r, "lr": 1e-3 * (1 - r["step"] / 50)} if r["kind"] == "train" else r for r in records]
+    figure = training_curve_figure(decaying)
+    (rate_axis,) = [ax for ax in figure.axes if ax.get_ylabel() == "learning rate"]
+    (line,) = rate_axis.lines
+    expected = [r["lr"] for r in decaying if r["kind"] == "train"]
+    assert list(line.get_ydata()) == pytest.approx(expected) and rate_axis.get_ylim()[0] == 0.0
+    labels = [text.get_text() for text in rate_axis.get_legend().get_texts()]
+    assert "learning rate (right axis)" in labels and any("validation" in label for label in labels)
+
+
 def test_training_curve_of_a_single_record_is_visible(tmp_path):
     from avme_ext.plotting import training_curve_figure
 

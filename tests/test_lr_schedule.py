@@ -76,11 +76,12 @@ def train_rates(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["lr"]) for r in records if r["kind"] == "train"]
 
 
-def test_cosine_run_follows_the_schedule_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+def test_cosine_run_follows_the_schedule_and_resumes_bit_for_bit(tmp_path: Path, capsys) -> None:
     cosine = ["--lr-schedule", "cosine", "--lr", "0.004", "--lr-final", "0.0004", "--lr-decay-epochs", "2",
               "--lr-hold-epochs", "1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["train", "--out", str(whole), *TINY, *cosine, "--epochs", "3"]) == 0
+    assert "learning rate: 0.004 for 1 epoch, then half a cosine down to 0.0004 over 2 epochs" in capsys.readouterr().err
     # the record after step s reports the rate of that step's update: the schedule at s - 1
     logged = train_rates(whole)
     assert [step for step, _ in logged] == list(range(1, 3 * STEPS_PER_EPOCH + 1))

@@ -72,8 +72,8 @@ class TrainConfig:
     progress: bool = True
     skip_nonfinite: bool = False
 
-    FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed", "kl_warmup_steps",
-             "dataset", "train_subset", "valid_subset", "valid_batch_size")
+    FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed",
+             "kl_warmup_steps", "dataset", "train_subset", "valid_subset", "valid_batch_size")
     PER_LAUNCH = ("device", "graph")
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from .run_dir import (
     reserve_default_out_dir,
     write_run_config,
 )
+from .schedule import describe_schedule
 from .state import TrainState
 from .step import GraphedStep
 from .trainer import Trainer, TrainingSetup
@@ -177,6 +178,7 @@ def _announce(say: Say, point: ResumePoint, trainer: Trainer) -> None:
             f"batch {state.batch} of {trainer.num_batches}) {where}")
     else:
         say(f"training {trainer.model.config} in {trainer.out} {where}")
+    say(f"learning rate: {describe_schedule(trainer.cfg)}")
 
 
 def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out_dir: Path, *, resume: bool,

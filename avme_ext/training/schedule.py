@@ -14,9 +14,11 @@ from torch import Tensor
 
 from ..model import AVME
 from ..seeds import derive_seed
+from .config import TrainConfig
+from .cost import plural
 
-__all__ = ["SEED_NAMESPACE", "epoch_permutation", "kl_weight_at", "learning_rate_at", "batches_per_epoch",
-           "step_noise"]
+__all__ = ["SEED_NAMESPACE", "epoch_permutation", "kl_weight_at", "learning_rate_at", "describe_schedule",
+           "batches_per_epoch", "step_noise"]
 
 #: The namespace of the training streams: tags "init", "epoch", "noise", "data", "train-subset", "valid-subset".
 SEED_NAMESPACE = "avme-train"
@@ -50,6 +52,14 @@ def learning_rate_at(step: int, lr: float, schedule: str, *, final: float | None
                          f"got final={final!r}, decay_steps={decay_steps!r}")
     progress = min(max(step - hold_steps, 0), decay_steps) / decay_steps
     return float(final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * progress)))
+
+
+def describe_schedule(cfg: TrainConfig) -> str:
+    """``"1e-3 (constant)"`` or ``"1e-3 for 20 epochs, then half a cosine down to 0 over 10 epochs"``."""
+    if cfg.lr_schedule == "constant":
+        return f"{cfg.lr:g} (constant)"
+    hold = f" for {plural(cfg.lr_hold_epochs, 'epoch')}, then" if cfg.lr_hold_epochs else ","
+    return f"{cfg.lr:g}{hold} half a cosine down to {cfg.lr_final:g} over {plural(cfg.lr_decay_epochs, 'epoch')}"
 
 
 def batches_per_epoch(num_examples: int, batch_size: int, world_size: int = 1) -> int:
