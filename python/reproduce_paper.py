@@ -55,6 +55,7 @@ for _path in (str(HERE), str(REPO)):
         sys.path.insert(0, _path)
 
 import reproduce_pack as packing
+from reproduce_mps import MPS_MODES, mps_daemon
 from avme_ext.loop_types import IMPLS
 from avme_ext.training.config import LR_SCHEDULES
 from reproduce_eval import (
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("this invocation")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu")
     run.add_argument("--jobs", type=int, default=None, help="training runs side by side (default 4 on CUDA, 1 on CPU)")
+    run.add_argument("--mps", choices=MPS_MODES, default="auto",
+                     help="run the training processes of a CUDA call under a private NVIDIA MPS daemon, so their "
+                          "kernels run concurrently: auto (when nvidia-cuda-mps-control works), on (or fail), off "
+                          "(default auto)")
     run.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="minutes for this invocation (0: no limit)")
     run.add_argument("--epochs-per-call", type=int, default=None, metavar="N",
                      help="train each model at most N more epochs in this invocation (manual staging)")
@@ -393,7 +398,12 @@ def run_stage(stage: str, layout: Layout, manifest: Manifest, args: argparse.Nam
     code = EXIT_DONE
     if stage in ("auto", "all", "train"):
         start = time.monotonic()
-        trained = train_stage(layout, manifest, deadline=math.inf if stage == "all" else deadline, **train_args)
+        mode = args.mps if manifest.untrained() else "off"
+        with mps_daemon(mode, device, log) as mps:
+            # rates measured with MPS are kept apart from those without
+            train_args["device_name"] = device_name + (" with MPS" if mps.active else "")
+            trained = train_stage(layout, manifest, deadline=math.inf if stage == "all" else deadline,
+                                  client_env=mps.env, **train_args)
         manifest.mark_stage("train", trained, time.monotonic() - start)
         manifest.save()
         if not trained:

@@ -276,15 +276,18 @@ class Launch:
         return None if self.process is None else self.process.returncode
 
 
-def start_launch(launch: Launch, plan: Plan, device: str, threads: int, extra: tuple[str, ...] = ()) -> None:
-    """Start ``avme train`` for ``launch`` in its ``run_dir``, appending its output to its ``log_path``."""
+def start_launch(launch: Launch, plan: Plan, device: str, threads: int, extra: tuple[str, ...] = (),
+                 client_env: dict[str, str] | None = None) -> None:
+    """Start ``avme train`` for ``launch`` in its ``run_dir``, appending its output to its ``log_path``
+    (``client_env``: more environment variables, e.g. those of an MPS daemon)."""
     run_dir, log_path = launch.run_dir, launch.log_path
     assert run_dir is not None and log_path is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     state = read_trainer_state(run_dir)
     launch.tail = MetricsTail(run_dir / "metrics.jsonl", int(state.get("metrics_offset", 0)))
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, **(client_env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
     command = [*train_command(launch.name, run_dir, plan, launch.target, device), *extra]
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(command[1:]) + "\n").encode())
@@ -500,7 +503,8 @@ def _update_rates(manifest: Manifest, device_name: str, launches: list[Launch]) 
 CALIBRATION_TRAIN_IMAGES, CALIBRATION_VALID_IMAGES, CALIBRATION_EPOCHS = 5000, 1000, 3
 
 
-def calibrate(manifest: Manifest, *, device: str, device_name: str, jobs: int, deadline: float, log: Log) -> None:
+def calibrate(manifest: Manifest, *, device: str, device_name: str, jobs: int, deadline: float, log: Log,
+              client_env: dict[str, str] | None = None) -> None:
     """Measure the seconds per epoch of 1 and of ``jobs`` runs side by side on this device (about a minute
     on a GPU) with throw-away runs on 1/10 of the data, scaled by 10; kept in the manifest's rates."""
     import tempfile
@@ -517,7 +521,8 @@ def calibrate(manifest: Manifest, *, device: str, device_name: str, jobs: int, d
             launches = [Launch(name, CALIBRATION_EPOCHS, 0, RunProgress(), Path(folder) / f"{count}-{index}",
                                Path(folder) / f"{count}-{index}.log") for index, name in enumerate(names)]
             done = run_pool(launches, count, deadline, 10**6,
-                            lambda launch: start_launch(launch, plan, device, threads, extra), lambda message: None)
+                            lambda launch: start_launch(launch, plan, device, threads, extra, client_env),
+                            lambda message: None)
             if len(done) < count or any(launch.returncode != 0 for launch in done):
                 log(f"calibration with {count} run(s) did not finish; planning with the default rates")
                 rates["calibration_failed_at"] = now_iso()
@@ -554,8 +559,12 @@ def train_stage(
     call: int,
     epochs_per_call: int | None,
     log: Log,
+    client_env: dict[str, str] | None = None,
 ) -> bool:
-    """Train what fits before ``deadline`` (``math.inf``: everything); returns True when every model is trained."""
+    """Train what fits before ``deadline`` (``math.inf``: everything); returns True when every model is trained.
+
+    ``client_env`` goes to every ``avme train`` process (an MPS daemon's variables, see reproduce_mps).
+    """
     plan = manifest.plan
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     finished_here = 0
@@ -565,7 +574,8 @@ def train_stage(
             and manifest.untrained() and not math.isinf(deadline)
             and epochs_per_call is None and deadline - time.monotonic() > 300
             and not {"--train-subset", "--valid-subset"} & set(plan.train_extra)):
-        calibrate(manifest, device=device, device_name=device_name, jobs=jobs, deadline=deadline, log=log)
+        calibrate(manifest, device=device, device_name=device_name, jobs=jobs, deadline=deadline, log=log,
+                  client_env=client_env)
     while True:
         for name in manifest.untrained():  # runs that already meet their stopping rule
             progress = read_progress(layout.run_dir(name))
@@ -595,7 +605,7 @@ def train_stage(
             launches.append(Launch(name, target, progress.epochs_done, progress, layout.run_dir(name), log_path))
         slots = min(jobs, len(launches))
         done = run_pool(launches, slots, deadline, plan.patience,
-                        lambda launch: start_launch(launch, plan, device, threads), log)
+                        lambda launch: start_launch(launch, plan, device, threads, client_env=client_env), log)
         _update_rates(manifest, device_name, done)
         stopped_by_budget = False
         for launch in done:
