@@ -7,7 +7,8 @@
 #     DEADLINE_S=500 bash tools/gpu/check.sh          (GPU call: timeout_s 540)
 #     DRY_RUN=1 OUT=/tmp/gpu-check bash tools/gpu/check.sh   (here, on the CPU: checks the script)
 #
-# Environment: TESTS (default tests/ops, or tests/test_ops_cuda.py where tests/ops does not exist).
+# Environment: TESTS (default tests/ops, or tests/test_ops_cuda.py where tests/ops does not exist,
+# plus tests/test_training_cuda.py and the barrier benchmark's test).
 #
 # Files under $OUT (8, the most that come back): check.log (everything printed), summary.txt (one
 # line per step), build.log, tests.log, sanitizer.log, ddp.json, bench.json, ncu.log.
@@ -21,6 +22,8 @@ build || { finish; exit 1; }
 step "op tests"
 if [ -z "${TESTS:-}" ]; then
     if [ -d tests/ops ]; then TESTS=tests/ops; else TESTS=tests/test_ops_cuda.py; fi
+    # and the other tests that only run on a GPU: CUDA-graph training steps, the barrier benchmark
+    TESTS="$TESTS tests/test_training_cuda.py tests/test_bench.py::test_barrier_benchmark_measures_both_barriers"
 fi
 # The CPU emulator backend is CI's; here only the CUDA backend, and a missing extension fails.
 export AVME_EMULATION=0
