@@ -29,6 +29,8 @@ namespace {
 using at::Tensor;
 using emulation::OptTensor;
 
+using emulation::bind_backward_inputs;
+using emulation::bind_loop_inputs;
 using emulation::data_of;
 using emulation::nan_tensor;
 using emulation::present;
@@ -50,15 +52,10 @@ DeviceLimits limits_of(at::IntArrayRef l) {
 
 int as_int(int64_t v) { return static_cast<int>(v); }
 
-// The sizes of LoopParams / BackwardParams.
+// LoopParams / BackwardParams with the sizes of the op's int64 arguments (avme.h's params_with_sizes).
 template <typename Params>
-void set_sizes(Params& p, int64_t B, int64_t K, int64_t D, int64_t He, int64_t Hd, int64_t Z) {
-  p.B = B;
-  p.K = as_int(K);
-  p.D = as_int(D);
-  p.He = as_int(He);
-  p.Hd = as_int(Hd);
-  p.Z = as_int(Z);
+Params sized(int64_t B, int64_t K, int64_t D, int64_t He, int64_t Hd, int64_t Z, bool error_mode = false) {
+  return params_with_sizes<Params>(B, as_int(K), as_int(D), as_int(He), as_int(Hd), as_int(Z), error_mode);
 }
 
 // LoopParams of the forward (encoder) or the sampler from the prepared tensors; outputs NaN.
@@ -93,27 +90,9 @@ std::vector<Tensor> pemu_loop(const OptTensor& x, const OptTensor& eps, const Op
   };
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "avme_pemu_loop", [&] {
     using T = scalar_t;
-    LoopParams<T> p;
-    set_sizes(p, B, K, D, He, Hd, Z);
+    auto p = sized<LoopParams<T>>(B, K, D, He, Hd, Z, error_mode);
     p.encoder = encoder;
-    p.error_mode = error_mode;
-    if (encoder) {
-      p.x = data_of<T>(x, "x", {B, D});
-      p.eps = data_of<T>(eps, "eps", {K, B, Z});
-      p.enc_static = data_of<T>(enc_static, "enc_static", {B, 4 * He});
-      p.enc_wT = data_of<T>(enc_wT, "enc_wT", {D + Hd + He, 4 * He});
-      p.q_wT = data_of<T>(q_wT, "q_wT", {He, 2 * Z});
-      p.q_b = data_of<T>(q_b, "q_b", {2 * Z});
-    } else {
-      p.z_in = data_of<T>(z_in, "z_in", {K, B, Z});
-    }
-    const bool per_row = dec_static.dim() == 2;
-    p.dec_static = per_row ? data_of<T>(dec_static, "dec_static", {B, 4 * Hd})
-                           : data_of<T>(dec_static, "dec_static", {4 * Hd});
-    p.dec_static_stride = per_row ? 4 * Hd : 0;
-    p.dec_wT = data_of<T>(dec_wT, "dec_wT", {Z + Hd, 4 * Hd});
-    p.write_wT = data_of<T>(write_wT, "write_wT", {Hd, D});
-    p.write_b = data_of<T>(write_b, "write_b", {D});
+    bind_loop_inputs(p, x, eps, z_in, enc_static, enc_wT, q_wT, q_b, dec_static, dec_wT, write_wT, write_b);
     p.canvas = out[0].data_ptr<T>();
     if (encoder) {
       p.mu = out[1].data_ptr<T>();
@@ -184,27 +163,10 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
   };
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "avme_pemu_backward", [&] {
     using T = scalar_t;
-    BackwardParams<T> p;
-    set_sizes(p, B, K, D, He, Hd, Z);
+    auto p = sized<BackwardParams<T>>(B, K, D, He, Hd, Z, error_mode);
     p.C = as_int(C);
-    p.error_mode = error_mode;
-    p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
-    p.grad_canvases = data_of<T>(grad_canvases, "grad_canvases", {K, B, D});
-    p.grad_mu = data_of<T>(grad_mu, "grad_mu", {K, B, Z});
-    p.grad_logvar = data_of<T>(grad_logvar, "grad_logvar", {K, B, Z});
-    p.eps = data_of<T>(eps, "eps", {K, B, Z});
-    p.logvar = data_of<T>(logvar, "logvar", {K, B, Z});
-    p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
-    p.c_enc = data_of<T>(c_enc, "c_enc", {K, B, He});
-    p.gates_enc = data_of<T>(gates_enc, "gates_enc", {K, B, 4 * He});
-    p.c_dec = data_of<T>(c_dec, "c_dec", {K, B, Hd});
-    p.gates_dec = data_of<T>(gates_dec, "gates_dec", {K, B, 4 * Hd});
-    p.enc_w_ih = data_of<T>(enc_w_ih, "enc_w_ih", {4 * He, 2 * D + Hd + C});
-    p.enc_w_hh = data_of<T>(enc_w_hh, "enc_w_hh", {4 * He, He});
-    p.q_w = data_of<T>(q_w, "q_w", {2 * Z, He});
-    p.dec_w_ih = data_of<T>(dec_w_ih, "dec_w_ih", {4 * Hd, Z + C});
-    p.dec_w_hh = data_of<T>(dec_w_hh, "dec_w_hh", {4 * Hd, Hd});
-    p.write_w = data_of<T>(write_w, "write_w", {D, Hd});
+    bind_backward_inputs(p, grad_canvas, grad_canvases, grad_mu, grad_logvar, eps, logvar, canvases, c_enc,
+                         gates_enc, c_dec, gates_dec, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
     p.d_canvas = out[0].data_ptr<T>();
     p.d_q = out[1].data_ptr<T>();
     p.d_gates_enc = out[2].data_ptr<T>();
@@ -224,18 +186,16 @@ std::vector<int64_t> describe_as(const std::string& kind, int64_t B, int64_t K, 
                                  const Config& config) {
   LaunchInfo info;
   if (kind == "backward") {
-    BackwardParams<T> p;
+    auto p = sized<BackwardParams<T>>(B, K, D, He, Hd, Z, error_mode);
     T dummy = T(0);
-    set_sizes(p, B, K, D, He, Hd, Z);
-    p.C = as_int(C), p.error_mode = error_mode;
+    p.C = as_int(C);
     p.d_x_error = d_x_error ? &dummy : nullptr;
     info = describe_backward(p, limits, config);
   } else {
     TORCH_CHECK(kind == "forward" || kind == "sample", "avme_pemu.describe: kind must be "
                 "'forward', 'sample' or 'backward', got '", kind, "'");
-    LoopParams<T> p;
-    set_sizes(p, B, K, D, He, Hd, Z);
-    p.encoder = kind == "forward", p.error_mode = error_mode;
+    auto p = sized<LoopParams<T>>(B, K, D, He, Hd, Z, error_mode);
+    p.encoder = kind == "forward";
     info = describe_forward(p, limits, config);
   }
   return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
@@ -258,12 +218,9 @@ bool supports_as(const std::string& kind, int64_t B, int64_t K, int64_t D, int64
   Config config;
   config.math = as_int(math);
   if (kind == "backward") {
-    BackwardParams<T> p;
-    set_sizes(p, B, K, D, He, Hd, Z);
-    return supports(p, as_int(num_sms), smem_optin, config);
+    return supports(sized<BackwardParams<T>>(B, K, D, He, Hd, Z), as_int(num_sms), smem_optin, config);
   }
-  LoopParams<T> p;
-  set_sizes(p, B, K, D, He, Hd, Z);
+  auto p = sized<LoopParams<T>>(B, K, D, He, Hd, Z);
   p.encoder = kind == "forward";
   return supports(p, as_int(num_sms), smem_optin, config);
 }

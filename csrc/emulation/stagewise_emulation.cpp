@@ -24,6 +24,8 @@ namespace {
 using at::Tensor;
 using emulation::OptTensor;
 
+using emulation::bind_backward_inputs;
+using emulation::bind_loop_inputs;
 using emulation::data_of;
 using emulation::nan_tensor;
 using emulation::present;
@@ -49,26 +51,13 @@ void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_
                      : present(q_wT)       ? q_wT->size(0)
                      : present(enc_static) ? enc_static->size(1) / 4
                                            : 0;
-  const bool per_row = dec_static.dim() == 2;
   AT_DISPATCH_FLOATING_TYPES(dec_wT.scalar_type(), "avme_swemu_forward", [&] {
     using T = scalar_t;
     auto p = params_with_sizes<LoopParams<T>>(B, static_cast<int>(K), static_cast<int>(D),
                                               static_cast<int>(He), static_cast<int>(Hd),
                                               static_cast<int>(Z), error_mode);
     p.encoder = encoder;
-    p.x = data_of<T>(x, "x", {B, D});
-    p.eps = data_of<T>(eps, "eps", {K, B, Z});
-    p.z_in = data_of<T>(z_in, "z_in", {K, B, Z});
-    p.enc_static = data_of<T>(enc_static, "enc_static", {B, 4 * He});
-    p.enc_wT = data_of<T>(enc_wT, "enc_wT", {D + Hd + He, 4 * He});
-    p.q_wT = data_of<T>(q_wT, "q_wT", {He, 2 * Z});
-    p.q_b = data_of<T>(q_b, "q_b", {2 * Z});
-    p.dec_static = per_row ? data_of<T>(dec_static, "dec_static", {B, 4 * Hd})
-                           : data_of<T>(dec_static, "dec_static", {4 * Hd});
-    p.dec_static_stride = per_row ? 4 * Hd : 0;
-    p.dec_wT = data_of<T>(dec_wT, "dec_wT", {Z + Hd, 4 * Hd});
-    p.write_wT = data_of<T>(write_wT, "write_wT", {Hd, D});
-    p.write_b = data_of<T>(write_b, "write_b", {D});
+    bind_loop_inputs(p, x, eps, z_in, enc_static, enc_wT, q_wT, q_b, dec_static, dec_wT, write_wT, write_b);
     p.canvas = data_of<T>(canvas, "canvas", {B, D});
     p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
     p.mu = data_of<T>(mu, "mu", {K, B, Z});
@@ -105,23 +94,8 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
                                                   static_cast<int>(He), static_cast<int>(Hd),
                                                   static_cast<int>(Z), error_mode);
     p.C = static_cast<int>(C);
-    p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
-    p.grad_canvases = data_of<T>(grad_canvases, "grad_canvases", {K, B, D});
-    p.grad_mu = data_of<T>(grad_mu, "grad_mu", {K, B, Z});
-    p.grad_logvar = data_of<T>(grad_logvar, "grad_logvar", {K, B, Z});
-    p.eps = data_of<T>(eps, "eps", {K, B, Z});
-    p.logvar = data_of<T>(logvar, "logvar", {K, B, Z});
-    p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
-    p.c_enc = data_of<T>(c_enc, "c_enc", {K, B, He});
-    p.gates_enc = data_of<T>(gates_enc, "gates_enc", {K, B, 4 * He});
-    p.c_dec = data_of<T>(c_dec, "c_dec", {K, B, Hd});
-    p.gates_dec = data_of<T>(gates_dec, "gates_dec", {K, B, 4 * Hd});
-    p.enc_w_ih = data_of<T>(enc_w_ih, "enc_w_ih", {4 * He, 2 * D + Hd + C});
-    p.enc_w_hh = data_of<T>(enc_w_hh, "enc_w_hh", {4 * He, He});
-    p.q_w = data_of<T>(q_w, "q_w", {2 * Z, He});
-    p.dec_w_ih = data_of<T>(dec_w_ih, "dec_w_ih", {4 * Hd, Z + C});
-    p.dec_w_hh = data_of<T>(dec_w_hh, "dec_w_hh", {4 * Hd, Hd});
-    p.write_w = data_of<T>(write_w, "write_w", {D, Hd});
+    bind_backward_inputs(p, grad_canvas, grad_canvases, grad_mu, grad_logvar, eps, logvar, canvases, c_enc,
+                         gates_enc, c_dec, gates_dec, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
     p.d_canvas = data_of<T>(d_canvas, "d_canvas", {K, B, D});
     p.d_q = data_of<T>(d_q, "d_q", {K, B, 2 * Z});
     p.d_gates_enc = data_of<T>(d_gates_enc, "d_gates_enc", {K, B, 4 * He});
