@@ -41,6 +41,7 @@ from avme_ext.loop_types import AVMEParams
 from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 from . import backends
+from .helpers import Sizes
 
 NAN = float("nan")
 FP64_BOUND_SCALE = 1e3 * 2.0**-53
@@ -66,14 +67,6 @@ def swemu():
 # ---------------------------------------------------------------------------------------
 # Sizes, weights, inputs
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sizes:
-    D: int
-    He: int
-    Hd: int
-    Z: int
-
-
 @dataclass(frozen=True)
 class Case:
     B: int
