@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from avme_ext import ops  # noqa: E402
-from bench.run import _driver_version, device_name, source_revision  # noqa: E402
+from bench.run import device_name, driver_version, source_revision  # noqa: E402
 from bench.timing import Timer, summarize  # noqa: E402
 
 BARRIERS = ("cooperative_groups", "flag")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         commit, dirty = source_revision()
         document = {
             "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "driver": _driver_version(), "python": platform.python_version(),
+            "driver": driver_version(), "python": platform.python_version(),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": commit, "git_dirty": dirty,
             "command": " ".join([sys.executable, "bench/barrier.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -230,7 +230,7 @@ def _gpu_properties(device: torch.device) -> dict[str, Any] | None:
             "l2_mib": round(getattr(props, "L2_cache_size", 0) / MIB, 1) or None}
 
 
-def _driver_version() -> str | None:
+def driver_version() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -317,7 +317,7 @@ class Context:
             "gpu": self.gpu,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "driver": _driver_version() if self.device.type == "cuda" else None,
+            "driver": driver_version() if self.device.type == "cuda" else None,
             "date": self.date,
             "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": commit,

@@ -71,13 +71,13 @@ __global__ void barrier_loop_kernel(unsigned* counters, float* sink, int iterati
 template <bool kCooperativeGroups>
 void launch(int blocks, int threads, int iterations, unsigned* counters, float* sink, cudaStream_t stream) {
   auto kernel = barrier_loop_kernel<kCooperativeGroups>;
-  int device = 0, sms = 0, per_sm = 0;
+  static LaunchCache cache;  // one per kernel instantiation
+  int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  TORCH_CHECK(static_cast<int64_t>(per_sm) * sms >= blocks, "grid_barrier_loop: blocks=", blocks,
-              " blocks of ", threads, " threads cannot all be resident on this device (", sms, " SMs x ",
-              per_sm, " blocks per SM); a cooperative launch needs every block resident");
+  TORCH_CHECK(fits_cooperatively(kernel, blocks, threads, 0, sms, &cache), "grid_barrier_loop: blocks=", blocks,
+              " blocks of ", threads, " threads cannot all be resident on this device (", sms,
+              " SMs); a cooperative launch needs every block resident");
   launch_cooperative(kernel, blocks, threads, 0, stream, counters, sink, iterations);
 }
 
