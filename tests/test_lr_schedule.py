@@ -129,6 +129,12 @@ def test_a_graphed_step_keeps_its_rate_in_a_tensor_and_checkpoints_a_float(tmp_p
     assert isinstance(rate, torch.Tensor) and rate.dim() == 0 and float(rate) == pytest.approx(1e-3)
     step.set_learning_rate(2.0**-12)  # exact in float32
     assert optimizer.param_groups[0]["lr"] is rate and float(rate) == 2.0**-12
+    version = rate._version
+    step.set_learning_rate(2.0**-12)  # unchanged (a constant schedule): no write to the device tensor
+    assert rate._version == version
+    step.set_learning_rate(2.0**-11)
+    assert rate._version == version + 1 and float(rate) == 2.0**-11
+    step.set_learning_rate(2.0**-12)
     save_checkpoint(tmp_path / "c.safetensors", model, optimizer=optimizer)
     group = load_checkpoint(tmp_path / "c.safetensors").optimizer_state["param_groups"][0]
     assert group["lr"] == 2.0**-12 and isinstance(group["lr"], float) and group["capturable"] is False

@@ -347,6 +347,7 @@ class GraphedStep:
         self._update_call: Recorded[None] | None = None
         self._static: dict[str, Tensor | None] = {}
         self._eager_norm: Tensor | None = None  # set when the last batch ran eagerly
+        self._rate: float | None = None  # the rate last set, so an unchanged rate costs no device write
         if any(group.get("capturable", False) for group in optimizer.param_groups):
             # a captured update reads its rate from the device: one 0-dim tensor per group, filled in place
             for group in optimizer.param_groups:
@@ -387,7 +388,9 @@ class GraphedStep:
             self._update_call.replay()
 
     def set_learning_rate(self, lr: float) -> None:
-        set_group_learning_rates(self.optimizer, lr)
+        if lr != self._rate:  # a constant rate: one fill at the first step, none after
+            set_group_learning_rates(self.optimizer, lr)
+            self._rate = lr
 
     def skip(self) -> None:
         """Nothing to drop: the next step overwrites the static gradients."""

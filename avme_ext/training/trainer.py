@@ -224,7 +224,7 @@ class Trainer:
             "reconstruction": window["reconstruction"] / n,
             "kl": window["kl"] / n,
             "kl_weight": kl_weight_at(max(self.state.step - 1, 0), self.cfg.kl_warmup_steps),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": self.learning_rate(self.state.step - 1),  # the schedule's, not read back from the device
             "examples_per_s": window["examples"] / seconds,
             "time": self._elapsed(),
         })
