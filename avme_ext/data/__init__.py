@@ -25,29 +25,59 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
-    "IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "SPLITS", "DATASETS", "BINARIZE_MODES", "EMNIST_SPLITS",
-    "CHANNELS", "LIKELIHOODS", "CATALOG",
-    "DataFormatError", "DataOptionError", "ImageSplit", "RawPart", "DataSpec", "DataSource",
-    "default_data_root", "load_split", "pixel_kind", "check_pixels_for", "describe_datasets",
-    "load_binarized_mnist", "load_amat", "load_binarized_mnist_amat", "load_mnist_idx",
-    "read_idx", "download_mnist", "download_binarized_mnist_amat",
+    "BINARIZE_MODES",
+    "CATALOG",
+    "CHANNELS",
+    "DATASETS",
+    "EMNIST_SPLITS",
+    "IMAGE_SIZE",
+    "LIKELIHOODS",
+    "NUM_CLASSES",
+    "NUM_PIXELS",
+    "SPLITS",
+    "DataFormatError",
+    "DataOptionError",
+    "DataSource",
+    "DataSpec",
+    "ImageSplit",
+    "RawPart",
+    "check_pixels_for",
+    "default_data_root",
+    "describe_datasets",
+    "download_binarized_mnist_amat",
+    "download_mnist",
+    "load_amat",
+    "load_binarized_mnist",
+    "load_binarized_mnist_amat",
+    "load_mnist_idx",
+    "load_split",
+    "pixel_kind",
+    "read_idx",
 ]
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    **dict.fromkeys(("SPLITS", "DATASETS", "BINARIZE_MODES", "EMNIST_SPLITS", "CHANNELS", "CATALOG",
+    **dict.fromkeys(("SPLITS", "DATASETS", "BINARIZE_MODES", "EMNIST_SPLITS", "CHANNELS", "LIKELIHOODS", "CATALOG",
                      "describe_datasets", "dataset_info", "LEGACY_MNIST"), "catalog"),
     **dict.fromkeys(("IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "MNIST_SHAPE", "ImageSplit"), "image_split"),
     **dict.fromkeys(("DataFormatError", "DataOptionError"), "errors"),
     "RawPart": "raw",
-    **dict.fromkeys(("LIKELIHOODS", "DATA_OPTIONS", "DataSpec", "DataSource", "load_split", "pixel_kind",
-                     "check_pixels_for"), "sources"),
+    **dict.fromkeys(("DataSpec", "DataSource", "load_split", "pixel_kind", "check_pixels_for"), "sources"),
 }
 #: Where any other name of earlier versions (when this package was one module) now lives.
 _FALLBACK = "mnist"
 
 if TYPE_CHECKING:
-    from .catalog import BINARIZE_MODES, CATALOG, CHANNELS, DATASETS, EMNIST_SPLITS, SPLITS, describe_datasets
+    from .catalog import (
+        BINARIZE_MODES,
+        CATALOG,
+        CHANNELS,
+        DATASETS,
+        EMNIST_SPLITS,
+        LIKELIHOODS,
+        SPLITS,
+        describe_datasets,
+    )
     from .errors import DataFormatError, DataOptionError
     from .image_split import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ImageSplit
     from .mnist import (
@@ -61,7 +91,7 @@ if TYPE_CHECKING:
         read_idx,
     )
     from .raw import RawPart
-    from .sources import LIKELIHOODS, DataSource, DataSpec, check_pixels_for, load_split, pixel_kind
+    from .sources import DataSource, DataSpec, check_pixels_for, load_split, pixel_kind
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,6 @@
-"""The data sets avme reads and the choices of their options (no torch: the command line imports this).
+"""The data sets avme reads, described for help texts and checks (no torch: the command line imports this).
+
+The choices of the data options are those of :mod:`avme_ext.choices`, re-exported here.
 
 Every data set has official *parts* (files): ``train`` and ``test`` for most, ``train``,
 ``valid`` and ``test`` for the fixed binarized MNIST, or none at all for a folder or an npz file
@@ -10,28 +12,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import (
+    BINARIZE_MODES,
+    CHANNELS,
+    DATASETS,
+    EMNIST_SPLITS,
+    LIKELIHOODS,
+    SPLITS,
+)
+
 __all__ = [
-    "SPLITS",
     "BINARIZE_MODES",
-    "EMNIST_SPLITS",
+    "CATALOG",
     "CHANNELS",
     "DATASETS",
+    "EMNIST_SPLITS",
     "LEGACY_MNIST",
+    "LIKELIHOODS",
+    "SPLITS",
     "DatasetInfo",
-    "CATALOG",
     "dataset_info",
     "describe_datasets",
 ]
 
-#: The splits of every data set.
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
-#: How grey levels become 0/1 pixels for the Bernoulli likelihood: one seeded draw (``static``), a fresh
-#: draw for every batch (``dynamic``, the protocol of the IWAE paper), or gray level > 0.5 (``threshold``).
-BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic", "threshold")
-#: The EMNIST splits of ``torchvision.datasets.EMNIST``.
-EMNIST_SPLITS: tuple[str, ...] = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
-#: ``--channels``: 1 (grey) or 3 (RGB).
-CHANNELS: tuple[int, ...] = (1, 3)
 #: The binarized MNIST names of earlier versions: ``mnist_<mode>`` is ``mnist`` with ``binarize=<mode>``.
 LEGACY_MNIST: dict[str, str] = {f"mnist_{mode}": mode for mode in BINARIZE_MODES}
 
@@ -83,8 +86,8 @@ CATALOG: dict[str, DatasetInfo] = {info.name: info for info in (
     DatasetInfo("npz", "an npz file of uint8 images and integer labels (see the README for its keys)", "files"),
 )}
 
-#: Every ``--dataset`` name; the first is the default.
-DATASETS: tuple[str, ...] = tuple(CATALOG)
+if tuple(CATALOG) != DATASETS:  # pragma: no cover - a module that contradicts avme_ext.choices
+    raise ImportError("avme_ext.data.catalog must describe every data set of avme_ext.choices.DATASETS, in its order")
 
 
 def dataset_info(name: str) -> DatasetInfo:

@@ -48,7 +48,7 @@ from .errors import DataFormatError, missing_files_error
 from .pixels import resize
 from .raw import RawPart
 
-__all__ = ["SourceFiles", "read_image_folder", "read_npz", "GREY_MODES"]
+__all__ = ["GREY_MODES", "SourceFiles", "read_image_folder", "read_npz"]
 
 #: PIL modes read as grey images.
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "MNIST_SHAPE", "PIXEL_KINDS", "ImageSplit"]
+__all__ = ["IMAGE_SIZE", "MNIST_SHAPE", "NUM_CLASSES", "NUM_PIXELS", "PIXEL_KINDS", "ImageSplit"]
 
 IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784

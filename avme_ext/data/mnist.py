@@ -24,8 +24,8 @@ import os
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,23 @@ from .image_split import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ImageSplit
 from .pixels import binarize_levels
 
 __all__ = [
-    "VENDORED_NPZ", "NPZ_FILENAME", "MNIST_FILES", "MNIST_TRAIN_SIZE", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC",
-    "default_data_root", "load_binarized_mnist", "load_amat", "amat_path", "load_binarized_mnist_amat",
-    "read_idx", "mnist_idx_paths", "read_mnist_part", "load_mnist_idx", "download_mnist",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "MNIST_FILES",
+    "MNIST_TRAIN_SIZE",
+    "NPZ_FILENAME",
+    "VENDORED_NPZ",
+    "amat_path",
+    "default_data_root",
     "download_binarized_mnist_amat",
+    "download_mnist",
+    "load_amat",
+    "load_binarized_mnist",
+    "load_binarized_mnist_amat",
+    "load_mnist_idx",
+    "mnist_idx_paths",
+    "read_idx",
+    "read_mnist_part",
 ]
 
 #: Vendored copy of the fixed binarization (packed bits, see assets/README.md).

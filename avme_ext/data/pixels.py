@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .catalog import BINARIZE_MODES
 from .errors import check_name
 
-__all__ = ["to_channels", "resize", "binarize_levels"]
+__all__ = ["binarize_levels", "resize", "to_channels"]
 
 #: ITU-R 601-2 luma weights in 16-bit fixed point, as PIL's ``convert("L")`` (so a colour data set made
 #: grey here equals the same images made grey by PIL).

@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from .catalog import BINARIZE_MODES, CHANNELS, EMNIST_SPLITS, LEGACY_MNIST, SPLITS, dataset_info
+from .catalog import (
+    BINARIZE_MODES,
+    CHANNELS,
+    EMNIST_SPLITS,
+    LEGACY_MNIST,
+    LIKELIHOODS,
+    SPLITS,
+    dataset_info,
+)
 from .errors import DataFormatError, DataOptionError, check_name
 from .files import SourceFiles, read_image_folder, read_npz
 from .image_split import ImageSplit
@@ -44,10 +52,8 @@ from .raw import RawPart
 from .splits import SplitRows, check_fraction, split_rows
 from .torchvision_sets import TORCHVISION_READERS, read_torchvision_part
 
-__all__ = ["LIKELIHOODS", "DATA_OPTIONS", "DataSpec", "DataSource", "pixel_kind", "check_pixels_for", "load_split"]
+__all__ = ["DataSource", "DataSpec", "check_pixels_for", "load_split", "pixel_kind"]
 
-#: The likelihoods a data source can be prepared for (None: the pixels as the data has them).
-LIKELIHOODS = ("bernoulli", "logistic")
 _BINARY_SETS = ("binarized_mnist", "binarized_mnist_amat")
 _FILE_SETS = ("imagefolder", "npz")
 

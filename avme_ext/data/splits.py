@@ -25,7 +25,7 @@ import torch
 from .catalog import SPLITS
 from .errors import DataOptionError
 
-__all__ = ["SplitRows", "split_rows", "describe_rule", "check_fraction"]
+__all__ = ["SplitRows", "check_fraction", "describe_rule", "split_rows"]
 
 
 @dataclass(frozen=True)

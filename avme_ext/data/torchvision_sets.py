@@ -34,7 +34,7 @@ import torch
 from .errors import DataFormatError, missing_files_error
 from .raw import RawPart
 
-__all__ = ["TORCHVISION_READERS", "read_torchvision_part", "idx_file_names"]
+__all__ = ["TORCHVISION_READERS", "idx_file_names", "read_torchvision_part"]
 
 _MNIST_LIKE = {"fashion_mnist": ("FashionMNIST", "Fashion-MNIST"), "kmnist": ("KMNIST", "Kuzushiji-MNIST")}
 
