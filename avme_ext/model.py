@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -125,6 +126,8 @@ class AVME(nn.Module):
         latent_dim: int = _DEFAULTS.latent_dim,
         steps: int = _DEFAULTS.steps,
         encoder_input: str = _DEFAULTS.encoder_input,
+        likelihood: str = _DEFAULTS.likelihood,
+        image_shape: tuple[int, int, int] | None = _DEFAULTS.image_shape,
         *,
         impl: str = "auto",
         precision: str = "fp32",
@@ -145,6 +148,9 @@ class AVME(nn.Module):
             device=device,
             dtype=dtype,
         )
+        if likelihood != "bernoulli":
+            raise NotImplementedError(f"likelihood {likelihood!r} is not available in this build")
+        self._config = dataclasses.replace(self.core.config, likelihood=likelihood, image_shape=image_shape)
 
     @classmethod
     def from_config(cls, config: AVMEConfig, **kwargs) -> AVME:
@@ -153,8 +159,8 @@ class AVME(nn.Module):
 
     @property
     def config(self) -> AVMEConfig:
-        """The architecture (that of ``core``)."""
-        return self.core.config
+        """The architecture (that of ``core``, with the likelihood and image shape)."""
+        return self._config
 
     def reset_parameters(self) -> None:
         """Re-initialise every weight as at construction (see :meth:`AVMECore.reset_parameters`)."""
