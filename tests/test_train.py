@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA
 from safetensors.torch import load_file
 
 from avme_ext import training as T
@@ -257,10 +258,10 @@ def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c" / "tensorboard").exists()
 
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+MNIST = SHARED_DATA / "mnist"
 
 
-@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST IDX files in {MNIST}")
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/data/mnist")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
     args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
             "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",

@@ -21,12 +21,12 @@ from ._common import (
     add_seed_argument,
     add_switch,
     check_output_path,
-    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
     resolve_model_source,
 )
+from ._data_options import datasets_epilog, load_run_images
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ examples:
   avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
   torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, from_run=True)
     parser.set_defaults(func=run)
 
 
@@ -138,15 +138,10 @@ def run(args: argparse.Namespace) -> int:
         _leave_job(info)
 
 
-def _load_images(args: argparse.Namespace, model):
+def _load_images(args: argparse.Namespace, model, source: ModelSource):
     import torch
 
-    from ..data import load_split
-
-    try:
-        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split}: {cli_message(error)}") from None
+    split = load_run_images(args, source.path, model)
     if args.num_images is not None:
         if args.num_images > len(split):
             raise CLIError(f"--num-images {args.num_images}: {split.name} has only {len(split)} images")
@@ -165,7 +160,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
 
     rank, world = info.rank, info.world_size
     model = load_model_for_cli(args, device, source)
-    split = _load_images(args, model)
+    split = _load_images(args, model, source)
     if rank == 0:
         _announce_cost(args, model, len(split), device, world)
 
@@ -198,7 +193,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
             "provenance": {
                 "checkpoint": str(source.path.resolve()),
                 "pretrained": source.pretrained,
-                "dataset": args.dataset,
+                "dataset": split.name.partition("/")[0],
                 "split": args.split,
                 "num_images": len(result),
                 "subset": args.num_images is not None,

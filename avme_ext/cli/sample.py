@@ -15,12 +15,13 @@ from ._common import (
     add_device_arguments,
     add_seed_argument,
     check_output_path,
-    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
     resolve_device,
+    resolve_model_source,
 )
+from ._data_options import datasets_epilog, load_run_images
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,7 @@ examples:
   avme sample runs/cond/best.safetensors --per-class 10    # 10 rows (digits 0-9) of 10
   avme sample runs/mnist --reconstruct 16 --seed 3
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,14 +83,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="images for --reconstruct")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, from_run=True)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..images import class_grid, reconstructions_grid, sample_grid, unrolled_strips_grid, write_png
+    from ..images import (
+        class_grid,
+        reconstructions_grid,
+        sample_grid,
+        unrolled_strips_grid,
+        write_png,
+    )
 
     out = check_output_path(args.out, "--out", suffix=".png")
     recon_out = None
@@ -101,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.recon_out:
         raise CLIError("--recon-out needs --reconstruct N")
     device = resolve_device(args.device)
-    model = load_model_for_cli(args, device)
+    source = resolve_model_source(args.checkpoint)
+    model = load_model_for_cli(args, device, source)
     num_classes = model.num_classes
     if num_classes > 0 and args.num is not None:
         raise CLIError(f"this model is conditional ({num_classes} classes): use --per-class N instead of --num")
     if num_classes == 0 and args.per_class is not None:
         raise CLIError("--per-class needs a conditional model; this one is unconditional (use --num)")
-    originals = _reconstruction_inputs(args, model, device) if args.reconstruct else None
+    originals = _reconstruction_inputs(args, source.path, model, device) if args.reconstruct else None
 
     style = {"scale": args.scale, "invert": args.invert}
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -132,16 +140,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reconstruction_inputs(args: argparse.Namespace, model, device: torch.device):
-    """(x, y) of ``--reconstruct`` random images of ``--split`` (y None for an unconditional model)."""
+def _reconstruction_inputs(args: argparse.Namespace, checkpoint: Path, model, device: torch.device):
+    """(x, y) of ``--reconstruct`` random images of ``--split`` of the data the model was trained on (unless the
+    data options say otherwise; y None for an unconditional model)."""
     import torch
 
-    from ..data import load_split
-
-    try:
-        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split} for --reconstruct: {cli_message(error)}") from None
+    split = load_run_images(args, checkpoint, model, " for --reconstruct")
     if args.reconstruct > len(split):
         raise CLIError(f"--reconstruct {args.reconstruct}: {split.name} has only {len(split)} images")
     if model.num_classes > 0 and not split.has_labels:

@@ -15,8 +15,9 @@ file (``npz``).
 One module per job: ``catalog`` (names and choices; no torch), ``image_split`` (:class:`ImageSplit`),
 ``mnist`` (MNIST's own files and downloads), ``torchvision_sets`` (the torchvision readers),
 ``files`` (image folders, npz files), ``pixels`` (channels, resizing, binarization), ``splits``
-(held-out splits by seed), ``sources`` (:class:`DataSpec`, :class:`DataSource`, :func:`load_split`),
-``errors``. The names are imported on first use, so the catalog can be read without torch.
+(held-out splits by seed), ``spec`` (:class:`DataSpec`; no torch), ``sources`` (:class:`DataSource`,
+:func:`load_split`), ``runs`` (the data of a trained run: :func:`load_run_split`), ``errors``.
+The names are imported on first use, so ``catalog`` and ``spec`` can be read without torch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "CATALOG",
     "CHANNELS",
     "DATASETS",
+    "DATA_FIELDS",
     "EMNIST_SPLITS",
     "IMAGE_SIZE",
     "LIKELIHOODS",
@@ -50,9 +52,11 @@ __all__ = [
     "load_binarized_mnist",
     "load_binarized_mnist_amat",
     "load_mnist_idx",
+    "load_run_split",
     "load_split",
     "pixel_kind",
     "read_idx",
+    "run_data_spec",
 ]
 
 #: Public name -> the submodule that defines it.
@@ -62,7 +66,9 @@ _EXPORTS = {
     **dict.fromkeys(("IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "MNIST_SHAPE", "ImageSplit"), "image_split"),
     **dict.fromkeys(("DataFormatError", "DataOptionError"), "errors"),
     "RawPart": "raw",
-    **dict.fromkeys(("DataSpec", "DataSource", "load_split", "pixel_kind", "check_pixels_for"), "sources"),
+    **dict.fromkeys(("DataSpec", "DATA_FIELDS", "pixel_kind", "default_data_root"), "spec"),
+    **dict.fromkeys(("DataSource", "load_split", "check_pixels_for"), "sources"),
+    **dict.fromkeys(("run_data_spec", "load_run_split"), "runs"),
 }
 #: Where any other name of earlier versions (when this package was one module) now lives.
 _FALLBACK = "mnist"
@@ -81,7 +87,6 @@ if TYPE_CHECKING:
     from .errors import DataFormatError, DataOptionError
     from .image_split import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ImageSplit
     from .mnist import (
-        default_data_root,
         download_binarized_mnist_amat,
         download_mnist,
         load_amat,
@@ -91,7 +96,9 @@ if TYPE_CHECKING:
         read_idx,
     )
     from .raw import RawPart
-    from .sources import DataSource, DataSpec, check_pixels_for, load_split, pixel_kind
+    from .runs import load_run_split, run_data_spec
+    from .sources import DataSource, check_pixels_for, load_split
+    from .spec import DATA_FIELDS, DataSpec, default_data_root, pixel_kind
 
 
 def __getattr__(name: str) -> Any:

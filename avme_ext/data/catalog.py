@@ -75,8 +75,8 @@ CATALOG: dict[str, DatasetInfo] = {info.name: info for info in (
                 torchvision="KMNIST"),
     DatasetInfo("emnist", "EMNIST (torchvision EMNIST), 28x28 grey, split by --emnist-split", "grey", 28,
                 torchvision="EMNIST"),
-    DatasetInfo("omniglot", "Omniglot (torchvision Omniglot): background set = train, evaluation set = test; "
-                "ink is white; no labels", "grey", 105, default_size=28, torchvision="Omniglot"),
+    DatasetInfo("omniglot", "Omniglot (torchvision Omniglot): background = train, evaluation = test; no labels",
+                "grey", 105, default_size=28, torchvision="Omniglot"),
     DatasetInfo("cifar10", "CIFAR-10 (torchvision CIFAR10), 32x32 colour, 10 classes", "colour", 32,
                 torchvision="CIFAR10"),
     DatasetInfo("svhn", "SVHN (torchvision SVHN, needs scipy), 32x32 colour, 10 classes", "colour", 32,

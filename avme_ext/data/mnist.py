@@ -34,6 +34,7 @@ from .catalog import BINARIZE_MODES, SPLITS
 from .errors import DataFormatError, check_name, missing_files_error
 from .image_split import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ImageSplit
 from .pixels import binarize_levels
+from .spec import default_data_root
 
 __all__ = [
     "IDX_IMAGES_MAGIC",
@@ -88,11 +89,6 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
         raise DataFormatError(f"{where}: labels must be in [0, {NUM_CLASSES}), "
                               f"got range [{labels.min()}, {labels.max()}]")
     return torch.from_numpy(labels.astype(np.int64))
-
-
-def default_data_root() -> Path:
-    """Root for downloadable data: ``$AVME_DATA_ROOT`` or ``~/.cache/avme_data``."""
-    return Path(os.environ.get("AVME_DATA_ROOT", "~/.cache/avme_data")).expanduser()
 
 
 # --------------------------------------------------------------------------- fixed binarization (npz)

@@ -25,7 +25,7 @@ import torch
 from .catalog import SPLITS
 from .errors import DataOptionError
 
-__all__ = ["SplitRows", "check_fraction", "describe_rule", "split_rows"]
+__all__ = ["SplitRows", "describe_rule", "split_rows"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,6 @@ class SplitRows:
     part: str
     rows: torch.Tensor | None
     rule: str
-
-
-def check_fraction(name: str, value: object) -> float:
-    """A fraction in (0, 1) (the message names the option)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise DataOptionError(f"{name} (--{name.replace('_', '-')}) must be a number in (0, 1), got {value!r}")
-    return float(value)
 
 
 def _count(fraction: float, n: int) -> int:
