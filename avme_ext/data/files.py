@@ -95,11 +95,7 @@ def _samples(folders: dict[str, Path]) -> tuple[dict[str, list[tuple[str, int]]]
         extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
         if extra:
             raise DataFormatError(f"{folder}: class folders {extra} are not classes of {base} ({classes})")
-        try:
-            samples[part] = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS,
-                                         allow_empty=folder != base)
-        except FileNotFoundError as error:
-            raise DataFormatError(f"{folder}: {error}") from None
+        samples[part] = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples[part]:
             raise missing_files_error(f"images of {folder}", [folder / "<class>" / "<image>.png"],
                                       f"extensions {', '.join(IMG_EXTENSIONS)}", downloadable=False)

@@ -133,7 +133,9 @@ class DataSource:
             where = "the first 50,000" if split == "train" else "the last 10,000"
             return SplitRows("train", rows, f"{where} images of the official training part")  # type: ignore[arg-type]
         parts = self.parts
-        size = None if split in parts else len(self._prepared("all" if "all" in parts else "train")[0])
+        base = "all" if "all" in parts else "train"
+        whole = split in parts and (split != base or {"valid", "test"} <= parts)
+        size = None if whole else len(self._prepared(base)[0])
         return split_rows(split, parts, size, valid_fraction=spec.valid_fraction, test_fraction=spec.test_fraction,
                           seed=spec.split_seed)
 
@@ -170,8 +172,9 @@ class DataSource:
 
     # ----------------------------------------------------------------- provenance
     def record(self) -> dict[str, Any]:
-        """What a run records of its data: pixels, image shape, classes, and for every split loaded so far
-        its size and rule (plus the fingerprint of a folder or npz file)."""
+        """What a run records of its data: pixels, image shape, classes, and the size and rule of every split
+        loaded so far (of all three for an image folder or npz file, which are read whole; with their
+        fingerprint)."""
         if not self._loaded:
             raise RuntimeError("record() describes the splits loaded so far; load one first")
         first = next(iter(self._loaded.values()))
@@ -181,11 +184,18 @@ class DataSource:
             "image_shape": list(first.image_shape),
             "num_classes": first.num_classes,
             "split_seed": self.spec.split_seed,
-            "splits": {name: {"size": len(s), "rule": self._rule(name)} for name, s in self._loaded.items()},
+            "splits": {name: {"size": self._size(name), "rule": self._rule(name)} for name in SPLITS
+                       if name in self._loaded or self.spec.dataset in FILE_SETS},
         }
         if self.spec.dataset in FILE_SETS:
             record["fingerprint"] = self._files.fingerprint
         return record
+
+    def _size(self, split: str) -> int:
+        if split in self._loaded:
+            return len(self._loaded[split])
+        where = self._rows(split)  # a part already read (an image folder or npz file is read whole)
+        return len(self._prepared(where.part)[0]) if where.rows is None else len(where.rows)
 
     def _rule(self, split: str) -> str:
         if self.spec.dataset in BINARY_SETS:

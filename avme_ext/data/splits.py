@@ -50,13 +50,14 @@ def _count(fraction: float, n: int) -> int:
 def describe_rule(split: str, parts: frozenset[str] | set[str], size: int, valid_fraction: float,
                   test_fraction: float, seed: int) -> str:
     """The rule of :func:`split_rows` in words (``size``: the size of the part the split comes from)."""
-    if split in parts:
-        return f"the data set's own {split} part, whole"
     base = "all" if "all" in parts else "train"
     carved = [s for s in ("test", "valid") if s not in parts]
+    if split in parts and not (split == base and carved):
+        return f"the data set's own {split} part, whole"
     n_test = _count(test_fraction, size) if "test" in carved else 0
     n_valid = _count(valid_fraction, size) if "valid" in carved else 0
-    perm = f"torch.randperm({size}, generator=torch.Generator().manual_seed({seed})) over the {base} part"
+    over = "all the images" if base == "all" else "the train part"
+    perm = f"torch.randperm({size}, generator=torch.Generator().manual_seed({seed})) over {over}"
     if split == "test":
         where = f"positions [0, {n_test})"
     elif split == "valid":
@@ -74,7 +75,8 @@ def split_rows(split: str, parts: frozenset[str] | set[str], size: int | None, *
         split: one of :data:`SPLITS`.
         parts: the parts the data set has.
         size: images in the part held-out splits come from (``train``, or ``all``); unused (may be None)
-            when ``split`` is one of ``parts``.
+            when ``split`` is a whole part (one the data set has, and not ``train`` when splits are held
+            out of it).
         valid_fraction, test_fraction: the held-out shares.
         seed: the seed of the permutation.
 
@@ -83,11 +85,11 @@ def split_rows(split: str, parts: frozenset[str] | set[str], size: int | None, *
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
-    if split in parts:
-        return SplitRows(split, None, describe_rule(split, parts, 0, valid_fraction, test_fraction, seed))
     base = "all" if "all" in parts else "train"
-    assert size is not None, "the size of the part to split is needed"
     carved = [s for s in ("test", "valid") if s not in parts]
+    if split in parts and not (split == base and carved):
+        return SplitRows(split, None, describe_rule(split, parts, 0, valid_fraction, test_fraction, seed))
+    assert size is not None, "the size of the part to split is needed"
     n_test = _count(test_fraction, size) if "test" in carved else 0
     n_valid = _count(valid_fraction, size) if "valid" in carved else 0
     counts = {"test": n_test, "valid": n_valid, "train": size - n_test - n_valid}
