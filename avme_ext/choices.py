@@ -8,19 +8,8 @@ parsers from them without importing torch (``avme --help`` answers at once).
 
 from __future__ import annotations
 
-__all__ = [
-           "BINARIZE_MODES",
-           "CHANNELS",
-           "DATASETS",
-           "DESIGNS",
-           "EMNIST_SPLITS",
-           "ENCODER_INPUTS",
-           "EXPORT_DTYPE_NAMES",
-           "IMPLS",
-           "LIKELIHOODS",
-           "PRECISIONS",
-           "SPLITS",
-]
+__all__ = ["BINARIZE_MODES", "CHANNELS", "DATASETS", "DESIGNS", "EMNIST_SPLITS", "ENCODER_INPUTS", "EXPORT_DTYPE_NAMES",
+           "IMPLS", "LIKELIHOODS", "PRECISIONS", "SPLITS"]
 
 #: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")

@@ -56,7 +56,7 @@ SITECUSTOMIZE = textwrap.dedent("""
             return _checkpoint.save_checkpoint(destination, model)
         _checkpoint.export_weights = export_weights
     if os.environ.get("REPRO_SPLIT_LOG"):
-        import avme_ext.data as _data
+        import avme_ext.data.mnist as _data  # where the data sources look the loader up
         _load = _data.load_binarized_mnist
         def _logged(split="train", *args, **kwargs):
             with open(os.environ["REPRO_SPLIT_LOG"], "a") as log:

@@ -30,13 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..choices import IMPLS, PRECISIONS
-from ._data_options import DATA_ROOT_HELP, add_data_options
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DATA_ROOT_HELP",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_SIGINT",
@@ -240,6 +238,15 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: How ``--data-root`` is described wherever it appears.
+DATA_ROOT_HELP = (
+    "where the data files are: binarized_mnist reads DIR/binarized_mnist.npz instead of the copy vendored in the "
+    "package; imagefolder reads the folder DIR; npz reads the file DIR; the other data sets read (and download) "
+    "their files under DIR in torchvision's layout (default: the run's for eval, sample and --resume; else the "
+    "vendored copy for binarized_mnist, and $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
+)
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = False, from_run: bool = False) -> None:
     """Add the data options (``--dataset``, ``--data-root``, ``--download``, ``--binarize``, ``--image-size``, ...;
     see :func:`avme_ext.cli._data_options.add_data_options`).
@@ -248,6 +255,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = Fa
     takes them from the checkpoint; ``from_run=True``: defaults are the run's (``avme eval``,
     ``avme sample``); the help text states the default.
     """
+    from ._data_options import add_data_options
+
     add_data_options(parser, given_only=given_only, from_run=from_run)
 
 

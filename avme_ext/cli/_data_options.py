@@ -11,16 +11,15 @@ import argparse
 from ..choices import BINARIZE_MODES, CHANNELS, DATASETS, EMNIST_SPLITS
 from ..data.catalog import describe_datasets
 from ..data.spec import DATA_FIELDS
-
-__all__ = ["DATA_ROOT_HELP", "add_data_options", "datasets_epilog", "given_data_options", "load_run_images"]
-
-#: How ``--data-root`` is described wherever it appears.
-DATA_ROOT_HELP = (
-    "where the data files are: binarized_mnist reads DIR/binarized_mnist.npz instead of the copy vendored in the "
-    "package; imagefolder reads the folder DIR; npz reads the file DIR; the other data sets read (and download) "
-    "their files under DIR in torchvision's layout (default: the run's for eval, sample and --resume; else the "
-    "vendored copy for binarized_mnist, and $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
+from ._common import (
+    DATA_ROOT_HELP,
+    CLIError,
+    cli_message,
+    nonnegative_int,
+    positive_int,
 )
+
+__all__ = ["add_data_options", "datasets_epilog", "given_data_options", "load_run_images"]
 
 #: The data options of a run that ``avme eval`` / ``avme sample`` may override (``seed`` is their own option).
 _OVERRIDABLE = tuple(name for name in DATA_FIELDS if name != "seed")
@@ -34,16 +33,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
-    return value
-
-
-def _count(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
     return value
 
 
@@ -77,11 +66,11 @@ def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     parser.add_argument("--download", action="store_const", const=True, default=None if given_only else False,
                         help="let torchvision fetch missing files into --data-root (needs a network)")
     parser.add_argument("--binarize", choices=BINARIZE_MODES, default=None,
-                        help="grey images under --likelihood bernoulli: static (one draw, seeded by --seed), dynamic "
+                        help="grey images under --likelihood bernoulli: static (one draw, seeded by the training --seed), dynamic "
                         "(a fresh draw for every batch: the IWAE paper's protocol), threshold (gray level > 0.5); "
                         "colour images cannot be binarized (use --channels 1)"
                         + default("dynamic; an mnist_<mode> name implies its mode"))
-    parser.add_argument("--image-size", metavar="N", type=lambda text: _count(text, 1), default=None,
+    parser.add_argument("--image-size", metavar="N", type=positive_int, default=None,
                         help="resize every image to N x N (bilinear, antialiased; not cropped)"
                         + default("as stored; omniglot 28"))
     parser.add_argument("--channels", type=int, choices=CHANNELS, default=None,
@@ -95,7 +84,7 @@ def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     parser.add_argument("--test-fraction", metavar="F", type=_fraction, default=None,
                         help="share held out for testing when the data set has no test split (an image folder or npz "
                         "file without splits)" + default(0.1))
-    parser.add_argument("--split-seed", metavar="N", type=lambda text: _count(text, 0), default=None,
+    parser.add_argument("--split-seed", metavar="N", type=nonnegative_int, default=None,
                         help="seed of those held-out splits (the run's config records the split)" + default(0))
 
 
@@ -112,7 +101,6 @@ def load_run_images(args: argparse.Namespace, checkpoint: object, model: object,
         CLIError: the images cannot be loaded or do not fit the model (one line, in command-line terms).
     """
     from ..data import load_run_split
-    from ._common import CLIError, cli_message
 
     try:
         return load_run_split(checkpoint, args.split, given_data_options(args), model.config, seed=args.seed)

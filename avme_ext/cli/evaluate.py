@@ -53,7 +53,11 @@ Results are deterministic given --seed and --batch-size (each chunk of --batch-s
 has its own seeded noise). Under torchrun every rank evaluates its share of the chunks and
 rank 0 reports the merged result, identical to a single-process run. --json writes the
 summary with its provenance (checkpoint, split, images, samples, seed, device, versions,
-wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing."""
+wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing.
+
+Images: --split of the data set the checkpoint's run was trained on, with the data options it
+recorded (the same held-out splits and binarization); data options given here override them, and
+images that differ from the run's record or that the model cannot take are refused."""
 
 EPILOG = """\
 examples:

@@ -33,8 +33,9 @@ An unconditional model gives a grid of --num samples (--nrow per row). A conditi
 gives one row per class with --per-class samples each. --unroll instead writes one strip per
 row showing the canvas sigmoid(s_t) after every drawing step t = 1..K (the paper's Figures 8
 and 9). --reconstruct N also saves N random images of --split (odd rows) above their
-reconstructions (even rows). Images are white on black (--invert: black on white), scaled up
-by --scale with nearest-neighbour upsampling.
+reconstructions (even rows), from the data set the run was trained on (the data options its
+checkpoint recorded; those given here override them). Images are white on black (--invert:
+black on white), scaled up by --scale with nearest-neighbour upsampling.
 
 Everything is checked (model, data set, output names) and every image drawn before any file
 is written; files are replaced atomically, so a failed or interrupted command leaves the old

@@ -39,6 +39,7 @@ __all__ = [
     "SPLITS",
     "DataFormatError",
     "DataOptionError",
+    "DataOptions",
     "DataSource",
     "DataSpec",
     "ImageSplit",
@@ -66,7 +67,7 @@ _EXPORTS = {
     **dict.fromkeys(("IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "MNIST_SHAPE", "ImageSplit"), "image_split"),
     **dict.fromkeys(("DataFormatError", "DataOptionError"), "errors"),
     "RawPart": "raw",
-    **dict.fromkeys(("DataSpec", "DATA_FIELDS", "pixel_kind", "default_data_root"), "spec"),
+    **dict.fromkeys(("DataOptions", "DataSpec", "DATA_FIELDS", "pixel_kind", "default_data_root"), "spec"),
     **dict.fromkeys(("DataSource", "load_split", "check_pixels_for"), "sources"),
     **dict.fromkeys(("run_data_spec", "load_run_split"), "runs"),
 }
@@ -98,7 +99,7 @@ if TYPE_CHECKING:
     from .raw import RawPart
     from .runs import load_run_split, run_data_spec
     from .sources import DataSource, check_pixels_for, load_split
-    from .spec import DATA_FIELDS, DataSpec, default_data_root, pixel_kind
+    from .spec import DATA_FIELDS, DataOptions, DataSpec, default_data_root, pixel_kind
 
 
 def __getattr__(name: str) -> Any:

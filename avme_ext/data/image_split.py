@@ -136,5 +136,3 @@ class ImageSplit:
     def take(self, index: torch.Tensor | slice, name: str) -> ImageSplit:
         """The rows ``index`` of this split, named ``name``."""
         return replace(self, images=self.images[index], labels=self.labels[index], name=name)
-
-    _take = take  # the name of earlier versions

@@ -17,28 +17,17 @@ differ from a run's record.
 
 from __future__ import annotations
 
-import math
 import os
 from functools import cached_property
 from typing import Any
 
 import torch
 
-from .catalog import (
-    LEGACY_MNIST,
-    SPLITS,
-    dataset_info,
-)
+from . import mnist
+from .catalog import LEGACY_MNIST, SPLITS, dataset_info
 from .errors import DataFormatError, DataOptionError, check_name
 from .files import SourceFiles, read_image_folder, read_npz
 from .image_split import ImageSplit
-from .mnist import (
-    MNIST_TRAIN_SIZE,
-    NPZ_FILENAME,
-    load_binarized_mnist,
-    load_binarized_mnist_amat,
-    read_mnist_part,
-)
 from .pixels import binarize_levels, resize, to_channels
 from .raw import RawPart
 from .spec import BINARY_SETS, FILE_SETS, DataSpec, pixel_kind
@@ -101,7 +90,7 @@ class DataSource:
         if spec.dataset in TORCHVISION_READERS:
             options = {"split": spec.emnist_split} if spec.dataset == "emnist" else {}
             return read_torchvision_part(spec.dataset, root, part, spec.download, **options)
-        images, labels = read_mnist_part(part, root, spec.download)
+        images, labels = mnist.read_mnist_part(part, root, spec.download)
         return RawPart(images.unsqueeze(1), labels, 10)
 
     def _prepared(self, part: str) -> tuple[torch.Tensor, torch.Tensor, bool, bool, tuple[int, int, int], int]:
@@ -129,7 +118,7 @@ class DataSource:
         if spec.dataset == "mnist" or spec.dataset in LEGACY_MNIST:  # MNIST's own rule (as in earlier versions)
             if split == "test":
                 return SplitRows("test", None, "the official test part (t10k), whole")
-            rows = slice(None, MNIST_TRAIN_SIZE) if split == "train" else slice(MNIST_TRAIN_SIZE, None)
+            rows = slice(None, mnist.MNIST_TRAIN_SIZE) if split == "train" else slice(mnist.MNIST_TRAIN_SIZE, None)
             where = "the first 50,000" if split == "train" else "the last 10,000"
             return SplitRows("train", rows, f"{where} images of the official training part")  # type: ignore[arg-type]
         parts = self.parts
@@ -155,9 +144,9 @@ class DataSource:
             pixel_kind(spec, True, 1, spec.dataset)
         if spec.dataset == "binarized_mnist":
             root = spec.root
-            loaded = load_binarized_mnist(split, None if root is None else root / NPZ_FILENAME)
+            loaded = mnist.load_binarized_mnist(split, None if root is None else root / mnist.NPZ_FILENAME)
         elif spec.dataset == "binarized_mnist_amat":
-            loaded = load_binarized_mnist_amat(split, spec.root, spec.download)
+            loaded = mnist.load_binarized_mnist_amat(split, spec.root, spec.download)
         else:
             loaded = self._load(split)
         self._loaded[split] = loaded
@@ -223,15 +212,6 @@ class DataSource:
             raise DataFormatError(f"{current.name} differs from the data the run was trained on: "
                                   + "; ".join(differences))
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(channels, height, width)`` of the images (loads the training split's part)."""
-        return self.split("train").image_shape
-
-    @property
-    def num_pixels(self) -> int:
-        return math.prod(self.image_shape)
-
 
 def load_split(
     dataset: str = "binarized_mnist",
@@ -257,5 +237,6 @@ def load_split(
             Without ``binarize`` or ``likelihood`` a grey or colour data set gives its 8-bit levels.
     """
     check_name("split", split, SPLITS)
-    spec = DataSpec(dataset, None if root is None else str(root), download, seed, **options)
+    spec = DataSpec(dataset=dataset, data_root=None if root is None else str(root), download=download, seed=seed,
+                    **options)
     return spec.open().split(split)

@@ -32,6 +32,7 @@ __all__ = [
     "BINARY_SETS",
     "DATA_FIELDS",
     "FILE_SETS",
+    "DataOptions",
     "DataSpec",
     "check_fraction",
     "default_data_root",
@@ -59,19 +60,17 @@ def check_fraction(name: str, value: object) -> float:
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    """Every option that decides which images a run sees (the data options of ``avme train``).
+class DataOptions:
+    """The data options a run records: the data fields of ``avme train``'s ``TrainConfig`` (which
+    derives from this class), checked together by :class:`DataSpec`.
 
     Attributes:
         dataset: one of :data:`avme_ext.data.catalog.DATASETS`.
         data_root: the folder of the files (``imagefolder``: the image folder; ``npz``: the file);
             None: the vendored copy for ``binarized_mnist``, else :func:`default_data_root`.
         download: let torchvision (or the MNIST downloader) fetch missing files.
-        seed: seed of the static binarization (one draw over a whole part).
         binarize: ``static``, ``dynamic`` or ``threshold`` for grey data under the Bernoulli
             likelihood (None: ``dynamic`` under it; the ``mnist_<mode>`` names imply theirs).
-        likelihood: ``"bernoulli"``, ``"logistic"``, or None (the pixels as stored: 8-bit levels,
-            unless ``binarize`` or a binary data set says otherwise).
         image_size: resize images to ``image_size x image_size`` (None: as stored; 28 for omniglot).
         channels: 1 (grey) or 3 (RGB) (None: as stored, or decided by an image folder's images).
         emnist_split: the EMNIST split (``emnist`` only).
@@ -82,15 +81,28 @@ class DataSpec:
     dataset: str = "binarized_mnist"
     data_root: str | None = None
     download: bool = False
-    seed: int = 0
     binarize: str | None = None
-    likelihood: str | None = None
     image_size: int | None = None
     channels: int | None = None
     emnist_split: str = "balanced"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSpec(DataOptions):
+    """Every option that decides which images a model sees: the :class:`DataOptions` of a run, the seed of a
+    static binarization and the likelihood the pixels are for; checked when made.
+
+    Attributes:
+        seed: seed of the static binarization (one draw over a whole part; a run's training ``seed``).
+        likelihood: ``"bernoulli"``, ``"logistic"``, or None (the pixels as stored: 8-bit levels,
+            unless ``binarize`` or a binary data set says otherwise).
+    """
+
+    seed: int = 0
+    likelihood: str | None = None
 
     def __post_init__(self) -> None:
         dataset_info(self.dataset)  # an unknown name: the message lists the valid ones
@@ -196,4 +208,4 @@ def pixel_kind(spec: DataSpec, binary: bool, channels: int, name: str) -> str:
 
 
 #: The fields of :class:`DataSpec` that a run's ``TrainConfig`` holds (all but ``likelihood``, a model option).
-DATA_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DataSpec) if f.name != "likelihood")
+DATA_FIELDS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(DataOptions)), "seed")

@@ -12,7 +12,7 @@ from typing import Any
 from .._value_checks import check_choice, check_positive_int
 from ..choices import DATASETS, IMPLS, PRECISIONS
 from ..config import AVMEConfig
-from ..data.spec import DataSpec
+from ..data.spec import DataOptions, DataSpec
 from .errors import OptionError, TrainError
 
 __all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "CLASSES_FROM_DATA", "resolve_configs",
@@ -37,7 +37,7 @@ def option_name(field_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataOptions):
     """Every training argument of ``avme train`` except the model sizes (see :class:`AVMEConfig`).
 
     Fields in :attr:`FIXED` define the run's trajectory: on ``--resume`` they are taken from the
@@ -50,9 +50,10 @@ class TrainConfig:
     ``lr_final``); the cosine fields are made concrete when the config is made, so a run resumed
     with a larger ``--epochs`` keeps its schedule.
 
-    The data fields (``dataset`` to ``split_seed``, and ``seed`` for a static binarization) are those of
-    :class:`~avme_ext.data.spec.DataSpec` (see :meth:`data_spec`); the run's config records them, so
-    ``avme eval`` and ``avme sample`` find the same images.
+    The data fields are those of :class:`~avme_ext.data.spec.DataOptions` (``dataset``, ``data_root``,
+    ``download``, ``binarize``, ``image_size``, ``channels``, ``emnist_split``, ``valid_fraction``,
+    ``test_fraction``, ``split_seed``; with ``seed`` for a static binarization, see :meth:`data_spec`); the
+    run's config records them, so ``avme eval`` and ``avme sample`` find the same images.
     """
 
     epochs: int = 50
@@ -65,16 +66,6 @@ class TrainConfig:
     clip_grad: float = 10.0
     seed: int = 0
     kl_warmup_steps: int = 0
-    dataset: str = "binarized_mnist"
-    data_root: str | None = None
-    download: bool = False
-    binarize: str | None = None
-    image_size: int | None = None
-    channels: int | None = None
-    emnist_split: str = "balanced"
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 0
     train_subset: int | None = None
     valid_subset: int | None = None
     valid_batch_size: int = 500
