@@ -7,10 +7,23 @@ reconstruction term alone and is listed as such.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["PublishedResult", "PUBLISHED", "render_results_markdown"]
+__all__ = ["PublishedResult", "PUBLISHED", "bits_per_dim", "render_results_markdown"]
+
+
+def bits_per_dim(nats: float, data_dim: int) -> float:
+    """A negative log-likelihood (or bound) of one image in nats as bits per dimension: nats / (D ln 2).
+
+    Args:
+        nats: per image (NaN stays NaN).
+        data_dim: D, the pixels (times channels) of an image.
+    """
+    if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
+        raise ValueError(f"data_dim must be an integer >= 1, got {data_dim!r}")
+    return float(nats) / (data_dim * math.log(2.0))
 
 
 class PublishedResult(NamedTuple):
