@@ -8,10 +8,13 @@ parsers from them without importing torch (``avme --help`` answers at once).
 
 from __future__ import annotations
 
-__all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "DESIGNS", "DATASETS", "SPLITS", "EXPORT_DTYPE_NAMES"]
+__all__ = ["ENCODER_INPUTS", "LIKELIHOODS", "IMPLS", "PRECISIONS", "DESIGNS", "DATASETS", "SPLITS", "EXPORT_DTYPE_NAMES"]
 
 #: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")
+#: The pixel likelihoods p(x | z): Bernoulli for binary pixels, a discretized logistic for 8-bit grey
+#: or colour ones (see :mod:`avme_ext.likelihoods`).
+LIKELIHOODS = ("bernoulli", "logistic")
 #: Implementations of the loop: chosen per call ("auto"), the fused CUDA ops, or the reference.
 IMPLS = ("auto", "cuda", "ref")
 #: Matrix-product precisions of the fused ops.

@@ -7,13 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._value_checks import check_choice, check_positive_int
-from .choices import ENCODER_INPUTS
+from .choices import ENCODER_INPUTS, LIKELIHOODS
 
 __all__ = ["AVMEConfig", "LIKELIHOODS", "LOOP_FIELDS", "default_image_shape"]
-
-#: The pixel likelihoods p(x | z): Bernoulli for binary pixels, a discretized logistic for 8-bit ones
-#: (see :mod:`avme_ext.likelihoods`).
-LIKELIHOODS = ("bernoulli", "logistic")
 
 #: The fields that define the K-step loop (:class:`~avme_ext.core.AVMECore`); the others say how the
 #: model reads its canvas as pixels.
