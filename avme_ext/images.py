@@ -321,8 +321,6 @@ def encode_gif(frames: Sequence[Tensor], *, frame_ms: int = DEFAULT_FRAME_MS, ho
     second). Grey frames are stored with a grey palette, colour frames each with its own 256-colour
     palette. Consecutive identical frames are merged by the encoder (their times added).
     """
-    from PIL import Image
-
     if not frames:
         raise ValueError("an animation needs at least one frame")
     sizes = {tuple(f.shape) for f in frames}

@@ -85,7 +85,7 @@ def elbo_terms(
         :class:`ELBOTerms`: reconstruction (B,) and kl (B, K).
     """
     out = core(x, y_vec, eps, generator=generator)
-    nll = (likelihood or _BERNOULLI).nll(out.canvas, x)
+    nll = (_BERNOULLI if likelihood is None else likelihood).nll(out.canvas, x)
     return ELBOTerms(nll, gaussian_kl(out.mu, out.logvar).transpose(0, 1))
 
 
@@ -113,7 +113,7 @@ def log_weights(
     """
     z = mu + torch.exp(0.5 * logvar) * eps
     log_ratio = 0.5 * (eps.square() - z.square() + logvar).sum(dim=(0, 2))
-    return log_ratio - (likelihood or _BERNOULLI).nll(canvas, x)
+    return log_ratio - (_BERNOULLI if likelihood is None else likelihood).nll(canvas, x)
 
 
 class AVME(nn.Module):

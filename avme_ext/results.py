@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["PublishedResult", "PUBLISHED", "bits_per_dim", "render_results_markdown", "render_sweep_markdown"]
+__all__ = ["PUBLISHED", "PublishedResult", "bits_per_dim", "render_results_markdown", "render_sweep_markdown"]
 
 
 def bits_per_dim(nats: float, data_dim: int) -> float:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from avme_ext.plotting import MetricsError, sweep_figure
-from helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
