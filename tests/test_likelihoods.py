@@ -303,3 +303,23 @@ def test_checkpoint_from_before_the_likelihood_option_loads_and_computes_the_sam
     assert added == {"likelihood", "data_dim", "nelbo_bits_per_dim", "iwae_nll_bits_per_dim",
                      "nll_given_y_bits_per_dim", "nll_marginal_bits_per_dim"}
     assert summary["likelihood"] == "bernoulli" and summary["data_dim"] == 12
+
+
+def test_avme_eval_names_the_likelihood_and_prints_bits_per_dim(tmp_path, capsys):
+    """A logistic model of 28x28 grey images evaluated by the command line (binary images are 8-bit
+    intensities too: k = 0 or 255)."""
+    from avme_ext.cli import main
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "grey.safetensors", AVME(likelihood="logistic", **SMALL))
+    out = tmp_path / "eval.json"
+    code = main(["eval", str(path), "--samples", "2", "--num-images", "6", "--batch-size", "3", "--json", str(out),
+                 "--no-progress", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["likelihood"] == "logistic" and summary["data_dim"] == 784
+    assert "logistic likelihood" in printed and "D = 784" in printed
+    assert f"({summary['iwae_nll_bits_per_dim']:.4f} bits/dim)" in printed
+    assert f"({summary['nelbo_bits_per_dim']:.4f} bits/dim)" in printed
+    assert json.loads(out.read_text())["provenance"]["model_config"]["likelihood"] == "logistic"
