@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .choices import EXPORT_DTYPE_NAMES
 from .config import AVMEConfig
 from .model import AVME
 
@@ -64,7 +65,7 @@ VERSION = 1
 CHECKPOINT_SUFFIX = ".safetensors"
 RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors")
 #: dtypes :func:`export_weights` writes, by name.
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
 _MODEL, _OPTIM, _RNG = "model.", "optimizer.", "rng."
 
 

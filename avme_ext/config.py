@@ -1,4 +1,4 @@
-"""``AVMEConfig``: the sizes and options that define an AVME model, as plain JSON-able data."""
+"""``AVMEConfig``: the sizes and options that define an AVME model, as plain JSON-able data (no torch)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import check_choice, check_positive_int
-from .loop_types import ENCODER_INPUTS
+from ._value_checks import check_choice, check_positive_int
+from .choices import ENCODER_INPUTS
 
 __all__ = ["AVMEConfig"]
 

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .choices import DATASETS, SPLITS
+
 __all__ = [
     "IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "SPLITS", "DATASETS", "BINARIZE_MODES",
     "DataFormatError", "ImageSplit", "default_data_root", "load_split",
@@ -50,10 +52,6 @@ __all__ = [
 IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784
 NUM_CLASSES = 10
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
-DATASETS: tuple[str, ...] = (
-    "binarized_mnist", "binarized_mnist_amat", "mnist_static", "mnist_dynamic", "mnist_threshold",
-)
 BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic", "threshold")
 
 #: Vendored copy of the fixed binarization (packed bits, see assets/README.md).

@@ -27,11 +27,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..choices import DATASETS, IMPLS, PRECISIONS
 
-from ..loop_types import IMPLS, PRECISIONS
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EXIT_FAILURE",
@@ -157,13 +158,21 @@ def add_threads_argument(parser: argparse.ArgumentParser, *, top_level: bool = F
         default=None if top_level else argparse.SUPPRESS,
         help="CPU threads for PyTorch's operators (torch.set_num_threads), set before any work; on a shared "
         "machine a value at or below your share of the cores avoids oversubscription "
-        f"(default: PyTorch's, which follows OMP_NUM_THREADS; {torch.get_num_threads()} here)",
+        f"(default: PyTorch's: OMP_NUM_THREADS, {_omp_num_threads()}, else one per physical core)",
     )
+
+
+def _omp_num_threads() -> str:
+    """How ``--threads``'s help shows ``OMP_NUM_THREADS`` here (read without importing torch)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    return f"{value} here" if value else "unset here"
 
 
 def apply_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` when given; None leaves PyTorch's default."""
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -243,8 +252,6 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = Fa
     ``given_only=True``: defaults are None ("not given"), for ``avme train`` whose ``--resume``
     takes them from the checkpoint; the help text states the default.
     """
-    from ..data import DATASETS
-
     parser.add_argument(
         "--dataset",
         default=None if given_only else DATASETS[0],

@@ -8,8 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._common import (
     EXIT_STATUS_HELP,
@@ -28,6 +27,9 @@ from ._common import (
     positive_int,
     resolve_model_source,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 DESCRIPTION = """\
 Evaluate a checkpoint on a data split; all numbers are nats per image, lower is better.
@@ -137,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_images(args: argparse.Namespace, model):
+    import torch
+
     from ..data import load_split
 
     try:
@@ -154,6 +158,8 @@ def _load_images(args: argparse.Namespace, model):
 
 def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, source: ModelSource,
                          json_out: Path | None) -> int:
+    import torch
+
     from ..checkpoint import atomic_write_bytes
     from ..evaluation import evaluate, gather_across_ranks
 
@@ -235,6 +241,8 @@ def _announce_cost(args: argparse.Namespace, model, num_images: int, device: tor
 
 def describe_device(device: torch.device) -> str:
     """``"this CPU (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     threads = torch.get_num_threads()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..choices import EXPORT_DTYPE_NAMES
 from ._common import EXIT_STATUS_HELP, CLIError, RawDefaultsFormatter, check_output_path, cli_message
 
 DESCRIPTION = """\
@@ -24,8 +25,6 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..checkpoint import EXPORT_DTYPES
-
     parser = subparsers.add_parser(
         "export",
         help="write a small weights-only file of a run's model (float16 by default)",
@@ -36,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN",
                         help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint")
     parser.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", default="float16", choices=tuple(EXPORT_DTYPES), help="dtype of the stored weights")
+    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES, help="dtype of the stored weights")
     parser.set_defaults(func=run)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._common import (
     EXIT_STATUS_HELP,
@@ -22,6 +21,9 @@ from ._common import (
     positive_int,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 DESCRIPTION = """\
 Draw images from a trained model's prior and save them as a PNG grid.
@@ -85,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..images import class_grid, reconstructions_grid, sample_grid, unrolled_strips_grid, write_png
 
     out = check_output_path(args.out, "--out", suffix=".png")
@@ -130,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _reconstruction_inputs(args: argparse.Namespace, model, device: torch.device):
     """(x, y) of ``--reconstruct`` random images of ``--split`` (y None for an unconditional model)."""
+    import torch
+
     from ..data import load_split
 
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..choices import ENCODER_INPUTS
 from ..config import AVMEConfig
-from ..loop_types import ENCODER_INPUTS
 from ..training.config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig
 from ._common import (
     EXIT_STATUS_HELP,

@@ -1,5 +1,6 @@
 """``TrainConfig`` (every option of ``avme train`` but the model sizes) and :func:`resolve_configs`,
-which combines the options given now with those saved by the run being resumed."""
+which combines the options given now with those saved by the run being resumed. Needs no torch
+(the ``avme train`` parser reads its defaults)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_choice, check_positive_int
+from .._value_checks import check_choice, check_positive_int
+from ..choices import DATASETS, IMPLS, PRECISIONS
 from ..config import AVMEConfig
-from ..data import DATASETS
-from ..loop_types import IMPLS, PRECISIONS
 from .errors import OptionError, TrainError
 
 __all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "resolve_configs", "option_name"]
