@@ -63,7 +63,7 @@ from reproduce_plan import (
 from reproduce_report import make_figures, write_results
 from reproduce_train import Interrupted, read_run_status, train_models, trained_summary
 
-from avme_ext.loop_types import IMPLS
+from avme_ext.choices import IMPLS
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: Seconds to wait for the lock of --out held by another run (or by the processes of an interrupted one).

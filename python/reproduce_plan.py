@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avme_ext.checkpoint import atomic_write_bytes
-
 REPO = Path(__file__).resolve().parents[1]
 PLAN_FORMAT = "avme-reproduction-plan"
 TRAINING_FORMAT = "avme-reproduction-training"
@@ -240,6 +238,8 @@ class Layout:
 
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
+    from avme_ext.checkpoint import atomic_write_bytes
+
     return atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 

@@ -31,6 +31,8 @@ from reproduce_eval import pending_work
 from reproduce_plan import MODELS, Layout, Plan, make_plan, read_json
 from reproduce_train import trained_summary
 
+from avme_ext.choices import IMPLS
+
 RUN = REPO / ".carry" / "repro"
 PART_NAME = "repro.tar.gz.{:03d}"
 MiB = 1 << 20
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     plan_next = commands.add_parser("next", help="print the next GPU call as JSON")
     plan_next.add_argument("--budget-s", type=int, default=570, help="the call's timeout_s (at most 600)")
-    plan_next.add_argument("--impl", default=None, choices=("ref", "cuda", "auto"),
+    plan_next.add_argument("--impl", default=None, choices=IMPLS,
                            help="the K-step loop of a new reproduction (default: the state's, else ref)")
     packing = commands.add_parser("pack", help="on the GPU machine: pack what the call added")
     packing.add_argument("--since", required=True, help="a file written when the call started")
