@@ -44,6 +44,9 @@ class TrainConfig:
     cosine over ``lr_decay_epochs``, default the rest of the run's first ``epochs``, then
     ``lr_final``); the cosine fields are made concrete when the config is made, so a run resumed
     with a larger ``--epochs`` keeps its schedule.
+
+    ``patience`` N > 0 stops the run (exit code 0) once N epochs have passed since its best
+    validation negative ELBO (early stopping); 0 never stops early.
     """
 
     epochs: int = 50
@@ -71,6 +74,7 @@ class TrainConfig:
     tensorboard: bool | None = None
     progress: bool = True
     skip_nonfinite: bool = False
+    patience: int = 0
 
     FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed",
              "kl_warmup_steps", "dataset", "train_subset", "valid_subset", "valid_batch_size")
@@ -91,7 +95,7 @@ class TrainConfig:
 
     def _check(self) -> None:
         minimums = {"epochs": 1, "batch_size": 1, "seed": 0, "kl_warmup_steps": 0, "valid_batch_size": 1,
-                    "log_every": 1, "checkpoint_every": 0}
+                    "log_every": 1, "checkpoint_every": 0, "patience": 0}
         for name, minimum in minimums.items():
             check_positive_int(option_name(name), getattr(self, name), minimum)
         if self.train_subset is not None:
