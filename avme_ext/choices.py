@@ -13,6 +13,9 @@ __all__ = ["BINARIZE_MODES", "CHANNELS", "DATASETS", "DESIGNS", "EMNIST_SPLITS",
 
 #: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")
+#: The pixel likelihoods p(x | z): Bernoulli for binary pixels, a discretized logistic for 8-bit grey
+#: or colour ones (see :mod:`avme_ext.likelihoods`).
+LIKELIHOODS = ("bernoulli", "logistic")
 #: Implementations of the loop: chosen per call ("auto"), the fused CUDA ops, or the reference.
 IMPLS = ("auto", "cuda", "ref")
 #: Matrix-product precisions of the fused ops.
@@ -36,7 +39,5 @@ BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic", "threshold")
 EMNIST_SPLITS: tuple[str, ...] = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
 #: ``--channels``: 1 (grey) or 3 (RGB).
 CHANNELS: tuple[int, ...] = (1, 3)
-#: p(x | z): Bernoulli on 0/1 pixels, or a discretized logistic on 8-bit levels.
-LIKELIHOODS: tuple[str, ...] = ("bernoulli", "logistic")
 #: dtypes of an exported weights file (:func:`avme_ext.checkpoint.export_weights`), by torch name.
 EXPORT_DTYPE_NAMES = ("float16", "bfloat16", "float32")

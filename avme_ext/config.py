@@ -9,7 +9,7 @@ from typing import Any
 from ._value_checks import check_choice, check_positive_int
 from .choices import ENCODER_INPUTS, LIKELIHOODS
 
-__all__ = ["AVMEConfig", "LIKELIHOODS", "LOOP_FIELDS", "default_image_shape"]
+__all__ = ["LIKELIHOODS", "LOOP_FIELDS", "AVMEConfig", "default_image_shape"]
 
 #: The fields that define the K-step loop (:class:`~avme_ext.core.AVMECore`); the others say how the
 #: model reads its canvas as pixels.
@@ -24,14 +24,13 @@ def default_image_shape(data_dim: int) -> tuple[int, int, int]:
     return _MNIST_SHAPE if data_dim == 784 else (1, 1, data_dim)
 
 
-def _image_shape_tuple(value: object) -> tuple[int, int, int]:
+def _image_shape_tuple(value: Any) -> tuple[int, int, int]:
     """``value`` as a (C, H, W) tuple of positive ints (a JSON list is accepted), or a clear error."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
         raise ValueError(f"image_shape must be (channels, height, width), got {value!r}")
-    shape = tuple(value)
-    for name, size in zip(("channels", "height", "width"), shape):
-        check_positive_int(f"image_shape's {name}", size)
-    return shape
+    channels, height, width = (check_positive_int(f"image_shape's {name}", size)
+                               for name, size in zip(("channels", "height", "width"), value))
+    return channels, height, width
 
 
 @dataclass(frozen=True)

@@ -271,16 +271,19 @@ def _jsonable(value):
 
 
 def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) -> str:
-    """The human-readable table printed by ``avme eval``."""
+    """The human-readable table printed by ``avme eval``: nats per image, and bits per dimension beside
+    every bound."""
 
-    def fmt(value: float, sem: float | None = None) -> str:
+    def fmt(value: float, sem: float | None = None, bits_key: str | None = None) -> str:
         text = f"{value:10.3f}"
+        if bits_key is not None and bits_key in summary:
+            text += f"  ({summary[bits_key]:.4f} bits/dim)"
         if sem is not None and math.isfinite(sem):
             text += f"  ± {sem:.3f} (s.e.)"
         return text
 
     rows = [
-        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"))),
+        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"), "nelbo_bits_per_dim")),
         ("reconstruction term -log p(x|z) (not a likelihood)", fmt(summary["reconstruction"])),
         ("KL total", fmt(summary["kl"])),
     ]
@@ -288,11 +291,15 @@ def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) 
         rows.append((f"  KL step {t}", fmt(value)))
     if "iwae_nll" in summary:
         what = "-log p(x|y)" if model.num_classes > 0 else "-log p(x)"
-        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}", fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"))))
+        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}",
+                     fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"), "iwae_nll_bits_per_dim")))
     if "nll_marginal" in summary:
-        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}", fmt(summary["nll_marginal"])))
+        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}",
+                     fmt(summary["nll_marginal"], None, "nll_marginal_bits_per_dim")))
     width = max(len(name) for name, _ in rows)
-    header = f"{checkpoint} on {split_name}: {summary['num_images']} images (nats per image, lower is better)"
+    likelihood = summary.get("likelihood", model.config.likelihood)
+    header = (f"{checkpoint} on {split_name}: {summary['num_images']} images, {likelihood} likelihood "
+              f"(nats per image, lower is better; bits/dim = nats / (D ln 2), D = {model.config.data_dim})")
     lines = [header, "-" * max(len(header), width + 12)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

@@ -164,6 +164,9 @@ def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
                             + _default(_T.kl_warmup_steps))
     optim.add_argument("--seed", type=nonnegative_int, default=None,
                        help="seed of the initialisation, data order, noise and subsets " + _default(_T.seed))
+    optim.add_argument("--patience", type=nonnegative_int, metavar="N", default=None,
+                       help="early stopping: end the run once N epochs have passed without a better validation "
+                            "negative ELBO (best.safetensors keeps the best epoch); 0: never " + _default(_T.patience))
     optim.add_argument("--skip-nonfinite", action="store_const", const=True, default=None,
                        help="skip (and count) updates with a non-finite loss or gradient instead of stopping")
 

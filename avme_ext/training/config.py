@@ -54,6 +54,9 @@ class TrainConfig(DataOptions):
     ``download``, ``binarize``, ``image_size``, ``channels``, ``emnist_split``, ``valid_fraction``,
     ``test_fraction``, ``split_seed``; with ``seed`` for a static binarization, see :meth:`data_spec`); the
     run's config records them, so ``avme eval`` and ``avme sample`` find the same images.
+
+    ``patience`` N > 0 stops the run (exit code 0) once N epochs have passed since its best
+    validation negative ELBO (early stopping); 0 never stops early.
     """
 
     epochs: int = 50
@@ -78,6 +81,7 @@ class TrainConfig(DataOptions):
     tensorboard: bool | None = None
     progress: bool = True
     skip_nonfinite: bool = False
+    patience: int = 0
 
     FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed",
              "kl_warmup_steps", "dataset", "binarize", "image_size", "channels", "emnist_split", "valid_fraction",
@@ -99,7 +103,7 @@ class TrainConfig(DataOptions):
 
     def _check(self) -> None:
         minimums = {"epochs": 1, "batch_size": 1, "seed": 0, "kl_warmup_steps": 0, "valid_batch_size": 1,
-                    "log_every": 1, "checkpoint_every": 0}
+                    "log_every": 1, "checkpoint_every": 0, "patience": 0}
         for name, minimum in minimums.items():
             check_positive_int(option_name(name), getattr(self, name), minimum)
         if self.train_subset is not None:
