@@ -298,8 +298,10 @@ def test_npz_with_splits_and_kinds(tmp_path):
     np.savez(path, x_train=RNG.random((20, 4, 4)) < 0.5, x_test=RNG.random((3, 4, 4)) < 0.5)
     test = load_split("npz", "test", path)
     assert test.binarized and not test.has_labels and len(test) == 3 and len(load_split("npz", "valid", path)) == 2
-    with pytest.raises(DataOptionError, match="binary"):
-        load_split("npz", "test", path, likelihood="logistic")
+    as_levels = load_split("npz", "test", path, likelihood="logistic")  # 0/1 are the levels 0 and 255
+    assert as_levels.binarized and as_levels.images.equal(test.images)
+    with pytest.raises(DataOptionError, match="binary .* images already"):
+        load_split("npz", "test", path, binarize="static")
     np.savez(path, x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.arange(4))  # channels first
     assert load_split("npz", "train", path, test_fraction=0.25, valid_fraction=0.25).image_shape == (3, 8, 8)
 

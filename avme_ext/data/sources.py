@@ -39,12 +39,14 @@ __all__ = ["DataSource", "check_pixels_for", "load_split"]
 PathLike = str | os.PathLike
 
 def check_pixels_for(split: ImageSplit, likelihood: str) -> None:
-    """Refuse a split whose pixels the likelihood does not model (0/1 for ``bernoulli``, levels for ``logistic``).
+    """Refuse a split whose pixels the likelihood does not model: ``bernoulli`` takes 0/1 pixels (binary or
+    binarized per batch), ``logistic`` 8-bit levels ``k / 255`` (0/1 pixels are the levels 0 and 255).
 
     Raises:
-        DataOptionError: e.g. 8-bit levels given to a Bernoulli model.
+        DataOptionError: 8-bit levels given to a Bernoulli model, or grey levels binarized per batch
+            given to a logistic one.
     """
-    wanted = "levels" if likelihood == "logistic" else ("binary", "dynamic")
+    wanted = ("levels", "binary") if likelihood == "logistic" else ("binary", "dynamic")
     if split.pixels not in wanted:
         raise DataOptionError(
             f"{split.name} gives {split.pixels} pixels, but a model with the {likelihood} likelihood needs "
@@ -140,8 +142,6 @@ class DataSource:
         if split in self._loaded:
             return self._loaded[split]
         spec = self.spec
-        if spec.likelihood is not None and spec.dataset in BINARY_SETS:
-            pixel_kind(spec, True, 1, spec.dataset)
         if spec.dataset == "binarized_mnist":
             root = spec.root
             loaded = mnist.load_binarized_mnist(split, None if root is None else root / mnist.NPZ_FILENAME)

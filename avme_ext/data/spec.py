@@ -178,18 +178,16 @@ class DataSpec(DataOptions):
 
 
 def pixel_kind(spec: DataSpec, binary: bool, channels: int, name: str) -> str:
-    """What the pixels of data ``name`` become for ``spec.likelihood``: ``binary`` (kept), a binarization
-    mode (``static``, ``dynamic``, ``threshold``) or ``levels`` (8-bit, ``k / 255``).
+    """What the pixels of data ``name`` become for ``spec.likelihood``: ``binary`` (kept; under the logistic
+    likelihood 0/1 pixels are the 8-bit levels 0 and 255), a binarization mode (``static``, ``dynamic``,
+    ``threshold``) or ``levels`` (8-bit, ``k / 255``).
 
     Raises:
-        DataOptionError: the likelihood or binarization does not fit the data (binary images under
-            the logistic likelihood, colour images under the Bernoulli one, ...).
+        DataOptionError: the likelihood or binarization does not fit the data (colour images under the
+            Bernoulli likelihood, a binarization of binary images or for the logistic likelihood).
     """
     mode = spec.binarization
-    if binary:
-        if spec.likelihood == "logistic":
-            raise DataOptionError(f"{name} holds binary (0/1) images; the logistic likelihood models 8-bit levels "
-                                  "(use --likelihood bernoulli)")
+    if binary:  # 0/1 pixels: for the logistic likelihood they are the 8-bit levels 0 and 255
         if mode is not None:
             raise DataOptionError(f"{name} holds binary (0/1) images already; {_option('binarize')} does not apply")
         return "binary"
