@@ -134,12 +134,12 @@ def test_bad_option_values_exit_2_with_the_subcommand_prefix(run_dir, tmp_path, 
 
 def test_working_failure_exits_1(run_dir, tmp_path, capsys, monkeypatch):
     """An OS error while writing (here: a full disk) is a failure while working: exit 1, one line."""
-    import avme_ext.images as images
+    import avme_ext.checkpoint as checkpoint
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
     code, _, err = _run(["sample", run_dir, "--num", 2, "--out", tmp_path / "s.png"], capsys)
     assert code == 1 and "No space left" in _one_error_line(err, "sample")
 
