@@ -53,6 +53,7 @@ __all__ = [
     "chunk_seed",
     "estimate_cost",
     "evaluate",
+    "evaluation_calls",
     "gather_across_ranks",
     "merge_results",
     "working_rows",
@@ -375,18 +376,30 @@ def evaluate(
 class CostEstimate:
     """What an evaluation will cost, from a timed pilot on the model's device.
 
+    The time of one call of the K-step loop on ``r`` trajectories is modelled as
+    ``seconds_per_call + r / trajectories_per_second``: a fixed cost per call (its operator
+    launches and, on a busy CPU, the waits of its threads for each other at every operator) and
+    a cost per trajectory. On an idle machine the first is small; with other processes
+    competing for the cores it can be most of a small call's time, which is why the estimate
+    counts the evaluation's calls as well as its trajectories.
+
     Attributes:
         trajectories: K-step passes in all: one per image for the ELBO, plus S per image (times C
             for a conditional model's marginal) for the IWAE.
-        seconds: the estimated wall-clock time.
-        trajectories_per_second: the pilot's measured rate.
+        seconds: the estimated wall-clock time, ``calls * seconds_per_call + trajectories /
+            trajectories_per_second``.
+        trajectories_per_second: the measured rate of the per-trajectory cost.
         pilot_seconds: how long the pilot took.
+        calls: calls of the K-step loop the evaluation makes.
+        seconds_per_call: the measured fixed cost of a call.
     """
 
     trajectories: int
     seconds: float
     trajectories_per_second: float
     pilot_seconds: float
+    calls: int = 0
+    seconds_per_call: float = 0.0
 
 
 def _synchronize(device: torch.device) -> None:
@@ -395,11 +408,25 @@ def _synchronize(device: torch.device) -> None:
 
 
 def working_rows(num_images: int, samples: int, batch_size: int, max_rows: int) -> int:
-    """Trajectories :func:`evaluate` runs at once: a chunk's ELBO pass, or a group of the IWAE."""
+    """Trajectories :func:`evaluate` runs in one call at most: a chunk's ELBO pass, or a group of the IWAE."""
     images = max(1, min(batch_size, num_images))
     if samples == 0:
         return images
     return min(images, max(1, max_rows // samples)) * min(samples, max_rows)
+
+
+def evaluation_calls(num_images: int, samples: int, batch_size: int, max_rows: int, passes: int = 1) -> int:
+    """Calls of the K-step loop :func:`evaluate` makes: per chunk of ``batch_size`` images, one ELBO pass
+    and, for the IWAE, one per group of images and slice of samples (see :meth:`AVME.iwae_bound`),
+    ``passes`` times (the classes of a conditional model's marginal)."""
+    calls = 0
+    for start in range(0, num_images, batch_size):
+        images = min(batch_size, num_images - start)
+        calls += 1
+        if samples > 0:
+            groups = math.ceil(images / max(1, max_rows // samples)) * math.ceil(samples / min(samples, max_rows))
+            calls += passes * groups
+    return calls
 
 
 @torch.no_grad()
@@ -417,14 +444,13 @@ def estimate_cost(
     """Estimate the time :func:`evaluate` takes on ``num_images`` images with these settings.
 
     Times the IWAE's unit of work (whole trajectories of the K-step loop, on a random binary
-    image, with a private generator: no global random state is touched) in batches growing
-    from 64 rows by factors of 4 up to the number the evaluation itself runs at once (its
-    groups of at most ``max_rows`` trajectories, or its chunks of ``batch_size`` images for the
-    ELBO), until one batch takes at least ``pilot_seconds``. Each size is timed ``repeats``
-    times and the fastest run counts: the one least disturbed by other processes on a shared
-    machine, where a small batch can take many times longer per trajectory than the large ones
-    the evaluation runs. The estimate extrapolates linearly from the best rate measured (so it
-    errs on the short side); the ELBO pass counts as one trajectory per image.
+    image, with a private generator: no global random state is touched) and fits the cost model
+    of :class:`CostEstimate`: a small call of 16 rows, then calls growing from 64 rows by
+    factors of 4 up to the most the evaluation runs at once (``max_rows``, or a chunk of
+    ``batch_size`` images for the ELBO) until one takes at least ``pilot_seconds`` and four
+    times the small one. The model is fitted to the two largest sizes (the cost per trajectory
+    falls with the size of a call, most of all on a busy CPU), each timed ``repeats`` times, its
+    fastest run counting: the one least disturbed by other processes on a shared machine.
     """
     if not isinstance(num_images, int) or num_images < 0:
         raise ValueError(f"num_images must be an integer >= 0, got {num_images!r}")
@@ -438,6 +464,7 @@ def estimate_cost(
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     passes = model.num_classes if samples > 0 and model.num_classes > 0 and marginal else 1
     trajectories = num_images * (1 + samples * passes)
+    calls = evaluation_calls(num_images, samples, batch_size, max_rows, passes)
     largest = working_rows(num_images, samples, batch_size, max_rows)
     param = next(model.parameters())
     generator = torch.Generator(device=param.device).manual_seed(0)
@@ -454,16 +481,24 @@ def estimate_cost(
     was_training = model.training
     model.eval()
     began = time.perf_counter()
-    rate = 0.0
     try:
-        rows = min(64, largest)
-        seconds_for(rows)  # warm-up (allocations, kernel loads)
-        while True:
-            fastest = min(seconds_for(rows) for _ in range(repeats))
-            rate = max(rate, rows / fastest)
-            if fastest >= pilot_seconds or rows >= largest:
-                break
-            rows = min(rows * 4, largest)
+        small = min(16, largest)
+        seconds_for(small)  # warm-up (allocations, kernel loads)
+        times = {small: min(seconds_for(small) for _ in range(repeats))}
+        rows = small
+        while rows < largest and times[rows] < max(pilot_seconds, 4 * times[small]):
+            rows = min(max(64, rows * 4), largest)
+            times[rows] = seconds_for(rows)
+        sizes = sorted(times)[-2:]  # the slope near the sizes the evaluation runs
+        for size in sizes[1:] if len(sizes) == 1 else sizes:
+            times[size] = min(times[size], *(seconds_for(size) for _ in range(repeats - 1)))
     finally:
         model.train(was_training)
-    return CostEstimate(trajectories, trajectories / rate, rate, time.perf_counter() - began)
+    (r1, t1), (r2, t2) = (sizes[0], times[sizes[0]]), (sizes[-1], times[sizes[-1]])
+    if r2 > r1 and t2 > t1:
+        per_row = (t2 - t1) / (r2 - r1)
+        per_call = max(t1 - per_row * r1, 0.0)
+    else:  # one size only (a tiny evaluation), or noise: no fixed cost
+        per_row, per_call = t2 / r2, 0.0
+    return CostEstimate(trajectories, calls * per_call + trajectories * per_row, 1 / per_row,
+                        time.perf_counter() - began, calls, per_call)
