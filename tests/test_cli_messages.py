@@ -15,42 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from avme_ext.checkpoint import atomic_write_bytes, save_checkpoint
-from avme_ext.cli import _common, _memory, _png_split, main
+from avme_ext.checkpoint import atomic_write_bytes
+from avme_ext.cli import _common, _memory, _png_split
 from avme_ext.model import AVME
+from cli_helpers import one_error_line, run_cli, tiny_run_dir
 from helpers import REPO, subprocess_env
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
 TINY_TRAIN = ["--epochs", "1", "--train-subset", "20", "--valid-subset", "0", "--enc-hidden", "8", "--dec-hidden",
               "8", "--latent-dim", "2", "--steps", "2", "--batch-size", "10", "--no-progress"]
 TIMEOUT = 120
+_run, _one_error_line = run_cli, one_error_line
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run") / "quick"
-    torch.manual_seed(0)
-    model = AVME(**SIZES)
-    save_checkpoint(root / "best.safetensors", model)
-    save_checkpoint(root / "last.safetensors", model)
-    return root
-
-
-def _run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_info:  # argparse
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err: str, command: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"avme {command}: error: "), err
-    assert "Traceback" not in err and "usage:" not in err
-    return lines[0]
+    return tiny_run_dir(tmp_path_factory.mktemp("run") / "quick")
 
 
 # --------------------------------------------------------------------------- argument errors: one line

@@ -16,17 +16,12 @@ import pytest
 from avme_ext.cli import main
 from avme_ext.training.errors import RunDirError
 from avme_ext.training.run_lock import LOCK_NAME, RunLock
+from cli_helpers import one_error_line
 from helpers import REPO, free_port, subprocess_env
 
 TIMEOUT = 180
 TINY = ["--train-subset", "40", "--valid-subset", "0", "--enc-hidden", "8", "--dec-hidden", "8", "--latent-dim", "2",
         "--steps", "2", "--batch-size", "10", "--no-progress"]
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("avme train: error: "), err
-    return lines[0]
 
 
 def test_a_second_lock_on_a_directory_is_refused_naming_the_holder(tmp_path):
@@ -45,7 +40,7 @@ def test_a_second_lock_on_a_directory_is_refused_naming_the_holder(tmp_path):
 def test_a_launch_that_cannot_start_leaves_no_directory_and_no_lock(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--resume", "--overwrite", "--epochs", "1", *TINY]) == 2
-    assert "contradict" in _one_error_line(capsys.readouterr().err)
+    assert "contradict" in one_error_line(capsys.readouterr().err, "train")
     assert not out.exists()
 
 
@@ -70,7 +65,7 @@ def test_second_run_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, caps
     try:
         _wait_for(out / "last.safetensors", first)
         assert main(["train", "--out", str(out), "--resume", "--epochs", "100000", *TINY]) == 2
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err, "train")
         assert f"--out {out}: another avme train is using this run directory (pid {first.pid}, started " in line
         assert "python -m avme_ext train --out" in line  # the holder's command
     finally:
