@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA
 from safetensors.torch import load_file
 
 from avme_ext import training as T
@@ -257,10 +258,39 @@ def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c" / "tensorboard").exists()
 
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Validation bounds 100, 99, 99.5, 99.2 with --patience 2: the run ends after epoch 4 (exit 0), keeps
+    epoch 2 as best, and a resume with a larger --epochs stops again at once."""
+    from avme_ext.training import trainer as trainer_module
+
+    bounds = iter([100.0, 99.0, 99.5, 99.2, 90.0])
+    real = trainer_module.evaluation.gather_across_ranks
+
+    def scripted(result):
+        merged = real(result)
+        merged.nelbo = torch.full_like(merged.nelbo, next(bounds))
+        return merged
+
+    monkeypatch.setattr(trainer_module.evaluation, "gather_across_ranks", scripted)
+    out = tmp_path / "run"
+    small = ("--train-subset", "200", "--valid-subset", "100")
+    assert train_cli(out, *small, "--epochs", "6", "--patience", "2") == 0
+    state = load_checkpoint(out / "last.safetensors").trainer_state["state"]
+    assert (state["epoch"], state["best_epoch"], state["best_nelbo"]) == (4, 2, 99.0)
+    assert load_checkpoint(out / "best.safetensors").trainer_state["state"]["epoch"] == 2
+    assert "early stop after epoch 4: no better validation nelbo for 2 epochs (--patience 2)" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "8", "--no-progress"]) == 0
+    assert "early stop after epoch 4" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.safetensors").trainer_state["state"]["step"] == state["step"]
+    with pytest.raises(ValueError, match=r"patience \(--patience\) must be an integer >= 0"):
+        T.TrainConfig(patience=-1)
 
 
-@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST IDX files in {MNIST}")
+MNIST = SHARED_DATA / "mnist"
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/data/mnist")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
     args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
             "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",

@@ -1,4 +1,4 @@
-"""``avme sample``: PNG grids of samples, unrolled drawing steps and reconstructions."""
+"""``avme sample``: PNG grids of samples, unrolled drawing steps and reconstructions; the drawing as a GIF."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from ._common import (
     add_device_arguments,
     add_seed_argument,
     check_output_path,
-    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
     resolve_device,
+    resolve_model_source,
 )
+from ._data_options import datasets_epilog, load_run_images
 from ._memory import FLOAT_BYTES, check_fits
 from ._png_split import items_per_png, numbered_paths, split_note
 
@@ -35,11 +36,16 @@ Draw images from a trained model's prior and save them as a PNG grid.
 An unconditional model gives a grid of --num samples (--nrow per row). A conditional model
 gives one row per class with --per-class samples each. --unroll instead writes one strip per
 row showing the canvas sigmoid(s_t) after every drawing step t = 1..K (the paper's Figures 8
-and 9). --reconstruct N also saves N random images of --split (odd rows) above their
-reconstructions (even rows). Images are white on black (--invert: black on white), scaled up
-by --scale with nearest-neighbour upsampling. A grid larger than image viewers open (Pillow's
-limit, about 89 megapixels: some 26,000 samples at --scale 2) is written as numbered files
-(samples-1.png, samples-2.png, ...), with a note saying so.
+and 9). --gif FILE also saves the drawing as an animated GIF: the same samples, laid out as in
+the grid, after every step t = 1..K, with the finished drawing held. --reconstruct N also saves
+N random images of --split (odd rows) above their reconstructions (even rows), from the data set
+the run was trained on (the data options its checkpoint recorded; those given here override
+them). Images have the
+model's shape (grey or colour); what is drawn is the mean sigmoid(s_K) of p(x|z) (for the
+logistic likelihood, the mean grey level or colour of every pixel). Grey images are white on
+black (--invert: black on white), scaled up by --scale with nearest-neighbour upsampling. A grid
+larger than image viewers open (Pillow's limit, about 89 megapixels: some 26,000 MNIST samples
+at --scale 2) is written as numbered files (samples-1.png, samples-2.png, ...), with a note.
 
 Everything is checked (model, data set, output names) and every image drawn before any file
 is written; files are replaced atomically, so a failed or interrupted command leaves the old
@@ -51,8 +57,9 @@ examples:
   avme sample runs/mnist --unroll --num 8 --out steps.png  # 8 strips of K steps
   avme sample runs/cond/best.safetensors --per-class 10    # 10 rows (digits 0-9) of 10
   avme sample runs/mnist --reconstruct 16 --seed 3
+  avme sample runs/cifar --num 16 --out samples.png --gif drawing.gif   # grid and animation
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nrow", type=positive_int, default=None,
                         help="tiles per row of a plain grid (default: about the square root of the number)")
     parser.add_argument("--scale", type=positive_int, default=2, help="integer upscaling factor (nearest neighbour)")
-    parser.add_argument("--invert", action="store_true", help="black digits on white")
+    parser.add_argument("--invert", action="store_true", help="black digits on white (colours: their complements)")
+    parser.add_argument("--gif", default=None, metavar="FILE",
+                        help="also save the K drawing steps of the samples as an animated GIF")
     parser.add_argument(
         "--reconstruct", type=nonnegative_int, default=0, metavar="N",
         help="also save N random images of --split above their reconstructions",
@@ -88,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="images for --reconstruct")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, from_run=True)
     parser.set_defaults(func=run, memory_advice="ask for fewer images (--num, --per-class, --reconstruct) or a smaller "
                                                 "--scale")
 
@@ -97,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import atomic_write_bytes
+    from ..images import drawing_frames, encode_gif
 
     out = check_output_path(args.out, "--out", suffix=".png")
+    gif = check_output_path(args.gif, "--gif", suffix=".gif") if args.gif else None
     recon_out = None
     if args.reconstruct:
         recon_out = Path(args.recon_out) if args.recon_out else out.with_name(f"{out.stem}_recon.png")
@@ -108,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.recon_out:
         raise CLIError("--recon-out needs --reconstruct N")
     device = resolve_device(args.device)
-    model = load_model_for_cli(args, device)
+    source = resolve_model_source(args.checkpoint)
+    model = load_model_for_cli(args, device, source)
     num_classes = model.num_classes
     if num_classes > 0 and args.num is not None:
         raise CLIError(f"this model is conditional ({num_classes} classes): use --per-class N instead of --num")
@@ -116,38 +128,43 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--per-class needs a conditional model; this one is unconditional (use --num)")
     per_class = args.per_class or (1 if args.unroll else 8)
     num = args.num or (8 if args.unroll else 64)
-    _check_memory(args, model, num_classes * per_class or num, device)
-    originals = _reconstruction_inputs(args, model, device) if args.reconstruct else None
+    with_steps = args.unroll or gif is not None
+    _check_memory(model, num_classes * per_class or num, with_steps, device)
+    originals = _reconstruction_inputs(args, source.path, model, device) if args.reconstruct else None
 
-    pages = _Pages(args.scale, {"scale": args.scale, "invert": args.invert})
+    style = {"scale": args.scale, "invert": args.invert, "image_shape": model.image_shape}
+    pages = _Pages(style)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if num_classes > 0:
         y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-        probs, steps = model.sample(y=y, generator=generator, return_steps=args.unroll)
-        probs = probs.view(num_classes, per_class, -1)
+        probs, steps = model.sample(y=y, generator=generator, return_steps=with_steps)
+        per_row = per_class
     else:
-        probs, steps = model.sample(num, generator=generator, return_steps=args.unroll)
+        probs, steps = model.sample(num, generator=generator, return_steps=with_steps)
+        per_row = args.nrow
     if args.unroll:
         files = pages.unrolled(out, steps)
     elif num_classes > 0:
-        files = pages.classes(out, probs)
+        files = pages.classes(out, probs.view(num_classes, per_class, -1))
     else:
         files = pages.plain(out, probs, args.nrow)
     if originals is not None:
         x, y = originals
         recon, _ = model.reconstruct(x, y, generator=torch.Generator(device=device).manual_seed(args.seed + 1))
         files += pages.reconstructions(recon_out, x, recon)
+    if gif is not None:
+        files.append((gif, encode_gif(drawing_frames(steps, per_row, **style))))
 
     for path, data in files:  # every image is ready: only now touch the files
         print(atomic_write_bytes(path, data))
     return 0
 
 
-def _check_memory(args: argparse.Namespace, model, count: int, device: torch.device) -> None:
+def _check_memory(model, count: int, with_steps: bool, device: torch.device) -> None:
     """Refuse up front a number of samples whose sampling cannot fit in memory (exit status 2)."""
     c = model.config
     per_sample = c.steps * c.latent_dim + 2 * c.data_dim + 6 * c.dec_hidden  # noise, canvas, output, decoder LSTM
-    if args.unroll:
+    if with_steps:
         per_sample += 2 * c.steps * c.data_dim  # the canvas of every step and its sigmoid
     what = f"--num {count}" if model.num_classes == 0 else f"--per-class {count // model.num_classes} ({count} images)"
     check_fits(count * per_sample * FLOAT_BYTES, device, what, "ask for fewer images")
@@ -157,14 +174,13 @@ class _Pages:
     """The PNG files of one output: its grid, split into numbered files when it would be larger than
     image viewers open (:mod:`avme_ext.cli._png_split`), each encoded as soon as it is laid out."""
 
-    def __init__(self, scale: int, style: dict) -> None:
-        self.scale = scale
-        self.style = style
+    def __init__(self, style: dict) -> None:
+        self.style = style  # make_image_grid's keywords: scale, invert, image_shape
 
     def _pixels(self, rows: int, cols: int) -> int:
         from ..images import grid_size
 
-        height, width = grid_size(rows, cols, scale=self.scale)
+        height, width = grid_size(rows, cols, scale=self.style["scale"], image_shape=self.style["image_shape"])
         return height * width
 
     def _files(self, path: Path, option: str, total: int, unit: str, pixels_of, grid_of) -> list[tuple[Path, bytes]]:
@@ -222,16 +238,12 @@ class _Pages:
 _RECON_PER_ROW = 8
 
 
-def _reconstruction_inputs(args: argparse.Namespace, model, device: torch.device):
-    """(x, y) of ``--reconstruct`` random images of ``--split`` (y None for an unconditional model)."""
+def _reconstruction_inputs(args: argparse.Namespace, checkpoint: Path, model, device: torch.device):
+    """(x, y) of ``--reconstruct`` random images of ``--split`` of the data the model was trained on (unless the
+    data options say otherwise; y None for an unconditional model)."""
     import torch
 
-    from ..data import load_split
-
-    try:
-        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split} for --reconstruct: {cli_message(error)}") from None
+    split = load_run_images(args, checkpoint, model, " for --reconstruct")
     if args.reconstruct > len(split):
         raise CLIError(f"--reconstruct {args.reconstruct}: {split.name} has only {len(split)} images")
     if model.num_classes > 0 and not split.has_labels:
