@@ -13,8 +13,10 @@
   :func:`add_device_arguments`, :func:`add_seed_argument`, :func:`add_switch`,
   :func:`add_threads_argument`; argparse types :func:`positive_int`, :func:`nonnegative_int`.
 * :func:`load_model_for_cli` loads a run directory, a checkpoint or weights file, or a
-  pretrained model by name; :func:`check_output_path` refuses an output file that cannot be
-  written before any work starts.
+  pretrained model by name; :func:`checkpoint_cli_error` words a checkpoint that cannot be read
+  the same in every command (with the exact command that uses an intact ``last.safetensors``).
+* :func:`check_output_path` and :func:`check_output_dir` refuse an output that cannot be written
+  before any work starts, naming the reason (read-only file system, permission denied, ...).
 """
 
 from __future__ import annotations
