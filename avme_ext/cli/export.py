@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN",
                         help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint")
     parser.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES, help="dtype of the stored weights")
+    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES,
+                        help="dtype of the stored weights")
     parser.set_defaults(func=run)
 
 
