@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load_script
+from helpers import REPO, load_script
 from PIL import Image
 
 
@@ -91,3 +91,14 @@ def test_a_folder_with_files_is_kept_unless_overwrite(make_shapes, tmp_path, cap
     make_shapes.main(["--out", str(out), "--num", "3", "--size", "8", "--overwrite"])  # fewer: old PNGs go
     assert sorted(p.name for p in (out / "circle").iterdir()) == ["0.png"]
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_readme_shows_the_shapes_pictures_with_the_commands_that_made_them():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Data sets\n"):readme.index("\n## ", readme.index("## Data sets\n") + 1)]
+    assert "python python/make_shapes.py --out shapes" in section
+    for picture in ("shapes-samples.png", "shapes-samples_recon.png", "shapes-unrolled.png", "shapes-steps.gif"):
+        assert f"](docs/images/{picture})" in section and (REPO / "docs" / "images" / picture).is_file()
+    for made in ("--out docs/images/shapes-samples.png", "--reconstruct 16", "--out docs/images/shapes-unrolled.png",
+                 "--gif docs/images/shapes-steps.gif"):
+        assert made in section
