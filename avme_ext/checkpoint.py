@@ -295,12 +295,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix != CHECKPOINT_SUFFIX:
         twin = path.with_suffix(CHECKPOINT_SUFFIX)
-        instead = f"{twin} (this file's checkpoint)" if twin.is_file() else (
-            f"the run directory {path.parent}" if any((path.parent / n).is_file() for n in RUN_CHECKPOINTS)
-            else "a run directory or a .safetensors checkpoint file")
+        instead = (
+            f"{twin} (this file's checkpoint)"
+            if twin.is_file()
+            else (
+                f"the run directory {path.parent}"
+                if any((path.parent / n).is_file() for n in RUN_CHECKPOINTS)
+                else "a run directory or a .safetensors checkpoint file"
+            )
+        )
         raise CheckpointError(
-            f"{path}: not a checkpoint (a checkpoint is a {CHECKPOINT_SUFFIX} file or a run directory); "
-            f"pass {instead}", path=path)
+            f"{path}: not a checkpoint (a checkpoint is a {CHECKPOINT_SUFFIX} file or a run directory); pass {instead}",
+            path=path,
+        )
     return path
 
 
@@ -321,8 +328,9 @@ def _read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") 
     try:
         tensors = load_file(path, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: cannot read tensors ({error}); the file is corrupt or truncated",
-                              path=path) from None
+        raise CheckpointError(
+            f"{path}: cannot read tensors ({error}); the file is corrupt or truncated", path=path
+        ) from None
     try:
         config = AVMEConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as error:
@@ -333,8 +341,15 @@ def _read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") 
     optimizer_state = None
     if meta.get("optimizer") is not None:
         optimizer_state = _join_optimizer_state(optim_tensors, meta["optimizer"])
-    return Checkpoint(config, model_state, optimizer_state, rng_states, meta.get("trainer", {}),
-                      meta.get("provenance", {}), meta["format"] == WEIGHTS_FORMAT)
+    return Checkpoint(
+        config,
+        model_state,
+        optimizer_state,
+        rng_states,
+        meta.get("trainer", {}),
+        meta.get("provenance", {}),
+        meta["format"] == WEIGHTS_FORMAT,
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -391,8 +406,9 @@ def load_model(
     checkpoint = load_checkpoint(path)
     resolved = resolve_checkpoint(path)
     if expected_config is not None and checkpoint.config != expected_config:
-        raise CheckpointError(f"{resolved}: checkpoint is for {checkpoint.config}, expected {expected_config}",
-                              path=resolved)
+        raise CheckpointError(
+            f"{resolved}: checkpoint is for {checkpoint.config}, expected {expected_config}", path=resolved
+        )
     model = AVME.from_config(checkpoint.config, impl=impl, precision=precision)
     try:
         model.load_state_dict(checkpoint.model_state)
@@ -439,7 +455,8 @@ def export_weights(
     if destination.exists() and destination.resolve() == resolved.resolve():
         raise ValueError(f"destination {destination} is the source checkpoint; write the weights to another file")
     tensors = {
-        _MODEL + k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in checkpoint.model_state.items()
+        _MODEL + k: (v.to(target) if v.is_floating_point() else v).contiguous()
+        for k, v in checkpoint.model_state.items()
     }
     from . import __version__
 
@@ -451,8 +468,12 @@ def export_weights(
         "data": checkpoint.trainer_state.get("data", {}),
         "progress": {k: state[k] for k in ("step", "epoch", "best_nelbo") if k in state},
     }
-    provenance = {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "avme_version": __version__,
-                  "torch_version": torch.__version__}
+    provenance = {
+        **provenance,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "avme_version": __version__,
+        "torch_version": torch.__version__,
+    }
     meta = {
         "format": WEIGHTS_FORMAT,
         "version": VERSION,

@@ -8,8 +8,19 @@ parsers from them without importing torch (``avme --help`` answers at once).
 
 from __future__ import annotations
 
-__all__ = ["BINARIZE_MODES", "CHANNELS", "DATASETS", "DESIGNS", "EMNIST_SPLITS", "ENCODER_INPUTS", "EXPORT_DTYPE_NAMES",
-           "IMPLS", "LIKELIHOODS", "PRECISIONS", "SPLITS"]
+__all__ = [
+    "BINARIZE_MODES",
+    "CHANNELS",
+    "DATASETS",
+    "DESIGNS",
+    "EMNIST_SPLITS",
+    "ENCODER_INPUTS",
+    "EXPORT_DTYPE_NAMES",
+    "IMPLS",
+    "LIKELIHOODS",
+    "PRECISIONS",
+    "SPLITS",
+]
 
 #: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
 ENCODER_INPUTS = ("canvas", "error")
@@ -27,8 +38,20 @@ DESIGNS = ("auto", "rowtile", "persistent", "stagewise")
 #: Data sets of :func:`avme_ext.data.load_split` (described in :mod:`avme_ext.data.catalog`); the first is
 #: vendored with the package.
 DATASETS: tuple[str, ...] = (
-    "binarized_mnist", "binarized_mnist_amat", "mnist_static", "mnist_dynamic", "mnist_threshold", "mnist",
-    "fashion_mnist", "kmnist", "emnist", "omniglot", "cifar10", "svhn", "imagefolder", "npz",
+    "binarized_mnist",
+    "binarized_mnist_amat",
+    "mnist_static",
+    "mnist_dynamic",
+    "mnist_threshold",
+    "mnist",
+    "fashion_mnist",
+    "kmnist",
+    "emnist",
+    "omniglot",
+    "cifar10",
+    "svhn",
+    "imagefolder",
+    "npz",
 )
 #: Splits of every data set.
 SPLITS: tuple[str, ...] = ("train", "valid", "test")

@@ -28,8 +28,9 @@ def _image_shape_tuple(value: Any) -> tuple[int, int, int]:
     """``value`` as a (C, H, W) tuple of positive ints (a JSON list is accepted), or a clear error."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
         raise ValueError(f"image_shape must be (channels, height, width), got {value!r}")
-    channels, height, width = (check_positive_int(f"image_shape's {name}", size)
-                               for name, size in zip(("channels", "height", "width"), value))
+    channels, height, width = (
+        check_positive_int(f"image_shape's {name}", size) for name, size in zip(("channels", "height", "width"), value)
+    )
     return channels, height, width
 
 

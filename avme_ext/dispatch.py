@@ -108,8 +108,9 @@ def check_table(table: Table) -> None:
                     f"entry's ({previous})"
                 )
             if choice != REF and choice not in DESIGN_NAMES:
-                raise ValueError(f"crossover entry {entry!r} of {key!r}: choice must be {REF!r} or one of "
-                                 f"{DESIGN_NAMES}")
+                raise ValueError(
+                    f"crossover entry {entry!r} of {key!r}: choice must be {REF!r} or one of {DESIGN_NAMES}"
+                )
             previous = max_batch
 
 
@@ -139,8 +140,11 @@ def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[t
         raise ValueError(f"the crossover table block is not valid Python: {error}") from None
     values: dict[str, object] = {}
     for node in module.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        )
         if not isinstance(target, ast.Name) or node.value is None:
             raise ValueError("the crossover table block may only assign CROSSOVER_SOURCES and CROSSOVER")
         try:
@@ -148,7 +152,9 @@ def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[t
         except ValueError:
             raise ValueError(f"{target.id} in the crossover table block is not a literal") from None
     if set(values) != {"CROSSOVER_SOURCES", "CROSSOVER"}:
-        raise ValueError(f"the crossover table block must assign CROSSOVER_SOURCES and CROSSOVER, found {sorted(values)}")
+        raise ValueError(
+            f"the crossover table block must assign CROSSOVER_SOURCES and CROSSOVER, found {sorted(values)}"
+        )
     table = {key: [tuple(entry) for entry in entries] for key, entries in values["CROSSOVER"].items()}  # type: ignore[union-attr]
     check_table(table)
     sources = values["CROSSOVER_SOURCES"]
@@ -212,8 +218,11 @@ def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_
     name = dtype_name(dtype)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, torch.SymInt)) or (
-            isinstance(batch_size, int) and batch_size < 0):
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, torch.SymInt))
+        or (isinstance(batch_size, int) and batch_size < 0)
+    ):
         raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
     if device.type != "cuda" or not ops.is_available():
         return REF

@@ -99,8 +99,10 @@ def detect(env: dict[str, str] | None = None) -> DistInfo:
         )
     info = DistInfo(_env_int("RANK", env), _env_int("WORLD_SIZE", env), _env_int("LOCAL_RANK", env))
     if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
-        raise RuntimeError(f"inconsistent torchrun environment: RANK={info.rank} WORLD_SIZE={info.world_size} "
-                           f"LOCAL_RANK={info.local_rank}")
+        raise RuntimeError(
+            f"inconsistent torchrun environment: RANK={info.rank} WORLD_SIZE={info.world_size} "
+            f"LOCAL_RANK={info.local_rank}"
+        )
     return info
 
 
@@ -127,8 +129,11 @@ def resolve_device(requested: str, info: DistInfo) -> torch.device:
         index = info.local_rank if info.distributed else (device.index or 0)
         count = torch.cuda.device_count()
         if index >= count:
-            what = f"LOCAL_RANK={index} (use --nproc_per_node <= the number of GPUs)" if info.distributed else (
-                f"--device {requested!r}")
+            what = (
+                f"LOCAL_RANK={index} (use --nproc_per_node <= the number of GPUs)"
+                if info.distributed
+                else (f"--device {requested!r}")
+            )
             raise ValueError(f"{what}: only {count} CUDA devices are visible")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
@@ -151,8 +156,13 @@ def setup(info: DistInfo, device: torch.device, timeout_s: float = 1800.0) -> No
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"avme/attempt-{attempt}", store)
-    kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": rank,
-                              "world_size": world_size}
+    kwargs: dict[str, Any] = {
+        "backend": backend,
+        "timeout": timeout,
+        "store": store,
+        "rank": rank,
+        "world_size": world_size,
+    }
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)

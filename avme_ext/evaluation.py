@@ -237,7 +237,8 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     if sorted_indices.numel() > 1 and bool((sorted_indices[1:] == sorted_indices[:-1]).any()):
         raise ValueError("cannot merge results: some image indices appear in more than one result")
     values = {
-        name: (None if getattr(merged, name) is None else getattr(merged, name)[order]) for name in EvalResult._PER_IMAGE
+        name: (None if getattr(merged, name) is None else getattr(merged, name)[order])
+        for name in EvalResult._PER_IMAGE
     }
     return EvalResult(**values, **merged._settings())
 
@@ -266,8 +267,9 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 class _Progress:
     """A tqdm bar counting image bounds (images x classes for the marginal), with running means."""
 
-    def __init__(self, enabled: bool, total: int, description: str, unit: str,
-                 observer: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self, enabled: bool, total: int, description: str, unit: str, observer: Callable[[int, int], None] | None = None
+    ) -> None:
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -381,7 +383,10 @@ def evaluate(
                 meter.advance(len(index))
             elif do_marginal:
                 class_ll = model.class_log_likelihoods(
-                    x, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "class"),
+                    x,
+                    samples,
+                    max_rows=max_rows,
+                    generator=chunk_generator(seed, i, device, "class"),
                     progress=meter.advance,
                 ).double()
                 part.class_nll = -class_ll
@@ -390,7 +395,11 @@ def evaluate(
                 part.iwae_nll = part.nll_given_y
             else:
                 bound = model.iwae_bound(
-                    x, y, samples, max_rows=max_rows, generator=chunk_generator(seed, i, device, "iwae"),
+                    x,
+                    y,
+                    samples,
+                    max_rows=max_rows,
+                    generator=chunk_generator(seed, i, device, "iwae"),
                     progress=meter.advance,
                 ).double()
                 part.iwae_nll = -bound
@@ -536,5 +545,11 @@ def estimate_cost(
         per_call = max(t1 - per_row * r1, 0.0)
     else:  # one size only (a tiny evaluation), or noise: no fixed cost
         per_row, per_call = t2 / r2, 0.0
-    return CostEstimate(trajectories, calls * per_call + trajectories * per_row, 1 / per_row,
-                        time.perf_counter() - began, calls, per_call)
+    return CostEstimate(
+        trajectories,
+        calls * per_call + trajectories * per_row,
+        1 / per_row,
+        time.perf_counter() - began,
+        calls,
+        per_call,
+    )

@@ -20,7 +20,6 @@ from .choices import DESIGNS, ENCODER_INPUTS, IMPLS, PRECISIONS
 __all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "DESIGNS", "AVMEParams", "ForwardOutput", "SampleOutput"]
 
 
-
 class AVMEParams(NamedTuple):
     """The weights of the K-step loop, laid out as ``nn.LSTMCell``/``nn.Linear`` hold them.
 

@@ -397,7 +397,12 @@ class AVME(nn.Module):
 
     @torch.no_grad()
     def reconstruct(
-        self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None, return_steps: bool = False
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_steps: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Encode and redraw images: (B, D) -> (sigmoid(s_K) (B, D), sigmoid(s_t) (K, B, D) or None)."""
         x = self.check_images(x)

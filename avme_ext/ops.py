@@ -153,8 +153,7 @@ def _check_options(encoder_input: str, precision: str, design_name: str) -> None
     preferred = design_name[len(PREFER) :] if str(design_name).startswith(PREFER) else None
     if design_name not in DESIGNS and preferred not in _NAMED_DESIGNS:
         raise ValueError(
-            f"design must be one of {DESIGNS} or {PREFER!r} followed by one of {_NAMED_DESIGNS}, "
-            f"got {design_name!r}"
+            f"design must be one of {DESIGNS} or {PREFER!r} followed by one of {_NAMED_DESIGNS}, got {design_name!r}"
         )
 
 
@@ -209,14 +208,10 @@ def fused_forward(
     inference (``torch.no_grad()``, e.g. IWAE with a huge batch) stores no K-step state.
     """
     _require_extension()
-    return _forward_with(
-        torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision, design
-    )
+    return _forward_with(torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision, design)
 
 
-def _forward_with(
-    ns, x, y, eps, params, encoder_input, return_canvases, precision, design_name=None
-) -> ForwardOutput:
+def _forward_with(ns, x, y, eps, params, encoder_input, return_canvases, precision, design_name=None) -> ForwardOutput:
     """fused_forward on the ops of namespace ``ns`` (torch.ops.avme, or the test emulator's)."""
     design_name = requested_design() if design_name is None else design_name
     _check_options(encoder_input, precision, design_name)
@@ -232,9 +227,7 @@ def _forward_with(
     tensors = tuple(_contiguous(t) for t in tensors)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out = ns.forward(*tensors, encoder_input, bool(return_canvases), save, precision, design_name)
-    return ForwardOutput(
-        canvas=out[0], mu=out[1], logvar=out[2], canvases=out[3] if return_canvases else None
-    )
+    return ForwardOutput(canvas=out[0], mu=out[1], logvar=out[2], canvases=out[3] if return_canvases else None)
 
 
 def fused_sample(
@@ -337,9 +330,7 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.design = design_name
     ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(
-        x, y, eps, logvar, canvases, *state, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w
-    )
+    ctx.save_for_backward(x, y, eps, logvar, canvases, *state, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w)
 
 
 def _grad(t: Tensor | None) -> Tensor | None:
@@ -409,13 +400,9 @@ def _register(namespace: str = "avme") -> None:
     torch.library.register_fake(f"{namespace}::forward", _forward_fake)
     torch.library.register_fake(f"{namespace}::backward", _backward_fake)
     torch.library.register_fake(f"{namespace}::sample", _sample_fake)
-    torch.library.register_autograd(
-        f"{namespace}::forward", backward, setup_context=_forward_setup_context
-    )
+    torch.library.register_autograd(f"{namespace}::forward", backward, setup_context=_forward_setup_context)
     torch.library.register_autograd(f"{namespace}::backward", _backward_backward)
-    torch.library.register_autograd(
-        f"{namespace}::sample", _sample_backward, setup_context=_sample_setup_context
-    )
+    torch.library.register_autograd(f"{namespace}::sample", _sample_backward, setup_context=_sample_setup_context)
 
 
 if extension_loaded():

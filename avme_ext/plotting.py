@@ -113,7 +113,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise MetricsError(f"{path}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
         if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
-            raise MetricsError(f"{path}:{number}: expected a JSON object with a string \"kind\", got {line[:80]!r}")
+            raise MetricsError(f'{path}:{number}: expected a JSON object with a string "kind", got {line[:80]!r}')
         for key in _REQUIRED.get(record["kind"], ()):
             if not _number(record.get(key)):
                 raise MetricsError(
@@ -157,8 +157,11 @@ def _add_epoch_axis(ax: plt.Axes, records: list[dict[str, Any]]) -> None:
     ``epoch``/``valid`` records mark the end of epoch ``e`` at ``step``; the axis is the linear
     map step -> step / steps_per_epoch, drawn only when every record agrees with it within 5%.
     """
-    pairs = {(float(r["step"]), float(r["epoch"])) for r in records
-             if r["kind"] in ("epoch", "valid") and _number(r.get("epoch")) and _number(r.get("step"))}
+    pairs = {
+        (float(r["step"]), float(r["epoch"]))
+        for r in records
+        if r["kind"] in ("epoch", "valid") and _number(r.get("epoch")) and _number(r.get("step"))
+    }
     pairs = sorted(p for p in pairs if p[0] > 0 and p[1] > 0)
     if not pairs:
         return
@@ -197,28 +200,54 @@ def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME t
         steps = np.array([r["step"] for r in train], dtype=float)
         loss = np.array([r["loss"] for r in train], dtype=float)
         gap = _typical_gap(steps)
-        averaged = (f"mean over the {gap} steps before each point" if gap and gap > 1 else
-                    "one step per point" if gap == 1 else "mean over the steps before each point")
+        averaged = (
+            f"mean over the {gap} steps before each point"
+            if gap and gap > 1
+            else "one step per point"
+            if gap == 1
+            else "mean over the steps before each point"
+        )
         marker = "." if len(loss) <= 200 else None
-        ax.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=0.8, marker=marker,
-                label=f"training loss ({averaged})")
+        ax.plot(
+            steps, loss, color="tab:blue", alpha=0.35, linewidth=0.8, marker=marker, label=f"training loss ({averaged})"
+        )
         window = max(1, len(loss) // 50)
         if window > 1:
-            ax.plot(steps, _moving_average(loss, window), color="tab:blue", linewidth=1.5,
-                    label=f"training loss, moving mean of {window} points")
+            ax.plot(
+                steps,
+                _moving_average(loss, window),
+                color="tab:blue",
+                linewidth=1.5,
+                label=f"training loss, moving mean of {window} points",
+            )
     if valid:
         vsteps = np.array([r["step"] for r in valid], dtype=float)
         nelbo = np.array([r["nelbo"] for r in valid], dtype=float)
         images = {r.get("num_images") for r in valid}
-        over = (f"the {images.pop()} validation images" if len(images) == 1 and None not in images
-                else "the validation images")
-        ax.plot(vsteps, nelbo, "o-", color="tab:orange", markersize=4,
-                label=f"validation negative ELBO (end of each epoch, mean over {over})")
+        over = (
+            f"the {images.pop()} validation images"
+            if len(images) == 1 and None not in images
+            else "the validation images"
+        )
+        ax.plot(
+            vsteps,
+            nelbo,
+            "o-",
+            color="tab:orange",
+            markersize=4,
+            label=f"validation negative ELBO (end of each epoch, mean over {over})",
+        )
         best = [r for r in valid if r.get("best")]
         if best:
             b = best[-1]
-            ax.plot([b["step"]], [b["nelbo"]], "*", color="tab:red", markersize=14,
-                    label=f"best validation: {b['nelbo']:.2f} nats (epoch {b['epoch']})")
+            ax.plot(
+                [b["step"]],
+                [b["nelbo"]],
+                "*",
+                color="tab:red",
+                markersize=14,
+                label=f"best validation: {b['nelbo']:.2f} nats (epoch {b['epoch']})",
+            )
     shown = np.array([r["loss"] for r in train] + [r["nelbo"] for r in valid], dtype=float)
     shown = shown[np.isfinite(shown)]
     if shown.size:  # every point in view, the first (highest) one included
@@ -260,7 +289,9 @@ def _add_learning_rate_axis(ax: plt.Axes, train: list[dict[str, Any]]) -> plt.Ax
     return right
 
 
-def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None) -> Path:
+def plot_training_curve(
+    metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None
+) -> Path:
     """Plot the training loss per step and the validation negative ELBO per epoch (nats).
 
     The x axis is the training step, from 0; a secondary top axis shows epochs when ``epoch`` or
@@ -279,7 +310,9 @@ def plot_training_curve(metrics_path: str | os.PathLike, out_png: str | os.PathL
     """
     path = find_metrics(metrics_path)
     try:
-        fig = training_curve_figure(read_metrics(path), title=title or f"AVME training: {path.parent.name or path.name}")
+        fig = training_curve_figure(
+            read_metrics(path), title=title or f"AVME training: {path.parent.name or path.name}"
+        )
     except MetricsError as error:
         raise MetricsError(f"{path}: {error}") from None
     return _save_figure(fig, out_png)
@@ -390,8 +423,16 @@ SWEEP_AXES: dict[str, tuple[str, str, str, str]] = {
     "train_seconds": ("training time (s)", "hidden", "LSTM units {}", "bound_vs_time.png"),
 }
 #: The keys a sweep record must have (see ``python/sweep.py``).
-SWEEP_RECORD_KEYS = ("steps", "enc_hidden", "dec_hidden", "parameters", "train_seconds", "bound", "bound_name",
-                     "data_dim")
+SWEEP_RECORD_KEYS = (
+    "steps",
+    "enc_hidden",
+    "dec_hidden",
+    "parameters",
+    "train_seconds",
+    "bound",
+    "bound_name",
+    "data_dim",
+)
 
 
 def _hidden_label(record: dict[str, Any]) -> str:
@@ -434,17 +475,22 @@ def sweep_figure(records: Sequence[dict[str, Any]], x: str, *, title: str = "AVM
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group in sorted(groups, key=lambda g: tuple(int(v) for v in str(g).split("/"))):
         points = sorted(groups[group], key=lambda r: r[order_key])
-        ax.plot([r[x] for r in points], [r["bound"] for r in points], "o-", markersize=4,
-                label=group_name.format(group))
+        ax.plot(
+            [r[x] for r in points], [r["bound"] for r in points], "o-", markersize=4, label=group_name.format(group)
+        )
     ax.set_xscale("log", base=2 if x == "steps" else 10)
     if x == "steps":  # a tick at every K of the grid
         ax.set_xticks(sorted({r["steps"] for r in records}))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_locator(NullLocator())
     data_dim = records[0]["data_dim"]
-    ax.secondary_yaxis("right", functions=(lambda v: np.asarray(v) / (data_dim * math.log(2)),
-                                           lambda v: np.asarray(v) * (data_dim * math.log(2)))
-                       ).set_ylabel("bits per dimension")
+    ax.secondary_yaxis(
+        "right",
+        functions=(
+            lambda v: np.asarray(v) / (data_dim * math.log(2)),
+            lambda v: np.asarray(v) * (data_dim * math.log(2)),
+        ),
+    ).set_ylabel("bits per dimension")
     ax.set_xlabel(label)
     ax.set_ylabel(f"{records[0]['bound_name']} (nats per image)")
     ax.set_title(title, fontsize=10)

@@ -87,7 +87,15 @@ def _read_index(directory: Path | None) -> list[PretrainedModel]:
         if document.get("format") != INDEX_FORMAT or document.get("version") != INDEX_VERSION:
             raise ValueError(f"expected format {INDEX_FORMAT!r} version {INDEX_VERSION}")
         return [PretrainedModel(**entry) for entry in document["models"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as error:
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as error:
         raise PretrainedError(f"{path}: unreadable registry index ({error}); reinstall the package") from None
 
 

@@ -44,8 +44,12 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     PublishedResult("NADE", 88.33, "exact NLL", "autoregressive, exact"),
     PublishedResult("DLGM", 86.60, "estimate", "importance-sampled"),
     PublishedResult("DBM, 2 hidden layers", 84.13, "estimate", "AIS estimate of the partition function"),
-    PublishedResult("VAE, 2 layers", 85.33, "estimate", "IWAE paper, 5000 importance samples; dynamically binarized MNIST"),
-    PublishedResult("IWAE, 2 layers, k=50", 82.90, "estimate", "IWAE paper, 5000 importance samples; dynamically binarized MNIST"),
+    PublishedResult(
+        "VAE, 2 layers", 85.33, "estimate", "IWAE paper, 5000 importance samples; dynamically binarized MNIST"
+    ),
+    PublishedResult(
+        "IWAE, 2 layers, k=50", 82.90, "estimate", "IWAE paper, 5000 importance samples; dynamically binarized MNIST"
+    ),
     PublishedResult("PixelCNN", 81.30, "exact NLL", "autoregressive, exact"),
     PublishedResult(
         "AVME (paper's Table 1)", 80.50, "reconstruction term (not a likelihood)", "leaves out the KL of the latents"

@@ -34,9 +34,7 @@ __all__ = [
 
 Record = dict[str, Any]
 
-_FUSED_NAME = re.compile(
-    r"^fused-(?:(?P<design>[a-z]+)-)?(?P<precision>fp32|tf32|bf16)(?P<graph>-graph)?$"
-)
+_FUSED_NAME = re.compile(r"^fused-(?:(?P<design>[a-z]+)-)?(?P<precision>fp32|tf32|bf16)(?P<graph>-graph)?$")
 #: The reason prefix of a configuration left out because the time budget was spent.
 BUDGET_REASON = "time budget"
 
@@ -111,8 +109,15 @@ def is_graph(r: Record) -> bool:
     return str(r.get("impl", "")).endswith("-graph") or r.get("impl") == "ref-cudagraph"
 
 
-_REFERENCE_ORDER = ("ref-eager", "ref-eager-tf32", "ref-eager-bf16", "ref-compile", "ref-compile-reduce-overhead",
-                    "ref-compile-max-autotune", "ref-cudagraph")
+_REFERENCE_ORDER = (
+    "ref-eager",
+    "ref-eager-tf32",
+    "ref-eager-bf16",
+    "ref-compile",
+    "ref-compile-reduce-overhead",
+    "ref-compile-max-autotune",
+    "ref-cudagraph",
+)
 _DESIGN_ORDER = DESIGNS
 _PRECISION_ORDER = PRECISIONS
 
@@ -184,12 +189,14 @@ def summarize_configs(records: Iterable[Record], workload: str) -> list[ConfigSu
     for batch, steps in configs:
         here = [r for r in rs if r.get("batch") == batch and r.get("steps") == steps]
         refs = [r for r in here if is_reference(r)]
-        out.append(ConfigSummary(
-            batch=batch,
-            steps=steps,
-            best_fused=best(r for r in here if is_fused(r)),
-            best_reference=best(refs),
-            ref_eager=next((r for r in refs if r.get("impl") == "ref-eager"), None),
-            reference_left_out=[r["impl"] for r in refs if budget_skipped(r)],
-        ))
+        out.append(
+            ConfigSummary(
+                batch=batch,
+                steps=steps,
+                best_fused=best(r for r in here if is_fused(r)),
+                best_reference=best(refs),
+                ref_eager=next((r for r in refs if r.get("impl") == "ref-eager"), None),
+                reference_left_out=[r["impl"] for r in refs if budget_skipped(r)],
+            )
+        )
     return out

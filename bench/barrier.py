@@ -60,12 +60,17 @@ def _barriers(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=_ints, default=None,
-                        help="grid sizes, comma-separated (default: the number of SMs, one block per SM as the "
-                             "persistent kernels launch)")
+    parser.add_argument(
+        "--blocks",
+        type=_ints,
+        default=None,
+        help="grid sizes, comma-separated (default: the number of SMs, one block per SM as the "
+        "persistent kernels launch)",
+    )
     parser.add_argument("--threads", type=_ints, default=[128, 256, 512], help="block sizes (default: 128,256,512)")
-    parser.add_argument("--barriers", type=_barriers, default=list(BARRIERS),
-                        help=f"which barriers (default: {','.join(BARRIERS)})")
+    parser.add_argument(
+        "--barriers", type=_barriers, default=list(BARRIERS), help=f"which barriers (default: {','.join(BARRIERS)})"
+    )
     parser.add_argument("--rounds", type=int, default=2000, help="barrier rounds per timed launch (default: 2000)")
     parser.add_argument("--repeats", type=int, default=11, help="timed launches per point (default: 11)")
     parser.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
@@ -103,11 +108,19 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict[str, An
             for threads in args.threads:
                 empty = time_rounds(barrier, blocks, threads, 0, args.repeats, device)
                 full = time_rounds(barrier, blocks, threads, args.rounds, args.repeats, device)
-                record = {"barrier": barrier, "blocks": blocks, "threads": threads, "rounds": args.rounds,
-                          "launch_us": round(empty * 1e6, 3),
-                          "round_us": round(max(full - empty, 0.0) / args.rounds * 1e6, 4)}
-                print(f"{barrier:>18}  blocks {blocks:4d}  threads {threads:4d}: {record['round_us']:8.3f} us per "
-                      f"round (empty launch {record['launch_us']:.1f} us)", flush=True)
+                record = {
+                    "barrier": barrier,
+                    "blocks": blocks,
+                    "threads": threads,
+                    "rounds": args.rounds,
+                    "launch_us": round(empty * 1e6, 3),
+                    "round_us": round(max(full - empty, 0.0) / args.rounds * 1e6, 4),
+                }
+                print(
+                    f"{barrier:>18}  blocks {blocks:4d}  threads {threads:4d}: {record['round_us']:8.3f} us per "
+                    f"round (empty launch {record['launch_us']:.1f} us)",
+                    flush=True,
+                )
                 results.append(record)
     return results
 
@@ -118,18 +131,24 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/barrier.py: error: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if not ops.is_available() or not hasattr(torch.ops.avme_bench, "grid_barrier_loop"):
-        print("bench/barrier.py: error: the CUDA extension avme_ext._C is not built (see README: Install)",
-              file=sys.stderr)
+        print(
+            "bench/barrier.py: error: the CUDA extension avme_ext._C is not built (see README: Install)",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device(args.device)
     results = measure(args, device)
     if args.out:
         commit, dirty = source_revision()
         document = {
-            "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "driver": driver_version(), "python": platform.python_version(),
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "driver": driver_version(),
+            "python": platform.python_version(),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git_commit": commit, "git_dirty": dirty,
+            "git_commit": commit,
+            "git_dirty": dirty,
             "command": " ".join([sys.executable, "bench/barrier.py", *(argv if argv is not None else sys.argv[1:])]),
             "results": results,
         }

@@ -107,8 +107,9 @@ def decide_point(records: list[Record], batch: int, precision: str, margin: floa
             decision.notes.append(f"K={steps}: no fused design measured in {precision}")
         beating = {d: v for d, v in rates.items() if v > margin * best_ref["value"]}
         for design in sorted(set(rates) - set(beating)):
-            decision.notes.append(f"K={steps}: {design} {rates[design]:,.0f} <= {margin:g} x {best_ref['impl']} "
-                                  f"{best_ref['value']:,.0f}")
+            decision.notes.append(
+                f"K={steps}: {design} {rates[design]:,.0f} <= {margin:g} x {best_ref['impl']} {best_ref['value']:,.0f}"
+            )
         if candidates is None:
             candidates = beating  # ranked by the first K's rates
         else:
@@ -179,8 +180,10 @@ def source_line(data: dict[str, Any], path: str) -> str:
     train = [r for r in data["records"] if r.get("workload") == "train" and r.get("value") is not None]
     steps = sorted({r["steps"] for r in train})
     batches = sorted({r["batch"] for r in train})
-    return (f"{path}: {data.get('device')}, commit {commit}{dirty}, torch {data.get('torch')}, {data.get('date')}; "
-            f"training step, K={'/'.join(map(str, steps))}, B={'/'.join(map(str, batches))}")
+    return (
+        f"{path}: {data.get('device')}, commit {commit}{dirty}, torch {data.get('torch')}, {data.get('date')}; "
+        f"training step, K={'/'.join(map(str, steps))}, B={'/'.join(map(str, batches))}"
+    )
 
 
 def _py(value: Any) -> str:
@@ -232,16 +235,27 @@ def update_source(text: str, sources: dict[TableKey, str], table: dict[TableKey,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("results", nargs="+", help="results .json file(s) of bench/run.py (merged, later ones winning)")
-    p.add_argument("--dispatch", default=str(ROOT / "avme_ext" / "dispatch.py"),
-                   help="the module holding the table (default avme_ext/dispatch.py)")
+    p.add_argument(
+        "--dispatch",
+        default=str(ROOT / "avme_ext" / "dispatch.py"),
+        help="the module holding the table (default avme_ext/dispatch.py)",
+    )
     p.add_argument("--out", help="write the updated module here instead of over --dispatch")
-    p.add_argument("--margin", type=float, default=1.0,
-                   help="a fused design must be faster than MARGIN x the best reference mode (default 1.0)")
-    p.add_argument("--allow-smoke", action="store_true",
-                   help="accept a smoke or CPU results file (to check the pipeline; such a table says nothing)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=1.0,
+        help="a fused design must be faster than MARGIN x the best reference mode (default 1.0)",
+    )
+    p.add_argument(
+        "--allow-smoke",
+        action="store_true",
+        help="accept a smoke or CPU results file (to check the pipeline; such a table says nothing)",
+    )
     p.add_argument("--print", action="store_true", help="print the decisions and the table")
     args = p.parse_args(argv)
     if not args.margin >= 1.0:
@@ -249,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_results(args.results)
     if not args.allow_smoke and (data.get("device_type") != "cuda" or (data.get("config") or {}).get("smoke")):
-        p.error(f"{args.results[0]}: not a full-size GPU run (device_type {data.get('device_type')!r}, smoke "
-                f"{(data.get('config') or {}).get('smoke')}); --allow-smoke to use it anyway")
+        p.error(
+            f"{args.results[0]}: not a full-size GPU run (device_type {data.get('device_type')!r}, smoke "
+            f"{(data.get('config') or {}).get('smoke')}); --allow-smoke to use it anyway"
+        )
     if not any(r.get("workload") == "train" and r.get("value") is not None for r in data["records"]):
         p.error(f"{args.results[0]}: no measured training records")
     dispatch = Path(args.dispatch)
@@ -266,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         sources[key] = source_line(data, where)
         if args.print:
             for point in points:
-                print(f"{precision} B={point.batch}: {point.choice}"
-                      + (f" (winners: {', '.join(f'{d} {v:,.0f}' for d, v in point.winners.items())})"
-                         if point.winners else "")
-                      + "".join(f"\n    {note}" for note in point.notes))
+                print(
+                    f"{precision} B={point.batch}: {point.choice}"
+                    + (
+                        f" (winners: {', '.join(f'{d} {v:,.0f}' for d, v in point.winners.items())})"
+                        if point.winners
+                        else ""
+                    )
+                    + "".join(f"\n    {note}" for note in point.notes)
+                )
             print(f"  -> {key}: {table[key]}")
     new = update_source(text, sources, table)
     out = Path(args.out) if args.out else dispatch

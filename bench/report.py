@@ -122,17 +122,23 @@ def _notes(r: Record) -> str:
     if r.get("skipped"):
         notes.append(f"skipped: {r['skipped']}")
     if r.get("workload") == "iwae" and r.get("images") is not None:
-        notes.append(f"images={r['images']}, S={r.get('samples')}, extrapolated={str(bool(r.get('extrapolated'))).lower()}")
+        notes.append(
+            f"images={r['images']}, S={r.get('samples')}, extrapolated={str(bool(r.get('extrapolated'))).lower()}"
+        )
         if r.get("seconds_full_test") is not None:
             notes.append(f"{fmt(r['seconds_full_test'], 3)} s for {fmt(r.get('target_images'))} images")
     if r.get("what") and r.get("workload") in ("compile", "memory", "roofline"):
         notes.append(str(r["what"]))
     if r.get("workload") == "memory" and r.get("value") is not None:
-        notes.append(f"persistent {fmt(r.get('persistent_mib'), 3)} MiB, step transient "
-                     f"{fmt(r.get('step_transient_mib'), 3)} MiB, reserved {fmt(r.get('reserved_mib'), 3)} MiB")
+        notes.append(
+            f"persistent {fmt(r.get('persistent_mib'), 3)} MiB, step transient "
+            f"{fmt(r.get('step_transient_mib'), 3)} MiB, reserved {fmt(r.get('reserved_mib'), 3)} MiB"
+        )
     if r.get("anchor_ref_eager") is not None:
-        notes.append(f"ref-eager alongside: {fmt(r['anchor_ref_eager'])} (first pass "
-                     f"{fmt(r.get('anchor_ref_eager_first_pass'))})")
+        notes.append(
+            f"ref-eager alongside: {fmt(r['anchor_ref_eager'])} (first pass "
+            f"{fmt(r.get('anchor_ref_eager_first_pass'))})"
+        )
     if r.get("design_note"):
         notes.append(str(r["design_note"]))
     if r.get("graph_breaks"):
@@ -200,38 +206,81 @@ def check_targets(data: dict[str, Any]) -> list[Check]:
     train = summarize_configs(records, "train")
     for summary in train:
         ratio = summary.ratio
-        checks.append(Check(
-            f"training {_config_label(summary.batch, summary.steps)}: best fused / best non-fused >= "
-            f"{TRAIN_RATIO_TARGET:g}x", "target", "" if ratio is None else f"{ratio:.2f}x",
-            _status(ratio, TRAIN_RATIO_TARGET), _pair_note(summary)))
+        checks.append(
+            Check(
+                f"training {_config_label(summary.batch, summary.steps)}: best fused / best non-fused >= "
+                f"{TRAIN_RATIO_TARGET:g}x",
+                "target",
+                "" if ratio is None else f"{ratio:.2f}x",
+                _status(ratio, TRAIN_RATIO_TARGET),
+                _pair_note(summary),
+            )
+        )
     at = {(s.batch, s.steps): s for s in train}
     b100 = at.get((100, k))
     over = None if b100 is None else b100.over_ref_eager
-    checks.append(Check(f"training B=100 K={k}: best fused / ref-eager >= {B100_OVER_EAGER_TARGET:g}x", "target",
-                        "" if over is None else f"{over:.2f}x", _status(over, B100_OVER_EAGER_TARGET),
-                        "" if b100 is None or b100.ref_eager is None else f"ref-eager {fmt(b100.ref_eager.get('value'))}"))
+    checks.append(
+        Check(
+            f"training B=100 K={k}: best fused / ref-eager >= {B100_OVER_EAGER_TARGET:g}x",
+            "target",
+            "" if over is None else f"{over:.2f}x",
+            _status(over, B100_OVER_EAGER_TARGET),
+            "" if b100 is None or b100.ref_eager is None else f"ref-eager {fmt(b100.ref_eager.get('value'))}",
+        )
+    )
     rate = None if b100 is None or b100.best_fused is None else b100.best_fused["value"]
-    checks.append(Check(f"training B=100 K={k}: best fused >= {fmt(B100_RATE_AIM)} samples/s", "aim",
-                        fmt(rate), _status(rate, B100_RATE_AIM),
-                        "" if rate is None else str(b100.best_fused["impl"])))  # type: ignore[union-attr]
-    bf16 = [r for r in records if r.get("workload") == "train" and r.get("batch") == 4096 and r.get("steps") == k
-            and is_fused(r) and core_precision_of(r) == "bf16" and r.get("value") is not None]
+    checks.append(
+        Check(
+            f"training B=100 K={k}: best fused >= {fmt(B100_RATE_AIM)} samples/s",
+            "aim",
+            fmt(rate),
+            _status(rate, B100_RATE_AIM),
+            "" if rate is None else str(b100.best_fused["impl"]),
+        )
+    )  # type: ignore[union-attr]
+    bf16 = [
+        r
+        for r in records
+        if r.get("workload") == "train"
+        and r.get("batch") == 4096
+        and r.get("steps") == k
+        and is_fused(r)
+        and core_precision_of(r) == "bf16"
+        and r.get("value") is not None
+    ]
     top = max(bf16, key=lambda r: r["value"]) if bf16 else None
-    checks.append(Check(f"training B=4096 K={k}: best fused bf16 >= {fmt(B4096_BF16_RATE_AIM)} samples/s", "aim",
-                        fmt(None if top is None else top["value"]),
-                        _status(None if top is None else top["value"], B4096_BF16_RATE_AIM),
-                        "" if top is None else str(top["impl"])))
+    checks.append(
+        Check(
+            f"training B=4096 K={k}: best fused bf16 >= {fmt(B4096_BF16_RATE_AIM)} samples/s",
+            "aim",
+            fmt(None if top is None else top["value"]),
+            _status(None if top is None else top["value"], B4096_BF16_RATE_AIM),
+            "" if top is None else str(top["impl"]),
+        )
+    )
     for workload, label in (("sample", "sampling"), ("iwae", "IWAE")):
         summaries = summarize_configs(records, workload)
         if not summaries:
-            checks.append(Check(f"{label}: best fused / best reference mode >= {INFERENCE_RATIO_TARGET:g}x", "target",
-                                "", "not measured"))
+            checks.append(
+                Check(
+                    f"{label}: best fused / best reference mode >= {INFERENCE_RATIO_TARGET:g}x",
+                    "target",
+                    "",
+                    "not measured",
+                )
+            )
         for summary in summaries:
             ratio = summary.ratio
-            checks.append(Check(
-                f"{label} {_config_label(summary.batch, summary.steps, workload)}: best fused / best reference "
-                f"mode >= {INFERENCE_RATIO_TARGET:g}x", "target", "" if ratio is None else f"{ratio:.2f}x",
-                _status(ratio, INFERENCE_RATIO_TARGET), _pair_note(summary)))
+            checks.append(
+                Check(
+                    f"{label} {_config_label(summary.batch, summary.steps, workload)}: best fused / best reference "
+                    f"mode >= {INFERENCE_RATIO_TARGET:g}x",
+                    "target",
+                    "" if ratio is None else f"{ratio:.2f}x",
+                    _status(ratio, INFERENCE_RATIO_TARGET),
+                    _pair_note(summary),
+                )
+            )
     return checks
 
 
@@ -249,11 +298,16 @@ def _side_by_side(records: list[Record], workload: str, label: str) -> list[str]
     rows = [[impl, *(_cell(cell.get((b, k, impl))) for b, k in columns)] for impl in _impl_order(rs)]
     rows.append(["**best non-fused**", *(_best_cell(s.best_reference, s.reference_left_out) for s in summaries)])
     rows.append(["**best fused**", *(_best_cell(s.best_fused, []) for s in summaries)])
-    rows.append(["**best fused / best non-fused**",
-                 *("" if s.ratio is None else f"**{s.ratio:.2f}x**" for s in summaries)])
+    rows.append(
+        ["**best fused / best non-fused**", *("" if s.ratio is None else f"**{s.ratio:.2f}x**" for s in summaries)]
+    )
     if workload == "train":
-        rows.append(["best fused / ref-eager",
-                     *("" if s.over_ref_eager is None else f"{s.over_ref_eager:.2f}x" for s in summaries)])
+        rows.append(
+            [
+                "best fused / ref-eager",
+                *("" if s.over_ref_eager is None else f"{s.over_ref_eager:.2f}x" for s in summaries),
+            ]
+        )
     rows.append(["best fused: of measured peak", *(_peak_text(s.best_fused) for s in summaries)])
     rows.append(["best non-fused: of measured peak", *(_peak_text(s.best_reference) for s in summaries)])
     header = ["impl", *(_config_label(b, k, workload) for b, k in columns)]
@@ -292,16 +346,33 @@ def _all_records(records: list[Record]) -> list[str]:
         if r.get("value_min") is not None and r.get("value_max") is not None:
             spread = f"{fmt(r['value_min'], 3)}–{fmt(r['value_max'], 3)}"
         frac = r.get("fraction_of_peak")
-        rows.append([
-            r["workload"], r["impl"], fmt(r.get("batch")), fmt(r.get("steps")), value, r.get("unit", ""),
-            fmt(r.get("iqr"), 3), spread, fmt(r.get("repeats")), fmt(r.get("tflops"), 3),
-            "" if frac is None else f"{100 * frac:.1f}% {r.get('precision', '')}", _notes(r),
-        ])
-    return ["<details><summary>All records (value: median rate; IQR and min–max of the rate over the repeats; "
-            "TFLOP/s: algorithmic FLOPs over the median time; of peak: over the measured matmul rate of the "
-            "same precision)</summary>", "",
-            *_table(["workload", "impl", "B", "K", "value", "unit", "IQR", "min–max", "n", "TFLOP/s", "of peak",
-                     "notes"], rows), "", "</details>"]
+        rows.append(
+            [
+                r["workload"],
+                r["impl"],
+                fmt(r.get("batch")),
+                fmt(r.get("steps")),
+                value,
+                r.get("unit", ""),
+                fmt(r.get("iqr"), 3),
+                spread,
+                fmt(r.get("repeats")),
+                fmt(r.get("tflops"), 3),
+                "" if frac is None else f"{100 * frac:.1f}% {r.get('precision', '')}",
+                _notes(r),
+            ]
+        )
+    return [
+        "<details><summary>All records (value: median rate; IQR and min–max of the rate over the repeats; "
+        "TFLOP/s: algorithmic FLOPs over the median time; of peak: over the measured matmul rate of the "
+        "same precision)</summary>",
+        "",
+        *_table(
+            ["workload", "impl", "B", "K", "value", "unit", "IQR", "min–max", "n", "TFLOP/s", "of peak", "notes"], rows
+        ),
+        "",
+        "</details>",
+    ]
 
 
 def render_markdown(data: dict[str, Any], source: str | None = None, plot: str | None = None) -> str:
@@ -327,17 +398,26 @@ def render_markdown(data: dict[str, Any], source: str | None = None, plot: str |
         lines += ["Measured matmul peaks (TFLOP/s): " + ", ".join(f"{k} {fmt(v)}" for k, v in peaks.items()), ""]
     checks = check_targets(data)
     lines += ["**Targets** (checked by bench/report.py on this file):", ""]
-    lines += _table(["goal", "kind", "measured", "status", "from"],
-                    [[c.goal, c.kind, c.measured, f"**{c.status}**" if c.status == "not met" else c.status, c.note]
-                     for c in checks])
+    lines += _table(
+        ["goal", "kind", "measured", "status", "from"],
+        [
+            [c.goal, c.kind, c.measured, f"**{c.status}**" if c.status == "not met" else c.status, c.note]
+            for c in checks
+        ],
+    )
     lines += [""]
-    lines += _side_by_side(records, "train", "**Training step** (zero_grad, forward, loss, backward, Adam), "
-                           "samples/s, median:")
+    lines += _side_by_side(
+        records, "train", "**Training step** (zero_grad, forward, loss, backward, Adam), samples/s, median:"
+    )
     if plot:
         lines += [f"![training throughput against batch size]({plot})", ""]
     lines += _side_by_side(records, "sample", "**Sampling**, images/s:")
-    lines += _side_by_side(records, "iwae", "**IWAE bound**, images/s (see the notes of the records: "
-                           "extrapolated from a subset of the test images where marked):")
+    lines += _side_by_side(
+        records,
+        "iwae",
+        "**IWAE bound**, images/s (see the notes of the records: "
+        "extrapolated from a subset of the test images where marked):",
+    )
     lines += _pivot(records, "compile", "**Compile / capture time**, s (wall clock, excluded from the timings):")
     lines += _pivot(records, "memory", "**Peak GPU memory of a training step**, MiB:")
     lines += _all_records(records)
@@ -397,8 +477,15 @@ def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike) -> Path
         ys = [r["value"] for r in rs]
         lo = [max(0.0, y - (r.get("value_min") or y)) for y, r in zip(ys, rs)]
         hi = [max(0.0, (r.get("value_max") or y) - y) for y, r in zip(ys, rs)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label,
-                    linestyle="-" if label.startswith("fused") else "--")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            label=label,
+            linestyle="-" if label.startswith("fused") else "--",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     batches = sorted({r["batch"] for r in train})
@@ -422,8 +509,9 @@ def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("results", nargs="+", help="results .json file(s) written by bench/run.py")
     p.add_argument("--readme", default=str(ROOT / "bench" / "README.md"), help="the Markdown file to update")
     p.add_argument("--plot-dir", help="where to write <stem>-train-throughput.png (default: beside the results)")
@@ -450,8 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
     if args.print_targets:
         for check in check_targets(data):
-            print(f"{check.status:>12s}  {check.kind:6s}  {check.goal}: {check.measured or '-'}"
-                  f"{'  (' + check.note + ')' if check.note else ''}")
+            print(
+                f"{check.status:>12s}  {check.kind:6s}  {check.goal}: {check.measured or '-'}"
+                f"{'  (' + check.note + ')' if check.note else ''}"
+            )
     return 0
 
 

@@ -80,14 +80,38 @@ MIB = 1024 * 1024
 
 #: Defaults at the paper's sizes (GPU) and in ``--smoke`` mode (tiny, CPU-friendly).
 FULL_DEFAULTS: dict[str, Any] = dict(
-    model_size="784,400,400,100", batches="100,256,1024,4096", steps="12,64", steps_batch=1024,
-    repeats=30, warmup=3, sample_num=10000, iwae_samples=5000, iwae_images=10000, iwae_ref_images=100,
-    iwae_rows=50000, iwae_seconds=150.0, memory_batch=1024, matmul_size=8192, copy_mib=1024,
+    model_size="784,400,400,100",
+    batches="100,256,1024,4096",
+    steps="12,64",
+    steps_batch=1024,
+    repeats=30,
+    warmup=3,
+    sample_num=10000,
+    iwae_samples=5000,
+    iwae_images=10000,
+    iwae_ref_images=100,
+    iwae_rows=50000,
+    iwae_seconds=150.0,
+    memory_batch=1024,
+    matmul_size=8192,
+    copy_mib=1024,
 )
 SMOKE_DEFAULTS: dict[str, Any] = dict(
-    model_size="784,32,32,8", batches="4,16", steps="3,5", steps_batch=16,
-    repeats=3, warmup=1, sample_num=64, iwae_samples=16, iwae_images=16, iwae_ref_images=8,
-    iwae_rows=64, iwae_seconds=10.0, memory_batch=16, matmul_size=256, copy_mib=16,
+    model_size="784,32,32,8",
+    batches="4,16",
+    steps="3,5",
+    steps_batch=16,
+    repeats=3,
+    warmup=1,
+    sample_num=64,
+    iwae_samples=16,
+    iwae_images=16,
+    iwae_ref_images=8,
+    iwae_rows=64,
+    iwae_seconds=10.0,
+    memory_batch=16,
+    matmul_size=256,
+    copy_mib=16,
 )
 
 
@@ -107,27 +131,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--impls", help="comma list of implementations or globs (e.g. 'ref-*,fused-*-bf16'), "
-                   "run by every workload that applies; default: each workload's own list (see bench/README.md). "
-                   f"Known: {', '.join(IMPLS)}")
+    p.add_argument(
+        "--impls",
+        help="comma list of implementations or globs (e.g. 'ref-*,fused-*-bf16'), "
+        "run by every workload that applies; default: each workload's own list (see bench/README.md). "
+        f"Known: {', '.join(IMPLS)}",
+    )
     p.add_argument("--batches", help="training batch sizes B (default 100,256,1024,4096; smoke 4,16)")
-    p.add_argument("--steps", help="K values: the first for every workload, the others for training at "
-                   "--steps-batch (default 12,64; smoke 3,5)")
+    p.add_argument(
+        "--steps",
+        help="K values: the first for every workload, the others for training at "
+        "--steps-batch (default 12,64; smoke 3,5)",
+    )
     p.add_argument("--steps-batch", type=int, help="B of the training runs over K (default 1024)")
     p.add_argument("--repeats", type=int, help="timed rounds per configuration (default 30; smoke 3)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; smoke 1)")
-    p.add_argument("--config-seconds", type=float, help="cap on the timed rounds of one configuration (all its "
-                   "implementations together): past it, rounds stop once --min-repeats are done (default: none)")
-    p.add_argument("--min-repeats", type=int, default=10,
-                   help="timed rounds always run under --config-seconds (default 10)")
+    p.add_argument(
+        "--config-seconds",
+        type=float,
+        help="cap on the timed rounds of one configuration (all its "
+        "implementations together): past it, rounds stop once --min-repeats are done (default: none)",
+    )
+    p.add_argument(
+        "--min-repeats", type=int, default=10, help="timed rounds always run under --config-seconds (default 10)"
+    )
     p.add_argument("--model-size", help="D,He,Hd,Z (default 784,400,400,100)")
     p.add_argument("--sample-num", type=int, help="images per sampling call (default 10000)")
     p.add_argument("--iwae-samples", type=int, help="S importance samples per image (default 5000)")
     p.add_argument("--iwae-images", type=int, help="test images for the fused ops (default 10000, all)")
     p.add_argument("--iwae-ref-images", type=int, help="test images for the reference, extrapolated (default 100)")
     p.add_argument("--iwae-rows", type=int, help="trajectories per timed call (max_rows; default 50000)")
-    p.add_argument("--iwae-seconds", type=float, help="time cap of the iwae workload: past it, the "
-                   "images done so far are extrapolated (default 150)")
+    p.add_argument(
+        "--iwae-seconds",
+        type=float,
+        help="time cap of the iwae workload: past it, the images done so far are extrapolated (default 150)",
+    )
     p.add_argument("--memory-batch", type=int, help="B of the memory workload (default 1024)")
     p.add_argument("--matmul-size", type=int, help="n of the n^3 roofline product (default 8192)")
     p.add_argument("--copy-mib", type=int, help="MiB copied by the bandwidth probe (default 1024)")
@@ -137,12 +175,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda (default when available) or cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few repeats (a CPU check of the suite)")
     p.add_argument("--cpu-compile", action="store_true", help="also run torch.compile on a CPU device")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget of the whole run: past it, remaining "
-                   "configurations are skipped (recorded with the reason) and the file is still written")
-    p.add_argument("--compile-reserve-s", type=float, default=180.0,
-                   help="do not start a torch.compile build with less than this left in --budget-s")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                   help="output .json file, or a directory for <date>-<gpu>.json (default bench/results/)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="wall-clock budget of the whole run: past it, remaining "
+        "configurations are skipped (recorded with the reason) and the file is still written",
+    )
+    p.add_argument(
+        "--compile-reserve-s",
+        type=float,
+        default=180.0,
+        help="do not start a torch.compile build with less than this left in --budget-s",
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "bench" / "results"),
+        help="output .json file, or a directory for <date>-<gpu>.json (default bench/results/)",
+    )
     p.add_argument("--append", help="an earlier results .json to add these records to (same key replaces)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -225,16 +274,21 @@ def _gpu_properties(device: torch.device) -> dict[str, Any] | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
-    return {"capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "l2_mib": round(getattr(props, "L2_cache_size", 0) / MIB, 1) or None}
+    return {
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "l2_mib": round(getattr(props, "L2_cache_size", 0) / MIB, 1) or None,
+    }
 
 
 def driver_version() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -281,8 +335,16 @@ class Context:
         return list(self.previous.get("commands") or [self.previous.get("command")])
 
     # ---- records
-    def add(self, workload: str, impl: str, batch: int | None, steps: int | None, value: float | None,
-            unit: str, **extra: Any) -> dict[str, Any]:
+    def add(
+        self,
+        workload: str,
+        impl: str,
+        batch: int | None,
+        steps: int | None,
+        value: float | None,
+        unit: str,
+        **extra: Any,
+    ) -> dict[str, Any]:
         record = {"workload": workload, "impl": impl, "batch": batch, "steps": steps, "value": value, "unit": unit}
         record.update(extra)
         record["run"] = self.run_index
@@ -293,8 +355,9 @@ class Context:
             _say(f"  [{workload}] {impl:26s} B={batch} K={steps}: {value:.6g} {unit}")
         return record
 
-    def skip(self, workload: str, impl: str, batch: int | None, steps: int | None, unit: str, reason: str,
-             **extra: Any) -> None:
+    def skip(
+        self, workload: str, impl: str, batch: int | None, steps: int | None, unit: str, reason: str, **extra: Any
+    ) -> None:
         self.add(workload, impl, batch, steps, None, unit, skipped=reason, **extra)
 
     def budget_reason(self, compile_build: bool = False) -> str | None:
@@ -302,8 +365,10 @@ class Context:
         if left <= 0:
             return f"time budget (--budget-s {self.args.budget_s:g}) spent"
         if compile_build and left < self.args.compile_reserve_s:
-            return (f"time budget: {left:.0f} s left of --budget-s {self.args.budget_s:g}, under "
-                    f"--compile-reserve-s {self.args.compile_reserve_s:g} needed to start a compile")
+            return (
+                f"time budget: {left:.0f} s left of --budget-s {self.args.budget_s:g}, under "
+                f"--compile-reserve-s {self.args.compile_reserve_s:g} needed to start a compile"
+            )
         return None
 
     # ---- output
@@ -331,16 +396,29 @@ class Context:
             "avme_design_override": hasattr(ops, "design"),
             "gpu_properties": _gpu_properties(self.device),
             "config": {
-                "model_size": vars(self.size), "workloads": args.workload_list,
+                "model_size": vars(self.size),
+                "workloads": args.workload_list,
                 "impls": {w: impls_for(args, w) for w in args.workload_list if w != "roofline"},
-                "dtype": "float32", "config_seconds": args.config_seconds, "min_repeats": args.min_repeats,
-                "batches": args.batch_list, "steps": args.steps_list, "steps_batch": args.steps_batch,
-                "repeats": args.repeats, "warmup": args.warmup, "sample_num": args.sample_num,
-                "iwae_samples": args.iwae_samples, "iwae_images": args.iwae_images,
-                "iwae_ref_images": args.iwae_ref_images, "iwae_rows": args.iwae_rows,
-                "iwae_seconds": args.iwae_seconds, "memory_batch": args.memory_batch,
-                "matmul_size": args.matmul_size, "copy_mib": args.copy_mib, "smoke": args.smoke,
-                "budget_s": args.budget_s, "seed": args.seed,
+                "dtype": "float32",
+                "config_seconds": args.config_seconds,
+                "min_repeats": args.min_repeats,
+                "batches": args.batch_list,
+                "steps": args.steps_list,
+                "steps_batch": args.steps_batch,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "sample_num": args.sample_num,
+                "iwae_samples": args.iwae_samples,
+                "iwae_images": args.iwae_images,
+                "iwae_ref_images": args.iwae_ref_images,
+                "iwae_rows": args.iwae_rows,
+                "iwae_seconds": args.iwae_seconds,
+                "memory_batch": args.memory_batch,
+                "matmul_size": args.matmul_size,
+                "copy_mib": args.copy_mib,
+                "smoke": args.smoke,
+                "budget_s": args.budget_s,
+                "seed": args.seed,
             },
         }
 
@@ -400,7 +478,10 @@ def _timing_extras(seconds: list[float], work: float) -> dict[str, Any]:
     s = summarize(seconds)
     return {
         "repeats": s.n,
-        "time_median_s": s.median, "time_iqr_s": s.iqr, "time_min_s": s.min, "time_max_s": s.max,
+        "time_median_s": s.median,
+        "time_iqr_s": s.iqr,
+        "time_min_s": s.min,
+        "time_max_s": s.max,
         "iqr": work / s.q1 - work / s.q3 if s.q1 > 0 else None,
         "value_min": work / s.max if s.max > 0 else None,
         "value_max": work / s.min if s.min > 0 else None,
@@ -454,8 +535,13 @@ def run_roofline(ctx: Context) -> None:
             ctx.skip("roofline", impl, None, None, "TFLOP/s", "TF32 is a CUDA tensor-core mode", size=n)
             continue
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        sets = [(torch.randn(n, n, generator=generator, device=dev).to(dtype),
-                 torch.randn(n, n, generator=generator, device=dev).to(dtype)) for _ in range(2)]
+        sets = [
+            (
+                torch.randn(n, n, generator=generator, device=dev).to(dtype),
+                torch.randn(n, n, generator=generator, device=dev).to(dtype),
+            )
+            for _ in range(2)
+        ]
         out = torch.empty(n, n, device=dev, dtype=dtype)
         keep.append((sets, out))
 
@@ -478,13 +564,32 @@ def run_roofline(ctx: Context) -> None:
         if impl == "copy":
             moved = 2 * numel * 4
             med = summarize(seconds).median
-            ctx.add("roofline", "copy", None, None, moved / med / 1e9, "GB/s", bytes=moved,
-                    what="device-to-device copy, bytes read + written", **_timing_extras(seconds, moved / 1e9))
+            ctx.add(
+                "roofline",
+                "copy",
+                None,
+                None,
+                moved / med / 1e9,
+                "GB/s",
+                bytes=moved,
+                what="device-to-device copy, bytes read + written",
+                **_timing_extras(seconds, moved / 1e9),
+            )
         else:
             flop = F.matmul_flops(n, n, n)
             med = summarize(seconds).median
-            ctx.add("roofline", impl, None, None, flop / med / 1e12, "TFLOP/s", size=n, flops=flop,
-                    what=f"{n}x{n} @ {n}x{n} torch.matmul", **_timing_extras(seconds, flop / 1e12))
+            ctx.add(
+                "roofline",
+                impl,
+                None,
+                None,
+                flop / med / 1e12,
+                "TFLOP/s",
+                size=n,
+                flops=flop,
+                what=f"{n}x{n} @ {n}x{n} torch.matmul",
+                **_timing_extras(seconds, flop / 1e12),
+            )
 
 
 def _load_images(split: str, device: torch.device) -> torch.Tensor:
@@ -559,8 +664,15 @@ def run_train(ctx: Context) -> None:
             ctx.write()
 
 
-def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: int, steps: int,
-                  group: str = "main", anchor: str | None = None) -> None:
+def _train_config(
+    ctx: Context,
+    names: list[str],
+    images: torch.Tensor,
+    batch: int,
+    steps: int,
+    group: str = "main",
+    anchor: str | None = None,
+) -> None:
     """Build every implementation for one (B, K), then time them interleaved.
 
     ``anchor``: an implementation already recorded for this (B, K) to time alongside again; its
@@ -585,12 +697,19 @@ def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: i
             case = build_train_case(spec, size, steps, inputs, dev, lr=args.lr, seed=args.seed)
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
-            ctx.skip("train", name, batch, steps, "samples/s", f"build failed: {_first_line(error)}",
-                     **spec_extras(spec), timing_group=group)
+            ctx.skip(
+                "train",
+                name,
+                batch,
+                steps,
+                "samples/s",
+                f"build failed: {_first_line(error)}",
+                **spec_extras(spec),
+                timing_group=group,
+            )
             continue
         if case.setup_seconds is not None:
-            ctx.add("compile", name, batch, steps, case.setup_seconds, "s", what=case.setup_kind,
-                    **(case.extras or {}))
+            ctx.add("compile", name, batch, steps, case.setup_seconds, "s", what=case.setup_kind, **(case.extras or {}))
         cases[name] = case.step
         specs[name] = spec
     if not cases:
@@ -604,24 +723,55 @@ def _train_config(ctx: Context, names: list[str], images: torch.Tensor, batch: i
     if anchor is not None:
         anchor_seconds = samples.pop(anchor)
         if anchor not in failures and anchor_seconds:
-            first = next((r["value"] for r in ctx.merged_records() if (r["workload"], r["impl"], r["batch"],
-                          r["steps"]) == ("train", anchor, batch, steps) and r["value"] is not None), None)
-            anchor_extras = {"anchor_impl": anchor, "anchor_ref_eager": batch / summarize(anchor_seconds).median,
-                             "anchor_ref_eager_first_pass": first}
+            first = next(
+                (
+                    r["value"]
+                    for r in ctx.merged_records()
+                    if (r["workload"], r["impl"], r["batch"], r["steps"]) == ("train", anchor, batch, steps)
+                    and r["value"] is not None
+                ),
+                None,
+            )
+            anchor_extras = {
+                "anchor_impl": anchor,
+                "anchor_ref_eager": batch / summarize(anchor_seconds).median,
+                "anchor_ref_eager_first_pass": first,
+            }
     flops = F.train_step_flops(batch, steps, size)
     executed = F.train_step_flops(batch, steps, size, executed=True)
     for name, seconds in samples.items():
         spec = specs[name]
         if name in failures:
-            ctx.skip("train", name, batch, steps, "samples/s", f"failed while timing: {failures[name]}",
-                     **spec_extras(spec), timing_group=group)
+            ctx.skip(
+                "train",
+                name,
+                batch,
+                steps,
+                "samples/s",
+                f"failed while timing: {failures[name]}",
+                **spec_extras(spec),
+                timing_group=group,
+            )
             continue
         med = summarize(seconds).median
-        ctx.add("train", name, batch, steps, batch / med, "samples/s",
-                flops=flops, flops_executed=executed, flops_convention="algorithmic",
-                tflops=flops / med / 1e12, precision=spec.matmul, input_sets=sets,
-                **spec_extras(spec), timing_group=group, **anchor_extras,
-                **_timing_extras(seconds, batch))
+        ctx.add(
+            "train",
+            name,
+            batch,
+            steps,
+            batch / med,
+            "samples/s",
+            flops=flops,
+            flops_executed=executed,
+            flops_convention="algorithmic",
+            tflops=flops / med / 1e12,
+            precision=spec.matmul,
+            input_sets=sets,
+            **spec_extras(spec),
+            timing_group=group,
+            **anchor_extras,
+            **_timing_extras(seconds, batch),
+        )
 
 
 def run_sample(ctx: Context) -> None:
@@ -647,14 +797,33 @@ def run_sample(ctx: Context) -> None:
         flops = F.sample_flops(num, steps, size)
         for name, seconds in samples.items():
             if name in failures:
-                ctx.skip("sample", name, num, steps, "images/s", f"failed while timing: {failures[name]}",
-                         **spec_extras(specs[name]))
+                ctx.skip(
+                    "sample",
+                    name,
+                    num,
+                    steps,
+                    "images/s",
+                    f"failed while timing: {failures[name]}",
+                    **spec_extras(specs[name]),
+                )
                 continue
             med = summarize(seconds).median
-            ctx.add("sample", name, num, steps, num / med, "images/s", flops=flops,
-                    flops_executed=F.sample_flops(num, steps, size, executed=True), flops_convention="algorithmic",
-                    tflops=flops / med / 1e12, precision=specs[name].matmul, input_sets=sets,
-                    **spec_extras(specs[name]), **_timing_extras(seconds, num))
+            ctx.add(
+                "sample",
+                name,
+                num,
+                steps,
+                num / med,
+                "images/s",
+                flops=flops,
+                flops_executed=F.sample_flops(num, steps, size, executed=True),
+                flops_convention="algorithmic",
+                tflops=flops / med / 1e12,
+                precision=specs[name].matmul,
+                input_sets=sets,
+                **spec_extras(specs[name]),
+                **_timing_extras(seconds, num),
+            )
     ctx.write()
 
 
@@ -672,7 +841,9 @@ def run_iwae(ctx: Context) -> None:
     test = load_split("binarized_mnist", "test")
     total = min(args.iwae_images, len(test))
     target = len(test)  # what the bound is reported over in the paper: the whole test split
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))  # the split is sorted by label
+    order = torch.randperm(
+        len(test), generator=torch.Generator().manual_seed(args.seed)
+    )  # the split is sorted by label
     images = test.images[order].to(dev, torch.float32)
     per_call = max(1, rows // samples)
     _say(f"iwae S={samples} K={steps}: {per_call} images per call")
@@ -727,25 +898,60 @@ def run_iwae(ctx: Context) -> None:
             break
     for name in models:
         if name in failures:
-            ctx.skip("iwae", name, None, steps, "images/s", f"failed: {failures[name]}", samples=samples,
-                     **spec_extras(specs[name]))
+            ctx.skip(
+                "iwae",
+                name,
+                None,
+                steps,
+                "images/s",
+                f"failed: {failures[name]}",
+                samples=samples,
+                **spec_extras(specs[name]),
+            )
             continue
         if not times[name]:
-            ctx.skip("iwae", name, None, steps, "images/s", "no call finished within --iwae-seconds", samples=samples,
-                     **spec_extras(specs[name]))
+            ctx.skip(
+                "iwae",
+                name,
+                None,
+                steps,
+                "images/s",
+                "no call finished within --iwae-seconds",
+                samples=samples,
+                **spec_extras(specs[name]),
+            )
             continue
         seconds = sum(times[name])
         rate = done[name] / seconds
         flops = F.iwae_flops(done[name], samples, steps, size)
         stats = summarize(times[name])
-        ctx.add("iwae", name, None, steps, rate, "images/s", samples=samples, images=done[name], **spec_extras(specs[name]),
-                target_images=target, extrapolated=done[name] < target,
-                seconds_measured=seconds, seconds_full_test=target / rate, images_per_call=per_call,
-                repeats=stats.n, time_median_s=stats.median, time_iqr_s=stats.iqr,
-                time_min_s=stats.min, time_max_s=stats.max,
-                flops=flops, flops_executed=F.iwae_flops(done[name], samples, steps, size, executed=True),
-                flops_convention="algorithmic", tflops=flops / seconds / 1e12, precision=specs[name].matmul,
-                stopped_early=stopped and done[name] < limits[name])
+        ctx.add(
+            "iwae",
+            name,
+            None,
+            steps,
+            rate,
+            "images/s",
+            samples=samples,
+            images=done[name],
+            **spec_extras(specs[name]),
+            target_images=target,
+            extrapolated=done[name] < target,
+            seconds_measured=seconds,
+            seconds_full_test=target / rate,
+            images_per_call=per_call,
+            repeats=stats.n,
+            time_median_s=stats.median,
+            time_iqr_s=stats.iqr,
+            time_min_s=stats.min,
+            time_max_s=stats.max,
+            flops=flops,
+            flops_executed=F.iwae_flops(done[name], samples, steps, size, executed=True),
+            flops_convention="algorithmic",
+            tflops=flops / seconds / 1e12,
+            precision=specs[name].matmul,
+            stopped_early=stopped and done[name] < limits[name],
+        )
     ctx.write()
 
 
@@ -756,8 +962,14 @@ def run_memory(ctx: Context) -> None:
     names = _applicable(ctx, "memory")
     if dev.type != "cuda":
         for name in names:
-            ctx.skip("memory", name, batch, steps, "MiB",
-                     "peak memory statistics need a CUDA device (torch.cuda.max_memory_allocated)")
+            ctx.skip(
+                "memory",
+                name,
+                batch,
+                steps,
+                "MiB",
+                "peak memory statistics need a CUDA device (torch.cuda.max_memory_allocated)",
+            )
         return
     images = _load_images("train", dev)
     inputs = make_train_inputs(images, batch, steps, size, 4, dev, seed=args.seed + 3)
@@ -796,17 +1008,30 @@ def run_memory(ctx: Context) -> None:
             _reset_dynamo()
             free_memory()
         peak = max(setup_peak, step_peak - base_alloc)
-        ctx.add("memory", name, batch, steps, peak / MIB, "MiB",
-                what="peak allocated over build, compile/capture and 3 steps, above the pre-built inputs",
-                persistent_mib=persistent / MIB, step_transient_mib=(step_peak - before) / MIB,
-                reserved_mib=reserved / MIB, input_set_mib=input_bytes / MIB)
+        ctx.add(
+            "memory",
+            name,
+            batch,
+            steps,
+            peak / MIB,
+            "MiB",
+            what="peak allocated over build, compile/capture and 3 steps, above the pre-built inputs",
+            persistent_mib=persistent / MIB,
+            step_transient_mib=(step_peak - before) / MIB,
+            reserved_mib=reserved / MIB,
+            input_set_mib=input_bytes / MIB,
+        )
     del inputs
     free_memory()
     ctx.write()
 
 
 RUNNERS: dict[str, Callable[[Context], None]] = {
-    "roofline": run_roofline, "train": run_train, "sample": run_sample, "iwae": run_iwae, "memory": run_memory,
+    "roofline": run_roofline,
+    "train": run_train,
+    "sample": run_sample,
+    "iwae": run_iwae,
+    "memory": run_memory,
 }
 
 
@@ -816,8 +1041,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     ctx = Context(args)
-    _say(f"avme bench on {ctx.name} ({ctx.device}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
-         f"fused ops available: {ops.is_available()}; writing {ctx.out}")
+    _say(
+        f"avme bench on {ctx.name} ({ctx.device}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"fused ops available: {ops.is_available()}; writing {ctx.out}"
+    )
     for workload in WORKLOADS:  # fixed order: roofline first, so the peaks exist for the fractions
         if workload not in args.workload_list:
             continue
@@ -836,8 +1063,10 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
     for r in records:
         value = "skipped" if r.get("value") is None else f"{r['value']:.4g}"
         frac = r.get("fraction_of_peak")
-        _say(f"{r['workload']:9s} {r['impl']:26s} {str(r.get('batch') or ''):>6s} {str(r.get('steps') or ''):>3s} "
-             f"{value:>12s} {r['unit']:11s} {'' if frac is None else f'{100 * frac:.1f}'}")
+        _say(
+            f"{r['workload']:9s} {r['impl']:26s} {str(r.get('batch') or ''):>6s} {str(r.get('steps') or ''):>3s} "
+            f"{value:>12s} {r['unit']:11s} {'' if frac is None else f'{100 * frac:.1f}'}"
+        )
 
 
 if __name__ == "__main__":

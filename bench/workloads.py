@@ -140,15 +140,27 @@ def _reference_specs() -> list[ImplSpec]:
         ImplSpec("ref-eager-bf16", "ref", "fp32", "eager-bf16", "bf16", "reference, eager, bf16 autocast"),
         ImplSpec("ref-compile", "ref", "fp32", "compile", "fp32", "reference under torch.compile (default mode)"),
         ImplSpec(
-            "ref-compile-reduce-overhead", "ref", "fp32", "compile-reduce-overhead", "fp32",
+            "ref-compile-reduce-overhead",
+            "ref",
+            "fp32",
+            "compile-reduce-overhead",
+            "fp32",
             "reference under torch.compile(mode='reduce-overhead'): inductor + CUDA graphs",
         ),
         ImplSpec(
-            "ref-compile-max-autotune", "ref", "fp32", "compile-max-autotune", "fp32",
+            "ref-compile-max-autotune",
+            "ref",
+            "fp32",
+            "compile-max-autotune",
+            "fp32",
             "reference under torch.compile(mode='max-autotune'): GEMM autotuning + CUDA graphs",
         ),
         ImplSpec(
-            "ref-cudagraph", "ref", "fp32", "cudagraph", "fp32",
+            "ref-cudagraph",
+            "ref",
+            "fp32",
+            "cudagraph",
+            "fp32",
             "reference captured by hand in one CUDA graph (fwd + bwd + capturable Adam)",
         ),
     ]
@@ -159,12 +171,33 @@ def _fused_specs() -> list[ImplSpec]:
     for design in DESIGNS:
         what = "the host's choice of design" if design == "auto" else f"{design} design"
         for precision in PRECISIONS:
-            products = {"fp32": "fp32 products", "tf32": "TF32 tensor cores",
-                        "bf16": "bf16 tensor cores, fp32 accumulation"}[precision]
-            specs.append(ImplSpec(f"fused-{design}-{precision}", "cuda", precision, "eager", precision,
-                                  f"fused CUDA ops, {what}, {products}", design))
-            specs.append(ImplSpec(f"fused-{design}-{precision}-graph", "cuda", precision, "cudagraph", precision,
-                                  f"fused CUDA ops, {what}, {products}, whole step in one CUDA graph", design))
+            products = {
+                "fp32": "fp32 products",
+                "tf32": "TF32 tensor cores",
+                "bf16": "bf16 tensor cores, fp32 accumulation",
+            }[precision]
+            specs.append(
+                ImplSpec(
+                    f"fused-{design}-{precision}",
+                    "cuda",
+                    precision,
+                    "eager",
+                    precision,
+                    f"fused CUDA ops, {what}, {products}",
+                    design,
+                )
+            )
+            specs.append(
+                ImplSpec(
+                    f"fused-{design}-{precision}-graph",
+                    "cuda",
+                    precision,
+                    "cudagraph",
+                    precision,
+                    f"fused CUDA ops, {what}, {products}, whole step in one CUDA graph",
+                    design,
+                )
+            )
     return specs
 
 
@@ -183,8 +216,14 @@ APPLICABLE: dict[str, tuple[str, ...]] = {
 }
 #: Implementations each workload runs when ``--impls`` is not given.
 DEFAULT_IMPLS: dict[str, tuple[str, ...]] = {
-    "train": (*_REF_EAGER, "ref-compile", "ref-compile-reduce-overhead", "ref-cudagraph", *_FUSED_EAGER,
-              *(f"{name}-graph" for name in _FUSED_AUTO)),
+    "train": (
+        *_REF_EAGER,
+        "ref-compile",
+        "ref-compile-reduce-overhead",
+        "ref-cudagraph",
+        *_FUSED_EAGER,
+        *(f"{name}-graph" for name in _FUSED_AUTO),
+    ),
     "sample": _REF_EAGER + _FUSED_EAGER,
     "iwae": _REF_EAGER + _FUSED_AUTO,
     "memory": ("ref-eager", "ref-cudagraph", *_FUSED_AUTO, "fused-auto-bf16-graph"),
@@ -210,8 +249,11 @@ def spec_extras(spec: ImplSpec) -> dict[str, object]:
     """What a record says about its implementation: family, mode, design, precision of the fused ops."""
     extras: dict[str, object] = {"fused": spec.fused, "mode": spec.mode, "dtype": "float32"}
     if spec.fused:
-        extras.update(design=spec.design, core_precision=spec.precision,
-                      design_forced=spec.design != "auto" and hasattr(ops, "design"))
+        extras.update(
+            design=spec.design,
+            core_precision=spec.precision,
+            design_forced=spec.design != "auto" and hasattr(ops, "design"),
+        )
         if not hasattr(ops, "design"):
             extras["design_note"] = "avme_ext.ops.design not present: the extension's default design"
     return extras
@@ -222,8 +264,9 @@ def design_reason(design: str | None) -> str | None:
     if design is None or design == "auto":
         return None
     if not hasattr(ops, "design"):
-        return ("avme_ext.ops.design is not present in this build: only the default design runs "
-                "(recorded as fused-auto-*)")
+        return (
+            "avme_ext.ops.design is not present in this build: only the default design runs (recorded as fused-auto-*)"
+        )
     known = getattr(ops, "DESIGNS", DESIGNS)
     if design not in known:
         return f"design {design!r} is not in avme_ext.ops.DESIGNS {tuple(known)}"
@@ -286,7 +329,9 @@ def make_train_inputs(
     return out
 
 
-def make_sample_inputs(num: int, steps: int, size: ModelSize, sets: int, device: torch.device, seed: int) -> list[Tensor]:
+def make_sample_inputs(
+    num: int, steps: int, size: ModelSize, sets: int, device: torch.device, seed: int
+) -> list[Tensor]:
     """``sets`` fresh prior draws z (K, num, Z)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return [torch.randn((steps, num, size.latent_dim), generator=generator, device=device) for _ in range(sets)]
@@ -460,8 +505,9 @@ def build_train_case(
         seconds = _wall(device, lambda: [step(i) for i in range(setup_calls)])
         after = _dynamo_counts()
         extras = {key: after[key] - before.get(key, 0) for key in after}
-        return TrainCase(step, seconds, f"torch.compile mode={mode or 'default'}, {setup_calls} first calls", extras,
-                         model)
+        return TrainCase(
+            step, seconds, f"torch.compile mode={mode or 'default'}, {setup_calls} first calls", extras, model
+        )
 
     def eager_step(i: int) -> None:
         x, eps = inputs[i % n]

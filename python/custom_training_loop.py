@@ -31,14 +31,18 @@ SMALL_SIZES = AVMEConfig(data_dim=64, enc_hidden=32, dec_hidden=32, latent_dim=8
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--paper-sizes", action="store_true",
-                        help="start from AVMEConfig's defaults (the paper's MNIST sizes) instead of small ones")
+    parser.add_argument(
+        "--paper-sizes",
+        action="store_true",
+        help="start from AVMEConfig's defaults (the paper's MNIST sizes) instead of small ones",
+    )
     parser.add_argument("--data-dim", type=int, help=f"D, pixels (default {SMALL_SIZES.data_dim})")
     parser.add_argument("--hidden", type=int, help=f"He = Hd, LSTM units (default {SMALL_SIZES.enc_hidden})")
     parser.add_argument("--latent", type=int, help=f"Z, latent size per step (default {SMALL_SIZES.latent_dim})")
     parser.add_argument("--steps", type=int, help=f"K, drawing steps (default {SMALL_SIZES.steps})")
-    parser.add_argument("--classes", type=int,
-                        help=f"C, condition on one-hot labels (default {SMALL_SIZES.num_classes}: no)")
+    parser.add_argument(
+        "--classes", type=int, help=f"C, condition on one-hot labels (default {SMALL_SIZES.num_classes}: no)"
+    )
     parser.add_argument("--encoder-input", choices=ENCODER_INPUTS, help="what the encoder reads besides x")
     parser.add_argument("--impl", choices=IMPLS, default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -102,8 +106,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     with torch.no_grad():  # generation: decoder + write only, z ~ N(0, I)
         y = F.one_hot(torch.arange(4, device=device) % classes, classes).float() if classes else None
         samples = torch.sigmoid(core.sample(y=y, batch_size=4).canvas)
-    print(f"done in {time.perf_counter() - start:.1f}s; sample pixel means: "
-          + " ".join(f"{v:.2f}" for v in samples.mean(dim=1).tolist()))
+    print(
+        f"done in {time.perf_counter() - start:.1f}s; sample pixel means: "
+        + " ".join(f"{v:.2f}" for v in samples.mean(dim=1).tolist())
+    )
 
 
 if __name__ == "__main__":

@@ -41,15 +41,22 @@ SHAPE_VALUE = (0.8, 1.0)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="make_shapes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("shapes"),
-                        help="folder to write (it gets one subfolder per shape) (default: shapes)")
-    parser.add_argument("--num", type=int, default=6000,
-                        help="images in all, spread evenly over the three shapes (default: 6000)")
+        prog="make_shapes.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("shapes"),
+        help="folder to write (it gets one subfolder per shape) (default: shapes)",
+    )
+    parser.add_argument(
+        "--num", type=int, default=6000, help="images in all, spread evenly over the three shapes (default: 6000)"
+    )
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every colour, position and size (default: 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shape subfolders of a folder that already has files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the shape subfolders of a folder that already has files"
+    )
     args = parser.parse_args(argv)
     if args.num < len(SHAPES):
         parser.error(f"--num must be at least {len(SHAPES)} (one image per shape), got {args.num}")

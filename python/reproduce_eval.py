@@ -38,9 +38,16 @@ class PassWork:
 # --------------------------------------------------------------------------- chunk files
 def chunk_key(plan: Plan, eval_pass: EvalPass, weights_sha256: str) -> dict[str, Any]:
     """What a chunk's numbers depend on; a chunk file holding another key is evaluated again."""
-    return {"samples": eval_pass.samples, "marginal": eval_pass.marginal, "seed": plan.seed,
-            "batch_size": plan.eval_batch_size, "max_rows": plan.max_rows, "num_images": plan.test_images,
-            "impl": plan.impl, "weights_sha256": weights_sha256}
+    return {
+        "samples": eval_pass.samples,
+        "marginal": eval_pass.marginal,
+        "seed": plan.seed,
+        "batch_size": plan.eval_batch_size,
+        "max_rows": plan.max_rows,
+        "num_images": plan.test_images,
+        "impl": plan.impl,
+        "weights_sha256": weights_sha256,
+    }
 
 
 def save_chunk(path: Path, result: Any, meta: dict[str, Any]) -> None:
@@ -49,7 +56,9 @@ def save_chunk(path: Path, result: Any, meta: dict[str, Any]) -> None:
 
     from avme_ext.checkpoint import atomic_write_bytes
 
-    tensors = {name: getattr(result, name).contiguous() for name in result._PER_IMAGE if getattr(result, name) is not None}
+    tensors = {
+        name: getattr(result, name).contiguous() for name in result._PER_IMAGE if getattr(result, name) is not None
+    }
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={CHUNK_META: json.dumps(meta)}))
 
 
@@ -84,13 +93,18 @@ def load_chunk(path: Path) -> Any:
 
     meta = chunk_meta(path)
     tensors = load_file(str(path))
-    return EvalResult(**{name: tensors.get(name) for name in EvalResult._PER_IMAGE}, samples=int(meta["key"]["samples"]))
+    return EvalResult(
+        **{name: tensors.get(name) for name in EvalResult._PER_IMAGE}, samples=int(meta["key"]["samples"])
+    )
 
 
 def pass_work(layout: Layout, plan: Plan, name: str, eval_pass: EvalPass, weights_sha256: str) -> PassWork:
     key = chunk_key(plan, eval_pass, weights_sha256)
-    missing = [i for i in range(plan.num_chunks)
-               if (read_chunk_meta(layout.chunk(name, eval_pass.name, i)) or {}).get("key") != key]
+    missing = [
+        i
+        for i in range(plan.num_chunks)
+        if (read_chunk_meta(layout.chunk(name, eval_pass.name, i)) or {}).get("key") != key
+    ]
     return PassWork(name, eval_pass, weights_sha256, missing)
 
 
@@ -133,9 +147,11 @@ def measure_device(plan: Plan, device: str) -> dict[str, Any]:
 
 
 #: :func:`measure_device` in a process of its own (argv: python/, the plan as JSON, the device).
-MEASURE_CHILD = ("import json, sys; sys.path[:0] = [sys.argv[1]]; import reproduce_eval, reproduce_plan; "
-                 "plan = reproduce_plan.Plan.from_dict(json.loads(sys.argv[2])); "
-                 "print(json.dumps(reproduce_eval.measure_device(plan, sys.argv[3])))")
+MEASURE_CHILD = (
+    "import json, sys; sys.path[:0] = [sys.argv[1]]; import reproduce_eval, reproduce_plan; "
+    "plan = reproduce_plan.Plan.from_dict(json.loads(sys.argv[2])); "
+    "print(json.dumps(reproduce_eval.measure_device(plan, sys.argv[3])))"
+)
 
 
 def measure_device_in_child(plan: Plan, device: str) -> dict[str, Any]:
@@ -144,15 +160,27 @@ def measure_device_in_child(plan: Plan, device: str) -> dict[str, Any]:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", MEASURE_CHILD, str(Path(__file__).resolve().parent),
-                           json.dumps(plan.to_dict()), device], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_CHILD, str(Path(__file__).resolve().parent), json.dumps(plan.to_dict()), device],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"measuring the evaluation speed on {device} failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def evaluate_models(layout: Layout, plan: Plan, work: list[PassWork], *, device: str, device_label: str,
-                    log: Callable[[str], None], report: Callable[[PassWork, int, int, float], None]) -> None:
+def evaluate_models(
+    layout: Layout,
+    plan: Plan,
+    work: list[PassWork],
+    *,
+    device: str,
+    device_label: str,
+    log: Callable[[str], None],
+    report: Callable[[PassWork, int, int, float], None],
+) -> None:
     """Evaluate every missing chunk of ``work``.
 
     ``report(work, chunks_left, trajectories, seconds)`` is called after each chunk with the chunks left in
@@ -167,16 +195,33 @@ def evaluate_models(layout: Layout, plan: Plan, work: list[PassWork], *, device:
     for item in work:
         model = load_model(layout.weights(item.name), device=device, impl=plan.impl)
         key = chunk_key(plan, item.eval_pass, item.weights_sha256)
-        log(f"{item.name}/{item.eval_pass.name}: evaluating {len(item.missing)} of {plan.num_chunks} chunks "
-            f"(S={item.eval_pass.samples}{' per class' if item.eval_pass.marginal else ''})")
+        log(
+            f"{item.name}/{item.eval_pass.name}: evaluating {len(item.missing)} of {plan.num_chunks} chunks "
+            f"(S={item.eval_pass.samples}{' per class' if item.eval_pass.marginal else ''})"
+        )
         for position, index in enumerate(item.missing):
             start = time.perf_counter()
-            result = evaluate(model, split, samples=item.eval_pass.samples, batch_size=plan.eval_batch_size,
-                              seed=plan.seed, max_rows=plan.max_rows, shard=(index, plan.num_chunks),
-                              marginal=item.eval_pass.marginal)
+            result = evaluate(
+                model,
+                split,
+                samples=item.eval_pass.samples,
+                batch_size=plan.eval_batch_size,
+                seed=plan.seed,
+                max_rows=plan.max_rows,
+                shard=(index, plan.num_chunks),
+                marginal=item.eval_pass.marginal,
+            )
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            save_chunk(layout.chunk(item.name, item.eval_pass.name, index), result,
-                       {"key": key, "chunk": index, "seconds": round(seconds, 4), "device": device_label})
-            report(item, len(item.missing) - position - 1, item.eval_pass.trajectories(len(result), MODELS[item.name].num_classes), seconds)
+            save_chunk(
+                layout.chunk(item.name, item.eval_pass.name, index),
+                result,
+                {"key": key, "chunk": index, "seconds": round(seconds, 4), "device": device_label},
+            )
+            report(
+                item,
+                len(item.missing) - position - 1,
+                item.eval_pass.trajectories(len(result), MODELS[item.name].num_classes),
+                seconds,
+            )

@@ -62,8 +62,15 @@ def _run(command: list[str], env: dict[str, str], timeout: float, stdin: bytes |
 
 
 @contextmanager
-def mps_daemon(mode: str, device: str, log: Callable[[str], None], *, control: str = MPS_CONTROL,
-               probe: tuple[str, ...] = PROBE, timeout: float = 60.0) -> Iterator[MpsSession]:
+def mps_daemon(
+    mode: str,
+    device: str,
+    log: Callable[[str], None],
+    *,
+    control: str = MPS_CONTROL,
+    probe: tuple[str, ...] = PROBE,
+    timeout: float = 60.0,
+) -> Iterator[MpsSession]:
     """A private MPS control daemon while the ``with`` block runs (see the module docstring).
 
     Args:
@@ -85,8 +92,14 @@ def mps_daemon(mode: str, device: str, log: Callable[[str], None], *, control: s
         return
     executable = shutil.which(control)
     folder = tempfile.mkdtemp(prefix="avme-mps-") if executable else None
-    env = {} if folder is None else {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
-                                     "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
+    env = (
+        {}
+        if folder is None
+        else {
+            "CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log"),
+        }
+    )
     for path in env.values():
         os.makedirs(path)
     full_env = {**os.environ, **env}
@@ -106,8 +119,10 @@ def mps_daemon(mode: str, device: str, log: Callable[[str], None], *, control: s
             log(f"training without MPS (runs side by side share the GPU by time slicing): {failure}")
             yield MpsSession(reason=f"MPS not used: {failure}")
         else:
-            log(f"MPS daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']}): runs side by side "
-                "execute their kernels concurrently")
+            log(
+                f"MPS daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']}): runs side by side "
+                "execute their kernels concurrently"
+            )
             yield MpsSession(env=env, reason="MPS daemon of this run")
     finally:
         if started:

@@ -104,7 +104,14 @@ class Progress:
     """
 
     def __init__(self, layout: Layout, plan: Plan, names: list[str], jobs: int, log, interval: float) -> None:
-        self.layout, self.plan, self.names, self.jobs, self.log, self.interval = layout, plan, names, jobs, log, interval
+        self.layout, self.plan, self.names, self.jobs, self.log, self.interval = (
+            layout,
+            plan,
+            names,
+            jobs,
+            log,
+            interval,
+        )
         self.stage = "plan"
         self.trained: set[str] = set()
         self.eval_left = 0  # trajectories
@@ -119,8 +126,13 @@ class Progress:
         remaining = []
         for name in self.names:
             status = read_run_status(self.layout.run_dir(name) / "metrics.jsonl")
-            models[name] = {"trained": name in self.trained, "epochs": status.epochs, "epoch_cap": self.plan.epochs[name],
-                            "best": status.best, "seconds_per_epoch": status.seconds_per_epoch}
+            models[name] = {
+                "trained": name in self.trained,
+                "epochs": status.epochs,
+                "epoch_cap": self.plan.epochs[name],
+                "best": status.best,
+                "seconds_per_epoch": status.seconds_per_epoch,
+            }
             if name not in self.trained:
                 remaining.append((self.plan.epochs[name] - status.epochs, status.seconds_per_epoch))
         known = [m["seconds_per_epoch"] for m in models.values() if m["seconds_per_epoch"] is not None]
@@ -147,23 +159,43 @@ class Progress:
         rate = "measured" if self.eval_measured else "pilot"
         total = None if train_left is None or eval_left is None else train_left + eval_left
         if self.stage == "training":
-            shown = [f"{n} {m['epochs']}/{m['epoch_cap']}" + (" done" if m["trained"] else "")
-                     + (f" ({m['best'][1]:.2f})" if m["best"] and not m["trained"] else "") for n, m in models.items()]
-            parts = ["training: " + ", ".join(shown),
-                     (f"time left: training {'at most ' if train_left else ''}{minutes(train_left)}, evaluation "
-                      f"about {minutes(eval_left)} ({rate} rate), in all {minutes(total)}")]
+            shown = [
+                f"{n} {m['epochs']}/{m['epoch_cap']}"
+                + (" done" if m["trained"] else "")
+                + (f" ({m['best'][1]:.2f})" if m["best"] and not m["trained"] else "")
+                for n, m in models.items()
+            ]
+            parts = [
+                "training: " + ", ".join(shown),
+                (
+                    f"time left: training {'at most ' if train_left else ''}{minutes(train_left)}, evaluation "
+                    f"about {minutes(eval_left)} ({rate} rate), in all {minutes(total)}"
+                ),
+            ]
         elif self.stage == "evaluation":
-            parts = [f"evaluation: {self.eval_left:,} trajectories left",
-                     f"time left about {minutes(eval_left)} ({rate} rate)"]
+            parts = [
+                f"evaluation: {self.eval_left:,} trajectories left",
+                f"time left about {minutes(eval_left)} ({rate} rate)",
+            ]
         else:
             parts = []
         if parts:
             self.log(" | ".join(parts))
-        write_json(self.layout.progress, {
-            "stage": self.stage, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": self.jobs, "models": models,
-            "evaluation": {"trajectories_left": self.eval_left, "trajectories_per_second": self.eval_rate,
-                           "measured": self.eval_measured},
-            "seconds_left": {"training": train_left, "evaluation": eval_left}})
+        write_json(
+            self.layout.progress,
+            {
+                "stage": self.stage,
+                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "jobs": self.jobs,
+                "models": models,
+                "evaluation": {
+                    "trajectories_left": self.eval_left,
+                    "trajectories_per_second": self.eval_rate,
+                    "measured": self.eval_measured,
+                },
+                "seconds_left": {"training": train_left, "evaluation": eval_left},
+            },
+        )
 
     def train_tick(self, info: dict[str, Any]) -> None:
         newly = set(info["finished"]) - self.trained
@@ -181,23 +213,49 @@ class Progress:
 # --------------------------------------------------------------------------- set-up
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="the reproduction's working directory: checkpoints, weights, test results, logs")
-    parser.add_argument("--docs", default=str(REPO / "docs"), metavar="DIR",
-                        help="where results.md, results.json and images/<model>/*.png go (default: the repository's docs/)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny models, few epochs, few images: the whole pipeline in about a minute on a CPU")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu (default: auto)")
-    parser.add_argument("--impl", default="ref", choices=IMPLS,
-                        help="K-step loop of training and evaluation: ref (pure PyTorch, CUDA graphs on a GPU), "
-                             "cuda (fused kernels), auto; fixed by the first run in DIR (default: ref)")
-    parser.add_argument("--mps", default="auto", choices=MPS_MODES,
-                        help="run the training processes under a private NVIDIA MPS daemon, so that their kernels "
-                             "run concurrently: auto (when it can start), on (or fail), off (default: auto)")
-    parser.add_argument("--models", default=",".join(MODELS), metavar="A,B",
-                        help="the models to work on, a subset of the four (default: all)")
-    parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="training processes side by side (default: one per model)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the reproduction's working directory: checkpoints, weights, test results, logs",
+    )
+    parser.add_argument(
+        "--docs",
+        default=str(REPO / "docs"),
+        metavar="DIR",
+        help="where results.md, results.json and images/<model>/*.png go (default: the repository's docs/)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models, few epochs, few images: the whole pipeline in about a minute on a CPU",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu (default: auto)"
+    )
+    parser.add_argument(
+        "--impl",
+        default="ref",
+        choices=IMPLS,
+        help="K-step loop of training and evaluation: ref (pure PyTorch, CUDA graphs on a GPU), "
+        "cuda (fused kernels), auto; fixed by the first run in DIR (default: ref)",
+    )
+    parser.add_argument(
+        "--mps",
+        default="auto",
+        choices=MPS_MODES,
+        help="run the training processes under a private NVIDIA MPS daemon, so that their kernels "
+        "run concurrently: auto (when it can start), on (or fail), off (default: auto)",
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        metavar="A,B",
+        help="the models to work on, a subset of the four (default: all)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="training processes side by side (default: one per model)"
+    )
     return parser
 
 
@@ -229,8 +287,10 @@ def fix_plan(layout: Layout, plan: Plan) -> None:
         return
     if saved != plan.to_dict():
         differ = sorted(k for k, v in plan.to_dict().items() if saved.get(k) != v)
-        raise UsageError(f"{layout.root} holds a reproduction with another plan ({', '.join(differ)} differ: "
-                         f"--smoke and --impl must be those of its first run), or use another --out")
+        raise UsageError(
+            f"{layout.root} holds a reproduction with another plan ({', '.join(differ)} differ: "
+            f"--smoke and --impl must be those of its first run), or use another --out"
+        )
 
 
 def acquire_lock(layout: Layout, log) -> int:
@@ -244,12 +304,16 @@ def acquire_lock(layout: Layout, log) -> int:
             break
         except BlockingIOError:
             if waited == 0:
-                log(f"{layout.root} is in use by another run, or by the training processes of an interrupted one "
-                    "while they save their checkpoints; waiting")
+                log(
+                    f"{layout.root} is in use by another run, or by the training processes of an interrupted one "
+                    "while they save their checkpoints; waiting"
+                )
             if waited >= LOCK_WAIT_SECONDS:
                 os.close(fd)
-                raise UsageError(f"{layout.root} is still in use after {LOCK_WAIT_SECONDS} s (process "
-                                 f"{layout.lock.read_text().strip() or '?'} holds {layout.lock})") from None
+                raise UsageError(
+                    f"{layout.root} is still in use after {LOCK_WAIT_SECONDS} s (process "
+                    f"{layout.lock.read_text().strip() or '?'} holds {layout.lock})"
+                ) from None
             time.sleep(1)
             waited += 1
     os.ftruncate(fd, 0)
@@ -259,13 +323,19 @@ def acquire_lock(layout: Layout, log) -> int:
 
 def print_plan(plan: Plan, names: list[str], device: str, jobs: int, mps: str, docs: Path, log) -> None:
     hold, decay = plan.schedule(names[0])
-    log(f"plan{' (smoke: tiny sizes)' if plan.smoke else ''}: {', '.join(f'{n} ({plan.epochs[n]} epochs at most)' for n in names)}")
-    log(f"  model: K={plan.steps}, LSTMs of {plan.enc_hidden}/{plan.dec_hidden}, Z={plan.latent_dim}, --impl {plan.impl}; "
+    log(
+        f"plan{' (smoke: tiny sizes)' if plan.smoke else ''}: {', '.join(f'{n} ({plan.epochs[n]} epochs at most)' for n in names)}"
+    )
+    log(
+        f"  model: K={plan.steps}, LSTMs of {plan.enc_hidden}/{plan.dec_hidden}, Z={plan.latent_dim}, --impl {plan.impl}; "
         f"training: Adam {plan.lr:g}, batch {plan.batch_size}, clip {plan.clip_grad:g}, the rate held for 2/3 of the "
         f"cap then a cosine decay to {plan.lr_final:g} (e.g. {hold} + {decay} epochs); early stop after "
-        f"{plan.patience} epochs without a better validation bound; best validation epoch kept, float16")
-    log(f"  test: {plan.test_images} images in chunks of {plan.eval_batch_size}, IWAE S={plan.samples}, conditional "
-        f"models also -log p(x) with {plan.marginal_samples} per class")
+        f"{plan.patience} epochs without a better validation bound; best validation epoch kept, float16"
+    )
+    log(
+        f"  test: {plan.test_images} images in chunks of {plan.eval_batch_size}, IWAE S={plan.samples}, conditional "
+        f"models also -log p(x) with {plan.marginal_samples} per class"
+    )
     log(f"  on {device}: {jobs} training process(es) side by side (MPS {mps}); results to {docs}")
 
 
@@ -280,14 +350,17 @@ def show_state(layout: Layout, names: list[str], trained: dict[str, Any], log) -
 
 def trajectories_left(layout: Layout, plan: Plan, names: list[str], trained: dict[str, Any]) -> int:
     """The evaluation's work left: every pass of the untrained models, the missing chunks of the others."""
-    untrained = sum(p.trajectories(plan.test_images, MODELS[n].num_classes) for n in names if n not in trained
-                    for p in plan.passes(n))
+    untrained = sum(
+        p.trajectories(plan.test_images, MODELS[n].num_classes)
+        for n in names
+        if n not in trained
+        for p in plan.passes(n)
+    )
     work = pending_work(layout, plan, {n: s["weights"]["sha256"] for n, s in trained.items()})
     return untrained + sum(w.trajectories(plan) for w in work)
 
 
-def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], device: str, lock_fd: int,
-        log) -> int:
+def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], device: str, lock_fd: int, log) -> int:
     jobs = max(1, args.jobs or len(names))
     docs = Path(args.docs).resolve()
     print_plan(plan, names, device, jobs, args.mps, docs, log)
@@ -298,7 +371,9 @@ def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], 
     untrained = [n for n in names if n not in trained]
     progress.eval_left = trajectories_left(layout, plan, names, trained)
     if progress.eval_left:  # on a GPU that the training will use, in a child process (see measure_device_in_child)
-        measured = (measure_device_in_child if untrained and device.startswith("cuda") else measure_device)(plan, device)
+        measured = (measure_device_in_child if untrained and device.startswith("cuda") else measure_device)(
+            plan, device
+        )
         progress.eval_rate, label = measured["trajectories_per_second"], measured["device"]
     else:  # everything is trained and evaluated
         label = device_name(device)
@@ -307,8 +382,18 @@ def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], 
         progress.stage = "training"
         log(f"training {len(untrained)} model(s): {', '.join(untrained)}")
         with mps_daemon(args.mps, device, log) as mps:
-            failures = train_models(layout, plan, untrained, device=device, device_label=label, jobs=jobs,
-                                    lock_fd=lock_fd, client_env=mps.env, log=log, report=progress.train_tick)
+            failures = train_models(
+                layout,
+                plan,
+                untrained,
+                device=device,
+                device_label=label,
+                jobs=jobs,
+                lock_fd=lock_fd,
+                client_env=mps.env,
+                log=log,
+                report=progress.train_tick,
+            )
         if failures:
             log(f"training failed for {len(failures)} model(s); fix the cause and run the same command again")
             return EXIT_FAILED
@@ -327,9 +412,11 @@ def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], 
     progress.stage = "done"
     progress.update(force=True)
     for r in records:
-        log(f"{r['name']}: test -ELBO {r['test_nelbo']:.2f}, IWAE (S={r['iwae_samples']}) {r['test_iwae']:.2f}"
+        log(
+            f"{r['name']}: test -ELBO {r['test_nelbo']:.2f}, IWAE (S={r['iwae_samples']}) {r['test_iwae']:.2f}"
             + (f", -log p(x) {r['test_nll_marginal']:.2f}" if r.get("test_nll_marginal") is not None else "")
-            + f", reconstruction term {r['test_reconstruction']:.2f} (not a likelihood)")
+            + f", reconstruction term {r['test_reconstruction']:.2f} (not a likelihood)"
+        )
     log(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and the figures in {docs / 'images'}")
     return EXIT_DONE
 
@@ -359,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         fix_plan(layout, plan)
         code = run(args, layout, plan, names, device, lock_fd, log)
     except Interrupted as stop:
-        log(f"{stop} after {minutes(time.monotonic() - started)}: what was done is saved; run the same command "
-            "again to continue")
+        log(
+            f"{stop} after {minutes(time.monotonic() - started)}: what was done is saved; run the same command "
+            "again to continue"
+        )
         return 128 + stop.signum
     except UsageError as error:
         log(f"error: {error}")

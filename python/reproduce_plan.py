@@ -102,8 +102,14 @@ class Plan:
         smoke: the tiny sizes of ``--smoke``.
     """
 
-    epochs: dict[str, int] = field(default_factory=lambda: {
-        "avme-canvas": 150, "avme-canvas-conditional": 100, "avme-error": 100, "avme-error-conditional": 100})
+    epochs: dict[str, int] = field(
+        default_factory=lambda: {
+            "avme-canvas": 150,
+            "avme-canvas-conditional": 100,
+            "avme-error": 100,
+            "avme-error-conditional": 100,
+        }
+    )
     patience: int = 10
     lr: float = 1e-3
     lr_final: float = 0.0
@@ -141,13 +147,42 @@ class Plan:
         spec = MODELS[name]
         hold, decay = self.schedule(name)
         args = [
-            "--epochs", str(self.epochs[name]), "--patience", str(self.patience), "--lr", repr(self.lr),
-            "--lr-schedule", "cosine", "--lr-final", repr(self.lr_final), "--lr-hold-epochs", str(hold),
-            "--lr-decay-epochs", str(decay), "--clip-grad", repr(self.clip_grad), "--kl-warmup-steps", "0",
-            "--batch-size", str(self.batch_size), "--seed", str(self.seed), "--impl", self.impl,
-            "--num-classes", str(spec.num_classes), "--encoder-input", spec.encoder_input,
-            "--enc-hidden", str(self.enc_hidden), "--dec-hidden", str(self.dec_hidden),
-            "--latent-dim", str(self.latent_dim), "--steps", str(self.steps),
+            "--epochs",
+            str(self.epochs[name]),
+            "--patience",
+            str(self.patience),
+            "--lr",
+            repr(self.lr),
+            "--lr-schedule",
+            "cosine",
+            "--lr-final",
+            repr(self.lr_final),
+            "--lr-hold-epochs",
+            str(hold),
+            "--lr-decay-epochs",
+            str(decay),
+            "--clip-grad",
+            repr(self.clip_grad),
+            "--kl-warmup-steps",
+            "0",
+            "--batch-size",
+            str(self.batch_size),
+            "--seed",
+            str(self.seed),
+            "--impl",
+            self.impl,
+            "--num-classes",
+            str(spec.num_classes),
+            "--encoder-input",
+            spec.encoder_input,
+            "--enc-hidden",
+            str(self.enc_hidden),
+            "--dec-hidden",
+            str(self.dec_hidden),
+            "--latent-dim",
+            str(self.latent_dim),
+            "--steps",
+            str(self.steps),
         ]
         for option, value in (("--train-subset", self.train_subset), ("--valid-subset", self.valid_subset)):
             if value is not None:
@@ -157,8 +192,14 @@ class Plan:
     def model_sizes(self, name: str) -> dict[str, Any]:
         """Keyword arguments of :class:`avme_ext.AVME` for a model of the plan."""
         spec = MODELS[name]
-        return {"num_classes": spec.num_classes, "enc_hidden": self.enc_hidden, "dec_hidden": self.dec_hidden,
-                "latent_dim": self.latent_dim, "steps": self.steps, "encoder_input": spec.encoder_input}
+        return {
+            "num_classes": spec.num_classes,
+            "enc_hidden": self.enc_hidden,
+            "dec_hidden": self.dec_hidden,
+            "latent_dim": self.latent_dim,
+            "steps": self.steps,
+            "encoder_input": spec.encoder_input,
+        }
 
     def passes(self, name: str) -> list[EvalPass]:
         """The evaluation passes of a model."""
@@ -189,8 +230,18 @@ def make_plan(*, smoke: bool, impl: str) -> Plan:
         return Plan(impl=impl)
     return Plan(
         epochs={"avme-canvas": 3, "avme-canvas-conditional": 2, "avme-error": 2, "avme-error-conditional": 2},
-        impl=impl, enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, train_subset=300, valid_subset=100,
-        samples=4, marginal_samples=2, eval_batch_size=10, num_images=20, smoke=True,
+        impl=impl,
+        enc_hidden=16,
+        dec_hidden=16,
+        latent_dim=4,
+        steps=3,
+        train_subset=300,
+        valid_subset=100,
+        samples=4,
+        marginal_samples=2,
+        eval_batch_size=10,
+        num_images=20,
+        smoke=True,
     )
 
 
@@ -265,10 +316,17 @@ def source_commit() -> str:
     """The commit of the code that runs (``git rev-parse HEAD``, "+modified" when the tracked files
     differ), else ``$AVME_GIT_COMMIT``, else "unknown"."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=60, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
         return commit + ("+modified" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("AVME_GIT_COMMIT", "unknown")

@@ -89,7 +89,9 @@ def read_run_status(metrics: Path) -> RunStatus:
             valid.append(record)
     if not valid:
         return RunStatus()
-    finite = [(r["nelbo"], r["epoch"]) for r in valid if isinstance(r.get("nelbo"), float) and math.isfinite(r["nelbo"])]
+    finite = [
+        (r["nelbo"], r["epoch"]) for r in valid if isinstance(r.get("nelbo"), float) and math.isfinite(r["nelbo"])
+    ]
     best = (min(finite)[1], min(finite)[0]) if finite else None
     first, last = valid[0], valid[-1]
     if last["epoch"] > first["epoch"]:
@@ -160,10 +162,15 @@ def finish_model(layout: Layout, plan: Plan, name: str, device: str) -> dict[str
         "selection": "best validation negative ELBO (validation split only)",
         "seconds": round(float(state.get("elapsed", 0.0)), 1),
         "seconds_per_epoch": round(sum(h["seconds"] + h["valid_seconds"] for h in history) / len(history), 3)
-        if history else None,
+        if history
+        else None,
         "device": device,
-        "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_of(weights),
-                    "dtype": "float16"},
+        "weights": {
+            "file": weights.name,
+            "bytes": weights.stat().st_size,
+            "sha256": sha256_of(weights),
+            "dtype": "float16",
+        },
     }
     write_json(layout.training(name), summary)
     return summary
@@ -171,8 +178,10 @@ def finish_model(layout: Layout, plan: Plan, name: str, device: str) -> dict[str
 
 def _finished_line(name: str, summary: dict[str, Any]) -> str:
     best = summary["best_valid_nelbo"]
-    return (f"{name}: trained, {summary['epochs']} epochs ({summary['stop_reason']}), best validation -ELBO "
-            f"{'n/a' if best is None else f'{best:.3f}'} at epoch {summary['best_epoch']}")
+    return (
+        f"{name}: trained, {summary['epochs']} epochs ({summary['stop_reason']}), best validation -ELBO "
+        f"{'n/a' if best is None else f'{best:.3f}'} at epoch {summary['best_epoch']}"
+    )
 
 
 # --------------------------------------------------------------------------- the processes
@@ -185,20 +194,53 @@ class Child:
     started: float = field(default_factory=time.monotonic)
 
 
-def start_child(layout: Layout, plan: Plan, name: str, *, device: str, threads: int, lock_fd: int | None,
-                client_env: dict[str, str] | None = None) -> Child:
+def start_child(
+    layout: Layout,
+    plan: Plan,
+    name: str,
+    *,
+    device: str,
+    threads: int,
+    lock_fd: int | None,
+    client_env: dict[str, str] | None = None,
+) -> Child:
     """Start ``avme train --resume`` for ``name`` (its output appended to ``<model>/train.log``)."""
-    command = [sys.executable, "-c", CHILD_BOOT, str(os.getpid()), "train", "--out", str(layout.run_dir(name)),
-               "--resume", *plan.train_args(name), "--device", device, "--no-progress", "--no-tensorboard"]
-    env = {**os.environ, **(client_env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+    command = [
+        sys.executable,
+        "-c",
+        CHILD_BOOT,
+        str(os.getpid()),
+        "train",
+        "--out",
+        str(layout.run_dir(name)),
+        "--resume",
+        *plan.train_args(name),
+        "--device",
+        device,
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    env = {
+        **os.environ,
+        **(client_env or {}),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     log_path = layout.train_log(name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(("$ avme " + " ".join(command[4:]) + "\n").encode())
         log.flush()
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=() if lock_fd is None else (lock_fd,),
+        )
     return Child(name, process)
 
 
@@ -214,15 +256,27 @@ def stop_children(children: list[Child], log: Log) -> None:
         try:
             child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log(f"{child.name}: no exit {STOP_GRACE_SECONDS:.0f} s after SIGINT; killing it (it resumes from its "
-                "last checkpoint)")
+            log(
+                f"{child.name}: no exit {STOP_GRACE_SECONDS:.0f} s after SIGINT; killing it (it resumes from its "
+                "last checkpoint)"
+            )
             child.process.kill()
             child.process.wait()
 
 
-def train_models(layout: Layout, plan: Plan, names: list[str], *, device: str, device_label: str, jobs: int,
-                 lock_fd: int | None, client_env: dict[str, str] | None, log: Log,
-                 report: Callable[[dict[str, Any]], None]) -> list[str]:
+def train_models(
+    layout: Layout,
+    plan: Plan,
+    names: list[str],
+    *,
+    device: str,
+    device_label: str,
+    jobs: int,
+    lock_fd: int | None,
+    client_env: dict[str, str] | None,
+    log: Log,
+    report: Callable[[dict[str, Any]], None],
+) -> list[str]:
     """Train ``names`` (``jobs`` at a time) until each is trained; returns the failures (one line each).
 
     ``report`` is called about every :data:`POLL_SECONDS` with the children's names (``"running"``), the
@@ -248,8 +302,11 @@ def train_models(layout: Layout, plan: Plan, names: list[str], *, device: str, d
         while waiting or running:
             while waiting and len(running) < jobs:
                 name = waiting.pop(0)
-                running.append(start_child(layout, plan, name, device=device, threads=threads, lock_fd=lock_fd,
-                                           client_env=client_env))
+                running.append(
+                    start_child(
+                        layout, plan, name, device=device, threads=threads, lock_fd=lock_fd, client_env=client_env
+                    )
+                )
                 log(f"{name}: training (avme train, log {layout.train_log(name)})")
             time.sleep(POLL_SECONDS)
             for child in [c for c in running if c.process.poll() is not None]:

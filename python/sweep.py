@@ -59,8 +59,24 @@ EVAL_JSON = "test_eval.json"
 SET_BY_SWEEP = ("--out", "--steps", "--enc-hidden", "--dec-hidden", "--resume", "--overwrite", "--name")
 #: The tiny grid and options of ``--smoke`` (a CPU run of the whole pipeline in seconds).
 SMOKE_STEPS, SMOKE_HIDDEN = (1, 3), (8, 12)
-SMOKE_TRAIN = ("--epochs", "1", "--batch-size", "50", "--train-subset", "100", "--valid-subset", "50",
-               "--latent-dim", "4", "--device", "cpu", "--impl", "ref", "--no-progress", "--no-tensorboard")
+SMOKE_TRAIN = (
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--train-subset",
+    "100",
+    "--valid-subset",
+    "50",
+    "--latent-dim",
+    "4",
+    "--device",
+    "cpu",
+    "--impl",
+    "ref",
+    "--no-progress",
+    "--no-tensorboard",
+)
 SMOKE_EVAL = ("--num-images", "20", "--device", "cpu", "--impl", "ref")
 SMOKE_SAMPLES = 2
 
@@ -78,21 +94,45 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         train_options = []
     parser = argparse.ArgumentParser(
         description="Train a grid of K and LSTM sizes with avme train, evaluate each run, plot the bound "
-                    "against K, parameters and time. Options after -- go to every avme train.",
+        "against K, parameters and time. Options after -- go to every avme train.",
         epilog="example: python python/sweep.py --out sweeps/mnist --samples 1000 -- --epochs 50 --device cuda",
     )
     parser.add_argument("--out", required=True, help="sweep directory (runs/, sweep.json, sweep.md, PNGs)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, metavar="K",
-                        help=f"drawing steps K of the grid (default: {' '.join(map(str, DEFAULT_STEPS))})")
-    parser.add_argument("--hidden", type=int, nargs="+", default=None, metavar="H",
-                        help=f"LSTM units H of encoder and decoder (default: {' '.join(map(str, DEFAULT_HIDDEN))})")
-    parser.add_argument("--samples", type=int, default=0, metavar="S",
-                        help="IWAE samples per test image (0: the negative ELBO; default: 0)")
-    parser.add_argument("--eval-args", default="", metavar="ARGS",
-                        help="more options for avme eval, one string (e.g. \"--num-images 1000 --device cuda\")")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"a tiny grid (K {SMOKE_STEPS}, H {SMOKE_HIDDEN}) on a few images on the CPU, "
-                             "to check the pipeline in seconds")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help=f"drawing steps K of the grid (default: {' '.join(map(str, DEFAULT_STEPS))})",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="H",
+        help=f"LSTM units H of encoder and decoder (default: {' '.join(map(str, DEFAULT_HIDDEN))})",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="S",
+        help="IWAE samples per test image (0: the negative ELBO; default: 0)",
+    )
+    parser.add_argument(
+        "--eval-args",
+        default="",
+        metavar="ARGS",
+        help='more options for avme eval, one string (e.g. "--num-images 1000 --device cuda")',
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny grid (K {SMOKE_STEPS}, H {SMOKE_HIDDEN}) on a few images on the CPU, "
+        "to check the pipeline in seconds",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps = args.steps or list(SMOKE_STEPS)
@@ -128,13 +168,34 @@ def avme(argv: list[str]) -> int:
 
 
 def train_command(run_dir: Path, steps: int, hidden: int, train_options: list[str]) -> list[str]:
-    return ["train", "--out", str(run_dir), "--resume", "--steps", str(steps), "--enc-hidden", str(hidden),
-            "--dec-hidden", str(hidden), *train_options]
+    return [
+        "train",
+        "--out",
+        str(run_dir),
+        "--resume",
+        "--steps",
+        str(steps),
+        "--enc-hidden",
+        str(hidden),
+        "--dec-hidden",
+        str(hidden),
+        *train_options,
+    ]
 
 
 def eval_command(run_dir: Path, samples: int, eval_args: str) -> list[str]:
-    return ["eval", str(run_dir), "--split", "test", "--samples", str(samples), "--json",
-            str(run_dir / EVAL_JSON), "--no-progress", *shlex.split(eval_args)]
+    return [
+        "eval",
+        str(run_dir),
+        "--split",
+        "test",
+        "--samples",
+        str(samples),
+        "--json",
+        str(run_dir / EVAL_JSON),
+        "--no-progress",
+        *shlex.split(eval_args),
+    ]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -172,8 +233,10 @@ def make_record(run_dir: Path, command: dict[str, Any]) -> dict[str, Any]:
     summary, provenance = evaluation["summary"], evaluation["provenance"]
     trained_on = (read_run_config(run_dir) or ({}, None))[0].get("dataset")
     if trained_on is not None and provenance.get("dataset") != trained_on:
-        raise SweepError(f"{run_dir}: avme eval read {provenance.get('dataset')!r} but the run trained on "
-                         f"{trained_on!r}; pass the data options with --eval-args")
+        raise SweepError(
+            f"{run_dir}: avme eval read {provenance.get('dataset')!r} but the run trained on "
+            f"{trained_on!r}; pass the data options with --eval-args"
+        )
     iwae = "iwae_nll" in summary
     bound_key = "iwae_nll" if iwae else "nelbo"
     return {
@@ -198,8 +261,9 @@ def make_record(run_dir: Path, command: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sweep_run(out: Path, steps: int, hidden: int, args: argparse.Namespace, train_options: list[str],
-              say) -> dict[str, Any]:
+def sweep_run(
+    out: Path, steps: int, hidden: int, args: argparse.Namespace, train_options: list[str], say
+) -> dict[str, Any]:
     """Train (or continue) and evaluate one run of the grid, unless it is already done; its record."""
     run_dir = out / "runs" / run_name(steps, hidden)
     train = train_command(run_dir, steps, hidden, train_options)
@@ -231,8 +295,10 @@ def write_outputs(out: Path, records: list[dict[str, Any]], command: str) -> lis
 
     pngs = render_sweep_plots(records, title=f"AVME sweep: {out.name}")
     markdown = render_sweep_markdown(records, command)
-    written = [write_json(out / "sweep.json", {"command": command, "records": records}),
-               atomic_write_bytes(out / "sweep.md", markdown.encode())]
+    written = [
+        write_json(out / "sweep.json", {"command": command, "records": records}),
+        atomic_write_bytes(out / "sweep.md", markdown.encode()),
+    ]
     written += [atomic_write_bytes(out / name, data) for name, data in pngs.items()]
     return written
 

@@ -261,8 +261,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 def add_seed_argument(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
     """Add ``--seed`` (an integer; None: "not given", with the default stated by the caller's help)."""
-    parser.add_argument("--seed", type=int, default=default,
-                        help="random seed: results are reproducible given it")
+    parser.add_argument("--seed", type=int, default=default, help="random seed: results are reproducible given it")
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
@@ -501,8 +500,14 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataFormatError
     from ..pretrained import PretrainedError
 
-    types: list[type[BaseException]] = [CheckpointError, DataFormatError, PretrainedError, FileNotFoundError,
-                                         NotADirectoryError, IsADirectoryError]
+    types: list[type[BaseException]] = [
+        CheckpointError,
+        DataFormatError,
+        PretrainedError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+    ]
     plotting = sys.modules.get(f"{__package__.rpartition('.')[0]}.plotting")  # only a command that plotted
     if plotting is not None:
         types.append(plotting.MetricsError)
@@ -579,4 +584,3 @@ def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     args = parser.parse_args(argv)
     args.argv = argv
     return run_subcommand(args)
-

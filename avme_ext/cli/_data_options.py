@@ -41,8 +41,9 @@ def datasets_epilog() -> str:
     return "data sets (--dataset):\n" + describe_datasets()
 
 
-def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, given_only: bool = False,
-                     from_run: bool = False) -> None:
+def add_data_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, given_only: bool = False, from_run: bool = False
+) -> None:
     """Add ``--dataset``, ``--data-root``, ``--download`` and the options that shape the images.
 
     Args:
@@ -58,34 +59,74 @@ def add_data_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             return f" (default: the run's, else {value})"
         return f" (default: {value})" if given_only else ""
 
-    parser.add_argument("--dataset", metavar="NAME", choices=DATASETS, default=None if given_only else DATASETS[0],
-                        help="data set, one of the list below; binarized_mnist is vendored (no download)"
-                        + default(DATASETS[0]))
-    parser.add_argument("--data-root", metavar="DIR", default=None,
-                        help=DATA_ROOT_HELP)
-    parser.add_argument("--download", action="store_const", const=True, default=None if given_only else False,
-                        help="let torchvision fetch missing files into --data-root (needs a network)")
-    parser.add_argument("--binarize", choices=BINARIZE_MODES, default=None,
-                        help="grey images under --likelihood bernoulli: static (one draw, seeded by the training --seed), dynamic "
-                        "(a fresh draw for every batch: the IWAE paper's protocol), threshold (gray level > 0.5); "
-                        "colour images cannot be binarized (use --channels 1)"
-                        + default("dynamic; an mnist_<mode> name implies its mode"))
-    parser.add_argument("--image-size", metavar="N", type=positive_int, default=None,
-                        help="resize every image to N x N (bilinear, antialiased; not cropped)"
-                        + default("as stored; omniglot 28"))
-    parser.add_argument("--channels", type=int, choices=CHANNELS, default=None,
-                        help="1: grey (colour made grey as PIL's convert('L') does), 3: RGB"
-                        + default("as stored; an image folder is grey when every image is"))
-    parser.add_argument("--emnist-split", choices=EMNIST_SPLITS, default=None,
-                        help="emnist only: torchvision's EMNIST split" + default("balanced"))
-    parser.add_argument("--valid-fraction", metavar="F", type=_fraction, default=None,
-                        help="share of the training images held out (by --split-seed) for validation when the data "
-                        "set has no validation split; mnist keeps its last 10,000" + default(0.1))
-    parser.add_argument("--test-fraction", metavar="F", type=_fraction, default=None,
-                        help="share held out for testing when the data set has no test split (an image folder or npz "
-                        "file without splits)" + default(0.1))
-    parser.add_argument("--split-seed", metavar="N", type=nonnegative_int, default=None,
-                        help="seed of those held-out splits (the run's config records the split)" + default(0))
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        choices=DATASETS,
+        default=None if given_only else DATASETS[0],
+        help="data set, one of the list below; binarized_mnist is vendored (no download)" + default(DATASETS[0]),
+    )
+    parser.add_argument("--data-root", metavar="DIR", default=None, help=DATA_ROOT_HELP)
+    parser.add_argument(
+        "--download",
+        action="store_const",
+        const=True,
+        default=None if given_only else False,
+        help="let torchvision fetch missing files into --data-root (needs a network)",
+    )
+    parser.add_argument(
+        "--binarize",
+        choices=BINARIZE_MODES,
+        default=None,
+        help="grey images under --likelihood bernoulli: static (one draw, seeded by the training --seed), dynamic "
+        "(a fresh draw for every batch: the IWAE paper's protocol), threshold (gray level > 0.5); "
+        "colour images cannot be binarized (use --channels 1)"
+        + default("dynamic; an mnist_<mode> name implies its mode"),
+    )
+    parser.add_argument(
+        "--image-size",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="resize every image to N x N (bilinear, antialiased; not cropped)" + default("as stored; omniglot 28"),
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        choices=CHANNELS,
+        default=None,
+        help="1: grey (colour made grey as PIL's convert('L') does), 3: RGB"
+        + default("as stored; an image folder is grey when every image is"),
+    )
+    parser.add_argument(
+        "--emnist-split",
+        choices=EMNIST_SPLITS,
+        default=None,
+        help="emnist only: torchvision's EMNIST split" + default("balanced"),
+    )
+    parser.add_argument(
+        "--valid-fraction",
+        metavar="F",
+        type=_fraction,
+        default=None,
+        help="share of the training images held out (by --split-seed) for validation when the data "
+        "set has no validation split; mnist keeps its last 10,000" + default(0.1),
+    )
+    parser.add_argument(
+        "--test-fraction",
+        metavar="F",
+        type=_fraction,
+        default=None,
+        help="share held out for testing when the data set has no test split (an image folder or npz "
+        "file without splits)" + default(0.1),
+    )
+    parser.add_argument(
+        "--split-seed",
+        metavar="N",
+        type=nonnegative_int,
+        default=None,
+        help="seed of those held-out splits (the run's config records the split)" + default(0),
+    )
 
 
 def given_data_options(args: argparse.Namespace) -> dict[str, object]:

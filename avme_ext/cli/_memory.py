@@ -50,8 +50,10 @@ def _meminfo_available() -> int | None:
 
 def _cgroup_available() -> int | None:
     """What this process's memory cgroup still allows (v2, then v1), or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
-                                                                      "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
             usage = int(Path("/sys/fs/cgroup", usage_file).read_text().strip())
@@ -84,8 +86,9 @@ def available_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    known = [value for value in (_meminfo_available(), _cgroup_available(), _address_space_available())
-             if value is not None]
+    known = [
+        value for value in (_meminfo_available(), _cgroup_available(), _address_space_available()) if value is not None
+    ]
     return min(known) if known else None
 
 
@@ -106,8 +109,10 @@ def check_fits(needed: int, device: torch.device, what: str, advice: str) -> Non
 
     available = available_memory(device)
     if available is not None and needed > available:
-        raise CLIError(f"{what}: needs at least {format_bytes(needed)} of memory, {format_bytes(available)} "
-                       f"{'is' if available < 2 else 'are'} available on {device}; {advice}")
+        raise CLIError(
+            f"{what}: needs at least {format_bytes(needed)} of memory, {format_bytes(available)} "
+            f"{'is' if available < 2 else 'are'} available on {device}; {advice}"
+        )
 
 
 _CPU_ALLOCATION = re.compile(r"(DefaultCPUAllocator|alloc_cpu|can't allocate memory|not enough memory)")

@@ -47,6 +47,8 @@ def split_note(option: str, path: Path, total: int, per_file: int, unit: str, me
     """The one line that says a grid was split: what, into which files, and why."""
     files = math.ceil(total / per_file)
     paths = numbered_paths(path, files)
-    return (f"{option} {path}: {total} {unit} make a {megapixels:.0f}-megapixel image, more than image viewers open "
-            f"(Pillow's limit: {MAX_PNG_PIXELS / 1e6:.0f} megapixels); written as {files} files of at most "
-            f"{per_file} {unit}: {paths[0].name} ... {paths[-1].name}")
+    return (
+        f"{option} {path}: {total} {unit} make a {megapixels:.0f}-megapixel image, more than image viewers open "
+        f"(Pillow's limit: {MAX_PNG_PIXELS / 1e6:.0f} megapixels); written as {files} files of at most "
+        f"{per_file} {unit}: {paths[0].name} ... {paths[-1].name}"
+    )

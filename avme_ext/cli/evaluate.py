@@ -61,7 +61,8 @@ Images: --split of the data set the checkpoint's run was trained on, with the da
 recorded (the same held-out splits and binarization); data options given here override them, and
 images that differ from the run's record or that the model cannot take are refused."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme eval runs/mnist --num-images 100 --samples 100    # a quick look (seconds to minutes on a CPU)
   avme eval runs/mnist                                   # ELBO on the 10k test images
@@ -69,7 +70,11 @@ examples:
   avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
   torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000
 
-""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
+"""
+    + datasets_epilog()
+    + "\n\n"
+    + EXIT_STATUS_HELP
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,21 +88,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="data split")
     parser.add_argument(
-        "--samples", type=nonnegative_int, default=0, metavar="S",
+        "--samples",
+        type=nonnegative_int,
+        default=0,
+        metavar="S",
         help="IWAE trajectories per image (0: ELBO only; 5000 for reported numbers)",
     )
     parser.add_argument(
-        "--num-images", type=positive_int, default=None, metavar="N",
+        "--num-images",
+        type=positive_int,
+        default=None,
+        metavar="N",
         help="evaluate a random subset of N images, seeded by --seed (default: the whole split)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=100, help="images per chunk")
     parser.add_argument(
-        "--max-rows", type=positive_int, default=20000,
+        "--max-rows",
+        type=positive_int,
+        default=20000,
         help="IWAE trajectories evaluated at once (bounds memory for any S)",
     )
-    add_switch(parser, "--marginal", default=True,
-               help="conditional model with S > 0: also compute -log p(x) over all classes (C IWAE bounds "
-                    "per image)")
+    add_switch(
+        parser,
+        "--marginal",
+        default=True,
+        help="conditional model with S > 0: also compute -log p(x) over all classes (C IWAE bounds per image)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the summary and provenance here")
     add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
@@ -157,8 +173,9 @@ def _load_images(args: argparse.Namespace, model, source: ModelSource):
     return split
 
 
-def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, source: ModelSource,
-                         json_out: Path | None) -> int:
+def _evaluate_and_report(
+    args: argparse.Namespace, info, device: torch.device, source: ModelSource, json_out: Path | None
+) -> int:
     import torch
 
     from ..checkpoint import atomic_write_bytes
@@ -232,10 +249,17 @@ def _check_memory(args: argparse.Namespace, model, num_images: int, device: torc
     c = model.config
     rows = working_rows(num_images, args.samples, args.batch_size, args.max_rows)
     per_row = 3 * c.steps * c.latent_dim + 2 * c.data_dim  # noise, posterior means and variances; image, canvas
-    what = (f"--max-rows {args.max_rows} with --samples {args.samples}" if args.samples
-            else f"--batch-size {args.batch_size}")
-    check_fits(rows * per_row * FLOAT_BYTES, device, f"{what} ({rows} trajectories at once)",
-               "lower --max-rows (it bounds memory for any --samples)" if args.samples else "lower --batch-size")
+    what = (
+        f"--max-rows {args.max_rows} with --samples {args.samples}"
+        if args.samples
+        else f"--batch-size {args.batch_size}"
+    )
+    check_fits(
+        rows * per_row * FLOAT_BYTES,
+        device,
+        f"{what} ({rows} trajectories at once)",
+        "lower --max-rows (it bounds memory for any --samples)" if args.samples else "lower --batch-size",
+    )
 
 
 #: Above this estimate (seconds) ``avme eval`` suggests a smaller --num-images or a GPU.
@@ -247,8 +271,14 @@ def _announce_cost(args: argparse.Namespace, model, num_images: int, device: tor
     returns the :class:`PaceCheck` that compares it with the pace the evaluation then keeps."""
     from ..evaluation import estimate_cost
 
-    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows,
-                             batch_size=args.batch_size)
+    estimate = estimate_cost(
+        model,
+        num_images,
+        samples=args.samples,
+        marginal=args.marginal,
+        max_rows=args.max_rows,
+        batch_size=args.batch_size,
+    )
     seconds = estimate.seconds / world
     what = f"IWAE S={args.samples}" if args.samples else "ELBO"
     if args.samples and model.num_classes > 0 and args.marginal:
@@ -282,9 +312,17 @@ class PaceCheck:
         clock: seconds (monotonic), for tests.
     """
 
-    def __init__(self, estimate: float, *, advised: bool, advice: str, tolerance: float = 2.0,
-                 settle_seconds: float = 5.0, clock: Callable[[], float] = time.perf_counter,
-                 say: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        estimate: float,
+        *,
+        advised: bool,
+        advice: str,
+        tolerance: float = 2.0,
+        settle_seconds: float = 5.0,
+        clock: Callable[[], float] = time.perf_counter,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.estimate = estimate
         self.advised = advised
         self.advice = advice
@@ -303,9 +341,11 @@ class PaceCheck:
         if 1 / self.tolerance <= projected / self.estimate <= self.tolerance:
             return
         self.spoken = True
-        line = (f"avme eval: at the pace of the first {done} of {total}, about {format_duration(projected)} in all "
-                f"({format_duration(projected - elapsed)} more), not {format_duration(self.estimate)}: "
-                "the machine is " + ("busier" if projected > self.estimate else "less busy") + " than during the pilot")
+        line = (
+            f"avme eval: at the pace of the first {done} of {total}, about {format_duration(projected)} in all "
+            f"({format_duration(projected - elapsed)} more), not {format_duration(self.estimate)}: "
+            "the machine is " + ("busier" if projected > self.estimate else "less busy") + " than during the pilot"
+        )
         if projected > LONG_EVALUATION and not self.advised:
             line += self.advice
         self.say(line)
@@ -373,15 +413,25 @@ def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) 
         rows.append((f"  KL step {t}", fmt(value)))
     if "iwae_nll" in summary:
         what = "-log p(x|y)" if model.num_classes > 0 else "-log p(x)"
-        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}",
-                     fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"), "iwae_nll_bits_per_dim")))
+        rows.append(
+            (
+                f"IWAE bound {what}, S={summary['iwae_samples']}",
+                fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"), "iwae_nll_bits_per_dim"),
+            )
+        )
     if "nll_marginal" in summary:
-        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}",
-                     fmt(summary["nll_marginal"], None, "nll_marginal_bits_per_dim")))
+        rows.append(
+            (
+                f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}",
+                fmt(summary["nll_marginal"], None, "nll_marginal_bits_per_dim"),
+            )
+        )
     width = max(len(name) for name, _ in rows)
     likelihood = summary.get("likelihood", model.config.likelihood)
-    header = (f"{checkpoint} on {split_name}: {summary['num_images']} images, {likelihood} likelihood "
-              f"(nats per image, lower is better; bits/dim = nats / (D ln 2), D = {model.config.data_dim})")
+    header = (
+        f"{checkpoint} on {split_name}: {summary['num_images']} images, {likelihood} likelihood "
+        f"(nats per image, lower is better; bits/dim = nats / (D ln 2), D = {model.config.data_dim})"
+    )
     lines = [header, "-" * max(len(header), width + 12)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

@@ -22,12 +22,15 @@ and no optimizer or generator state. At the paper's sizes a float16 file is abou
 'avme sample FILE', 'avme eval FILE' and avme_ext.checkpoint.load_model(FILE) read it (the
 weights come back as float32), without pickle. The file is written atomically."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme export runs/mnist --out mnist-fp16.safetensors
   avme export runs/mnist/last.safetensors --out last-fp32.safetensors --dtype float32
 
-""" + EXIT_STATUS_HELP
+"""
+    + EXIT_STATUS_HELP
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,11 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=RawDefaultsFormatter,
     )
-    parser.add_argument("run", metavar="RUN",
-                        help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint")
+    parser.add_argument(
+        "run",
+        metavar="RUN",
+        help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint",
+    )
     parser.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES,
-                        help="dtype of the stored weights")
+    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES, help="dtype of the stored weights")
     parser.set_defaults(func=run)
 
 

@@ -14,12 +14,15 @@ directory: 'avme sample NAME', 'avme eval NAME'; in Python,
 avme_ext.pretrained.load_pretrained(NAME). Each file is checked against its SHA-256 before
 it is loaded."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme list-pretrained
   avme list-pretrained --json
 
-""" + EXIT_STATUS_HELP
+"""
+    + EXIT_STATUS_HELP
+)
 
 NONE_INSTALLED = "no pretrained models are installed in this version"
 
@@ -52,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     for model in models:
         print(f"{model.name:<{width}}  {model.description}")
         summary = model.results.get("summary", model.results)
-        numbers = [f"{key} {summary[key]:.2f}" for key in ("nelbo", "iwae_nll", "nll_marginal")
-                   if isinstance(summary.get(key), (int, float))]
+        numbers = [
+            f"{key} {summary[key]:.2f}"
+            for key in ("nelbo", "iwae_nll", "nll_marginal")
+            if isinstance(summary.get(key), (int, float))
+        ]
         if numbers:
             print(f"{'':<{width}}  {', '.join(numbers)} (nats)")
     return 0

@@ -21,12 +21,15 @@ Writes two PNGs into --out-dir (default: the run directory, or the metrics file'
                       validation record (--which last: the last one).
 Both plots are drawn before either file is written. Prints the path of every file written."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme plot runs/mnist
   avme plot runs/mnist/metrics.jsonl --out-dir figures/
 
-""" + EXIT_STATUS_HELP
+"""
+    + EXIT_STATUS_HELP
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=RawDefaultsFormatter,
     )
     parser.add_argument("run", metavar="RUN_DIR_OR_METRICS", help="a run directory or its metrics.jsonl file")
-    parser.add_argument("--out-dir", metavar="DIR", default=None,
-                        help="directory for the PNGs (default: beside metrics.jsonl)")
+    parser.add_argument(
+        "--out-dir", metavar="DIR", default=None, help="directory for the PNGs (default: beside metrics.jsonl)"
+    )
     parser.add_argument("--which", default="best", choices=("best", "last"), help="validation record for the KL plot")
     parser.set_defaults(func=run)
 
@@ -54,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(out_dir / name, "--out-dir")
     pngs = render_run_plots(metrics, which=args.which)
     if "kl_per_step.png" not in pngs:
-        print(f"avme plot: note: {metrics} has no validation record with kl_per_step; kl_per_step.png not written",
-              file=sys.stderr)
+        print(
+            f"avme plot: note: {metrics} has no validation record with kl_per_step; kl_per_step.png not written",
+            file=sys.stderr,
+        )
     for name, data in pngs.items():
         print(atomic_write_bytes(out_dir / name, data))
     return 0

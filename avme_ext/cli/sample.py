@@ -51,7 +51,8 @@ Everything is checked (model, data set, output names) and every image drawn befo
 is written; files are replaced atomically, so a failed or interrupted command leaves the old
 files as they were. Prints the path of every file written."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme sample runs/mnist --out samples.png                 # 8x8 grid of 64 samples
   avme sample runs/mnist --unroll --num 8 --out steps.png  # 8 strips of K steps
@@ -59,7 +60,11 @@ examples:
   avme sample runs/mnist --reconstruct 16 --seed 3
   avme sample runs/cifar --num 16 --out samples.png --gif drawing.gif   # grid and animation
 
-""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
+"""
+    + datasets_epilog()
+    + "\n\n"
+    + EXIT_STATUS_HELP
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,34 +77,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_checkpoint_argument(parser)
     parser.add_argument(
-        "--num", type=positive_int, default=None,
+        "--num",
+        type=positive_int,
+        default=None,
         help="samples from an unconditional model (default: 64; 8 with --unroll)",
     )
     parser.add_argument(
-        "--per-class", type=positive_int, default=None, metavar="N",
+        "--per-class",
+        type=positive_int,
+        default=None,
+        metavar="N",
         help="conditional model: N samples for every class, one row per class (default: 8; 1 with --unroll)",
     )
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
     parser.add_argument("--unroll", action="store_true", help="one strip per row showing sigmoid(s_t), t = 1..K")
-    parser.add_argument("--nrow", type=positive_int, default=None,
-                        help="tiles per row of a plain grid (default: about the square root of the number)")
+    parser.add_argument(
+        "--nrow",
+        type=positive_int,
+        default=None,
+        help="tiles per row of a plain grid (default: about the square root of the number)",
+    )
     parser.add_argument("--scale", type=positive_int, default=2, help="integer upscaling factor (nearest neighbour)")
     parser.add_argument("--invert", action="store_true", help="black digits on white (colours: their complements)")
-    parser.add_argument("--gif", default=None, metavar="FILE",
-                        help="also save the K drawing steps of the samples as an animated GIF")
     parser.add_argument(
-        "--reconstruct", type=nonnegative_int, default=0, metavar="N",
+        "--gif", default=None, metavar="FILE", help="also save the K drawing steps of the samples as an animated GIF"
+    )
+    parser.add_argument(
+        "--reconstruct",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
         help="also save N random images of --split above their reconstructions",
     )
     parser.add_argument(
-        "--recon-out", default=None, help="PNG for --reconstruct (default: <--out stem>_recon.png)",
+        "--recon-out",
+        default=None,
+        help="PNG for --reconstruct (default: <--out stem>_recon.png)",
     )
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="images for --reconstruct")
     add_seed_argument(parser)
     add_device_arguments(parser)
     add_data_arguments(parser, from_run=True)
-    parser.set_defaults(func=run, memory_advice="ask for fewer images (--num, --per-class, --reconstruct) or a smaller "
-                                                "--scale")
+    parser.set_defaults(
+        func=run, memory_advice="ask for fewer images (--num, --per-class, --reconstruct) or a smaller --scale"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,8 +213,10 @@ class _Pages:
             note = split_note(option, path, total, per_file, unit, pixels_of(total) / 1e6)
             print(f"avme sample: note: {note}", file=sys.stderr, flush=True)
         starts = range(0, total, per_file)
-        return [(part, encode_png(grid_of(start, min(start + per_file, total))))
-                for part, start in zip(numbered_paths(path, len(starts)), starts)]
+        return [
+            (part, encode_png(grid_of(start, min(start + per_file, total))))
+            for part, start in zip(numbered_paths(path, len(starts)), starts)
+        ]
 
     def plain(self, path: Path, probs, nrow: int | None) -> list[tuple[Path, bytes]]:
         """Samples (B, D), ``nrow`` per row (default: about square, in each file)."""
@@ -203,24 +226,37 @@ class _Pages:
             cols = min(nrow or math.ceil(math.sqrt(n)), n)
             return self._pixels(math.ceil(n / cols), cols)
 
-        return self._files(path, "--out", len(probs), "samples", pixels,
-                           lambda a, b: sample_grid(probs[a:b], nrow, **self.style))
+        return self._files(
+            path, "--out", len(probs), "samples", pixels, lambda a, b: sample_grid(probs[a:b], nrow, **self.style)
+        )
 
     def classes(self, path: Path, probs) -> list[tuple[Path, bytes]]:
         """Class samples (C, N, D), one row per class; a split cuts the columns."""
         from ..images import class_grid
 
         rows = probs.shape[0]
-        return self._files(path, "--out", probs.shape[1], "samples per class", lambda n: self._pixels(rows, n),
-                           lambda a, b: class_grid(probs[:, a:b], **self.style))
+        return self._files(
+            path,
+            "--out",
+            probs.shape[1],
+            "samples per class",
+            lambda n: self._pixels(rows, n),
+            lambda a, b: class_grid(probs[:, a:b], **self.style),
+        )
 
     def unrolled(self, path: Path, steps) -> list[tuple[Path, bytes]]:
         """Strips (K, B, D), one row per sample."""
         from ..images import unrolled_strips_grid
 
         k = steps.shape[0]
-        return self._files(path, "--out", steps.shape[1], "strips", lambda n: self._pixels(n, k),
-                           lambda a, b: unrolled_strips_grid(steps[:, a:b], **self.style))
+        return self._files(
+            path,
+            "--out",
+            steps.shape[1],
+            "strips",
+            lambda n: self._pixels(n, k),
+            lambda a, b: unrolled_strips_grid(steps[:, a:b], **self.style),
+        )
 
     def reconstructions(self, path: Path, x, recon) -> list[tuple[Path, bytes]]:
         """Images (B, D) above their reconstructions, 8 per row."""
@@ -230,8 +266,14 @@ class _Pages:
             cols = min(_RECON_PER_ROW, n)
             return self._pixels(2 * math.ceil(n / cols), cols)
 
-        return self._files(path, "--recon-out", len(x), "images", pixels,
-                           lambda a, b: reconstructions_grid(x[a:b], recon[a:b], _RECON_PER_ROW, **self.style))
+        return self._files(
+            path,
+            "--recon-out",
+            len(x),
+            "images",
+            pixels,
+            lambda a, b: reconstructions_grid(x[a:b], recon[a:b], _RECON_PER_ROW, **self.style),
+        )
 
 
 #: Images per row of the reconstructions grid.

@@ -94,7 +94,8 @@ train like one process with the same --batch-size (to float tolerance). Only ran
 Steps under torchrun run eagerly (--graph on is refused there).
 """
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   avme train --out runs/mnist                       # 50 epochs on binarized MNIST (vendored)
   avme train --out runs/quick --overwrite --epochs 1 --train-subset 2000 --valid-subset 500 \\
@@ -110,7 +111,11 @@ examples:
   torchrun --nnodes=2 --nproc_per_node=8 --max-restarts 3 --rdzv-backend=c10d \\
       --rdzv-endpoint=HOST:29500 -m avme_ext train --out /shared/runs/big --resume
 
-""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
+"""
+    + datasets_epilog()
+    + "\n\n"
+    + EXIT_STATUS_HELP
+)
 
 
 def _default(value: object) -> str:
@@ -121,95 +126,202 @@ def _default(value: object) -> str:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run directory")
-    run.add_argument("--out", metavar="DIR", default=None,
-                     help="run directory; an existing run is only continued with --resume or replaced with "
-                          "--overwrite " + _default("runs/NAME with --name, else a new runs/<timestamp>"))
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="run directory; an existing run is only continued with --resume or replaced with "
+        "--overwrite " + _default("runs/NAME with --name, else a new runs/<timestamp>"),
+    )
     run.add_argument("--name", default=None, help="name of the default run directory runs/NAME")
-    run.add_argument("--resume", action="store_true",
-                     help="continue DIR/last.safetensors exactly (a new run, with a notice, if there is none yet)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the run files (config, metrics, checkpoints, tensorboard) of an existing DIR")
-    run.add_argument("--checkpoint-every", type=nonnegative_int, metavar="N", default=None,
-                     help="also write DIR/last.safetensors every N optimizer steps, mid-epoch; 0: only at epoch "
-                          "ends " + _default(_T.checkpoint_every))
-    run.add_argument("--log-every", type=positive_int, metavar="N", default=None,
-                     help="write a 'train' record averaged over the last N steps (and at epoch end) "
-                          + _default(_T.log_every))
-    add_switch(run, "--tensorboard", default=None,
-               help="write TensorBoard events to DIR/tensorboard; --tensorboard fails if torch.utils.tensorboard "
-                    "cannot be imported " + _default("on when it can"))
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue DIR/last.safetensors exactly (a new run, with a notice, if there is none yet)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run files (config, metrics, checkpoints, tensorboard) of an existing DIR",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        metavar="N",
+        default=None,
+        help="also write DIR/last.safetensors every N optimizer steps, mid-epoch; 0: only at epoch "
+        "ends " + _default(_T.checkpoint_every),
+    )
+    run.add_argument(
+        "--log-every",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="write a 'train' record averaged over the last N steps (and at epoch end) " + _default(_T.log_every),
+    )
+    add_switch(
+        run,
+        "--tensorboard",
+        default=None,
+        help="write TensorBoard events to DIR/tensorboard; --tensorboard fails if torch.utils.tensorboard "
+        "cannot be imported " + _default("on when it can"),
+    )
     add_switch(run, "--progress", default=None, help="show a tqdm progress bar with the running loss " + _default("on"))
 
 
 def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=None, help="total epochs " + _default(_T.epochs))
-    optim.add_argument("--batch-size", type=positive_int, default=None,
-                       help="GLOBAL batch size, split across torchrun processes " + _default(_T.batch_size))
+    optim.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="GLOBAL batch size, split across torchrun processes " + _default(_T.batch_size),
+    )
     optim.add_argument("--lr", type=float, default=None, help="Adam learning rate " + _default(f"{_T.lr:g}"))
-    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                       help="learning rate of each step: constant (--lr throughout) or cosine (--lr for "
-                            "--lr-hold-epochs, then down to --lr-final along half a cosine over --lr-decay-epochs, "
-                            "then --lr-final) " + _default(_T.lr_schedule))
-    optim.add_argument("--lr-final", type=float, metavar="LR", default=None,
-                       help="cosine only: the rate at the end of the decay, in [0, --lr] " + _default("0"))
-    optim.add_argument("--lr-decay-epochs", type=positive_int, metavar="N", default=None,
-                       help="cosine only: epochs of the decay, fixed when the run starts (a resume with a larger "
-                            "--epochs keeps it) " + _default("--epochs of the first launch minus --lr-hold-epochs"))
-    optim.add_argument("--lr-hold-epochs", type=nonnegative_int, metavar="N", default=None,
-                       help="cosine only: epochs at --lr before the decay starts " + _default("0"))
-    optim.add_argument("--clip-grad", type=float, metavar="NORM", default=None,
-                       help="clip the global gradient norm to NORM; 0 disables " + _default(f"{_T.clip_grad:g}"))
-    optim.add_argument("--kl-warmup-steps", type=nonnegative_int, metavar="N", default=None,
-                       help="KL weight rises linearly from 0 to 1 over the first N steps; 0: always 1 "
-                            + _default(_T.kl_warmup_steps))
-    optim.add_argument("--seed", type=nonnegative_int, default=None,
-                       help="seed of the initialisation, data order, noise and subsets " + _default(_T.seed))
-    optim.add_argument("--patience", type=nonnegative_int, metavar="N", default=None,
-                       help="early stopping: end the run once N epochs have passed without a better validation "
-                            "negative ELBO (best.safetensors keeps the best epoch); 0: never " + _default(_T.patience))
-    optim.add_argument("--skip-nonfinite", action="store_const", const=True, default=None,
-                       help="skip (and count) updates with a non-finite loss or gradient instead of stopping")
+    optim.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="learning rate of each step: constant (--lr throughout) or cosine (--lr for "
+        "--lr-hold-epochs, then down to --lr-final along half a cosine over --lr-decay-epochs, "
+        "then --lr-final) " + _default(_T.lr_schedule),
+    )
+    optim.add_argument(
+        "--lr-final",
+        type=float,
+        metavar="LR",
+        default=None,
+        help="cosine only: the rate at the end of the decay, in [0, --lr] " + _default("0"),
+    )
+    optim.add_argument(
+        "--lr-decay-epochs",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="cosine only: epochs of the decay, fixed when the run starts (a resume with a larger "
+        "--epochs keeps it) " + _default("--epochs of the first launch minus --lr-hold-epochs"),
+    )
+    optim.add_argument(
+        "--lr-hold-epochs",
+        type=nonnegative_int,
+        metavar="N",
+        default=None,
+        help="cosine only: epochs at --lr before the decay starts " + _default("0"),
+    )
+    optim.add_argument(
+        "--clip-grad",
+        type=float,
+        metavar="NORM",
+        default=None,
+        help="clip the global gradient norm to NORM; 0 disables " + _default(f"{_T.clip_grad:g}"),
+    )
+    optim.add_argument(
+        "--kl-warmup-steps",
+        type=nonnegative_int,
+        metavar="N",
+        default=None,
+        help="KL weight rises linearly from 0 to 1 over the first N steps; 0: always 1 " + _default(_T.kl_warmup_steps),
+    )
+    optim.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=None,
+        help="seed of the initialisation, data order, noise and subsets " + _default(_T.seed),
+    )
+    optim.add_argument(
+        "--patience",
+        type=nonnegative_int,
+        metavar="N",
+        default=None,
+        help="early stopping: end the run once N epochs have passed without a better validation "
+        "negative ELBO (best.safetensors keeps the best epoch); 0: never " + _default(_T.patience),
+    )
+    optim.add_argument(
+        "--skip-nonfinite",
+        action="store_const",
+        const=True,
+        default=None,
+        help="skip (and count) updates with a non-finite loss or gradient instead of stopping",
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--num-classes", type=nonnegative_int, metavar="C", default=None,
-                       help="C > 0: conditional on labels 0..C-1; 0: unconditional " + _default(_M.num_classes))
-    model.add_argument("--conditional", dest="num_classes", action="store_const", const=CLASSES_FROM_DATA,
-                       help="conditional on the data set's labels: --num-classes set to its number of classes")
-    model.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
-                       help="p(x|z) of a pixel: bernoulli (0/1 pixels: binary or binarized grey images) or logistic "
-                            "(a discretized logistic on 8-bit grey or colour levels), both with mean sigmoid(s_K) "
-                            + _default(_M.likelihood))
-    for option, what, default in (("--enc-hidden", "encoder LSTM units", _M.enc_hidden),
-                                  ("--dec-hidden", "decoder LSTM units", _M.dec_hidden),
-                                  ("--latent-dim", "latent size per step", _M.latent_dim),
-                                  ("--steps", "drawing steps K", _M.steps)):
+    model.add_argument(
+        "--num-classes",
+        type=nonnegative_int,
+        metavar="C",
+        default=None,
+        help="C > 0: conditional on labels 0..C-1; 0: unconditional " + _default(_M.num_classes),
+    )
+    model.add_argument(
+        "--conditional",
+        dest="num_classes",
+        action="store_const",
+        const=CLASSES_FROM_DATA,
+        help="conditional on the data set's labels: --num-classes set to its number of classes",
+    )
+    model.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        default=None,
+        help="p(x|z) of a pixel: bernoulli (0/1 pixels: binary or binarized grey images) or logistic "
+        "(a discretized logistic on 8-bit grey or colour levels), both with mean sigmoid(s_K) "
+        + _default(_M.likelihood),
+    )
+    for option, what, default in (
+        ("--enc-hidden", "encoder LSTM units", _M.enc_hidden),
+        ("--dec-hidden", "decoder LSTM units", _M.dec_hidden),
+        ("--latent-dim", "latent size per step", _M.latent_dim),
+        ("--steps", "drawing steps K", _M.steps),
+    ):
         model.add_argument(option, type=positive_int, default=None, help=f"{what} " + _default(default))
-    model.add_argument("--encoder-input", choices=ENCODER_INPUTS, default=None,
-                       help="what the encoder reads besides x: the canvas (the paper's) or DRAW's error image "
-                            + _default(_M.encoder_input))
+    model.add_argument(
+        "--encoder-input",
+        choices=ENCODER_INPUTS,
+        default=None,
+        help="what the encoder reads besides x: the canvas (the paper's) or DRAW's error image "
+        + _default(_M.encoder_input),
+    )
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     add_data_arguments(data, given_only=True)
-    data.add_argument("--train-subset", type=positive_int, metavar="N", default=None,
-                      help="train on a random subset of N training images (quick runs) " + _default("all"))
-    data.add_argument("--valid-subset", type=nonnegative_int, metavar="N", default=None,
-                      help="validate on a random subset of N validation images; 0 disables validation "
-                           + _default("all"))
-    data.add_argument("--valid-batch-size", type=positive_int, metavar="N", default=None,
-                      help="images per validation chunk " + _default(_T.valid_batch_size))
+    data.add_argument(
+        "--train-subset",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="train on a random subset of N training images (quick runs) " + _default("all"),
+    )
+    data.add_argument(
+        "--valid-subset",
+        type=nonnegative_int,
+        metavar="N",
+        default=None,
+        help="validate on a random subset of N validation images; 0 disables validation " + _default("all"),
+    )
+    data.add_argument(
+        "--valid-batch-size",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="images per validation chunk " + _default(_T.valid_batch_size),
+    )
 
 
 def _add_hardware_options(parser: argparse.ArgumentParser) -> None:
     hw = parser.add_argument_group("hardware")
     add_device_arguments(hw, given_only=True)
-    hw.add_argument("--graph", choices=GRAPH_MODES, default=None,
-                    help="record the training step in CUDA graphs and replay it: auto (on CUDA in a single "
-                         "process), on (an error elsewhere), off " + _default(_T.graph))
+    hw.add_argument(
+        "--graph",
+        choices=GRAPH_MODES,
+        default=None,
+        help="record the training step in CUDA graphs and replay it: auto (on CUDA in a single "
+        "process), on (an error elsewhere), off " + _default(_T.graph),
+    )
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:

@@ -62,8 +62,21 @@ __all__ = [
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    **dict.fromkeys(("SPLITS", "DATASETS", "BINARIZE_MODES", "EMNIST_SPLITS", "CHANNELS", "LIKELIHOODS", "CATALOG",
-                     "describe_datasets", "dataset_info", "LEGACY_MNIST"), "catalog"),
+    **dict.fromkeys(
+        (
+            "SPLITS",
+            "DATASETS",
+            "BINARIZE_MODES",
+            "EMNIST_SPLITS",
+            "CHANNELS",
+            "LIKELIHOODS",
+            "CATALOG",
+            "describe_datasets",
+            "dataset_info",
+            "LEGACY_MNIST",
+        ),
+        "catalog",
+    ),
     **dict.fromkeys(("IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "MNIST_SHAPE", "ImageSplit"), "image_split"),
     **dict.fromkeys(("DataFormatError", "DataOptionError"), "errors"),
     "RawPart": "raw",

@@ -61,30 +61,63 @@ class DatasetInfo:
     torchvision: str | None = None
 
 
-CATALOG: dict[str, DatasetInfo] = {info.name: info for info in (
-    DatasetInfo("binarized_mnist", "the fixed binarization of MNIST, 50k/10k/10k (vendored; no download)",
-                "binary", 28),
-    DatasetInfo("binarized_mnist_amat", "the same, from Larochelle's binarized_mnist_{train,valid,test}.amat "
-                "(no labels)", "binary", 28),
-    *(DatasetInfo(name, f"mnist with --binarize {mode} (the name of earlier versions)", "grey", 28)
-      for name, mode in LEGACY_MNIST.items()),
-    DatasetInfo("mnist", "official MNIST IDX files, 8-bit grey; valid = the last 10k training images", "grey", 28),
-    DatasetInfo("fashion_mnist", "Fashion-MNIST (torchvision FashionMNIST), 28x28 grey, 10 classes", "grey", 28,
-                torchvision="FashionMNIST"),
-    DatasetInfo("kmnist", "Kuzushiji-MNIST (torchvision KMNIST), 28x28 grey, 10 classes", "grey", 28,
-                torchvision="KMNIST"),
-    DatasetInfo("emnist", "EMNIST (torchvision EMNIST), 28x28 grey, split by --emnist-split", "grey", 28,
-                torchvision="EMNIST"),
-    DatasetInfo("omniglot", "Omniglot (torchvision Omniglot): background = train, evaluation = test; no labels",
-                "grey", 105, default_size=28, torchvision="Omniglot"),
-    DatasetInfo("cifar10", "CIFAR-10 (torchvision CIFAR10), 32x32 colour, 10 classes", "colour", 32,
-                torchvision="CIFAR10"),
-    DatasetInfo("svhn", "SVHN (torchvision SVHN, needs scipy), 32x32 colour, 10 classes", "colour", 32,
-                torchvision="SVHN"),
-    DatasetInfo("imagefolder", "a folder of images in class subfolders (or train/, valid/, test/ of them)",
-                "files", torchvision="ImageFolder"),
-    DatasetInfo("npz", "an npz file of uint8 images and integer labels (see the README for its keys)", "files"),
-)}
+CATALOG: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "binarized_mnist", "the fixed binarization of MNIST, 50k/10k/10k (vendored; no download)", "binary", 28
+        ),
+        DatasetInfo(
+            "binarized_mnist_amat",
+            "the same, from Larochelle's binarized_mnist_{train,valid,test}.amat (no labels)",
+            "binary",
+            28,
+        ),
+        *(
+            DatasetInfo(name, f"mnist with --binarize {mode} (the name of earlier versions)", "grey", 28)
+            for name, mode in LEGACY_MNIST.items()
+        ),
+        DatasetInfo("mnist", "official MNIST IDX files, 8-bit grey; valid = the last 10k training images", "grey", 28),
+        DatasetInfo(
+            "fashion_mnist",
+            "Fashion-MNIST (torchvision FashionMNIST), 28x28 grey, 10 classes",
+            "grey",
+            28,
+            torchvision="FashionMNIST",
+        ),
+        DatasetInfo(
+            "kmnist", "Kuzushiji-MNIST (torchvision KMNIST), 28x28 grey, 10 classes", "grey", 28, torchvision="KMNIST"
+        ),
+        DatasetInfo(
+            "emnist",
+            "EMNIST (torchvision EMNIST), 28x28 grey, split by --emnist-split",
+            "grey",
+            28,
+            torchvision="EMNIST",
+        ),
+        DatasetInfo(
+            "omniglot",
+            "Omniglot (torchvision Omniglot): background = train, evaluation = test; no labels",
+            "grey",
+            105,
+            default_size=28,
+            torchvision="Omniglot",
+        ),
+        DatasetInfo(
+            "cifar10", "CIFAR-10 (torchvision CIFAR10), 32x32 colour, 10 classes", "colour", 32, torchvision="CIFAR10"
+        ),
+        DatasetInfo(
+            "svhn", "SVHN (torchvision SVHN, needs scipy), 32x32 colour, 10 classes", "colour", 32, torchvision="SVHN"
+        ),
+        DatasetInfo(
+            "imagefolder",
+            "a folder of images in class subfolders (or train/, valid/, test/ of them)",
+            "files",
+            torchvision="ImageFolder",
+        ),
+        DatasetInfo("npz", "an npz file of uint8 images and integer labels (see the README for its keys)", "files"),
+    )
+}
 
 if tuple(CATALOG) != DATASETS:  # pragma: no cover - a module that contradicts avme_ext.choices
     raise ImportError("avme_ext.data.catalog must describe every data set of avme_ext.choices.DATASETS, in its order")

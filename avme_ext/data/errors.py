@@ -25,8 +25,9 @@ def check_name(kind: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(map(str, choices))}")
 
 
-def missing_files_error(what: str, paths: Iterable[Path], note: str = "", *, downloadable: bool = True
-                        ) -> FileNotFoundError:
+def missing_files_error(
+    what: str, paths: Iterable[Path], note: str = "", *, downloadable: bool = True
+) -> FileNotFoundError:
     """A one-line :class:`FileNotFoundError` naming the files expected and what to do.
 
     Args:
@@ -41,10 +42,16 @@ def missing_files_error(what: str, paths: Iterable[Path], note: str = "", *, dow
     """
     listing = ", ".join(str(p) for p in paths)
     found = f"{what} not found: expected {listing}" + (f" ({note})" if note else "")
-    python = "pass download=True to fetch them, or root=DIR where they are" if downloadable else \
-        "pass root=DIR (the folder that holds them)"
-    cli = "pass --download to fetch them, or --data-root DIR where they are" if downloadable else \
-        "pass --data-root DIR (the folder that holds them)"
+    python = (
+        "pass download=True to fetch them, or root=DIR where they are"
+        if downloadable
+        else "pass root=DIR (the folder that holds them)"
+    )
+    cli = (
+        "pass --download to fetch them, or --data-root DIR where they are"
+        if downloadable
+        else "pass --data-root DIR (the folder that holds them)"
+    )
     error = FileNotFoundError(f"{found}; {python}")
     error.cli_hint = f"{found}; {cli}"  # type: ignore[attr-defined]  # what the command line says
     return error

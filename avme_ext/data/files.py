@@ -88,8 +88,12 @@ def _samples(folders: dict[str, Path]) -> tuple[dict[str, list[tuple[str, int]]]
     try:
         classes, class_to_idx = find_classes(str(base))
     except FileNotFoundError:
-        raise missing_files_error("image folder classes", [base / "<class>" / "<image>.png"],
-                                  "one subfolder of images per class", downloadable=False) from None
+        raise missing_files_error(
+            "image folder classes",
+            [base / "<class>" / "<image>.png"],
+            "one subfolder of images per class",
+            downloadable=False,
+        ) from None
     samples = {}
     for part, folder in folders.items():
         extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in class_to_idx)
@@ -97,8 +101,12 @@ def _samples(folders: dict[str, Path]) -> tuple[dict[str, list[tuple[str, int]]]
             raise DataFormatError(f"{folder}: class folders {extra} are not classes of {base} ({classes})")
         samples[part] = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples[part]:
-            raise missing_files_error(f"images of {folder}", [folder / "<class>" / "<image>.png"],
-                                      f"extensions {', '.join(IMG_EXTENSIONS)}", downloadable=False)
+            raise missing_files_error(
+                f"images of {folder}",
+                [folder / "<class>" / "<image>.png"],
+                f"extensions {', '.join(IMG_EXTENSIONS)}",
+                downloadable=False,
+            )
     return samples, classes
 
 
@@ -116,8 +124,10 @@ def _common_size(headers: list[tuple[str, tuple[int, int]]], paths: list[str]) -
     if len(sizes) > 1:
         (w0, h0), (w1, h1) = headers[0][1], next(s for _, s in headers if s != headers[0][1])
         other = paths[[s for _, s in headers].index((w1, h1))]
-        raise DataFormatError(f"images have different sizes ({paths[0]} is {w0}x{h0}, {other} is {w1}x{h1}); "
-                              "pass image_size (--image-size N) to resize them all to N x N")
+        raise DataFormatError(
+            f"images have different sizes ({paths[0]} is {w0}x{h0}, {other} is {w1}x{h1}); "
+            "pass image_size (--image-size N) to resize them all to N x N"
+        )
     width, height = sizes.pop()
     return height, width
 
@@ -131,8 +141,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         channels: 1 or 3 (None: 1 when every image is grey, else 3).
     """
     if not root.is_dir():
-        raise missing_files_error("image folder", [root], "a folder of <class>/<image> files",
-                                  downloadable=False)
+        raise missing_files_error("image folder", [root], "a folder of <class>/<image> files", downloadable=False)
     samples, classes = _samples(_part_folders(root))
     paths = [path for part in samples.values() for path, _ in part]
     headers = []
@@ -143,9 +152,14 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     if image_size is None:
         _common_size(headers, paths)
     mode = "L" if channels == 1 else "RGB"
-    parts = {part: RawPart(_load_images([p for p, _ in items], mode, image_size, part),
-                           torch.tensor([c for _, c in items], dtype=torch.int64), len(classes))
-             for part, items in samples.items()}
+    parts = {
+        part: RawPart(
+            _load_images([p for p, _ in items], mode, image_size, part),
+            torch.tensor([c for _, c in items], dtype=torch.int64),
+            len(classes),
+        )
+        for part, items in samples.items()
+    }
     digest = hashlib.sha256()
     for path, label in ((p, c) for part in samples.values() for p, c in part):
         digest.update(f"{Path(path).relative_to(root)}\t{label}\t{Path(path).stat().st_size}\n".encode())
@@ -168,17 +182,23 @@ def _load_images(paths: list[str], mode: str, image_size: int | None, part: str)
 
 
 # --------------------------------------------------------------------------- npz
-_NPZ_HELP = ("expected keys images (+ labels), or x_train (+ y_train) with optional x_valid/y_valid and "
-             "x_test/y_test; images uint8 (or bool) (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3")
+_NPZ_HELP = (
+    "expected keys images (+ labels), or x_train (+ y_train) with optional x_valid/y_valid and "
+    "x_test/y_test; images uint8 (or bool) (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3"
+)
 
 
 def _npz_images(array: np.ndarray, where: str) -> tuple[torch.Tensor, bool]:
     """``(N, C, H, W)`` uint8 images of an npz array and whether they are binary (bool)."""
     if array.dtype not in (np.uint8, np.bool_):
-        hint = " (scale floats in [0, 1] with numpy.round(x * 255).astype(numpy.uint8))" \
-            if np.issubdtype(array.dtype, np.floating) else ""
-        raise DataFormatError(f"{where}: images must be uint8 (8-bit levels) or bool (binary), got {array.dtype}"
-                              + hint)
+        hint = (
+            " (scale floats in [0, 1] with numpy.round(x * 255).astype(numpy.uint8))"
+            if np.issubdtype(array.dtype, np.floating)
+            else ""
+        )
+        raise DataFormatError(
+            f"{where}: images must be uint8 (8-bit levels) or bool (binary), got {array.dtype}" + hint
+        )
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4 and array.shape[-1] in (1, 3):
@@ -229,9 +249,10 @@ def read_npz(path: Path) -> SourceFiles:
     shapes = {tuple(t.shape[1:]) for t, _, _ in loaded.values()}
     kinds = {b for _, b, _ in loaded.values()}
     if len(shapes) > 1 or len(kinds) > 1:
-        raise DataFormatError(f"{path}: every part must hold images of one shape and dtype, got "
-                              + ", ".join(f"{keys[p][0]} {tuple(t.shape)} {'bool' if b else 'uint8'}"
-                                          for p, (t, b, _) in loaded.items()))
+        raise DataFormatError(
+            f"{path}: every part must hold images of one shape and dtype, got "
+            + ", ".join(f"{keys[p][0]} {tuple(t.shape)} {'bool' if b else 'uint8'}" for p, (t, b, _) in loaded.items())
+        )
     num_classes = max((int(y.max()) + 1 for _, _, y in loaded.values() if y.numel() and y.min() >= 0), default=0)
     parts = {part: RawPart(t, y, num_classes, b) for part, (t, b, y) in loaded.items()}
     digest = hashlib.sha256()
@@ -239,4 +260,3 @@ def read_npz(path: Path) -> SourceFiles:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return SourceFiles(parts, "sha256:" + digest.hexdigest())
-

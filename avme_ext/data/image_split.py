@@ -50,11 +50,14 @@ class ImageSplit:
         dim = math.prod(self.image_shape)
         n = self.images.shape[0] if self.images.dim() == 2 else -1
         if len(self.image_shape) != 3 or self.images.dim() != 2 or self.images.shape[1] != dim:
-            raise ValueError(f"{self.name}: images must be (N, {dim}) for image_shape {self.image_shape}, "
-                             f"got {tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.name}: images must be (N, {dim}) for image_shape {self.image_shape}, "
+                f"got {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (n,) or self.labels.dtype != torch.int64:
-            raise ValueError(f"{self.name}: labels must be ({n},) int64, got "
-                             f"{tuple(self.labels.shape)} {self.labels.dtype}")
+            raise ValueError(
+                f"{self.name}: labels must be ({n},) int64, got {tuple(self.labels.shape)} {self.labels.dtype}"
+            )
         if self.binarized and self.levels:
             raise ValueError(f"{self.name}: images are either binarized (0/1) or 8-bit levels, not both")
         if (self.binarized or self.levels) and self.images.dtype != torch.uint8:
@@ -109,8 +112,10 @@ class ImageSplit:
         x = self.images[index]
         if self.dynamic:
             if generator is None:
-                raise ValueError(f"{self.name}: gray-level images are binarized per batch (dynamic "
-                                 "binarization); pass a torch.Generator as `generator`")
+                raise ValueError(
+                    f"{self.name}: gray-level images are binarized per batch (dynamic "
+                    "binarization); pass a torch.Generator as `generator`"
+                )
             x = torch.bernoulli(x.to(generator.device, torch.float32), generator=generator)
         elif self.levels:
             return x.to(device=device, dtype=dtype) / 255, self.labels[index].to(device)

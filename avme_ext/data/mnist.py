@@ -86,8 +86,9 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         raise DataFormatError(f"{where}: expected ({n},) integer labels, got {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise DataFormatError(f"{where}: labels must be in [0, {NUM_CLASSES}), "
-                              f"got range [{labels.min()}, {labels.max()}]")
+        raise DataFormatError(
+            f"{where}: labels must be in [0, {NUM_CLASSES}), got range [{labels.min()}, {labels.max()}]"
+        )
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -122,8 +123,9 @@ def load_binarized_mnist(split: str = "train", path: PathLike | None = None) -> 
     except DataFormatError:
         raise
     except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataFormatError(f"{path}: corrupt or truncated npz file ({type(exc).__name__}: {exc}); "
-                              f"{expected}") from exc
+        raise DataFormatError(
+            f"{path}: corrupt or truncated npz file ({type(exc).__name__}: {exc}); {expected}"
+        ) from exc
     where = f"{path}[{xkey}]"
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] not in (NUM_PIXELS // 8, NUM_PIXELS):
         raise DataFormatError(f"{where}: got {x.shape} {x.dtype}; {expected}")
@@ -227,8 +229,10 @@ def read_idx(path: PathLike, magic: int) -> np.ndarray:
         raise DataFormatError(f"{path}: truncated IDX header ({len(raw)} bytes)")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     if len(raw) != header + int(np.prod(dims, dtype=np.int64)):
-        raise DataFormatError(f"{path}: truncated or oversized IDX file: header says shape {dims}, "
-                              f"file has {len(raw) - header} data bytes")
+        raise DataFormatError(
+            f"{path}: truncated or oversized IDX file: header says shape {dims}, "
+            f"file has {len(raw) - header} data bytes"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -264,8 +268,10 @@ def read_mnist_part(part: str, root: PathLike, download: bool = False) -> tuple[
         if not download:
             names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
             raise missing_files_error(
-                f"MNIST {part} IDX files", [d / n for d in (root, root / "MNIST" / "raw") for n in names],
-                "both files in one of the two folders; uncompressed files without .gz also work")
+                f"MNIST {part} IDX files",
+                [d / n for d in (root, root / "MNIST" / "raw") for n in names],
+                "both files in one of the two folders; uncompressed files without .gz also work",
+            )
         download_mnist(root)
         paths = mnist_idx_paths(root, prefix)
         if paths is None:

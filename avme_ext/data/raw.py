@@ -27,11 +27,13 @@ class RawPart:
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.uint8 or self.images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be (N, 1 or 3, H, W) uint8, got {tuple(self.images.shape)} "
-                             f"{self.images.dtype}")
+            raise ValueError(
+                f"images must be (N, 1 or 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}"
+            )
         if self.labels.shape != self.images.shape[:1] or self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be ({self.images.shape[0]},) int64, got {tuple(self.labels.shape)} "
-                             f"{self.labels.dtype}")
+            raise ValueError(
+                f"labels must be ({self.images.shape[0]},) int64, got {tuple(self.labels.shape)} {self.labels.dtype}"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]

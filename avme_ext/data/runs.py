@@ -22,8 +22,9 @@ __all__ = ["load_run_split", "run_data_spec"]
 _PER_MACHINE = ("download",)
 
 
-def run_data_spec(saved: dict[str, Any] | None, given: dict[str, Any], *, likelihood: str,
-                  seed: int = 0) -> tuple[DataSpec, bool]:
+def run_data_spec(
+    saved: dict[str, Any] | None, given: dict[str, Any], *, likelihood: str, seed: int = 0
+) -> tuple[DataSpec, bool]:
     """The data options for a run's model: its saved ones (when ``given`` names no other data set),
     then those ``given``.
 
@@ -83,5 +84,6 @@ def load_run_split(
         raise DataOptionError(
             f"{images.name} has images of shape {images.image_shape}, but the model takes "
             f"{model_config.resolved_image_shape}; give the data options it was trained with "
-            "(--dataset, --image-size, --channels)")
+            "(--dataset, --image-size, --channels)"
+        )
     return images

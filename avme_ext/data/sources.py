@@ -38,6 +38,7 @@ __all__ = ["DataSource", "check_pixels_for", "load_split"]
 
 PathLike = str | os.PathLike
 
+
 def check_pixels_for(split: ImageSplit, likelihood: str) -> None:
     """Refuse a split whose pixels the likelihood does not model: ``bernoulli`` takes 0/1 pixels (binary or
     binarized per batch), ``logistic`` 8-bit levels ``k / 255`` (0/1 pixels are the levels 0 and 255).
@@ -50,8 +51,12 @@ def check_pixels_for(split: ImageSplit, likelihood: str) -> None:
     if split.pixels not in wanted:
         raise DataOptionError(
             f"{split.name} gives {split.pixels} pixels, but a model with the {likelihood} likelihood needs "
-            + ("8-bit levels (drop --binarize)" if likelihood == "logistic" else
-               "0/1 pixels (a --binarize mode, or a data set of binary images)"))
+            + (
+                "8-bit levels (drop --binarize)"
+                if likelihood == "logistic"
+                else "0/1 pixels (a --binarize mode, or a data set of binary images)"
+            )
+        )
 
 
 class DataSource:
@@ -127,8 +132,14 @@ class DataSource:
         base = "all" if "all" in parts else "train"
         whole = split in parts and (split != base or {"valid", "test"} <= parts)
         size = None if whole else len(self._prepared(base)[0])
-        return split_rows(split, parts, size, valid_fraction=spec.valid_fraction, test_fraction=spec.test_fraction,
-                          seed=spec.split_seed)
+        return split_rows(
+            split,
+            parts,
+            size,
+            valid_fraction=spec.valid_fraction,
+            test_fraction=spec.test_fraction,
+            seed=spec.split_seed,
+        )
 
     # ----------------------------------------------------------------- splits
     def split(self, split: str) -> ImageSplit:
@@ -173,8 +184,11 @@ class DataSource:
             "image_shape": list(first.image_shape),
             "num_classes": first.num_classes,
             "split_seed": self.spec.split_seed,
-            "splits": {name: {"size": self._size(name), "rule": self._rule(name)} for name in SPLITS
-                       if name in self._loaded or self.spec.dataset in FILE_SETS},
+            "splits": {
+                name: {"size": self._size(name), "rule": self._rule(name)}
+                for name in SPLITS
+                if name in self._loaded or self.spec.dataset in FILE_SETS
+            },
         }
         if self.spec.dataset in FILE_SETS:
             record["fingerprint"] = self._files.fingerprint
@@ -199,7 +213,11 @@ class DataSource:
         """
         current = self.split(split)
         differences = []
-        if saved.get("fingerprint") and self.spec.dataset in FILE_SETS and saved["fingerprint"] != self._files.fingerprint:
+        if (
+            saved.get("fingerprint")
+            and self.spec.dataset in FILE_SETS
+            and saved["fingerprint"] != self._files.fingerprint
+        ):
             differences.append(f"the files changed (fingerprint {self._files.fingerprint} vs {saved['fingerprint']})")
         if "image_shape" in saved and tuple(saved["image_shape"]) != current.image_shape:
             differences.append(f"image shape {current.image_shape} vs {tuple(saved['image_shape'])}")
@@ -209,8 +227,9 @@ class DataSource:
         if size is not None and size != len(current):
             differences.append(f"{size} {split} images when trained, {len(current)} now")
         if differences:
-            raise DataFormatError(f"{current.name} differs from the data the run was trained on: "
-                                  + "; ".join(differences))
+            raise DataFormatError(
+                f"{current.name} differs from the data the run was trained on: " + "; ".join(differences)
+            )
 
 
 def load_split(
@@ -237,6 +256,7 @@ def load_split(
             Without ``binarize`` or ``likelihood`` a grey or colour data set gives its 8-bit levels.
     """
     check_name("split", split, SPLITS)
-    spec = DataSpec(dataset=dataset, data_root=None if root is None else str(root), download=download, seed=seed,
-                    **options)
+    spec = DataSpec(
+        dataset=dataset, data_root=None if root is None else str(root), download=download, seed=seed, **options
+    )
     return spec.open().split(split)

@@ -117,14 +117,17 @@ class DataSpec(DataOptions):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise DataOptionError(f"{_option(name)} must be an integer >= 0, got {value!r}")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                                            or self.image_size < 1):
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
+        ):
             raise DataOptionError(f"{_option('image_size')} must be an integer >= 1, got {self.image_size!r}")
         check_fraction("valid_fraction", self.valid_fraction)
         check_fraction("test_fraction", self.test_fraction)
         if self.valid_fraction + self.test_fraction >= 1:
-            raise DataOptionError(f"{_option('valid_fraction')} + {_option('test_fraction')} must be < 1, got "
-                                  f"{self.valid_fraction:g} + {self.test_fraction:g}")
+            raise DataOptionError(
+                f"{_option('valid_fraction')} + {_option('test_fraction')} must be < 1, got "
+                f"{self.valid_fraction:g} + {self.test_fraction:g}"
+            )
         self._check_fit()
 
     def _check_fit(self) -> None:
@@ -133,13 +136,17 @@ class DataSpec(DataOptions):
         if self.dataset in BINARY_SETS:
             given = [_option(n) for n in ("binarize", "image_size", "channels") if getattr(self, n) is not None]
             if given:
-                raise DataOptionError(f"{self.dataset} holds images binarized once and for all (28x28, 0/1); "
-                                      f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it (use --dataset mnist)")
+                raise DataOptionError(
+                    f"{self.dataset} holds images binarized once and for all (28x28, 0/1); "
+                    f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it (use --dataset mnist)"
+                )
         implied = LEGACY_MNIST.get(self.dataset)
         if implied and self.binarize not in (None, implied):
-            raise DataOptionError(f"--dataset {self.dataset} is mnist binarized '{implied}'; it cannot take "
-                                  f"{_option('binarize')} {self.binarize} (use --dataset mnist --binarize "
-                                  f"{self.binarize})")
+            raise DataOptionError(
+                f"--dataset {self.dataset} is mnist binarized '{implied}'; it cannot take "
+                f"{_option('binarize')} {self.binarize} (use --dataset mnist --binarize "
+                f"{self.binarize})"
+            )
         if self.emnist_split != "balanced" and self.dataset != "emnist":
             raise DataOptionError(f"{_option('emnist_split')} only applies to --dataset emnist")
 
@@ -156,9 +163,11 @@ class DataSpec(DataOptions):
         if self.dataset == "binarized_mnist":
             return None
         if self.dataset in FILE_SETS:
-            raise DataOptionError(f"--dataset {self.dataset} needs data_root (--data-root "
-                                  f"{'DIR' if self.dataset == 'imagefolder' else 'FILE.npz'}): the "
-                                  f"{'folder of images' if self.dataset == 'imagefolder' else 'npz file'} to read")
+            raise DataOptionError(
+                f"--dataset {self.dataset} needs data_root (--data-root "
+                f"{'DIR' if self.dataset == 'imagefolder' else 'FILE.npz'}): the "
+                f"{'folder of images' if self.dataset == 'imagefolder' else 'npz file'} to read"
+            )
         return default_data_root()
 
     @classmethod
@@ -193,13 +202,17 @@ def pixel_kind(spec: DataSpec, binary: bool, channels: int, name: str) -> str:
         return "binary"
     if spec.likelihood == "logistic":
         if mode is not None:
-            raise DataOptionError(f"{_option('binarize')} {mode} is for --likelihood bernoulli; the logistic "
-                                  f"likelihood takes the 8-bit levels of {name} (drop --binarize"
-                                  + (", and use --dataset mnist)" if spec.dataset in LEGACY_MNIST else ")"))
+            raise DataOptionError(
+                f"{_option('binarize')} {mode} is for --likelihood bernoulli; the logistic "
+                f"likelihood takes the 8-bit levels of {name} (drop --binarize"
+                + (", and use --dataset mnist)" if spec.dataset in LEGACY_MNIST else ")")
+            )
         return "levels"
     if channels != 1 and (spec.likelihood == "bernoulli" or mode is not None):
-        raise DataOptionError(f"{name} has colour images; the Bernoulli likelihood takes 0/1 pixels of grey "
-                              "images: use --likelihood logistic, or --channels 1 to make them grey")
+        raise DataOptionError(
+            f"{name} has colour images; the Bernoulli likelihood takes 0/1 pixels of grey "
+            "images: use --likelihood logistic, or --channels 1 to make them grey"
+        )
     if spec.likelihood == "bernoulli":
         return mode or "dynamic"
     return mode or "levels"

@@ -47,8 +47,9 @@ def _count(fraction: float, n: int) -> int:
     return math.floor(fraction * n + 0.5)
 
 
-def describe_rule(split: str, parts: frozenset[str] | set[str], size: int, valid_fraction: float,
-                  test_fraction: float, seed: int) -> str:
+def describe_rule(
+    split: str, parts: frozenset[str] | set[str], size: int, valid_fraction: float, test_fraction: float, seed: int
+) -> str:
     """The rule of :func:`split_rows` in words (``size``: the size of the part the split comes from)."""
     base = "all" if "all" in parts else "train"
     carved = [s for s in ("test", "valid") if s not in parts]
@@ -67,8 +68,15 @@ def describe_rule(split: str, parts: frozenset[str] | set[str], size: int, valid
     return f"{where} of {perm}, in file order"
 
 
-def split_rows(split: str, parts: frozenset[str] | set[str], size: int | None, *, valid_fraction: float,
-               test_fraction: float, seed: int) -> SplitRows:
+def split_rows(
+    split: str,
+    parts: frozenset[str] | set[str],
+    size: int | None,
+    *,
+    valid_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> SplitRows:
     """The rows of ``split`` (see the module docstring).
 
     Args:
@@ -97,8 +105,9 @@ def split_rows(split: str, parts: frozenset[str] | set[str], size: int | None, *
     if empty:
         raise DataOptionError(
             f"the {base} part has {size} images: too few to hold out {' and '.join(carved)} "
-            f"(valid_fraction {valid_fraction:g}, test_fraction {test_fraction:g} leave {', '.join(empty)} empty)")
+            f"(valid_fraction {valid_fraction:g}, test_fraction {test_fraction:g} leave {', '.join(empty)} empty)"
+        )
     perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     start = {"test": 0, "valid": n_test, "train": n_test + n_valid}[split]
-    rows = perm[start:start + counts[split]].sort().values
+    rows = perm[start : start + counts[split]].sort().values
     return SplitRows(base, rows, describe_rule(split, parts, size, valid_fraction, test_fraction, seed))

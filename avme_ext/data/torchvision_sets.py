@@ -62,8 +62,10 @@ def _open(what: str, expected: list[Path], download: bool, make: Callable[[], An
         if download and missing:
             raise OSError(f"could not fetch the {what} into {missing[0].parent}: {error}") from None
         names = ", ".join(str(p) for p in expected)
-        raise DataFormatError(f"{what} ({names}) cannot be read by torchvision: {error}. A file is corrupt, "
-                              "truncated or not the official one; delete it and download it again") from None
+        raise DataFormatError(
+            f"{what} ({names}) cannot be read by torchvision: {error}. A file is corrupt, "
+            "truncated or not the official one; delete it and download it again"
+        ) from None
 
 
 def _mnist_like(name: str) -> Callable[[Path, str, bool], RawPart]:
@@ -71,10 +73,14 @@ def _mnist_like(name: str) -> Callable[[Path, str, bool], RawPart]:
 
     def read(root: Path, part: str, download: bool) -> RawPart:
         expected = [root / folder / "raw" / n for n in idx_file_names(("train", "t10k"))]
-        dataset = _open(f"{title} files", expected, download,
-                        lambda: getattr(_datasets(), folder)(root, train=part == "train", download=download),
-                        "uncompressed, as torchvision unpacks them; with the official .gz files beside them, "
-                        "download unpacks them without a network")
+        dataset = _open(
+            f"{title} files",
+            expected,
+            download,
+            lambda: getattr(_datasets(), folder)(root, train=part == "train", download=download),
+            "uncompressed, as torchvision unpacks them; with the official .gz files beside them, "
+            "download unpacks them without a network",
+        )
         return RawPart(dataset.data.unsqueeze(1).contiguous(), dataset.targets.long(), len(dataset.classes))
 
     return read
@@ -84,9 +90,13 @@ def read_emnist(root: Path, part: str, download: bool, split: str) -> RawPart:
     """EMNIST ``split`` (``torchvision.datasets.EMNIST``), images turned upright (the files store them transposed)."""
     prefix = f"emnist-{split}-{'train' if part == 'train' else 'test'}"
     expected = [root / "EMNIST" / "raw" / n for n in idx_file_names((prefix,))]
-    dataset = _open(f"EMNIST {split} {part} files", expected, download,
-                    lambda: _datasets().EMNIST(root, split=split, train=part == "train", download=download),
-                    "uncompressed, as torchvision unpacks them")
+    dataset = _open(
+        f"EMNIST {split} {part} files",
+        expected,
+        download,
+        lambda: _datasets().EMNIST(root, split=split, train=part == "train", download=download),
+        "uncompressed, as torchvision unpacks them",
+    )
     images = dataset.data.transpose(1, 2).unsqueeze(1).contiguous()
     return RawPart(images, dataset.targets.long(), len(dataset.classes))
 
@@ -98,9 +108,13 @@ def read_omniglot(root: Path, part: str, download: bool) -> RawPart:
 
     folder = "images_background" if part == "train" else "images_evaluation"
     base = root / "omniglot-py"
-    dataset = _open(f"Omniglot {folder} files", [base / f"{folder}.zip", base / folder], download,
-                    lambda: _datasets().Omniglot(root, background=part == "train", download=download),
-                    "torchvision checks the zip file and reads the unzipped folder")
+    dataset = _open(
+        f"Omniglot {folder} files",
+        [base / f"{folder}.zip", base / folder],
+        download,
+        lambda: _datasets().Omniglot(root, background=part == "train", download=download),
+        "torchvision checks the zip file and reads the unzipped folder",
+    )
     paths = sorted(Path(dataset.target_folder).glob("*/*/*.png"))
     if not paths:
         raise DataFormatError(f"{dataset.target_folder}: no <alphabet>/<character>/*.png images")
@@ -123,9 +137,13 @@ def read_cifar10(root: Path, part: str, download: bool) -> RawPart:
     """CIFAR-10 (``torchvision.datasets.CIFAR10``, which checks every batch file's md5)."""
     base = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-    dataset = _open("CIFAR-10 files", [base / n for n in names], download,
-                    lambda: _datasets().CIFAR10(root, train=part == "train", download=download),
-                    "the python version, cifar-10-python.tar.gz unpacked")
+    dataset = _open(
+        "CIFAR-10 files",
+        [base / n for n in names],
+        download,
+        lambda: _datasets().CIFAR10(root, train=part == "train", download=download),
+        "the python version, cifar-10-python.tar.gz unpacked",
+    )
     images = torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2)))
     return RawPart(images, torch.tensor(dataset.targets, dtype=torch.int64), len(dataset.classes))
 
@@ -138,14 +156,18 @@ def read_svhn(root: Path, part: str, download: bool) -> RawPart:
     if importlib.util.find_spec("scipy") is None:
         from .errors import DataOptionError
 
-        raise DataOptionError("svhn: torchvision reads SVHN's .mat files with scipy, which is not installed; "
-                              "pip install scipy (or: pip install 'avme[svhn]')")
+        raise DataOptionError(
+            "svhn: torchvision reads SVHN's .mat files with scipy, which is not installed; "
+            "pip install scipy (or: pip install 'avme[svhn]')"
+        )
     name = f"{part}_32x32.mat"
     folder = root if (root / name).is_file() else root / "SVHN"
-    dataset = _open(f"SVHN {part} file", [folder / name], download,
-                    lambda: _datasets().SVHN(folder, split=part, download=download))
-    return RawPart(torch.from_numpy(np.ascontiguousarray(dataset.data)), torch.from_numpy(dataset.labels.astype(np.int64)),
-                   10)
+    dataset = _open(
+        f"SVHN {part} file", [folder / name], download, lambda: _datasets().SVHN(folder, split=part, download=download)
+    )
+    return RawPart(
+        torch.from_numpy(np.ascontiguousarray(dataset.data)), torch.from_numpy(dataset.labels.astype(np.int64)), 10
+    )
 
 
 #: data set name -> reader of one official part (``root``, ``"train"`` or ``"test"``, ``download``).

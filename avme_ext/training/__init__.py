@@ -71,16 +71,18 @@ from typing import TYPE_CHECKING, Any
 #: ``avme_ext.training.config`` (no torch) is importable alone: the ``avme train`` parser reads it.
 _EXPORTS = {
     **dict.fromkeys(("build_model", "build_setup", "make_adam", "make_step", "restore_training_state"), "builders"),
-    **dict.fromkeys(("GRAPH_MODES", "LR_SCHEDULES", "MODEL_FIELDS", "CLASSES_FROM_DATA", "TrainConfig",
-                     "resolve_configs"), "config"),
+    **dict.fromkeys(
+        ("GRAPH_MODES", "LR_SCHEDULES", "MODEL_FIELDS", "CLASSES_FROM_DATA", "TrainConfig", "resolve_configs"), "config"
+    ),
     "CostEstimate": "cost",
     "train": "entry",
     **dict.fromkeys(("NonFiniteError", "OptionError", "RunDirError", "TrainError"), "errors"),
     **dict.fromkeys(("MetricsLog", "tensorboard_available"), "metrics"),
     **dict.fromkeys(("RUN_FILES", "RunDirPlan", "clear_run_files", "plan_run_dir"), "run_dir"),
     "RunLock": "run_lock",
-    **dict.fromkeys(("batches_per_epoch", "epoch_permutation", "kl_weight_at", "learning_rate_at", "step_noise"),
-                    "schedule"),
+    **dict.fromkeys(
+        ("batches_per_epoch", "epoch_permutation", "kl_weight_at", "learning_rate_at", "step_noise"), "schedule"
+    ),
     "StopFlag": "signals",
     **dict.fromkeys(("TrainingData", "load_training_data"), "splits"),
     "TrainState": "state",

@@ -50,8 +50,9 @@ def build_model(model_cfg: AVMEConfig, cfg: TrainConfig, device: torch.device) -
 def _store_portable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """state_dict post-hook: the saved groups say ``capturable: false`` whatever this launch uses,
     and hold the learning rate as a float (a graphed step keeps it in a device tensor)."""
-    state_dict["param_groups"] = [{**group, "capturable": False, "lr": float(group["lr"])}
-                                  for group in state_dict["param_groups"]]
+    state_dict["param_groups"] = [
+        {**group, "capturable": False, "lr": float(group["lr"])} for group in state_dict["param_groups"]
+    ]
     return state_dict
 
 
@@ -60,7 +61,7 @@ def _adopt_own_capturable(optimizer: torch.optim.Optimizer, state_dict: dict[str
     (The learning rate loaded is the saved one; the trainer sets each step's rate from the schedule.)"""
     own = [group.get("capturable", False) for group in optimizer.param_groups]
     groups = [{**group, "capturable": flag} for group, flag in zip(state_dict["param_groups"], own)]
-    return {**state_dict, "param_groups": groups + list(state_dict["param_groups"][len(own):])}
+    return {**state_dict, "param_groups": groups + list(state_dict["param_groups"][len(own) :])}
 
 
 def make_adam(parameters: Iterable[nn.Parameter], lr: float, *, capturable: bool = False) -> torch.optim.Adam:
@@ -82,8 +83,9 @@ def restore_training_state(model: AVME, optimizer: torch.optim.Optimizer, checkp
         CheckpointError: it has no optimizer state, or its tensors do not fit.
     """
     if checkpoint.config != model.config:
-        raise TrainError(f"{path} holds a model of another configuration: it is {checkpoint.config}, "
-                         f"this run is {model.config}")
+        raise TrainError(
+            f"{path} holds a model of another configuration: it is {checkpoint.config}, this run is {model.config}"
+        )
     if checkpoint.optimizer_state is None:
         raise CheckpointError(f"{path} has no optimizer state; it cannot be resumed (it can be evaluated)")
     try:
@@ -93,8 +95,15 @@ def restore_training_state(model: AVME, optimizer: torch.optim.Optimizer, checkp
         raise CheckpointError(f"{path}: cannot restore the training state ({error})") from None
 
 
-def make_step(model: AVME, cfg: TrainConfig, info: DistInfo, device: torch.device, *, graphed: bool,
-              checkpoint: tuple[Checkpoint, Path] | None = None) -> TrainStep:
+def make_step(
+    model: AVME,
+    cfg: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    graphed: bool,
+    checkpoint: tuple[Checkpoint, Path] | None = None,
+) -> TrainStep:
     """Adam (restored from ``checkpoint`` when given) and the step that runs it: a :class:`GraphedStep`
     when ``graphed`` (see :func:`use_cuda_graphs`), else an :class:`EagerStep`.
 
@@ -114,9 +123,16 @@ def make_step(model: AVME, cfg: TrainConfig, info: DistInfo, device: torch.devic
     return EagerStep(model, forward_model, optimizer, clip_grad=cfg.clip_grad, world_size=info.world_size)
 
 
-def build_setup(cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo, device: torch.device,
-                checkpoint: tuple[Checkpoint, Path] | None = None, *, fit_shape: bool = False,
-                classes_from_data: bool = False) -> TrainingSetup:
+def build_setup(
+    cfg: TrainConfig,
+    model_cfg: AVMEConfig,
+    info: DistInfo,
+    device: torch.device,
+    checkpoint: tuple[Checkpoint, Path] | None = None,
+    *,
+    fit_shape: bool = False,
+    classes_from_data: bool = False,
+) -> TrainingSetup:
     """Load the data, build the model and the step, restore ``(checkpoint, its path)`` when given.
 
     The model is built with ``model_cfg`` fitted to the data (``fit_shape``: take the data's image

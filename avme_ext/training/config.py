@@ -15,8 +15,15 @@ from ..config import AVMEConfig
 from ..data.spec import DataOptions, DataSpec
 from .errors import OptionError, TrainError
 
-__all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "CLASSES_FROM_DATA", "resolve_configs",
-           "option_name"]
+__all__ = [
+    "TrainConfig",
+    "MODEL_FIELDS",
+    "GRAPH_MODES",
+    "LR_SCHEDULES",
+    "CLASSES_FROM_DATA",
+    "resolve_configs",
+    "option_name",
+]
 
 #: ``--graph``: capture the training step in CUDA graphs (see :mod:`avme_ext.training.step`).
 GRAPH_MODES = ("auto", "on", "off")
@@ -83,9 +90,28 @@ class TrainConfig(DataOptions):
     skip_nonfinite: bool = False
     patience: int = 0
 
-    FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed",
-             "kl_warmup_steps", "dataset", "binarize", "image_size", "channels", "emnist_split", "valid_fraction",
-             "test_fraction", "split_seed", "train_subset", "valid_subset", "valid_batch_size")
+    FIXED = (
+        "batch_size",
+        "lr",
+        "lr_schedule",
+        "lr_final",
+        "lr_decay_epochs",
+        "lr_hold_epochs",
+        "clip_grad",
+        "seed",
+        "kl_warmup_steps",
+        "dataset",
+        "binarize",
+        "image_size",
+        "channels",
+        "emnist_split",
+        "valid_fraction",
+        "test_fraction",
+        "split_seed",
+        "train_subset",
+        "valid_subset",
+        "valid_batch_size",
+    )
     PER_LAUNCH = ("device", "graph")
 
     def __post_init__(self) -> None:
@@ -102,8 +128,16 @@ class TrainConfig(DataOptions):
                 object.__setattr__(self, "lr_decay_epochs", max(self.epochs - self.lr_hold_epochs, 1))
 
     def _check(self) -> None:
-        minimums = {"epochs": 1, "batch_size": 1, "seed": 0, "kl_warmup_steps": 0, "valid_batch_size": 1,
-                    "log_every": 1, "checkpoint_every": 0, "patience": 0}
+        minimums = {
+            "epochs": 1,
+            "batch_size": 1,
+            "seed": 0,
+            "kl_warmup_steps": 0,
+            "valid_batch_size": 1,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "patience": 0,
+        }
         for name, minimum in minimums.items():
             check_positive_int(option_name(name), getattr(self, name), minimum)
         if self.train_subset is not None:
@@ -115,8 +149,9 @@ class TrainConfig(DataOptions):
         check_choice(option_name("lr_schedule"), self.lr_schedule, LR_SCHEDULES)
         self._check_schedule()
         if not (isinstance(self.clip_grad, (int, float)) and math.isfinite(self.clip_grad) and self.clip_grad >= 0):
-            raise ValueError(f"{option_name('clip_grad')} must be a finite number >= 0 (0 disables clipping), "
-                             f"got {self.clip_grad!r}")
+            raise ValueError(
+                f"{option_name('clip_grad')} must be a finite number >= 0 (0 disables clipping), got {self.clip_grad!r}"
+            )
         check_choice(option_name("dataset"), self.dataset, DATASETS)
         self.data_spec()  # the data options, checked together (DataOptionError is a ValueError)
         check_choice(option_name("impl"), self.impl, IMPLS)
@@ -125,17 +160,23 @@ class TrainConfig(DataOptions):
 
     def _check_schedule(self) -> None:
         if self.lr_schedule == "constant":
-            extra = [option_name(name) for name in ("lr_final", "lr_decay_epochs", "lr_hold_epochs")
-                     if getattr(self, name) is not None]
+            extra = [
+                option_name(name)
+                for name in ("lr_final", "lr_decay_epochs", "lr_hold_epochs")
+                if getattr(self, name) is not None
+            ]
             if extra:
-                raise ValueError(f"{' and '.join(extra)} only apply to {option_name('lr_schedule')} cosine; "
-                                 "the constant schedule keeps --lr for the whole run")
+                raise ValueError(
+                    f"{' and '.join(extra)} only apply to {option_name('lr_schedule')} cosine; "
+                    "the constant schedule keeps --lr for the whole run"
+                )
             return
         if self.lr_final is not None and not (
             isinstance(self.lr_final, (int, float)) and math.isfinite(self.lr_final) and 0 <= self.lr_final <= self.lr
         ):
-            raise ValueError(f"{option_name('lr_final')} must be a finite number in [0, lr={self.lr:g}], "
-                             f"got {self.lr_final!r}")
+            raise ValueError(
+                f"{option_name('lr_final')} must be a finite number in [0, lr={self.lr:g}], got {self.lr_final!r}"
+            )
         if self.lr_decay_epochs is not None:
             check_positive_int(option_name("lr_decay_epochs"), self.lr_decay_epochs, 1)
         if self.lr_hold_epochs is not None:
@@ -155,12 +196,16 @@ class TrainConfig(DataOptions):
 
 
 def _describe_differences(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} (checkpoint) vs {new.get(k)!r} (this command)" for k in keys
-            if k in new and old.get(k) != new[k]]
+    return [
+        f"{k}: {old.get(k)!r} (checkpoint) vs {new.get(k)!r} (this command)"
+        for k in keys
+        if k in new and old.get(k) != new[k]
+    ]
 
 
-def _resolve_model(model_given: dict[str, Any], saved: AVMEConfig | None, checkpoint_name: str,
-                   strict: bool) -> AVMEConfig:
+def _resolve_model(
+    model_given: dict[str, Any], saved: AVMEConfig | None, checkpoint_name: str, strict: bool
+) -> AVMEConfig:
     if saved is None:
         return AVMEConfig(**model_given)
     wanted = AVMEConfig(**{**saved.to_dict(), **model_given})
@@ -174,8 +219,9 @@ def _resolve_model(model_given: dict[str, Any], saved: AVMEConfig | None, checkp
     return wanted
 
 
-def _resolve_train(train_given: dict[str, Any], saved: dict[str, Any] | None, checkpoint_name: str,
-                   strict: bool) -> TrainConfig:
+def _resolve_train(
+    train_given: dict[str, Any], saved: dict[str, Any] | None, checkpoint_name: str, strict: bool
+) -> TrainConfig:
     if saved is None:
         return TrainConfig(**train_given)
     # the device and the graph mode are chosen anew at every launch (a run may move between machines)
@@ -184,7 +230,8 @@ def _resolve_train(train_given: dict[str, Any], saved: dict[str, Any] | None, ch
     if strict and diff:
         raise TrainError(
             f"{checkpoint_name} was trained with other settings, which --resume cannot change: "
-            + "; ".join(diff) + ". Drop these options to continue the saved run, or start a new run with another --out."
+            + "; ".join(diff)
+            + ". Drop these options to continue the saved run, or start a new run with another --out."
         )
     return TrainConfig(**{**known, **train_given})
 

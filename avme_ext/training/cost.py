@@ -46,8 +46,10 @@ class CostEstimate:
 
     def plan(self, epochs_left: int) -> str:
         """The up-front line: how many steps the rest of the run takes."""
-        return (f"{plural(self.steps_per_epoch, 'step')} per epoch, {plural(self.steps_left, 'step')} to go "
-                f"({plural(epochs_left, 'epoch')}) on {self.where}")
+        return (
+            f"{plural(self.steps_per_epoch, 'step')} per epoch, {plural(self.steps_left, 'step')} to go "
+            f"({plural(epochs_left, 'epoch')}) on {self.where}"
+        )
 
     def step_done(self, now: float | None = None) -> str | None:
         """Call after every step; returns the estimate line once, after ``skip + measure`` steps."""
@@ -61,7 +63,9 @@ class CostEstimate:
             return None
         self._done = True
         per_step = (now - self._start) / self.measure
-        return (f"measured {per_step * 1000:.1f} ms per step on {self.where}: about "
-                f"{format_duration(per_step * self.steps_per_epoch)} per epoch and "
-                f"{format_duration(per_step * self.steps_left)} for the {plural(self.steps_left, 'step')} to go "
-                "(training only; validation comes on top)")
+        return (
+            f"measured {per_step * 1000:.1f} ms per step on {self.where}: about "
+            f"{format_duration(per_step * self.steps_per_epoch)} per epoch and "
+            f"{format_duration(per_step * self.steps_left)} for the {plural(self.steps_left, 'step')} to go "
+            "(training only; validation comes on top)"
+        )

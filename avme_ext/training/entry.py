@@ -137,8 +137,10 @@ def find_resume_point(out_dir: Path, info: DistInfo, *, resume: bool, overwrite:
     check_run_config(out_dir, checkpoint.config, path)
     saved_world = checkpoint.trainer_state.get("world_size", 1)
     if saved_world != info.world_size:
-        say(f"note: resuming a run of {plural(saved_world, 'process', 'es')} with {info.world_size}; "
-            "the result equals an uninterrupted run to float tolerance, not bit for bit")
+        say(
+            f"note: resuming a run of {plural(saved_world, 'process', 'es')} with {info.world_size}; "
+            "the result equals an uninterrupted run to float tolerance, not bit for bit"
+        )
     return ResumePoint(path, checkpoint, checkpoint.trainer_state.get("train", {}), checkpoint.config)
 
 
@@ -147,8 +149,10 @@ def _use_tensorboard(cfg: TrainConfig) -> bool:
         return False
     available = tensorboard_available()
     if cfg.tensorboard and not available:
-        raise TrainError("--tensorboard: torch.utils.tensorboard cannot be imported; "
-                         "pip install tensorboard, or pass --no-tensorboard")
+        raise TrainError(
+            "--tensorboard: torch.utils.tensorboard cannot be imported; "
+            "pip install tensorboard, or pass --no-tensorboard"
+        )
     return available
 
 
@@ -177,34 +181,54 @@ def _announce(say: Say, point: ResumePoint, trainer: Trainer) -> None:
     how = "CUDA graphs" if isinstance(trainer.step, GraphedStep) else "eager"
     where = f"({plural(trainer.info.world_size, 'process', 'es')}, {trainer.device}, {how})"
     if point.path is not None:
-        say(f"resuming {point.path} at step {state.step} (epoch {state.epoch + 1}, "
-            f"batch {state.batch} of {trainer.num_batches}) {where}")
+        say(
+            f"resuming {point.path} at step {state.step} (epoch {state.epoch + 1}, "
+            f"batch {state.batch} of {trainer.num_batches}) {where}"
+        )
     else:
         say(f"training {trainer.model.config} in {trainer.out} {where}")
     say(f"learning rate: {describe_schedule(trainer.cfg)}")
 
 
-def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out_dir: Path, *, resume: bool,
-                overwrite: bool, say: Say) -> int:
+def _run_launch(
+    given: dict[str, Any],
+    info: DistInfo,
+    device: torch.device,
+    out_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    say: Say,
+) -> int:
     point = find_resume_point(out_dir, info, resume=resume, overwrite=overwrite, say=say)
     classes_from_data = given.get("num_classes") == CLASSES_FROM_DATA
     if classes_from_data:  # the data set's classes: known once it is loaded (a resumed run keeps its own)
         given = {k: v for k, v in given.items() if k != "num_classes"}
         if point.saved_model is not None and not point.saved_model.conditional:
-            raise TrainError(f"--conditional: {point.path or out_dir / 'config.json'} holds an unconditional model; "
-                             "drop --conditional to continue it, or start a new run with another --out")
+            raise TrainError(
+                f"--conditional: {point.path or out_dir / 'config.json'} holds an unconditional model; "
+                "drop --conditional to continue it, or start a new run with another --out"
+            )
     cfg, model_cfg = resolve_configs(given, point.saved_train, point.saved_model, str(point.path), strict=point.strict)
     resumed = point.state
     if resumed is not None and resumed.epoch >= cfg.epochs:
-        say(f"{point.path} already finished {plural(resumed.epoch, 'epoch')} (--epochs {cfg.epochs}); "
-            "nothing to do (pass a larger --epochs to continue)")
+        say(
+            f"{point.path} already finished {plural(resumed.epoch, 'epoch')} (--epochs {cfg.epochs}); "
+            "nothing to do (pass a larger --epochs to continue)"
+        )
         return 0
     tensorboard = _use_tensorboard(cfg)
     checkpoint = None if point.checkpoint is None else (point.checkpoint, point.path)
     new_run = point.saved_model is None
-    setup = build_setup(cfg, model_cfg, info, device, checkpoint,
-                        fit_shape=new_run and not {"data_dim", "image_shape"} & given.keys(),
-                        classes_from_data=classes_from_data and new_run)
+    setup = build_setup(
+        cfg,
+        model_cfg,
+        info,
+        device,
+        checkpoint,
+        fit_shape=new_run and not {"data_dim", "image_shape"} & given.keys(),
+        classes_from_data=classes_from_data and new_run,
+    )
     metrics = None
     if info.is_main:
         metrics = open_run_dir(out_dir, setup, point, tensorboard=tensorboard, say=say)

@@ -21,8 +21,14 @@ class MetricsLog:
         purge_step: TensorBoard drops the events from this step on (the same records, in TensorBoard).
     """
 
-    def __init__(self, path: Path, *, truncate_to: int | None = None, tensorboard_dir: Path | None = None,
-                 purge_step: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        truncate_to: int | None = None,
+        tensorboard_dir: Path | None = None,
+        purge_step: int | None = None,
+    ):
         self.path = path
         if truncate_to is not None and path.exists() and path.stat().st_size > truncate_to:
             with open(path, "r+b") as handle:

@@ -33,8 +33,15 @@ __all__ = [
 ]
 
 #: Files (and the tensorboard folder) that make a directory a run directory.
-RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "last.json", "best.safetensors", "best.json",
-             "tensorboard")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "last.safetensors",
+    "last.json",
+    "best.safetensors",
+    "best.json",
+    "tensorboard",
+)
 
 
 def _run_files_in(out: Path) -> list[str]:
@@ -71,8 +78,10 @@ def plan_run_dir(out: Path, *, resume: bool, overwrite: bool) -> RunDirPlan:
             raise RunDirError("--resume and --overwrite contradict each other; choose one")
         if last.is_file():
             return RunDirPlan(resume_from=last)
-        return RunDirPlan(notice=f"--resume: no checkpoint {last} yet; starting a new run there "
-                                 "(normal for the first launch of an elastic torchrun job)")
+        return RunDirPlan(
+            notice=f"--resume: no checkpoint {last} yet; starting a new run there "
+            "(normal for the first launch of an elastic torchrun job)"
+        )
     existing = _run_files_in(out) if out.is_dir() else []
     if existing and not overwrite:
         raise RunDirError(
@@ -129,8 +138,9 @@ def remove_stale_temp_files(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_run_config(out: Path, cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo,
-                     data: dict[str, Any] | None = None) -> None:
+def write_run_config(
+    out: Path, cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo, data: dict[str, Any] | None = None
+) -> None:
     """Write ``out/config.json`` atomically: model config, training options, the data's record (pixels,
     image shape, splits and their rule, see :meth:`avme_ext.data.DataSource.record`), world size, versions."""
     document = {
@@ -161,5 +171,7 @@ def check_run_config(out: Path, checkpoint_cfg: AVMEConfig, checkpoint: Path) ->
     """Refuse a run directory whose config.json describes another model than its checkpoint."""
     saved = read_run_config(out)
     if saved is not None and saved[1] != checkpoint_cfg:
-        raise TrainError(f"{out / 'config.json'} describes {saved[1]} but {checkpoint} holds {checkpoint_cfg}; "
-                         "the run directory mixes two runs")
+        raise TrainError(
+            f"{out / 'config.json'} describes {saved[1]} but {checkpoint} holds {checkpoint_cfg}; "
+            "the run directory mixes two runs"
+        )

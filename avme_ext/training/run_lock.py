@@ -62,8 +62,10 @@ class RunLock:
                         f"--out {self.directory}: another avme train is using this run directory ({holder}); "
                         "one run per directory: wait for it to end or stop it, or choose another --out"
                     ) from None
-                self.say(f"note: {self.directory} is on a file system without file locks ({error.strerror}); "
-                         "nothing stops a second avme train from writing it at the same time")
+                self.say(
+                    f"note: {self.directory} is on a file system without file locks ({error.strerror}); "
+                    "nothing stops a second avme train from writing it at the same time"
+                )
                 return self
             if self._is_current(fd):
                 break

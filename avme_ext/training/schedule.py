@@ -17,8 +17,15 @@ from ..seeds import derive_seed
 from .config import TrainConfig
 from .cost import plural
 
-__all__ = ["SEED_NAMESPACE", "epoch_permutation", "kl_weight_at", "learning_rate_at", "describe_schedule",
-           "batches_per_epoch", "step_noise"]
+__all__ = [
+    "SEED_NAMESPACE",
+    "epoch_permutation",
+    "kl_weight_at",
+    "learning_rate_at",
+    "describe_schedule",
+    "batches_per_epoch",
+    "step_noise",
+]
 
 #: The namespace of the training streams: tags "init", "epoch", "noise", "data", "train-subset", "valid-subset".
 SEED_NAMESPACE = "avme-train"
@@ -37,8 +44,15 @@ def kl_weight_at(step: int, warmup_steps: int) -> float:
     return min(1.0, step / warmup_steps)
 
 
-def learning_rate_at(step: int, lr: float, schedule: str, *, final: float | None = None,
-                     decay_steps: int | None = None, hold_steps: int = 0) -> float:
+def learning_rate_at(
+    step: int,
+    lr: float,
+    schedule: str,
+    *,
+    final: float | None = None,
+    decay_steps: int | None = None,
+    hold_steps: int = 0,
+) -> float:
     """Learning rate of the update after ``step`` completed steps.
 
     ``constant``: ``lr``. ``cosine``: ``lr`` for the first ``hold_steps`` updates, then
@@ -48,8 +62,10 @@ def learning_rate_at(step: int, lr: float, schedule: str, *, final: float | None
     if schedule == "constant":
         return float(lr)
     if schedule != "cosine" or final is None or decay_steps is None or decay_steps < 1:
-        raise ValueError(f"learning_rate_at: schedule {schedule!r} needs a final rate and decay_steps >= 1, "
-                         f"got final={final!r}, decay_steps={decay_steps!r}")
+        raise ValueError(
+            f"learning_rate_at: schedule {schedule!r} needs a final rate and decay_steps >= 1, "
+            f"got final={final!r}, decay_steps={decay_steps!r}"
+        )
     progress = min(max(step - hold_steps, 0), decay_steps) / decay_steps
     return float(final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * progress)))
 

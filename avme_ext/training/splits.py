@@ -59,8 +59,9 @@ def _check_labels(split: ImageSplit, num_classes: int) -> None:
     if not split.has_labels:
         raise TrainError(f"{split.name} has no labels; a conditional model (--num-classes {num_classes}) needs them")
     if len(split) and int(split.labels.max()) >= num_classes:
-        raise TrainError(f"{split.name} has labels up to {int(split.labels.max())}, out of range for "
-                         f"--num-classes {num_classes}")
+        raise TrainError(
+            f"{split.name} has labels up to {int(split.labels.max())}, out of range for --num-classes {num_classes}"
+        )
 
 
 def _check_batch_size(batch_size: int, world_size: int) -> None:
@@ -72,8 +73,9 @@ def _check_batch_size(batch_size: int, world_size: int) -> None:
         )
 
 
-def fit_model_to_data(model_cfg: AVMEConfig, train: ImageSplit, *, fit_shape: bool = False,
-                      classes_from_data: bool = False) -> AVMEConfig:
+def fit_model_to_data(
+    model_cfg: AVMEConfig, train: ImageSplit, *, fit_shape: bool = False, classes_from_data: bool = False
+) -> AVMEConfig:
     """The model config for the images of ``train``.
 
     Args:
@@ -90,8 +92,10 @@ def fit_model_to_data(model_cfg: AVMEConfig, train: ImageSplit, *, fit_shape: bo
     wanted = model_cfg.resolved_image_shape
     if wanted != train.image_shape:
         if not fit_shape:
-            raise TrainError(f"the model takes images of shape {wanted} (data_dim {model_cfg.data_dim}) but "
-                             f"{train.name} has images of shape {train.image_shape}; train a new run for this data")
+            raise TrainError(
+                f"the model takes images of shape {wanted} (data_dim {model_cfg.data_dim}) but "
+                f"{train.name} has images of shape {train.image_shape}; train a new run for this data"
+            )
         changes.update(data_dim=math.prod(train.image_shape), image_shape=train.image_shape)
     if classes_from_data:
         if train.num_classes == 0 or not train.has_labels:
@@ -100,8 +104,15 @@ def fit_model_to_data(model_cfg: AVMEConfig, train: ImageSplit, *, fit_shape: bo
     return dataclasses.replace(model_cfg, **changes) if changes else model_cfg
 
 
-def load_training_data(cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo, device: torch.device, *,
-                       fit_shape: bool = False, classes_from_data: bool = False) -> TrainingData:
+def load_training_data(
+    cfg: TrainConfig,
+    model_cfg: AVMEConfig,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    fit_shape: bool = False,
+    classes_from_data: bool = False,
+) -> TrainingData:
     """Load, subset, check and move the training and validation splits (writes nothing), and fit the
     model's config to them (see :func:`fit_model_to_data` for ``fit_shape`` and ``classes_from_data``).
 
@@ -128,5 +139,6 @@ def load_training_data(cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo, 
     num_batches = batches_per_epoch(len(train), cfg.batch_size, info.world_size)
     if num_batches == 0:
         raise TrainError(f"{train.name} has {len(train)} images: not one batch for {info.world_size} processes")
-    return TrainingData(_on_device(train, device), None if valid is None else _on_device(valid, device), num_batches,
-                        model_cfg, record)
+    return TrainingData(
+        _on_device(train, device), None if valid is None else _on_device(valid, device), num_batches, model_cfg, record
+    )

@@ -79,11 +79,15 @@ def use_cuda_graphs(mode: str, device: torch.device, info: DistInfo) -> bool:
         return False
     if mode == "on":
         if device.type != "cuda":
-            raise OptionError(f"--graph on needs a CUDA device, but this run uses {device}; "
-                             "use --graph auto (graphs on CUDA only) or --graph off")
+            raise OptionError(
+                f"--graph on needs a CUDA device, but this run uses {device}; "
+                "use --graph auto (graphs on CUDA only) or --graph off"
+            )
         if info.distributed:
-            raise OptionError(f"--graph on is not supported under torchrun (WORLD_SIZE={info.world_size}): "
-                             "DDP's gradient all-reduce is not captured; use --graph auto or off")
+            raise OptionError(
+                f"--graph on is not supported under torchrun (WORLD_SIZE={info.world_size}): "
+                "DDP's gradient all-reduce is not captured; use --graph auto or off"
+            )
         return True
     return device.type == "cuda" and not info.distributed
 
@@ -116,8 +120,9 @@ class TrainStep(Protocol):
 
     optimizer: torch.optim.Optimizer
 
-    def gradients(self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float,
-                  stop: bool) -> StepStats:
+    def gradients(
+        self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float, stop: bool
+    ) -> StepStats:
         """Compute the gradients of this rank's rows ``x`` (B_r, D), ``labels`` (B_r,) or None, and
         noise ``eps`` (K, B_r, Z) of a global batch of ``global_size`` images; report the step."""
 
@@ -134,8 +139,15 @@ class TrainStep(Protocol):
 # --------------------------------------------------------------------------- the step body
 
 
-def gradient_pass(forward: Forward, parameters: list[nn.Parameter], x: Tensor, y: Tensor | None, eps: Tensor,
-                  kl_weight: float | Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def gradient_pass(
+    forward: Forward,
+    parameters: list[nn.Parameter],
+    x: Tensor,
+    y: Tensor | None,
+    eps: Tensor,
+    kl_weight: float | Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     """Forward, objective, backward, and the global gradient norm (the first half of a step).
 
     Gradients are accumulated into ``parameters``' ``.grad`` (None or zero before). Runs eagerly
@@ -160,8 +172,9 @@ def gradient_pass(forward: Forward, parameters: list[nn.Parameter], x: Tensor, y
     return sums, grad_norm
 
 
-def update_pass(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, clip_grad: float,
-                grad_norm: Tensor) -> None:
+def update_pass(
+    parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, clip_grad: float, grad_norm: Tensor
+) -> None:
     """Clip the gradients to norm ``clip_grad`` (0: no clipping) given their norm, then step the optimizer.
 
     Together with :func:`gradient_pass` this is exactly ``clip_grad_norm_`` followed by ``step()``.
@@ -194,8 +207,15 @@ class EagerStep:
         world_size: number of processes.
     """
 
-    def __init__(self, model: AVME, forward_model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 clip_grad: float, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: AVME,
+        forward_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad: float,
+        world_size: int = 1,
+    ) -> None:
         self.optimizer = optimizer
         self.clip_grad = clip_grad
         self.world_size = world_size
@@ -203,14 +223,17 @@ class EagerStep:
         self._forward: Forward = lambda x, y, eps: forward_model(x, y, eps=eps)  # noqa: E731
         self._grad_norm: Tensor | None = None
 
-    def gradients(self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float,
-                  stop: bool) -> StepStats:
+    def gradients(
+        self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float, stop: bool
+    ) -> StepStats:
         self.optimizer.zero_grad(set_to_none=True)
-        sums, self._grad_norm = gradient_pass(self._forward, self._parameters, x, labels, eps, kl_weight,
-                                              self.world_size / global_size)
+        sums, self._grad_norm = gradient_pass(
+            self._forward, self._parameters, x, labels, eps, kl_weight, self.world_size / global_size
+        )
         shared = dist_utils.all_reduce_sum(torch.cat([sums, sums.new_tensor([1.0 if stop else 0.0])]))
-        values = torch.cat([shared[:3], self._grad_norm.detach().double().reshape(1).to(shared.device),
-                            shared[3:]]).tolist()
+        values = torch.cat(
+            [shared[:3], self._grad_norm.detach().double().reshape(1).to(shared.device), shared[3:]]
+        ).tolist()
         return StepStats(*values[:4], stop=values[4] > 0)
 
     def update(self) -> None:
@@ -297,8 +320,11 @@ class ParameterSnapshot:
         self.parameters = parameters
         self.optimizer = optimizer
         self.values = [p.detach().clone() for p in parameters]
-        self.state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
-                      for p in parameters if p in optimizer.state}
+        self.state = {
+            id(p): {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
+            for p in parameters
+            if p in optimizer.state
+        }
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -332,8 +358,16 @@ class GraphedStep:
         warmup_iterations: eager runs before the capture (their effect on the weights is undone).
     """
 
-    def __init__(self, model: AVME, optimizer: torch.optim.Optimizer, *, clip_grad: float, batch_size: int,
-                 recorder: CudaGraphRecorder | EagerRecorder | None = None, warmup_iterations: int = 3) -> None:
+    def __init__(
+        self,
+        model: AVME,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad: float,
+        batch_size: int,
+        recorder: CudaGraphRecorder | EagerRecorder | None = None,
+        warmup_iterations: int = 3,
+    ) -> None:
         self.optimizer = optimizer
         self.clip_grad = clip_grad
         self.batch_size = batch_size
@@ -344,7 +378,8 @@ class GraphedStep:
         self._likelihood = model.likelihood
         self._parameters = list(model.parameters())
         self._forward: Forward = lambda x, y, eps: elbo_terms(  # noqa: E731
-            self._core, x, y, eps, likelihood=self._likelihood)
+            self._core, x, y, eps, likelihood=self._likelihood
+        )
         self._gradient_call: Recorded[Tensor] | None = None
         self._update_call: Recorded[None] | None = None
         self._static: dict[str, Tensor | None] = {}
@@ -365,8 +400,9 @@ class GraphedStep:
             return None
         return F.one_hot(labels.to(torch.int64), self.num_classes).to(self._parameters[0].dtype)
 
-    def gradients(self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float,
-                  stop: bool) -> StepStats:
+    def gradients(
+        self, x: Tensor, labels: Tensor | None, eps: Tensor, global_size: int, kl_weight: float, stop: bool
+    ) -> StepStats:
         y = self._one_hot(labels)
         if x.shape[0] != self.batch_size:
             return self._eager_gradients(x, y, eps, global_size, kl_weight, stop)
@@ -397,26 +433,31 @@ class GraphedStep:
     def skip(self) -> None:
         """Nothing to drop: the next step overwrites the static gradients."""
 
-    def _eager_gradients(self, x: Tensor, y: Tensor | None, eps: Tensor, global_size: int, kl_weight: float,
-                         stop: bool) -> StepStats:
+    def _eager_gradients(
+        self, x: Tensor, y: Tensor | None, eps: Tensor, global_size: int, kl_weight: float, stop: bool
+    ) -> StepStats:
         # zero in place: after the capture .grad are the graphs' static tensors, which must stay
         self.optimizer.zero_grad(set_to_none=not self.captured)
-        sums, self._eager_norm = gradient_pass(self._forward, self._parameters, x, y, eps, kl_weight,
-                                               1.0 / global_size)
+        sums, self._eager_norm = gradient_pass(self._forward, self._parameters, x, y, eps, kl_weight, 1.0 / global_size)
         return StepStats(*torch.cat([sums, self._eager_norm.detach().double().reshape(1)]).tolist(), stop=stop)
 
     def _capture(self, x: Tensor, y: Tensor | None, eps: Tensor) -> None:
         """Warm up, put the weights and Adam's state back, and record the two graphs for ``x``'s shape."""
         static = self._static
-        static.update(x=x.clone(), y=None if y is None else y.clone(), eps=eps.clone(),
-                      kl_weight=torch.ones((), dtype=x.dtype, device=x.device),
-                      grad_norm=torch.zeros((), dtype=x.dtype, device=x.device))
+        static.update(
+            x=x.clone(),
+            y=None if y is None else y.clone(),
+            eps=eps.clone(),
+            kl_weight=torch.ones((), dtype=x.dtype, device=x.device),
+            grad_norm=torch.zeros((), dtype=x.dtype, device=x.device),
+        )
         scale = 1.0 / self.batch_size
 
         def gradients() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)  # under capture: .grad is allocated in the graphs' pool
-            sums, grad_norm = gradient_pass(self._forward, self._parameters, static["x"], static["y"], static["eps"],
-                                            static["kl_weight"], scale)
+            sums, grad_norm = gradient_pass(
+                self._forward, self._parameters, static["x"], static["y"], static["eps"], static["kl_weight"], scale
+            )
             static["grad_norm"].copy_(grad_norm)
             return torch.cat([sums, grad_norm.detach().double().reshape(1)])
 

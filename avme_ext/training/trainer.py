@@ -81,8 +81,14 @@ class Trainer:
         log: prints a message (rank 0 decides whether to show it).
     """
 
-    def __init__(self, setup: TrainingSetup, out: Path, *, metrics: MetricsLog | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        setup: TrainingSetup,
+        out: Path,
+        *,
+        metrics: MetricsLog | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.setup = setup
         self.cfg, self.info, self.device = setup.cfg, setup.info, setup.device
         self.model, self.step, self.state = setup.model, setup.step, setup.state
@@ -94,8 +100,9 @@ class Trainer:
         self.noise_generator = torch.Generator(device=self.device)
         self.data_generator = torch.Generator(device=self.train_split.images.device)
         self.stop = StopFlag()
-        self.cost = CostEstimate(self.num_batches, self.state.steps_left(self.cfg.epochs, self.num_batches),
-                                 describe_device(self.device))
+        self.cost = CostEstimate(
+            self.num_batches, self.state.steps_left(self.cfg.epochs, self.num_batches), describe_device(self.device)
+        )
         self._consecutive_skips = 0
         self._launch_time = time.perf_counter()
         self._launch_elapsed = self.state.elapsed
@@ -155,9 +162,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.lr_schedule == "constant":
             return cfg.lr
-        return learning_rate_at(step, cfg.lr, cfg.lr_schedule, final=cfg.lr_final,
-                                decay_steps=cfg.lr_decay_epochs * self.num_batches,
-                                hold_steps=cfg.lr_hold_epochs * self.num_batches)
+        return learning_rate_at(
+            step,
+            cfg.lr,
+            cfg.lr_schedule,
+            final=cfg.lr_final,
+            decay_steps=cfg.lr_decay_epochs * self.num_batches,
+            hold_steps=cfg.lr_hold_epochs * self.num_batches,
+        )
 
     def _nonfinite(self, stats: StepStats, size: int, epoch: int, batch: int) -> None:
         """Stop (or, with ``--skip-nonfinite``, skip this update) after a non-finite loss or gradient."""
@@ -174,11 +186,15 @@ class Trainer:
             )
         self._consecutive_skips += 1
         self.state.skipped += 1
-        self._print(f"warning: non-finite {what} at {where}; update skipped (--skip-nonfinite, "
-                    f"{self.state.skipped} skipped so far)")
+        self._print(
+            f"warning: non-finite {what} at {where}; update skipped (--skip-nonfinite, "
+            f"{self.state.skipped} skipped so far)"
+        )
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteError(f"{MAX_CONSECUTIVE_SKIPS} non-finite steps in a row, the last at {where}; giving up "
-                                 f"(the last good checkpoint is {self.out / 'last.safetensors'})")
+            raise NonFiniteError(
+                f"{MAX_CONSECUTIVE_SKIPS} non-finite steps in a row, the last at {where}; giving up "
+                f"(the last good checkpoint is {self.out / 'last.safetensors'})"
+            )
 
     def _accumulate(self, stats: StepStats, size: int) -> None:
         window, state = self.state.window, self.state
@@ -217,18 +233,20 @@ class Trainer:
             return
         n = max(window["examples"], 1)
         seconds = max(time.perf_counter() - window_start, 1e-9)
-        self.metrics.write({
-            "kind": "train",
-            "epoch": epoch + 1,
-            "step": self.state.step,
-            "loss": window["loss"] / n,
-            "reconstruction": window["reconstruction"] / n,
-            "kl": window["kl"] / n,
-            "kl_weight": kl_weight_at(max(self.state.step - 1, 0), self.cfg.kl_warmup_steps),
-            "lr": self.learning_rate(self.state.step - 1),  # the schedule's, not read back from the device
-            "examples_per_s": window["examples"] / seconds,
-            "time": self._elapsed(),
-        })
+        self.metrics.write(
+            {
+                "kind": "train",
+                "epoch": epoch + 1,
+                "step": self.state.step,
+                "loss": window["loss"] / n,
+                "reconstruction": window["reconstruction"] / n,
+                "kl": window["kl"] / n,
+                "kl_weight": kl_weight_at(max(self.state.step - 1, 0), self.cfg.kl_warmup_steps),
+                "lr": self.learning_rate(self.state.step - 1),  # the schedule's, not read back from the device
+                "examples_per_s": window["examples"] / seconds,
+                "time": self._elapsed(),
+            }
+        )
         self.state.window = empty_window()
 
     def validate(self, epoch: int) -> dict[str, Any] | None:
@@ -236,7 +254,10 @@ class Trainer:
         if self.valid_split is None:
             return None
         result = evaluation.evaluate(
-            self.model, self.valid_split, batch_size=self.cfg.valid_batch_size, seed=self.cfg.seed,
+            self.model,
+            self.valid_split,
+            batch_size=self.cfg.valid_batch_size,
+            seed=self.cfg.seed,
             shard=(self.info.rank, self.info.world_size),
         )
         summary = evaluation.gather_across_ranks(result).summary()
@@ -245,12 +266,21 @@ class Trainer:
         if best:
             self.state.best_nelbo, self.state.best_epoch = nelbo, epoch + 1
         if self.metrics is not None:
-            self.metrics.write({
-                "kind": "valid", "epoch": epoch + 1, "step": self.state.step, "nelbo": nelbo,
-                "nelbo_bits_per_dim": summary["nelbo_bits_per_dim"], "likelihood": summary["likelihood"],
-                "reconstruction": summary["reconstruction"], "kl": summary["kl"],
-                "kl_per_step": summary["kl_per_step"], "best": best, "time": self._elapsed(),
-            })
+            self.metrics.write(
+                {
+                    "kind": "valid",
+                    "epoch": epoch + 1,
+                    "step": self.state.step,
+                    "nelbo": nelbo,
+                    "nelbo_bits_per_dim": summary["nelbo_bits_per_dim"],
+                    "likelihood": summary["likelihood"],
+                    "reconstruction": summary["reconstruction"],
+                    "kl": summary["kl"],
+                    "kl_per_step": summary["kl_per_step"],
+                    "best": best,
+                    "time": self._elapsed(),
+                }
+            )
         return {**summary, "best": best}
 
     # ----------------------------------------------------------------- epochs
@@ -259,8 +289,10 @@ class Trainer:
         signum = self.stop.signum or signal.SIGTERM
         path = self._save("last")
         name = signal.Signals(signum).name
-        self._print(f"{name} received: saved {path} at step {self.state.step} (epoch {self.state.epoch + 1}, "
-                    f"batch {self.state.batch} of {self.num_batches}); continue with --resume")
+        self._print(
+            f"{name} received: saved {path} at step {self.state.step} (epoch {self.state.epoch + 1}, "
+            f"batch {self.state.batch} of {self.num_batches}); continue with --resume"
+        )
         return 128 + int(signum)
 
     def train_epoch(self, epoch: int, bar_factory: Any) -> bool:
@@ -303,15 +335,23 @@ class Trainer:
         valid_seconds = time.perf_counter() - valid_start
         train_loss = state.epoch_loss / max(state.epoch_examples, 1)
         if self.metrics is not None:
-            self.metrics.write({
-                "kind": "epoch", "epoch": epoch + 1, "step": state.step, "seconds": state.epoch_seconds,
-                "train_loss": train_loss, "examples": state.epoch_examples,
-            })
+            self.metrics.write(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch + 1,
+                    "step": state.step,
+                    "seconds": state.epoch_seconds,
+                    "train_loss": train_loss,
+                    "examples": state.epoch_examples,
+                }
+            )
         message = f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {train_loss:.3f} ({state.epoch_seconds:.1f} s)"
         if summary is not None:
             best = " (best)" if summary["best"] else ""
-            message += (f", valid nelbo {summary['nelbo']:.3f} nats = {summary['nelbo_bits_per_dim']:.4f} bits/dim"
-                        f"{best} ({valid_seconds:.1f} s)")
+            message += (
+                f", valid nelbo {summary['nelbo']:.3f} nats = {summary['nelbo_bits_per_dim']:.4f} bits/dim"
+                f"{best} ({valid_seconds:.1f} s)"
+            )
         state.history.append({"epoch": epoch + 1, "seconds": state.epoch_seconds, "valid_seconds": valid_seconds})
         state.epoch, state.batch = epoch + 1, 0
         state.epoch_seconds, state.epoch_loss, state.epoch_examples = 0.0, 0.0, 0
@@ -335,15 +375,23 @@ class Trainer:
         def bar_factory(epoch: int) -> Any:
             if not show:
                 return None
-            return tqdm(total=self.num_batches, initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                        unit="batch", dynamic_ncols=True, leave=False)
+            return tqdm(
+                total=self.num_batches,
+                initial=state.batch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="batch",
+                dynamic_ncols=True,
+                leave=False,
+            )
 
         self._print(self.cost.plan(cfg.epochs - state.epoch))
         with self.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
                 if self.patience_spent():
-                    self._print(f"early stop after epoch {state.epoch}: no better validation nelbo for "
-                                f"{plural(state.epoch - (state.best_epoch or 0), 'epoch')} (--patience {cfg.patience})")
+                    self._print(
+                        f"early stop after epoch {state.epoch}: no better validation nelbo for "
+                        f"{plural(state.epoch - (state.best_epoch or 0), 'epoch')} (--patience {cfg.patience})"
+                    )
                     break
                 if not self.train_epoch(epoch, bar_factory):
                     return self._interrupted()
@@ -356,14 +404,18 @@ class Trainer:
     def summary_text(self) -> str:
         """The end-of-run report: epochs, steps, seconds per epoch (training and validation), best ELBO."""
         history = self.state.history
-        lines = [f"done: {plural(self.state.epoch, 'epoch')}, {plural(self.state.step, 'step')} in "
-                 f"{self._elapsed():.1f} s ({plural(self.info.world_size, 'process', 'es')} on {self.device.type})"]
+        lines = [
+            f"done: {plural(self.state.epoch, 'epoch')}, {plural(self.state.step, 'step')} in "
+            f"{self._elapsed():.1f} s ({plural(self.info.world_size, 'process', 'es')} on {self.device.type})"
+        ]
         if history:
             seconds = [h["seconds"] for h in history]
             valid = [h["valid_seconds"] for h in history]
-            lines.append(f"seconds per epoch (training, {len(self.train_split)} images): "
-                         f"mean {sum(seconds) / len(seconds):.2f}, last {seconds[-1]:.2f}; "
-                         f"validation: mean {sum(valid) / len(valid):.2f}")
+            lines.append(
+                f"seconds per epoch (training, {len(self.train_split)} images): "
+                f"mean {sum(seconds) / len(seconds):.2f}, last {seconds[-1]:.2f}; "
+                f"validation: mean {sum(valid) / len(valid):.2f}"
+            )
         if self.state.skipped:
             lines.append(f"skipped non-finite steps: {self.state.skipped}")
         if self.state.best_nelbo is not None:

@@ -39,8 +39,9 @@ TINY = ["--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--impl", default="cuda", help="avme train --impl (default cuda: the fused ops)")
     p.add_argument("--precision", default="fp32", help="avme train --precision (default fp32)")
@@ -57,8 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_help() -> str:
-    proc = subprocess.run([sys.executable, "-m", "avme_ext", "train", "--help"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "avme_ext", "train", "--help"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.stdout
 
 
@@ -72,16 +79,43 @@ def _env() -> dict[str, str]:
 
 def commands(args: argparse.Namespace, workdir: Path, graph_option: bool) -> dict[str, list[str]]:
     """The three ``avme train`` command lines, by run name."""
-    options = ["--epochs", str(args.epochs), "--train-subset", str(args.train_subset), "--valid-subset", "0",
-               "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
-               "--impl", args.impl, "--precision", args.precision, "--no-progress", "--no-tensorboard",
-               *(TINY if args.tiny else []), *(["--graph", "off"] if graph_option else [])]
+    options = [
+        "--epochs",
+        str(args.epochs),
+        "--train-subset",
+        str(args.train_subset),
+        "--valid-subset",
+        "0",
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--impl",
+        args.impl,
+        "--precision",
+        args.precision,
+        "--no-progress",
+        "--no-tensorboard",
+        *(TINY if args.tiny else []),
+        *(["--graph", "off"] if graph_option else []),
+    ]
     train = ["-m", "avme_ext", "train"]
     return {
         "plain": [sys.executable, *train, "--out", str(workdir / "plain"), *options],
         "repeat": [sys.executable, *train, "--out", str(workdir / "repeat"), *options],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *train,
-                "--out", str(workdir / "ddp"), *options],
+        "ddp": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            *train,
+            "--out",
+            str(workdir / "ddp"),
+            *options,
+        ],
     }
 
 
@@ -125,8 +159,14 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
             rel = 0.0 if torch.equal(x, y) else float("inf")
         if not rel <= worst:  # NaN-safe: a NaN difference becomes the worst
             worst, worst_key = rel, key
-    return {"same_keys": True, "tensors": len(a), "exact": exact, "finite": finite, "max_rel": worst,
-            "worst_tensor": worst_key}
+    return {
+        "same_keys": True,
+        "tensors": len(a),
+        "exact": exact,
+        "finite": finite,
+        "max_rel": worst,
+        "worst_tensor": worst_key,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in cmds:  # fresh runs: an earlier one in the same folder would be refused (or resumed)
         shutil.rmtree(workdir / name, ignore_errors=True)
     codes, seconds = run_all(cmds, workdir, args.timeout)
-    summary: dict[str, object] = {"rtol": args.rtol, "exit_codes": codes, "seconds": seconds,
-                                  "graph_off": graph_option, "commands": {k: " ".join(v) for k, v in cmds.items()}}
+    summary: dict[str, object] = {
+        "rtol": args.rtol,
+        "exit_codes": codes,
+        "seconds": seconds,
+        "graph_off": graph_option,
+        "commands": {k: " ".join(v) for k, v in cmds.items()},
+    }
     ok = all(code == 0 for code in codes.values())
     if not ok:
         for name, code in codes.items():
@@ -156,16 +201,27 @@ def main(argv: list[str] | None = None) -> int:
         repeat = compare(ckpt["plain"], ckpt["repeat"])
         summary.update(ddp=ddp, repeat=repeat)
         deterministic = bool(repeat.get("exact"))
-        within = bool(ddp.get("same_keys")) and bool(ddp.get("finite")) and float(ddp.get("max_rel", float("inf"))) <= args.rtol
+        within = (
+            bool(ddp.get("same_keys"))
+            and bool(ddp.get("finite"))
+            and float(ddp.get("max_rel", float("inf"))) <= args.rtol
+        )
         summary["deterministic"] = deterministic
         summary["pass"] = within and (bool(ddp.get("exact")) or not deterministic)
         if not summary["pass"]:
-            summary["reason"] = ("bit-identical plain runs, but DDP differs" if within else
-                                 f"DDP differs by more than rtol {args.rtol:g}")
+            summary["reason"] = (
+                "bit-identical plain runs, but DDP differs"
+                if within
+                else f"DDP differs by more than rtol {args.rtol:g}"
+            )
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps({k: summary[k] for k in ("pass", "deterministic", "ddp", "repeat", "reason", "seconds")
-                      if k in summary}, indent=1))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("pass", "deterministic", "ddp", "repeat", "reason", "seconds") if k in summary},
+            indent=1,
+        )
+    )
     return 0 if summary["pass"] else 1
 
 

@@ -33,8 +33,9 @@ DESIGN_BATCH = {"persistent": 100, "rowtile": 1024, "stagewise": 4096, "auto": 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--design", default="auto", help="fused design to force (default auto)")
     p.add_argument("--precision", default="bf16", help="fp32, tf32 or bf16 (default bf16)")
     p.add_argument("--batch", type=int, help=f"B (default by design: {DESIGN_BATCH})")
@@ -71,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-    print(f"profile_step: {name} B={batch} K={args.steps}: one step in {time.perf_counter() - start:.4f} s (wall, "
-          f"profiler overhead included)")
+    print(
+        f"profile_step: {name} B={batch} K={args.steps}: one step in {time.perf_counter() - start:.4f} s (wall, "
+        f"profiler overhead included)"
+    )
     return 0
 
 

@@ -77,8 +77,11 @@ def next_call(layout: Layout, budget_s: int, impl: str | None = None) -> dict[st
     plan = load_plan(layout, impl)
     trained = {n: s for n in MODELS if (s := trained_summary(layout, plan, n)) is not None}
     untrained = [n for n in MODELS if n not in trained]
-    call: dict[str, Any] = {"work": None, "message": "no GPU work left: run python/reproduce_paper.py --out "
-                                                     f"{layout.root} here to write the figures and the results"}
+    call: dict[str, Any] = {
+        "work": None,
+        "message": "no GPU work left: run python/reproduce_paper.py --out "
+        f"{layout.root} here to write the figures and the results",
+    }
     if untrained:
         for jobs in range(len(untrained), 0, -1):
             group = untrained[:jobs]
@@ -87,8 +90,10 @@ def next_call(layout: Layout, budget_s: int, impl: str | None = None) -> dict[st
             if need <= budget_s or jobs == 1:
                 call = {"work": "train", "models": group, "estimate_s": round(need), "rate_basis": basis}
                 if need > budget_s:
-                    call["warning"] = (f"{group[0]} needs about {need:.0f} s at {rate:.2f} s per epoch: it may not finish "
-                                       "inside the call, and an unfinished run's state does not come back")
+                    call["warning"] = (
+                        f"{group[0]} needs about {need:.0f} s at {rate:.2f} s per epoch: it may not finish "
+                        "inside the call, and an unfinished run's state does not come back"
+                    )
                 break
     else:
         work = pending_work(layout, plan, {n: s["weights"]["sha256"] for n, s in trained.items()})
@@ -119,16 +124,19 @@ def pack(run: Path, since: Path, out: Path) -> list[Path]:
         RuntimeError: more than :data:`MAX_PARTS` parts of :data:`PART_BYTES`.
     """
     start = since.stat().st_mtime_ns
-    files = sorted(p for p in run.rglob("*") if p.is_file() and p.stat().st_mtime_ns >= start
-                   and sends_back(p.relative_to(run)))
+    files = sorted(
+        p for p in run.rglob("*") if p.is_file() and p.stat().st_mtime_ns >= start and sends_back(p.relative_to(run))
+    )
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as archive:
         for path in files:
             archive.add(path, arcname=path.relative_to(run).as_posix())
     data = buffer.getvalue()
-    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [data]
+    parts = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [data]
     if len(parts) > MAX_PARTS:
-        raise RuntimeError(f"{len(data) / MiB:.1f} MiB to send back: more than {MAX_PARTS} parts of {PART_BYTES // MiB} MiB")
+        raise RuntimeError(
+            f"{len(data) / MiB:.1f} MiB to send back: more than {MAX_PARTS} parts of {PART_BYTES // MiB} MiB"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for index, part in enumerate(parts):
@@ -159,10 +167,13 @@ def publish(layout: Layout, docs: Path, directory: Path | None) -> None:
     records = {r["name"]: r for r in json.loads((docs / "results.json").read_text(encoding="utf-8"))["models"]}
     for name, record in records.items():
         spec = MODELS[name]
-        description = (f"AVME on binarized MNIST, {'class-conditional' if spec.conditional else 'unconditional'}, "
-                       f"encoder input {spec.encoder_input}, K={record['steps']} (the paper's reproduction)")
-        entry = register_pretrained(name, layout.weights(name), description=description, results=record,
-                                    directory=directory)
+        description = (
+            f"AVME on binarized MNIST, {'class-conditional' if spec.conditional else 'unconditional'}, "
+            f"encoder input {spec.encoder_input}, K={record['steps']} (the paper's reproduction)"
+        )
+        entry = register_pretrained(
+            name, layout.weights(name), description=description, results=record, directory=directory
+        )
         print(f"{name}: {entry.file} ({entry.sha256[:12]})")
 
 
@@ -172,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     plan_next = commands.add_parser("next", help="print the next GPU call as JSON")
     plan_next.add_argument("--budget-s", type=int, default=570, help="the call's timeout_s (at most 600)")
-    plan_next.add_argument("--impl", default=None, choices=IMPLS,
-                           help="the K-step loop of a new reproduction (default: the state's, else ref)")
+    plan_next.add_argument(
+        "--impl",
+        default=None,
+        choices=IMPLS,
+        help="the K-step loop of a new reproduction (default: the state's, else ref)",
+    )
     packing = commands.add_parser("pack", help="on the GPU machine: pack what the call added")
     packing.add_argument("--since", required=True, help="a file written when the call started")
     packing.add_argument("--out", default=os.environ.get("OUT"), help="where the parts go (default $OUT)")

@@ -47,8 +47,12 @@ def read_run(folder: Path) -> dict[str, Any]:
 def compare(runs: dict[str, dict[str, Any]], baseline: str, tolerance: float) -> dict[str, Any]:
     """The comparison at the last epoch every run completed (see the module docstring)."""
     common = set.intersection(*(set(r["valid_nelbo"]) for r in runs.values())) if runs else set()
-    result: dict[str, Any] = {"baseline": baseline, "tolerance_nats": tolerance,
-                              "epoch_compared": max(common) if common else None, "checks": {}}
+    result: dict[str, Any] = {
+        "baseline": baseline,
+        "tolerance_nats": tolerance,
+        "epoch_compared": max(common) if common else None,
+        "checks": {},
+    }
     if baseline not in runs:
         result["pass"] = False
         result["reason"] = f"no run folder of the baseline {baseline!r} (runs: {sorted(runs)})"
@@ -73,8 +77,9 @@ def compare(runs: dict[str, dict[str, Any]], baseline: str, tolerance: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", required=True, help="folder holding one run folder per mode")
     p.add_argument("--baseline", default="cuda-fp32", help="the run the others are compared with (default cuda-fp32)")
     p.add_argument("--tolerance", type=float, default=0.3, help="largest |nelbo - baseline| in nats (default 0.3)")
@@ -86,22 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     runs = {f.name: read_run(f) for f in folders}
     result = compare(runs, args.baseline, args.tolerance)
     result["epochs_requested"] = args.epochs
-    result["runs"] = {name: {"exit_code": r["exit_code"], "epochs_done": r["epochs_done"],
-                             "valid_nelbo": {str(k): v for k, v in sorted(r["valid_nelbo"].items())},
-                             "epoch_seconds": {str(k): v for k, v in sorted(r["epoch_seconds"].items())}}
-                      for name, r in runs.items()}
+    result["runs"] = {
+        name: {
+            "exit_code": r["exit_code"],
+            "epochs_done": r["epochs_done"],
+            "valid_nelbo": {str(k): v for k, v in sorted(r["valid_nelbo"].items())},
+            "epoch_seconds": {str(k): v for k, v in sorted(r["epoch_seconds"].items())},
+        }
+        for name, r in runs.items()
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     baseline_value = runs[args.baseline]["valid_nelbo"].get(result["epoch_compared"]) if args.baseline in runs else None
-    print(f"epoch compared: {result['epoch_compared']} (asked for {args.epochs}); baseline {args.baseline}: "
-          f"{baseline_value}")
+    print(
+        f"epoch compared: {result['epoch_compared']} (asked for {args.epochs}); baseline {args.baseline}: "
+        f"{baseline_value}"
+    )
     for name, check in result["checks"].items():
-        print(f"  {name:12s} nelbo {check['nelbo']:.4f}  difference {check['difference']:+.4f}  "
-              f"{'ok' if check['pass'] else 'FAIL'} (tolerance {args.tolerance:g})")
+        print(
+            f"  {name:12s} nelbo {check['nelbo']:.4f}  difference {check['difference']:+.4f}  "
+            f"{'ok' if check['pass'] else 'FAIL'} (tolerance {args.tolerance:g})"
+        )
     for name, r in runs.items():
-        print(f"  {name:12s} exit {r['exit_code']}, epochs {r['epochs_done']}, s/epoch "
-              f"{[round(v, 1) for _, v in sorted(r['epoch_seconds'].items())]}")
+        print(
+            f"  {name:12s} exit {r['exit_code']}, epochs {r['epochs_done']}, s/epoch "
+            f"{[round(v, 1) for _, v in sorted(r['epoch_seconds'].items())]}"
+        )
     print("PASS" if result["pass"] else f"FAIL{': ' + result['reason'] if 'reason' in result else ''}")
     return 0 if result["pass"] else 1
 

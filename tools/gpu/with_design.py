@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
 
     override = getattr(ops, "design", None)
     if override is None and design != "auto":
-        print(f"with_design: avme_ext.ops.design is not present in this build: cannot force {design!r}",
-              file=sys.stderr)
+        print(
+            f"with_design: avme_ext.ops.design is not present in this build: cannot force {design!r}", file=sys.stderr
+        )
         return 3
     context = override(design) if override is not None else contextlib.nullcontext()
     sys.argv = [script, *rest]
