@@ -38,7 +38,7 @@ def check_tensor(
     """
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+    if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape, strict=True)):
         expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if floating and not value.is_floating_point():

@@ -29,7 +29,8 @@ def _image_shape_tuple(value: Any) -> tuple[int, int, int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
         raise ValueError(f"image_shape must be (channels, height, width), got {value!r}")
     channels, height, width = (
-        check_positive_int(f"image_shape's {name}", size) for name, size in zip(("channels", "height", "width"), value)
+        check_positive_int(f"image_shape's {name}", size)
+        for name, size in zip(("channels", "height", "width"), value, strict=True)
     )
     return channels, height, width
 

@@ -89,7 +89,7 @@ CROSSOVER: dict[TableKey, list[tuple[int, str]]] = {
 def check_table(table: Table) -> None:
     """Raise ValueError unless ``table`` is well formed (keys, ascending max batches, known choices)."""
     if not isinstance(table, Mapping):
-        raise ValueError(f"the crossover table must be a dict, got {type(table).__name__}")
+        raise ValueError(f"the crossover table must be a dict, got {type(table).__name__}")  # noqa: TRY004 - a malformed file
     for key, entries in table.items():
         if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, str) and k for k in key)):
             raise ValueError(f"crossover key {key!r}: expected (GPU name pattern, dtype, precision), three strings")
@@ -155,11 +155,13 @@ def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[t
         raise ValueError(
             f"the crossover table block must assign CROSSOVER_SOURCES and CROSSOVER, found {sorted(values)}"
         )
-    table = {key: [tuple(entry) for entry in entries] for key, entries in values["CROSSOVER"].items()}  # type: ignore[union-attr]
+    crossover, sources = values["CROSSOVER"], values["CROSSOVER_SOURCES"]
+    if not isinstance(crossover, dict):
+        raise ValueError("CROSSOVER must be a dict")  # noqa: TRY004 - a malformed file
+    table = {key: [tuple(entry) for entry in entries] for key, entries in crossover.items()}
     check_table(table)
-    sources = values["CROSSOVER_SOURCES"]
     if not isinstance(sources, dict):
-        raise ValueError("CROSSOVER_SOURCES must be a dict")
+        raise ValueError("CROSSOVER_SOURCES must be a dict")  # noqa: TRY004 - a malformed file
     return dict(sources), table
 
 

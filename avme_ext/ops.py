@@ -41,13 +41,12 @@ in fp32 (or fp64). With float64 tensors the precision is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-
-import contextlib
-from collections.abc import Iterator
 
 from .loop_types import (
     DESIGNS,
@@ -77,7 +76,7 @@ if importlib.util.find_spec(f"{__package__}._C") is None:  # a pure-Python insta
     _IMPORT_ERROR = "avme_ext._C is not built (pure-Python install)"
 else:
     try:  # importing the library runs its TORCH_LIBRARY registrations
-        from . import _C  # type: ignore[attr-defined]  # noqa: F401
+        from . import _C  # type: ignore[attr-defined]
     except ImportError as _exc:  # built, but not loadable (e.g. built against another torch)
         _C = None
         _IMPORT_ERROR = f"avme_ext._C failed to load: {type(_exc).__name__}: {_exc}"

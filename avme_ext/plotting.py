@@ -33,14 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib as mpl
 
-matplotlib.use("Agg")  # noqa: E402  (no display; must precede pyplot)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
-import numpy as np  # noqa: E402
+mpl.use("Agg")  # no display; must precede the pyplot import
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter, NullLocator
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from .checkpoint import atomic_write_bytes
 
 __all__ = [
     "MetricsError",
@@ -281,7 +281,7 @@ def _add_learning_rate_axis(ax: plt.Axes, train: list[dict[str, Any]]) -> plt.Ax
     if len({lr for _, lr in points}) < 2:
         return None
     right = ax.twinx()
-    steps, rates = zip(*points)
+    steps, rates = zip(*points, strict=True)
     right.plot(steps, rates, color="tab:gray", linewidth=1.0, linestyle="--", label="learning rate (right axis)")
     right.set_ylabel("learning rate")
     right.set_ylim(bottom=0.0, top=1.05 * max(rates))

@@ -121,8 +121,10 @@ def render_sweep_markdown(records: Sequence[dict[str, Any]], command: str = "") 
         + (f" Made by `{command}`." if command else ""),
         "Training time is the optimisation time of all epochs (validation excluded).",
         "",
-        "| run | K | LSTM units (enc/dec) | parameters | epochs | training time (s) | best valid negative ELBO "
-        "| test negative ELBO | test bound | bound (nats) | bound (bits/dim) |",
+        (
+            "| run | K | LSTM units (enc/dec) | parameters | epochs | training time (s) | best valid negative ELBO "
+            "| test negative ELBO | test bound | bound (nats) | bound (bits/dim) |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(records, key=lambda r: (r["enc_hidden"], r["dec_hidden"], r["steps"])):

@@ -53,7 +53,7 @@ def load_results(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise ValueError(f"{path}: not a bench results file (no 'records' list)")
+            raise ValueError(f"{path}: not a bench results file (no 'records' list)")  # noqa: TRY004 - a malformed file
         if merged is None:
             merged = dict(data)
             merged["sources"] = []

@@ -20,7 +20,7 @@ before it); ``--out FILE`` also writes them as JSON with the device, versions, c
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import datetime as dt
 import json
 import platform
 import sys
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.version.cuda,
             "driver": driver_version(),
             "python": platform.python_version(),
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": commit,
             "git_dirty": dirty,
             "command": " ".join([sys.executable, "bench/barrier.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.append(str(ROOT))
 
-from avme_ext.loop_types import PRECISIONS  # noqa: E402
 from avme_ext.dispatch import (  # noqa: E402
     DESIGN_NAMES,
     REF,
@@ -49,6 +48,7 @@ from avme_ext.dispatch import (  # noqa: E402
     marker_span,
     parse_table,
 )
+from avme_ext.loop_types import PRECISIONS  # noqa: E402
 from bench.analysis import (  # noqa: E402
     Record,
     budget_skipped,

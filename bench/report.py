@@ -363,9 +363,11 @@ def _all_records(records: list[Record]) -> list[str]:
             ]
         )
     return [
-        "<details><summary>All records (value: median rate; IQR and min–max of the rate over the repeats; "
-        "TFLOP/s: algorithmic FLOPs over the median time; of peak: over the measured matmul rate of the "
-        "same precision)</summary>",
+        (
+            "<details><summary>All records (value: median rate; IQR and min–max of the rate over the repeats; "
+            "TFLOP/s: algorithmic FLOPs over the median time; of peak: over the measured matmul rate of the "
+            "same precision)</summary>"
+        ),
         "",
         *_table(
             ["workload", "impl", "B", "K", "value", "unit", "IQR", "min–max", "n", "TFLOP/s", "of peak", "notes"], rows
@@ -380,11 +382,13 @@ def render_markdown(data: dict[str, Any], source: str | None = None, plot: str |
     records = data["records"]
     designs = data.get("avme_designs")
     lines = [
-        f"Results on **{data.get('device')}** ({data.get('date')}): torch {data.get('torch')}, "
-        f"CUDA {data.get('cuda')}, driver {data.get('driver')}, commit `{str(data.get('git_commit'))[:12]}`"
-        f"{' (dirty tree)' if data.get('git_dirty') else ''}, fused ops built: "
-        f"{'yes' if data.get('avme_ops_available') else 'no'}, designs: "
-        f"{', '.join(designs) if designs else 'the default only (no avme_ext.ops.design)'}.",
+        (
+            f"Results on **{data.get('device')}** ({data.get('date')}): torch {data.get('torch')}, "
+            f"CUDA {data.get('cuda')}, driver {data.get('driver')}, commit `{str(data.get('git_commit'))[:12]}`"
+            f"{' (dirty tree)' if data.get('git_dirty') else ''}, fused ops built: "
+            f"{'yes' if data.get('avme_ops_available') else 'no'}, designs: "
+            f"{', '.join(designs) if designs else 'the default only (no avme_ext.ops.design)'}."
+        ),
         "",
     ]
     if source:
@@ -457,9 +461,9 @@ def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike) -> Path
     One line per reference mode, and one per precision for the fused ops: the fastest design and
     mode (eager or whole-step graph) measured at each B.
     """
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
@@ -475,8 +479,8 @@ def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike) -> Path
     for label, rs in _plot_series(train):
         xs = [r["batch"] for r in rs]
         ys = [r["value"] for r in rs]
-        lo = [max(0.0, y - (r.get("value_min") or y)) for y, r in zip(ys, rs)]
-        hi = [max(0.0, (r.get("value_max") or y) - y) for y, r in zip(ys, rs)]
+        lo = [max(0.0, y - (r.get("value_min") or y)) for y, r in zip(ys, rs, strict=True)]
+        hi = [max(0.0, (r.get("value_max") or y) - y) for y, r in zip(ys, rs, strict=True)]
         ax.errorbar(
             xs,
             ys,

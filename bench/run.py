@@ -25,7 +25,7 @@ See bench/README.md for the method.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import datetime as dt
 import json
 import math
 import os
@@ -79,40 +79,40 @@ MATMUL_PRECISIONS = PRECISIONS
 MIB = 1024 * 1024
 
 #: Defaults at the paper's sizes (GPU) and in ``--smoke`` mode (tiny, CPU-friendly).
-FULL_DEFAULTS: dict[str, Any] = dict(
-    model_size="784,400,400,100",
-    batches="100,256,1024,4096",
-    steps="12,64",
-    steps_batch=1024,
-    repeats=30,
-    warmup=3,
-    sample_num=10000,
-    iwae_samples=5000,
-    iwae_images=10000,
-    iwae_ref_images=100,
-    iwae_rows=50000,
-    iwae_seconds=150.0,
-    memory_batch=1024,
-    matmul_size=8192,
-    copy_mib=1024,
-)
-SMOKE_DEFAULTS: dict[str, Any] = dict(
-    model_size="784,32,32,8",
-    batches="4,16",
-    steps="3,5",
-    steps_batch=16,
-    repeats=3,
-    warmup=1,
-    sample_num=64,
-    iwae_samples=16,
-    iwae_images=16,
-    iwae_ref_images=8,
-    iwae_rows=64,
-    iwae_seconds=10.0,
-    memory_batch=16,
-    matmul_size=256,
-    copy_mib=16,
-)
+FULL_DEFAULTS: dict[str, Any] = {
+    "model_size": "784,400,400,100",
+    "batches": "100,256,1024,4096",
+    "steps": "12,64",
+    "steps_batch": 1024,
+    "repeats": 30,
+    "warmup": 3,
+    "sample_num": 10000,
+    "iwae_samples": 5000,
+    "iwae_images": 10000,
+    "iwae_ref_images": 100,
+    "iwae_rows": 50000,
+    "iwae_seconds": 150.0,
+    "memory_batch": 1024,
+    "matmul_size": 8192,
+    "copy_mib": 1024,
+}
+SMOKE_DEFAULTS: dict[str, Any] = {
+    "model_size": "784,32,32,8",
+    "batches": "4,16",
+    "steps": "3,5",
+    "steps_batch": 16,
+    "repeats": 3,
+    "warmup": 1,
+    "sample_num": 64,
+    "iwae_samples": 16,
+    "iwae_images": 16,
+    "iwae_ref_images": 8,
+    "iwae_rows": 64,
+    "iwae_seconds": 10.0,
+    "memory_batch": 16,
+    "matmul_size": 256,
+    "copy_mib": 16,
+}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -248,7 +248,7 @@ def _say(message: str) -> None:
 
 def _git(*cmd: str) -> str | None:
     try:
-        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -289,6 +289,7 @@ def driver_version() -> str | None:
             capture_output=True,
             text=True,
             timeout=20,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -318,7 +319,7 @@ class Context:
         self.size: F.ModelSize = args.size
         self.records: list[dict[str, Any]] = []
         self.pool_bytes = args.pool_mib * MIB
-        self.date = _dt.date.today().isoformat()
+        self.date = dt.date.today().isoformat()
         self.name = device_name(self.device)
         self.gpu = slug(self.name) if self.device.type == "cuda" else "cpu"
         out = Path(args.out)
@@ -384,7 +385,7 @@ class Context:
             "cuda": torch.version.cuda,
             "driver": driver_version() if self.device.type == "cuda" else None,
             "date": self.date,
-            "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "timestamp": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": commit,
             "git_dirty": dirty,
             "command": " ".join(shlex.quote(a) for a in [sys.executable, "bench/run.py", *args.argv]),
@@ -433,7 +434,7 @@ class Context:
     def write(self) -> Path:
         data = self.header()
         if self.previous is not None:
-            data["commands"] = self._previous_commands() + [data["command"]]
+            data["commands"] = [*self._previous_commands(), data["command"]]
             if self.previous.get("device") != data["device"]:
                 data["appended_device_mismatch"] = self.previous.get("device")
         data["records"] = add_fractions(self.merged_records())
@@ -601,7 +602,7 @@ def _reset_dynamo() -> None:
         import torch._dynamo
 
         torch._dynamo.reset()
-    except Exception:  # pragma: no cover
+    except Exception:  # pragma: no cover  # noqa: BLE001 - optional: a failed reset only keeps dynamo's cache
         pass
 
 
@@ -874,7 +875,7 @@ def run_iwae(ctx: Context) -> None:
             failures[name] = _first_line(error)
     ctx.timer.synchronize()
     times: dict[str, list[float]] = {name: [] for name in models}
-    done: dict[str, int] = {name: 0 for name in models}
+    done: dict[str, int] = dict.fromkeys(models, 0)
     deadline = time.perf_counter() + args.iwae_seconds
     rounds = max((math.ceil(limit / per_call) for limit in limits.values()), default=0)
     stopped = False
@@ -887,7 +888,7 @@ def run_iwae(ctx: Context) -> None:
                 break
             try:
                 count = [0]
-                seconds = ctx.timer.time(lambda: count.__setitem__(0, call(name, done[name])))
+                seconds = ctx.timer.time(lambda name=name, count=count: count.__setitem__(0, call(name, done[name])))
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 failures[name] = _first_line(error)
@@ -1064,7 +1065,7 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
         value = "skipped" if r.get("value") is None else f"{r['value']:.4g}"
         frac = r.get("fraction_of_peak")
         _say(
-            f"{r['workload']:9s} {r['impl']:26s} {str(r.get('batch') or ''):>6s} {str(r.get('steps') or ''):>3s} "
+            f"{r['workload']:9s} {r['impl']:26s} {r.get('batch') or ''!s:>6s} {r.get('steps') or ''!s:>3s} "
             f"{value:>12s} {r['unit']:11s} {'' if frac is None else f'{100 * frac:.1f}'}"
         )
 

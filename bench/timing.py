@@ -14,6 +14,7 @@ The method (see bench/README.md):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -146,5 +147,5 @@ def interleave(
             break
         i = warmup + r
         for name in round_order(names, r):
-            samples[name].append(timer.time(lambda: cases[name](i)))
+            samples[name].append(timer.time(functools.partial(cases[name], i)))
     return samples

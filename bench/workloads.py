@@ -432,7 +432,7 @@ class TrainCase:
 def _dynamo_counts() -> dict[str, int]:
     try:
         from torch._dynamo.utils import counters
-    except Exception:  # pragma: no cover
+    except Exception:  # pragma: no cover  # noqa: BLE001 - optional: no counters without dynamo
         return {}
     return {
         "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),

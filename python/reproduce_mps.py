@@ -54,7 +54,7 @@ class MpsSession:
 
 def _run(command: list[str], env: dict[str, str], timeout: float, stdin: bytes | None = None) -> tuple[int, str]:
     try:
-        done = subprocess.run(command, env=env, input=stdin, capture_output=True, timeout=timeout)
+        done = subprocess.run(command, env=env, input=stdin, capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError) as error:
         return -1, str(error)
     text = (done.stdout + done.stderr).decode(errors="replace").strip()

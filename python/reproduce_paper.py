@@ -42,15 +42,16 @@ for _path in (str(HERE), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from reproduce_eval import (
+from avme_ext.choices import IMPLS  # noqa: E402 - after the sys.path set-up above
+from reproduce_eval import (  # noqa: E402 - after the sys.path set-up above
     PassWork,
     evaluate_models,
     measure_device,
     measure_device_in_child,
     pending_work,
 )
-from reproduce_mps import MPS_MODES, mps_daemon
-from reproduce_plan import (
+from reproduce_mps import MPS_MODES, mps_daemon  # noqa: E402 - after the sys.path set-up above
+from reproduce_plan import (  # noqa: E402 - after the sys.path set-up above
     MODELS,
     Layout,
     Plan,
@@ -60,10 +61,8 @@ from reproduce_plan import (
     source_commit,
     write_json,
 )
-from reproduce_report import make_figures, write_results
-from reproduce_train import Interrupted, read_run_status, train_models, trained_summary
-
-from avme_ext.choices import IMPLS
+from reproduce_report import make_figures, write_results  # noqa: E402 - after the sys.path set-up above
+from reproduce_train import Interrupted, read_run_status, train_models, trained_summary  # noqa: E402 - after the sys.path set-up above
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: Seconds to wait for the lock of --out held by another run (or by the processes of an interrupted one).

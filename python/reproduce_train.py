@@ -49,7 +49,7 @@ CHILD_BOOT = (
 Log = Callable[[str], None]
 
 
-class Interrupted(Exception):
+class Interrupted(Exception):  # noqa: N818 - a stop request, like KeyboardInterrupt, not an error
     """SIGINT or SIGTERM: stop, keeping what is saved; a rerun continues."""
 
     def __init__(self, signum: int) -> None:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..choices import IMPLS, PRECISIONS
+from avme_ext.choices import IMPLS, PRECISIONS
+
 from ._memory import out_of_memory_message
 
 if TYPE_CHECKING:
@@ -250,8 +251,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     Raises:
         CLIError: the name is not a device, or names a CUDA device that is not present.
     """
-    from ..distributed import DistInfo
-    from ..distributed import resolve_device as resolve_for_process
+    from avme_ext.distributed import DistInfo
+    from avme_ext.distributed import resolve_device as resolve_for_process
 
     try:
         return resolve_for_process("auto" if name is None else str(name), DistInfo())
@@ -400,7 +401,7 @@ def resolve_model_source(given: str) -> ModelSource:
     Raises:
         CLIError: nothing usable under that name (the message names what the user gave).
     """
-    from ..checkpoint import CheckpointError, resolve_checkpoint
+    from avme_ext.checkpoint import CheckpointError, resolve_checkpoint
 
     path = Path(given)
     if path.exists():
@@ -409,7 +410,7 @@ def resolve_model_source(given: str) -> ModelSource:
         except (FileNotFoundError, CheckpointError) as error:
             raise CLIError(cli_message(error)) from None
     if _NAME.fullmatch(given) and path.suffix not in (".safetensors", ".json"):
-        from ..pretrained import PretrainedError, list_pretrained, pretrained_path
+        from avme_ext.pretrained import PretrainedError, list_pretrained, pretrained_path
 
         try:
             return ModelSource(given, pretrained_path(given), given)
@@ -432,7 +433,7 @@ def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: M
     Raises:
         CLIError: the model cannot be loaded.
     """
-    from ..checkpoint import CheckpointError, load_model
+    from avme_ext.checkpoint import CheckpointError, load_model
 
     source = source or resolve_model_source(args.checkpoint)
     try:
@@ -496,9 +497,9 @@ def fail(command: str, message: object, code: int = EXIT_USAGE) -> int:
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean an unusable input file or name (exit status 2)."""
-    from ..checkpoint import CheckpointError
-    from ..data import DataFormatError
-    from ..pretrained import PretrainedError
+    from avme_ext.checkpoint import CheckpointError
+    from avme_ext.data import DataFormatError
+    from avme_ext.pretrained import PretrainedError
 
     types: list[type[BaseException]] = [
         CheckpointError,
@@ -546,7 +547,7 @@ def run_subcommand(args: argparse.Namespace) -> int:
     except _Terminated:
         print(f"{_rank_prefix()}avme {command}: stopped (SIGTERM)", file=sys.stderr, flush=True)
         return EXIT_SIGTERM
-    except Exception as error:  # noqa: BLE001 - classified below, re-raised when unknown
+    except Exception as error:
         memory = out_of_memory_message(error)
         if memory is not None:
             advice = getattr(args, "memory_advice", None)
@@ -560,7 +561,7 @@ def run_subcommand(args: argparse.Namespace) -> int:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    raise _Terminated
 
 
 def _install_sigterm() -> Any:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import BINARIZE_MODES, CHANNELS, DATASETS, EMNIST_SPLITS
-from ..data.catalog import describe_datasets
-from ..data.spec import DATA_FIELDS
+from avme_ext.choices import BINARIZE_MODES, CHANNELS, DATASETS, EMNIST_SPLITS
+from avme_ext.data.catalog import describe_datasets
+from avme_ext.data.spec import DATA_FIELDS
+
 from ._common import (
     DATA_ROOT_HELP,
     CLIError,
@@ -141,7 +142,7 @@ def load_run_images(args: argparse.Namespace, checkpoint: object, model: object,
     Raises:
         CLIError: the images cannot be loaded or do not fit the model (one line, in command-line terms).
     """
-    from ..data import load_run_split
+    from avme_ext.data import load_run_split
 
     try:
         return load_run_split(checkpoint, args.split, given_data_options(args), model.config, seed=args.seed)

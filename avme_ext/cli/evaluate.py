@@ -126,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # The only places that touch avme_ext.distributed: joining the torchrun job and leaving it.
 def _join_job(device_arg: str):
     """(DistInfo, device) of this process; joins the process group under torchrun (nothing otherwise)."""
-    from .. import distributed as dist_utils
+    from avme_ext import distributed as dist_utils
 
     try:
         info = dist_utils.detect()
@@ -139,7 +139,7 @@ def _join_job(device_arg: str):
 
 def _leave_job(info) -> None:
     if info.distributed:
-        from .. import distributed as dist_utils
+        from avme_ext import distributed as dist_utils
 
         dist_utils.teardown()
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = _evaluate_and_report(args, info, device, source, json_out)
         if info.distributed:
-            from .. import distributed as dist_utils
+            from avme_ext import distributed as dist_utils
 
             dist_utils.barrier()  # leave together: a rank torn down while a peer still talks to it can abort
         return code
@@ -178,8 +178,8 @@ def _evaluate_and_report(
 ) -> int:
     import torch
 
-    from ..checkpoint import atomic_write_bytes
-    from ..evaluation import evaluate, gather_across_ranks
+    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.evaluation import evaluate, gather_across_ranks
 
     rank, world = info.rank, info.world_size
     model = load_model_for_cli(args, device, source)
@@ -244,7 +244,7 @@ def _evaluate_and_report(
 
 def _check_memory(args: argparse.Namespace, model, num_images: int, device: torch.device) -> None:
     """Refuse up front an evaluation whose trajectories at once cannot fit in memory (exit status 2)."""
-    from ..evaluation import working_rows
+    from avme_ext.evaluation import working_rows
 
     c = model.config
     rows = working_rows(num_images, args.samples, args.batch_size, args.max_rows)
@@ -269,7 +269,7 @@ LONG_EVALUATION = 600
 def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> PaceCheck:
     """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot);
     returns the :class:`PaceCheck` that compares it with the pace the evaluation then keeps."""
-    from ..evaluation import estimate_cost
+    from avme_ext.evaluation import estimate_cost
 
     estimate = estimate_cost(
         model,

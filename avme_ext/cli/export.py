@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import EXPORT_DTYPE_NAMES
+from avme_ext.choices import EXPORT_DTYPE_NAMES
+
 from ._common import (
     EXIT_STATUS_HELP,
     CLIError,
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, export_weights, resolve_checkpoint
+    from avme_ext.checkpoint import CheckpointError, export_weights, resolve_checkpoint
 
     out = check_output_path(args.out, "--out", suffix=".safetensors")
     try:

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..pretrained import list_pretrained
+    from avme_ext.pretrained import list_pretrained
 
     models = list_pretrained()
     if args.json:

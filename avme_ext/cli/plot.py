@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import atomic_write_bytes
-    from ..plotting import find_metrics, render_run_plots
+    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.plotting import find_metrics, render_run_plots
 
     metrics = find_metrics(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else metrics.parent

@@ -126,8 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import atomic_write_bytes
-    from ..images import drawing_frames, encode_gif
+    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.images import drawing_frames, encode_gif
 
     out = check_output_path(args.out, "--out", suffix=".png")
     gif = check_output_path(args.gif, "--gif", suffix=".gif") if args.gif else None
@@ -199,14 +199,14 @@ class _Pages:
         self.style = style  # make_image_grid's keywords: scale, invert, image_shape
 
     def _pixels(self, rows: int, cols: int) -> int:
-        from ..images import grid_size
+        from avme_ext.images import grid_size
 
         height, width = grid_size(rows, cols, scale=self.style["scale"], image_shape=self.style["image_shape"])
         return height * width
 
     def _files(self, path: Path, option: str, total: int, unit: str, pixels_of, grid_of) -> list[tuple[Path, bytes]]:
         """``grid_of(start, stop)`` lays out the items [start, stop) of ``total``; one file per part."""
-        from ..images import encode_png
+        from avme_ext.images import encode_png
 
         per_file = items_per_png(total, pixels_of)
         if per_file < total:
@@ -215,12 +215,12 @@ class _Pages:
         starts = range(0, total, per_file)
         return [
             (part, encode_png(grid_of(start, min(start + per_file, total))))
-            for part, start in zip(numbered_paths(path, len(starts)), starts)
+            for part, start in zip(numbered_paths(path, len(starts)), starts, strict=True)
         ]
 
     def plain(self, path: Path, probs, nrow: int | None) -> list[tuple[Path, bytes]]:
         """Samples (B, D), ``nrow`` per row (default: about square, in each file)."""
-        from ..images import sample_grid
+        from avme_ext.images import sample_grid
 
         def pixels(n: int) -> int:
             cols = min(nrow or math.ceil(math.sqrt(n)), n)
@@ -232,7 +232,7 @@ class _Pages:
 
     def classes(self, path: Path, probs) -> list[tuple[Path, bytes]]:
         """Class samples (C, N, D), one row per class; a split cuts the columns."""
-        from ..images import class_grid
+        from avme_ext.images import class_grid
 
         rows = probs.shape[0]
         return self._files(
@@ -246,7 +246,7 @@ class _Pages:
 
     def unrolled(self, path: Path, steps) -> list[tuple[Path, bytes]]:
         """Strips (K, B, D), one row per sample."""
-        from ..images import unrolled_strips_grid
+        from avme_ext.images import unrolled_strips_grid
 
         k = steps.shape[0]
         return self._files(
@@ -260,7 +260,7 @@ class _Pages:
 
     def reconstructions(self, path: Path, x, recon) -> list[tuple[Path, bytes]]:
         """Images (B, D) above their reconstructions, 8 per row."""
-        from ..images import reconstructions_grid
+        from avme_ext.images import reconstructions_grid
 
         def pixels(n: int) -> int:
             cols = min(_RECON_PER_ROW, n)

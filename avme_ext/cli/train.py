@@ -11,15 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..choices import ENCODER_INPUTS, LIKELIHOODS
-from ..config import AVMEConfig
-from ..training.config import (
-    CLASSES_FROM_DATA,
-    GRAPH_MODES,
-    LR_SCHEDULES,
-    MODEL_FIELDS,
-    TrainConfig,
-)
+from avme_ext.choices import ENCODER_INPUTS, LIKELIHOODS
+from avme_ext.config import AVMEConfig
+from avme_ext.training.config import CLASSES_FROM_DATA, GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig
+
 from ._common import (
     EXIT_STATUS_HELP,
     RawDefaultsFormatter,
@@ -360,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from ..training import train
+    from avme_ext.training import train
 
     if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the run directory
         given = args.out is not None

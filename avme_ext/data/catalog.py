@@ -12,14 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..choices import (
-    BINARIZE_MODES,
-    CHANNELS,
-    DATASETS,
-    EMNIST_SPLITS,
-    LIKELIHOODS,
-    SPLITS,
-)
+from avme_ext.choices import BINARIZE_MODES, CHANNELS, DATASETS, EMNIST_SPLITS, LIKELIHOODS, SPLITS
 
 __all__ = [
     "BINARIZE_MODES",

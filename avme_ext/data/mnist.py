@@ -173,7 +173,7 @@ def _parse_amat_row(tokens: list[bytes], where: str) -> np.ndarray:
     except ValueError as exc:
         raise DataFormatError(f"{where}: non-numeric value ({exc})") from None
     if not np.isin(row, (0, 1)).all():
-        bad = next(t for t, v in zip(tokens, row) if v not in (0, 1))
+        bad = next(t for t, v in zip(tokens, row, strict=True) if v not in (0, 1))
         raise DataFormatError(f"{where}: expected 0/1 values, found {bad.decode(errors='replace')!r}")
     return row.astype(np.uint8)
 

@@ -70,7 +70,7 @@ def load_run_split(
             those the run recorded (an image folder that changed).
         DataOptionError: the images do not fit the model (shape, pixels).
     """
-    from ..checkpoint import read_training_options
+    from avme_ext.checkpoint import read_training_options
 
     check_name("split", split, SPLITS)
     saved, record = read_training_options(checkpoint)

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, CheckpointError
-from ..config import AVMEConfig
-from ..distributed import DistInfo
-from ..model import AVME
-from ..seeds import derive_seed
+from avme_ext.checkpoint import Checkpoint, CheckpointError
+from avme_ext.config import AVMEConfig
+from avme_ext.distributed import DistInfo
+from avme_ext.model import AVME
+from avme_ext.seeds import derive_seed
+
 from .config import TrainConfig
 from .errors import TrainError
 from .schedule import SEED_NAMESPACE
@@ -60,7 +61,9 @@ def _adopt_own_capturable(optimizer: torch.optim.Optimizer, state_dict: dict[str
     """load_state_dict pre-hook: keep this optimizer's ``capturable`` (which decides where ``step`` lives).
     (The learning rate loaded is the saved one; the trainer sets each step's rate from the schedule.)"""
     own = [group.get("capturable", False) for group in optimizer.param_groups]
-    groups = [{**group, "capturable": flag} for group, flag in zip(state_dict["param_groups"], own)]
+    # strict=False: a saved state with another number of groups passes through whole, and
+    # load_state_dict then reports the mismatch.
+    groups = [{**group, "capturable": flag} for group, flag in zip(state_dict["param_groups"], own, strict=False)]
     return {**state_dict, "param_groups": groups + list(state_dict["param_groups"][len(own) :])}
 
 

@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .._value_checks import check_choice, check_positive_int
-from ..choices import DATASETS, IMPLS, PRECISIONS
-from ..config import AVMEConfig
-from ..data.spec import DataOptions, DataSpec
+from avme_ext._value_checks import check_choice, check_positive_int
+from avme_ext.choices import DATASETS, IMPLS, PRECISIONS
+from avme_ext.config import AVMEConfig
+from avme_ext.data.spec import DataOptions, DataSpec
+
 from .errors import OptionError, TrainError
 
 __all__ = [

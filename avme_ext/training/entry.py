@@ -24,10 +24,11 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from .. import distributed as dist_utils
-from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from ..config import AVMEConfig
-from ..distributed import DistInfo
+from avme_ext import distributed as dist_utils
+from avme_ext.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from avme_ext.config import AVMEConfig
+from avme_ext.distributed import DistInfo
+
 from .builders import build_setup
 from .config import CLASSES_FROM_DATA, TrainConfig, resolve_configs
 from .cost import plural

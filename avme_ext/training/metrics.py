@@ -33,7 +33,7 @@ class MetricsLog:
         if truncate_to is not None and path.exists() and path.stat().st_size > truncate_to:
             with open(path, "r+b") as handle:
                 handle.truncate(truncate_to)
-        self.handle: TextIO = open(path, "a", encoding="utf-8")
+        self.handle: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the log's life, close() closes it
         self.writer = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

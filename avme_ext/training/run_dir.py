@@ -5,7 +5,7 @@ Everything here runs on rank 0 only; other ranks learn the outcome by a broadcas
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..checkpoint import atomic_write_bytes
-from ..config import AVMEConfig
-from ..distributed import DistInfo
+from avme_ext import __version__
+from avme_ext.checkpoint import atomic_write_bytes
+from avme_ext.config import AVMEConfig
+from avme_ext.distributed import DistInfo
+
 from .config import TrainConfig
 from .errors import RunDirError, TrainError
 
@@ -119,7 +120,7 @@ def reserve_default_out_dir(name: str | None, parent: Path = Path("runs")) -> Pa
     """
     if name:
         return parent / name
-    stem = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 1000):
         candidate = parent / (stem if attempt == 1 else f"{stem}-{attempt}")

@@ -12,7 +12,8 @@ rank 0. A file system without locks (some network file systems) runs without one
 
 from __future__ import annotations
 
-import datetime
+import contextlib
+import datetime as dt
 import errno
 import fcntl
 import json
@@ -21,6 +22,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import final
 
 from .errors import RunDirError
 
@@ -30,6 +32,7 @@ __all__ = ["LOCK_NAME", "RunLock"]
 LOCK_NAME = ".avme-train.lock"
 
 
+@final
 class RunLock:
     """The lock of one run directory (see the module docstring); a context manager.
 
@@ -93,10 +96,8 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
         if self._created:
-            try:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
                 self.directory.rmdir()
-            except OSError:  # not empty: the run's files stay
-                pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -109,7 +110,7 @@ def _this_process() -> dict[str, object]:
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([_program(), *sys.argv[1:]]),
     }
 

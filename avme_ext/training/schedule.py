@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..model import AVME
-from ..seeds import derive_seed
+from avme_ext.model import AVME
+from avme_ext.seeds import derive_seed
+
 from .config import TrainConfig
 from .cost import plural
 

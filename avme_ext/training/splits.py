@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from ..config import AVMEConfig
-from ..data import DataSource, ImageSplit, check_pixels_for
-from ..distributed import DistInfo
-from ..seeds import derive_seed
+from avme_ext.config import AVMEConfig
+from avme_ext.data import DataSource, ImageSplit, check_pixels_for
+from avme_ext.distributed import DistInfo
+from avme_ext.seeds import derive_seed
+
 from .config import TrainConfig
 from .errors import OptionError, TrainError
 from .schedule import SEED_NAMESPACE, batches_per_epoch

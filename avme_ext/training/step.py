@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
-from ..distributed import DistInfo
-from ..model import AVME, ELBOTerms, elbo_terms
+from avme_ext import distributed as dist_utils
+from avme_ext.distributed import DistInfo
+from avme_ext.model import AVME, ELBOTerms, elbo_terms
+
 from .config import GRAPH_MODES
 from .errors import OptionError
 
@@ -220,7 +221,7 @@ class EagerStep:
         self.clip_grad = clip_grad
         self.world_size = world_size
         self._parameters = list(model.parameters())
-        self._forward: Forward = lambda x, y, eps: forward_model(x, y, eps=eps)  # noqa: E731
+        self._forward: Forward = lambda x, y, eps: forward_model(x, y, eps=eps)
         self._grad_norm: Tensor | None = None
 
     def gradients(
@@ -328,7 +329,7 @@ class ParameterSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for parameter, value in zip(self.parameters, self.values):
+        for parameter, value in zip(self.parameters, self.values, strict=True):
             parameter.copy_(value)
         for parameter in self.parameters:
             saved = self.state.get(id(parameter))
@@ -377,9 +378,7 @@ class GraphedStep:
         self._core = model.core
         self._likelihood = model.likelihood
         self._parameters = list(model.parameters())
-        self._forward: Forward = lambda x, y, eps: elbo_terms(  # noqa: E731
-            self._core, x, y, eps, likelihood=self._likelihood
-        )
+        self._forward: Forward = lambda x, y, eps: elbo_terms(self._core, x, y, eps, likelihood=self._likelihood)
         self._gradient_call: Recorded[Tensor] | None = None
         self._update_call: Recorded[None] | None = None
         self._static: dict[str, Tensor | None] = {}

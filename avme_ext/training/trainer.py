@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import __version__
-from .. import distributed as dist_utils
-from .. import evaluation
-from ..checkpoint import save_checkpoint
-from ..distributed import DistInfo
-from ..model import AVME
-from ..seeds import derive_seed
+from avme_ext import __version__, evaluation
+from avme_ext import distributed as dist_utils
+from avme_ext.checkpoint import save_checkpoint
+from avme_ext.distributed import DistInfo
+from avme_ext.model import AVME
+from avme_ext.seeds import derive_seed
+
 from .config import TrainConfig
 from .cost import CostEstimate, plural
 from .errors import NonFiniteError
@@ -405,8 +405,10 @@ class Trainer:
         """The end-of-run report: epochs, steps, seconds per epoch (training and validation), best ELBO."""
         history = self.state.history
         lines = [
-            f"done: {plural(self.state.epoch, 'epoch')}, {plural(self.state.step, 'step')} in "
-            f"{self._elapsed():.1f} s ({plural(self.info.world_size, 'process', 'es')} on {self.device.type})"
+            (
+                f"done: {plural(self.state.epoch, 'epoch')}, {plural(self.state.step, 'step')} in "
+                f"{self._elapsed():.1f} s ({plural(self.info.world_size, 'process', 'es')} on {self.device.type})"
+            )
         ]
         if history:
             seconds = [h["seconds"] for h in history]

@@ -65,6 +65,7 @@ def train_help() -> str:
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     return proc.stdout
 

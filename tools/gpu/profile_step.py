@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
     start = time.perf_counter()
-    with _nvtx(cuda, f"{name} B={batch} K={args.steps}"):
+    with _NvtxRange(cuda, f"{name} B={batch} K={args.steps}"):
         case.step(args.warmup)
     if cuda:
         torch.cuda.synchronize()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _nvtx:
+class _NvtxRange:
     """An NVTX range on CUDA, nothing on the CPU."""
 
     def __init__(self, cuda: bool, label: str) -> None:

@@ -27,11 +27,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "python"), str(REPO)]
 
-from reproduce_eval import pending_work
-from reproduce_plan import MODELS, Layout, Plan, make_plan, read_json
-from reproduce_train import trained_summary
-
-from avme_ext.choices import IMPLS
+from avme_ext.choices import IMPLS  # noqa: E402
+from reproduce_eval import pending_work  # noqa: E402
+from reproduce_plan import MODELS, Layout, Plan, make_plan, read_json  # noqa: E402
+from reproduce_train import trained_summary  # noqa: E402
 
 RUN = REPO / ".carry" / "repro"
 PART_NAME = "repro.tar.gz.{:03d}"
