@@ -66,7 +66,7 @@ VERSION = 1
 CHECKPOINT_SUFFIX = ".safetensors"
 RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors")
 #: dtypes :func:`export_weights` writes, by name.
-EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
+EXPORT_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
 _MODEL, _OPTIM, _RNG = "model.", "optimizer.", "rng."
 
 
@@ -137,7 +137,7 @@ def default_file_mode() -> int:
     return 0o666 & ~_current_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], Any]) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], write: bytes | Callable[[str], Any]) -> Path:
     """Write a file atomically and return its path.
 
     ``write`` is the content (bytes) or a function that writes the file whose name it is given
@@ -183,7 +183,7 @@ def _about_temporary(error: OSError, prefix: Path) -> bool:
     return error.filename is None or str(error.filename).startswith(str(prefix))
 
 
-def sha256_of(path: str | os.PathLike) -> str:
+def sha256_of(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -216,7 +216,7 @@ def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> d
 
 
 def save_checkpoint(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     model: AVME,
     *,
     optimizer: torch.optim.Optimizer | None = None,
@@ -276,7 +276,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return document
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """Find the checkpoint file for ``path``: a ``.safetensors`` file, or a run directory (its
     ``best.safetensors``, else ``last.safetensors``).
 
@@ -352,7 +352,7 @@ def _read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` or :func:`export_weights` (safetensors only,
     never pickle); ``path`` is the file or a run directory (see :func:`resolve_checkpoint`).
 
@@ -371,7 +371,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(error.reason, path=path, alternative=alternative) from None
 
 
-def read_training_options(path: str | os.PathLike) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def read_training_options(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The training options and the data record a checkpoint carries, read from its header (no tensors).
 
     A training checkpoint holds them in its trainer state (``"train"``, ``"data"``), a weights file in
@@ -389,7 +389,7 @@ def read_training_options(path: str | os.PathLike) -> tuple[dict[str, Any] | Non
 
 
 def load_model(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     device: str | torch.device = "cpu",
     impl: str = "auto",
@@ -427,7 +427,7 @@ def _export_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def export_weights(
-    source: str | os.PathLike, destination: str | os.PathLike, *, dtype: torch.dtype | str = torch.float16
+    source: str | os.PathLike[str], destination: str | os.PathLike[str], *, dtype: torch.dtype | str = torch.float16
 ) -> Path:
     """Write a weights-only file of a run's model, small enough to ship, and return its path.
 

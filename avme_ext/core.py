@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -108,14 +110,13 @@ class AVMECore(nn.Module):
         self.config = config
         self.impl = impl
         self.precision = precision
-        factory = {"device": device, "dtype": dtype}
-        self.encoder = nn.LSTMCell(2 * data_dim + dec_hidden + num_classes, enc_hidden, **factory)
-        self.posterior = nn.Linear(enc_hidden, 2 * latent_dim, **factory)
-        self.decoder = nn.LSTMCell(latent_dim + num_classes, dec_hidden, **factory)
-        self.write = nn.Linear(dec_hidden, data_dim, **factory)
+        self.encoder = nn.LSTMCell(2 * data_dim + dec_hidden + num_classes, enc_hidden, device=device, dtype=dtype)
+        self.posterior = nn.Linear(enc_hidden, 2 * latent_dim, device=device, dtype=dtype)
+        self.decoder = nn.LSTMCell(latent_dim + num_classes, dec_hidden, device=device, dtype=dtype)
+        self.write = nn.Linear(dec_hidden, data_dim, device=device, dtype=dtype)
 
     @classmethod
-    def from_config(cls, config: AVMEConfig, **kwargs) -> AVMECore:
+    def from_config(cls, config: AVMEConfig, **kwargs: Any) -> AVMECore:
         """Build a core from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype).
 
         Only the loop's fields are read (:meth:`AVMEConfig.loop_options`): the likelihood and the
@@ -206,7 +207,7 @@ class AVMECore(nn.Module):
         measured = dispatch.auto_design(torch.device(device), self.write.weight.dtype, self.precision, batch_size)
         return "auto" if measured == "ref" else ops.preferring(measured)
 
-    def resolved_impl(self, device: torch.device | str, batch_size: int | None = None) -> str:
+    def resolved_impl(self, device: torch.device | str, batch_size: int | torch.SymInt | None = None) -> str:
         """The implementation that runs for inputs on ``device`` with ``batch_size`` rows.
 
         Args:
@@ -245,11 +246,10 @@ class AVMECore(nn.Module):
     def draw_noise(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw standard normal noise (K, B, Z) on the parameters' device and dtype."""
         weight = self.write.weight
-        # Only the overload without a generator takes a symbolic batch size (torch.compile, dynamic shapes).
-        random_source = {} if generator is None else {"generator": generator}
-        return torch.randn(
-            (self.steps, batch_size, self.latent_dim), device=weight.device, dtype=weight.dtype, **random_source
-        )
+        size = (self.steps, batch_size, self.latent_dim)
+        if generator is None:  # only this overload takes a symbolic batch size (torch.compile, dynamic shapes)
+            return torch.randn(size, device=weight.device, dtype=weight.dtype)
+        return torch.randn(size, generator=generator, device=weight.device, dtype=weight.dtype)
 
     def _check(self, x: Tensor | None, y: Tensor | None, noise: Tensor, noise_name: str) -> None:
         weight = self.write.weight

@@ -140,15 +140,16 @@ def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[t
         raise ValueError(f"the crossover table block is not valid Python: {error}") from None
     values: dict[str, object] = {}
     for node in module.body:
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        )
-        if not isinstance(target, ast.Name) or node.value is None:
+        target: ast.expr | None = None
+        value: ast.expr | None = None
+        if isinstance(node, ast.AnnAssign):
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        if not isinstance(target, ast.Name) or value is None:
             raise ValueError("the crossover table block may only assign CROSSOVER_SOURCES and CROSSOVER")
         try:
-            values[target.id] = ast.literal_eval(node.value)
+            values[target.id] = ast.literal_eval(value)
         except ValueError:
             raise ValueError(f"{target.id} in the crossover table block is not a literal") from None
     if set(values) != {"CROSSOVER_SOURCES", "CROSSOVER"}:
@@ -183,7 +184,7 @@ def entries_for(table: Table, gpu_name: str, dtype: str, precision: str) -> tupl
     return ()
 
 
-def choose(entries: Sequence[tuple[int, str]], batch_size: int) -> str:
+def choose(entries: Sequence[tuple[int, str]], batch_size: int | torch.SymInt) -> str:
     """The choice of ``entries`` (see the module docstring) for ``batch_size`` rows; ``"ref"`` outside."""
     for max_batch, choice in entries:
         if batch_size <= max_batch:
@@ -194,7 +195,7 @@ def choose(entries: Sequence[tuple[int, str]], batch_size: int) -> str:
 _ENTRY_CACHE: dict[tuple[int, str, str], tuple[tuple[int, str], ...]] = {}
 
 
-@torch.compiler.assume_constant_result
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it unannotated
 def _device_entries(index: int, dtype: str, precision: str) -> tuple[tuple[int, str], ...]:
     """The table entries for CUDA device ``index`` (-1: the current one); cached, constant under compile."""
     key = (torch.cuda.current_device() if index < 0 else index, dtype, precision)
@@ -203,7 +204,7 @@ def _device_entries(index: int, dtype: str, precision: str) -> tuple[tuple[int, 
     return _ENTRY_CACHE[key]
 
 
-def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int) -> str:
+def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt) -> str:
     """The fused design ``impl="auto"`` should run for these inputs, or ``"ref"`` for the reference.
 
     Args:
@@ -234,7 +235,7 @@ def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_
     return choice
 
 
-def auto_impl(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int) -> str:
+def auto_impl(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt) -> str:
     """The implementation ``AVMECore(impl="auto")`` runs for these inputs: ``"cuda"`` or ``"ref"``.
 
     Args:

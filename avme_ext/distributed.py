@@ -148,14 +148,17 @@ def setup(info: DistInfo, device: torch.device, timeout_s: float = 1800.0) -> No
         return
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    from torch.distributed.distributed_c10d import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     # torchrun's elastic agent shares one TCP store across restart attempts, so a restarted
     # worker group would read the dead workers' addresses left by the previous attempt (gloo:
     # "connectFullMesh failed ... Connection refused"). Give every attempt its own key space.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"avme/attempt-{attempt}", store)
+    store = PrefixStore(f"avme/attempt-{attempt}", store)
     kwargs: dict[str, Any] = {
         "backend": backend,
         "timeout": timeout,

@@ -125,7 +125,7 @@ class EvalResult:
 
     def to(self, device: torch.device | str) -> EvalResult:
         """A copy with every tensor on ``device``."""
-        values = {
+        values: dict[str, Any] = {  # field name -> tensor or None
             name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._PER_IMAGE
         }
         return EvalResult(**values, **self._settings())
@@ -204,7 +204,7 @@ def _model_settings(model: AVME, samples: int) -> dict[str, Any]:
 
 
 def _concat(results: Sequence[EvalResult]) -> EvalResult:
-    values: dict[str, Tensor | None] = {}
+    values: dict[str, Any] = {}  # field name -> tensor or None
     for name in EvalResult._PER_IMAGE:
         parts = [getattr(r, name) for r in results]
         present = [p is not None for p in parts]
@@ -236,7 +236,7 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     sorted_indices = merged.indices[order]
     if sorted_indices.numel() > 1 and bool((sorted_indices[1:] == sorted_indices[:-1]).any()):
         raise ValueError("cannot merge results: some image indices appear in more than one result")
-    values = {
+    values: dict[str, Any] = {  # field name -> tensor or None
         name: (None if getattr(merged, name) is None else getattr(merged, name)[order])
         for name in EvalResult._PER_IMAGE
     }
@@ -371,10 +371,10 @@ def evaluate(
         for i in my_chunks:
             start, stop = i * batch_size, min((i + 1) * batch_size, len(split))
             index = torch.arange(start, stop, dtype=torch.int64)
-            x, y = split.batch(
+            x, labels = split.batch(
                 index, generator=chunk_generator(seed, i, split.images.device, "data"), device=device, dtype=param.dtype
             )
-            y = y if conditional else None
+            y = labels if conditional else None
             terms = model(x, y, generator=chunk_generator(seed, i, device, "elbo"))
             recon = terms.reconstruction.double()
             kl = terms.kl.double()
@@ -390,7 +390,7 @@ def evaluate(
                     progress=meter.advance,
                 ).double()
                 part.class_nll = -class_ll
-                part.nll_given_y = -class_ll.gather(1, y.view(-1, 1)).squeeze(1)
+                part.nll_given_y = -class_ll.gather(1, labels.view(-1, 1)).squeeze(1)
                 part.nll_marginal = -AVME.marginal_from_class_bounds(class_ll)
                 part.iwae_nll = part.nll_given_y
             else:

@@ -31,6 +31,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor
@@ -39,7 +40,12 @@ from torchvision.utils import make_grid, save_image
 from .checkpoint import atomic_write_bytes
 from .config import default_image_shape
 
+if TYPE_CHECKING:
+    import PIL.Image
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
 __all__ = [
+    "GridOptions",
     "class_grid",
     "drawing_frames",
     "encode_gif",
@@ -119,6 +125,16 @@ def _check_scale(scale: int) -> int:
     return scale
 
 
+class GridOptions(TypedDict, total=False):
+    """The keyword options of :func:`make_image_grid` that the other grid functions pass on."""
+
+    image_shape: Sequence[int] | None
+    scale: int
+    padding: int
+    pad_value: float
+    invert: bool
+
+
 def make_image_grid(
     images: Tensor,
     nrow: int = 8,
@@ -142,7 +158,7 @@ def make_image_grid(
         raise ValueError(f"nrow must be >= 1, got {nrow}")
     if invert:
         images = 1.0 - images
-    grid = make_grid(images.view(-1, *shape), nrow=nrow, padding=padding, pad_value=pad_value)
+    grid: Tensor = make_grid(images.view(-1, *shape), nrow=nrow, padding=padding, pad_value=pad_value)
     if scale > 1:
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return grid
@@ -155,24 +171,24 @@ def encode_png(grid: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _check_suffix(path: str | os.PathLike, suffix: str, what: str) -> Path:
+def _check_suffix(path: str | os.PathLike[str], suffix: str, what: str) -> Path:
     path = Path(path)
     if path.suffix.lower() != suffix:
         raise ValueError(f"{path}: {what} are written as {suffix[1:].upper()}; use a {suffix} file name")
     return path
 
 
-def _check_png_path(path: str | os.PathLike) -> Path:
+def _check_png_path(path: str | os.PathLike[str]) -> Path:
     return _check_suffix(path, ".png", "image files")
 
 
-def write_png(grid: Tensor, path: str | os.PathLike) -> Path:
+def write_png(grid: Tensor, path: str | os.PathLike[str]) -> Path:
     """Write a grid as a PNG file, atomically (a reader never sees a partial file); returns the path."""
     path = _check_png_path(path)
     return atomic_write_bytes(path, encode_png(grid))
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, **kwargs) -> Path:
+def save_image_grid(images: Tensor, path: str | os.PathLike[str], nrow: int = 8, **kwargs: Unpack[GridOptions]) -> Path:
     """Save flattened images ``(B, D)`` as a PNG grid (``kwargs``: see :func:`make_image_grid`)."""
     return write_png(make_image_grid(images, nrow, **kwargs), _check_png_path(path))
 
@@ -182,7 +198,7 @@ def _square_columns(count: int) -> int:
     return max(1, math.ceil(math.sqrt(count)))
 
 
-def sample_grid(probs: Tensor, nrow: int | None = None, **kwargs) -> Tensor:
+def sample_grid(probs: Tensor, nrow: int | None = None, **kwargs: Unpack[GridOptions]) -> Tensor:
     """Samples ``(B, D)`` (means of p(x | z)) as a grid, ``nrow`` per row (default ~square).
 
     ``kwargs``: see :func:`make_image_grid` (``image_shape`` for images other than 28x28 grey).
@@ -192,7 +208,9 @@ def sample_grid(probs: Tensor, nrow: int | None = None, **kwargs) -> Tensor:
     return make_image_grid(probs, nrow, **kwargs)
 
 
-def save_sample_grid(probs: Tensor, path: str | os.PathLike, nrow: int | None = None, **kwargs) -> Path:
+def save_sample_grid(
+    probs: Tensor, path: str | os.PathLike[str], nrow: int | None = None, **kwargs: Unpack[GridOptions]
+) -> Path:
     """Save samples ``(B, D)`` (means of p(x | z)) as a PNG grid, ``nrow`` per row (default ~square)."""
     return write_png(sample_grid(probs, nrow, **kwargs), _check_png_path(path))
 
@@ -205,7 +223,7 @@ def _check_steps(steps: Tensor) -> tuple[int, int, int]:
     return k, b, d
 
 
-def unrolled_strips_grid(steps: Tensor, **kwargs) -> Tensor:
+def unrolled_strips_grid(steps: Tensor, **kwargs: Unpack[GridOptions]) -> Tensor:
     """The drawing process: one row per image showing sigmoid(s_t) for t = 1..K left to right.
 
     Args:
@@ -219,12 +237,12 @@ def unrolled_strips_grid(steps: Tensor, **kwargs) -> Tensor:
     return make_image_grid(rows, k, **kwargs)
 
 
-def save_unrolled_strips(steps: Tensor, path: str | os.PathLike, **kwargs) -> Path:
+def save_unrolled_strips(steps: Tensor, path: str | os.PathLike[str], **kwargs: Unpack[GridOptions]) -> Path:
     """Save :func:`unrolled_strips_grid` of ``steps`` (K, B, D) as a PNG."""
     return write_png(unrolled_strips_grid(steps, **kwargs), _check_png_path(path))
 
 
-def class_grid(probs: Tensor, **kwargs) -> Tensor:
+def class_grid(probs: Tensor, *, per_class: int | None = None, **kwargs: Unpack[GridOptions]) -> Tensor:
     """Class-conditional samples with one row per class.
 
     Args:
@@ -232,7 +250,6 @@ def class_grid(probs: Tensor, **kwargs) -> Tensor:
             ``per_class=N`` keyword), row c showing class c.
         kwargs: see :func:`make_image_grid`.
     """
-    per_class = kwargs.pop("per_class", None)
     if isinstance(probs, Tensor) and probs.dim() == 2:
         if per_class is None or per_class < 1 or probs.shape[0] % per_class:
             raise ValueError(f"(C*N, D) class samples need per_class=N dividing {probs.shape[0]}, got {per_class}")
@@ -243,12 +260,14 @@ def class_grid(probs: Tensor, **kwargs) -> Tensor:
     return make_image_grid(probs.reshape(c * n, d), n, **kwargs)
 
 
-def save_class_grid(probs: Tensor, path: str | os.PathLike, **kwargs) -> Path:
+def save_class_grid(
+    probs: Tensor, path: str | os.PathLike[str], *, per_class: int | None = None, **kwargs: Unpack[GridOptions]
+) -> Path:
     """Save :func:`class_grid` of ``probs`` as a PNG."""
-    return write_png(class_grid(probs, **kwargs), _check_png_path(path))
+    return write_png(class_grid(probs, per_class=per_class, **kwargs), _check_png_path(path))
 
 
-def reconstructions_grid(x: Tensor, recon: Tensor, nrow: int = 8, **kwargs) -> Tensor:
+def reconstructions_grid(x: Tensor, recon: Tensor, nrow: int = 8, **kwargs: Unpack[GridOptions]) -> Tensor:
     """Data and reconstructions as pairs of rows: ``nrow`` originals, then their reconstructions below.
 
     Args:
@@ -272,13 +291,15 @@ def reconstructions_grid(x: Tensor, recon: Tensor, nrow: int = 8, **kwargs) -> T
     return make_image_grid(paired, cols, **kwargs)
 
 
-def save_reconstructions(x: Tensor, recon: Tensor, path: str | os.PathLike, nrow: int = 8, **kwargs) -> Path:
+def save_reconstructions(
+    x: Tensor, recon: Tensor, path: str | os.PathLike[str], nrow: int = 8, **kwargs: Unpack[GridOptions]
+) -> Path:
     """Save :func:`reconstructions_grid` of ``x`` and ``recon`` (B, D) as a PNG."""
     return write_png(reconstructions_grid(x, recon, nrow, **kwargs), _check_png_path(path))
 
 
 # --------------------------------------------------------------------------- animation
-def drawing_frames(steps: Tensor, nrow: int | None = None, **kwargs) -> list[Tensor]:
+def drawing_frames(steps: Tensor, nrow: int | None = None, **kwargs: Unpack[GridOptions]) -> list[Tensor]:
     """One grid per drawing step: frame t shows sigmoid(s_t) of every image, a bar below filled to t/K.
 
     Args:
@@ -304,7 +325,7 @@ def drawing_frames(steps: Tensor, nrow: int | None = None, **kwargs) -> list[Ten
     return frames
 
 
-def _to_pil(grid: Tensor):
+def _to_pil(grid: Tensor) -> PIL.Image.Image:
     """A (3, H, W) float grid in [0, 1] as a Pillow image: mode "L" when its channels are equal, else "RGB"."""
     from PIL import Image
 
@@ -338,20 +359,26 @@ def encode_gif(frames: Sequence[Tensor], *, frame_ms: int = DEFAULT_FRAME_MS, ho
     return buffer.getvalue()
 
 
-def write_gif(frames: Sequence[Tensor], path: str | os.PathLike, **kwargs) -> Path:
+def write_gif(
+    frames: Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    frame_ms: int = DEFAULT_FRAME_MS,
+    hold_ms: int = DEFAULT_HOLD_MS,
+) -> Path:
     """Write :func:`encode_gif` of ``frames`` to a ``.gif`` file, atomically; returns the path."""
     path = _check_suffix(path, ".gif", "animations")
-    return atomic_write_bytes(path, encode_gif(frames, **kwargs))
+    return atomic_write_bytes(path, encode_gif(frames, frame_ms=frame_ms, hold_ms=hold_ms))
 
 
 def save_drawing_gif(
     steps: Tensor,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     nrow: int | None = None,
     *,
     frame_ms: int = DEFAULT_FRAME_MS,
     hold_ms: int = DEFAULT_HOLD_MS,
-    **kwargs,
+    **kwargs: Unpack[GridOptions],
 ) -> Path:
     """Save the K drawing steps (K, B, D) as an animated GIF of :func:`drawing_frames`."""
     path = _check_suffix(path, ".gif", "animations")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,7 @@ class AVME(nn.Module):
         self._config = config
 
     @classmethod
-    def from_config(cls, config: AVMEConfig, **kwargs) -> AVME:
+    def from_config(cls, config: AVMEConfig, **kwargs: Any) -> AVME:
         """Build a model from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype)."""
         return cls(**config.to_dict(), **kwargs)
 
@@ -384,11 +384,14 @@ class AVME(nn.Module):
             of the pixels themselves, ``self.likelihood.sample(means)``, adds independent pixel
             noise: salt and pepper for the Bernoulli, grain for the logistic).
         """
-        if y is None and num_samples is None:
+        if y is not None:
+            if num_samples is not None and num_samples != y.shape[0]:
+                raise ValueError(f"num_samples={num_samples} does not match y's batch size {y.shape[0]}")
+            batch = y.shape[0]
+        elif num_samples is None:
             raise ValueError("sample() needs num_samples (unconditional) or y (conditional)")
-        if y is not None and num_samples is not None and num_samples != y.shape[0]:
-            raise ValueError(f"num_samples={num_samples} does not match y's batch size {y.shape[0]}")
-        batch = y.shape[0] if y is not None else num_samples
+        else:
+            batch = num_samples
         check_positive_int("num_samples", batch, minimum=0)
         y_vec = self.encode_labels(y, batch)
         out = self.core.sample(y=y_vec, batch_size=batch, generator=generator, return_canvases=return_steps)

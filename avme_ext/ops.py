@@ -44,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Iterator
+from types import ModuleType
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -71,12 +73,12 @@ __all__ = [
 ]
 
 _IMPORT_ERROR: str | None = None
+_C: ModuleType | None = None
 if importlib.util.find_spec(f"{__package__}._C") is None:  # a pure-Python install
-    _C = None
     _IMPORT_ERROR = "avme_ext._C is not built (pure-Python install)"
 else:
     try:  # importing the library runs its TORCH_LIBRARY registrations
-        from . import _C  # type: ignore[attr-defined]
+        _C = importlib.import_module(f"{__package__}._C")
     except ImportError as _exc:  # built, but not loadable (e.g. built against another torch)
         _C = None
         _IMPORT_ERROR = f"avme_ext._C failed to load: {type(_exc).__name__}: {_exc}"
@@ -210,20 +212,29 @@ def fused_forward(
     return _forward_with(torch.ops.avme, x, y, eps, params, encoder_input, return_canvases, precision, design)
 
 
-def _forward_with(ns, x, y, eps, params, encoder_input, return_canvases, precision, design_name=None) -> ForwardOutput:
+def _forward_with(
+    ns: Any,
+    x: Tensor,
+    y: Tensor | None,
+    eps: Tensor,
+    params: AVMEParams,
+    encoder_input: str,
+    return_canvases: bool,
+    precision: str,
+    design_name: str | None = None,
+) -> ForwardOutput:
     """fused_forward on the ops of namespace ``ns`` (torch.ops.avme, or the test emulator's)."""
     design_name = requested_design() if design_name is None else design_name
     _check_options(encoder_input, precision, design_name)
     enc_b = params.enc_b_ih + params.enc_b_hh
     dec_b = params.dec_b_ih + params.dec_b_hh
-    tensors = (
+    tensors = tuple(_contiguous(t) for t in (
         x, y, eps,
         params.enc_w_ih, params.enc_w_hh, enc_b,
         params.q_w, params.q_b,
         params.dec_w_ih, params.dec_w_hh, dec_b,
         params.write_w, params.write_b,
-    )  # fmt: skip
-    tensors = tuple(_contiguous(t) for t in tensors)
+    ))  # fmt: skip
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out = ns.forward(*tensors, encoder_input, bool(return_canvases), save, precision, design_name)
     return ForwardOutput(canvas=out[0], mu=out[1], logvar=out[2], canvases=out[3] if return_canvases else None)
@@ -246,24 +257,36 @@ def fused_sample(
     return _sample_with(torch.ops.avme, z, y, params, return_canvases, precision, design)
 
 
-def _sample_with(ns, z, y, params, return_canvases, precision, design_name=None) -> SampleOutput:
+def _sample_with(
+    ns: Any,
+    z: Tensor,
+    y: Tensor | None,
+    params: AVMEParams,
+    return_canvases: bool,
+    precision: str,
+    design_name: str | None = None,
+) -> SampleOutput:
     """fused_sample on the ops of namespace ``ns``."""
     design_name = requested_design() if design_name is None else design_name
     _check_options("canvas", precision, design_name)
     dec_b = params.dec_b_ih + params.dec_b_hh
-    tensors = (z, y, params.dec_w_ih, params.dec_w_hh, dec_b, params.write_w, params.write_b)
-    tensors = tuple(_contiguous(t) for t in tensors)
+    tensors = tuple(
+        _contiguous(t) for t in (z, y, params.dec_w_ih, params.dec_w_hh, dec_b, params.write_w, params.write_b)
+    )
     canvas, canvases = ns.sample(*tensors, bool(return_canvases), precision, design_name)
     return SampleOutput(canvas=canvas, canvases=canvases if return_canvases else None)
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels and autograd (registered only when the library is loaded).
+# Fake kernels and autograd (registered only when the library is loaded). The signatures
+# follow the op schemas in csrc/avme_ops.cpp. ``ctx`` is the autograd context of
+# torch.library.register_autograd (it carries attributes set in setup_context: Any).
 # ---------------------------------------------------------------------------------------
 def _forward_fake(
-    x, y, eps, enc_w_ih, enc_w_hh, enc_b, q_w, q_b, dec_w_ih, dec_w_hh, dec_b, write_w, write_b,
-    encoder_input, return_canvases, save_for_backward, precision, design,
-):  # fmt: skip
+    x: Tensor, y: Tensor | None, eps: Tensor, enc_w_ih: Tensor, enc_w_hh: Tensor, enc_b: Tensor, q_w: Tensor,
+    q_b: Tensor, dec_w_ih: Tensor, dec_w_hh: Tensor, dec_b: Tensor, write_w: Tensor, write_b: Tensor,
+    encoder_input: str, return_canvases: bool, save_for_backward: bool, precision: str, design: str,
+) -> tuple[Tensor, ...]:  # fmt: skip
     steps, batch, latent = eps.shape
     data_dim, enc_hidden, dec_hidden = write_w.shape[0], enc_w_hh.shape[1], dec_w_hh.shape[1]
     saved = steps if save_for_backward else 0
@@ -285,11 +308,12 @@ def _forward_fake(
 
 
 def _backward_fake(
-    grad_canvas, grad_mu, grad_logvar, grad_canvases, x, y, eps, logvar, canvases,
-    h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
-    enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
-    encoder_input, need_grad_x, need_grad_y, need_grad_eps, precision, design,
-):  # fmt: skip
+    grad_canvas: Tensor | None, grad_mu: Tensor | None, grad_logvar: Tensor | None, grad_canvases: Tensor | None,
+    x: Tensor, y: Tensor | None, eps: Tensor, logvar: Tensor, canvases: Tensor,
+    h_enc: Tensor, c_enc: Tensor, gates_enc: Tensor, z: Tensor, h_dec: Tensor, c_dec: Tensor, gates_dec: Tensor,
+    enc_w_ih: Tensor, enc_w_hh: Tensor, q_w: Tensor, dec_w_ih: Tensor, dec_w_hh: Tensor, write_w: Tensor,
+    encoder_input: str, need_grad_x: bool, need_grad_y: bool, need_grad_eps: bool, precision: str, design: str,
+) -> tuple[Tensor, ...]:  # fmt: skip
     steps, batch, latent = eps.shape
     classes = dec_w_ih.shape[1] - latent
     return (
@@ -309,7 +333,10 @@ def _backward_fake(
     )
 
 
-def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canvases, precision, design):
+def _sample_fake(
+    z: Tensor, y: Tensor | None, dec_w_ih: Tensor, dec_w_hh: Tensor, dec_b: Tensor, write_w: Tensor,
+    write_b: Tensor, return_canvases: bool, precision: str, design: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     steps, batch, _ = z.shape
     data_dim = write_w.shape[0]
     return (
@@ -318,7 +345,7 @@ def _sample_fake(z, y, dec_w_ih, dec_w_hh, dec_b, write_w, write_b, return_canva
     )
 
 
-def _forward_setup_context(ctx, inputs, output):
+def _forward_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     (
         x, y, eps, enc_w_ih, enc_w_hh, _enc_b, q_w, _q_b, dec_w_ih, dec_w_hh, _dec_b, write_w,
         _write_b, encoder_input, _return_canvases, _save, precision, design_name,
@@ -338,7 +365,14 @@ def _grad(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases):
+def _forward_backward(
+    ns: Any,
+    ctx: Any,
+    grad_canvas: Tensor | None,
+    grad_mu: Tensor | None,
+    grad_logvar: Tensor | None,
+    grad_canvases: Tensor | None,
+) -> tuple[Tensor | None, ...]:
     (
         x, y, eps, logvar, canvases, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec,
         enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w,
@@ -369,7 +403,7 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-def _backward_backward(ctx, *grads):
+def _backward_backward(ctx: Any, *grads: Tensor | None) -> NoReturn:
     """Autograd formula of ``avme::backward``: refuse to differentiate it (double backward).
 
     Runs only when the gradients computed with ``create_graph=True`` are differentiated
@@ -378,11 +412,11 @@ def _backward_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-def _sample_setup_context(ctx, inputs, output):
+def _sample_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     pass
 
 
-def _sample_backward(ctx, grad_canvas, grad_canvases):
+def _sample_backward(ctx: Any, grad_canvas: Tensor | None, grad_canvases: Tensor | None) -> NoReturn:
     raise RuntimeError(
         "backward through the fused sampler (avme::sample) is not implemented; "
         "run the sampler under torch.no_grad(), or use AVMECore(impl='ref') to differentiate it"
@@ -393,7 +427,14 @@ def _register(namespace: str = "avme") -> None:
     """Register fake kernels and autograd for the ops of ``namespace``."""
     ns = getattr(torch.ops, namespace)
 
-    def backward(ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases, *_grad_state):
+    def backward(
+        ctx: Any,
+        grad_canvas: Tensor | None,
+        grad_mu: Tensor | None,
+        grad_logvar: Tensor | None,
+        grad_canvases: Tensor | None,
+        *_grad_state: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
         return _forward_backward(ns, ctx, grad_canvas, grad_mu, grad_logvar, grad_canvases)
 
     torch.library.register_fake(f"{namespace}::forward", _forward_fake)

@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 
@@ -41,6 +41,10 @@ import numpy as np
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from .checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "MetricsError",
@@ -68,7 +72,7 @@ class MetricsError(ValueError):
     """A metrics file is missing, empty or malformed (the message names the file and line)."""
 
 
-def find_metrics(path: str | os.PathLike) -> Path:
+def find_metrics(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a file, else ``path/metrics.jsonl`` for a run directory.
 
     Raises:
@@ -89,7 +93,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Parse a ``metrics.jsonl`` file (or a run directory's) into a list of records.
 
     Blank lines are skipped. Every other line must be a JSON object with a string ``"kind"``;
@@ -137,7 +141,7 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
-def figure_png(fig: plt.Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     """Render ``fig`` to PNG bytes (120 dpi) and close it."""
     buffer = io.BytesIO()
     try:
@@ -147,22 +151,22 @@ def figure_png(fig: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _save_figure(fig: plt.Figure, out_png: str | os.PathLike) -> Path:
+def _save_figure(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
     return atomic_write_bytes(Path(out_png), figure_png(fig))
 
 
-def _add_epoch_axis(ax: plt.Axes, records: list[dict[str, Any]]) -> None:
+def _add_epoch_axis(ax: Axes, records: list[dict[str, Any]]) -> None:
     """Add a top axis of epochs completed when epochs have a constant number of steps.
 
     ``epoch``/``valid`` records mark the end of epoch ``e`` at ``step``; the axis is the linear
     map step -> step / steps_per_epoch, drawn only when every record agrees with it within 5%.
     """
-    pairs = {
+    marks = {
         (float(r["step"]), float(r["epoch"]))
         for r in records
         if r["kind"] in ("epoch", "valid") and _number(r.get("epoch")) and _number(r.get("step"))
     }
-    pairs = sorted(p for p in pairs if p[0] > 0 and p[1] > 0)
+    pairs = sorted(p for p in marks if p[0] > 0 and p[1] > 0)
     if not pairs:
         return
     steps_per_epoch = pairs[-1][0] / pairs[-1][1]
@@ -184,7 +188,7 @@ def _typical_gap(steps: np.ndarray) -> int | None:
     return int(values[np.argmax(counts)])
 
 
-def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME training") -> plt.Figure:
+def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME training") -> Figure:
     """The training curve of parsed metrics records (see :func:`plot_training_curve`).
 
     Raises:
@@ -274,7 +278,7 @@ def training_curve_figure(records: list[dict[str, Any]], *, title: str = "AVME t
     return fig
 
 
-def _add_learning_rate_axis(ax: plt.Axes, train: list[dict[str, Any]]) -> plt.Axes | None:
+def _add_learning_rate_axis(ax: Axes, train: list[dict[str, Any]]) -> Axes | None:
     """Draw the logged learning rate on a right-hand axis when it changes during the run
     (``--lr-schedule cosine``); returns that axis, or None for a constant rate."""
     points = [(float(r["step"]), float(r["lr"])) for r in train if _number(r.get("lr")) and _number(r.get("step"))]
@@ -290,7 +294,7 @@ def _add_learning_rate_axis(ax: plt.Axes, train: list[dict[str, Any]]) -> plt.Ax
 
 
 def plot_training_curve(
-    metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str | None = None
+    metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, title: str | None = None
 ) -> Path:
     """Plot the training loss per step and the validation negative ELBO per epoch (nats).
 
@@ -329,7 +333,7 @@ def _pick_valid_record(records: list[dict[str, Any]], which: str, path: Path) ->
     return valid[-1]
 
 
-def kl_per_step_figure(values: Sequence[float], *, title: str = "KL per drawing step") -> plt.Figure:
+def kl_per_step_figure(values: Sequence[float], *, title: str = "KL per drawing step") -> Figure:
     """Bar chart of the KL (nats per image) of every drawing step t = 1..K.
 
     Raises:
@@ -356,8 +360,8 @@ def kl_per_step_figure(values: Sequence[float], *, title: str = "KL per drawing 
 
 
 def plot_kl_per_step(
-    source: str | os.PathLike | Sequence[float],
-    out_png: str | os.PathLike,
+    source: str | os.PathLike[str] | Sequence[float],
+    out_png: str | os.PathLike[str],
     *,
     which: str = "best",
     title: str | None = None,
@@ -387,7 +391,7 @@ def plot_kl_per_step(
     return _save_figure(kl_per_step_figure(values, title=title or default_title), out_png)
 
 
-def render_run_plots(metrics_path: str | os.PathLike, *, which: str = "best") -> dict[str, bytes]:
+def render_run_plots(metrics_path: str | os.PathLike[str], *, which: str = "best") -> dict[str, bytes]:
     """Render a run's plots to PNG bytes without writing anything.
 
     Returns:
@@ -441,7 +445,7 @@ def _hidden_label(record: dict[str, Any]) -> str:
     return str(enc) if enc == dec else f"{enc}/{dec}"
 
 
-def sweep_figure(records: Sequence[dict[str, Any]], x: str, *, title: str = "AVME sweep") -> plt.Figure:
+def sweep_figure(records: Sequence[dict[str, Any]], x: str, *, title: str = "AVME sweep") -> Figure:
     """The bound of every run of a sweep against ``x`` (a key of :data:`SWEEP_AXES`), one line per group.
 
     Against K and against time, one line per LSTM size (its points in order of K); against the

@@ -99,12 +99,12 @@ def _read_index(directory: Path | None) -> list[PretrainedModel]:
         raise PretrainedError(f"{path}: unreadable registry index ({error}); reinstall the package") from None
 
 
-def list_pretrained(directory: str | os.PathLike | None = None) -> list[PretrainedModel]:
+def list_pretrained(directory: str | os.PathLike[str] | None = None) -> list[PretrainedModel]:
     """The installed pretrained models, in index order (an empty list when none are installed)."""
     return _read_index(None if directory is None else Path(directory))
 
 
-def pretrained_info(name: str, directory: str | os.PathLike | None = None) -> PretrainedModel:
+def pretrained_info(name: str, directory: str | os.PathLike[str] | None = None) -> PretrainedModel:
     """The registry entry of ``name``.
 
     Raises:
@@ -120,7 +120,7 @@ def pretrained_info(name: str, directory: str | os.PathLike | None = None) -> Pr
     raise PretrainedError(f"no pretrained model {name!r}; installed: {names}")
 
 
-def pretrained_path(name: str, directory: str | os.PathLike | None = None) -> Path:
+def pretrained_path(name: str, directory: str | os.PathLike[str] | None = None) -> Path:
     """The verified weights file of ``name``.
 
     Raises:
@@ -146,7 +146,7 @@ def load_pretrained(
     impl: str = "auto",
     precision: str = "fp32",
     dtype: torch.dtype = torch.float32,
-    directory: str | os.PathLike | None = None,
+    directory: str | os.PathLike[str] | None = None,
 ) -> AVME:
     """The pretrained model ``name`` in eval mode, its file checked against the index's SHA-256.
 
@@ -163,12 +163,12 @@ def load_pretrained(
 
 def register_pretrained(
     name: str,
-    source: str | os.PathLike,
+    source: str | os.PathLike[str],
     *,
     description: str,
     results: dict[str, Any] | None = None,
     dtype: torch.dtype | str = torch.float16,
-    directory: str | os.PathLike | None = None,
+    directory: str | os.PathLike[str] | None = None,
 ) -> PretrainedModel:
     """Add (or replace) ``name`` in a registry: export ``source``'s weights there and rewrite the index.
 

@@ -39,7 +39,7 @@ _FUSED_NAME = re.compile(r"^fused-(?:(?P<design>[a-z]+)-)?(?P<precision>fp32|tf3
 BUDGET_REASON = "time budget"
 
 
-def load_results(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
+def load_results(paths: Iterable[str | os.PathLike[str]]) -> dict[str, Any]:
     """Load and merge results files (header of the first, records of all, later ones winning).
 
     A later file's record replaces an earlier one with the same workload, impl, B and K.

@@ -455,7 +455,7 @@ def _plot_series(train: list[Record]) -> list[tuple[str, list[Record]]]:
     return series
 
 
-def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike) -> Path | None:
+def plot_train_throughput(data: dict[str, Any], path: str | os.PathLike[str]) -> Path | None:
     """Log-log plot of training samples/s against B (K = the first K); None if no data.
 
     One line per reference mode, and one per precision for the fused ops: the fastest design and

@@ -41,6 +41,9 @@ from ._memory import out_of_memory_message
 if TYPE_CHECKING:
     import torch
 
+    from avme_ext.checkpoint import CheckpointError
+    from avme_ext.model import AVME
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
@@ -114,17 +117,19 @@ class CommandParser(argparse.ArgumentParser):
     ``avme <command>: error: <message> (see 'avme <command> --help')``, and exit status 2, the
     convention of every other error (argparse itself prints the usage first)."""
 
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]  # one signature for typeshed's two overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
         """As argparse's, but an unrecognized argument is reported by the subcommand it was given to."""
-        namespace, extras = self.parse_known_args(args, namespace)
+        parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            self._chosen_subparser(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace
+            self._chosen_subparser(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def _chosen_subparser(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+                chosen: argparse.ArgumentParser | None = action.choices.get(getattr(namespace, action.dest, None) or "")
                 if chosen is not None:
                     return chosen
         return self
@@ -155,7 +160,9 @@ class RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawD
         return f"{text} (default: %(default)s)"
 
 
-def add_switch(parser: argparse.ArgumentParser, name: str, *, default: bool | None, help: str) -> argparse.Action:
+def add_switch(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *, default: bool | None, help: str
+) -> argparse.Action:
     """Add ``--name`` / ``--no-name`` (``argparse.BooleanOptionalAction``), shown as ``(default: on|off)``."""
     action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
     action.help = help  # Python < 3.13 appends its own "(default: True)"; the formatter writes on/off
@@ -214,7 +221,9 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, precision: bool = True, given_only: bool = False) -> None:
+def add_device_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, precision: bool = True, given_only: bool = False
+) -> None:
     """Add ``--device``, ``--impl`` (and ``--precision`` unless ``precision=False``).
 
     ``given_only=True`` makes every default None ("not given"), for a subcommand that fills in
@@ -260,7 +269,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise CLIError(str(error)) from None
 
 
-def add_seed_argument(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
+def add_seed_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = 0) -> None:
     """Add ``--seed`` (an integer; None: "not given", with the default stated by the caller's help)."""
     parser.add_argument("--seed", type=int, default=default, help="random seed: results are reproducible given it")
 
@@ -284,7 +293,9 @@ DATA_ROOT_HELP = (
 )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = False, from_run: bool = False) -> None:
+def add_data_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, given_only: bool = False, from_run: bool = False
+) -> None:
     """Add the data options (``--dataset``, ``--data-root``, ``--download``, ``--binarize``, ``--image-size``, ...;
     see :func:`avme_ext.cli._data_options.add_data_options`).
 
@@ -297,7 +308,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = Fa
     add_data_options(parser, given_only=given_only, from_run=from_run)
 
 
-def check_output_path(path: str | os.PathLike, option: str, *, suffix: str | None = None) -> Path:
+def check_output_path(path: str | os.PathLike[str], option: str, *, suffix: str | None = None) -> Path:
     """Refuse an output file that could not be written, before any work starts.
 
     Args:
@@ -318,7 +329,7 @@ def check_output_path(path: str | os.PathLike, option: str, *, suffix: str | Non
     return path
 
 
-def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
     """Refuse an output directory that could not be written (or created), before any work starts.
 
     The check creates and removes a file in the directory (a directory in its nearest existing
@@ -424,7 +435,7 @@ def resolve_model_source(given: str) -> ModelSource:
     raise CLIError(f"checkpoint {given} does not exist; pass a run directory or a .safetensors checkpoint")
 
 
-def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: ModelSource | None = None):
+def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: ModelSource | None = None) -> AVME:
     """Load ``args.checkpoint`` (or ``source``) onto ``device`` with ``--impl``/``--precision``.
 
     A corrupt ``best.safetensors`` whose run has an intact ``last.safetensors`` is reported with
@@ -447,18 +458,19 @@ def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: M
         raise checkpoint_cli_error(args, source.given, error) from None
 
 
-def checkpoint_cli_error(args: argparse.Namespace, given: str, error: Exception) -> CLIError:
+def checkpoint_cli_error(args: argparse.Namespace, given: str, error: FileNotFoundError | CheckpointError) -> CLIError:
     """The :class:`CLIError` of a checkpoint that cannot be read, the same in every command.
 
     A corrupt ``best.safetensors`` whose run has an intact ``last.safetensors``
     (``error.alternative``) gets the exact command line that uses the latter: this invocation
     with ``given`` (the argument as the user typed it) replaced.
     """
-    alternative = getattr(error, "alternative", None)
-    if alternative is None:
+    from avme_ext.checkpoint import CheckpointError  # loaded already: the checkpoint was being read
+
+    if not isinstance(error, CheckpointError) or error.alternative is None:
         return CLIError(cli_message(error))
-    command = _command_with(args, given, str(alternative))
-    return CLIError(f"{error.reason}; the run's last checkpoint {alternative} is intact, use it: {command}")
+    command = _command_with(args, given, str(error.alternative))
+    return CLIError(f"{error.reason}; the run's last checkpoint {error.alternative} is intact, use it: {command}")
 
 
 def _command_with(args: argparse.Namespace, old: str, new: str) -> str:

@@ -7,6 +7,7 @@ told otherwise, so their defaults are "the run's".
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from avme_ext.choices import BINARIZE_MODES, CHANNELS, DATASETS, EMNIST_SPLITS
 from avme_ext.data.catalog import describe_datasets
@@ -19,6 +20,12 @@ from ._common import (
     nonnegative_int,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from avme_ext.data import ImageSplit
+    from avme_ext.model import AVME
 
 __all__ = ["add_data_options", "datasets_epilog", "given_data_options", "load_run_images"]
 
@@ -135,7 +142,7 @@ def given_data_options(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in _OVERRIDABLE if getattr(args, name, None) is not None}
 
 
-def load_run_images(args: argparse.Namespace, checkpoint: object, model: object, purpose: str = ""):
+def load_run_images(args: argparse.Namespace, checkpoint: Path, model: AVME, purpose: str = "") -> ImageSplit:
     """``args.split`` of the data ``model`` (loaded from ``checkpoint``) was trained on, with the data options
     given in ``args`` overriding the run's (see :func:`avme_ext.data.load_run_split`).
 

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._common import (
     EXIT_STATUS_HELP,
@@ -32,6 +32,10 @@ from ._memory import FLOAT_BYTES, check_fits
 
 if TYPE_CHECKING:
     import torch
+
+    from avme_ext.data import ImageSplit
+    from avme_ext.distributed import DistInfo
+    from avme_ext.model import AVME
 
 DESCRIPTION = """\
 Evaluate a checkpoint on a data split; all numbers are nats per image, lower is better.
@@ -77,7 +81,7 @@ examples:
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="negative ELBO and IWAE likelihood bounds on a data split (table + JSON)",
@@ -124,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- distributed hook
 # The only places that touch avme_ext.distributed: joining the torchrun job and leaving it.
-def _join_job(device_arg: str):
+def _join_job(device_arg: str) -> tuple[DistInfo, torch.device]:
     """(DistInfo, device) of this process; joins the process group under torchrun (nothing otherwise)."""
     from avme_ext import distributed as dist_utils
 
@@ -137,7 +141,7 @@ def _join_job(device_arg: str):
     return info, device
 
 
-def _leave_job(info) -> None:
+def _leave_job(info: DistInfo) -> None:
     if info.distributed:
         from avme_ext import distributed as dist_utils
 
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         _leave_job(info)
 
 
-def _load_images(args: argparse.Namespace, model, source: ModelSource):
+def _load_images(args: argparse.Namespace, model: AVME, source: ModelSource) -> ImageSplit:
     import torch
 
     split = load_run_images(args, source.path, model)
@@ -174,7 +178,7 @@ def _load_images(args: argparse.Namespace, model, source: ModelSource):
 
 
 def _evaluate_and_report(
-    args: argparse.Namespace, info, device: torch.device, source: ModelSource, json_out: Path | None
+    args: argparse.Namespace, info: DistInfo, device: torch.device, source: ModelSource, json_out: Path | None
 ) -> int:
     import torch
 
@@ -242,7 +246,7 @@ def _evaluate_and_report(
     return 0
 
 
-def _check_memory(args: argparse.Namespace, model, num_images: int, device: torch.device) -> None:
+def _check_memory(args: argparse.Namespace, model: AVME, num_images: int, device: torch.device) -> None:
     """Refuse up front an evaluation whose trajectories at once cannot fit in memory (exit status 2)."""
     from avme_ext.evaluation import working_rows
 
@@ -266,7 +270,9 @@ def _check_memory(args: argparse.Namespace, model, num_images: int, device: torc
 LONG_EVALUATION = 600
 
 
-def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> PaceCheck:
+def _announce_cost(
+    args: argparse.Namespace, model: AVME, num_images: int, device: torch.device, world: int
+) -> PaceCheck:
     """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot);
     returns the :class:`PaceCheck` that compares it with the pace the evaluation then keeps."""
     from avme_ext.evaluation import estimate_cost
@@ -381,7 +387,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def _jsonable(value):
+def _jsonable(value: object) -> object:
     """Replace non-finite floats by None so the JSON stays standard."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -392,7 +398,7 @@ def _jsonable(value):
     return value
 
 
-def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) -> str:
+def format_table(summary: dict[str, Any], model: AVME, split_name: str, checkpoint: str | Path) -> str:
     """The human-readable table printed by ``avme eval``: nats per image, and bits per dimension beside
     every bound."""
 

@@ -27,7 +27,7 @@ examples:
 NONE_INSTALLED = "no pretrained models are installed in this version"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "list-pretrained",
         help="list the pretrained models shipped with the package (usable by name in sample and eval)",

@@ -32,7 +32,7 @@ examples:
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "plot",
         help="plot training curves (training_curve.png, kl_per_step.png) from metrics.jsonl",

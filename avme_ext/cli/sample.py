@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,10 @@ from ._png_split import items_per_png, numbered_paths, split_note
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor
+
+    from avme_ext.images import GridOptions
+    from avme_ext.model import AVME
 
 DESCRIPTION = """\
 Draw images from a trained model's prior and save them as a PNG grid.
@@ -67,7 +72,7 @@ examples:
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "sample",
         help="save a PNG grid of samples (or unrolled drawing steps, reconstructions)",
@@ -153,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
     _check_memory(model, num_classes * per_class or num, with_steps, device)
     originals = _reconstruction_inputs(args, source.path, model, device) if args.reconstruct else None
 
-    style = {"scale": args.scale, "invert": args.invert, "image_shape": model.image_shape}
-    pages = _Pages(style)
+    pages = _Pages(scale=args.scale, invert=args.invert, image_shape=model.image_shape)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if num_classes > 0:
         y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
@@ -164,24 +168,27 @@ def run(args: argparse.Namespace) -> int:
         probs, steps = model.sample(num, generator=generator, return_steps=with_steps)
         per_row = args.nrow
     if args.unroll:
+        assert steps is not None, "sampled with return_steps=True"
         files = pages.unrolled(out, steps)
     elif num_classes > 0:
         files = pages.classes(out, probs.view(num_classes, per_class, -1))
     else:
         files = pages.plain(out, probs, args.nrow)
     if originals is not None:
-        x, y = originals
-        recon, _ = model.reconstruct(x, y, generator=torch.Generator(device=device).manual_seed(args.seed + 1))
+        assert recon_out is not None, "set with --reconstruct"
+        x, labels = originals
+        recon, _ = model.reconstruct(x, labels, generator=torch.Generator(device=device).manual_seed(args.seed + 1))
         files += pages.reconstructions(recon_out, x, recon)
     if gif is not None:
-        files.append((gif, encode_gif(drawing_frames(steps, per_row, **style))))
+        assert steps is not None, "sampled with return_steps=True"
+        files.append((gif, encode_gif(drawing_frames(steps, per_row, **pages.style))))
 
     for path, data in files:  # every image is ready: only now touch the files
         print(atomic_write_bytes(path, data))
     return 0
 
 
-def _check_memory(model, count: int, with_steps: bool, device: torch.device) -> None:
+def _check_memory(model: AVME, count: int, with_steps: bool, device: torch.device) -> None:
     """Refuse up front a number of samples whose sampling cannot fit in memory (exit status 2)."""
     c = model.config
     per_sample = c.steps * c.latent_dim + 2 * c.data_dim + 6 * c.dec_hidden  # noise, canvas, output, decoder LSTM
@@ -195,16 +202,25 @@ class _Pages:
     """The PNG files of one output: its grid, split into numbered files when it would be larger than
     image viewers open (:mod:`avme_ext.cli._png_split`), each encoded as soon as it is laid out."""
 
-    def __init__(self, style: dict) -> None:
-        self.style = style  # make_image_grid's keywords: scale, invert, image_shape
+    def __init__(self, *, scale: int, invert: bool, image_shape: tuple[int, int, int]) -> None:
+        self.scale, self.image_shape = scale, image_shape
+        self.style: GridOptions = {"scale": scale, "invert": invert, "image_shape": image_shape}  # make_image_grid's
 
     def _pixels(self, rows: int, cols: int) -> int:
         from avme_ext.images import grid_size
 
-        height, width = grid_size(rows, cols, scale=self.style["scale"], image_shape=self.style["image_shape"])
+        height, width = grid_size(rows, cols, scale=self.scale, image_shape=self.image_shape)
         return height * width
 
-    def _files(self, path: Path, option: str, total: int, unit: str, pixels_of, grid_of) -> list[tuple[Path, bytes]]:
+    def _files(
+        self,
+        path: Path,
+        option: str,
+        total: int,
+        unit: str,
+        pixels_of: Callable[[int], int],
+        grid_of: Callable[[int, int], Tensor],
+    ) -> list[tuple[Path, bytes]]:
         """``grid_of(start, stop)`` lays out the items [start, stop) of ``total``; one file per part."""
         from avme_ext.images import encode_png
 
@@ -218,7 +234,7 @@ class _Pages:
             for part, start in zip(numbered_paths(path, len(starts)), starts, strict=True)
         ]
 
-    def plain(self, path: Path, probs, nrow: int | None) -> list[tuple[Path, bytes]]:
+    def plain(self, path: Path, probs: Tensor, nrow: int | None) -> list[tuple[Path, bytes]]:
         """Samples (B, D), ``nrow`` per row (default: about square, in each file)."""
         from avme_ext.images import sample_grid
 
@@ -230,7 +246,7 @@ class _Pages:
             path, "--out", len(probs), "samples", pixels, lambda a, b: sample_grid(probs[a:b], nrow, **self.style)
         )
 
-    def classes(self, path: Path, probs) -> list[tuple[Path, bytes]]:
+    def classes(self, path: Path, probs: Tensor) -> list[tuple[Path, bytes]]:
         """Class samples (C, N, D), one row per class; a split cuts the columns."""
         from avme_ext.images import class_grid
 
@@ -244,7 +260,7 @@ class _Pages:
             lambda a, b: class_grid(probs[:, a:b], **self.style),
         )
 
-    def unrolled(self, path: Path, steps) -> list[tuple[Path, bytes]]:
+    def unrolled(self, path: Path, steps: Tensor) -> list[tuple[Path, bytes]]:
         """Strips (K, B, D), one row per sample."""
         from avme_ext.images import unrolled_strips_grid
 
@@ -258,7 +274,7 @@ class _Pages:
             lambda a, b: unrolled_strips_grid(steps[:, a:b], **self.style),
         )
 
-    def reconstructions(self, path: Path, x, recon) -> list[tuple[Path, bytes]]:
+    def reconstructions(self, path: Path, x: Tensor, recon: Tensor) -> list[tuple[Path, bytes]]:
         """Images (B, D) above their reconstructions, 8 per row."""
         from avme_ext.images import reconstructions_grid
 
@@ -280,7 +296,9 @@ class _Pages:
 _RECON_PER_ROW = 8
 
 
-def _reconstruction_inputs(args: argparse.Namespace, checkpoint: Path, model, device: torch.device):
+def _reconstruction_inputs(
+    args: argparse.Namespace, checkpoint: Path, model: AVME, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
     """(x, y) of ``--reconstruct`` random images of ``--split`` of the data the model was trained on (unless the
     data options say otherwise; y None for an unconditional model)."""
     import torch

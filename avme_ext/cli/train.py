@@ -328,7 +328,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     _add_hardware_options(parser)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``train`` subcommand."""
     parser = subparsers.add_parser(
         "train",

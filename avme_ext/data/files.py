@@ -84,7 +84,7 @@ def _samples(folders: dict[str, Path]) -> tuple[dict[str, list[tuple[str, int]]]
     """Each part's (path, class index) in torchvision's order, and the class names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    base = folders.get("all", folders.get("train"))
+    base = folders["all"] if "all" in folders else folders["train"]  # see _part_folders
     try:
         classes, class_to_idx = find_classes(str(base))
     except FileNotFoundError:

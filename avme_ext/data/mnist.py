@@ -72,7 +72,7 @@ MNIST_TRAIN_SIZE = 50_000  # first 50k official training images; the last 10k ar
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 _check_name = check_name
 
@@ -165,9 +165,9 @@ def _parse_amat_row(tokens: list[bytes], where: str) -> np.ndarray:
         raise DataFormatError(f"{where}: expected {NUM_PIXELS} values, got {len(tokens)}")
     joined = b"".join(tokens)
     if len(joined) == NUM_PIXELS:  # fast path: single-character tokens; other bytes wrap to > 1
-        row = np.frombuffer(joined, dtype=np.uint8) - np.uint8(ord("0"))
-        if row.max() <= 1:
-            return row
+        digits: np.ndarray = np.frombuffer(joined, dtype=np.uint8) - np.uint8(ord("0"))
+        if digits.max() <= 1:
+            return digits
     try:  # e.g. "0.0 1.0"
         row = np.array([float(t) for t in tokens])
     except ValueError as exc:
@@ -246,8 +246,8 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 def mnist_idx_paths(root: PathLike, prefix: str) -> tuple[Path, Path] | None:
     """The (images, labels) IDX files of ``prefix`` (``"train"`` or ``"t10k"``) under ``root``, or None."""
-    found = [_find_idx(Path(root), f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-    return None if None in found else (found[0], found[1])
+    images, labels = (_find_idx(Path(root), f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+    return None if images is None or labels is None else (images, labels)
 
 
 def read_mnist_part(part: str, root: PathLike, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,7 @@ def run_data_spec(
 
 
 def load_run_split(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike[str],
     split: str,
     given: dict[str, Any],
     model_config: Any,

@@ -36,7 +36,7 @@ from .torchvision_sets import TORCHVISION_READERS, read_torchvision_part
 
 __all__ = ["DataSource", "check_pixels_for", "load_split"]
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def check_pixels_for(split: ImageSplit, likelihood: str) -> None:
@@ -94,6 +94,7 @@ class DataSource:
         spec, root = self.spec, self.spec.root
         if spec.dataset in FILE_SETS:
             return self._files.parts[part]
+        assert root is not None, "only the vendored binarized_mnist has no data root"
         if spec.dataset in TORCHVISION_READERS:
             options = {"split": spec.emnist_split} if spec.dataset == "emnist" else {}
             return read_torchvision_part(spec.dataset, root, part, spec.download, **options)
@@ -110,7 +111,8 @@ class DataSource:
             size = self.spec.image_size or self.info.default_size
             if size is not None:
                 images = resize(images, size)
-            shape = tuple(images.shape[1:])
+            channels, height, width = images.shape[1:]
+            shape = (channels, height, width)
             kind = pixel_kind(self.spec, raw.binary, shape[0], self.spec.dataset)
             flat = images.reshape(images.shape[0], -1)
             if kind in ("binary", "levels"):
@@ -157,6 +159,7 @@ class DataSource:
             root = spec.root
             loaded = mnist.load_binarized_mnist(split, None if root is None else root / mnist.NPZ_FILENAME)
         elif spec.dataset == "binarized_mnist_amat":
+            assert spec.root is not None, "only the vendored binarized_mnist has no data root"
             loaded = mnist.load_binarized_mnist_amat(split, spec.root, spec.download)
         else:
             loaded = self._load(split)

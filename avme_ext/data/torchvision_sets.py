@@ -24,9 +24,9 @@ black on white; they are inverted here so that ink is 1, as in MNIST (and the IW
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -127,10 +127,16 @@ def _read_grey(image_module: Any, path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
-def _progress(items: list, description: str):
+_Item = TypeVar("_Item")
+
+
+def _progress(items: Sequence[_Item], description: str) -> Iterable[_Item]:
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"reading {description}", unit="img", leave=False, disable=len(items) < 2000 or None)
+    bar: Iterable[_Item] = tqdm(
+        items, desc=f"reading {description}", unit="img", leave=False, disable=len(items) < 2000 or None
+    )
+    return bar
 
 
 def read_cifar10(root: Path, part: str, download: bool) -> RawPart:

@@ -123,10 +123,10 @@ class TrainConfig(DataOptions):
         if self.lr_schedule == "cosine":  # made concrete now: a later --epochs must not move the decay
             if self.lr_final is None:
                 object.__setattr__(self, "lr_final", 0.0)
-            if self.lr_hold_epochs is None:
-                object.__setattr__(self, "lr_hold_epochs", 0)
+            hold = 0 if self.lr_hold_epochs is None else self.lr_hold_epochs
+            object.__setattr__(self, "lr_hold_epochs", hold)
             if self.lr_decay_epochs is None:
-                object.__setattr__(self, "lr_decay_epochs", max(self.epochs - self.lr_hold_epochs, 1))
+                object.__setattr__(self, "lr_decay_epochs", max(self.epochs - hold, 1))
 
     def _check(self) -> None:
         minimums = {
@@ -182,6 +182,17 @@ class TrainConfig(DataOptions):
             check_positive_int(option_name("lr_decay_epochs"), self.lr_decay_epochs, 1)
         if self.lr_hold_epochs is not None:
             check_positive_int(option_name("lr_hold_epochs"), self.lr_hold_epochs, 0)
+
+    def cosine_phase(self) -> tuple[int, int, float]:
+        """``(lr_hold_epochs, lr_decay_epochs, lr_final)`` of the cosine schedule (concrete once the config is made).
+
+        Raises:
+            ValueError: the schedule is not ``cosine``.
+        """
+        hold, decay, final = self.lr_hold_epochs, self.lr_decay_epochs, self.lr_final
+        if self.lr_schedule != "cosine" or hold is None or decay is None or final is None:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} has no cosine phase")
+        return hold, decay, final
 
     def data_spec(self, likelihood: str | None = None) -> DataSpec:
         """The run's data options as a :class:`~avme_ext.data.spec.DataSpec`, for a model of ``likelihood``

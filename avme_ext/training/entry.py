@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 import torch
 
@@ -107,10 +107,10 @@ def _on_rank0(info: DistInfo, work: Callable[[], T]) -> T:
     outcome = dist_utils.broadcast_object(outcome)
     if outcome[0] == "error":
         raise outcome[1]
-    return outcome[1]
+    return cast(T, outcome[1])  # what work() returned on rank 0
 
 
-def _choose_out_dir(out: str | os.PathLike | None, name: str | None, resume: bool, info: DistInfo) -> Path:
+def _choose_out_dir(out: str | os.PathLike[str] | None, name: str | None, resume: bool, info: DistInfo) -> Path:
     if out is not None:
         return Path(out)
     if resume:
@@ -219,7 +219,7 @@ def _run_launch(
         )
         return 0
     tensorboard = _use_tensorboard(cfg)
-    checkpoint = None if point.checkpoint is None else (point.checkpoint, point.path)
+    checkpoint = None if point.checkpoint is None or point.path is None else (point.checkpoint, point.path)
     new_run = point.saved_model is None
     setup = build_setup(
         cfg,
@@ -247,7 +247,7 @@ def _run_launch(
 def train(
     given: dict[str, Any],
     *,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike[str] | None = None,
     name: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -286,7 +286,12 @@ def train(
     try:
         out_dir = _choose_out_dir(out, name, resume, info)
         lock = RunLock(out_dir, say) if info.is_main else None  # one run per directory; rank 0 holds it
-        _on_rank0(info, lambda: lock.acquire() and None)
+
+        def take_lock() -> None:  # runs on rank 0 only, which made the lock
+            if lock is not None:
+                lock.acquire()
+
+        _on_rank0(info, take_lock)
         return _run_launch(given, info, device, out_dir, resume=resume, overwrite=overwrite, say=say)
     finally:
         if lock is not None:

@@ -152,8 +152,8 @@ def write_run_config(
         "avme_version": __version__,
         "torch_version": torch.__version__,
     }
-    data = (json.dumps(document, indent=2) + "\n").encode()
-    atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_bytes(data))
+    encoded = (json.dumps(document, indent=2) + "\n").encode()
+    atomic_write_bytes(out / "config.json", lambda tmp: Path(tmp).write_bytes(encoded))
 
 
 def read_run_config(out: Path) -> tuple[dict[str, Any], AVMEConfig] | None:

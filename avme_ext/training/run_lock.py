@@ -42,7 +42,7 @@ class RunLock:
         say: where a note goes when the file system has no locks.
     """
 
-    def __init__(self, directory: str | os.PathLike, say: Callable[[str], None] | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], say: Callable[[str], None] | None = None) -> None:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.say = say or (lambda message: print(message, file=sys.stderr, flush=True))

@@ -75,8 +75,9 @@ def describe_schedule(cfg: TrainConfig) -> str:
     """``"1e-3 (constant)"`` or ``"1e-3 for 20 epochs, then half a cosine down to 0 over 10 epochs"``."""
     if cfg.lr_schedule == "constant":
         return f"{cfg.lr:g} (constant)"
-    hold = f" for {plural(cfg.lr_hold_epochs, 'epoch')}, then" if cfg.lr_hold_epochs else ","
-    return f"{cfg.lr:g}{hold} half a cosine down to {cfg.lr_final:g} over {plural(cfg.lr_decay_epochs, 'epoch')}"
+    hold_epochs, decay_epochs, final = cfg.cosine_phase()
+    hold = f" for {plural(hold_epochs, 'epoch')}, then" if hold_epochs else ","
+    return f"{cfg.lr:g}{hold} half a cosine down to {final:g} over {plural(decay_epochs, 'epoch')}"
 
 
 def batches_per_epoch(num_examples: int, batch_size: int, world_size: int = 1) -> int:

@@ -29,7 +29,7 @@ loaded, not per step).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 Forward = Callable[[Tensor, "Tensor | None", Tensor], ELBOTerms]
 
 
@@ -114,6 +115,12 @@ class StepStats:
     def finite(self) -> bool:
         """True when the loss and the gradient norm are finite (the update may be applied)."""
         return math.isfinite(self.loss_sum) and math.isfinite(self.grad_norm)
+
+    @classmethod
+    def from_values(cls, values: Sequence[float], stop: bool) -> StepStats:
+        """From ``[loss_sum, reconstruction_sum, kl_sum, grad_norm]`` (a 4-element tensor's ``tolist()``)."""
+        loss_sum, reconstruction_sum, kl_sum, grad_norm = values
+        return cls(loss_sum, reconstruction_sum, kl_sum, grad_norm, stop)
 
 
 class TrainStep(Protocol):
@@ -235,7 +242,7 @@ class EagerStep:
         values = torch.cat(
             [shared[:3], self._grad_norm.detach().double().reshape(1).to(shared.device), shared[3:]]
         ).tolist()
-        return StepStats(*values[:4], stop=values[4] > 0)
+        return StepStats.from_values(values[:4], stop=values[4] > 0)
 
     def update(self) -> None:
         assert self._grad_norm is not None, "update() without gradients()"
@@ -251,10 +258,10 @@ class EagerStep:
 # --------------------------------------------------------------------------- graphs
 
 
-class Recorded(Protocol[T]):
+class Recorded(Protocol[T_co]):
     """A recorded function: :meth:`replay` runs it again and returns its outputs."""
 
-    def replay(self) -> T: ...
+    def replay(self) -> T_co: ...
 
 
 @dataclass
@@ -342,6 +349,21 @@ class ParameterSnapshot:
                     tensor.copy_(saved[key])
 
 
+@dataclass
+class _StaticInputs:
+    """The tensors the captured graphs read (filled before each replay) and write (``grad_norm``).
+
+    ``x`` (B, D), ``y`` (B, C) or None (unconditional), ``eps`` (K, B, Z), ``kl_weight`` and
+    ``grad_norm`` 0-dim.
+    """
+
+    x: Tensor
+    y: Tensor | None
+    eps: Tensor
+    kl_weight: Tensor
+    grad_norm: Tensor
+
+
 class GraphedStep:
     """The step as two replayed CUDA graphs (see the module docstring).
 
@@ -381,7 +403,7 @@ class GraphedStep:
         self._forward: Forward = lambda x, y, eps: elbo_terms(self._core, x, y, eps, likelihood=self._likelihood)
         self._gradient_call: Recorded[Tensor] | None = None
         self._update_call: Recorded[None] | None = None
-        self._static: dict[str, Tensor | None] = {}
+        self._static: _StaticInputs | None = None
         self._eager_norm: Tensor | None = None  # set when the last batch ran eagerly
         self._rate: float | None = None  # the rate last set, so an unchanged rate costs no device write
         if any(group.get("capturable", False) for group in optimizer.param_groups):
@@ -397,6 +419,8 @@ class GraphedStep:
     def _one_hot(self, labels: Tensor | None) -> Tensor | None:
         if self.num_classes == 0:
             return None
+        if labels is None:
+            raise ValueError(f"labels are required: the model is conditional (num_classes={self.num_classes})")
         return F.one_hot(labels.to(torch.int64), self.num_classes).to(self._parameters[0].dtype)
 
     def gradients(
@@ -408,14 +432,16 @@ class GraphedStep:
         if not self.captured:
             self._capture(x, y, eps)
         self._eager_norm = None
-        static = self._static
-        static["x"].copy_(x)
-        static["eps"].copy_(eps)
+        static, call = self._static, self._gradient_call
+        assert static is not None, "_capture sets it"
+        assert call is not None, "_capture sets it"
+        static.x.copy_(x)
+        static.eps.copy_(eps)
         if y is not None:
-            static["y"].copy_(y)
-        static["kl_weight"].fill_(kl_weight)
-        stats = self._gradient_call.replay()
-        return StepStats(*stats.tolist(), stop=stop)
+            assert static.y is not None  # captured with labels: the model is conditional
+            static.y.copy_(y)
+        static.kl_weight.fill_(kl_weight)
+        return StepStats.from_values(call.replay().tolist(), stop=stop)
 
     def update(self) -> None:
         if self._eager_norm is not None:
@@ -437,13 +463,13 @@ class GraphedStep:
     ) -> StepStats:
         # zero in place: after the capture .grad are the graphs' static tensors, which must stay
         self.optimizer.zero_grad(set_to_none=not self.captured)
-        sums, self._eager_norm = gradient_pass(self._forward, self._parameters, x, y, eps, kl_weight, 1.0 / global_size)
-        return StepStats(*torch.cat([sums, self._eager_norm.detach().double().reshape(1)]).tolist(), stop=stop)
+        sums, grad_norm = gradient_pass(self._forward, self._parameters, x, y, eps, kl_weight, 1.0 / global_size)
+        self._eager_norm = grad_norm
+        return StepStats.from_values(torch.cat([sums, grad_norm.detach().double().reshape(1)]).tolist(), stop=stop)
 
     def _capture(self, x: Tensor, y: Tensor | None, eps: Tensor) -> None:
         """Warm up, put the weights and Adam's state back, and record the two graphs for ``x``'s shape."""
-        static = self._static
-        static.update(
+        static = self._static = _StaticInputs(
             x=x.clone(),
             y=None if y is None else y.clone(),
             eps=eps.clone(),
@@ -455,13 +481,13 @@ class GraphedStep:
         def gradients() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)  # under capture: .grad is allocated in the graphs' pool
             sums, grad_norm = gradient_pass(
-                self._forward, self._parameters, static["x"], static["y"], static["eps"], static["kl_weight"], scale
+                self._forward, self._parameters, static.x, static.y, static.eps, static.kl_weight, scale
             )
-            static["grad_norm"].copy_(grad_norm)
+            static.grad_norm.copy_(grad_norm)
             return torch.cat([sums, grad_norm.detach().double().reshape(1)])
 
         def update() -> None:
-            update_pass(self._parameters, self.optimizer, self.clip_grad, static["grad_norm"])
+            update_pass(self._parameters, self.optimizer, self.clip_grad, static.grad_norm)
 
         def one_step() -> None:
             gradients()

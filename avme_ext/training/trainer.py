@@ -162,13 +162,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.lr_schedule == "constant":
             return cfg.lr
+        hold_epochs, decay_epochs, final = cfg.cosine_phase()
         return learning_rate_at(
             step,
             cfg.lr,
             cfg.lr_schedule,
-            final=cfg.lr_final,
-            decay_steps=cfg.lr_decay_epochs * self.num_batches,
-            hold_steps=cfg.lr_hold_epochs * self.num_batches,
+            final=final,
+            decay_steps=decay_epochs * self.num_batches,
+            hold_steps=hold_epochs * self.num_batches,
         )
 
     def _nonfinite(self, stats: StepStats, size: int, epoch: int, batch: int) -> None:
