@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Any
 
 from setuptools import setup
 
@@ -78,10 +79,10 @@ def _find_cuda_home() -> str | None:
     return None
 
 
-def _extension_plan():
+def _extension_plan() -> tuple[list[Any], dict[str, type]]:
     """(ext_modules, cmdclass) for the CUDA build, or ([], {}) with a printed reason."""
 
-    def skip(reason: str):
+    def skip(reason: str) -> tuple[list[Any], dict[str, type]]:
         if FORCE:
             raise RuntimeError(f"AVME_FORCE_CUDA=1 but the CUDA extension cannot be built: {reason}")
         _say(f"building the pure-Python package WITHOUT the CUDA extension: {reason}.")
@@ -118,7 +119,7 @@ def _extension_plan():
     class Build(BuildExtension):
         """BuildExtension that falls back to pure Python on failure unless AVME_FORCE_CUDA=1."""
 
-        def build_extension(self, ext):
+        def build_extension(self, ext: Any) -> None:
             try:
                 super().build_extension(ext)
             except Exception as exc:

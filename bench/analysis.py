@@ -48,7 +48,7 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> dict[str, Any]:
         ValueError: no file given, or a file that is not a results file.
     """
     merged: dict[str, Any] | None = None
-    records: dict[tuple, Record] = {}
+    records: dict[tuple[Any, ...], Record] = {}
     for path in paths:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -105,7 +105,7 @@ def core_precision_of(r: Record) -> str | None:
 def is_graph(r: Record) -> bool:
     """Whether the whole training step of ``r`` was replayed from one CUDA graph."""
     if "mode" in r:
-        return r["mode"] == "cudagraph"
+        return bool(r["mode"] == "cudagraph")
     return str(r.get("impl", "")).endswith("-graph") or r.get("impl") == "ref-cudagraph"
 
 
@@ -122,7 +122,7 @@ _DESIGN_ORDER = DESIGNS
 _PRECISION_ORDER = PRECISIONS
 
 
-def impl_sort_key(name: str) -> tuple:
+def impl_sort_key(name: str) -> tuple[int, int, int, int, str]:
     """Table order: reference modes (eager first), then fused by design, precision, eager before graph."""
     if name in _REFERENCE_ORDER:
         return (0, _REFERENCE_ORDER.index(name), 0, 0, name)
@@ -171,14 +171,14 @@ class ConfigSummary:
         """best fused / best reference (None unless both were measured)."""
         if self.best_fused is None or self.best_reference is None:
             return None
-        return self.best_fused["value"] / self.best_reference["value"]
+        return float(self.best_fused["value"]) / float(self.best_reference["value"])
 
     @property
     def over_ref_eager(self) -> float | None:
         """best fused / ref-eager."""
         if self.best_fused is None or self.ref_eager is None or self.ref_eager.get("value") is None:
             return None
-        return self.best_fused["value"] / self.ref_eager["value"]
+        return float(self.best_fused["value"]) / float(self.ref_eager["value"])
 
 
 def summarize_configs(records: Iterable[Record], workload: str) -> list[ConfigSummary]:

@@ -87,7 +87,7 @@ class PointDecision:
 def decide_point(records: list[Record], batch: int, precision: str, margin: float = 1.0) -> PointDecision:
     """The :class:`PointDecision` of ``precision`` at ``batch`` from the training ``records``."""
     here = [r for r in records if r.get("workload") == "train" and r.get("batch") == batch]
-    steps_list = sorted({r.get("steps") for r in here if r.get("steps")})
+    steps_list = sorted({int(r["steps"]) for r in here if r.get("steps")})
     decision = PointDecision(batch)
     candidates: dict[str, float] | None = None
     for steps in steps_list:

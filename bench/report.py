@@ -193,8 +193,8 @@ def _pair_note(summary: ConfigSummary) -> str:
 def _primary_steps(data: dict[str, Any], records: list[Record]) -> int | None:
     steps = (data.get("config") or {}).get("steps") or []
     if steps:
-        return steps[0]
-    train = [r.get("steps") for r in records if r.get("workload") == "train" and r.get("steps")]
+        return int(steps[0])
+    train = [int(r["steps"]) for r in records if r.get("workload") == "train" and r.get("steps")]
     return min(train) if train else None
 
 
@@ -228,16 +228,17 @@ def check_targets(data: dict[str, Any]) -> list[Check]:
             "" if b100 is None or b100.ref_eager is None else f"ref-eager {fmt(b100.ref_eager.get('value'))}",
         )
     )
-    rate = None if b100 is None or b100.best_fused is None else b100.best_fused["value"]
+    top = None if b100 is None else b100.best_fused
+    rate = None if top is None else top["value"]
     checks.append(
         Check(
             f"training B=100 K={k}: best fused >= {fmt(B100_RATE_AIM)} samples/s",
             "aim",
             fmt(rate),
             _status(rate, B100_RATE_AIM),
-            "" if rate is None else str(b100.best_fused["impl"]),
+            "" if top is None else str(top["impl"]),
         )
-    )  # type: ignore[union-attr]
+    )
     bf16 = [
         r
         for r in records
@@ -335,7 +336,7 @@ def _pivot(records: list[Record], workload: str, label: str) -> list[str]:
 def _all_records(records: list[Record]) -> list[str]:
     workloads = ["roofline", "train", "compile", "sample", "iwae", "memory"]
 
-    def key(r: Record) -> tuple:
+    def key(r: Record) -> tuple[Any, ...]:
         w = workloads.index(r["workload"]) if r["workload"] in workloads else len(workloads)
         return (w, r.get("steps") or 0, r.get("batch") or 0, impl_sort_key(r["impl"]))
 
@@ -446,7 +447,7 @@ def _plot_series(train: list[Record]) -> list[tuple[str, list[Record]]]:
         series.append((impl, sorted((r for r in train if r["impl"] == impl), key=lambda r: r["batch"])))
     for precision in PRECISIONS:
         fused = [r for r in train if is_fused(r) and core_precision_of(r) == precision]
-        tops = {}
+        tops: dict[int, Record] = {}
         for r in fused:
             if r["batch"] not in tops or r["value"] > tops[r["batch"]]["value"]:
                 tops[r["batch"]] = r

@@ -312,8 +312,8 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda" and self.device.index is None:  # torch types index as int; None for "cuda"
+            self.device = torch.device("cuda", torch.cuda.current_device())  # type: ignore[unreachable]
         self.timer = Timer(self.device)
         self.budget = Budget(args.budget_s)
         self.size: F.ModelSize = args.size
@@ -426,7 +426,10 @@ class Context:
     def merged_records(self) -> list[dict[str, Any]]:
         if self.previous is None:
             return list(self.records)
-        key = lambda r: (r.get("workload"), r.get("impl"), r.get("batch"), r.get("steps"))  # noqa: E731
+
+        def key(r: dict[str, Any]) -> tuple[Any, ...]:
+            return (r.get("workload"), r.get("impl"), r.get("batch"), r.get("steps"))
+
         new_keys = {key(r) for r in self.records}
         kept = [r for r in self.previous.get("records", []) if key(r) not in new_keys]
         return kept + self.records
@@ -546,7 +549,12 @@ def run_roofline(ctx: Context) -> None:
         out = torch.empty(n, n, device=dev, dtype=dtype)
         keep.append((sets, out))
 
-        def call(i: int, sets=sets, out=out, precision=precision) -> None:
+        def call(
+            i: int,
+            sets: list[tuple[torch.Tensor, torch.Tensor]] = sets,
+            out: torch.Tensor = out,
+            precision: str = precision,
+        ) -> None:
             a, b = sets[i % len(sets)]
             previous = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
@@ -559,7 +567,11 @@ def run_roofline(ctx: Context) -> None:
     numel = ctx.args.copy_mib * MIB // 4
     src = torch.randn(numel, generator=generator, device=dev)
     dst = torch.empty_like(src)
-    cases["copy"] = lambda i: dst.copy_(src)
+
+    def copy(i: int) -> None:
+        dst.copy_(src)
+
+    cases["copy"] = copy
     samples = interleave(cases, ctx.args.repeats, ctx.args.warmup, ctx.timer)
     for impl, seconds in samples.items():
         if impl == "copy":
@@ -888,7 +900,11 @@ def run_iwae(ctx: Context) -> None:
                 break
             try:
                 count = [0]
-                seconds = ctx.timer.time(lambda name=name, count=count: count.__setitem__(0, call(name, done[name])))
+
+                def timed(name: str = name, count: list[int] = count) -> None:
+                    count[0] = call(name, done[name])
+
+                seconds = ctx.timer.time(timed)
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 failures[name] = _first_line(error)

@@ -91,7 +91,8 @@ class Timer:
             fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1000.0
+            milliseconds: float = start.elapsed_time(end)
+            return milliseconds / 1000.0
         start_s = time.perf_counter()
         fn()
         return time.perf_counter() - start_s

@@ -48,6 +48,7 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,7 @@ from avme_ext.model import gaussian_kl, reconstruction_nll
 try:  # sibling modules, whether imported as ``bench.workloads`` or run from bench/
     from .flops import ModelSize
 except ImportError:  # pragma: no cover
-    from flops import ModelSize  # type: ignore[no-redef]
+    from flops import ModelSize  # type: ignore[import-not-found,no-redef]  # run from bench/
 
 __all__ = [
     "ImplSpec",
@@ -377,7 +378,7 @@ def tf32_mode(mode: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def autocast_mode(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_mode(mode: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast for the ``eager-bf16`` mode (around the forward only, as autocast asks)."""
     if mode == "eager-bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -391,12 +392,13 @@ def matmul_mode(mode: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def design_context(design: str | None) -> contextlib.AbstractContextManager:
+def design_context(design: str | None) -> contextlib.AbstractContextManager[Any]:
     """``avme_ext.ops.design(design)`` when the build has that override and a design is named."""
     override = getattr(ops, "design", None)
     if design is None or override is None:
         return contextlib.nullcontext()
-    return override(design)
+    context: contextlib.AbstractContextManager[Any] = override(design)
+    return context
 
 
 @contextlib.contextmanager
@@ -425,7 +427,7 @@ class TrainCase:
     step: Callable[[int], None]
     setup_seconds: float | None = None
     setup_kind: str | None = None
-    extras: dict | None = None
+    extras: dict[str, Any] | None = None
     model: AVME | None = None
 
 
@@ -502,7 +504,12 @@ def build_train_case(
             optimizer.step()
 
         before = _dynamo_counts()
-        seconds = _wall(device, lambda: [step(i) for i in range(setup_calls)])
+
+        def setup_steps() -> None:
+            for i in range(setup_calls):
+                step(i)
+
+        seconds = _wall(device, setup_steps)
         after = _dynamo_counts()
         extras = {key: after[key] - before.get(key, 0) for key in after}
         return TrainCase(
@@ -535,7 +542,7 @@ def _build_cudagraph_case(
     model: AVME,
     inputs: list[tuple[Tensor, Tensor]],
     lr: float,
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     warmup: int = 3,
 ) -> TrainCase:
     """Whole-step capture as in the PyTorch CUDA-graphs docs ("whole network capture").

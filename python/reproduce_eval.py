@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reproduce_plan import MODELS, EvalPass, Layout, Plan, device_name
+
+if TYPE_CHECKING:
+    from avme_ext.evaluation import EvalResult
 
 CHUNK_META = "avme-reproduction-chunk"
 
@@ -68,7 +71,8 @@ def read_chunk_meta(path: Path) -> dict[str, Any] | None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return json.loads((handle.metadata() or {})[CHUNK_META])
+            meta: dict[str, Any] = json.loads((handle.metadata() or {})[CHUNK_META])
+            return meta
     except (OSError, KeyError, ValueError, RuntimeError):
         return None
 
@@ -85,7 +89,7 @@ def chunk_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_chunk(path: Path) -> Any:
+def load_chunk(path: Path) -> EvalResult:
     """The ``EvalResult`` of a chunk file."""
     from safetensors.torch import load_file
 
@@ -93,9 +97,8 @@ def load_chunk(path: Path) -> Any:
 
     meta = chunk_meta(path)
     tensors = load_file(str(path))
-    return EvalResult(
-        **{name: tensors.get(name) for name in EvalResult._PER_IMAGE}, samples=int(meta["key"]["samples"])
-    )
+    per_image: dict[str, Any] = {name: tensors.get(name) for name in EvalResult._PER_IMAGE}  # None: not computed
+    return EvalResult(**per_image, samples=int(meta["key"]["samples"]))
 
 
 def pass_work(layout: Layout, plan: Plan, name: str, eval_pass: EvalPass, weights_sha256: str) -> PassWork:
@@ -168,7 +171,8 @@ def measure_device_in_child(plan: Plan, device: str) -> dict[str, Any]:
     )
     if done.returncode != 0:
         raise RuntimeError(f"measuring the evaluation speed on {device} failed: {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    measured: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
 
 
 def evaluate_models(

@@ -105,7 +105,7 @@ def mps_daemon(
     full_env = {**os.environ, **env}
     failure = f"{control} not found" if executable is None else None
     started = False
-    if failure is None:
+    if executable is not None:
         code, text = _run([executable, "-d"], full_env, timeout)
         started = code == 0
         failure = None if started else f"{control} -d exited with {code}: {text}"
@@ -125,7 +125,7 @@ def mps_daemon(
             )
             yield MpsSession(env=env, reason="MPS daemon of this run")
     finally:
-        if started:
+        if started and executable is not None:
             code, text = _run([executable], full_env, timeout, stdin=b"quit\n")
             if code != 0:
                 log(f"warning: stopping the MPS daemon: {control} exited with {code}: {text}")

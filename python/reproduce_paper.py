@@ -62,7 +62,7 @@ from reproduce_plan import (  # noqa: E402 - after the sys.path set-up above
     write_json,
 )
 from reproduce_report import make_figures, write_results  # noqa: E402 - after the sys.path set-up above
-from reproduce_train import Interrupted, read_run_status, train_models, trained_summary  # noqa: E402 - after the sys.path set-up above
+from reproduce_train import Interrupted, Log, read_run_status, train_models, trained_summary  # noqa: E402 - after the sys.path set-up above
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: Seconds to wait for the lock of --out held by another run (or by the processes of an interrupted one).
@@ -102,7 +102,7 @@ class Progress:
     second (of the chunks done, else of a short pilot).
     """
 
-    def __init__(self, layout: Layout, plan: Plan, names: list[str], jobs: int, log, interval: float) -> None:
+    def __init__(self, layout: Layout, plan: Plan, names: list[str], jobs: int, log: Log, interval: float) -> None:
         self.layout, self.plan, self.names, self.jobs, self.log, self.interval = (
             layout,
             plan,
@@ -292,7 +292,7 @@ def fix_plan(layout: Layout, plan: Plan) -> None:
         )
 
 
-def acquire_lock(layout: Layout, log) -> int:
+def acquire_lock(layout: Layout, log: Log) -> int:
     """Lock ``--out`` for this run; the training processes inherit the lock, so a rerun waits until the
     processes of an interrupted run have saved their checkpoints and exited."""
     fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -320,7 +320,7 @@ def acquire_lock(layout: Layout, log) -> int:
     return fd
 
 
-def print_plan(plan: Plan, names: list[str], device: str, jobs: int, mps: str, docs: Path, log) -> None:
+def print_plan(plan: Plan, names: list[str], device: str, jobs: int, mps: str, docs: Path, log: Log) -> None:
     hold, decay = plan.schedule(names[0])
     log(
         f"plan{' (smoke: tiny sizes)' if plan.smoke else ''}: {', '.join(f'{n} ({plan.epochs[n]} epochs at most)' for n in names)}"
@@ -339,7 +339,7 @@ def print_plan(plan: Plan, names: list[str], device: str, jobs: int, mps: str, d
 
 
 # --------------------------------------------------------------------------- the stages
-def show_state(layout: Layout, names: list[str], trained: dict[str, Any], log) -> None:
+def show_state(layout: Layout, names: list[str], trained: dict[str, Any], log: Log) -> None:
     """One line per model: trained, epochs done, or not started."""
     for name in names:
         started = (layout.run_dir(name) / "last.safetensors").is_file()
@@ -359,7 +359,9 @@ def trajectories_left(layout: Layout, plan: Plan, names: list[str], trained: dic
     return untrained + sum(w.trajectories(plan) for w in work)
 
 
-def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], device: str, lock_fd: int, log) -> int:
+def run(
+    args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], device: str, lock_fd: int, log: Log
+) -> int:
     jobs = max(1, args.jobs or len(names))
     docs = Path(args.docs).resolve()
     print_plan(plan, names, device, jobs, args.mps, docs, log)

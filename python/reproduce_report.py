@@ -9,7 +9,7 @@ from typing import Any
 
 from reproduce_eval import load_pass
 from reproduce_plan import MODELS, Layout, Plan
-from reproduce_train import Interrupted
+from reproduce_train import Interrupted, Log
 
 RESULTS_FORMAT = "avme-reproduction-results"
 #: What each reported number is.
@@ -54,7 +54,7 @@ def _stale(outputs: list[Path], source: Path) -> bool:
     return not all(p.is_file() and p.stat().st_mtime_ns >= source.stat().st_mtime_ns for p in outputs)
 
 
-def make_figures(layout: Layout, plan: Plan, names: list[str], images: Path, log) -> None:
+def make_figures(layout: Layout, plan: Plan, names: list[str], images: Path, log: Log) -> None:
     """Per model: ``avme plot`` of its training curve and per-step KL, ``avme sample`` of samples (one row
     per class for a conditional model), unrolled drawing steps and test-set reconstructions. A figure
     newer than its source is kept."""

@@ -190,7 +190,7 @@ class Child:
     """The ``avme train`` process of one model."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
 
 

@@ -44,6 +44,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,8 @@ def eval_command(run_dir: Path, samples: int, eval_args: str) -> list[str]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
 
 
 def write_json(path: Path, document: Any) -> Path:
@@ -262,7 +264,7 @@ def make_record(run_dir: Path, command: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep_run(
-    out: Path, steps: int, hidden: int, args: argparse.Namespace, train_options: list[str], say
+    out: Path, steps: int, hidden: int, args: argparse.Namespace, train_options: list[str], say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Train (or continue) and evaluate one run of the grid, unless it is already done; its record."""
     run_dir = out / "runs" / run_name(steps, hidden)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,7 +142,7 @@ def run_all(cmds: dict[str, list[str]], workdir: Path, timeout: float) -> tuple[
     return codes, seconds
 
 
-def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, object]:
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Per-tensor comparison of two checkpoints: exact equality and the largest norm-wise relative difference."""
     if sorted(a) != sorted(b):
         return {"same_keys": False, "only_first": sorted(set(a) - set(b)), "only_second": sorted(set(b) - set(a))}
