@@ -28,7 +28,7 @@ class MetricsLog:
         truncate_to: int | None = None,
         tensorboard_dir: Path | None = None,
         purge_step: int | None = None,
-    ):
+    ) -> None:
         self.path = path
         if truncate_to is not None and path.exists() and path.stat().st_size > truncate_to:
             with open(path, "r+b") as handle:
