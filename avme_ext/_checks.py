@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._value_checks import check_choice, check_positive_int
+
 __all__ = [
     "check_tensor",
     "check_loop_inputs",
@@ -45,19 +47,6 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {value.dtype}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on device {device} (the parameters' device), got {value.device}")
-    return value
-
-
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    """Check that ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Check that ``value`` is an int >= ``minimum`` (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 

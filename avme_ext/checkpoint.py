@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .choices import EXPORT_DTYPE_NAMES
 from .config import AVMEConfig
 from .model import AVME
 
@@ -54,6 +55,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "read_training_options",
     "resolve_checkpoint",
     "sha256_of",
 ]
@@ -64,7 +66,7 @@ VERSION = 1
 CHECKPOINT_SUFFIX = ".safetensors"
 RUN_CHECKPOINTS = ("best.safetensors", "last.safetensors")
 #: dtypes :func:`export_weights` writes, by name.
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_DTYPES = {name: getattr(torch, name) for name in EXPORT_DTYPE_NAMES}
 _MODEL, _OPTIM, _RNG = "model.", "optimizer.", "rng."
 
 
@@ -144,13 +146,16 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
     (:func:`default_file_mode`; ``mkstemp`` alone would leave it 0600) and renamed onto
     ``path`` with ``os.replace``: readers see the old file or the new one, never a torn one.
     The parent directory is created. On any error (including KeyboardInterrupt) the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was; an OSError about the temporary file is
+    raised about ``path`` (same errno), the file the caller knows.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    prefix = f".{path.name}."
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if isinstance(write, (bytes, bytearray, memoryview)):
             Path(tmp).write_bytes(write)
         else:
@@ -159,8 +164,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
             os.fsync(handle.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None and _about_temporary(error, path.parent / prefix):
+            raise OSError(error.errno, error.strerror, str(path)) from None  # the file the caller asked for
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -168,6 +176,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
     finally:
         os.close(dir_fd)
     return path
+
+
+def _about_temporary(error: OSError, prefix: Path) -> bool:
+    """Whether ``error`` is about one of our temporary files (or no file): those named ``prefix*``."""
+    return error.filename is None or str(error.filename).startswith(str(prefix))
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -343,6 +356,23 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(error.reason, path=path, alternative=alternative) from None
 
 
+def read_training_options(path: str | os.PathLike) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The training options and the data record a checkpoint carries, read from its header (no tensors).
+
+    A training checkpoint holds them in its trainer state (``"train"``, ``"data"``), a weights file in
+    its provenance (``"training"``, ``"data"``); either is None when absent (an older file has no data
+    record; a weights file written without a source run has neither).
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`load_checkpoint`.
+    """
+    meta = _read_metadata(resolve_checkpoint(path))
+    trainer, provenance = meta.get("trainer") or {}, meta.get("provenance") or {}
+    train = trainer.get("train") or provenance.get("training")
+    data = trainer.get("data") or provenance.get("data")
+    return (dict(train) if isinstance(train, dict) else None), (dict(data) if isinstance(data, dict) else None)
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -418,6 +448,7 @@ def export_weights(
         "source": str(resolved),
         "source_sha256": sha256_of(resolved),
         "training": checkpoint.trainer_state.get("train", {}),
+        "data": checkpoint.trainer_state.get("data", {}),
         "progress": {k: state[k] for k in ("step", "epoch", "best_nelbo") if k in state},
     }
     provenance = {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "avme_version": __version__,

@@ -116,8 +116,12 @@ class AVMECore(nn.Module):
 
     @classmethod
     def from_config(cls, config: AVMEConfig, **kwargs) -> AVMECore:
-        """Build a core from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype)."""
-        return cls(**config.to_dict(), **kwargs)
+        """Build a core from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype).
+
+        Only the loop's fields are read (:meth:`AVMEConfig.loop_options`): the likelihood and the
+        image shape belong to the model around the loop (:class:`~avme_ext.model.AVME`).
+        """
+        return cls(**config.loop_options(), **kwargs)
 
     @property
     def data_dim(self) -> int:
@@ -148,7 +152,7 @@ class AVMECore(nn.Module):
         return self.config.encoder_input
 
     def extra_repr(self) -> str:
-        options = {**self.config.to_dict(), "impl": self.impl, "precision": self.precision}
+        options = {**self.config.loop_options(), "impl": self.impl, "precision": self.precision}
         return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
     def reset_parameters(self) -> None:
@@ -186,17 +190,21 @@ class AVMECore(nn.Module):
         )
 
     def fused_design(self, device: torch.device | str, batch_size: int) -> str:
-        """The kernel design a fused call on ``device`` with ``batch_size`` rows runs.
+        """The kernel design a fused call on ``device`` with ``batch_size`` rows asks for.
 
         The one forced by an :func:`avme_ext.ops.design` block; else the design the measured
         crossover table names for this device, dtype, precision and batch size
-        (:func:`avme_ext.dispatch.auto_design`); else ``"auto"`` (the host's choice by what fits).
+        (:func:`avme_ext.dispatch.auto_design`), as a preference (``"auto:<design>"``,
+        :func:`avme_ext.ops.preferring`): the table was measured at one model size, and where
+        that design cannot run this module's sizes on the device (say D = 3 x 32 x 32 = 3072,
+        whose weight slices may not fit the persistent design's shared memory) the host's own
+        choice runs instead of an error; else ``"auto"`` (the host's choice by what fits).
         """
         forced = ops.requested_design()
         if forced != "auto":
             return forced
         measured = dispatch.auto_design(torch.device(device), self.write.weight.dtype, self.precision, batch_size)
-        return "auto" if measured == "ref" else measured
+        return "auto" if measured == "ref" else ops.preferring(measured)
 
     def resolved_impl(self, device: torch.device | str, batch_size: int | None = None) -> str:
         """The implementation that runs for inputs on ``device`` with ``batch_size`` rows.

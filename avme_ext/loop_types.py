@@ -1,9 +1,8 @@
 """The contract of the K-step loop: its weights, its outputs and its options.
 
 The option tuples here (:data:`ENCODER_INPUTS`, :data:`IMPLS`, :data:`PRECISIONS`,
-:data:`DESIGNS`) are the single
-source of the choices; this module needs only torch, so the CLI and the benchmarks can import
-them without the modules or the extension.
+:data:`DESIGNS`) are those of :mod:`avme_ext.choices` (which needs no torch); this module needs
+only torch, so the benchmarks can import them without the modules or the extension.
 
 Every implementation (the reference in :mod:`avme_ext.reference`, the fused ops in
 :mod:`avme_ext.ops`) takes :class:`AVMEParams` and returns :class:`ForwardOutput` /
@@ -16,18 +15,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .choices import DESIGNS, ENCODER_INPUTS, IMPLS, PRECISIONS
+
 __all__ = ["ENCODER_INPUTS", "IMPLS", "PRECISIONS", "DESIGNS", "AVMEParams", "ForwardOutput", "SampleOutput"]
 
-#: What the encoder reads besides x: the canvas s_{t-1} (the paper's) or DRAW's error image.
-ENCODER_INPUTS = ("canvas", "error")
-#: Implementations of the loop: chosen per call ("auto"), the fused CUDA ops, or the reference.
-IMPLS = ("auto", "cuda", "ref")
-#: Matrix-product precisions of the fused ops.
-PRECISIONS = ("fp32", "tf32", "bf16")
-#: Kernel designs of the fused ops: chosen by the host ("auto"), or one forced by name:
-#: "rowtile" (a block per tile of batch rows), "persistent" (weight-stationary persistent
-#: kernels, small batches), "stagewise" (a GEMM per stage with fused pointwise kernels).
-DESIGNS = ("auto", "rowtile", "persistent", "stagewise")
 
 
 class AVMEParams(NamedTuple):

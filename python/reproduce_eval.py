@@ -1,85 +1,115 @@
-"""Evaluation stage of the reproduction: the test split, one chunk of images at a time, resumable.
-
-Each model is evaluated in passes (:func:`passes_for`): ``main`` gives the negative ELBO, the
-reconstruction term, the per-step KL and the IWAE bound with ``samples`` trajectories per image
-(-log p(x) for an unconditional model, -log p(x|y) for a conditional one); ``marginal``
-(conditional models) gives -log p(x) over a uniform label prior from one IWAE bound per class with
-``marginal_samples`` trajectories each.
+"""Evaluation stage of the reproduction: every pass of every model over the test split, chunk by chunk.
 
 Chunk ``i`` of a pass is ``avme_ext.evaluation.evaluate(..., shard=(i, num_chunks))``: the images
 ``[i * B, (i + 1) * B)`` with the random streams of chunk ``i``, so the merged chunks equal one
-uninterrupted ``avme eval --batch-size B --seed S --max-rows R`` run exactly (same device). Every
-chunk is written atomically to ``<model>/eval/<pass>/chunk-NNNNN.safetensors`` with its timing;
-an invocation skips the chunks that exist and stops before a chunk that would not finish before
-its deadline.
-
-The test split is read here only, and only once every model is trained.
+uninterrupted ``avme eval --batch-size B --seed S --max-rows R`` run exactly (same device). Each
+chunk is written atomically with what made it (the weights' SHA-256, samples, seed, ...); a rerun
+skips the chunks that match and evaluates the others. The weights evaluated are the float16 files
+of the training stage, loaded as float32.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reproduce_state import Layout, Manifest, ModelSpec, Plan, now_iso
+from reproduce_plan import MODELS, EvalPass, Layout, Plan, device_name
 
-#: IWAE trajectories per second assumed before a chunk has been timed on this device: a cautious
-#: guess that only decides whether the first chunk is started; the measurement replaces it.
-DEFAULT_TRAJECTORIES_PER_SECOND = 1.0e5
-#: Arithmetic estimate for an H100 (for planning only, not measured): one trajectory of the paper's
-#: model costs about 92 MFLOP in the reference (K=12 steps of 7.46 MFLOP, plus 2.5 MFLOP for the
-#: image's own encoder product); at 40 TFLOP/s of FP32 matrix products plus 40% for the
-#: element-wise work, about 3e5 trajectories per second.
-ESTIMATED_TRAJECTORIES_PER_SECOND_H100 = 3.0e5
-SAFETY = 1.25
 CHUNK_META = "avme-reproduction-chunk"
 
 
-class StageOrderError(RuntimeError):
-    """A stage was asked for before the stages it needs are done."""
-
-
 @dataclass(frozen=True)
-class EvalPass:
-    """One evaluation of a model over the test split.
-
-    Attributes:
-        name: ``main`` or ``marginal``.
-        samples: IWAE trajectories per image (per class for ``marginal``).
-        marginal: compute -log p(x) from one bound per class (conditional models).
-    """
+class PassWork:
+    """The chunks of one pass of one model still to evaluate."""
 
     name: str
-    samples: int
-    marginal: bool
+    eval_pass: EvalPass
+    weights_sha256: str
+    missing: list[int]
 
-    def trajectories(self, images: int, num_classes: int) -> int:
-        """Trajectories run for ``images`` images (the cost of a chunk)."""
-        return images * self.samples * (num_classes if self.marginal else 1)
-
-
-def passes_for(spec: ModelSpec, plan: Plan) -> list[EvalPass]:
-    passes = [EvalPass("main", plan.samples, False)]
-    if spec.conditional and plan.marginal_samples > 0:
-        passes.append(EvalPass("marginal", plan.marginal_samples, True))
-    return passes
+    def trajectories(self, plan: Plan) -> int:
+        return self.eval_pass.trajectories(len(self.missing) * plan.eval_batch_size, MODELS[self.name].num_classes)
 
 
-def test_images(plan: Plan) -> int:
-    return plan.num_images or 10_000
+# --------------------------------------------------------------------------- chunk files
+def chunk_key(plan: Plan, eval_pass: EvalPass, weights_sha256: str) -> dict[str, Any]:
+    """What a chunk's numbers depend on; a chunk file holding another key is evaluated again."""
+    return {"samples": eval_pass.samples, "marginal": eval_pass.marginal, "seed": plan.seed,
+            "batch_size": plan.eval_batch_size, "max_rows": plan.max_rows, "num_images": plan.test_images,
+            "impl": plan.impl, "weights_sha256": weights_sha256}
 
 
-def num_chunks(plan: Plan) -> int:
-    return math.ceil(test_images(plan) / plan.eval_batch_size)
+def save_chunk(path: Path, result: Any, meta: dict[str, Any]) -> None:
+    """Write an ``EvalResult``'s per-image tensors and ``meta`` atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    from avme_ext.checkpoint import atomic_write_bytes
+
+    tensors = {name: getattr(result, name).contiguous() for name in result._PER_IMAGE if getattr(result, name) is not None}
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={CHUNK_META: json.dumps(meta)}))
 
 
-def load_test_split(plan: Plan):
+def read_chunk_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of a chunk file, or None when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {})[CHUNK_META])
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+def chunk_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a chunk file that must be there.
+
+    Raises:
+        FileNotFoundError: the file is missing or holds no chunk.
+    """
+    meta = read_chunk_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path}: no evaluation chunk here (run the evaluation first)")
+    return meta
+
+
+def load_chunk(path: Path) -> Any:
+    """The ``EvalResult`` of a chunk file."""
+    from safetensors.torch import load_file
+
+    from avme_ext.evaluation import EvalResult
+
+    meta = chunk_meta(path)
+    tensors = load_file(str(path))
+    return EvalResult(**{name: tensors.get(name) for name in EvalResult._PER_IMAGE}, samples=int(meta["key"]["samples"]))
+
+
+def pass_work(layout: Layout, plan: Plan, name: str, eval_pass: EvalPass, weights_sha256: str) -> PassWork:
+    key = chunk_key(plan, eval_pass, weights_sha256)
+    missing = [i for i in range(plan.num_chunks)
+               if (read_chunk_meta(layout.chunk(name, eval_pass.name, i)) or {}).get("key") != key]
+    return PassWork(name, eval_pass, weights_sha256, missing)
+
+
+def pending_work(layout: Layout, plan: Plan, weights: dict[str, str]) -> list[PassWork]:
+    """The passes with chunks left, for the trained models ``weights`` (name -> SHA-256 of their weights)."""
+    work = [pass_work(layout, plan, name, p, sha) for name, sha in weights.items() for p in plan.passes(name)]
+    return [w for w in work if w.missing]
+
+
+def load_pass(layout: Layout, plan: Plan, name: str, eval_pass: EvalPass) -> tuple[Any, list[dict[str, Any]]]:
+    """The merged result of a finished pass and its chunks' metadata."""
+    from avme_ext.evaluation import merge_results
+
+    paths = [layout.chunk(name, eval_pass.name, i) for i in range(plan.num_chunks)]
+    return merge_results([load_chunk(p) for p in paths]), [chunk_meta(p) for p in paths]
+
+
+# --------------------------------------------------------------------------- the stage
+def load_test_split(plan: Plan) -> Any:
     """The test split (or its seeded random subset of ``plan.num_images``, chosen as ``avme eval --num-images`` does)."""
     import torch
 
@@ -91,167 +121,62 @@ def load_test_split(plan: Plan):
     return split
 
 
-# --------------------------------------------------------------------------- chunk files
-def save_chunk(path: Path, result: Any, meta: dict[str, Any]) -> None:
-    """Write an ``EvalResult`` (its per-image tensors) and ``meta`` atomically as safetensors."""
-    from safetensors.torch import save_file
+def measure_device(plan: Plan, device: str) -> dict[str, Any]:
+    """The device's name and the IWAE's trajectories per second on it, timed on an untrained model of the
+    plan's sizes (``avme_ext.evaluation.estimate_cost``: well under a second)."""
+    from avme_ext import AVME
+    from avme_ext.evaluation import estimate_cost
 
-    tensors = {name: getattr(result, name).contiguous() for name in result._PER_IMAGE if getattr(result, name) is not None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={CHUNK_META: json.dumps({**meta, "samples": result.samples})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    model = AVME(**plan.model_sizes("avme-canvas-conditional"), impl=plan.impl).to(device)
+    rate = estimate_cost(model, 1, samples=1, max_rows=plan.max_rows).trajectories_per_second
+    return {"device": device_name(device), "trajectories_per_second": rate}
 
 
-def load_chunk(path: Path) -> tuple[Any, dict[str, Any]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from avme_ext.evaluation import EvalResult
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()[CHUNK_META])
-    tensors = load_file(str(path))
-    fields = {name: tensors.get(name) for name in EvalResult._PER_IMAGE}
-    return EvalResult(**fields, samples=int(meta["samples"])), meta
+#: :func:`measure_device` in a process of its own (argv: python/, the plan as JSON, the device).
+MEASURE_CHILD = ("import json, sys; sys.path[:0] = [sys.argv[1]]; import reproduce_eval, reproduce_plan; "
+                 "plan = reproduce_plan.Plan.from_dict(json.loads(sys.argv[2])); "
+                 "print(json.dumps(reproduce_eval.measure_device(plan, sys.argv[3])))")
 
 
-def chunks_on_file(layout: Layout, name: str, eval_pass: EvalPass, plan: Plan) -> list[int]:
-    return [i for i in range(num_chunks(plan)) if layout.chunk(name, eval_pass.name, i).is_file()]
+def measure_device_in_child(plan: Plan, device: str) -> dict[str, Any]:
+    """:func:`measure_device` in a child process, so that this one holds no CUDA context while the
+    training processes run (an MPS daemon started afterwards serves them alone)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEASURE_CHILD, str(Path(__file__).resolve().parent),
+                           json.dumps(plan.to_dict()), device], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the evaluation speed on {device} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def missing_chunks(layout: Layout, manifest: Manifest, name: str, eval_pass: EvalPass) -> list[int]:
-    """Chunks of a pass evaluated by no call: neither recorded in the manifest (a call on another
-    machine) nor on file here."""
-    plan = manifest.plan
-    recorded = manifest.data["evaluation"].get(name, {}).get(eval_pass.name, {}).get("done", [])
-    done = set(recorded) | set(chunks_on_file(layout, name, eval_pass, plan))
-    return [i for i in range(num_chunks(plan)) if i not in done]
+def evaluate_models(layout: Layout, plan: Plan, work: list[PassWork], *, device: str, device_label: str,
+                    log: Callable[[str], None], report: Callable[[PassWork, int, int, float], None]) -> None:
+    """Evaluate every missing chunk of ``work``.
 
-
-def load_pass(layout: Layout, name: str, eval_pass: EvalPass, plan: Plan) -> tuple[Any, list[dict[str, Any]]]:
-    """The merged result of a finished pass and the chunks' metadata.
-
-    Raises:
-        StageOrderError: some chunks are missing.
+    ``report(work, chunks_left, trajectories, seconds)`` is called after each chunk with the chunks left in
+    that pass and the trajectories and seconds of the chunk.
     """
-    from avme_ext.evaluation import merge_results
-
-    missing = sorted(set(range(num_chunks(plan))) - set(chunks_on_file(layout, name, eval_pass, plan)))
-    if missing:
-        raise StageOrderError(f"{name}/{eval_pass.name}: {len(missing)} of {num_chunks(plan)} test chunks are not "
-                              "here; evaluate them, or apply the files the evaluation calls returned (--unpack)")
-    parts = [load_chunk(layout.chunk(name, eval_pass.name, i)) for i in range(num_chunks(plan))]
-    return merge_results([part for part, _ in parts]), [meta for _, meta in parts]
-
-
-# --------------------------------------------------------------------------- the stage
-def rate_key(eval_pass: EvalPass, plan: Plan, num_classes: int) -> str:
-    return f"{eval_pass.name}-S{eval_pass.samples}-C{num_classes}-B{plan.eval_batch_size}-R{plan.max_rows}"
-
-
-def estimated_chunk_seconds(manifest: Manifest, device_name: str, key: str, trajectories: int) -> tuple[float, bool]:
-    """(seconds, measured) for one chunk."""
-    measured = manifest.rates(device_name)["eval_chunk"].get(key)
-    if measured is not None:
-        return float(measured), True
-    return trajectories / DEFAULT_TRAJECTORIES_PER_SECOND, False
-
-
-def eval_stage(
-    layout: Layout,
-    manifest: Manifest,
-    *,
-    device: str,
-    device_name: str,
-    deadline: float,
-    log,
-    chunks_per_call: int | None = None,
-) -> bool:
-    """Evaluate the missing chunks that fit before ``deadline`` (at most ``chunks_per_call``); True when
-    every pass of every model is done. Chunks done are recorded in the manifest, so a call on another
-    machine needs only the manifest and the weights.
-
-    Raises:
-        StageOrderError: a model is not trained yet (the test split stays untouched until all are).
-    """
-    if not manifest.all_trained():
-        raise StageOrderError(f"the test split is evaluated once every model is trained; still training: "
-                              f"{manifest.untrained()}")
     import torch
 
     from avme_ext.checkpoint import load_model
     from avme_ext.evaluation import evaluate
 
-    plan = manifest.plan
-    chunks = num_chunks(plan)
-    split = None
-    complete = True
-    evaluated = 0
-    for spec in plan.specs:
-        weights = layout.weights(spec.name)
-        model = None
-        for eval_pass in passes_for(spec, plan):
-            entry = manifest.eval_entry(spec.name, eval_pass.name)
-            entry.update({"samples": eval_pass.samples, "marginal": eval_pass.marginal, "num_chunks": chunks,
-                          "images": test_images(plan)})
-            missing = missing_chunks(layout, manifest, spec.name, eval_pass)
-            entry["done"] = sorted(set(range(chunks)) - set(missing))
-            entry["chunks_done"] = len(entry["done"])
-            if not missing:
-                continue
-            complete = False
-            if not weights.is_file():
-                log(f"{spec.name}: {weights} is not here (not carried to this machine); its evaluation waits")
-                continue
-            if model is None:
-                model = load_model(weights, device=device, impl=plan.impl)
-            if split is None:
-                split = load_test_split(plan)
-            classes = model.num_classes
-            key = rate_key(eval_pass, plan, classes)
-            for index in missing:
-                images = min(plan.eval_batch_size, len(split) - index * plan.eval_batch_size)
-                estimate, measured = estimated_chunk_seconds(manifest, device_name, key,
-                                                             eval_pass.trajectories(images, classes))
-                left = deadline - time.monotonic()
-                if chunks_per_call is not None and evaluated >= chunks_per_call:
-                    log(f"{spec.name}/{eval_pass.name}: stopping before chunk {index}: {chunks_per_call} chunks done")
-                    manifest.save()
-                    return False
-                if estimate * SAFETY > left:
-                    log(f"{spec.name}/{eval_pass.name}: stopping before chunk {index} of {chunks}: "
-                        f"{estimate:.1f} s per chunk{'' if measured else ' (estimate)'}, {left:.0f} s left")
-                    manifest.save()
-                    return False
-                start = time.perf_counter()
-                result = evaluate(model, split, samples=eval_pass.samples, batch_size=plan.eval_batch_size,
-                                  seed=plan.seed, max_rows=plan.max_rows, shard=(index, chunks),
-                                  marginal=eval_pass.marginal)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-                save_chunk(layout.chunk(spec.name, eval_pass.name, index), result, {
-                    "chunk": index, "num_chunks": chunks, "seconds": seconds, "device": device,
-                    "device_name": device_name, "finished_at": now_iso(),
-                })
-                entry["done"] = sorted({*entry["done"], index})
-                entry["chunks_done"] = len(entry["done"])
-                evaluated += 1
-                entry["seconds"] = round(entry.get("seconds", 0.0) + seconds, 3)
-                entry.setdefault("devices", [])
-                if device_name not in entry["devices"]:
-                    entry["devices"].append(device_name)
-                if images == plan.eval_batch_size:
-                    manifest.rates(device_name)["eval_chunk"][key] = round(seconds, 4)
-                manifest.save()
-            log(f"{spec.name}/{eval_pass.name}: all {chunks} chunks evaluated ({entry['seconds']:.1f} s)")
-    manifest.save()
-    return complete or all(
-        not missing_chunks(layout, manifest, spec.name, p) for spec in plan.specs for p in passes_for(spec, plan)
-    )
+    split = load_test_split(plan)
+    for item in work:
+        model = load_model(layout.weights(item.name), device=device, impl=plan.impl)
+        key = chunk_key(plan, item.eval_pass, item.weights_sha256)
+        log(f"{item.name}/{item.eval_pass.name}: evaluating {len(item.missing)} of {plan.num_chunks} chunks "
+            f"(S={item.eval_pass.samples}{' per class' if item.eval_pass.marginal else ''})")
+        for position, index in enumerate(item.missing):
+            start = time.perf_counter()
+            result = evaluate(model, split, samples=item.eval_pass.samples, batch_size=plan.eval_batch_size,
+                              seed=plan.seed, max_rows=plan.max_rows, shard=(index, plan.num_chunks),
+                              marginal=item.eval_pass.marginal)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            save_chunk(layout.chunk(item.name, item.eval_pass.name, index), result,
+                       {"key": key, "chunk": index, "seconds": round(seconds, 4), "device": device_label})
+            report(item, len(item.missing) - position - 1, item.eval_pass.trajectories(len(result), MODELS[item.name].num_classes), seconds)

@@ -1,4 +1,4 @@
-"""A private NVIDIA MPS daemon for the training runs of one call.
+"""A private NVIDIA MPS daemon for the training processes of the reproduction.
 
 Several ``avme train`` processes on one GPU share it by time slicing: the kernels of one process
 never run beside those of another, so four runs that each leave the GPU mostly idle (small
@@ -37,7 +37,7 @@ class MpsError(RuntimeError):
 
 @dataclass(frozen=True)
 class MpsSession:
-    """What the training processes of a call need to know about MPS.
+    """What the training processes need to know about MPS.
 
     Attributes:
         env: environment variables for the clients (empty when MPS is not in use).
@@ -106,9 +106,9 @@ def mps_daemon(mode: str, device: str, log: Callable[[str], None], *, control: s
             log(f"training without MPS (runs side by side share the GPU by time slicing): {failure}")
             yield MpsSession(reason=f"MPS not used: {failure}")
         else:
-            log(f"MPS daemon started for this call (pipe {env['CUDA_MPS_PIPE_DIRECTORY']}): runs side by side "
+            log(f"MPS daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']}): runs side by side "
                 "execute their kernels concurrently")
-            yield MpsSession(env=env, reason="MPS daemon of this call")
+            yield MpsSession(env=env, reason="MPS daemon of this run")
     finally:
         if started:
             code, text = _run([executable], full_env, timeout, stdin=b"quit\n")

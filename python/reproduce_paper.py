@@ -1,48 +1,36 @@
-"""Reproduce the paper's binarized-MNIST experiments with honest likelihoods, in stages that fit short GPU calls.
+"""Reproduce the paper's binarized-MNIST experiments with honest likelihoods, in one command.
 
-Four models (unconditional and class-conditional, with the paper's encoder input "canvas" and
-DRAW's "error" image as an ablation) are trained with the paper's configuration (K=12, LSTMs of
-400, Z=100, batch 100, Adam), each keeping its best validation epoch; then evaluated on the
-10,000-image test split (negative ELBO, IWAE with S=5000, reconstruction term, per-step KL, and
--log p(x|y), -log p(x) for the conditional models); then the figures and ``docs/results.json``,
-``docs/results.md`` are made beside the published numbers.
+    python python/reproduce_paper.py --out runs/paper
 
-Stages (``--stage``):
+1. trains the four models (unconditional and class-conditional, with the paper's encoder input
+   "canvas" and DRAW's "error" image) side by side on the GPU, one ``avme train`` process each
+   (under a private NVIDIA MPS daemon where one can be started), with the paper's sizes (K=12,
+   LSTMs of 400, Z=100, batch 100) and Adam; each stops at its epoch cap (150 for the headline
+   model, 100 for the others) or after 10 epochs without a better validation bound, and keeps its
+   best validation epoch as float16 weights;
+2. once every model is trained, evaluates them on the 10,000 test images: negative ELBO, IWAE
+   bound with S=5000, reconstruction term, per-step KL, and -log p(x|y) and -log p(x) for the
+   conditional models, each labelled as what it is;
+3. draws the figures (training curves, unrolled drawing steps, samples per class) into
+   DOCS/images/<model>/ and writes DOCS/results.json and DOCS/results.md beside the published
+   numbers.
 
-    auto      the next GPU work that fits --time-budget: training, then (once every model is
-              trained) the evaluation on the test split; exit status 3 while work remains
-    all       everything, without a time limit (for a machine without limits, or a smoke run)
-    train | eval | figures | report | publish     one stage
-    status    what is done and an estimate of the GPU time left (reads only)
-    next-call the GPU call that continues the work: command, timeout_s, carry (reads only)
+Run the same command again after any interruption (Ctrl-C, a scheduler's SIGTERM, a crash, a
+kill): it continues exactly where it stopped and skips finished work. It prints the plan, the
+progress of each stage and the time left, estimated from the rates it measures. --smoke runs the
+whole pipeline at tiny sizes (about a minute on a CPU). docs/reproduction.md describes the protocol.
 
-All state lives in --out (default .carry/repro, ignored by git; layout in reproduce_state.py)
-with a manifest.json of what is done, timings, devices and commits. Every stage resumes: a
-training run continues exactly from its checkpoint (avme train --resume), the evaluation per
-chunk of images, the figures per file; finished work is skipped. --pack-to DIR writes what an
-invocation changed as at most 7 files of at most 15 MiB (60 MiB in all); --unpack DIR applies
-them here.
-
-    python python/reproduce_paper.py --init                           # the plan, in .carry/repro
-    python python/reproduce_paper.py --stage next-call                # the next GPU call
-    python python/reproduce_paper.py --unpack DIR                     # apply what a call returned
-    python python/reproduce_paper.py --stage figures && python python/reproduce_paper.py --stage report
-    python python/reproduce_paper.py --out /tmp/smoke/repro --docs /tmp/smoke/docs --stage all \\
-        --models avme-canvas --epochs 1 --samples 2 --num-images 20 --device cpu -- \\
-        --train-subset 300 --valid-subset 100 --enc-hidden 16 --dec-hidden 16 --latent-dim 4 --steps 3
-
-docs/reproduction.md describes the plan call by call.
+Exit status: 0 done; 1 a stage failed; 2 bad options; 130 or 143 stopped by SIGINT or SIGTERM
+(rerun to continue).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import fcntl
 import math
 import os
-import shlex
-import shutil
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,155 +42,163 @@ for _path in (str(HERE), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import reproduce_pack as packing
-from reproduce_mps import MPS_MODES, mps_daemon
-from avme_ext.loop_types import IMPLS
-from avme_ext.training.config import LR_SCHEDULES
 from reproduce_eval import (
-    ESTIMATED_TRAJECTORIES_PER_SECOND_H100,
-    StageOrderError,
-    eval_stage,
-    missing_chunks,
-    num_chunks,
-    passes_for,
+    PassWork,
+    evaluate_models,
+    measure_device,
+    measure_device_in_child,
+    pending_work,
 )
-from reproduce_state import (
-    DEFAULT_EPOCHS,
+from reproduce_mps import MPS_MODES, mps_daemon
+from reproduce_plan import (
     MODELS,
     Layout,
-    Manifest,
-    ManifestError,
     Plan,
-    device_description,
-    provenance,
+    device_name,
+    make_plan,
+    read_json,
     source_commit,
+    write_json,
 )
-from reproduce_train import RateModel, read_progress, train_stage
+from reproduce_report import make_figures, write_results
+from reproduce_train import Interrupted, read_run_status, train_models, trained_summary
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_MORE = 0, 1, 2, 3
-STAGES = ("auto", "all", "train", "eval", "figures", "report", "publish", "status", "next-call")
-#: Seconds kept back from --time-budget for stopping the runs and packing the results.
-PACK_RESERVE_SECONDS = 45.0
-#: A GPU call: the command's own budget and its timeout leave room for start-up and transfers.
-CALL_BUDGET_MINUTES = 8.5
-CALL_OVERHEAD_SECONDS = 75
-DEVICE_START_SECONDS = 90
-CARRY_LIMIT_BYTES = 64 << 20
+from avme_ext.choices import IMPLS
 
-PLAN_OPTIONS = ("models", "epochs", "patience", "lr", "lr_schedule", "lr_final", "lr_decay_fraction", "clip_grad", "kl_warmup_steps", "seed",
-                "impl", "samples", "marginal_samples", "eval_batch_size", "max_rows", "num_images")
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Seconds to wait for the lock of --out held by another run (or by the processes of an interrupted one).
+LOCK_WAIT_SECONDS = 300
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+class UsageError(RuntimeError):
+    """Options that do not fit the reproduction directory."""
 
 
-# --------------------------------------------------------------------------- arguments
-def _epochs_option(text: str) -> tuple[str | None, int]:
-    name, _, value = text.rpartition("=")
-    try:
-        epochs = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MODEL=N, got {text!r}") from None
-    if epochs < 1 or (name and name not in MODELS):
-        raise argparse.ArgumentTypeError(f"expected N >= 1 or MODEL=N with MODEL in {list(MODELS)}, got {text!r}")
-    return (name or None), epochs
+# --------------------------------------------------------------------------- output
+class Console:
+    """Prints timestamped lines to stdout and appends them to ``reproduce.log``."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
 
 
+def minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "not measured yet"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """The time left, from measured rates, printed every ``interval`` seconds and kept in ``progress.json``.
+
+    Training: per model, its epochs left times its measured seconds per epoch (runs side by side,
+    ``jobs`` at a time, a model not measured yet at the slowest measured rate; an upper bound, since a
+    run may stop early). Evaluation: the trajectories left divided by the measured trajectories per
+    second (of the chunks done, else of a short pilot).
+    """
+
+    def __init__(self, layout: Layout, plan: Plan, names: list[str], jobs: int, log, interval: float) -> None:
+        self.layout, self.plan, self.names, self.jobs, self.log, self.interval = layout, plan, names, jobs, log, interval
+        self.stage = "plan"
+        self.trained: set[str] = set()
+        self.eval_left = 0  # trajectories
+        self.eval_rate: float | None = None
+        self.eval_measured = False
+        self.eval_done = (0, 0.0)  # trajectories, seconds (this run)
+        self.last_print = -math.inf
+
+    # ----------------------------------------------------------------- training
+    def training_left(self) -> tuple[float | None, dict[str, Any]]:
+        models: dict[str, Any] = {}
+        remaining = []
+        for name in self.names:
+            status = read_run_status(self.layout.run_dir(name) / "metrics.jsonl")
+            models[name] = {"trained": name in self.trained, "epochs": status.epochs, "epoch_cap": self.plan.epochs[name],
+                            "best": status.best, "seconds_per_epoch": status.seconds_per_epoch}
+            if name not in self.trained:
+                remaining.append((self.plan.epochs[name] - status.epochs, status.seconds_per_epoch))
+        known = [m["seconds_per_epoch"] for m in models.values() if m["seconds_per_epoch"] is not None]
+        if not remaining:
+            return 0.0, models
+        if not known:
+            return None, models
+        work = sorted(((epochs * (s if s is not None else max(known))) for epochs, s in remaining), reverse=True)
+        slots = [0.0] * max(1, self.jobs)
+        for seconds in work:  # the runs start as slots free up
+            slots[slots.index(min(slots))] += seconds
+        return max(slots), models
+
+    def evaluation_left(self) -> float | None:
+        return None if self.eval_rate is None else self.eval_left / self.eval_rate
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_print < self.interval:
+            return
+        self.last_print = now
+        train_left, models = self.training_left()
+        eval_left = self.evaluation_left()
+        rate = "measured" if self.eval_measured else "pilot"
+        total = None if train_left is None or eval_left is None else train_left + eval_left
+        if self.stage == "training":
+            shown = [f"{n} {m['epochs']}/{m['epoch_cap']}" + (" done" if m["trained"] else "")
+                     + (f" ({m['best'][1]:.2f})" if m["best"] and not m["trained"] else "") for n, m in models.items()]
+            parts = ["training: " + ", ".join(shown),
+                     (f"time left: training {'at most ' if train_left else ''}{minutes(train_left)}, evaluation "
+                      f"about {minutes(eval_left)} ({rate} rate), in all {minutes(total)}")]
+        elif self.stage == "evaluation":
+            parts = [f"evaluation: {self.eval_left:,} trajectories left",
+                     f"time left about {minutes(eval_left)} ({rate} rate)"]
+        else:
+            parts = []
+        if parts:
+            self.log(" | ".join(parts))
+        write_json(self.layout.progress, {
+            "stage": self.stage, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": self.jobs, "models": models,
+            "evaluation": {"trajectories_left": self.eval_left, "trajectories_per_second": self.eval_rate,
+                           "measured": self.eval_measured},
+            "seconds_left": {"training": train_left, "evaluation": eval_left}})
+
+    def train_tick(self, info: dict[str, Any]) -> None:
+        newly = set(info["finished"]) - self.trained
+        self.trained |= newly
+        self.update(force=bool(newly))
+
+    def eval_tick(self, work: PassWork, chunks_left: int, trajectories: int, seconds: float) -> None:
+        done, spent = self.eval_done
+        self.eval_done = (done + trajectories, spent + seconds)
+        self.eval_left = max(0, self.eval_left - trajectories)
+        self.eval_rate, self.eval_measured = self.eval_done[0] / max(self.eval_done[1], 1e-9), True
+        self.update(force=chunks_left == 0)
+
+
+# --------------------------------------------------------------------------- set-up
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=".carry/repro", help="state directory (default .carry/repro)")
-    parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, results.json and figures/ go")
-    parser.add_argument("--stage", default="auto", choices=STAGES)
-    parser.add_argument("--init", action="store_true", help="create the manifest with the plan options and stop")
-    plan = parser.add_argument_group("plan (fixed when the manifest is created)")
-    plan.add_argument("--models", default=None, help=f"comma-separated, in order of priority (default {','.join(MODELS)})")
-    plan.add_argument("--epochs", type=_epochs_option, action="append", default=None, metavar="N|MODEL=N",
-                      help=f"epoch cap of every model, or of one (repeatable; default {DEFAULT_EPOCHS})")
-    plan.add_argument("--patience", type=int, default=None, help="stop after N epochs without a better validation bound (10)")
-    plan.add_argument("--lr", type=float, default=None, help="Adam learning rate, at the start (1e-3)")
-    plan.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
-                      help="constant, or cosine: --lr, then a cosine decay to --lr-final over the last "
-                           "--lr-decay-fraction of each model's epoch cap (cosine)")
-    plan.add_argument("--lr-final", type=float, default=None, help="cosine: the rate at the epoch cap (0)")
-    plan.add_argument("--lr-decay-fraction", type=float, default=None,
-                      help="cosine: the share of each epoch cap spent decaying (1/3)")
-    plan.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (10)")
-    plan.add_argument("--kl-warmup-steps", type=int, default=None, help="linear KL warm-up steps (0)")
-    plan.add_argument("--seed", type=int, default=None, help="seed of training and evaluation (0)")
-    plan.add_argument("--impl", default=None, choices=IMPLS,
-                      help="K-step loop implementation for training and evaluation (ref); keep one for a whole run")
-    plan.add_argument("--samples", type=int, default=None, help="IWAE trajectories per test image (5000)")
-    plan.add_argument("--marginal-samples", type=int, default=None,
-                      help="conditional models: trajectories per class for -log p(x) (500; 0 skips it)")
-    plan.add_argument("--eval-batch-size", type=int, default=None, help="images per evaluation chunk (100)")
-    plan.add_argument("--max-rows", type=int, default=None, help="IWAE trajectories evaluated at once (20000)")
-    plan.add_argument("--num-images", type=int, default=None, help="test images, a seeded subset (0: all 10,000)")
-    run = parser.add_argument_group("this invocation")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu")
-    run.add_argument("--jobs", type=int, default=None, help="training runs side by side (default 4 on CUDA, 1 on CPU)")
-    run.add_argument("--mps", choices=MPS_MODES, default="auto",
-                     help="run the training processes of a CUDA call under a private NVIDIA MPS daemon, so their "
-                          "kernels run concurrently: auto (when nvidia-cuda-mps-control works), on (or fail), off "
-                          "(default auto)")
-    run.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="minutes for this invocation (0: no limit)")
-    run.add_argument("--epochs-per-call", type=int, default=None, metavar="N",
-                     help="train each model at most N more epochs in this invocation (manual staging)")
-    run.add_argument("--chunks-per-call", type=int, default=None, metavar="N",
-                     help="evaluate at most N chunks in this invocation (manual staging)")
-    run.add_argument("--expect-calls", type=int, default=None, metavar="N",
-                     help="refuse to start unless the manifest records N calls (a GPU call checks it got the latest state)")
-    run.add_argument("--pack-to", default=None, metavar="DIR", help="write what this invocation changed to DIR (the device's $OUT)")
-    run.add_argument("--unpack", default=None, metavar="DIR", help="apply the files a GPU call returned, then stop")
-    run.add_argument("--device-seconds-left", type=float, default=900.0,
-                     help="next-call: device seconds left in the current lease of the GPU machine")
-    run.add_argument("--device-warm", action="store_true",
-                     help="next-call: the device machine is still warm (no start-up to allow for)")
-    run.add_argument("--pretrained-dir", default=None, help="publish: the registry (default avme_ext/assets/pretrained)")
-    parser.add_argument("train_extra", nargs=argparse.REMAINDER, help="after '--': more 'avme train' options")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the reproduction's working directory: checkpoints, weights, test results, logs")
+    parser.add_argument("--docs", default=str(REPO / "docs"), metavar="DIR",
+                        help="where results.md, results.json and images/<model>/*.png go (default: the repository's docs/)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models, few epochs, few images: the whole pipeline in about a minute on a CPU")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu (default: auto)")
+    parser.add_argument("--impl", default="ref", choices=IMPLS,
+                        help="K-step loop of training and evaluation: ref (pure PyTorch, CUDA graphs on a GPU), "
+                             "cuda (fused kernels), auto; fixed by the first run in DIR (default: ref)")
+    parser.add_argument("--mps", default="auto", choices=MPS_MODES,
+                        help="run the training processes under a private NVIDIA MPS daemon, so that their kernels "
+                             "run concurrently: auto (when it can start), on (or fail), off (default: auto)")
+    parser.add_argument("--models", default=",".join(MODELS), metavar="A,B",
+                        help="the models to work on, a subset of the four (default: all)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="training processes side by side (default: one per model)")
     return parser
-
-
-def plan_from_args(args: argparse.Namespace, base: Plan | None = None) -> Plan:
-    """The plan: ``base`` (or the defaults) with the options given on the command line."""
-    plan = (base or Plan()).to_dict()
-    if args.models is not None:
-        plan["models"] = [m for m in args.models.split(",") if m]
-    epochs = {**DEFAULT_EPOCHS, **plan["epochs"]}
-    for name, value in args.epochs or []:
-        for target in [name] if name else list(MODELS):
-            epochs[target] = value
-    plan["epochs"] = {name: epochs[name] for name in plan["models"] if name in epochs}
-    for name in PLAN_OPTIONS[2:]:
-        value = getattr(args, name)
-        if value is not None:
-            plan[name] = value
-    if args.train_extra:
-        plan["train_extra"] = [a for a in args.train_extra if a != "--"]
-    return Plan.from_dict(plan)
-
-
-def given_plan_options(args: argparse.Namespace) -> list[str]:
-    given = [name for name in PLAN_OPTIONS if getattr(args, name) is not None]
-    return given + (["train_extra"] if [a for a in args.train_extra if a != "--"] else [])
-
-
-def open_manifest(layout: Layout, args: argparse.Namespace) -> Manifest:
-    """The manifest in --out; created from the plan options when there is none (not in a GPU call)."""
-    if Manifest.exists(layout):
-        manifest = Manifest.load(layout)
-        given = given_plan_options(args)
-        if given:
-            wanted = plan_from_args(args, manifest.plan).to_dict()
-            differ = [k for k in wanted if wanted[k] != manifest.data["plan"].get(k)]
-            if differ:
-                raise ManifestError(f"{layout.manifest} holds another plan ({', '.join(differ)} differ); the plan is fixed "
-                                    "once made: drop these options, or use another --out")
-        return manifest
-    if args.pack_to:
-        raise ManifestError(f"{layout.manifest} does not exist on this machine: carry the state directory "
-                            "(see --stage next-call), or create it with --init first")
-    return Manifest.create(layout, plan_from_args(args))
 
 
 def resolve_device(name: str) -> str:
@@ -211,291 +207,172 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ManifestError(f"--device {name}: CUDA is not available here")
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return name
 
 
-# --------------------------------------------------------------------------- transport
-def shrink_for_transport(layout: Layout, manifest: Manifest, step: int, changed: set[str]) -> bool:
-    """Make the state to send back smaller; False when this step finds nothing to drop.
-
-    Only unfinished runs whose files changed in this invocation (``changed``: paths relative to
-    the state directory) are touched. Step 0 drops their float16 best weights so far (the
-    validation value is kept; the selection then uses the best weights still at hand). Step 1
-    restarts all of them but the first in priority from scratch; step 2 restarts the first too
-    (the finished models still travel).
-    """
-    training = [name for name in manifest.plan.models if manifest.model(name)["status"] == "training"
-                and layout.rel(layout.run_dir(name) / "last.safetensors") in changed]
-    if step == 0:
-        dropped = [name for name in training
-                   if layout.best_so_far(name).is_file() and layout.rel(layout.best_so_far(name)) in changed]
-        for name in dropped:
-            layout.best_so_far(name).unlink()
-            manifest.model(name)["best_so_far"] = {**manifest.model(name).get("best_so_far", {}), "lost": True}
-            log(f"{name}: best weights so far dropped to fit the limits of what comes back")
-        manifest.save()
-        return bool(dropped)
-    restart = training[1:] if step == 1 else training
-    for name in restart:
-        shutil.rmtree(layout.run_dir(name), ignore_errors=True)
-        entry = manifest.model(name)
-        entry.update({"status": "pending", "epochs_done": 0, "best_epoch": None, "best_valid_nelbo": None})
-        entry.pop("best_so_far", None)
-        entry["reset_for_transport"] = entry.get("reset_for_transport", 0) + 1
-        log(f"{name}: its unfinished run cannot travel back; it restarts from scratch next time")
-    manifest.save()
-    return bool(restart)
+def selected_models(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise UsageError(f"--models must name some of {', '.join(MODELS)}; got {text!r}")
+    return [n for n in MODELS if n in names]
 
 
-def pack_changes(layout: Layout, manifest: Manifest, before: packing.Snapshot, destination: Path, base: dict) -> None:
-    """Pack what this invocation changed into ``destination``, dropping state (:func:`shrink_for_transport`)
-    until it fits the limits of what comes back."""
-    for step in range(4):
-        changed, removed = packing.changes(layout.root, before)
-        try:
-            report = packing.pack(layout.root, changed, removed, destination, base=base)
-        except packing.PackTooLarge as error:
-            log(f"pack: {error}")
-            if step == 3:
-                raise
-            shrink_for_transport(layout, manifest, step, set(changed))
-            continue
-        log(f"packed {len(report.files)} files ({report.raw_bytes / 2**20:.1f} MiB, {report.packed_bytes / 2**20:.1f} MiB "
-            f"packed, {len(report.parts)} parts) and {len(report.removed)} removals into {destination}")
+def fix_plan(layout: Layout, plan: Plan) -> None:
+    """Write ``plan.json``, or check that the one in ``layout`` is ``plan``."""
+    saved = read_json(layout.plan)
+    if saved is None:
+        write_json(layout.plan, plan.to_dict())
         return
+    if saved != plan.to_dict():
+        differ = sorted(k for k, v in plan.to_dict().items() if saved.get(k) != v)
+        raise UsageError(f"{layout.root} holds a reproduction with another plan ({', '.join(differ)} differ: "
+                         f"--smoke and --impl must be those of its first run), or use another --out")
 
 
-def unpack_into(layout: Layout, source: Path) -> None:
-    index = packing.read_index(source)
-    base = index["base"]
-    if Manifest.exists(layout):
-        local = Manifest.load(layout).data
-        if local["created_at"] != base.get("created_at") or len(local["calls"]) != base.get("calls"):
-            raise ManifestError(
-                f"the files in {source} continue a state with {base.get('calls')} calls (created {base.get('created_at')}); "
-                f"{layout.manifest} has {len(local['calls'])} calls (created {local['created_at']}): apply the returned "
-                "files in the order of the calls, each once")
-    packing.unpack(source, layout.root)
-    log(f"applied {len(index['files'])} files and {len(index['removed'])} removals from {source} to {layout.root}")
+def acquire_lock(layout: Layout, log) -> int:
+    """Lock ``--out`` for this run; the training processes inherit the lock, so a rerun waits until the
+    processes of an interrupted run have saved their checkpoints and exited."""
+    fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = 0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if waited == 0:
+                log(f"{layout.root} is in use by another run, or by the training processes of an interrupted one "
+                    "while they save their checkpoints; waiting")
+            if waited >= LOCK_WAIT_SECONDS:
+                os.close(fd)
+                raise UsageError(f"{layout.root} is still in use after {LOCK_WAIT_SECONDS} s (process "
+                                 f"{layout.lock.read_text().strip() or '?'} holds {layout.lock})") from None
+            time.sleep(1)
+            waited += 1
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
-# --------------------------------------------------------------------------- status and the next call
-def _tree_bytes() -> int | None:
-    """Bytes of the working tree that travels to the device (tracked and untracked files git does not ignore)."""
-    try:
-        names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                               capture_output=True, timeout=60, check=True).stdout.split(b"\0")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sum((REPO / os.fsdecode(n)).stat().st_size for n in names if n and (REPO / os.fsdecode(n)).is_file())
+def print_plan(plan: Plan, names: list[str], device: str, jobs: int, mps: str, docs: Path, log) -> None:
+    hold, decay = plan.schedule(names[0])
+    log(f"plan{' (smoke: tiny sizes)' if plan.smoke else ''}: {', '.join(f'{n} ({plan.epochs[n]} epochs at most)' for n in names)}")
+    log(f"  model: K={plan.steps}, LSTMs of {plan.enc_hidden}/{plan.dec_hidden}, Z={plan.latent_dim}, --impl {plan.impl}; "
+        f"training: Adam {plan.lr:g}, batch {plan.batch_size}, clip {plan.clip_grad:g}, the rate held for 2/3 of the "
+        f"cap then a cosine decay to {plan.lr_final:g} (e.g. {hold} + {decay} epochs); early stop after "
+        f"{plan.patience} epochs without a better validation bound; best validation epoch kept, float16")
+    log(f"  test: {plan.test_images} images in chunks of {plan.eval_batch_size}, IWAE S={plan.samples}, conditional "
+        f"models also -log p(x) with {plan.marginal_samples} per class")
+    log(f"  on {device}: {jobs} training process(es) side by side (MPS {mps}); results to {docs}")
 
 
-def _bytes_under(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+# --------------------------------------------------------------------------- the stages
+def show_state(layout: Layout, names: list[str], trained: dict[str, Any], log) -> None:
+    """One line per model: trained, epochs done, or not started."""
+    for name in names:
+        started = (layout.run_dir(name) / "last.safetensors").is_file()
+        epochs = read_run_status(layout.run_dir(name) / "metrics.jsonl").epochs
+        log(f"  {name}: " + ("trained" if name in trained else f"{epochs} epochs done" if started else "not started"))
 
 
-def remaining_work(layout: Layout, manifest: Manifest) -> dict[str, Any]:
-    """What is left, with estimated device seconds at the rates measured on the device (or the defaults)."""
-    plan = manifest.plan
-    rates_by_device = manifest.data["rates"]
-    device_rates = next((r for name, r in rates_by_device.items() if not name.startswith("cpu")), None) or {
-        "train_epoch": {}, "train_startup": None, "eval_chunk": {}}
-    model = RateModel(device_rates["train_epoch"], device_rates["train_startup"])
-    per_model_epoch = min(model.seconds_per_epoch(j) / j for j in (1, 2, 3, 4))
-    epochs_left = {name: max(0, manifest.model(name)["epochs_target"] - manifest.model(name)["epochs_done"])
-                   for name in manifest.untrained()}
-    chunks_left = {}
-    eval_seconds = 0.0
-    for spec in plan.specs:
-        for eval_pass in passes_for(spec, plan):
-            missing = len(missing_chunks(layout, manifest, spec.name, eval_pass))
-            if missing:
-                chunks_left[f"{spec.name}/{eval_pass.name}"] = missing
-                key = next((k for k in device_rates["eval_chunk"] if k.startswith(f"{eval_pass.name}-S{eval_pass.samples}-")), None)
-                per_chunk = device_rates["eval_chunk"].get(key) if key else None
-                if per_chunk is None:
-                    trajectories = eval_pass.trajectories(plan.eval_batch_size, 10 if spec.conditional else 1)
-                    per_chunk = trajectories / ESTIMATED_TRAJECTORIES_PER_SECOND_H100
-                eval_seconds += missing * per_chunk
-    return {
-        "epochs_left": epochs_left,
-        "train_seconds_estimate": sum(epochs_left.values()) * per_model_epoch,
-        "train_rates_measured": model.measured,
-        "chunks_left": chunks_left,
-        "eval_seconds_estimate": eval_seconds,
-    }
+def trajectories_left(layout: Layout, plan: Plan, names: list[str], trained: dict[str, Any]) -> int:
+    """The evaluation's work left: every pass of the untrained models, the missing chunks of the others."""
+    untrained = sum(p.trajectories(plan.test_images, MODELS[n].num_classes) for n in names if n not in trained
+                    for p in plan.passes(n))
+    work = pending_work(layout, plan, {n: s["weights"]["sha256"] for n, s in trained.items()})
+    return untrained + sum(w.trajectories(plan) for w in work)
 
 
-def print_status(layout: Layout, manifest: Manifest) -> None:
-    plan = manifest.plan
-    print(f"{layout.manifest}: {len(manifest.data['calls'])} calls")
-    for name in plan.models:
-        m = manifest.model(name)
-        progress = read_progress(layout.run_dir(name)) if m["status"] != "trained" else None
-        epochs = progress.epochs_done if progress else m["epochs_done"]
-        best = m["best_valid_nelbo"]
-        print(f"  {name:<26} {m['status']:<9} epochs {epochs}/{m['epochs_target']}  best valid -ELBO "
-              f"{'n/a' if best is None else f'{best:.3f}'} (epoch {m['best_epoch']})"
-              + (f"  stopped: {m['stop_reason']}" if m["stop_reason"] else ""))
-    for spec in plan.specs:
-        for eval_pass in passes_for(spec, plan):
-            left = len(missing_chunks(layout, manifest, spec.name, eval_pass))
-            print(f"  eval {spec.name}/{eval_pass.name} (S={eval_pass.samples}{' per class' if eval_pass.marginal else ''}): "
-                  f"{num_chunks(plan) - left}/{num_chunks(plan)} chunks")
-    work = remaining_work(layout, manifest)
-    train_note = "measured rates" if work["train_rates_measured"] else "default rate, an estimate"
-    eval_note = "measured rates where present, else an arithmetic estimate"
-    print(f"  device time left (estimates): training about {work['train_seconds_estimate'] / 60:.1f} min ({train_note}), "
-          f"evaluation about {work['eval_seconds_estimate'] / 60:.1f} min ({eval_note}), start-ups and transfers not counted")
+def run(args: argparse.Namespace, layout: Layout, plan: Plan, names: list[str], device: str, lock_fd: int,
+        log) -> int:
+    jobs = max(1, args.jobs or len(names))
+    docs = Path(args.docs).resolve()
+    print_plan(plan, names, device, jobs, args.mps, docs, log)
+    progress = Progress(layout, plan, names, jobs, log, interval=5.0 if plan.smoke else 30.0)
+    trained = {n: s for n in names if (s := trained_summary(layout, plan, n)) is not None}
+    show_state(layout, names, trained, log)
+    progress.trained = set(trained)
+    untrained = [n for n in names if n not in trained]
+    progress.eval_left = trajectories_left(layout, plan, names, trained)
+    if progress.eval_left:  # on a GPU that the training will use, in a child process (see measure_device_in_child)
+        measured = (measure_device_in_child if untrained and device.startswith("cuda") else measure_device)(plan, device)
+        progress.eval_rate, label = measured["trajectories_per_second"], measured["device"]
+    else:  # everything is trained and evaluated
+        label = device_name(device)
+
+    if untrained:
+        progress.stage = "training"
+        log(f"training {len(untrained)} model(s): {', '.join(untrained)}")
+        with mps_daemon(args.mps, device, log) as mps:
+            failures = train_models(layout, plan, untrained, device=device, device_label=label, jobs=jobs,
+                                    lock_fd=lock_fd, client_env=mps.env, log=log, report=progress.train_tick)
+        if failures:
+            log(f"training failed for {len(failures)} model(s); fix the cause and run the same command again")
+            return EXIT_FAILED
+        trained = {n: s for n in names if (s := trained_summary(layout, plan, n)) is not None}
+
+    work = pending_work(layout, plan, {n: s["weights"]["sha256"] for n, s in trained.items()})
+    if work:
+        progress.stage = "evaluation"
+        progress.eval_left = sum(w.trajectories(plan) for w in work)
+        progress.update(force=True)
+        evaluate_models(layout, plan, work, device=device, device_label=label, log=log, report=progress.eval_tick)
+    progress.stage = "figures"
+    progress.update(force=True)
+    make_figures(layout, plan, names, docs / "images", log)
+    records = write_results(layout, plan, trained, docs, source_commit())
+    progress.stage = "done"
+    progress.update(force=True)
+    for r in records:
+        log(f"{r['name']}: test -ELBO {r['test_nelbo']:.2f}, IWAE (S={r['iwae_samples']}) {r['test_iwae']:.2f}"
+            + (f", -log p(x) {r['test_nll_marginal']:.2f}" if r.get("test_nll_marginal") is not None else "")
+            + f", reconstruction term {r['test_reconstruction']:.2f} (not a likelihood)")
+    log(f"wrote {docs / 'results.md'}, {docs / 'results.json'} and the figures in {docs / 'images'}")
+    return EXIT_DONE
 
 
-def next_call(layout: Layout, manifest: Manifest, seconds_left: float, warm: bool = False) -> dict[str, Any] | None:
-    """The GPU call that continues the work (None when none is left): {"command", "timeout_s", "carry", ...}."""
-    carry = [layout.manifest]
-    if manifest.untrained():
-        for name in manifest.untrained():
-            for path in (layout.run_dir(name), layout.best_so_far(name)):
-                if path.exists():
-                    carry.append(path)
-        work = "train"
-    else:
-        plan = manifest.plan
-        pending = [s.name for s in plan.specs
-                   if any(missing_chunks(layout, manifest, s.name, p) for p in passes_for(s, plan))]
-        if not pending:
-            return None
-        carry += [layout.weights(name) for name in pending]
-        work = "eval"
-    start = 0 if warm else DEVICE_START_SECONDS
-    budget = min(CALL_BUDGET_MINUTES, (seconds_left - start - CALL_OVERHEAD_SECONDS) / 60)
-    if budget < 2:
-        return {"error": f"{seconds_left:.0f} device seconds left: too little for a call; continue in the next lease"}
-    budget = math.floor(budget * 2) / 2
-    commit = source_commit()
-    label = commit["commit"] + ("+modified" if commit.get("modified") else "")
-    out = layout.root.relative_to(REPO).as_posix() if layout.root.is_relative_to(REPO) else str(layout.root)
-    command = (f"set -o pipefail; export PYTHONUNBUFFERED=1 AVME_COMMIT={shlex.quote(label)}; "
-               f"python3 python/reproduce_paper.py --out {out} --stage auto --time-budget {budget:g} "
-               f"--expect-calls {len(manifest.data['calls'])} --pack-to \"$OUT\" 2>&1 | tee \"$OUT/repro-log.txt\"")
-    rel = [p.relative_to(REPO).as_posix() if p.is_relative_to(REPO) else str(p) for p in carry]
-    carried = sum(_bytes_under(p) for p in carry)
-    tree = _tree_bytes()
-    return {"work": work, "command": command, "timeout_s": int(min(600, budget * 60 + CALL_OVERHEAD_SECONDS)),
-            "carry": rel, "carry_bytes": carried, "tree_bytes": tree,
-            "fits": None if tree is None else tree + carried <= CARRY_LIMIT_BYTES}
-
-
-# --------------------------------------------------------------------------- stages
-def run_stage(stage: str, layout: Layout, manifest: Manifest, args: argparse.Namespace, device: str,
-              device_name: str, deadline: float, call: int) -> int:
-    docs = Path(args.docs)
-    jobs = args.jobs or (4 if device.startswith("cuda") else 1)
-    train_args = {"device": device, "device_name": device_name, "jobs": jobs, "call": call,
-                  "epochs_per_call": args.epochs_per_call, "log": log}
-    code = EXIT_DONE
-    if stage in ("auto", "all", "train"):
-        start = time.monotonic()
-        mode = args.mps if manifest.untrained() else "off"
-        with mps_daemon(mode, device, log) as mps:
-            # rates measured with MPS are kept apart from those without
-            train_args["device_name"] = device_name + (" with MPS" if mps.active else "")
-            trained = train_stage(layout, manifest, deadline=math.inf if stage == "all" else deadline,
-                                  client_env=mps.env, **train_args)
-        manifest.mark_stage("train", trained, time.monotonic() - start)
-        manifest.save()
-        if not trained:
-            return EXIT_MORE
-    if stage in ("auto", "all", "eval"):
-        start = time.monotonic()
-        evaluated = eval_stage(layout, manifest, device=device, device_name=device_name,
-                               deadline=math.inf if stage == "all" else deadline, log=log,
-                               chunks_per_call=args.chunks_per_call)
-        manifest.mark_stage("eval", evaluated, time.monotonic() - start)
-        manifest.save()
-        if not evaluated:
-            return EXIT_MORE
-    if stage in ("all", "figures"):
-        from reproduce_report import figures_stage
-
-        start = time.monotonic()
-        figures_stage(layout, manifest, docs / "figures", log)
-        manifest.mark_stage("figures", True, time.monotonic() - start)
-    if stage in ("all", "report"):
-        from reproduce_report import report_stage
-
-        start = time.monotonic()
-        command = "python python/reproduce_paper.py " + " ".join(shlex.quote(a) for a in (args.argv or []))
-        report_stage(layout, manifest, docs, command.strip(), log)
-        manifest.mark_stage("report", True, time.monotonic() - start)
-    if stage == "publish":
-        from reproduce_report import publish_stage
-
-        target = Path(args.pretrained_dir) if args.pretrained_dir else REPO / "avme_ext" / "assets" / "pretrained"
-        publish_stage(layout, manifest, docs, target, log)
-        manifest.mark_stage("publish", True)
-    manifest.save()
-    return code
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     layout = Layout(Path(args.out).resolve())
     try:
-        if args.unpack:
-            unpack_into(layout, Path(args.unpack))
-            return EXIT_DONE
-        if args.stage in ("status", "next-call"):
-            manifest = Manifest.load(layout)
-            if args.stage == "status":
-                print_status(layout, manifest)
-            else:
-                call = next_call(layout, manifest, args.device_seconds_left, args.device_warm)
-                print(json.dumps(call or {"work": None, "message": "no device work left: run --stage figures, "
-                                          "--stage report and --stage publish here"}, indent=2))
-            return EXIT_DONE
-        manifest = open_manifest(layout, args)
-        if args.init:
-            log(f"plan written to {layout.manifest}")
-            return EXIT_DONE
-        if args.expect_calls is not None and len(manifest.data["calls"]) != args.expect_calls:
-            raise ManifestError(f"{layout.manifest} records {len(manifest.data['calls'])} calls, expected "
-                                f"{args.expect_calls}: this machine did not get the latest state")
+        names = selected_models(args.models)
+        plan = make_plan(smoke=args.smoke, impl=args.impl)
+        if args.jobs is not None and args.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
         device = resolve_device(args.device)
-    except (ManifestError, ValueError, FileNotFoundError) as error:
+    except UsageError as error:
         print(f"reproduce_paper: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-
-    device_name = device_description(device)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    log = Console(layout.log)
     started = time.monotonic()
-    budget = args.time_budget * 60 if args.time_budget > 0 else math.inf
-    reserve = PACK_RESERVE_SECONDS if args.pack_to else 0.0
-    deadline = started + budget - reserve
-    before = packing.snapshot(layout.root) if args.pack_to else None
-    base = {"calls": len(manifest.data["calls"]), "created_at": manifest.data["created_at"]}
-    record = manifest.begin_call(args.stage, provenance(device), args.argv)
-    code, outcome = EXIT_FAILED, "failed"
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = run_stage(args.stage, layout, manifest, args, device, device_name, deadline, record["number"])
-        outcome = {EXIT_DONE: "done", EXIT_MORE: "more work remains"}[code]
-    except StageOrderError as error:
-        print(f"reproduce_paper: error: {error}", file=sys.stderr)
-        code, outcome = EXIT_USAGE, f"refused: {error}"
-    except (RuntimeError, OSError, ValueError) as error:  # the state so far is still packed and sent back
-        print(f"reproduce_paper: error: {type(error).__name__}: {error}", file=sys.stderr)
-        code, outcome = EXIT_FAILED, f"failed: {error}"
+        lock_fd = acquire_lock(layout, log)
+        fix_plan(layout, plan)
+        code = run(args, layout, plan, names, device, lock_fd, log)
+    except Interrupted as stop:
+        log(f"{stop} after {minutes(time.monotonic() - started)}: what was done is saved; run the same command "
+            "again to continue")
+        return 128 + stop.signum
+    except UsageError as error:
+        log(f"error: {error}")
+        return EXIT_USAGE
+    except (RuntimeError, OSError, ValueError) as error:
+        log(f"error: {type(error).__name__}: {error}")
+        return EXIT_FAILED
     finally:
-        record.update({"seconds": round(time.monotonic() - started, 3), "outcome": outcome, "finished_at": time.strftime(
-            "%Y-%m-%dT%H:%M:%S%z")})
-        manifest.save()
-        if args.pack_to:
-            pack_changes(layout, manifest, before, Path(args.pack_to), base)
-    if code == EXIT_MORE:
-        log(f"stopped after {(time.monotonic() - started) / 60:.1f} min with work left; run again to continue")
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code == EXIT_DONE:
+        log(f"done in {minutes(time.monotonic() - started)}")
     return code
 
 

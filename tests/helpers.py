@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: The real data sets beside the checkout (``../shared/data``); ``AVME_SHARED_DATA`` points elsewhere
+#: (e.g. from a git worktree, whose parent folder is not the checkout's).
+SHARED_DATA = Path(os.environ.get("AVME_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -23,3 +27,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """The script ``python/<name>.py`` of this checkout, imported as a module named ``name``."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "python" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

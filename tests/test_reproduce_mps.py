@@ -1,4 +1,4 @@
-"""python/reproduce_mps.py: the private MPS daemon of a training call, with a stand-in control program
+"""python/reproduce_mps.py: the private MPS daemon of the training stage, with a stand-in control program
 (no GPU here): started with its own pipe and log folders, checked by a probe client, always quit,
 and never in the way of training when it cannot be used (``auto``)."""
 
@@ -36,7 +36,7 @@ def test_a_working_daemon_is_started_probed_and_quit(tmp_path: Path) -> None:
     control, calls = fake_control(tmp_path)
     messages: list[str] = []
     with mps_daemon("auto", "cuda", messages.append, control=str(control), probe=OK_PROBE) as session:
-        assert session.active and session.reason == "MPS daemon of this call"
+        assert session.active and session.reason == "MPS daemon of this run"
         pipe, logs = session.env["CUDA_MPS_PIPE_DIRECTORY"], session.env["CUDA_MPS_LOG_DIRECTORY"]
         assert os.path.isdir(pipe) and os.path.isdir(logs) and "avme-mps-" in pipe
         assert calls.read_text().splitlines() == [f"start {pipe} {logs}"]  # its own folders, not the system's
@@ -78,16 +78,18 @@ def test_on_fails_and_off_or_cpu_never_start(tmp_path: Path) -> None:
 
 def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch) -> None:
     import reproduce_train
-    from reproduce_state import Plan
-    from reproduce_train import Launch, RunProgress, start_launch
+    from reproduce_plan import Layout, make_plan
+    from reproduce_train import start_child
 
     seen = {}
 
     class FakePopen:
-        def __init__(self, command, cwd, env, stdout, stderr):
+        def __init__(self, command, cwd, env, stdout, stderr, start_new_session, pass_fds):
             seen.update(env)
+            seen["command"] = command
 
     monkeypatch.setattr(reproduce_train.subprocess, "Popen", FakePopen)
-    launch = Launch("avme-canvas", 2, 0, RunProgress(), tmp_path / "run", tmp_path / "run.log")
-    start_launch(launch, Plan(), "cuda", 4, client_env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/x"})
+    child = start_child(Layout(tmp_path), make_plan(smoke=True, impl="ref"), "avme-canvas", device="cuda", threads=4,
+                        lock_fd=None, client_env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/x"})
     assert seen["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/x" and seen["OMP_NUM_THREADS"] == "4"
+    assert child.name == "avme-canvas" and "--device" in seen["command"] and "train" in seen["command"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA
 from safetensors.torch import load_file
 
 from avme_ext import training as T
@@ -24,7 +25,7 @@ TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--step
 STEPS_PER_EPOCH = 20  # 2000 images / batch 100
 
 TRAIN_KEYS = {"kind", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}
-VALID_KEYS = {"kind", "epoch", "step", "nelbo", "reconstruction", "kl", "kl_per_step", "best", "time"}
+VALID_KEYS = {"kind", "epoch", "step", "nelbo", "nelbo_bits_per_dim", "likelihood", "reconstruction", "kl", "kl_per_step", "best", "time"}
 EPOCH_KEYS = {"kind", "epoch", "step", "seconds", "train_loss", "examples"}
 WALL_CLOCK = {"time", "examples_per_s", "seconds"}
 
@@ -96,6 +97,9 @@ def test_metrics_schema_and_progress(reference: Path) -> None:
     assert all(math.isfinite(r["nelbo"]) and len(r["kl_per_step"]) == 4 for r in valid)
     assert valid[1]["nelbo"] < valid[0]["nelbo"] and valid[0]["best"] and valid[1]["best"]
     assert valid[0]["nelbo"] == pytest.approx(valid[0]["reconstruction"] + valid[0]["kl"])
+    for record in valid:  # bits per dimension beside nats: nats / (D ln 2), D = 784
+        assert record["nelbo_bits_per_dim"] == pytest.approx(record["nelbo"] / (784 * math.log(2)))
+        assert record["likelihood"] == "bernoulli"
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["examples"] for e in epochs] == [2000, 2000] and [e["step"] for e in epochs] == [20, 40]
     assert all(e["seconds"] > 0 for e in epochs)
@@ -257,10 +261,39 @@ def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c" / "tensorboard").exists()
 
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Validation bounds 100, 99, 99.5, 99.2 with --patience 2: the run ends after epoch 4 (exit 0), keeps
+    epoch 2 as best, and a resume with a larger --epochs stops again at once."""
+    from avme_ext.training import trainer as trainer_module
+
+    bounds = iter([100.0, 99.0, 99.5, 99.2, 90.0])
+    real = trainer_module.evaluation.gather_across_ranks
+
+    def scripted(result):
+        merged = real(result)
+        merged.nelbo = torch.full_like(merged.nelbo, next(bounds))
+        return merged
+
+    monkeypatch.setattr(trainer_module.evaluation, "gather_across_ranks", scripted)
+    out = tmp_path / "run"
+    small = ("--train-subset", "200", "--valid-subset", "100")
+    assert train_cli(out, *small, "--epochs", "6", "--patience", "2") == 0
+    state = load_checkpoint(out / "last.safetensors").trainer_state["state"]
+    assert (state["epoch"], state["best_epoch"], state["best_nelbo"]) == (4, 2, 99.0)
+    assert load_checkpoint(out / "best.safetensors").trainer_state["state"]["epoch"] == 2
+    assert "early stop after epoch 4: no better validation nelbo for 2 epochs (--patience 2)" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "8", "--no-progress"]) == 0
+    assert "early stop after epoch 4" in capsys.readouterr().err
+    assert load_checkpoint(out / "last.safetensors").trainer_state["state"]["step"] == state["step"]
+    with pytest.raises(ValueError, match=r"patience \(--patience\) must be an integer >= 0"):
+        T.TrainConfig(patience=-1)
 
 
-@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST IDX files in {MNIST}")
+MNIST = SHARED_DATA / "mnist"
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/data/mnist")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
     args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
             "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",

@@ -7,9 +7,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ._common import (
     EXIT_STATUS_HELP,
@@ -22,12 +22,16 @@ from ._common import (
     add_seed_argument,
     add_switch,
     check_output_path,
-    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
     resolve_model_source,
 )
+from ._data_options import datasets_epilog, load_run_images
+from ._memory import FLOAT_BYTES, check_fits
+
+if TYPE_CHECKING:
+    import torch
 
 DESCRIPTION = """\
 Evaluate a checkpoint on a data split; all numbers are nats per image, lower is better.
@@ -51,7 +55,11 @@ Results are deterministic given --seed and --batch-size (each chunk of --batch-s
 has its own seeded noise). Under torchrun every rank evaluates its share of the chunks and
 rank 0 reports the merged result, identical to a single-process run. --json writes the
 summary with its provenance (checkpoint, split, images, samples, seed, device, versions,
-wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing."""
+wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing.
+
+Images: --split of the data set the checkpoint's run was trained on, with the data options it
+recorded (the same held-out splits and binarization); data options given here override them, and
+images that differ from the run's record or that the model cannot take are refused."""
 
 EPILOG = """\
 examples:
@@ -61,7 +69,7 @@ examples:
   avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
   torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -94,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser)
-    parser.set_defaults(func=run)
+    add_data_arguments(parser, from_run=True)
+    parser.set_defaults(func=run, memory_advice="lower --max-rows (trajectories at once) or --batch-size")
 
 
 # --------------------------------------------------------------------------- distributed hook
@@ -136,13 +144,10 @@ def run(args: argparse.Namespace) -> int:
         _leave_job(info)
 
 
-def _load_images(args: argparse.Namespace, model):
-    from ..data import load_split
+def _load_images(args: argparse.Namespace, model, source: ModelSource):
+    import torch
 
-    try:
-        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split}: {cli_message(error)}") from None
+    split = load_run_images(args, source.path, model)
     if args.num_images is not None:
         if args.num_images > len(split):
             raise CLIError(f"--num-images {args.num_images}: {split.name} has only {len(split)} images")
@@ -154,14 +159,16 @@ def _load_images(args: argparse.Namespace, model):
 
 def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, source: ModelSource,
                          json_out: Path | None) -> int:
+    import torch
+
     from ..checkpoint import atomic_write_bytes
     from ..evaluation import evaluate, gather_across_ranks
 
     rank, world = info.rank, info.world_size
     model = load_model_for_cli(args, device, source)
-    split = _load_images(args, model)
-    if rank == 0:
-        _announce_cost(args, model, len(split), device, world)
+    split = _load_images(args, model, source)
+    _check_memory(args, model, len(split), device)
+    pace = _announce_cost(args, model, len(split), device, world) if rank == 0 else None
 
     start = time.perf_counter()
     try:
@@ -175,6 +182,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
             shard=(rank, world),
             marginal=args.marginal,
             progress=args.progress and rank == 0,
+            observer=pace,
         )
     except ValueError as error:
         raise CLIError(error) from None
@@ -192,7 +200,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
             "provenance": {
                 "checkpoint": str(source.path.resolve()),
                 "pretrained": source.pretrained,
-                "dataset": args.dataset,
+                "dataset": split.name.partition("/")[0],
                 "split": args.split,
                 "num_images": len(result),
                 "subset": args.num_images is not None,
@@ -217,24 +225,105 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
     return 0
 
 
-def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> None:
-    """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot)."""
+def _check_memory(args: argparse.Namespace, model, num_images: int, device: torch.device) -> None:
+    """Refuse up front an evaluation whose trajectories at once cannot fit in memory (exit status 2)."""
+    from ..evaluation import working_rows
+
+    c = model.config
+    rows = working_rows(num_images, args.samples, args.batch_size, args.max_rows)
+    per_row = 3 * c.steps * c.latent_dim + 2 * c.data_dim  # noise, posterior means and variances; image, canvas
+    what = (f"--max-rows {args.max_rows} with --samples {args.samples}" if args.samples
+            else f"--batch-size {args.batch_size}")
+    check_fits(rows * per_row * FLOAT_BYTES, device, f"{what} ({rows} trajectories at once)",
+               "lower --max-rows (it bounds memory for any --samples)" if args.samples else "lower --batch-size")
+
+
+#: Above this estimate (seconds) ``avme eval`` suggests a smaller --num-images or a GPU.
+LONG_EVALUATION = 600
+
+
+def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> PaceCheck:
+    """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot);
+    returns the :class:`PaceCheck` that compares it with the pace the evaluation then keeps."""
     from ..evaluation import estimate_cost
 
-    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows)
+    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows,
+                             batch_size=args.batch_size)
     seconds = estimate.seconds / world
     what = f"IWAE S={args.samples}" if args.samples else "ELBO"
     if args.samples and model.num_classes > 0 and args.marginal:
         what += f" x {model.num_classes} classes"
     where = describe_device(device) + (f", {world} processes" if world > 1 else "")
+    advice = _advice(device)
     line = f"avme eval: {what} on {num_images} images: about {format_duration(seconds)} on {where}"
-    if seconds > 600:
-        line += "; use --num-images N" + (" or a GPU" if device.type == "cpu" else "") + " for a quicker look"
+    if seconds > LONG_EVALUATION:
+        line += advice
     print(line, file=sys.stderr, flush=True)
+    return PaceCheck(seconds, advised=seconds > LONG_EVALUATION, advice=advice)
+
+
+def _advice(device: torch.device) -> str:
+    return "; use --num-images N" + (" or a GPU" if device.type == "cpu" else "") + " for a quicker look"
+
+
+class PaceCheck:
+    """Holds the announced estimate against the pace the evaluation keeps (``evaluate(observer=...)``).
+
+    Once the work has run for ``settle_seconds`` (a pace measured over less is noise), the time the
+    whole evaluation takes at the pace so far is compared with the estimate; when they differ by
+    more than ``tolerance`` times (e.g. other processes took or released the CPU since the pilot),
+    one line says so, with the advice for a long evaluation when the pace makes it long and it was
+    not given yet. At most one such line is printed.
+
+    Args:
+        estimate: the announced seconds.
+        advised: whether the announcement already gave the advice.
+        advice: the advice, e.g. ``"; use --num-images N or a GPU for a quicker look"``.
+        clock: seconds (monotonic), for tests.
+    """
+
+    def __init__(self, estimate: float, *, advised: bool, advice: str, tolerance: float = 2.0,
+                 settle_seconds: float = 5.0, clock: Callable[[], float] = time.perf_counter,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.estimate = estimate
+        self.advised = advised
+        self.advice = advice
+        self.tolerance = tolerance
+        self.settle_seconds = settle_seconds
+        self.clock = clock
+        self.say = say or _to_stderr
+        self.started = clock()
+        self.spoken = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = self.clock() - self.started
+        if self.spoken or done <= 0 or done >= total or elapsed < self.settle_seconds:
+            return
+        projected = elapsed * total / done
+        if 1 / self.tolerance <= projected / self.estimate <= self.tolerance:
+            return
+        self.spoken = True
+        line = (f"avme eval: at the pace of the first {done} of {total}, about {format_duration(projected)} in all "
+                f"({format_duration(projected - elapsed)} more), not {format_duration(self.estimate)}: "
+                "the machine is " + ("busier" if projected > self.estimate else "less busy") + " than during the pilot")
+        if projected > LONG_EVALUATION and not self.advised:
+            line += self.advice
+        self.say(line)
+
+
+def _to_stderr(line: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stderr)  # above the progress bar, which stays intact
+    except ImportError:  # pragma: no cover
+        print(line, file=sys.stderr, flush=True)
 
 
 def describe_device(device: torch.device) -> str:
     """``"this CPU (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     threads = torch.get_num_threads()
@@ -264,16 +353,19 @@ def _jsonable(value):
 
 
 def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) -> str:
-    """The human-readable table printed by ``avme eval``."""
+    """The human-readable table printed by ``avme eval``: nats per image, and bits per dimension beside
+    every bound."""
 
-    def fmt(value: float, sem: float | None = None) -> str:
+    def fmt(value: float, sem: float | None = None, bits_key: str | None = None) -> str:
         text = f"{value:10.3f}"
+        if bits_key is not None and bits_key in summary:
+            text += f"  ({summary[bits_key]:.4f} bits/dim)"
         if sem is not None and math.isfinite(sem):
             text += f"  ± {sem:.3f} (s.e.)"
         return text
 
     rows = [
-        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"))),
+        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"), "nelbo_bits_per_dim")),
         ("reconstruction term -log p(x|z) (not a likelihood)", fmt(summary["reconstruction"])),
         ("KL total", fmt(summary["kl"])),
     ]
@@ -281,11 +373,15 @@ def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) 
         rows.append((f"  KL step {t}", fmt(value)))
     if "iwae_nll" in summary:
         what = "-log p(x|y)" if model.num_classes > 0 else "-log p(x)"
-        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}", fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"))))
+        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}",
+                     fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"), "iwae_nll_bits_per_dim")))
     if "nll_marginal" in summary:
-        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}", fmt(summary["nll_marginal"])))
+        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}",
+                     fmt(summary["nll_marginal"], None, "nll_marginal_bits_per_dim")))
     width = max(len(name) for name, _ in rows)
-    header = f"{checkpoint} on {split_name}: {summary['num_images']} images (nats per image, lower is better)"
+    likelihood = summary.get("likelihood", model.config.likelihood)
+    header = (f"{checkpoint} on {split_name}: {summary['num_images']} images, {likelihood} likelihood "
+              f"(nats per image, lower is better; bits/dim = nats / (D ln 2), D = {model.config.data_dim})")
     lines = [header, "-" * max(len(header), width + 12)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

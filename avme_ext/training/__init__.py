@@ -8,6 +8,7 @@ Entry point: :func:`train` (what ``avme train`` calls), which assembles a
 ``schedule``       epoch order, KL warm-up, learning rate, batches per epoch, step noise (pure functions)
 ``state``          :class:`TrainState`, the counters a checkpoint holds
 ``run_dir``        the run directory: refusing/overwriting a run, config.json, temp files
+``run_lock``       :class:`RunLock`: one run per directory (a flock held by rank 0)
 ``metrics``        :class:`MetricsLog` (metrics.jsonl and TensorBoard)
 ``signals``        :class:`StopFlag` (SIGINT/SIGTERM: checkpoint at the next step boundary)
 ``splits``         the training and validation data of a run
@@ -61,19 +62,47 @@ SIGTERM (a checkpoint is written at the next step boundary first, and the run ca
 Errors raise :class:`TrainError` (non-finite values: :class:`NonFiniteError`).
 """
 
-from .builders import build_model, build_setup, make_adam, make_step, restore_training_state
-from .config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig, resolve_configs
-from .cost import CostEstimate
-from .entry import train
-from .errors import NonFiniteError, OptionError, RunDirError, TrainError
-from .metrics import MetricsLog, tensorboard_available
-from .run_dir import RUN_FILES, RunDirPlan, clear_run_files, plan_run_dir
-from .schedule import batches_per_epoch, epoch_permutation, kl_weight_at, learning_rate_at, step_noise
-from .signals import StopFlag
-from .splits import TrainingData, load_training_data
-from .state import TrainState
-from .step import EagerStep, GraphedStep, StepStats, use_cuda_graphs
-from .trainer import MAX_CONSECUTIVE_SKIPS, Trainer, TrainingSetup
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the submodule that defines it. The names are imported on first use (PEP 562), so
+#: ``avme_ext.training.config`` (no torch) is importable alone: the ``avme train`` parser reads it.
+_EXPORTS = {
+    **dict.fromkeys(("build_model", "build_setup", "make_adam", "make_step", "restore_training_state"), "builders"),
+    **dict.fromkeys(("GRAPH_MODES", "LR_SCHEDULES", "MODEL_FIELDS", "CLASSES_FROM_DATA", "TrainConfig",
+                     "resolve_configs"), "config"),
+    "CostEstimate": "cost",
+    "train": "entry",
+    **dict.fromkeys(("NonFiniteError", "OptionError", "RunDirError", "TrainError"), "errors"),
+    **dict.fromkeys(("MetricsLog", "tensorboard_available"), "metrics"),
+    **dict.fromkeys(("RUN_FILES", "RunDirPlan", "clear_run_files", "plan_run_dir"), "run_dir"),
+    "RunLock": "run_lock",
+    **dict.fromkeys(("batches_per_epoch", "epoch_permutation", "kl_weight_at", "learning_rate_at", "step_noise"),
+                    "schedule"),
+    "StopFlag": "signals",
+    **dict.fromkeys(("TrainingData", "load_training_data"), "splits"),
+    "TrainState": "state",
+    **dict.fromkeys(("EagerStep", "GraphedStep", "StepStats", "use_cuda_graphs"), "step"),
+    **dict.fromkeys(("MAX_CONSECUTIVE_SKIPS", "Trainer", "TrainingSetup"), "trainer"),
+}
+
+if TYPE_CHECKING:
+    from .builders import build_model, build_setup, make_adam, make_step, restore_training_state
+    from .config import CLASSES_FROM_DATA, GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig, resolve_configs
+    from .cost import CostEstimate
+    from .entry import train
+    from .errors import NonFiniteError, OptionError, RunDirError, TrainError
+    from .metrics import MetricsLog, tensorboard_available
+    from .run_dir import RUN_FILES, RunDirPlan, clear_run_files, plan_run_dir
+    from .run_lock import RunLock
+    from .schedule import batches_per_epoch, epoch_permutation, kl_weight_at, learning_rate_at, step_noise
+    from .signals import StopFlag
+    from .splits import TrainingData, load_training_data
+    from .state import TrainState
+    from .step import EagerStep, GraphedStep, StepStats, use_cuda_graphs
+    from .trainer import MAX_CONSECUTIVE_SKIPS, Trainer, TrainingSetup
 
 __all__ = [
     "train",
@@ -92,6 +121,7 @@ __all__ = [
     "MODEL_FIELDS",
     "GRAPH_MODES",
     "LR_SCHEDULES",
+    "CLASSES_FROM_DATA",
     "TrainError",
     "NonFiniteError",
     "RunDirError",
@@ -112,6 +142,17 @@ __all__ = [
     "plan_run_dir",
     "clear_run_files",
     "RunDirPlan",
+    "RunLock",
     "RUN_FILES",
     "MAX_CONSECUTIVE_SKIPS",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,14 +1,16 @@
 """``train()``: what ``avme train`` runs, one launch of a run, in named steps.
 
 1. join the job (torchrun) and pick the device;
-2. choose the run directory and find what to resume (:func:`find_resume_point`, rank 0 decides);
+2. choose the run directory, take its lock (:mod:`~avme_ext.training.run_lock`, rank 0: one run
+   per directory) and find what to resume (:func:`find_resume_point`, rank 0 decides);
 3. resolve the options against the resumed run's (:func:`~avme_ext.training.config.resolve_configs`);
 4. build data, model and step (:func:`~avme_ext.training.builders.build_setup`);
 5. open the run directory: replace a previous run (--overwrite), write config.json, open the
    metrics log (:func:`open_run_dir`, rank 0);
 6. run the :class:`~avme_ext.training.trainer.Trainer`.
 
-Steps 1-4 write nothing, so a launch that cannot start leaves its run directory as it was.
+Steps 1-4 write nothing but the lock file (removed when the launch ends), so a launch that cannot
+start leaves its run directory as it was.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import AVMEConfig
 from ..distributed import DistInfo
 from .builders import build_setup
-from .config import TrainConfig, resolve_configs
+from .config import CLASSES_FROM_DATA, TrainConfig, resolve_configs
 from .cost import plural
 from .errors import OptionError, TrainError
 from .metrics import MetricsLog, tensorboard_available
@@ -40,6 +42,7 @@ from .run_dir import (
     reserve_default_out_dir,
     write_run_config,
 )
+from .run_lock import RunLock
 from .schedule import describe_schedule
 from .state import TrainState
 from .step import GraphedStep
@@ -160,7 +163,7 @@ def open_run_dir(out_dir: Path, setup: TrainingSetup, point: ResumePoint, *, ten
         say(notice)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
-    write_run_config(out_dir, setup.cfg, setup.model.config, setup.info)
+    write_run_config(out_dir, setup.cfg, setup.model.config, setup.info, setup.data.record)
     return MetricsLog(
         out_dir / "metrics.jsonl",
         truncate_to=setup.state.metrics_offset if point.path is not None else 0,
@@ -184,6 +187,12 @@ def _announce(say: Say, point: ResumePoint, trainer: Trainer) -> None:
 def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out_dir: Path, *, resume: bool,
                 overwrite: bool, say: Say) -> int:
     point = find_resume_point(out_dir, info, resume=resume, overwrite=overwrite, say=say)
+    classes_from_data = given.get("num_classes") == CLASSES_FROM_DATA
+    if classes_from_data:  # the data set's classes: known once it is loaded (a resumed run keeps its own)
+        given = {k: v for k, v in given.items() if k != "num_classes"}
+        if point.saved_model is not None and not point.saved_model.conditional:
+            raise TrainError(f"--conditional: {point.path or out_dir / 'config.json'} holds an unconditional model; "
+                             "drop --conditional to continue it, or start a new run with another --out")
     cfg, model_cfg = resolve_configs(given, point.saved_train, point.saved_model, str(point.path), strict=point.strict)
     resumed = point.state
     if resumed is not None and resumed.epoch >= cfg.epochs:
@@ -192,7 +201,10 @@ def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out
         return 0
     tensorboard = _use_tensorboard(cfg)
     checkpoint = None if point.checkpoint is None else (point.checkpoint, point.path)
-    setup = build_setup(cfg, model_cfg, info, device, checkpoint)
+    new_run = point.saved_model is None
+    setup = build_setup(cfg, model_cfg, info, device, checkpoint,
+                        fit_shape=new_run and not {"data_dim", "image_shape"} & given.keys(),
+                        classes_from_data=classes_from_data and new_run)
     metrics = None
     if info.is_main:
         metrics = open_run_dir(out_dir, setup, point, tensorboard=tensorboard, say=say)
@@ -220,7 +232,10 @@ def train(
 
     Args:
         given: explicitly given options (fields of :class:`TrainConfig` and :class:`AVMEConfig`);
-            on ``resume`` the others come from the checkpoint, else from the defaults.
+            on ``resume`` the others come from the checkpoint, else from the defaults. The model's image
+            shape (``data_dim``, ``image_shape``) is the data's unless given; ``num_classes="data"``
+            (:data:`~avme_ext.training.config.CLASSES_FROM_DATA`, ``--conditional``) takes the data set's
+            number of classes.
         out: run directory (default ``runs/<name>``, or a new ``runs/<timestamp>``).
         name: name of the default run directory.
         resume: continue from ``out/last.safetensors`` (a notice and a new run when there is none yet).
@@ -242,8 +257,13 @@ def train(
     except ValueError as error:
         raise OptionError(str(error)) from None
     dist_utils.setup(info, device)
+    lock = None
     try:
         out_dir = _choose_out_dir(out, name, resume, info)
+        lock = RunLock(out_dir, say) if info.is_main else None  # one run per directory; rank 0 holds it
+        _on_rank0(info, lambda: lock.acquire() and None)
         return _run_launch(given, info, device, out_dir, resume=resume, overwrite=overwrite, say=say)
     finally:
+        if lock is not None:
+            lock.release()
         dist_utils.teardown()

@@ -24,6 +24,7 @@ class TrainState:
         step: training iterations done (optimizer updates plus skipped non-finite steps).
         skipped: non-finite steps skipped with ``--skip-nonfinite``.
         best_nelbo: best validation negative ELBO so far (None: none yet).
+        best_epoch: the epoch (1-based) of ``best_nelbo`` (None: none yet).
         elapsed: seconds of the run so far, over every launch.
         epoch_seconds: training seconds of the current epoch so far.
         epoch_loss, epoch_examples: sums of the current epoch.
@@ -37,6 +38,7 @@ class TrainState:
     step: int = 0
     skipped: int = 0
     best_nelbo: float | None = None
+    best_epoch: int | None = None
     elapsed: float = 0.0
     epoch_seconds: float = 0.0
     epoch_loss: float = 0.0
@@ -57,6 +59,13 @@ class TrainState:
     def from_checkpoint(cls, trainer_state: dict[str, Any]) -> TrainState:
         """The state stored in a checkpoint's trainer metadata (``Checkpoint.trainer_state``)."""
         return cls.from_dict(trainer_state.get("state", {}))
+
+    def patience_spent(self, patience: int) -> bool:
+        """At an epoch boundary, whether ``patience`` > 0 epochs have passed since the best validation
+        bound (since the start, without one); False for a checkpoint that predates ``best_epoch``."""
+        if patience <= 0 or self.batch != 0 or (self.best_epoch is None and self.best_nelbo is not None):
+            return False
+        return self.epoch - (self.best_epoch or 0) >= patience
 
     def steps_left(self, epochs: int, batches_per_epoch: int) -> int:
         """Training steps from here to the end of epoch ``epochs``."""

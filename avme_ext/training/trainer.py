@@ -116,6 +116,7 @@ class Trainer:
         trainer_state = {
             "state": self.state.to_dict(),
             "train": self.cfg.to_dict(),
+            "data": self.setup.data.record,
             "world_size": self.info.world_size,
             "avme_version": __version__,
         }
@@ -133,7 +134,7 @@ class Trainer:
         size = int(index.shape[0])
         rows = dist_utils.local_rows(size, info.rank, info.world_size)
         split = self.train_split
-        if split.binarized:
+        if not split.dynamic:
             x, y = split.batch(index[rows], device=self.device)
         else:  # dynamic binarization: draw the global batch, so the draw does not depend on the sharding
             self.data_generator.manual_seed(derive_seed(SEED_NAMESPACE, cfg.seed, "data", step))
@@ -242,10 +243,11 @@ class Trainer:
         nelbo = summary["nelbo"]
         best = math.isfinite(nelbo) and (self.state.best_nelbo is None or nelbo < self.state.best_nelbo)
         if best:
-            self.state.best_nelbo = nelbo
+            self.state.best_nelbo, self.state.best_epoch = nelbo, epoch + 1
         if self.metrics is not None:
             self.metrics.write({
                 "kind": "valid", "epoch": epoch + 1, "step": self.state.step, "nelbo": nelbo,
+                "nelbo_bits_per_dim": summary["nelbo_bits_per_dim"], "likelihood": summary["likelihood"],
                 "reconstruction": summary["reconstruction"], "kl": summary["kl"],
                 "kl_per_step": summary["kl_per_step"], "best": best, "time": self._elapsed(),
             })
@@ -308,7 +310,8 @@ class Trainer:
         message = f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {train_loss:.3f} ({state.epoch_seconds:.1f} s)"
         if summary is not None:
             best = " (best)" if summary["best"] else ""
-            message += f", valid nelbo {summary['nelbo']:.3f}{best} ({valid_seconds:.1f} s)"
+            message += (f", valid nelbo {summary['nelbo']:.3f} nats = {summary['nelbo_bits_per_dim']:.4f} bits/dim"
+                        f"{best} ({valid_seconds:.1f} s)")
         state.history.append({"epoch": epoch + 1, "seconds": state.epoch_seconds, "valid_seconds": valid_seconds})
         state.epoch, state.batch = epoch + 1, 0
         state.epoch_seconds, state.epoch_loss, state.epoch_examples = 0.0, 0.0, 0
@@ -317,8 +320,13 @@ class Trainer:
         self._save("last")
         self._print(message)
 
+    def patience_spent(self) -> bool:
+        """``--patience N`` with validation: N finished epochs since the best validation bound."""
+        return self.valid_split is not None and self.state.patience_spent(self.cfg.patience)
+
     def run(self) -> int:
-        """Train up to ``cfg.epochs``; returns the exit code (0, or 128 + signal number)."""
+        """Train up to ``cfg.epochs`` (or until ``--patience`` is spent); returns the exit code (0, or 128 +
+        signal number)."""
         from tqdm.auto import tqdm
 
         cfg, state = self.cfg, self.state
@@ -333,6 +341,10 @@ class Trainer:
         self._print(self.cost.plan(cfg.epochs - state.epoch))
         with self.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
+                if self.patience_spent():
+                    self._print(f"early stop after epoch {state.epoch}: no better validation nelbo for "
+                                f"{plural(state.epoch - (state.best_epoch or 0), 'epoch')} (--patience {cfg.patience})")
+                    break
                 if not self.train_epoch(epoch, bar_factory):
                     return self._interrupted()
                 self._finish_epoch(epoch)

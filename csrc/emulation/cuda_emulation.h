@@ -20,6 +20,7 @@
 // of hanging.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -221,9 +222,13 @@ inline void mma_m16n8k8_tf32x3(float (&d)[4], const std::uint32_t (&a_big)[4],
   warp_mma_tf32(d, a_big, a_small, b_big, b_small, 3);
 }
 
+// Kernel launches of either kind so far in this process (the tests count them per call).
+inline std::atomic<int64_t> launch_count{0};
+
 // Run kernel(params) over `blocks` blocks of kThreads threads each, sequentially by block.
 template <typename Kernel, typename Params>
 void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& params) {
+  ++launch_count;
   std::vector<double> smem((smem_bytes + sizeof(double) - 1) / sizeof(double) + 1);
   for (int64_t b = 0; b < blocks; ++b) {
     // Garbage-fill shared memory: the kernels must initialise what they read.
@@ -252,6 +257,7 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& para
 template <typename Kernel, typename... Args>
 void cooperative_launch(Kernel kernel, int blocks, int threads, size_t smem_bytes,
                         const Args&... args) {
+  ++launch_count;
   const size_t words = (smem_bytes + sizeof(double) - 1) / sizeof(double) + 1;
   std::vector<std::vector<double>> smem(static_cast<size_t>(blocks));
   std::deque<std::barrier<>> block_barriers;  // not movable: a deque keeps them in place
