@@ -222,6 +222,7 @@ void pack_weights(const typename Dir::Params& p, const typename Dir::Plan& plan,
   const bool round = kFloat && plan.cfg.math == kMathTf32;
 #ifdef AVME_CPU_EMULATION
   (void)stream;
+  ++emu::launch_count;  // one kernel on a GPU (emulated here by a loop on the host)
   for (int cta = 0; cta < plan.cfg.ctas; ++cta)
     for (int stage = 0; stage < kStages; ++stage) {
       if (round) {
