@@ -496,14 +496,14 @@ constexpr int64_t kPersistentMaxRows = 256;
 
 // Tile math of the persistent design for a precision: float64 calls on CUDA-core FMA in double;
 // fp32 on 3xTF32 tensor cores (about float32 accuracy: within twice FMA's errors at the paper's
-// sizes, csrc/README.md) where the device has them, else FMA (persistent::fp32_math); tf32 and
-// bf16 on TF32 tensor cores with fp32 accumulation (the design has no bf16 tile: bf16 calls get
-// the more accurate TF32 products).
+// sizes, csrc/README.md) where the device has them and its weights fit, else FMA
+// (persistent::kMathFp32); tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the
+// design has no bf16 tile: bf16 calls get the more accurate TF32 products).
 template <typename T>
 persistent::Config persistent_config(Precision p) {
   persistent::Config cfg;
   if (std::is_same_v<T, float>)
-    cfg.math = p == Precision::FP32 ? persistent::fp32_math() : persistent::kMathTf32;
+    cfg.math = p == Precision::FP32 ? persistent::kMathFp32 : persistent::kMathTf32;
   return cfg;
 }
 

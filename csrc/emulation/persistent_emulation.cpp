@@ -207,7 +207,7 @@ LaunchInfo pemu_launch_info(const std::string& kind, int64_t B, int64_t K, int64
 }
 
 // Launch description without running: [ctas, threads, nbl, kc, smem_bytes, workspace_bytes,
-// state_in_smem, grid_barriers].
+// state_in_smem, grid_barriers, math].
 std::vector<int64_t> pemu_describe(const std::string& kind, int64_t B, int64_t K, int64_t D,
                                    int64_t He, int64_t Hd, int64_t Z, int64_t C, bool error_mode,
                                    bool d_x_error, bool fp64, at::IntArrayRef config,
@@ -215,7 +215,8 @@ std::vector<int64_t> pemu_describe(const std::string& kind, int64_t B, int64_t K
   const LaunchInfo info = pemu_launch_info(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
                                            fp64, config, limits);
   return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
-          info.smem_bytes, info.workspace_bytes, info.state_in_smem ? 1 : 0, info.grid_barriers};
+          info.smem_bytes, info.workspace_bytes, info.state_in_smem ? 1 : 0, info.grid_barriers,
+          info.config.math};
 }
 
 // The stages of that launch, kStages rows of [k, rows, ld, passes, slices, splits, busy_warps]

@@ -272,13 +272,5 @@ struct ForwardDirection {
 
 AVME_PERSISTENT_ENTRY_POINTS(LoopParams, ForwardDirection, launch_forward, describe_forward)
 
-int fp32_math() {
-#ifdef AVME_CPU_EMULATION
-  return kMathTf32x3;
-#else
-  return detail::device_has_tf32_mma() ? kMathTf32x3 : kMathFma;
-#endif
-}
-
 }  // namespace persistent
 }  // namespace avme

@@ -279,17 +279,42 @@ LaunchCache* launch_cache(const Config& c) {
 }
 #endif
 
+// Whether tensor-core math can run here (the CPU emulator emulates it).
+inline bool has_tensor_cores() {
+#ifdef AVME_CPU_EMULATION
+  return true;
+#else
+  return device_has_tf32_mma();
+#endif
+}
+
 // The plan of a launch: sizes checked, the configuration resolved (raises on a bad request).
+// Math kMathFp32 (precision "fp32") becomes 3xTF32 for float tensors where the device has tensor
+// cores and that plan fits the shared memory (its weights pad to 8 rows per stage where FMA's
+// pad to 4), else FMA.
 template <typename Dir>
 typename Dir::Plan resolved_plan(const typename Dir::Params& p, const DeviceLimits& limits,
                                  const Config& requested) {
+  using T = typename Dir::Scalar;
   const Dims d = dims_of(p);
   const char* op = Dir::op(p);
   check_dims(d, op);
-  const Config cfg = resolve_config(
-      d, limits, requested, sizeof(typename Dir::Scalar), op,
-      [&](const Config& c) { return stage_rows(Dir::plan(d, c, limits.smem_optin)); });
-  return Dir::plan(d, cfg, limits.smem_optin);
+  const auto plan_for = [&](const Config& request) {
+    const Config cfg = resolve_config(
+        d, limits, request, sizeof(T), op,
+        [&](const Config& c) { return stage_rows(Dir::plan(d, c, limits.smem_optin)); });
+    return Dir::plan(d, cfg, limits.smem_optin);
+  };
+  if (requested.math != kMathFp32) return plan_for(requested);
+  Config request = requested;
+  if (std::is_same_v<T, float> && has_tensor_cores() &&
+      request.kc % k_step(kMathTf32x3) == 0) {
+    request.math = kMathTf32x3;
+    const typename Dir::Plan plan = plan_for(request);
+    if (plan.smem_elems * static_cast<int64_t>(sizeof(T)) <= limits.smem_optin) return plan;
+  }
+  request.math = kMathFma;
+  return plan_for(request);
 }
 
 template <typename Dir>
@@ -312,14 +337,16 @@ bool supports(const typename Dir::Params& p, int num_sms, int64_t smem_optin,
               const Config& requested) {
   const Dims d = dims_of(p);
   if (num_sms < 1 || !sizes_valid(d) || d.B > kMaxBatch) return false;
-  if (requested.math != kMathFma && !std::is_same_v<typename Dir::Scalar, float>) return false;
+  if (requested.math != kMathFma && requested.math != kMathFp32 &&
+      !std::is_same_v<typename Dir::Scalar, float>)
+    return false;
   if (d.B == 0) return true;
   const LaunchInfo info = describe<Dir>(p, DeviceLimits{num_sms, smem_optin}, requested);
   if (info.smem_bytes > smem_optin) return false;
 #ifdef AVME_CPU_EMULATION
   return true;
 #else
-  if (requested.math != kMathFma && !device_has_tf32_mma()) return false;
+  if (info.config.math != kMathFma && !device_has_tf32_mma()) return false;
   return fits_cooperatively(kernel_for<Dir>(info.config), info.config.ctas, info.config.threads,
                             static_cast<size_t>(info.smem_bytes), num_sms,
                             launch_cache<Dir>(info.config));

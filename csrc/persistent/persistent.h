@@ -79,18 +79,14 @@ struct LaunchInfo {
 // occupancy calculator confirms a block of that size fits on an SM). B == 0 is supported (no
 // launch). Forward / sampler and backward have different weight slices: ask for each.
 // `requested`: a configuration (e.g. Config::math = kMathTf32x3: tensor cores, which also need
-// float tensors and an sm_80+ device); 0 fields are chosen.
+// float tensors and an sm_80+ device; kMathFp32: 3xTF32 where it can run and fits, else FMA);
+// 0 fields are chosen.
 template <typename T>
 bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin,
               const Config& requested = Config{});
 template <typename T>
 bool supports(const BackwardParams<T>& p, int num_sms, int64_t smem_optin,
               const Config& requested = Config{});
-
-// The tile math of precision="fp32" for float tensors on the current device: 3xTF32 tensor cores
-// on sm_80+ (errors within twice those of FMA at the paper's sizes: csrc/README.md, "Precision
-// policy"), CUDA-core FMA on older devices. (The CPU emulator: 3xTF32.)
-int fp32_math();
 
 // One launch on `stream` (the current stream of the tensors' device: its workspace is taken
 // from the caching allocator on it). The caller has checked supports(); otherwise an error is

@@ -31,6 +31,9 @@ constexpr int kSumPad = 4;
 constexpr int kMathFma = 0;     // CUDA-core FMA in the tensor dtype (float or double)
 constexpr int kMathTf32x3 = 1;  // TF32 tensor cores, 3 products per term (~float accuracy)
 constexpr int kMathTf32 = 2;    // TF32 tensor cores, 1 product (10-bit mantissas)
+// Precision "fp32", resolved per launch (launch.h): kMathTf32x3 for float tensors on a device
+// with TF32 tensor cores when that plan fits the shared memory, else kMathFma.
+constexpr int kMathFp32 = -1;
 
 // Stages of a kernel (forward E, Q, D, W; backward B1..B4), with a grid barrier between them.
 constexpr int kStages = 4;
@@ -42,7 +45,8 @@ struct Config {
   int nbl = 0;      // batch chunk of 32 * nbl columns: nbl 1, 2 or 4 (4 needs >= 2 warps)
   int kc = 0;       // activation rows (k) per tile streamed into shared memory (tensor cores:
                     // a multiple of 8)
-  int math = kMathFma;  // kMathFma, kMathTf32x3 or kMathTf32 (tensor cores: float, sm_80+)
+  int math = kMathFma;  // kMathFma, kMathTf32x3 or kMathTf32 (tensor cores: float, sm_80+), or
+                        // kMathFp32 in a request
 };
 
 // The warps' share of a stage (stage.cuh). Every warp covers all the rows of a pass (up to

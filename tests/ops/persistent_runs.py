@@ -17,8 +17,9 @@ from . import backends
 from .helpers import Sizes, make_inputs, make_params, merged_biases
 
 H100 = [132, 232448]  # SMs, opt-in shared memory per block (bytes)
-# Config::math (csrc/persistent/plan.h): CUDA-core FMA, 3xTF32 and TF32 tensor cores.
-FMA, TF32X3, TF32 = 0, 1, 2
+# Config::math (csrc/persistent/plan.h): CUDA-core FMA, 3xTF32 and TF32 tensor cores; FP32 is
+# precision "fp32" (3xTF32 where it fits, else FMA).
+FMA, TF32X3, TF32, FP32 = 0, 1, 2, -1
 
 
 def load_pemu():

@@ -55,6 +55,7 @@ from .helpers import (
 from .persistent_runs import (
     FMA,
     FORWARD_OUTPUTS,
+    FP32,
     H100,
     TF32,
     TF32X3,
@@ -85,7 +86,8 @@ def pemu():
     return _build()
 
 
-LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_smem", "barriers")
+LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_smem", "barriers",
+                 "math")  # fmt: skip
 
 
 def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), limits=H100, *,
@@ -425,6 +427,25 @@ def test_tensor_core_tiles_take_k_blocks_of_eight(pemu):
         run_forward(pemu, x, y, eps, p, case.mode, [4, 64, 1, 12, TF32])
     with pytest.raises(RuntimeError, match="threads must be >= 64"):
         run_forward(pemu, x, y, eps, p, case.mode, [4, 32, 4, 8])
+
+
+def test_fp32_takes_3xtf32_where_it_fits(pemu):
+    """Precision "fp32" (math FP32) runs 3xTF32 for float tensors where its plan fits the shared
+    memory, FMA where only FMA's does (tensor-core weights pad each stage to 8 rows, FMA's to 4:
+    at D = 3072 and 2 decoder units per block, the backward's write columns double), and FMA for
+    float64."""
+    fp32 = (0, 0, 0, 0, FP32)
+    assert describe(pemu, "forward", 100, 12, PAPER, 10, config=fp32, fp64=False)["math"] == TF32X3
+    assert describe(pemu, "forward", 100, 12, PAPER, 10, config=fp32, fp64=True)["math"] == FMA
+    colour, limits = Sizes(3072, 8, 8, 4), [4, H100[1]]
+    sizes = (colour.D, colour.He, colour.Hd, colour.Z)
+    x3 = describe(pemu, "backward", 2, 2, colour, 2, config=(0, 0, 0, 0, TF32X3), limits=limits,
+                  fp64=False)  # fmt: skip
+    assert x3["smem"] > H100[1]
+    chosen = describe(pemu, "backward", 2, 2, colour, 2, config=fp32, limits=limits, fp64=False)
+    assert chosen["math"] == FMA and chosen["smem"] <= H100[1]
+    assert pemu.supports("backward", 2, 2, *sizes, False, *limits, FP32)
+    assert not pemu.supports("backward", 2, 2, *sizes, False, *limits, TF32X3)
 
 
 def test_fewest_blocks_with_the_same_rows_per_block(pemu):
