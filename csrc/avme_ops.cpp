@@ -494,13 +494,16 @@ DeviceInfo device_info(const Tensor& ref) {
 // avme_ext/dispatch.py, which passes a design by name once a benchmark has chosen one.
 constexpr int64_t kPersistentMaxRows = 256;
 
-// Tile math of the persistent design for a precision: fp32 (and every float64 call) on CUDA-core
-// FMA in the tensor dtype; tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the design
-// has no bf16 tile: bf16 calls get the more accurate TF32 products).
+// Tile math of the persistent design for a precision: float64 calls on CUDA-core FMA in double;
+// fp32 on 3xTF32 tensor cores (about float32 accuracy: within twice FMA's errors at the paper's
+// sizes, csrc/README.md) where the device has them and its weights fit, else FMA
+// (persistent::kMathFp32); tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the
+// design has no bf16 tile: bf16 calls get the more accurate TF32 products).
 template <typename T>
 persistent::Config persistent_config(Precision p) {
   persistent::Config cfg;
-  if (std::is_same_v<T, float> && p != Precision::FP32) cfg.math = persistent::kMathTf32;
+  if (std::is_same_v<T, float>)
+    cfg.math = p == Precision::FP32 ? persistent::kMathFp32 : persistent::kMathTf32;
   return cfg;
 }
 
