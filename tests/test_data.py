@@ -23,7 +23,7 @@ IDX_NAMES = [f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (
 
 needs_shared = pytest.mark.skipif(
     not (SHARED / "binarized_mnist.npz").is_file() or not MNIST_DIR.is_dir(),
-    reason=f"real data not found at {SHARED} (expected binarized_mnist.npz and mnist/)",
+    reason="real data not found in ../shared/data beside the repository (expected binarized_mnist.npz and mnist/)",
 )
 
 

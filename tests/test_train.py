@@ -288,7 +288,8 @@ def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_pat
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
-@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST IDX files in {MNIST}")
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="no MNIST IDX files in ../shared/data/mnist beside the repository")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
     args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
             "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",

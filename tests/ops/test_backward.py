@@ -57,7 +57,15 @@ def test_weight_gradients_without_input_gradients(backend):
 
 
 # Which of x, y, eps require grad; each alone, since the op computes each only on request.
-@pytest.mark.parametrize("wanted", [("x",), ("y",), ("eps",), ("x", "y", "eps")])
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        pytest.param(("x",), marks=pytest.mark.slow),
+        ("y",),
+        pytest.param(("eps",), marks=pytest.mark.slow),
+        ("x", "y", "eps"),
+    ],
+)
 @pytest.mark.parametrize("encoder_input", ["canvas", "error"])
 def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
     B, K, C = 4, 3, 3
@@ -99,10 +107,11 @@ def test_loss_of_one_output(backend, pick):
     assert_within(got, want, fp64_bound(K, TINY, C))
 
 
-@pytest.mark.parametrize("C", [0, 1])
-@pytest.mark.parametrize("encoder_input", ["canvas", "error"])
+@pytest.mark.parametrize("C", [pytest.param(0, marks=pytest.mark.slow), 1])
+@pytest.mark.parametrize("encoder_input", [pytest.param("canvas", marks=pytest.mark.slow), "error"])
 def test_gradcheck(backend, C, encoder_input, each_design):
-    """Finite differences of the fused op itself, w.r.t. x, y, eps and every weight."""
+    """Finite differences of the fused op itself, w.r.t. x, y, eps and every weight (the fast
+    suite checks the error mode with a class input; --runslow every combination)."""
     B, K = 2, 3
     sizes = Sizes(3, 2, 2, 1)
     p = make_params(sizes, C, dtype=torch.float64, device=backend.device)
