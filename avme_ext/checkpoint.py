@@ -55,6 +55,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "read_training_options",
     "resolve_checkpoint",
     "sha256_of",
 ]
@@ -344,6 +345,23 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(error.reason, path=path, alternative=alternative) from None
 
 
+def read_training_options(path: str | os.PathLike) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The training options and the data record a checkpoint carries, read from its header (no tensors).
+
+    A training checkpoint holds them in its trainer state (``"train"``, ``"data"``), a weights file in
+    its provenance (``"training"``, ``"data"``); either is None when absent (an older file has no data
+    record; a weights file written without a source run has neither).
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`load_checkpoint`.
+    """
+    meta = _read_metadata(resolve_checkpoint(path))
+    trainer, provenance = meta.get("trainer") or {}, meta.get("provenance") or {}
+    train = trainer.get("train") or provenance.get("training")
+    data = trainer.get("data") or provenance.get("data")
+    return (dict(train) if isinstance(train, dict) else None), (dict(data) if isinstance(data, dict) else None)
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -419,6 +437,7 @@ def export_weights(
         "source": str(resolved),
         "source_sha256": sha256_of(resolved),
         "training": checkpoint.trainer_state.get("train", {}),
+        "data": checkpoint.trainer_state.get("data", {}),
         "progress": {k: state[k] for k in ("step", "epoch", "best_nelbo") if k in state},
     }
     provenance = {**provenance, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "avme_version": __version__,

@@ -116,8 +116,12 @@ class AVMECore(nn.Module):
 
     @classmethod
     def from_config(cls, config: AVMEConfig, **kwargs) -> AVMECore:
-        """Build a core from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype)."""
-        return cls(**config.to_dict(), **kwargs)
+        """Build a core from an :class:`AVMEConfig` (``kwargs``: impl, precision, device, dtype).
+
+        Only the loop's fields are read (:meth:`AVMEConfig.loop_options`): the likelihood and the
+        image shape belong to the model around the loop (:class:`~avme_ext.model.AVME`).
+        """
+        return cls(**config.loop_options(), **kwargs)
 
     @property
     def data_dim(self) -> int:
@@ -148,7 +152,7 @@ class AVMECore(nn.Module):
         return self.config.encoder_input
 
     def extra_repr(self) -> str:
-        options = {**self.config.to_dict(), "impl": self.impl, "precision": self.precision}
+        options = {**self.config.loop_options(), "impl": self.impl, "precision": self.precision}
         return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
     def reset_parameters(self) -> None:

@@ -15,6 +15,11 @@ better) for the images of an :class:`~avme_ext.data.ImageSplit`:
   ``nll_given_y``); with ``marginal=True`` ``nll_given_y`` is read from the true-label column of
   that table rather than computed again, so -log p(x) <= -log p(x | y) + log C holds exactly.
 
+Bits per dimension. A result knows the model's likelihood (``"bernoulli"`` or ``"logistic"``, see
+:mod:`avme_ext.likelihoods`) and D, its pixels per image; its :meth:`EvalResult.summary` names the
+likelihood and gives every bound also in bits per dimension, nats / (D ln 2) (the unit of
+likelihoods on 8-bit images). The per-image values stay in nats.
+
 Determinism and sharding. The split is cut into fixed chunks of ``batch_size`` consecutive
 images. Chunk ``i`` draws all its randomness from fresh generators seeded by
 ``derive_seed("avme-eval", seed, i, stream)`` (:mod:`avme_ext.seeds`), one stream each for
@@ -43,6 +48,7 @@ from torch import Tensor
 
 from .data import ImageSplit
 from .model import AVME
+from .results import bits_per_dim
 from .seeds import derive_seed
 
 __all__ = [
@@ -89,6 +95,8 @@ class EvalResult:
         nll_marginal: (N,) conditional model: -log p(x) over a uniform label prior (IWAE), else None.
         class_nll: (N, C) conditional model with the marginal: -log p(x | y=c) for every class c.
         samples: S, the IWAE samples per image (0: ELBO only).
+        likelihood: the model's likelihood (``"bernoulli"``, ``"logistic"``), or None if unknown.
+        data_dim: D, pixels per image (for bits per dimension), or None if unknown.
     """
 
     indices: Tensor
@@ -100,6 +108,8 @@ class EvalResult:
     nll_marginal: Tensor | None = None
     class_nll: Tensor | None = None
     samples: int = 0
+    likelihood: str | None = None
+    data_dim: int | None = None
 
     _PER_IMAGE = ("indices", "nelbo", "reconstruction", "kl", "iwae_nll", "nll_given_y", "nll_marginal", "class_nll")
 
@@ -116,7 +126,11 @@ class EvalResult:
         values = {
             name: (None if getattr(self, name) is None else getattr(self, name).to(device)) for name in self._PER_IMAGE
         }
-        return EvalResult(**values, samples=self.samples)
+        return EvalResult(**values, **self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        """The fields that are not per image (what two results to merge must share)."""
+        return {"samples": self.samples, "likelihood": self.likelihood, "data_dim": self.data_dim}
 
     def summary(self) -> dict[str, Any]:
         """Means over the images, in nats per image, as plain JSON-able numbers.
@@ -125,6 +139,11 @@ class EvalResult:
         ``kl``, ``kl_per_step`` (list of K), ``samples``; with IWAE samples also ``iwae_nll``
         (+ ``iwae_nll_sem``) and ``iwae_samples``; for a conditional model ``nll_given_y`` and,
         when computed, ``nll_marginal``. A mean over zero images is NaN.
+
+        When the result knows them (:func:`evaluate` sets both): ``likelihood``, ``data_dim`` (D) and,
+        beside each bound in nats, the same bound in bits per dimension (nats / (D ln 2)):
+        ``nelbo_bits_per_dim``, ``iwae_nll_bits_per_dim``, ``nll_given_y_bits_per_dim``,
+        ``nll_marginal_bits_per_dim``.
         """
 
         def mean(t: Tensor) -> float:
@@ -151,11 +170,19 @@ class EvalResult:
             out["nll_given_y"] = mean(self.nll_given_y)
         if self.nll_marginal is not None:
             out["nll_marginal"] = mean(self.nll_marginal)
+        if self.likelihood is not None:
+            out["likelihood"] = self.likelihood
+        if self.data_dim is not None:
+            out["data_dim"] = self.data_dim
+            for key in ("nelbo", "iwae_nll", "nll_given_y", "nll_marginal"):
+                if key in out:
+                    out[f"{key}_bits_per_dim"] = bits_per_dim(out[key], self.data_dim)
         return out
 
 
-def _empty_result(steps: int, samples: int, conditional: bool, marginal: bool, num_classes: int) -> EvalResult:
+def _empty_result(model: AVME, samples: int, conditional: bool, marginal: bool) -> EvalResult:
     f64 = torch.float64
+    steps, num_classes = model.steps, model.num_classes
     return EvalResult(
         indices=torch.zeros(0, dtype=torch.int64),
         nelbo=torch.zeros(0, dtype=f64),
@@ -165,8 +192,13 @@ def _empty_result(steps: int, samples: int, conditional: bool, marginal: bool, n
         nll_given_y=torch.zeros(0, dtype=f64) if samples > 0 and conditional else None,
         nll_marginal=torch.zeros(0, dtype=f64) if samples > 0 and conditional and marginal else None,
         class_nll=torch.zeros(0, num_classes, dtype=f64) if samples > 0 and conditional and marginal else None,
-        samples=samples,
+        **_model_settings(model, samples),
     )
+
+
+def _model_settings(model: AVME, samples: int) -> dict[str, Any]:
+    """The non-per-image fields of a result of ``model`` with ``samples`` IWAE samples."""
+    return {"samples": samples, "likelihood": model.config.likelihood, "data_dim": model.config.data_dim}
 
 
 def _concat(results: Sequence[EvalResult]) -> EvalResult:
@@ -177,14 +209,15 @@ def _concat(results: Sequence[EvalResult]) -> EvalResult:
         if any(present) and not all(present):
             raise ValueError(f"cannot merge results: {name!r} is present in some results and missing in others")
         values[name] = torch.cat([p.cpu() for p in parts]) if all(present) else None
-    return EvalResult(**values, samples=results[0].samples)
+    return EvalResult(**values, **results[0]._settings())
 
 
 def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     """Concatenate results (e.g. the shards of several ranks) and sort them by image index.
 
     Raises:
-        ValueError: no results, mismatched settings (samples, K, computed fields) or duplicate indices.
+        ValueError: no results, mismatched settings (samples, K, likelihood, D, computed fields) or
+            duplicate indices.
     """
     results = list(results)
     if not results:
@@ -193,6 +226,9 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     steps = {r.steps for r in results}
     if len(samples) > 1 or len(steps) > 1:
         raise ValueError(f"cannot merge results with different samples {sorted(samples)} or steps {sorted(steps)}")
+    models = {(r.likelihood, r.data_dim) for r in results}
+    if len(models) > 1:
+        raise ValueError(f"cannot merge results of different models (likelihood, data_dim): {sorted(models, key=str)}")
     merged = _concat(results)
     order = torch.argsort(merged.indices, stable=True)
     sorted_indices = merged.indices[order]
@@ -201,7 +237,7 @@ def merge_results(results: Sequence[EvalResult]) -> EvalResult:
     values = {
         name: (None if getattr(merged, name) is None else getattr(merged, name)[order]) for name in EvalResult._PER_IMAGE
     }
-    return EvalResult(**values, samples=merged.samples)
+    return EvalResult(**values, **merged._settings())
 
 
 def gather_across_ranks(result: EvalResult) -> EvalResult:
@@ -328,7 +364,7 @@ def evaluate(
             terms = model(x, y, generator=chunk_generator(seed, i, device, "elbo"))
             recon = terms.reconstruction.double()
             kl = terms.kl.double()
-            part = EvalResult(index, recon + kl.sum(dim=1), recon, kl, samples=samples)
+            part = EvalResult(index, recon + kl.sum(dim=1), recon, kl, **_model_settings(model, samples))
             if samples == 0:
                 meter.advance(len(index))
             elif do_marginal:
@@ -355,7 +391,7 @@ def evaluate(
         meter.close()
         model.train(was_training)
     if not parts:
-        return _empty_result(model.steps, samples, conditional, do_marginal, model.num_classes)
+        return _empty_result(model, samples, conditional, do_marginal)
     return _concat(parts)
 
 

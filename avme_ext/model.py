@@ -1,4 +1,9 @@
-"""``AVME``: the model of the paper on top of :class:`AVMECore`: ELBO, sampling, reconstruction."""
+"""``AVME``: the model of the paper on top of :class:`AVMECore`: ELBO, sampling, reconstruction.
+
+The loop (:class:`AVMECore`) draws the canvas s_K; a pixel likelihood
+(:mod:`avme_ext.likelihoods`: Bernoulli for binary pixels, a discretized logistic for 8-bit grey or
+colour ones, both of mean sigmoid(s_K)) scores the data against it.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +18,25 @@ from torch import Tensor, nn
 from ._checks import check_positive_int, check_tensor, check_values
 from .config import AVMEConfig
 from .core import AVMECore
+from .likelihoods import BernoulliLikelihood, PixelLikelihood, bernoulli_nll, make_likelihood
 
 __all__ = ["AVME", "ELBOTerms", "elbo_terms", "gaussian_kl", "log_weights"]
 
 _DEFAULTS = AVMEConfig()
+#: The paper's likelihood, used where none is given (it has no parameters, so one serves every model).
+_BERNOULLI = BernoulliLikelihood()
+
+#: -log Bernoulli(x; sigmoid(canvas)) summed over pixels: (B, D), (B, D) -> (B,) (the paper's
+#: reconstruction term; see :func:`avme_ext.likelihoods.bernoulli_nll`).
+reconstruction_nll = bernoulli_nll
 
 
 class ELBOTerms(NamedTuple):
     """Per-image terms of the negative ELBO, in nats.
 
     Attributes:
-        reconstruction: (B,) -log p(x | z, y): BCE-with-logits of s_K summed over pixels.
+        reconstruction: (B,) -log p(x | z, y) summed over pixels (for the Bernoulli likelihood,
+            BCE-with-logits of s_K).
         kl: (B, K) KL(q(z_t | ...) || N(0, I)) of every step.
     """
 
@@ -48,11 +61,6 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
 
 
-def reconstruction_nll(canvas: Tensor, x: Tensor) -> Tensor:
-    """-log Bernoulli(x; sigmoid(canvas)) summed over pixels: (B, D), (B, D) -> (B,)."""
-    return F.binary_cross_entropy_with_logits(canvas, x, reduction="none").sum(dim=1)
-
-
 def elbo_terms(
     core: AVMECore,
     x: Tensor,
@@ -60,6 +68,7 @@ def elbo_terms(
     eps: Tensor | None,
     *,
     generator: torch.Generator | None = None,
+    likelihood: PixelLikelihood | None = None,
 ) -> ELBOTerms:
     """Per-image negative-ELBO terms of inputs already checked, with no host synchronisation.
 
@@ -67,18 +76,27 @@ def elbo_terms(
 
     Args:
         core: the model's loop.
-        x: (B, D) binary images in the parameters' dtype and device.
+        x: (B, D) images in the parameters' dtype and device, as ``likelihood`` reads them.
         y_vec: (B, C) one-hot labels, or None for an unconditional model.
         eps: (K, B, Z) noise, or None to draw it from ``generator``.
+        likelihood: p(x | z) (the model's ``likelihood``); None: Bernoulli.
 
     Returns:
         :class:`ELBOTerms`: reconstruction (B,) and kl (B, K).
     """
     out = core(x, y_vec, eps, generator=generator)
-    return ELBOTerms(reconstruction_nll(out.canvas, x), gaussian_kl(out.mu, out.logvar).transpose(0, 1))
+    nll = (_BERNOULLI if likelihood is None else likelihood).nll(out.canvas, x)
+    return ELBOTerms(nll, gaussian_kl(out.mu, out.logvar).transpose(0, 1))
 
 
-def log_weights(canvas: Tensor, x: Tensor, eps: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+def log_weights(
+    canvas: Tensor,
+    x: Tensor,
+    eps: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    likelihood: PixelLikelihood | None = None,
+) -> Tensor:
     """Log importance weights of whole trajectories: log p(x|z) + sum_t [log N(z_t; 0, I) - log q(z_t)].
 
     With z_t = mu_t + exp(logvar_t / 2) * eps_t the Gaussian normalisers cancel and
@@ -86,34 +104,43 @@ def log_weights(canvas: Tensor, x: Tensor, eps: Tensor, mu: Tensor, logvar: Tens
 
     Args:
         canvas: (B, D) final canvas logits.
-        x: (B, D) binary data.
+        x: (B, D) data, as ``likelihood`` reads them.
         eps, mu, logvar: (K, B, Z).
+        likelihood: p(x | z); None: Bernoulli.
 
     Returns:
         (B,) log weights in nats.
     """
     z = mu + torch.exp(0.5 * logvar) * eps
     log_ratio = 0.5 * (eps.square() - z.square() + logvar).sum(dim=(0, 2))
-    return log_ratio - reconstruction_nll(canvas, x)
+    return log_ratio - (_BERNOULLI if likelihood is None else likelihood).nll(canvas, x)
 
 
 class AVME(nn.Module):
-    """Adaptive Variational Memory Encoding model with a Bernoulli likelihood.
+    """Adaptive Variational Memory Encoding model: the K-step loop and a pixel likelihood.
 
     Args:
         data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input:
             see :class:`AVMEConfig` (defaults: the paper's MNIST sizes, unconditional).
+        likelihood: ``"bernoulli"`` (the paper's, binary pixels) or ``"logistic"`` (a discretized
+            logistic for 8-bit grey or colour pixels, with a learned log-scale per channel), see
+            :mod:`avme_ext.likelihoods`.
+        image_shape: (channels, height, width) of the flattened images, see :class:`AVMEConfig`.
         impl: ``"auto"``, ``"cuda"`` or ``"ref"``, see :class:`AVMECore`.
         precision: matrix-product precision of the fused ops, see :class:`AVMECore`.
         device, dtype: of the parameters, as for any ``torch.nn`` module.
 
     ``impl``, ``precision``, ``device`` and ``dtype`` are keyword-only. The weights are those of
-    ``core`` (an :class:`AVMECore`, with its rules on submodules and hooks).
+    ``core`` (an :class:`AVMECore`, with its rules on submodules and hooks) and, for the logistic,
+    ``likelihood.log_scale`` ((C,)); the Bernoulli likelihood has none, so its ``state_dict`` is
+    the core's alone.
 
-    Data conventions: ``x`` is (B, D) float with values in {0, 1}; ``y`` is (B,) int64 class
-    labels in [0, C) for a conditional model and must be None for an unconditional one. These
-    value checks read the data on the host in eager mode; under ``torch.compile`` they run as
-    asynchronous asserts so the graph does not break.
+    Data conventions: ``x`` is (B, D) with the pixels of each image flattened channels first
+    (``image.reshape(-1)`` of a (C, H, W) image). Bernoulli: float, uint8 or bool with values in
+    {0, 1}. Logistic: float with values k/255, k = 0..255 (8-bit intensities scaled to [0, 1]).
+    ``y`` is (B,) int64 class labels in [0, C) for a conditional model and must be None for an
+    unconditional one. These value checks read the data on the host in eager mode; under
+    ``torch.compile`` they run as asynchronous asserts so the graph does not break.
     """
 
     def __init__(
@@ -125,6 +152,8 @@ class AVME(nn.Module):
         latent_dim: int = _DEFAULTS.latent_dim,
         steps: int = _DEFAULTS.steps,
         encoder_input: str = _DEFAULTS.encoder_input,
+        likelihood: str = _DEFAULTS.likelihood,
+        image_shape: tuple[int, int, int] | None = _DEFAULTS.image_shape,
         *,
         impl: str = "auto",
         precision: str = "fp32",
@@ -132,19 +161,12 @@ class AVME(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.core = AVMECore(
-            data_dim=data_dim,
-            num_classes=num_classes,
-            enc_hidden=enc_hidden,
-            dec_hidden=dec_hidden,
-            latent_dim=latent_dim,
-            steps=steps,
-            encoder_input=encoder_input,
-            impl=impl,
-            precision=precision,
-            device=device,
-            dtype=dtype,
+        config = AVMEConfig(
+            data_dim, num_classes, enc_hidden, dec_hidden, latent_dim, steps, encoder_input, likelihood, image_shape
         )
+        self.core = AVMECore.from_config(config, impl=impl, precision=precision, device=device, dtype=dtype)
+        self.likelihood = make_likelihood(likelihood, config.resolved_image_shape, device=device, dtype=dtype)
+        self._config = config
 
     @classmethod
     def from_config(cls, config: AVMEConfig, **kwargs) -> AVME:
@@ -153,12 +175,19 @@ class AVME(nn.Module):
 
     @property
     def config(self) -> AVMEConfig:
-        """The architecture (that of ``core``)."""
-        return self.core.config
+        """The architecture: ``core``'s loop, the likelihood and the image shape."""
+        return self._config
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images (:attr:`AVMEConfig.resolved_image_shape`)."""
+        return self._config.resolved_image_shape
 
     def reset_parameters(self) -> None:
-        """Re-initialise every weight as at construction (see :meth:`AVMECore.reset_parameters`)."""
+        """Re-initialise every weight as at construction (see :meth:`AVMECore.reset_parameters`;
+        the logistic's log-scale goes back to its constant initial value)."""
         self.core.reset_parameters()
+        self.likelihood.reset_parameters()
 
     @property
     def num_classes(self) -> int:
@@ -173,17 +202,13 @@ class AVME(nn.Module):
 
     # ----------------------------------------------------------------- inputs
     def check_images(self, x: Tensor) -> Tensor:
-        """Validate binary images (B, D) and return them in the parameters' dtype and device."""
+        """Validate images (B, D) for the likelihood (binary, or k/255) and return them in the
+        parameters' dtype and device."""
         check_tensor("x", x, (None, self.config.data_dim), floating=False)
-        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.bool)):
-            raise TypeError(f"x must be a float, uint8 or bool tensor of 0/1 pixels, got dtype {x.dtype}")
+        self.likelihood.check_dtype(x)
         weight = self._param()
         x = x.to(device=weight.device, dtype=weight.dtype)
-        check_values(
-            (x == 0) | (x == 1),
-            "x must be binary (every pixel 0 or 1) for the Bernoulli likelihood; "
-            "binarize gray levels first (see avme_ext.data), and check for NaN",
-        )
+        self.likelihood.check_values(x)
         return x
 
     def encode_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
@@ -218,7 +243,7 @@ class AVME(nn.Module):
         """Per-image negative-ELBO terms for one draw of the noise.
 
         Args:
-            x: (B, D) binary images.
+            x: (B, D) images (binary for the Bernoulli likelihood, k/255 for the logistic).
             y: (B,) labels for a conditional model, else None.
             eps: (K, B, Z) noise; drawn from ``generator`` when None (giving both is an error).
 
@@ -227,7 +252,7 @@ class AVME(nn.Module):
         """
         x = self.check_images(x)
         y_vec = self.encode_labels(y, x.shape[0])
-        return elbo_terms(self.core, x, y_vec, eps, generator=generator)
+        return elbo_terms(self.core, x, y_vec, eps, generator=generator, likelihood=self.likelihood)
 
     def loss(
         self,
@@ -255,7 +280,7 @@ class AVME(nn.Module):
         ``x`` must already be checked (see :meth:`check_images`) and ``y_vec`` one-hot.
         """
         out = self.core(x, y_vec, eps)
-        return log_weights(out.canvas, x, eps, out.mu, out.logvar)
+        return log_weights(out.canvas, x, eps, out.mu, out.logvar, self.likelihood)
 
     @torch.no_grad()
     def iwae_bound(
@@ -274,7 +299,7 @@ class AVME(nn.Module):
         of at most ``max_rows`` trajectories so memory stays bounded for any S.
 
         Args:
-            x: (B, D) binary images.
+            x: (B, D) images (binary for the Bernoulli likelihood, k/255 for the logistic).
             y: (B,) labels (conditional model: gives log p(x | y)), else None.
             samples: S, trajectories per image (S=1 is the ELBO of one draw).
             max_rows: trajectories evaluated at once.
@@ -354,7 +379,10 @@ class AVME(nn.Module):
             return_steps: also return sigmoid(s_t) for every step (the unrolled strip).
 
         Returns:
-            (probs (B, D), steps (K, B, D) or None): Bernoulli means sigmoid(s_K) and sigmoid(s_t).
+            (means (B, D), steps (K, B, D) or None): the means sigmoid(s_K) of p(x | z) and the
+            canvases sigmoid(s_t). For either likelihood the mean is the picture to show (a draw
+            of the pixels themselves, ``self.likelihood.sample(means)``, adds independent pixel
+            noise: salt and pepper for the Bernoulli, grain for the logistic).
         """
         if y is None and num_samples is None:
             raise ValueError("sample() needs num_samples (unconditional) or y (conditional)")

@@ -12,6 +12,10 @@ per epoch (the paper's Figure 7); :func:`plot_kl_per_step` draws the KL of every
 of the best (or last) validation record. Unknown kinds and extra keys are ignored, so the
 trainer may add records freely.
 
+:func:`sweep_figure` draws the results of a grid of runs (``python/sweep.py``): the bound on
+-log p(x) against the number of drawing steps K, the parameter count or the training time, in nats
+per image with bits per dimension on a second axis; :func:`render_sweep_plots` renders all three.
+
 Each plot also has a function returning the figure (``*_figure``); :func:`figure_png` renders a
 figure to PNG bytes, so a command can render every plot before writing any file. Files are
 written atomically (:func:`avme_ext.checkpoint.atomic_write_bytes`).
@@ -31,7 +35,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # noqa: E402  (no display; must precede pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .checkpoint import atomic_write_bytes  # noqa: E402
@@ -45,6 +49,8 @@ __all__ = [
     "plot_training_curve",
     "read_metrics",
     "render_run_plots",
+    "render_sweep_plots",
+    "sweep_figure",
     "training_curve_figure",
 ]
 
@@ -371,3 +377,81 @@ def render_run_plots(metrics_path: str | os.PathLike, *, which: str = "best") ->
         figure = kl_per_step_figure(record["kl_per_step"], title=f"KL per drawing step ({label}): {name}")
         pngs["kl_per_step.png"] = figure_png(figure)
     return pngs
+
+
+# --------------------------------------------------------------------------- sweeps
+#: What a sweep plot can put on its x axis: record key -> (axis label, record key whose value makes one line,
+#: how a line is named, file name).
+SWEEP_AXES: dict[str, tuple[str, str, str, str]] = {
+    "steps": ("drawing steps K", "hidden", "LSTM units {}", "bound_vs_steps.png"),
+    "parameters": ("parameters", "steps", "K = {}", "bound_vs_parameters.png"),
+    "train_seconds": ("training time (s)", "hidden", "LSTM units {}", "bound_vs_time.png"),
+}
+#: The keys a sweep record must have (see ``python/sweep.py``).
+SWEEP_RECORD_KEYS = ("steps", "enc_hidden", "dec_hidden", "parameters", "train_seconds", "bound", "bound_name",
+                     "data_dim")
+
+
+def _hidden_label(record: dict[str, Any]) -> str:
+    """The LSTM sizes of a record: ``"256"`` when encoder and decoder agree, else ``"256/128"``."""
+    enc, dec = record["enc_hidden"], record["dec_hidden"]
+    return str(enc) if enc == dec else f"{enc}/{dec}"
+
+
+def sweep_figure(records: Sequence[dict[str, Any]], x: str, *, title: str = "AVME sweep") -> plt.Figure:
+    """The bound of every run of a sweep against ``x`` (a key of :data:`SWEEP_AXES`), one line per group.
+
+    Against K and against time, one line per LSTM size (its points in order of K); against the
+    parameter count, one line per K (its points in order of size). The x axis is logarithmic (base 2
+    for K). The left axis is nats per image; the right one the same bound in bits per dimension,
+    nats / (D ln 2).
+
+    Raises:
+        MetricsError: no records, a record without a key of :data:`SWEEP_RECORD_KEYS`, runs of
+            different D or different bounds, or an unknown ``x``.
+    """
+    if x not in SWEEP_AXES:
+        raise MetricsError(f"x must be one of {tuple(SWEEP_AXES)}, got {x!r}")
+    if not records:
+        raise MetricsError("no sweep records to plot")
+    for record in records:
+        missing = [key for key in SWEEP_RECORD_KEYS if key not in record]
+        if missing:
+            raise MetricsError(f"sweep record {record.get('name', record)!r} lacks {missing}")
+    for key in ("data_dim", "bound_name"):
+        values = {r[key] for r in records}
+        if len(values) > 1:
+            raise MetricsError(f"sweep records of different {key} cannot share a plot: {sorted(values, key=str)}")
+    label, group_key, group_name, _ = SWEEP_AXES[x]
+    order_key = "enc_hidden" if group_key == "steps" else "steps"
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for record in records:
+        group = _hidden_label(record) if group_key == "hidden" else record[group_key]
+        groups.setdefault(group, []).append(record)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in sorted(groups, key=lambda g: tuple(int(v) for v in str(g).split("/"))):
+        points = sorted(groups[group], key=lambda r: r[order_key])
+        ax.plot([r[x] for r in points], [r["bound"] for r in points], "o-", markersize=4,
+                label=group_name.format(group))
+    ax.set_xscale("log", base=2 if x == "steps" else 10)
+    if x == "steps":  # a tick at every K of the grid
+        ax.set_xticks(sorted({r["steps"] for r in records}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+    data_dim = records[0]["data_dim"]
+    ax.secondary_yaxis("right", functions=(lambda v: np.asarray(v) / (data_dim * math.log(2)),
+                                           lambda v: np.asarray(v) * (data_dim * math.log(2)))
+                       ).set_ylabel("bits per dimension")
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"{records[0]['bound_name']} (nats per image)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def render_sweep_plots(records: Sequence[dict[str, Any]], *, title: str = "AVME sweep") -> dict[str, bytes]:
+    """The three sweep plots as PNG bytes, by file name (see :data:`SWEEP_AXES`), without writing anything."""
+    return {name: figure_png(sweep_figure(records, x, title=title)) for x, (_, _, _, name) in SWEEP_AXES.items()}

@@ -1,16 +1,32 @@
-"""The results table of the binarized-MNIST reproduction, beside published numbers.
+"""Results tables: the binarized-MNIST reproduction beside published numbers, and a sweep of runs.
 
 Each published number is labelled with what it is: an exact negative log-likelihood, an
 importance-sampled (or AIS) estimate, or a variational bound. The AVME paper's 80.50 is the
 reconstruction term alone and is listed as such.
+
+:func:`bits_per_dim` converts a bound in nats per image to bits per dimension;
+:func:`render_sweep_markdown` is the table of ``python/sweep.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["PublishedResult", "PUBLISHED", "render_results_markdown"]
+__all__ = ["PUBLISHED", "PublishedResult", "bits_per_dim", "render_results_markdown", "render_sweep_markdown"]
+
+
+def bits_per_dim(nats: float, data_dim: int) -> float:
+    """A negative log-likelihood (or bound) of one image in nats as bits per dimension: nats / (D ln 2).
+
+    Args:
+        nats: per image (NaN stays NaN).
+        data_dim: D, the pixels (times channels) of an image.
+    """
+    if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
+        raise ValueError(f"data_dim must be an integer >= 1, got {data_dim!r}")
+    return float(nats) / (data_dim * math.log(2.0))
 
 
 class PublishedResult(NamedTuple):
@@ -78,4 +94,38 @@ def render_results_markdown(records: Sequence[dict[str, Any]], command: str = ""
         "reconstruction-term column, and compare our negative ELBO and IWAE columns with the rest.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def _fmt_optional(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_sweep_markdown(records: Sequence[dict[str, Any]], command: str = "") -> str:
+    """Markdown table of a sweep (``python/sweep.py``): one row per run, in order of LSTM size and K.
+
+    Every record has ``name``, ``steps``, ``enc_hidden``, ``dec_hidden``, ``parameters``, ``epochs``,
+    ``train_seconds``, ``best_valid_nelbo``, ``test_nelbo``, ``bound``, ``bound_name``,
+    ``bound_bits_per_dim``, ``likelihood`` and ``data_dim``.
+    """
+    first = records[0] if records else {}
+    lines = [
+        "# AVME sweep: drawing steps K and LSTM sizes",
+        "",
+        f"Bounds on -log p(x) on the test split, in nats per image and in bits per dimension (nats / (D ln 2),"
+        f" D = {first.get('data_dim', 'n/a')}); {first.get('likelihood', 'n/a')} likelihood; lower is better."
+        + (f" Made by `{command}`." if command else ""),
+        "Training time is the optimisation time of all epochs (validation excluded).",
+        "",
+        "| run | K | LSTM units (enc/dec) | parameters | epochs | training time (s) | best valid negative ELBO "
+        "| test negative ELBO | test bound | bound (nats) | bound (bits/dim) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(records, key=lambda r: (r["enc_hidden"], r["dec_hidden"], r["steps"])):
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['enc_hidden']}/{r['dec_hidden']} | {r['parameters']:,} | {r['epochs']} "
+            f"| {r['train_seconds']:.1f} | {_fmt_optional(r['best_valid_nelbo'], '.2f')} | {r['test_nelbo']:.2f} "
+            f"| {r['bound_name']} | {r['bound']:.2f} | {r['bound_bits_per_dim']:.4f} |"
+        )
+    lines.append("")
     return "\n".join(lines)

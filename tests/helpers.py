@@ -7,7 +7,9 @@ import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: The real data sets beside the checkout (``../shared/data``); ``AVME_SHARED_DATA`` points elsewhere
+#: (e.g. from a git worktree, whose parent folder is not the checkout's).
+SHARED_DATA = Path(os.environ.get("AVME_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -165,11 +165,11 @@ BLOCKING = textwrap.dedent("""
         time.sleep(60)
         raise AssertionError("the signal did not stop the command")
 
-    import avme_ext.data, avme_ext.model
+    import avme_ext.data.sources, avme_ext.model
     if target == "sample":
         avme_ext.model.AVME.sample = block
     elif target == "train":
-        avme_ext.data.load_split = block  # before the training modules import it: the run is starting
+        avme_ext.data.sources.DataSource.split = block  # the run is starting: it loads its data
     from avme_ext.cli import main
     raise SystemExit(main(sys.argv[1:]))
 """)

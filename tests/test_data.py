@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_DATA
 
 from avme_ext import data as D
+from avme_ext.data import mnist as mnist_files
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_DATA
 MNIST_DIR = SHARED / "mnist"
 README_MD5 = "040a17ccac7b1835a5377201be1d68c4"
 SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
@@ -23,7 +25,7 @@ IDX_NAMES = [f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (
 
 needs_shared = pytest.mark.skipif(
     not (SHARED / "binarized_mnist.npz").is_file() or not MNIST_DIR.is_dir(),
-    reason="real data not found in ../shared/data beside the repository (expected binarized_mnist.npz and mnist/)",
+    reason="no ../shared/data (binarized_mnist.npz, mnist/)",
 )
 
 
@@ -299,7 +301,7 @@ def test_download_mnist_is_called_when_missing(tmp_path, monkeypatch, official_t
         calls.append(Path(root))
         _copy_mnist(Path(root) / "MNIST" / "raw")
 
-    monkeypatch.setattr(D, "download_mnist", fake_download)
+    monkeypatch.setattr(mnist_files, "download_mnist", fake_download)
     s = D.load_split("mnist_static", "test", root=tmp_path, download=True)
     assert calls == [tmp_path] and len(s) == 10_000
     D.load_split("mnist_static", "test", root=tmp_path, download=True)  # files now present
@@ -314,7 +316,7 @@ def test_download_amat_is_called_when_missing(tmp_path, monkeypatch, vendored):
         calls.append(tuple(splits))
         _write_amat(D.amat_path(root, splits[0]), rows)
 
-    monkeypatch.setattr(D, "download_binarized_mnist_amat", fake_download)
+    monkeypatch.setattr(mnist_files, "download_binarized_mnist_amat", fake_download)
     s = D.load_binarized_mnist_amat("train", tmp_path, download=True)
     assert calls == [("train",)] and s.images.equal(torch.from_numpy(rows))
 

@@ -16,10 +16,13 @@ import avme_ext.core
 import avme_ext.dispatch
 import avme_ext.ops
 from avme_ext import AVME, AVMEConfig, AVMECore, loop_types
+from avme_ext.config import LOOP_FIELDS
 from avme_ext.reference import avme_forward_reference
 
 SMALL = dict(data_dim=6, enc_hidden=5, dec_hidden=4, latent_dim=3, steps=3)
 SIZE_NAMES = [field.name for field in dataclasses.fields(AVMEConfig)]
+#: The positional arguments of each module: the loop's fields (the core), or every field (the model).
+POSITIONAL = {AVMECore: list(LOOP_FIELDS), AVME: SIZE_NAMES}
 LOOP_MODULES = {"encoder": nn.LSTMCell, "posterior": nn.Linear, "decoder": nn.LSTMCell, "write": nn.Linear}
 SCRIPT = Path(__file__).resolve().parents[1] / "python" / "custom_training_loop.py"
 
@@ -193,9 +196,10 @@ def test_noise_and_generator_together_are_an_error():
 
 @pytest.mark.parametrize("model_class", [AVMECore, AVME])
 def test_options_are_keyword_only_and_sizes_positional(model_class):
-    positional = [SMALL.get(name, getattr(AVMEConfig(), name)) for name in SIZE_NAMES]
+    names = POSITIONAL[model_class]
+    positional = [SMALL.get(name, getattr(AVMEConfig(), name)) for name in names]
     parameters = inspect.signature(model_class).parameters
-    assert list(parameters)[: len(SIZE_NAMES)] == SIZE_NAMES
+    assert list(parameters)[: len(names)] == names
     for option in ("impl", "precision", "device", "dtype"):
         assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY, option
     with pytest.raises(TypeError):
@@ -212,7 +216,7 @@ def test_options_are_keyword_only_and_sizes_positional(model_class):
 def test_size_defaults_and_validation_come_from_the_config(model_class):
     parameters = inspect.signature(model_class).parameters
     defaults = AVMEConfig()
-    for name in SIZE_NAMES:
+    for name in POSITIONAL[model_class]:
         assert parameters[name].default == getattr(defaults, name), name
     assert model_class(device="meta").config == defaults
     sizes = {**SMALL, "num_classes": 3, "encoder_input": "error"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA
 from safetensors.torch import load_file
 
 from avme_ext import training as T
@@ -285,11 +286,11 @@ def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_pat
     with pytest.raises(ValueError, match=r"patience \(--patience\) must be an integer >= 0"):
         T.TrainConfig(patience=-1)
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+MNIST = SHARED_DATA / "mnist"
 
 
-@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="no MNIST IDX files in ../shared/data/mnist beside the repository")
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/data/mnist")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
     args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
             "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",

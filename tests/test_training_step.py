@@ -40,15 +40,17 @@ SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
-def make_model(num_classes: int = 0, seed: int = 0) -> AVME:
+def make_model(num_classes: int = 0, seed: int = 0, likelihood: str = "bernoulli") -> AVME:
     torch.manual_seed(seed)
-    return AVME.from_config(AVMEConfig(num_classes=num_classes, **SIZES), impl="ref")
+    return AVME.from_config(AVMEConfig(num_classes=num_classes, likelihood=likelihood, **SIZES), impl="ref")
 
 
 def make_batch(model: AVME, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Random binary images (size, D), labels (size,) for a conditional model, noise (K, size, Z)."""
+    """Random images (size, D) (binary, or k/255 for the logistic likelihood), labels (size,) for a
+    conditional model, noise (K, size, Z)."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 2, (size, model.config.data_dim), generator=generator).float()
+    levels = 256 if model.config.likelihood == "logistic" else 2
+    x = torch.randint(0, levels, (size, model.config.data_dim), generator=generator).float() / (levels - 1)
     labels = torch.randint(0, 10, (size,), generator=generator) if model.num_classes else None
     return x, labels, model.core.draw_noise(size, generator)
 
@@ -177,11 +179,13 @@ def test_snapshot_restores_weights_and_a_fresh_adam_exactly() -> None:
     assert_same_training_state((model, optimizer), (reference, fresh))
 
 
-@pytest.mark.parametrize("num_classes, clip_grad", [(0, 10.0), (10, 0.5)])
-def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: float) -> None:
+@pytest.mark.parametrize("num_classes, clip_grad, likelihood", [(0, 10.0, "bernoulli"), (10, 0.5, "bernoulli"),
+                                                                 (10, 0.5, "logistic")])
+def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: float, likelihood: str) -> None:
     """Same stats and the same weights and Adam state, bit for bit, over a sequence with an eager
-    partial batch before and after the capture, a non-finite (skipped) step, and KL warm-up."""
-    eager_model = make_model(num_classes)
+    partial batch before and after the capture, a non-finite (skipped) step, and KL warm-up; with the
+    logistic likelihood its log-scale is trained by both alike."""
+    eager_model = make_model(num_classes, likelihood=likelihood)
     graphed_model = copy.deepcopy(eager_model)
     eager = EagerStep(eager_model, eager_model, make_adam(eager_model.parameters(), 1e-2), clip_grad=clip_grad)
     graphed = GraphedStep(graphed_model, make_adam(graphed_model.parameters(), 1e-2), clip_grad=clip_grad,
@@ -203,6 +207,8 @@ def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: f
         assert graphed.captured is (index >= 1)
         assert_same_training_state((eager_model, eager.optimizer), (graphed_model, graphed.optimizer))
     assert all(torch.isfinite(p).all() for p in graphed_model.parameters())
+    if likelihood == "logistic":  # its log-scale is one of the parameters stepped
+        assert not torch.equal(graphed_model.likelihood.log_scale, make_model(likelihood=likelihood).likelihood.log_scale)
 
 
 def test_trainer_with_the_graphed_step_logic_trains_like_the_eager_trainer(tmp_path: Path) -> None:

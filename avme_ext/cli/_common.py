@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..choices import DATASETS, IMPLS, PRECISIONS
+from ..choices import IMPLS, PRECISIONS
 
 if TYPE_CHECKING:
     import torch
@@ -240,32 +240,24 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 #: How ``--data-root`` is described wherever it appears.
 DATA_ROOT_HELP = (
-    "directory holding the data files: binarized_mnist reads DIR/binarized_mnist.npz instead of the copy "
-    "vendored in the package, the other data sets read and download their files there "
-    "(default: the vendored copy for binarized_mnist; $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
+    "where the data files are: binarized_mnist reads DIR/binarized_mnist.npz instead of the copy vendored in the "
+    "package; imagefolder reads the folder DIR; npz reads the file DIR; the other data sets read (and download) "
+    "their files under DIR in torchvision's layout (default: the run's for eval, sample and --resume; else the "
+    "vendored copy for binarized_mnist, and $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
 )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = False) -> None:
-    """Add ``--dataset``, ``--data-root`` and ``--download``.
+def add_data_arguments(parser: argparse.ArgumentParser, *, given_only: bool = False, from_run: bool = False) -> None:
+    """Add the data options (``--dataset``, ``--data-root``, ``--download``, ``--binarize``, ``--image-size``, ...;
+    see :func:`avme_ext.cli._data_options.add_data_options`).
 
     ``given_only=True``: defaults are None ("not given"), for ``avme train`` whose ``--resume``
-    takes them from the checkpoint; the help text states the default.
+    takes them from the checkpoint; ``from_run=True``: defaults are the run's (``avme eval``,
+    ``avme sample``); the help text states the default.
     """
-    parser.add_argument(
-        "--dataset",
-        default=None if given_only else DATASETS[0],
-        choices=DATASETS,
-        help=f"data set; {DATASETS[0]} is vendored (no download)" + (f" (default: {DATASETS[0]})" if given_only else ""),
-    )
-    parser.add_argument("--data-root", metavar="DIR", default=None, help=DATA_ROOT_HELP)
-    parser.add_argument(
-        "--download",
-        action="store_const",
-        const=True,
-        default=None if given_only else False,
-        help="download missing data files into --data-root (needs network)",
-    )
+    from ._data_options import add_data_options
+
+    add_data_options(parser, given_only=given_only, from_run=from_run)
 
 
 def check_output_path(path: str | os.PathLike, option: str, *, suffix: str | None = None) -> Path:

@@ -21,12 +21,12 @@ from ._common import (
     add_seed_argument,
     add_switch,
     check_output_path,
-    cli_message,
     load_model_for_cli,
     nonnegative_int,
     positive_int,
     resolve_model_source,
 )
+from ._data_options import datasets_epilog, load_run_images
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,11 @@ Results are deterministic given --seed and --batch-size (each chunk of --batch-s
 has its own seeded noise). Under torchrun every rank evaluates its share of the chunks and
 rank 0 reports the merged result, identical to a single-process run. --json writes the
 summary with its provenance (checkpoint, split, images, samples, seed, device, versions,
-wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing."""
+wall-clock seconds), atomically at the end: a failed or interrupted run writes nothing.
+
+Images: --split of the data set the checkpoint's run was trained on, with the data options it
+recorded (the same held-out splits and binarization); data options given here override them, and
+images that differ from the run's record or that the model cannot take are refused."""
 
 EPILOG = """\
 examples:
@@ -63,7 +67,7 @@ examples:
   avme eval runs/mnist/best.safetensors --split valid --num-images 500 --samples 100
   torchrun --nproc-per-node 4 -m avme_ext eval runs/mnist --samples 5000
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, from_run=True)
     parser.set_defaults(func=run)
 
 
@@ -138,15 +142,10 @@ def run(args: argparse.Namespace) -> int:
         _leave_job(info)
 
 
-def _load_images(args: argparse.Namespace, model):
+def _load_images(args: argparse.Namespace, model, source: ModelSource):
     import torch
 
-    from ..data import load_split
-
-    try:
-        split = load_split(args.dataset, args.split, args.data_root, args.download, args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise CLIError(f"cannot load {args.dataset}/{args.split}: {cli_message(error)}") from None
+    split = load_run_images(args, source.path, model)
     if args.num_images is not None:
         if args.num_images > len(split):
             raise CLIError(f"--num-images {args.num_images}: {split.name} has only {len(split)} images")
@@ -165,7 +164,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
 
     rank, world = info.rank, info.world_size
     model = load_model_for_cli(args, device, source)
-    split = _load_images(args, model)
+    split = _load_images(args, model, source)
     if rank == 0:
         _announce_cost(args, model, len(split), device, world)
 
@@ -198,7 +197,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
             "provenance": {
                 "checkpoint": str(source.path.resolve()),
                 "pretrained": source.pretrained,
-                "dataset": args.dataset,
+                "dataset": split.name.partition("/")[0],
                 "split": args.split,
                 "num_images": len(result),
                 "subset": args.num_images is not None,
@@ -272,16 +271,19 @@ def _jsonable(value):
 
 
 def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) -> str:
-    """The human-readable table printed by ``avme eval``."""
+    """The human-readable table printed by ``avme eval``: nats per image, and bits per dimension beside
+    every bound."""
 
-    def fmt(value: float, sem: float | None = None) -> str:
+    def fmt(value: float, sem: float | None = None, bits_key: str | None = None) -> str:
         text = f"{value:10.3f}"
+        if bits_key is not None and bits_key in summary:
+            text += f"  ({summary[bits_key]:.4f} bits/dim)"
         if sem is not None and math.isfinite(sem):
             text += f"  ± {sem:.3f} (s.e.)"
         return text
 
     rows = [
-        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"))),
+        ("negative ELBO", fmt(summary["nelbo"], summary.get("nelbo_sem"), "nelbo_bits_per_dim")),
         ("reconstruction term -log p(x|z) (not a likelihood)", fmt(summary["reconstruction"])),
         ("KL total", fmt(summary["kl"])),
     ]
@@ -289,11 +291,15 @@ def format_table(summary: dict, model, split_name: str, checkpoint: str | Path) 
         rows.append((f"  KL step {t}", fmt(value)))
     if "iwae_nll" in summary:
         what = "-log p(x|y)" if model.num_classes > 0 else "-log p(x)"
-        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}", fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"))))
+        rows.append((f"IWAE bound {what}, S={summary['iwae_samples']}",
+                     fmt(summary["iwae_nll"], summary.get("iwae_nll_sem"), "iwae_nll_bits_per_dim")))
     if "nll_marginal" in summary:
-        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}", fmt(summary["nll_marginal"])))
+        rows.append((f"-log p(x), all {model.num_classes} classes, S={summary['iwae_samples']}",
+                     fmt(summary["nll_marginal"], None, "nll_marginal_bits_per_dim")))
     width = max(len(name) for name, _ in rows)
-    header = f"{checkpoint} on {split_name}: {summary['num_images']} images (nats per image, lower is better)"
+    likelihood = summary.get("likelihood", model.config.likelihood)
+    header = (f"{checkpoint} on {split_name}: {summary['num_images']} images, {likelihood} likelihood "
+              f"(nats per image, lower is better; bits/dim = nats / (D ln 2), D = {model.config.data_dim})")
     lines = [header, "-" * max(len(header), width + 12)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)

@@ -11,9 +11,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..choices import ENCODER_INPUTS
+from ..choices import ENCODER_INPUTS, LIKELIHOODS
 from ..config import AVMEConfig
-from ..training.config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig
+from ..training.config import (
+    CLASSES_FROM_DATA,
+    GRAPH_MODES,
+    LR_SCHEDULES,
+    MODEL_FIELDS,
+    TrainConfig,
+)
 from ._common import (
     EXIT_STATUS_HELP,
     RawDefaultsFormatter,
@@ -23,8 +29,9 @@ from ._common import (
     nonnegative_int,
     positive_int,
 )
+from ._data_options import datasets_epilog
 
-__all__ = ["register", "run", "given_options"]
+__all__ = ["given_options", "register", "run"]
 
 _T = TrainConfig()
 _M = AVMEConfig()
@@ -44,13 +51,23 @@ uninterrupted run's bit for bit. The epoch order is a function of (seed, epoch) 
 step a function of (seed, step), so a mid-epoch checkpoint (--checkpoint-every) resumes mid-epoch.
 Options left out on --resume are taken from the checkpoint; those that define the trajectory
 (--batch-size, --lr, --lr-schedule, --lr-final, --lr-decay-epochs, --lr-hold-epochs, --clip-grad,
---seed, --kl-warmup-steps, --dataset, --train-subset, --valid-subset, --valid-batch-size, and the model
-sizes) cannot be changed; --epochs can be raised.
+--seed, --kl-warmup-steps, the data options but --data-root and --download, --train-subset,
+--valid-subset, --valid-batch-size, and the model options) cannot be changed; --epochs can be raised.
 metrics.jsonl is truncated to the checkpoint, so records written after it by a killed run are
 dropped and written again. --resume without a checkpoint in DIR yet starts a new run (with a
 notice; with the settings of DIR/config.json when a launch that died before its first checkpoint
 left one, options given now taking precedence), so 'torchrun --max-restarts N ... --resume' works
 from the first launch.
+
+Data: --dataset names the images (list below); the model's image shape (channels x height x width)
+is the data's, and --conditional takes its classes. --likelihood bernoulli models 0/1 pixels: grey
+images are binarized (--binarize; dynamic by default, a fresh seeded draw for every batch, so a resumed
+run draws the same); colour images are refused (--channels 1 makes them grey). --likelihood logistic
+models the 8-bit levels k/255 of grey or colour images. A data set without a validation split holds
+one out of its training images by --split-seed (--valid-fraction); an image folder or npz file without
+splits is split into train, valid and test the same way. config.json and every checkpoint record the
+data options and the split (sizes, seed, rule, and a fingerprint of an image folder or npz file), so
+'avme eval RUN' and 'avme sample RUN' find the same test images without being told.
 
 Batches: the global batch i of an epoch is positions [i*B, (i+1)*B) of the epoch's permutation;
 the final partial batch is kept (with N processes, unless it has fewer than N examples). At the
@@ -83,12 +100,16 @@ examples:
       --enc-hidden 64 --dec-hidden 64 --latent-dim 16 --steps 4   # a first look; --overwrite: rerun at will
   avme train --out runs/mnist --resume --epochs 80   # continue (and extend) a run
   avme train --out runs/cond --conditional --kl-warmup-steps 5000 --checkpoint-every 200
+  avme train --out runs/mnist-iwae --dataset mnist --binarize dynamic --data-root ../shared/data/mnist
+  avme train --out runs/mnist-grey --dataset mnist --likelihood logistic --data-root ../shared/data/mnist
+  avme train --out runs/cifar --dataset cifar10 --likelihood logistic --data-root data --download
+  avme train --out runs/faces --dataset imagefolder --data-root faces/ --image-size 32 --likelihood logistic
   avme train --out runs/gpu1 --device cuda:1         # one of several runs sharing the GPUs
   torchrun --nproc_per_node=4 -m avme_ext train --out runs/ddp --batch-size 400
   torchrun --nnodes=2 --nproc_per_node=8 --max-restarts 3 --rdzv-backend=c10d \\
       --rdzv-endpoint=HOST:29500 -m avme_ext train --out /shared/runs/big --resume
 
-""" + EXIT_STATUS_HELP
+""" + datasets_epilog() + "\n\n" + EXIT_STATUS_HELP
 
 
 def _default(value: object) -> str:
@@ -152,10 +173,14 @@ def _add_optimisation_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--num-classes", type=int, choices=(0, 10), default=None,
-                       help="10: conditional on the digit label; 0: unconditional " + _default(_M.num_classes))
-    model.add_argument("--conditional", dest="num_classes", action="store_const", const=10,
-                       help="same as --num-classes 10")
+    model.add_argument("--num-classes", type=nonnegative_int, metavar="C", default=None,
+                       help="C > 0: conditional on labels 0..C-1; 0: unconditional " + _default(_M.num_classes))
+    model.add_argument("--conditional", dest="num_classes", action="store_const", const=CLASSES_FROM_DATA,
+                       help="conditional on the data set's labels: --num-classes set to its number of classes")
+    model.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
+                       help="p(x|z) of a pixel: bernoulli (0/1 pixels: binary or binarized grey images) or logistic "
+                            "(a discretized logistic on 8-bit grey or colour levels), both with mean sigmoid(s_K) "
+                            + _default(_M.likelihood))
     for option, what, default in (("--enc-hidden", "encoder LSTM units", _M.enc_hidden),
                                   ("--dec-hidden", "decoder LSTM units", _M.dec_hidden),
                                   ("--latent-dim", "latent size per step", _M.latent_dim),

@@ -70,7 +70,8 @@ from typing import TYPE_CHECKING, Any
 #: ``avme_ext.training.config`` (no torch) is importable alone: the ``avme train`` parser reads it.
 _EXPORTS = {
     **dict.fromkeys(("build_model", "build_setup", "make_adam", "make_step", "restore_training_state"), "builders"),
-    **dict.fromkeys(("GRAPH_MODES", "LR_SCHEDULES", "MODEL_FIELDS", "TrainConfig", "resolve_configs"), "config"),
+    **dict.fromkeys(("GRAPH_MODES", "LR_SCHEDULES", "MODEL_FIELDS", "CLASSES_FROM_DATA", "TrainConfig",
+                     "resolve_configs"), "config"),
     "CostEstimate": "cost",
     "train": "entry",
     **dict.fromkeys(("NonFiniteError", "OptionError", "RunDirError", "TrainError"), "errors"),
@@ -87,7 +88,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .builders import build_model, build_setup, make_adam, make_step, restore_training_state
-    from .config import GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig, resolve_configs
+    from .config import CLASSES_FROM_DATA, GRAPH_MODES, LR_SCHEDULES, MODEL_FIELDS, TrainConfig, resolve_configs
     from .cost import CostEstimate
     from .entry import train
     from .errors import NonFiniteError, OptionError, RunDirError, TrainError
@@ -117,6 +118,7 @@ __all__ = [
     "MODEL_FIELDS",
     "GRAPH_MODES",
     "LR_SCHEDULES",
+    "CLASSES_FROM_DATA",
     "TrainError",
     "NonFiniteError",
     "RunDirError",

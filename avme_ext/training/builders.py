@@ -115,16 +115,21 @@ def make_step(model: AVME, cfg: TrainConfig, info: DistInfo, device: torch.devic
 
 
 def build_setup(cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo, device: torch.device,
-                checkpoint: tuple[Checkpoint, Path] | None = None) -> TrainingSetup:
+                checkpoint: tuple[Checkpoint, Path] | None = None, *, fit_shape: bool = False,
+                classes_from_data: bool = False) -> TrainingSetup:
     """Load the data, build the model and the step, restore ``(checkpoint, its path)`` when given.
+
+    The model is built with ``model_cfg`` fitted to the data (``fit_shape``: take the data's image
+    shape; ``classes_from_data``: its number of classes; see
+    :func:`~avme_ext.training.splits.fit_model_to_data`).
 
     Writes nothing: a run that cannot start (bad data, a --batch-size that does not divide among
     the processes, labels that do not fit the model, --graph on without CUDA) fails here before
     touching its directory.
     """
     graphed = use_cuda_graphs(cfg.graph, device, info)
-    data = load_training_data(cfg, model_cfg, info, device)
-    model = build_model(model_cfg, cfg, device)
+    data = load_training_data(cfg, model_cfg, info, device, fit_shape=fit_shape, classes_from_data=classes_from_data)
+    model = build_model(data.model_config, cfg, device)
     step = make_step(model, cfg, info, device, graphed=graphed, checkpoint=checkpoint)
     state = TrainState.from_checkpoint(checkpoint[0].trainer_state) if checkpoint is not None else TrainState()
     return TrainingSetup(cfg, info, device, data, model, step, state)

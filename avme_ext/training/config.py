@@ -12,15 +12,20 @@ from typing import Any
 from .._value_checks import check_choice, check_positive_int
 from ..choices import DATASETS, IMPLS, PRECISIONS
 from ..config import AVMEConfig
+from ..data.spec import DataOptions, DataSpec
 from .errors import OptionError, TrainError
 
-__all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "resolve_configs", "option_name"]
+__all__ = ["TrainConfig", "MODEL_FIELDS", "GRAPH_MODES", "LR_SCHEDULES", "CLASSES_FROM_DATA", "resolve_configs",
+           "option_name"]
 
 #: ``--graph``: capture the training step in CUDA graphs (see :mod:`avme_ext.training.step`).
 GRAPH_MODES = ("auto", "on", "off")
 
 #: ``--lr-schedule``: the learning rate of every step (see :func:`avme_ext.training.schedule.learning_rate_at`).
 LR_SCHEDULES = ("constant", "cosine")
+
+#: ``num_classes`` given as this value (``avme train --conditional``): as many classes as the data set has.
+CLASSES_FROM_DATA = "data"
 
 #: The fields of :class:`AVMEConfig`, given to ``avme train`` as model options.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(AVMEConfig))
@@ -32,7 +37,7 @@ def option_name(field_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataOptions):
     """Every training argument of ``avme train`` except the model sizes (see :class:`AVMEConfig`).
 
     Fields in :attr:`FIXED` define the run's trajectory: on ``--resume`` they are taken from the
@@ -44,6 +49,11 @@ class TrainConfig:
     cosine over ``lr_decay_epochs``, default the rest of the run's first ``epochs``, then
     ``lr_final``); the cosine fields are made concrete when the config is made, so a run resumed
     with a larger ``--epochs`` keeps its schedule.
+
+    The data fields are those of :class:`~avme_ext.data.spec.DataOptions` (``dataset``, ``data_root``,
+    ``download``, ``binarize``, ``image_size``, ``channels``, ``emnist_split``, ``valid_fraction``,
+    ``test_fraction``, ``split_seed``; with ``seed`` for a static binarization, see :meth:`data_spec`); the
+    run's config records them, so ``avme eval`` and ``avme sample`` find the same images.
 
     ``patience`` N > 0 stops the run (exit code 0) once N epochs have passed since its best
     validation negative ELBO (early stopping); 0 never stops early.
@@ -59,9 +69,6 @@ class TrainConfig:
     clip_grad: float = 10.0
     seed: int = 0
     kl_warmup_steps: int = 0
-    dataset: str = "binarized_mnist"
-    data_root: str | None = None
-    download: bool = False
     train_subset: int | None = None
     valid_subset: int | None = None
     valid_batch_size: int = 500
@@ -77,7 +84,8 @@ class TrainConfig:
     patience: int = 0
 
     FIXED = ("batch_size", "lr", "lr_schedule", "lr_final", "lr_decay_epochs", "lr_hold_epochs", "clip_grad", "seed",
-             "kl_warmup_steps", "dataset", "train_subset", "valid_subset", "valid_batch_size")
+             "kl_warmup_steps", "dataset", "binarize", "image_size", "channels", "emnist_split", "valid_fraction",
+             "test_fraction", "split_seed", "train_subset", "valid_subset", "valid_batch_size")
     PER_LAUNCH = ("device", "graph")
 
     def __post_init__(self) -> None:
@@ -110,6 +118,7 @@ class TrainConfig:
             raise ValueError(f"{option_name('clip_grad')} must be a finite number >= 0 (0 disables clipping), "
                              f"got {self.clip_grad!r}")
         check_choice(option_name("dataset"), self.dataset, DATASETS)
+        self.data_spec()  # the data options, checked together (DataOptionError is a ValueError)
         check_choice(option_name("impl"), self.impl, IMPLS)
         check_choice(option_name("precision"), self.precision, PRECISIONS)
         check_choice(option_name("graph"), self.graph, GRAPH_MODES)
@@ -131,6 +140,11 @@ class TrainConfig:
             check_positive_int(option_name("lr_decay_epochs"), self.lr_decay_epochs, 1)
         if self.lr_hold_epochs is not None:
             check_positive_int(option_name("lr_hold_epochs"), self.lr_hold_epochs, 0)
+
+    def data_spec(self, likelihood: str | None = None) -> DataSpec:
+        """The run's data options as a :class:`~avme_ext.data.spec.DataSpec`, for a model of ``likelihood``
+        (the static binarization is seeded by ``seed``)."""
+        return DataSpec.from_options(self.to_dict(), likelihood=likelihood)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ..config import AVMEConfig
 from ..distributed import DistInfo
 from .builders import build_setup
-from .config import TrainConfig, resolve_configs
+from .config import CLASSES_FROM_DATA, TrainConfig, resolve_configs
 from .cost import plural
 from .errors import OptionError, TrainError
 from .metrics import MetricsLog, tensorboard_available
@@ -160,7 +160,7 @@ def open_run_dir(out_dir: Path, setup: TrainingSetup, point: ResumePoint, *, ten
         say(notice)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out_dir)
-    write_run_config(out_dir, setup.cfg, setup.model.config, setup.info)
+    write_run_config(out_dir, setup.cfg, setup.model.config, setup.info, setup.data.record)
     return MetricsLog(
         out_dir / "metrics.jsonl",
         truncate_to=setup.state.metrics_offset if point.path is not None else 0,
@@ -184,6 +184,12 @@ def _announce(say: Say, point: ResumePoint, trainer: Trainer) -> None:
 def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out_dir: Path, *, resume: bool,
                 overwrite: bool, say: Say) -> int:
     point = find_resume_point(out_dir, info, resume=resume, overwrite=overwrite, say=say)
+    classes_from_data = given.get("num_classes") == CLASSES_FROM_DATA
+    if classes_from_data:  # the data set's classes: known once it is loaded (a resumed run keeps its own)
+        given = {k: v for k, v in given.items() if k != "num_classes"}
+        if point.saved_model is not None and not point.saved_model.conditional:
+            raise TrainError(f"--conditional: {point.path or out_dir / 'config.json'} holds an unconditional model; "
+                             "drop --conditional to continue it, or start a new run with another --out")
     cfg, model_cfg = resolve_configs(given, point.saved_train, point.saved_model, str(point.path), strict=point.strict)
     resumed = point.state
     if resumed is not None and resumed.epoch >= cfg.epochs:
@@ -192,7 +198,10 @@ def _run_launch(given: dict[str, Any], info: DistInfo, device: torch.device, out
         return 0
     tensorboard = _use_tensorboard(cfg)
     checkpoint = None if point.checkpoint is None else (point.checkpoint, point.path)
-    setup = build_setup(cfg, model_cfg, info, device, checkpoint)
+    new_run = point.saved_model is None
+    setup = build_setup(cfg, model_cfg, info, device, checkpoint,
+                        fit_shape=new_run and not {"data_dim", "image_shape"} & given.keys(),
+                        classes_from_data=classes_from_data and new_run)
     metrics = None
     if info.is_main:
         metrics = open_run_dir(out_dir, setup, point, tensorboard=tensorboard, say=say)
@@ -220,7 +229,10 @@ def train(
 
     Args:
         given: explicitly given options (fields of :class:`TrainConfig` and :class:`AVMEConfig`);
-            on ``resume`` the others come from the checkpoint, else from the defaults.
+            on ``resume`` the others come from the checkpoint, else from the defaults. The model's image
+            shape (``data_dim``, ``image_shape``) is the data's unless given; ``num_classes="data"``
+            (:data:`~avme_ext.training.config.CLASSES_FROM_DATA`, ``--conditional``) takes the data set's
+            number of classes.
         out: run directory (default ``runs/<name>``, or a new ``runs/<timestamp>``).
         name: name of the default run directory.
         resume: continue from ``out/last.safetensors`` (a notice and a new run when there is none yet).

@@ -129,11 +129,14 @@ def remove_stale_temp_files(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_run_config(out: Path, cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo) -> None:
-    """Write ``out/config.json`` atomically: model config, training options, world size, versions."""
+def write_run_config(out: Path, cfg: TrainConfig, model_cfg: AVMEConfig, info: DistInfo,
+                     data: dict[str, Any] | None = None) -> None:
+    """Write ``out/config.json`` atomically: model config, training options, the data's record (pixels,
+    image shape, splits and their rule, see :meth:`avme_ext.data.DataSource.record`), world size, versions."""
     document = {
         "model": model_cfg.to_dict(),
         "train": cfg.to_dict(),
+        "data": data or {},
         "world_size": info.world_size,
         "avme_version": __version__,
         "torch_version": torch.__version__,

@@ -341,8 +341,10 @@ class GraphedStep:
         self.warmup_iterations = warmup_iterations
         self.num_classes = model.config.num_classes
         self._core = model.core
+        self._likelihood = model.likelihood
         self._parameters = list(model.parameters())
-        self._forward: Forward = lambda x, y, eps: elbo_terms(self._core, x, y, eps)  # noqa: E731
+        self._forward: Forward = lambda x, y, eps: elbo_terms(  # noqa: E731
+            self._core, x, y, eps, likelihood=self._likelihood)
         self._gradient_call: Recorded[Tensor] | None = None
         self._update_call: Recorded[None] | None = None
         self._static: dict[str, Tensor | None] = {}

@@ -116,6 +116,7 @@ class Trainer:
         trainer_state = {
             "state": self.state.to_dict(),
             "train": self.cfg.to_dict(),
+            "data": self.setup.data.record,
             "world_size": self.info.world_size,
             "avme_version": __version__,
         }
@@ -133,7 +134,7 @@ class Trainer:
         size = int(index.shape[0])
         rows = dist_utils.local_rows(size, info.rank, info.world_size)
         split = self.train_split
-        if split.binarized:
+        if not split.dynamic:
             x, y = split.batch(index[rows], device=self.device)
         else:  # dynamic binarization: draw the global batch, so the draw does not depend on the sharding
             self.data_generator.manual_seed(derive_seed(SEED_NAMESPACE, cfg.seed, "data", step))

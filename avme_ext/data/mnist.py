@@ -1,27 +1,19 @@
-"""MNIST data for the recurrent VAE: loaders, binarization and batching.
-
-Every loader returns an :class:`ImageSplit` holding flattened 28x28 images as a
-``(N, 784)`` tensor plus ``(N,)`` int64 labels. Supported sources (see
-:data:`DATASETS` and :func:`load_split`):
+"""MNIST's own files: the fixed binarization (npz, amat) and the official IDX files, and their downloads.
 
 ``binarized_mnist``
-    The standard fixed binarization (Salakhutdinov & Murray 2008, Larochelle &
-    Murray 2011) with 50k/10k/10k train/valid/test images, vendored with the
-    package as ``avme_ext/assets/binarized_mnist.npz`` (see its README).
+    The standard fixed binarization (Salakhutdinov & Murray 2008, Larochelle & Murray 2011) with
+    50k/10k/10k train/valid/test images, vendored with the package as
+    ``avme_ext/assets/binarized_mnist.npz`` (see its README).
 ``binarized_mnist_amat``
-    The same data from Larochelle's original ``binarized_mnist_{split}.amat``
-    text files. These carry no labels: labels are filled with ``-1`` and
-    :attr:`ImageSplit.has_labels` is False.
-``mnist_static`` / ``mnist_dynamic`` / ``mnist_threshold``
-    The official grayscale MNIST IDX files, binarized once with a seeded
-    Bernoulli draw, re-binarized at every :meth:`ImageSplit.batch` call, or
-    thresholded at 0.5. The official 60k training set is split into
-    ``train`` = the first 50,000 images and ``valid`` = the last 10,000;
-    ``test`` is the official 10k test set.
+    The same data from Larochelle's original ``binarized_mnist_{split}.amat`` text files. These
+    carry no labels: labels are filled with ``-1`` and :attr:`ImageSplit.has_labels` is False.
+official MNIST (IDX)
+    :func:`read_idx` reads the official gzipped (or uncompressed) IDX files; :func:`load_mnist_idx`
+    binarizes them (static, dynamic or threshold). The data sets ``mnist`` and ``mnist_<mode>`` of
+    :mod:`avme_ext.data.sources` are built on them.
 
-Downloads only happen when asked for (``download=True`` / the CLI flag
-``--download``); otherwise missing files raise a :class:`FileNotFoundError`
-listing the expected paths.
+Downloads only happen when asked for (``download=True`` / the CLI flag ``--download``); otherwise
+missing files raise a one-line :class:`FileNotFoundError` naming the expected paths.
 """
 
 from __future__ import annotations
@@ -32,30 +24,40 @@ import os
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from .choices import DATASETS, SPLITS
+from .catalog import BINARIZE_MODES, SPLITS
+from .errors import DataFormatError, check_name, missing_files_error
+from .image_split import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ImageSplit
+from .pixels import binarize_levels
+from .spec import default_data_root
 
 __all__ = [
-    "IMAGE_SIZE", "NUM_PIXELS", "NUM_CLASSES", "SPLITS", "DATASETS", "BINARIZE_MODES",
-    "DataFormatError", "ImageSplit", "default_data_root", "load_split",
-    "load_binarized_mnist", "load_amat", "load_binarized_mnist_amat", "load_mnist_idx",
-    "read_idx", "download_mnist", "download_binarized_mnist_amat",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "MNIST_FILES",
+    "MNIST_TRAIN_SIZE",
+    "NPZ_FILENAME",
+    "VENDORED_NPZ",
+    "amat_path",
+    "default_data_root",
+    "download_binarized_mnist_amat",
+    "download_mnist",
+    "load_amat",
+    "load_binarized_mnist",
+    "load_binarized_mnist_amat",
+    "load_mnist_idx",
+    "mnist_idx_paths",
+    "read_idx",
+    "read_mnist_part",
 ]
 
-IMAGE_SIZE = 28
-NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # 784
-NUM_CLASSES = 10
-BINARIZE_MODES: tuple[str, ...] = ("static", "dynamic", "threshold")
-
 #: Vendored copy of the fixed binarization (packed bits, see assets/README.md).
-VENDORED_NPZ = Path(__file__).resolve().parent / "assets" / "binarized_mnist.npz"
+VENDORED_NPZ = Path(__file__).resolve().parent.parent / "assets" / "binarized_mnist.npz"
 NPZ_FILENAME = "binarized_mnist.npz"
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{split}.amat"
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
@@ -72,104 +74,7 @@ IDX_LABELS_MAGIC = 2049
 
 PathLike = str | os.PathLike
 
-
-class DataFormatError(ValueError):
-    """A data file exists but is corrupt, truncated or not in the expected format."""
-
-
-@dataclass(frozen=True, eq=False)
-class ImageSplit:
-    """One split of a flattened image data set.
-
-    Attributes:
-        images: ``(N, 784)`` row-major 28x28 images; uint8 0/1 when ``binarized``,
-            float32 gray levels in [0, 1] otherwise (binarized per batch, see :meth:`batch`).
-        labels: ``(N,)`` int64 digit labels in [0, 10), or all ``-1`` when the source has
-            no labels (see :attr:`has_labels`).
-        binarized: whether ``images`` already hold 0/1 values.
-        name: human-readable origin, e.g. ``"binarized_mnist/train"``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    binarized: bool
-    name: str
-
-    def __post_init__(self) -> None:
-        n = self.images.shape[0] if self.images.dim() == 2 else -1
-        if self.images.dim() != 2 or self.images.shape[1] != NUM_PIXELS:
-            raise ValueError(f"{self.name}: images must be (N, {NUM_PIXELS}), got {tuple(self.images.shape)}")
-        if self.labels.shape != (n,) or self.labels.dtype != torch.int64:
-            raise ValueError(f"{self.name}: labels must be ({n},) int64, got "
-                             f"{tuple(self.labels.shape)} {self.labels.dtype}")
-        if self.binarized and self.images.dtype != torch.uint8:
-            raise ValueError(f"{self.name}: binarized images must be uint8, got {self.images.dtype}")
-        if not self.binarized and not self.images.is_floating_point():
-            raise ValueError(f"{self.name}: gray-level images must be floating point, got {self.images.dtype}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def has_labels(self) -> bool:
-        """False when labels are the ``-1`` placeholder (e.g. the label-less amat files)."""
-        return len(self) == 0 or bool((self.labels >= 0).all())
-
-    def batch(
-        self,
-        index: torch.Tensor,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather a batch of binary images.
-
-        Args:
-            index: ``(b,)`` integer (or boolean mask) index into the split.
-            generator: required for gray-level splits (dynamic binarization): each pixel is
-                drawn from Bernoulli(gray level) with it, so every call gives a fresh draw.
-                Ignored when the split is already binarized.
-            device, dtype: of the returned images.
-
-        Returns:
-            ``x`` of shape ``(b, 784)`` with 0/1 values in ``dtype`` on ``device`` and
-            ``y`` of shape ``(b,)`` int64 labels on ``device``.
-        """
-        index = torch.as_tensor(index, device=self.images.device)
-        x = self.images[index]
-        if not self.binarized:
-            if generator is None:
-                raise ValueError(f"{self.name}: gray-level images are binarized per batch (dynamic "
-                                 "binarization); pass a torch.Generator as `generator`")
-            x = torch.bernoulli(x.to(generator.device, torch.float32), generator=generator)
-        return x.to(device=device, dtype=dtype), self.labels[index].to(device)
-
-    def subset(self, n: int, generator: torch.Generator | None = None) -> ImageSplit:
-        """A random subset of ``n`` distinct rows (never simply the first rows: the
-        binarized MNIST test split is sorted by label)."""
-        if not 0 <= n <= len(self):
-            raise ValueError(f"{self.name}: subset size must be in [0, {len(self)}], got {n}")
-        index = torch.randperm(len(self), generator=generator)[:n].to(self.images.device)
-        return self._take(index, f"{self.name}[subset {n}]")
-
-    def as_dataset(self) -> TensorDataset:
-        """A ``TensorDataset`` of (float32 ``(784,)`` image, int64 label) for a DataLoader.
-
-        For a gray-level (dynamic) split the images are the gray levels: binarize each batch
-        yourself, e.g. with ``torch.bernoulli``.
-        """
-        return TensorDataset(self.images.float(), self.labels)
-
-    def _take(self, index: torch.Tensor | slice, name: str) -> ImageSplit:
-        return replace(self, images=self.images[index], labels=self.labels[index], name=name)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _check_name(kind: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(choices)}")
+_check_name = check_name
 
 
 def _check_binary(array: np.ndarray, where: str) -> None:
@@ -184,19 +89,6 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> torch.Tensor:
         raise DataFormatError(f"{where}: labels must be in [0, {NUM_CLASSES}), "
                               f"got range [{labels.min()}, {labels.max()}]")
     return torch.from_numpy(labels.astype(np.int64))
-
-
-def _missing_files_error(what: str, paths: Iterable[Path], hint: str = "") -> FileNotFoundError:
-    listing = "\n  ".join(str(p) for p in paths)
-    found = f"{what} not found. Expected:\n  {listing}\n{hint}"
-    error = FileNotFoundError(found + "Pass download=True to fetch the files.")
-    error.cli_hint = found + "Pass --download to fetch the files."  # what the command line says
-    return error
-
-
-def default_data_root() -> Path:
-    """Root for downloadable data: ``$AVME_DATA_ROOT`` or ``~/.cache/avme_data``."""
-    return Path(os.environ.get("AVME_DATA_ROOT", "~/.cache/avme_data")).expanduser()
 
 
 # --------------------------------------------------------------------------- fixed binarization (npz)
@@ -218,7 +110,7 @@ def load_binarized_mnist(split: str = "train", path: PathLike | None = None) -> 
     _check_name("split", split, SPLITS)
     path = Path(path) if path is not None else VENDORED_NPZ
     if not path.is_file():
-        raise FileNotFoundError(f"binarized MNIST npz not found: {path}")
+        raise missing_files_error("binarized MNIST npz", [path], downloadable=False)
     xkey, ykey = f"x_{split}", f"y_{split}"
     expected = f"expected an npz with keys {xkey} (N, 98) packed uint8 and {ykey} (N,) labels"
     try:
@@ -299,7 +191,7 @@ def load_binarized_mnist_amat(split: str, root: PathLike, download: bool = False
     path = amat_path(root, split)
     if not path.is_file():
         if not download:
-            raise _missing_files_error("binarized MNIST amat file", [path])
+            raise missing_files_error("binarized MNIST amat file", [path])
         download_binarized_mnist_amat(root, splits=(split,))
     images = load_amat(path)
     labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
@@ -348,9 +240,41 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _mnist_idx_paths(root: Path, prefix: str) -> tuple[Path, Path] | None:
-    found = [_find_idx(root, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+def mnist_idx_paths(root: PathLike, prefix: str) -> tuple[Path, Path] | None:
+    """The (images, labels) IDX files of ``prefix`` (``"train"`` or ``"t10k"``) under ``root``, or None."""
+    found = [_find_idx(Path(root), f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     return None if None in found else (found[0], found[1])
+
+
+def read_mnist_part(part: str, root: PathLike, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official MNIST ``part`` (``"train"``: 60,000 images, ``"test"``: 10,000) as stored.
+
+    Files are looked up, gzipped or not, in ``root/`` and in torchvision's layout
+    ``root/MNIST/raw/`` (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+    ``t10k-...`` for the test part).
+
+    Returns:
+        ``(N, 28, 28)`` uint8 grey levels and ``(N,)`` int64 labels.
+    """
+    _check_name("split", part, ("train", "test"))
+    root = Path(root)
+    prefix = "train" if part == "train" else "t10k"
+    paths = mnist_idx_paths(root, prefix)
+    if paths is None:
+        if not download:
+            names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+            raise missing_files_error(
+                f"MNIST {part} IDX files", [d / n for d in (root, root / "MNIST" / "raw") for n in names],
+                "both files in one of the two folders; uncompressed files without .gz also work")
+        download_mnist(root)
+        paths = mnist_idx_paths(root, prefix)
+        if paths is None:
+            raise missing_files_error(f"MNIST {part} IDX files after download", [root / "MNIST" / "raw"])
+    images = read_idx(paths[0], IDX_IMAGES_MAGIC)
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataFormatError(f"{paths[0]}: expected (N, 28, 28) images, got {images.shape}")
+    labels = _check_labels(read_idx(paths[1], IDX_LABELS_MAGIC), images.shape[0], str(paths[1]))
+    return torch.from_numpy(images.copy()), labels
 
 
 def load_mnist_idx(
@@ -360,11 +284,7 @@ def load_mnist_idx(
     seed: int = 0,
     download: bool = False,
 ) -> ImageSplit:
-    """Load the official MNIST IDX files.
-
-    Files are looked up, gzipped or not, in ``root/`` and in torchvision's layout
-    ``root/MNIST/raw/`` (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
-    ``t10k-...`` for the test split).
+    """Load and binarize the official MNIST IDX files (see :func:`read_mnist_part`).
 
     Args:
         split: ``"train"`` (all 60,000 official training images) or ``"test"`` (10,000).
@@ -380,32 +300,9 @@ def load_mnist_idx(
     """
     _check_name("split", split, ("train", "test"))
     _check_name("binarization", binarize, BINARIZE_MODES)
-    root = Path(root)
-    prefix = "train" if split == "train" else "t10k"
-    paths = _mnist_idx_paths(root, prefix)
-    if paths is None:
-        if not download:
-            names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
-            raise _missing_files_error(
-                f"MNIST {split} IDX files", [d / n for d in (root, root / "MNIST" / "raw") for n in names],
-                "(both files in one of the two folders; uncompressed files without .gz also work).\n")
-        download_mnist(root)
-        paths = _mnist_idx_paths(root, prefix)
-        if paths is None:
-            raise _missing_files_error(f"MNIST {split} IDX files after download", [root / "MNIST" / "raw"])
-    images = read_idx(paths[0], IDX_IMAGES_MAGIC)
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataFormatError(f"{paths[0]}: expected (N, 28, 28) images, got {images.shape}")
-    labels = _check_labels(read_idx(paths[1], IDX_LABELS_MAGIC), images.shape[0], str(paths[1]))
-    gray = torch.from_numpy(images.reshape(-1, NUM_PIXELS).astype(np.float32) / 255.0)
-    name = f"mnist_{binarize}/{split}"
-    if binarize == "dynamic":
-        return ImageSplit(gray, labels, False, name)
-    if binarize == "static":
-        binary = torch.bernoulli(gray, generator=torch.Generator().manual_seed(seed))
-    else:
-        binary = gray > 0.5
-    return ImageSplit(binary.to(torch.uint8), labels, True, name)
+    images, labels = read_mnist_part(split, root, download)
+    pixels, binarized = binarize_levels(images.reshape(-1, NUM_PIXELS), binarize, seed)
+    return ImageSplit(pixels, labels, binarized, f"mnist_{binarize}/{split}")
 
 
 # --------------------------------------------------------------------------- downloads
@@ -448,37 +345,3 @@ def download_binarized_mnist_amat(root: PathLike, splits: Sequence[str] = SPLITS
         _check_name("split", split, SPLITS)
         if not amat_path(root, split).is_file():
             _download([AMAT_URL.format(split=split)], amat_path(root, split))
-
-
-# --------------------------------------------------------------------------- dispatcher
-
-
-def load_split(
-    dataset: str = "binarized_mnist",
-    split: str = "train",
-    root: PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-) -> ImageSplit:
-    """Load ``split`` (one of :data:`SPLITS`) of ``dataset`` (one of :data:`DATASETS`).
-
-    ``binarized_mnist`` reads ``root/binarized_mnist.npz`` when ``root`` is given, else the
-    vendored copy. The other data sets read from ``root`` (default :func:`default_data_root`).
-    For the ``mnist_*`` data sets, ``train`` is the first 50,000 official training images,
-    ``valid`` the last 10,000 and ``test`` the official test set; ``seed`` seeds the static
-    binarization (drawn once over all 60,000 training images, so train and valid come from
-    the same draw).
-    """
-    _check_name("dataset", dataset, DATASETS)
-    _check_name("split", split, SPLITS)
-    if dataset == "binarized_mnist":
-        return load_binarized_mnist(split, None if root is None else Path(root) / NPZ_FILENAME)
-    root = default_data_root() if root is None else Path(root)
-    if dataset == "binarized_mnist_amat":
-        return load_binarized_mnist_amat(split, root, download)
-    mode = dataset.removeprefix("mnist_")
-    if split == "test":
-        return load_mnist_idx("test", root, mode, seed, download)
-    full = load_mnist_idx("train", root, mode, seed, download)
-    rows = slice(None, MNIST_TRAIN_SIZE) if split == "train" else slice(MNIST_TRAIN_SIZE, None)
-    return full._take(rows, f"{dataset}/{split}")
