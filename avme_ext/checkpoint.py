@@ -146,13 +146,16 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
     (:func:`default_file_mode`; ``mkstemp`` alone would leave it 0600) and renamed onto
     ``path`` with ``os.replace``: readers see the old file or the new one, never a torn one.
     The parent directory is created. On any error (including KeyboardInterrupt) the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was; an OSError about the temporary file is
+    raised about ``path`` (same errno), the file the caller knows.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    prefix = f".{path.name}."
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if isinstance(write, (bytes, bytearray, memoryview)):
             Path(tmp).write_bytes(write)
         else:
@@ -161,8 +164,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
             os.fsync(handle.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None and _about_temporary(error, path.parent / prefix):
+            raise OSError(error.errno, error.strerror, str(path)) from None  # the file the caller asked for
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -170,6 +176,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: bytes | Callable[[str], A
     finally:
         os.close(dir_fd)
     return path
+
+
+def _about_temporary(error: OSError, prefix: Path) -> bool:
+    """Whether ``error`` is about one of our temporary files (or no file): those named ``prefix*``."""
+    return error.filename is None or str(error.filename).startswith(str(prefix))
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -190,17 +190,21 @@ class AVMECore(nn.Module):
         )
 
     def fused_design(self, device: torch.device | str, batch_size: int) -> str:
-        """The kernel design a fused call on ``device`` with ``batch_size`` rows runs.
+        """The kernel design a fused call on ``device`` with ``batch_size`` rows asks for.
 
         The one forced by an :func:`avme_ext.ops.design` block; else the design the measured
         crossover table names for this device, dtype, precision and batch size
-        (:func:`avme_ext.dispatch.auto_design`); else ``"auto"`` (the host's choice by what fits).
+        (:func:`avme_ext.dispatch.auto_design`), as a preference (``"auto:<design>"``,
+        :func:`avme_ext.ops.preferring`): the table was measured at one model size, and where
+        that design cannot run this module's sizes on the device (say D = 3 x 32 x 32 = 3072,
+        whose weight slices may not fit the persistent design's shared memory) the host's own
+        choice runs instead of an error; else ``"auto"`` (the host's choice by what fits).
         """
         forced = ops.requested_design()
         if forced != "auto":
             return forced
         measured = dispatch.auto_design(torch.device(device), self.write.weight.dtype, self.precision, batch_size)
-        return "auto" if measured == "ref" else measured
+        return "auto" if measured == "ref" else ops.preferring(measured)
 
     def resolved_impl(self, device: torch.device | str, batch_size: int | None = None) -> str:
         """The implementation that runs for inputs on ``device`` with ``batch_size`` rows.

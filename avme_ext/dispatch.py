@@ -12,6 +12,13 @@ measured ones. So ``"auto"`` never picks a path that was measured slower than th
 Lookup of a batch size B in a list ``[(max_1, choice_1), (max_2, choice_2), ...]`` (max
 ascending): the first entry with ``B <= max_i`` gives the choice; B above the last max gives
 ``"ref"``.
+
+The benchmark measures one model size (the paper's: D = 784, H = 400, Z = 100). A design the table
+names is therefore passed to the ops as a preference (``"auto:<design>"``, see
+:func:`avme_ext.ops.preferring`): where it cannot run a call's sizes on its device (e.g. colour
+images, D = 3 x 32 x 32 = 3072, whose weight slices may not fit the persistent design's shared
+memory), the host runs its own choice, a design that can (the stagewise design runs every size),
+never an error.
 """
 
 from __future__ import annotations

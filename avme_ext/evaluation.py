@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,10 @@ __all__ = [
     "chunk_seed",
     "estimate_cost",
     "evaluate",
+    "evaluation_calls",
     "gather_across_ranks",
     "merge_results",
+    "working_rows",
 ]
 
 #: Random streams of a chunk (see the module docstring).
@@ -264,7 +266,8 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 class _Progress:
     """A tqdm bar counting image bounds (images x classes for the marginal), with running means."""
 
-    def __init__(self, enabled: bool, total: int, description: str, unit: str) -> None:
+    def __init__(self, enabled: bool, total: int, description: str, unit: str,
+                 observer: Callable[[int, int], None] | None = None) -> None:
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -272,10 +275,16 @@ class _Progress:
             self.bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True)
         self.images = 0
         self.sums = {"nelbo": 0.0, "iwae_nll": 0.0}
+        self.total = total
+        self.done = 0
+        self.observer = observer
 
     def advance(self, count: int) -> None:
         if self.bar is not None:
             self.bar.update(count)
+        self.done += count
+        if self.observer is not None:
+            self.observer(self.done, self.total)
 
     def chunk_done(self, part: EvalResult) -> None:
         if self.bar is None:
@@ -306,6 +315,7 @@ def evaluate(
     marginal: bool = True,
     progress: bool = False,
     device: torch.device | str | None = None,
+    observer: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on the images of ``split`` (or this rank's shard of them).
 
@@ -323,6 +333,8 @@ def evaluate(
             for the marginal) and moves after every group of at most ``max_rows`` trajectories,
             not only at chunk ends.
         device: where to compute (default: the model's device); the model must already be there.
+        observer: called as ``observer(done, total)`` whenever the progress bar's count moves (with or
+            without a bar), e.g. to compare the pace with an estimate.
 
     Returns:
         :class:`EvalResult` for the evaluated images, ``indices`` being positions in ``split``.
@@ -349,7 +361,7 @@ def evaluate(
     my_images = sum(min((i + 1) * batch_size, len(split)) - i * batch_size for i in my_chunks)
     passes = model.num_classes if do_marginal else 1
     description = f"eval {split.name}" + (f" S={samples}" if samples else "")
-    meter = _Progress(progress, my_images * passes, description, "img x class" if do_marginal else "img")
+    meter = _Progress(progress, my_images * passes, description, "img x class" if do_marginal else "img", observer)
     parts: list[EvalResult] = []
     was_training = model.training
     model.eval()
@@ -400,23 +412,57 @@ def evaluate(
 class CostEstimate:
     """What an evaluation will cost, from a timed pilot on the model's device.
 
+    The time of one call of the K-step loop on ``r`` trajectories is modelled as
+    ``seconds_per_call + r / trajectories_per_second``: a fixed cost per call (its operator
+    launches and, on a busy CPU, the waits of its threads for each other at every operator) and
+    a cost per trajectory. On an idle machine the first is small; with other processes
+    competing for the cores it can be most of a small call's time, which is why the estimate
+    counts the evaluation's calls as well as its trajectories.
+
     Attributes:
         trajectories: K-step passes in all: one per image for the ELBO, plus S per image (times C
             for a conditional model's marginal) for the IWAE.
-        seconds: the estimated wall-clock time.
-        trajectories_per_second: the pilot's measured rate.
+        seconds: the estimated wall-clock time, ``calls * seconds_per_call + trajectories /
+            trajectories_per_second``.
+        trajectories_per_second: the measured rate of the per-trajectory cost.
         pilot_seconds: how long the pilot took.
+        calls: calls of the K-step loop the evaluation makes.
+        seconds_per_call: the measured fixed cost of a call.
     """
 
     trajectories: int
     seconds: float
     trajectories_per_second: float
     pilot_seconds: float
+    calls: int = 0
+    seconds_per_call: float = 0.0
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def working_rows(num_images: int, samples: int, batch_size: int, max_rows: int) -> int:
+    """Trajectories :func:`evaluate` runs in one call at most: a chunk's ELBO pass, or a group of the IWAE."""
+    images = max(1, min(batch_size, num_images))
+    if samples == 0:
+        return images
+    return min(images, max(1, max_rows // samples)) * min(samples, max_rows)
+
+
+def evaluation_calls(num_images: int, samples: int, batch_size: int, max_rows: int, passes: int = 1) -> int:
+    """Calls of the K-step loop :func:`evaluate` makes: per chunk of ``batch_size`` images, one ELBO pass
+    and, for the IWAE, one per group of images and slice of samples (see :meth:`AVME.iwae_bound`),
+    ``passes`` times (the classes of a conditional model's marginal)."""
+    calls = 0
+    for start in range(0, num_images, batch_size):
+        images = min(batch_size, num_images - start)
+        calls += 1
+        if samples > 0:
+            groups = math.ceil(images / max(1, max_rows // samples)) * math.ceil(samples / min(samples, max_rows))
+            calls += passes * groups
+    return calls
 
 
 @torch.no_grad()
@@ -427,15 +473,20 @@ def estimate_cost(
     samples: int = 0,
     marginal: bool = True,
     max_rows: int = 20000,
+    batch_size: int = 100,
     pilot_seconds: float = 0.2,
+    repeats: int = 3,
 ) -> CostEstimate:
     """Estimate the time :func:`evaluate` takes on ``num_images`` images with these settings.
 
     Times the IWAE's unit of work (whole trajectories of the K-step loop, on a random binary
-    image, with a private generator: no global random state is touched) in batches growing
-    from 64 rows up to ``max_rows`` until one batch takes at least ``pilot_seconds``, and
-    extrapolates linearly from the last batch's rate. The ELBO pass counts as one trajectory
-    per image.
+    image, with a private generator: no global random state is touched) and fits the cost model
+    of :class:`CostEstimate`: a small call of 16 rows, then calls growing from 64 rows by
+    factors of 4 up to the most the evaluation runs at once (``max_rows``, or a chunk of
+    ``batch_size`` images for the ELBO) until one takes at least ``pilot_seconds`` and four
+    times the small one. The model is fitted to the two largest sizes (the cost per trajectory
+    falls with the size of a call, most of all on a busy CPU), each timed ``repeats`` times, its
+    fastest run counting: the one least disturbed by other processes on a shared machine.
     """
     if not isinstance(num_images, int) or num_images < 0:
         raise ValueError(f"num_images must be an integer >= 0, got {num_images!r}")
@@ -443,28 +494,47 @@ def estimate_cost(
         raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
     if not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     passes = model.num_classes if samples > 0 and model.num_classes > 0 and marginal else 1
     trajectories = num_images * (1 + samples * passes)
+    calls = evaluation_calls(num_images, samples, batch_size, max_rows, passes)
+    largest = working_rows(num_images, samples, batch_size, max_rows)
     param = next(model.parameters())
     generator = torch.Generator(device=param.device).manual_seed(0)
     x = torch.rand(1, model.config.data_dim, generator=generator, device=param.device).round().to(param.dtype)
     y = torch.zeros(1, dtype=torch.int64, device=param.device) if model.num_classes > 0 else None
+
+    def seconds_for(rows: int) -> float:
+        _synchronize(param.device)
+        start = time.perf_counter()
+        model.iwae_bound(x, y, rows, max_rows=rows, generator=generator)
+        _synchronize(param.device)
+        return max(time.perf_counter() - start, 1e-9)
+
     was_training = model.training
     model.eval()
     began = time.perf_counter()
     try:
-        rows = min(64, max_rows)
-        model.iwae_bound(x, y, rows, max_rows=rows, generator=generator)  # warm-up (allocations, kernel loads)
-        while True:
-            _synchronize(param.device)
-            start = time.perf_counter()
-            model.iwae_bound(x, y, rows, max_rows=rows, generator=generator)
-            _synchronize(param.device)
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            if elapsed >= pilot_seconds or rows >= max_rows:
-                break
-            rows = min(rows * 4, max_rows)
+        small = min(16, largest)
+        seconds_for(small)  # warm-up (allocations, kernel loads)
+        times = {small: min(seconds_for(small) for _ in range(repeats))}
+        rows = small
+        while rows < largest and times[rows] < max(pilot_seconds, 4 * times[small]):
+            rows = min(max(64, rows * 4), largest)
+            times[rows] = seconds_for(rows)
+        sizes = sorted(times)[-2:]  # the slope near the sizes the evaluation runs
+        for size in sizes[1:] if len(sizes) == 1 else sizes:
+            times[size] = min(times[size], *(seconds_for(size) for _ in range(repeats - 1)))
     finally:
         model.train(was_training)
-    rate = rows / elapsed
-    return CostEstimate(trajectories, trajectories / rate, rate, time.perf_counter() - began)
+    (r1, t1), (r2, t2) = (sizes[0], times[sizes[0]]), (sizes[-1], times[sizes[-1]])
+    if r2 > r1 and t2 > t1:
+        per_row = (t2 - t1) / (r2 - r1)
+        per_call = max(t1 - per_row * r1, 0.0)
+    else:  # one size only (a tiny evaluation), or noise: no fixed cost
+        per_row, per_call = t2 / r2, 0.0
+    return CostEstimate(trajectories, calls * per_call + trajectories * per_row, 1 / per_row,
+                        time.perf_counter() - began, calls, per_call)

@@ -24,7 +24,11 @@ persistent kernels: each block keeps its slice of the weights on chip for all K 
 barriers between stages; small batches), ``"stagewise"`` (one GEMM per stage with fused
 pointwise kernels; large batches). ``"auto"`` lets the host choose: persistent when it fits
 and B <= 256, stagewise otherwise. Every design computes the same function and is tested
-against the reference; :func:`design` forces one.
+against the reference; :func:`design` forces one. A forced design that cannot run a call's
+sizes on its device (the persistent design where its weight slices do not fit in shared memory,
+the rowtile design where one batch row's state does not) raises a RuntimeError saying why;
+``"auto:<design>"`` (:func:`preferring`) asks for that design where it can run and for the
+host's choice elsewhere. The stagewise design runs every size.
 
 Precision policy (``precision``): ``"fp32"`` computes every product in fp32 (TF32 off, whatever
 the global setting is); ``"tf32"`` runs the products on TF32 tensor cores and ``"bf16"`` on bf16
@@ -58,6 +62,7 @@ __all__ = [
     "DESIGNS",
     "PRECISIONS",
     "design",
+    "preferring",
     "requested_design",
     "is_available",
     "extension_loaded",
@@ -119,13 +124,38 @@ def _require_extension() -> None:
         )
 
 
+#: How the ``design`` argument of the ops asks for a design where it can run, else the host's
+#: choice: this prefix and the design's name (see :func:`preferring`).
+PREFER = "auto:"
+_NAMED_DESIGNS = tuple(d for d in DESIGNS if d != "auto")
+
+
+def preferring(name: str) -> str:
+    """The ``design`` argument that runs design ``name`` where it can run the call's sizes on
+    the call's device, and the host's automatic choice elsewhere (never an error for a size).
+
+    ``"auto"`` stays ``"auto"``. This is how a design measured fastest at some sizes is asked
+    for (:meth:`avme_ext.core.AVMECore.fused_design`): a data size, hidden size or device the
+    measurement did not cover may not fit it.
+    """
+    if name == "auto":
+        return name
+    if name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
+    return PREFER + name
+
+
 def _check_options(encoder_input: str, precision: str, design_name: str) -> None:
     if encoder_input not in ENCODER_INPUTS:
         raise ValueError(f"encoder_input must be one of {ENCODER_INPUTS}, got {encoder_input!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if design_name not in DESIGNS:
-        raise ValueError(f"design must be one of {DESIGNS}, got {design_name!r}")
+    preferred = design_name[len(PREFER) :] if str(design_name).startswith(PREFER) else None
+    if design_name not in DESIGNS and preferred not in _NAMED_DESIGNS:
+        raise ValueError(
+            f"design must be one of {DESIGNS} or {PREFER!r} followed by one of {_NAMED_DESIGNS}, "
+            f"got {design_name!r}"
+        )
 
 
 _FORCED_DESIGN: list[str] = []
@@ -169,8 +199,9 @@ def fused_forward(
 ) -> ForwardOutput:
     """Fused training forward; same contract as :func:`avme_ext.reference.avme_forward_reference`.
 
-    ``design`` names the kernel design (one of :data:`DESIGNS`); None takes the one forced by
-    :func:`design` blocks, else ``"auto"`` (the host picks by batch size and what fits).
+    ``design`` names the kernel design (one of :data:`DESIGNS`, or :func:`preferring` one);
+    None takes the one forced by :func:`design` blocks, else ``"auto"`` (the host picks by batch
+    size and what fits).
 
     Differentiable w.r.t. ``x``, ``y``, ``eps`` and every parameter (once: no double
     backward). The per-step state

@@ -4,7 +4,9 @@
 ``"kind"``:
 
 * ``{"kind": "train", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}``
-* ``{"kind": "valid", "epoch", "step", "nelbo", "reconstruction", "kl", "kl_per_step": [K floats], "best", "time"}``
+* ``{"kind": "valid", "epoch", "step", "nelbo", "nelbo_bits_per_dim", "likelihood", "reconstruction", "kl",
+  "kl_per_step": [K floats], "best", "time"}`` (runs of earlier versions lack ``nelbo_bits_per_dim`` and
+  ``likelihood``)
 * ``{"kind": "epoch", "epoch", "step", "seconds", "train_loss", "examples"}``
 
 :func:`plot_training_curve` draws the training loss per step and the validation negative ELBO

@@ -45,6 +45,17 @@ struct LoopParams {
   const T* dec_wT = nullptr;      // (Z + Hd, 4Hd): [W_z^T; W_hh^T]
   const T* write_wT = nullptr;    // (Hd, D)
   const T* write_b = nullptr;     // (D)
+  // The same weights in their nn.LSTMCell / nn.Linear layouts, as BackwardParams holds them.
+  // A design reads one of the two layouts: the rowtile and persistent designs the (in, out)
+  // copies above, the stagewise design these (its GEMMs take them as transposed operands, so
+  // the host makes no copy for it). The host fills the layout of the design it runs.
+  int C = 0;                      // classes: the y columns of enc_w_ih and dec_w_ih
+  const T* enc_w_ih = nullptr;    // (4He, 2D + Hd + C) columns [x, r, h_dec, y]  [encoder]
+  const T* enc_w_hh = nullptr;    // (4He, He)                                    [encoder]
+  const T* q_w = nullptr;         // (2Z, He)                                     [encoder]
+  const T* dec_w_ih = nullptr;    // (4Hd, Z + C) columns [z, y]
+  const T* dec_w_hh = nullptr;    // (4Hd, Hd)
+  const T* write_w = nullptr;     // (D, Hd)
 
   // Outputs (nullptr = not written).
   T* canvas = nullptr;     // (B, D) final canvas s_K
@@ -97,6 +108,10 @@ struct BackwardParams {
   T* d_gates_enc = nullptr;  // (K, B, 4He) dL/d(pre-activation gates)
   T* d_gates_dec = nullptr;  // (K, B, 4Hd)
   T* d_x_error = nullptr;    // (B, D) zero-initialised; += dL/dr_t (error mode only, may be nullptr)
+  // Optional (nullptr = not written): dL/deps_t = dL/dz_t * exp(logvar_t / 2), from the dL/dz_t
+  // the posterior stage computes anyway. Written by the stagewise and rowtile designs; the
+  // persistent design does not write it (the host computes it for that design).
+  T* grad_eps = nullptr;     // (K, B, Z)
 };
 
 // LoopParams or BackwardParams with its sizes and encoder-input mode set, every pointer null.

@@ -16,8 +16,18 @@
 //      and every tensor's full shape against them, then contiguity.
 // Each message names the op, the argument and what was expected. Then, under a device guard on
 // the first tensor's device, the op plans the call (plan_call): the chosen design, and the
-// errors of a requested design that cannot run these sizes (the rowtile design's shared memory
-// per row, the persistent design's fit); only then does it allocate and launch.
+// error of a design forced by name that cannot run these sizes, with its reason (the rowtile
+// design's shared memory per row, the persistent design's weight slices); only then does it
+// allocate and launch. The host's own choice ("auto", or "auto:<design>": that design where it
+// can run) is always a design that can: the stagewise design runs every size.
+//
+// Host work per call, besides the design's loop: the forward hoists the step-invariant input
+// products (one GEMM each, the bias as its addend) and, for the rowtile and persistent designs
+// only, lays out their (in, out) weight copies (the stagewise design reads the nn layouts); the
+// backward writes every weight gradient with one product each, in place into its output or a
+// column block of it (the encoder's r, h_dec and recurrent blocks share one product), takes the
+// LSTM bias gradients from the per-row sums that x and y need anyway, and gets dL/deps from the
+// design (except the persistent one) and dL/dx through the error image from one product.
 
 #ifndef AVME_CPU_EMULATION
 #include <Python.h>
@@ -38,6 +48,7 @@
 #include <torch/library.h>
 
 #include "avme.h"
+#include "common/gemm_out.h"
 #include "common/matmul_mode.h"
 #include "persistent/persistent.h"
 #include "stagewise/stagewise.h"
@@ -78,13 +89,33 @@ Precision parse_precision(const char* op, const std::string& s) {
 // Kernel designs (csrc/README.md). kAuto: the host picks by batch size and what fits.
 enum class Design { kAuto, kRowTile, kPersistent, kStagewise };
 
-Design parse_design(const char* op, const std::string& s) {
-  if (s == "auto") return Design::kAuto;
+// The `design` argument of the ops: a design by name (forced: a clear error where it cannot run
+// the call), "auto" (the host's choice), or "auto:<name>" (that design where it can run the call,
+// else the host's choice: how avme_ext asks for the design a benchmark measured fastest, since
+// a size or device the benchmark did not cover may not fit it).
+struct DesignRequest {
+  Design forced = Design::kAuto;     // kAuto: not forced
+  Design preferred = Design::kAuto;  // with forced == kAuto: tried before the host's choice
+};
+
+std::optional<Design> named_design(const std::string& s) {
   if (s == "rowtile") return Design::kRowTile;
   if (s == "persistent") return Design::kPersistent;
   if (s == "stagewise") return Design::kStagewise;
-  TORCH_CHECK(false, op, ": design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', got '",
-              s, "'");
+  return std::nullopt;
+}
+
+DesignRequest parse_design(const char* op, const std::string& s) {
+  constexpr const char* kPrefer = "auto:";
+  if (s == "auto") return {};
+  if (const auto d = named_design(s)) return {*d, Design::kAuto};
+  if (s.rfind(kPrefer, 0) == 0) {
+    if (const auto d = named_design(s.substr(std::char_traits<char>::length(kPrefer)))) {
+      return {Design::kAuto, *d};
+    }
+  }
+  TORCH_CHECK(false, op, ": design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', "
+              "or 'auto:' followed by one of the three named designs, got '", s, "'");
 }
 
 stagewise::GemmPrecision gemm_precision(Precision p) {
@@ -101,27 +132,41 @@ bool parse_error_mode(const char* op, const std::string& s) {
   TORCH_CHECK(false, op, ": encoder_input must be 'canvas' or 'error', got '", s, "'");
 }
 
-// a @ b with the requested precision (a, b may be strided views). float64: plain fp64 mm.
 // The operand of a product: in bf16 mode a float32 tensor's bf16 copy, else the tensor itself.
 // A tensor that enters several products is converted once with this (a bf16 operand is kept).
 Tensor as_operand(const Tensor& t, Precision p) {
   return (p == Precision::BF16 && t.scalar_type() == at::kFloat) ? t.to(at::kBFloat16) : t;
 }
 
-// a @ b with the requested precision (a, b may be strided views): in bf16 mode bf16 operands with
-// fp32 accumulation and output; otherwise the tensors' own dtype (float64: plain fp64 mm).
-Tensor mm_p(const Tensor& a, const Tensor& b, Precision p) {
-  const Tensor a_op = as_operand(a, p);
-  const Tensor b_op = as_operand(b, p);
-  if (a_op.scalar_type() == at::kBFloat16) {
-#ifdef AVME_CPU_EMULATION
-    // aten::mm.dtype (bf16 inputs, fp32 output) exists on CUDA only.
-    return at::mm(a_op, b_op).to(at::kFloat);
-#else
-    return at::mm(a_op, b_op, at::kFloat);
-#endif
+// The products below, with the requested precision: in bf16 mode bf16 operands with fp32
+// accumulation and output; otherwise the tensors' own dtype (float64: plain fp64 products).
+// a and b may be strided or transposed views.
+
+// out = a @ b into `out` (a column block of a wider matrix allowed; no temporary on CUDA).
+void mm_into(const Tensor& out, const Tensor& a, const Tensor& b, Precision p) {
+  gemm_out(out, as_operand(a, p), as_operand(b, p));
+}
+
+// out += a @ b.
+void add_mm_into(Tensor& out, const Tensor& a, const Tensor& b, Precision p) {
+  const Tensor a_op = as_operand(a, p), b_op = as_operand(b, p);
+  if (a_op.scalar_type() == out.scalar_type()) {
+    out.addmm_(a_op, b_op);
+    return;
   }
-  return at::mm(a, b);
+  Tensor product = at::empty_like(out);  // bf16 operands: no accumulating GEMM into fp32 here
+  gemm_out(product, a_op, b_op);
+  out.add_(product);
+}
+
+// bias + a @ b (bias (N) added to every row): one GEMM with the bias as its addend.
+Tensor affine(const Tensor& bias, const Tensor& a, const Tensor& b, Precision p) {
+  const Tensor a_op = as_operand(a, p), b_op = as_operand(b, p);
+  if (a_op.scalar_type() == bias.scalar_type()) return at::addmm(bias, a_op, b_op);
+  Tensor out = at::empty({a.size(0), b.size(1)}, bias.options());
+  gemm_out(out, a_op, b_op);
+  out.add_(bias);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -312,7 +357,7 @@ struct Validated {
   Dims d;
   Precision prec = Precision::FP32;
   bool error_mode = false;
-  Design design = Design::kAuto;
+  DesignRequest design;
 };
 
 Validated validate_forward(const Tensor& x, const std::optional<Tensor>& y, const Tensor& eps,
@@ -444,35 +489,21 @@ DeviceInfo device_info(const Tensor& ref) {
 #endif
 }
 
-// Rows per block of the rowtile design for a launch over d.B rows (0: one row's state does not
-// fit in the device's shared memory). When the rowtile design is requested by name, a row
-// that does not fit is a clear error (checked whatever B is, before anything is allocated).
-int plan_rows(const char* op, const Dims& d, int64_t elems_per_row, const Tensor& ref,
-              const DeviceInfo& info, Design requested) {
-  const int64_t elem_size = static_cast<int64_t>(ref.element_size());
-  const int64_t bytes = elems_per_row * elem_size;
-  const int rt = choose_rows_per_block(d.B, bytes, info.smem_optin, info.num_sms);
-  TORCH_CHECK(rt > 0 || requested != Design::kRowTile, op, ": the rowtile design needs ", bytes,
-              " bytes of shared memory per batch row (D=", d.D, ", He=", d.He, ", Hd=", d.Hd,
-              ", Z=", d.Z, ", dtype size ", elem_size, ") but this GPU allows at most ",
-              info.smem_optin,
-              " bytes per block. Use design 'stagewise' or 'auto', smaller sizes, float32, or the "
-              "reference implementation (AVMECore(impl='ref')).");
-  return rt;
-}
-
 // Largest batch the automatic choice gives to the persistent design (where it fits); larger
 // batches go to the stagewise design. Not measured yet: the measured per-GPU crossover lives in
 // avme_ext/dispatch.py, which passes a design by name once a benchmark has chosen one.
 constexpr int64_t kPersistentMaxRows = 256;
 
-// Tile math of the persistent design for a precision: fp32 (and every float64 call) on CUDA-core
-// FMA in the tensor dtype; tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the design
-// has no bf16 tile: bf16 calls get the more accurate TF32 products).
+// Tile math of the persistent design for a precision: float64 calls on CUDA-core FMA in double;
+// fp32 on 3xTF32 tensor cores (about float32 accuracy: within twice FMA's errors at the paper's
+// sizes, csrc/README.md) where the device has them and its weights fit, else FMA
+// (persistent::kMathFp32); tf32 and bf16 on TF32 tensor cores with fp32 accumulation (the
+// design has no bf16 tile: bf16 calls get the more accurate TF32 products).
 template <typename T>
 persistent::Config persistent_config(Precision p) {
   persistent::Config cfg;
-  if (std::is_same_v<T, float> && p != Precision::FP32) cfg.math = persistent::kMathTf32;
+  if (std::is_same_v<T, float>)
+    cfg.math = p == Precision::FP32 ? persistent::kMathFp32 : persistent::kMathTf32;
   return cfg;
 }
 
@@ -482,6 +513,7 @@ LoopParams<T> loop_params(const Dims& d, bool encoder, bool error_mode) {
   const int He = encoder ? d.He : 0;
   auto p = params_with_sizes<LoopParams<T>>(d.B, d.K, d.D, He, d.Hd, d.Z, error_mode);
   p.encoder = encoder;
+  p.C = d.C;
   return p;
 }
 
@@ -492,62 +524,121 @@ BackwardParams<T> backward_params(const Dims& d, bool error_mode) {
   return p;
 }
 
-// The design that runs: the requested one (an error if it cannot run these sizes), or for
-// kAuto the persistent design when it fits and B <= kPersistentMaxRows, else stagewise.
-// `p` needs only its sizes and flags (persistent::supports reads no data).
-template <typename T, typename Params>
-Design resolve_design(const char* op, const Validated& v, const Params& p, const DeviceInfo& info) {
-  const auto persistent_fits = [&] {
-    return persistent::supports<T>(p, info.num_sms, info.smem_optin, persistent_config<T>(v.prec));
-  };
-  switch (v.design) {
-    case Design::kRowTile:
-    case Design::kStagewise:
-      return v.design;
-    case Design::kPersistent:
-      TORCH_CHECK(persistent_fits(), op,
-                  ": the persistent design cannot run these sizes on this device (its weight "
-                  "slices do not fit in the shared memory of ", info.num_sms,
-                  " blocks of at most ", info.smem_optin, " bytes each, or tensor-core tiles "
-                  "were asked for on a device older than sm_80); use design 'stagewise' or 'auto'");
-      return v.design;
-    case Design::kAuto:
-      break;
-  }
-  if (p.B <= kPersistentMaxRows && persistent_fits()) return Design::kPersistent;
-  return Design::kStagewise;
-}
-
 // The three ops' loops.
 enum class Loop { kForward, kSample, kBackward };
+
+// Shared-memory bytes of one batch row of the rowtile design (its state lives there).
+int64_t rowtile_bytes_per_row(Loop loop, const Validated& v, int64_t elem_size) {
+  const Dims& d = v.d;
+  const int64_t elems = loop == Loop::kBackward
+                            ? backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z)
+                            : loop_smem_elems_per_row(d.D, loop == Loop::kForward ? d.He : 0,
+                                                      d.Hd, d.Z, loop == Loop::kForward,
+                                                      v.error_mode);
+  return elems * elem_size;
+}
+
+std::string sizes_text(const Dims& d, int64_t elem_size) {
+  return c10::str("D=", d.D, ", He=", d.He, ", Hd=", d.Hd, ", Z=", d.Z, ", C=", d.C,
+                  ", dtype size ", elem_size);
+}
+
+// Why the rowtile design cannot run `loop` on this device ("" when it can): one batch row's
+// state must fit in a block's shared memory, whatever B is.
+std::string rowtile_refusal(Loop loop, const Validated& v, int64_t elem_size,
+                            const DeviceInfo& info) {
+  const int64_t bytes = rowtile_bytes_per_row(loop, v, elem_size);
+  if (bytes <= info.smem_optin) return "";
+  return c10::str("the rowtile design needs ", bytes, " bytes of shared memory per batch row (",
+                  sizes_text(v.d, elem_size), ") but this GPU allows at most ", info.smem_optin,
+                  " bytes per block. Use design 'stagewise' or 'auto', smaller sizes, float32, "
+                  "or the reference implementation (AVMECore(impl='ref')).");
+}
+
+// Why the persistent design cannot run `p` (LoopParams or BackwardParams, sizes and flags only)
+// on this device ("" when it can): each block's weight slices must fit in its shared memory.
+template <typename T, typename Params>
+std::string persistent_refusal(const Params& p, const Validated& v, const DeviceInfo& info) {
+  const persistent::Config cfg = persistent_config<T>(v.prec);
+  if (persistent::supports<T>(p, info.num_sms, info.smem_optin, cfg)) return "";
+  std::string why = c10::str(
+      "a planned block of its size does not fit on a multiprocessor for a cooperative launch, or "
+      "tensor-core tiles were asked for on a device older than sm_80");
+  try {
+    const persistent::DeviceLimits limits{info.num_sms, info.smem_optin};
+    persistent::LaunchInfo launch;
+    if constexpr (std::is_same_v<Params, LoopParams<T>>) {
+      launch = persistent::describe_forward<T>(p, limits, cfg);
+    } else {
+      launch = persistent::describe_backward<T>(p, limits, cfg);
+    }
+    if (launch.smem_bytes > info.smem_optin) {
+      why = c10::str("each of its ", launch.config.ctas, " blocks would need ", launch.smem_bytes,
+                     " bytes of shared memory for its weight slices and tiles, and this device "
+                     "allows at most ", info.smem_optin, " per block");
+    }
+  } catch (const c10::Error& e) {
+    why = e.what_without_backtrace();
+  }
+  return c10::str("the persistent design cannot run these sizes on this device (",
+                  sizes_text(v.d, static_cast<int64_t>(sizeof(T))), "): ", why,
+                  "; use design 'stagewise' or 'auto'");
+}
+
+// Why `design` cannot run `loop` of the call `v` on this device, or "" when it can. The
+// stagewise design runs every size (its GEMMs and element-wise kernels have no size limit).
+std::string refusal(Design design, Loop loop, const Validated& v, const Tensor& ref,
+                    const DeviceInfo& info) {
+  switch (design) {
+    case Design::kRowTile:
+      return rowtile_refusal(loop, v, static_cast<int64_t>(ref.element_size()), info);
+    case Design::kPersistent:
+      return AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "avme_plan", [&] {
+        if (loop == Loop::kBackward) {
+          return persistent_refusal<scalar_t>(backward_params<scalar_t>(v.d, v.error_mode), v,
+                                              info);
+        }
+        return persistent_refusal<scalar_t>(
+            loop_params<scalar_t>(v.d, loop == Loop::kForward, v.error_mode), v, info);
+      });
+    default:
+      return "";
+  }
+}
 
 // How one call runs, decided before anything is allocated or launched.
 struct CallPlan {
   DeviceInfo info;
   Design design = Design::kAuto;  // resolved: never kAuto
-  int rowtile_rows = 0;           // rows per block of the rowtile design (0: does not fit)
+  int rowtile_rows = 0;           // rows per block of the rowtile design (when it runs)
 };
 
-// Plans a call of `loop` on the validated sizes: every error a design can raise about the sizes
-// (rowtile shared memory, persistent fit) is raised here, before any allocation. Needs the
-// caller's device guard: the persistent design's checks query the current device.
+// Plans a call of `loop` on the validated sizes, before any allocation: a forced design that
+// cannot run them is a clear error; a preferred one ("auto:<name>") runs where it can; the
+// host's choice is the persistent design when it can run and B <= kPersistentMaxRows, else the
+// stagewise design (which runs every size). Needs the caller's device guard: the persistent
+// design's checks query the current device.
 CallPlan plan_call(const char* op, Loop loop, const Validated& v, const Tensor& ref) {
-  const Dims& d = v.d;
   CallPlan plan;
   plan.info = device_info(ref);
-  const int64_t elems_per_row =
-      loop == Loop::kBackward
-          ? backward_smem_elems_per_row(d.D, d.He, d.Hd, d.Z)
-          : loop_smem_elems_per_row(d.D, loop == Loop::kForward ? d.He : 0, d.Hd, d.Z,
-                                    loop == Loop::kForward, v.error_mode);
-  plan.rowtile_rows = plan_rows(op, d, elems_per_row, ref, plan.info, v.design);
-  plan.design = AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "avme_plan", [&] {
-    if (loop == Loop::kBackward) {
-      return resolve_design<scalar_t>(op, v, backward_params<scalar_t>(d, v.error_mode), plan.info);
-    }
-    return resolve_design<scalar_t>(
-        op, v, loop_params<scalar_t>(d, loop == Loop::kForward, v.error_mode), plan.info);
-  });
+  const auto why_not = [&](Design design) { return refusal(design, loop, v, ref, plan.info); };
+  const DesignRequest& request = v.design;
+  if (request.forced != Design::kAuto) {
+    const std::string why = why_not(request.forced);
+    TORCH_CHECK(why.empty(), op, ": ", why);
+    plan.design = request.forced;
+  } else if (request.preferred != Design::kAuto && why_not(request.preferred).empty()) {
+    plan.design = request.preferred;
+  } else if (v.d.B <= kPersistentMaxRows && why_not(Design::kPersistent).empty()) {
+    plan.design = Design::kPersistent;
+  } else {
+    plan.design = Design::kStagewise;
+  }
+  if (plan.design == Design::kRowTile) {
+    plan.rowtile_rows = choose_rows_per_block(
+        v.d.B, rowtile_bytes_per_row(loop, v, static_cast<int64_t>(ref.element_size())),
+        plan.info.smem_optin, plan.info.num_sms);
+  }
   return plan;
 }
 
@@ -603,6 +694,52 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return is_given(t) && t->numel() > 0 ? t->data_ptr<T>() : nullptr;
 }
 
+// [a | b]^T for two (out, in_a) / (out, in_b) weights: one contiguous (in_a + in_b, out) matrix,
+// written by two transposing copies.
+Tensor stacked_transpose(const Tensor& a, const Tensor& b) {
+  Tensor t = at::empty({a.size(1) + b.size(1), a.size(0)}, a.options());
+  t.narrow(0, 0, a.size(1)).copy_(a.t());
+  t.narrow(0, a.size(1), b.size(1)).copy_(b.t());
+  return t;
+}
+
+// The weights of a loop call (the training forward, or the sampler without the encoder's) in
+// the layout the planned design reads (avme.h, LoopParams): the stagewise design takes the
+// nn.LSTMCell / nn.Linear layouts as they are (no copy); the rowtile and persistent designs read
+// (in, out) copies, made here once per call.
+struct LoopWeights {
+  Tensor enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w;  // nn layouts
+  Tensor enc_wT, q_wT, dec_wT, write_wT;                        // (in, out) copies, or undefined
+
+  LoopWeights(Design design, const Dims& d, const Tensor& dec_ih, const Tensor& dec_hh,
+              const Tensor& write, const Tensor& enc_ih = Tensor(),
+              const Tensor& enc_hh = Tensor(), const Tensor& q = Tensor())
+      : enc_w_ih(enc_ih), enc_w_hh(enc_hh), q_w(q), dec_w_ih(dec_ih), dec_w_hh(dec_hh),
+        write_w(write) {
+    if (design == Design::kStagewise) return;
+    dec_wT = stacked_transpose(dec_w_ih.slice(1, 0, d.Z), dec_w_hh);
+    write_wT = write_w.t().contiguous();
+    if (!enc_w_ih.defined()) return;
+    enc_wT = stacked_transpose(enc_w_ih.slice(1, d.D, 2 * int64_t(d.D) + d.Hd), enc_w_hh);
+    q_wT = q_w.t().contiguous();
+  }
+
+  template <typename T>
+  void fill(LoopParams<T>& p) const {
+    p.dec_w_ih = dec_w_ih.data_ptr<T>();
+    p.dec_w_hh = dec_w_hh.data_ptr<T>();
+    p.write_w = write_w.data_ptr<T>();
+    p.dec_wT = ptr_or_null<T>(dec_wT);
+    p.write_wT = ptr_or_null<T>(write_wT);
+    if (!enc_w_ih.defined()) return;
+    p.enc_w_ih = enc_w_ih.data_ptr<T>();
+    p.enc_w_hh = enc_w_hh.data_ptr<T>();
+    p.q_w = q_w.data_ptr<T>();
+    p.enc_wT = ptr_or_null<T>(enc_wT);
+    p.q_wT = ptr_or_null<T>(q_wT);
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------
@@ -646,25 +783,17 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
   Tensor enc_static, dec_static;
   {
     const MatmulModeGuard matmul_mode(v.prec == Precision::TF32);
-    // Step-invariant input products, once per call (not K times).
-    enc_static = mm_p(x, enc_w_ih.slice(1, 0, d.D).t(), v.prec);
-    enc_static.add_(enc_b);
+    // Step-invariant input products, once per call (not K times), each bias the addend of its
+    // GEMM.
+    enc_static = affine(enc_b, x, enc_w_ih.slice(1, 0, d.D).t(), v.prec);
     if (d.C > 0) {
-      enc_static.add_(mm_p(*y, enc_w_ih.slice(1, in_enc - d.C, in_enc).t(), v.prec));
-      dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
-      dec_static.add_(dec_b);
+      add_mm_into(enc_static, *y, enc_w_ih.slice(1, in_enc - d.C, in_enc).t(), v.prec);
+      dec_static = affine(dec_b, *y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
     } else {
       dec_static = dec_b;
     }
   }
-  enc_static = enc_static.contiguous();
-  dec_static = dec_static.contiguous();
-  // Recurrent weights in (in, out) layout for coalesced reads in the step kernel.
-  const Tensor enc_wT =
-      at::cat({enc_w_ih.slice(1, d.D, 2 * int64_t(d.D) + d.Hd), enc_w_hh}, 1).t().contiguous();
-  const Tensor dec_wT = at::cat({dec_w_ih.slice(1, 0, d.Z), dec_w_hh}, 1).t().contiguous();
-  const Tensor q_wT = q_w.t().contiguous();
-  const Tensor write_wT = write_w.t().contiguous();
+  const LoopWeights weights(plan.design, d, dec_w_ih, dec_w_hh, write_w, enc_w_ih, enc_w_hh, q_w);
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_forward", [&] {
@@ -672,14 +801,11 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
     p.x = x.data_ptr<scalar_t>();
     p.eps = eps.data_ptr<scalar_t>();
     p.enc_static = enc_static.data_ptr<scalar_t>();
-    p.enc_wT = enc_wT.data_ptr<scalar_t>();
-    p.q_wT = q_wT.data_ptr<scalar_t>();
     p.q_b = q_b.data_ptr<scalar_t>();
     p.dec_static = dec_static.data_ptr<scalar_t>();
     p.dec_static_stride = d.C > 0 ? d.Hd4() : 0;
-    p.dec_wT = dec_wT.data_ptr<scalar_t>();
-    p.write_wT = write_wT.data_ptr<scalar_t>();
     p.write_b = write_b.data_ptr<scalar_t>();
+    weights.fill(p);
     p.canvas = canvas.data_ptr<scalar_t>();
     p.canvases = ptr_or_null<scalar_t>(canvases);
     p.mu = mu.data_ptr<scalar_t>();
@@ -701,6 +827,66 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
 // ---------------------------------------------------------------------------------------
 // backward
 // ---------------------------------------------------------------------------------------
+// Whether `design` writes BackwardParams::grad_eps (avme.h): every design but the persistent one.
+bool design_writes_grad_eps(Design design) { return design != Design::kPersistent; }
+
+// The encoder's step inputs [r_t | h_dec_{t-1} | h_enc_{t-1}] (B rows each) of the steps whose
+// inputs are not all zero, side by side in one (steps, B, D + Hd + He) operand of the products
+// (bf16 in bf16 mode): canvas mode r_t = s_{t-1}, steps 2..K (every input of step 1 is zero);
+// error mode r_t = x - sigmoid(s_{t-1}) computed straight into its columns, steps 1..K, with
+// h_dec_0 = h_enc_0 = 0.
+Tensor encoder_step_inputs(const Tensor& x, const Tensor& canvases, const Tensor& h_dec,
+                           const Tensor& h_enc, bool error_mode, Precision p) {
+  const int64_t K = canvases.size(0), B = canvases.size(1), D = canvases.size(2);
+  const int64_t Hd = h_dec.size(2), He = h_enc.size(2);
+  const int64_t first = error_mode ? 0 : 1;  // first step with an input
+  const auto type = p == Precision::BF16 && x.scalar_type() == at::kFloat ? at::kBFloat16
+                                                                           : x.scalar_type();
+  Tensor in = at::empty({K - first, B, D + Hd + He}, x.options().dtype(type));
+  if (K == first) return in;
+  // rows of step t >= 1: the states of step t - 1
+  Tensor later = in.slice(0, 1 - first);
+  later.narrow(2, D, Hd).copy_(h_dec.slice(0, 0, K - 1));
+  later.narrow(2, D + Hd, He).copy_(h_enc.slice(0, 0, K - 1));
+  Tensor r = in.narrow(2, 0, D);
+  if (!error_mode) {
+    r.copy_(canvases.slice(0, 0, K - 1));
+    return in;
+  }
+  in.select(0, 0).narrow(1, D, Hd + He).zero_();
+  // r = x - sigmoid(s_prev) with s_prev = 0 at the first step; the sigmoid goes through the
+  // state dtype (a bf16 operand is rounded once, after the subtraction).
+  Tensor sig = type == x.scalar_type() ? r : at::empty({K, B, D}, x.options());
+  sig.select(0, 0).fill_(0.5);
+  if (K > 1) {
+    Tensor later_sig = sig.slice(0, 1);
+    at::sigmoid_out(later_sig, canvases.slice(0, 0, K - 1));
+  }
+  at::sub_out(r, x, sig);
+  return in;
+}
+
+// dL/d[W_r | W_hdec] (the r and h_dec column blocks of enc_w_ih, `g_r_hdec`) and dL/dW_hh of
+// the encoder (`g_hh`) as ONE product d_gates_enc^T [r | h_dec_prev | h_enc_prev] over the steps
+// of encoder_step_inputs (N = D + Hd + He), whose column blocks are then copied out.
+void encoder_step_input_grads(const Tensor& g_r_hdec, const Tensor& g_hh, const Tensor& ge_op,
+                              const Tensor& x, const Tensor& canvases, const Tensor& h_dec,
+                              const Tensor& h_enc, bool error_mode, Precision p) {
+  const Tensor in = encoder_step_inputs(x, canvases, h_dec, h_enc, error_mode, p);
+  const int64_t steps = in.size(0), K = ge_op.size(0), B = ge_op.size(1);
+  const int64_t width = in.size(2), He4 = ge_op.size(2), He = g_hh.size(1);
+  if (steps == 0) {  // K = 1 in canvas mode: every input is zero
+    g_r_hdec.zero_();
+    g_hh.zero_();
+    return;
+  }
+  Tensor g = at::empty({He4, width}, g_hh.options());
+  mm_into(g, ge_op.slice(0, K - steps).reshape({steps * B, He4}).t(),
+          in.view({steps * B, width}), p);
+  g_r_hdec.copy_(g.narrow(1, 0, width - He));
+  g_hh.copy_(g.narrow(1, width - He, He));
+}
+
 // grad_x, grad_y, grad_eps, then the 10 weight/bias gradients.
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -726,31 +912,39 @@ BackwardResult avme_backward(
 
   const int64_t B = d.B, K = d.K, He4 = d.He4(), Hd4 = d.Hd4(), in_enc = d.enc_in();
   const auto opts = x.options();
-  // Gradients nobody asked for are empty (first dimension 0).
-  Tensor grad_x = at::zeros({need_grad_x ? B : 0, d.D}, opts);
-  Tensor grad_y = at::zeros({need_grad_y ? B : 0, d.C}, opts);
-  Tensor grad_eps = at::zeros({need_grad_eps ? K : 0, B, d.Z}, opts);
-  Tensor g_enc_w_ih = at::zeros({He4, in_enc}, opts);
-  Tensor g_enc_w_hh = at::zeros({He4, d.He}, opts);
-  Tensor g_enc_b = at::zeros({He4}, opts);
-  Tensor g_q_w = at::zeros({d.Z2(), d.He}, opts);
-  Tensor g_q_b = at::zeros({d.Z2()}, opts);
-  Tensor g_dec_w_ih = at::zeros({Hd4, int64_t(d.Z) + d.C}, opts);
-  Tensor g_dec_w_hh = at::zeros({Hd4, d.Hd}, opts);
-  Tensor g_dec_b = at::zeros({Hd4}, opts);
-  Tensor g_write_w = at::zeros({d.D, d.Hd}, opts);
-  Tensor g_write_b = at::zeros({d.D}, opts);
+  // Gradients nobody asked for are empty (first dimension 0). Every other output is written
+  // whole below (by a product, a sum, a kernel or an explicit zero).
+  Tensor grad_x = uninit({need_grad_x ? B : 0, d.D}, opts);
+  Tensor grad_y = uninit({need_grad_y ? B : 0, d.C}, opts);
+  Tensor grad_eps = uninit({need_grad_eps ? K : 0, B, d.Z}, opts);
+  Tensor g_enc_w_ih = uninit({He4, in_enc}, opts);
+  Tensor g_enc_w_hh = uninit({He4, d.He}, opts);
+  Tensor g_enc_b = uninit({He4}, opts);
+  Tensor g_q_w = uninit({d.Z2(), d.He}, opts);
+  Tensor g_q_b = uninit({d.Z2()}, opts);
+  Tensor g_dec_w_ih = uninit({Hd4, int64_t(d.Z) + d.C}, opts);
+  Tensor g_dec_w_hh = uninit({Hd4, d.Hd}, opts);
+  Tensor g_dec_b = uninit({Hd4}, opts);
+  Tensor g_write_w = uninit({d.D, d.Hd}, opts);
+  Tensor g_write_b = uninit({d.D}, opts);
   BackwardResult result{grad_x,     grad_y,     grad_eps, g_enc_w_ih, g_enc_w_hh,
                         g_enc_b,    g_q_w,      g_q_b,    g_dec_w_ih, g_dec_w_hh,
                         g_dec_b,    g_write_w,  g_write_b};
-  if (B == 0) return result;
+  if (B == 0) {  // no rows: every gradient is zero
+    for (Tensor* t : {&grad_x, &grad_y, &grad_eps, &g_enc_w_ih, &g_enc_w_hh, &g_enc_b, &g_q_w,
+                      &g_q_b, &g_dec_w_ih, &g_dec_w_hh, &g_dec_b, &g_write_w, &g_write_b}) {
+      t->zero_();
+    }
+    return result;
+  }
 
-  // Per-step gradients written by the kernel (every element is written for rows < B).
+  // Per-step gradients written by the kernel (every element is written for rows < B), and
+  // dL/deps where the design writes it (from the dL/dz_t it computes anyway).
   Tensor d_canvas = uninit({K, B, d.D}, opts);
   Tensor d_q = uninit({K, B, d.Z2()}, opts);
   Tensor d_ge = uninit({K, B, He4}, opts);
   Tensor d_gd = uninit({K, B, Hd4}, opts);
-  Tensor d_x_error = (v.error_mode && need_grad_x) ? at::zeros({B, d.D}, opts) : Tensor();
+  const bool kernel_grad_eps = need_grad_eps && design_writes_grad_eps(plan.design);
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_backward", [&] {
@@ -776,83 +970,78 @@ BackwardResult avme_backward(
     p.d_q = d_q.data_ptr<scalar_t>();
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
-    p.d_x_error = ptr_or_null<scalar_t>(d_x_error);
+    // dL/dx through the error image is sum_t dL/dr_t = (sum_t d_gates_enc_t) W_r: one product
+    // below instead of K accumulations in the kernels (p.d_x_error stays null).
+    p.grad_eps = kernel_grad_eps ? grad_eps.data_ptr<scalar_t>() : nullptr;
     run_design(v, plan, p, stream);
   });
 
-  // Weight gradients: large products over all K*B rows (cuBLAS through ATen).
+  // Weight gradients: large products over all K*B rows (cuBLAS through ATen), each written in
+  // place into its output or a column block of it.
   const MatmulModeGuard matmul_mode(prec == Precision::TF32);
   const int64_t M = K * B;
   const Tensor dS = d_canvas.view({M, d.D});
   const Tensor dQ = d_q.view({M, d.Z2()});
-  const Tensor dGe = d_ge.view({M, He4});
-  const Tensor dGd = d_gd.view({M, Hd4});
   // Each of these enters several products: in bf16 mode convert it once.
   const Tensor ge_op = as_operand(d_ge, prec), gd_op = as_operand(d_gd, prec);
   const Tensor h_enc_op = as_operand(h_enc, prec), h_dec_op = as_operand(h_dec, prec);
-  const Tensor sum_ge = d_ge.sum(0);  // (B, 4He): x and y enter every step
-  const Tensor sum_gd = d_gd.sum(0);  // (B, 4Hd): y enters every step
-  // Rows of steps 2..K and the states of steps 1..K-1 (the recurrent inputs; they are 0 at t=1).
-  const int64_t M1 = (K - 1) * B;
-  auto tail = [&](const Tensor& t, int64_t n) { return t.slice(0, 1, K).reshape({M1, n}); };
-  auto head = [&](const Tensor& t, int64_t n) { return t.slice(0, 0, K - 1).reshape({M1, n}); };
+  // x and y enter every step: their products take the gate gradients summed over the K steps
+  // (B rows), and the LSTM biases take these sums summed over the rows (no second reduction of
+  // the K*B rows).
+  const Tensor sum_ge = d_ge.sum(0);                            // (B, 4He)
+  const Tensor sum_gd = d.C > 0 ? d_gd.sum(0) : Tensor();       // (B, 4Hd): y's products
   // Column blocks of the input weights: encoder [x, r, h_dec, y], decoder [z, y].
   const Tensor w_enc_x = enc_w_ih.slice(1, 0, d.D);
+  const Tensor w_enc_r = enc_w_ih.slice(1, d.D, 2 * int64_t(d.D));
   const Tensor w_enc_y = enc_w_ih.slice(1, in_enc - d.C, in_enc);
   const Tensor w_dec_z = dec_w_ih.slice(1, 0, d.Z);
   const Tensor w_dec_y = dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C);
 
   // write
-  g_write_w.copy_(mm_p(dS.t(), h_dec_op.view({M, d.Hd}), prec));
-  g_write_b.copy_(dS.sum(0));
+  mm_into(g_write_w, dS.t(), h_dec_op.view({M, d.Hd}), prec);
+  at::sum_out(g_write_b, dS, 0);
   // posterior
-  g_q_w.copy_(mm_p(dQ.t(), h_enc_op.view({M, d.He}), prec));
-  g_q_b.copy_(dQ.sum(0));
-  // decoder: input [z, y], recurrent h_dec
-  g_dec_w_ih.slice(1, 0, d.Z).copy_(mm_p(gd_op.view({M, Hd4}).t(), z.view({M, d.Z}), prec));
-  if (d.C > 0) g_dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).copy_(mm_p(sum_gd.t(), *y, prec));
-  if (K > 1) g_dec_w_hh.copy_(mm_p(tail(gd_op, Hd4).t(), head(h_dec_op, d.Hd), prec));
-  g_dec_b.copy_(dGd.sum(0));
-  // encoder: input [x, r, h_dec, y], recurrent h_enc
-  g_enc_w_ih.slice(1, 0, d.D).copy_(mm_p(sum_ge.t(), x, prec));
-  if (v.error_mode) {
-    // r_t = x - sigmoid(s_{t-1}), s_0 = 0
-    Tensor r = uninit({K, B, d.D}, opts);
-    r.select(0, 0).copy_(x - 0.5);
-    if (K > 1) {
-      Tensor rest = r.slice(0, 1, K);
-      at::sub_out(rest, x.unsqueeze(0), at::sigmoid(canvases.slice(0, 0, K - 1)));
-    }
-    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D)).copy_(mm_p(ge_op.view({M, He4}).t(), r.view({M, d.D}), prec));
-  } else if (K > 1) {
-    // r_t = s_{t-1}, s_0 = 0
-    g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D))
-        .copy_(mm_p(tail(ge_op, He4).t(), head(canvases, d.D), prec));
+  mm_into(g_q_w, dQ.t(), h_enc_op.view({M, d.He}), prec);
+  at::sum_out(g_q_b, dQ, 0);
+  // decoder: input [z, y], recurrent h_dec (zero at t = 1: steps 2..K against states 1..K-1)
+  mm_into(g_dec_w_ih.slice(1, 0, d.Z), gd_op.view({M, Hd4}).t(), z.view({M, d.Z}), prec);
+  if (d.C > 0) {
+    mm_into(g_dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C), sum_gd.t(), *y, prec);
+    at::sum_out(g_dec_b, sum_gd, 0);
+  } else {
+    at::sum_out(g_dec_b, d_gd, {0, 1});
   }
   if (K > 1) {
-    g_enc_w_ih.slice(1, 2 * int64_t(d.D), 2 * int64_t(d.D) + d.Hd)
-        .copy_(mm_p(tail(ge_op, He4).t(), head(h_dec_op, d.Hd), prec));
-    g_enc_w_hh.copy_(mm_p(tail(ge_op, He4).t(), head(h_enc_op, d.He), prec));
+    const int64_t M1 = (K - 1) * B;
+    mm_into(g_dec_w_hh, gd_op.slice(0, 1, K).reshape({M1, Hd4}).t(),
+            h_dec_op.slice(0, 0, K - 1).reshape({M1, d.Hd}), prec);
+  } else {
+    g_dec_w_hh.zero_();
   }
-  if (d.C > 0) g_enc_w_ih.slice(1, in_enc - d.C, in_enc).copy_(mm_p(sum_ge.t(), *y, prec));
-  g_enc_b.copy_(dGe.sum(0));
+  // encoder: input [x, r, h_dec, y], recurrent h_enc
+  mm_into(g_enc_w_ih.slice(1, 0, d.D), sum_ge.t(), x, prec);
+  if (d.C > 0) mm_into(g_enc_w_ih.slice(1, in_enc - d.C, in_enc), sum_ge.t(), *y, prec);
+  at::sum_out(g_enc_b, sum_ge, 0);
+  encoder_step_input_grads(g_enc_w_ih.slice(1, d.D, 2 * int64_t(d.D) + d.Hd), g_enc_w_hh, ge_op,
+                           x, canvases, h_dec, h_enc, v.error_mode, prec);
 
   // Inputs. x and y enter every step's encoder (and y the decoder) through their column
-  // blocks of the input weights.
+  // blocks of the input weights; in error mode x also enters every r_t = x - sigmoid(s_{t-1}).
   if (need_grad_x) {
-    grad_x.copy_(mm_p(sum_ge, w_enc_x, prec));
-    if (v.error_mode) grad_x.add_(d_x_error);
+    mm_into(grad_x, sum_ge, w_enc_x, prec);
+    if (v.error_mode) add_mm_into(grad_x, sum_ge, w_enc_r, prec);
   }
   if (need_grad_y) {
-    grad_y.copy_(mm_p(sum_ge, w_enc_y, prec));
-    grad_y.add_(mm_p(sum_gd, w_dec_y, prec));
+    mm_into(grad_y, sum_ge, w_enc_y, prec);
+    add_mm_into(grad_y, sum_gd, w_dec_y, prec);
   }
-  if (need_grad_eps) {
+  if (need_grad_eps && !kernel_grad_eps) {
     // z_t = mu_t + exp(logvar_t / 2) * eps_t feeds only step t's decoder gates, so
-    // dL/dz_t = dL/d(decoder gates)_t @ W_z. (The same as total dL/dmu_t - grad_mu_t, without
-    // the cancellation of that difference.)
-    const Tensor dz = mm_p(gd_op.view({M, Hd4}), w_dec_z, prec).view({K, B, d.Z});
-    at::mul_out(grad_eps, dz, at::exp(logvar * 0.5));
+    // dL/dz_t = dL/d(decoder gates)_t @ W_z (the design did not write it: one product here).
+    mm_into(grad_eps.view({M, d.Z}), gd_op.view({M, Hd4}), w_dec_z, prec);
+    Tensor sigma = at::mul(logvar, 0.5);
+    sigma.exp_();
+    grad_eps.mul_(sigma);
   }
   return result;
 }
@@ -877,17 +1066,12 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
   Tensor canvases = uninit({return_canvases ? K : 0, B, d.D}, opts);
   if (B == 0) return {canvas, canvases};
 
-  Tensor dec_static;
+  Tensor dec_static = dec_b;
   if (d.C > 0) {
     const MatmulModeGuard matmul_mode(v.prec == Precision::TF32);
-    dec_static = mm_p(*y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
-    dec_static.add_(dec_b);
-    dec_static = dec_static.contiguous();
-  } else {
-    dec_static = dec_b;
+    dec_static = affine(dec_b, *y, dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C).t(), v.prec);
   }
-  const Tensor dec_wT = at::cat({dec_w_ih.slice(1, 0, d.Z), dec_w_hh}, 1).t().contiguous();
-  const Tensor write_wT = write_w.t().contiguous();
+  const LoopWeights weights(plan.design, d, dec_w_ih, dec_w_hh, write_w);
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "avme_sample", [&] {
@@ -895,9 +1079,8 @@ std::tuple<Tensor, Tensor> avme_sample(const Tensor& z, const std::optional<Tens
     p.z_in = z.data_ptr<scalar_t>();
     p.dec_static = dec_static.data_ptr<scalar_t>();
     p.dec_static_stride = d.C > 0 ? d.Hd4() : 0;
-    p.dec_wT = dec_wT.data_ptr<scalar_t>();
-    p.write_wT = write_wT.data_ptr<scalar_t>();
     p.write_b = write_b.data_ptr<scalar_t>();
+    weights.fill(p);
     p.canvas = canvas.data_ptr<scalar_t>();
     p.canvases = ptr_or_null<scalar_t>(canvases);
     run_design(v, plan, p, stream);

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real data sets beside the checkout (``../shared/data``); ``AVME_SHARED_DATA`` points elsewhere
@@ -25,3 +27,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """The script ``python/<name>.py`` of this checkout, imported as a module named ``name``."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "python" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

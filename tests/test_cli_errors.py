@@ -13,41 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
-from avme_ext.model import AVME
+from cli_helpers import one_error_line, run_cli, tiny_run_dir
 from helpers import REPO, subprocess_env
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
 TIMEOUT = 120
+_run, _one_error_line = run_cli, one_error_line
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run directory with best and last checkpoints (and their .json twins) and a config.json."""
-    root = tmp_path_factory.mktemp("run") / "quick"
-    torch.manual_seed(0)
-    model = AVME(**SIZES)
-    save_checkpoint(root / "best.safetensors", model)
-    save_checkpoint(root / "last.safetensors", model)
+    root = tiny_run_dir(tmp_path_factory.mktemp("run") / "quick")
     (root / "config.json").write_text("{}\n")
     return root
-
-
-def _run(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err: str, command: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"avme {command}: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- exit status and wording
@@ -134,12 +114,12 @@ def test_bad_option_values_exit_2_with_the_subcommand_prefix(run_dir, tmp_path, 
 
 def test_working_failure_exits_1(run_dir, tmp_path, capsys, monkeypatch):
     """An OS error while writing (here: a full disk) is a failure while working: exit 1, one line."""
-    import avme_ext.images as images
+    import avme_ext.checkpoint as checkpoint
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
     code, _, err = _run(["sample", run_dir, "--num", 2, "--out", tmp_path / "s.png"], capsys)
     assert code == 1 and "No space left" in _one_error_line(err, "sample")
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, load_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -161,17 +162,36 @@ needs_logistic = pytest.mark.skipif(not _has_logistic(), reason="no logistic lik
 
 
 @needs_logistic
-def test_colour_folder_with_the_logistic_likelihood(tmp_path):
-    pictures = write_pictures(tmp_path / "p", classes=2, per_class=10, size=6, mode="RGB")
+def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
+    """The README's colour example at a tiny size: python/make_shapes.py, then one command each to train
+    with the logistic likelihood, evaluate in bits per dimension, and sample grids, strips and a GIF."""
+    shapes = tmp_path / "shapes"
+    load_script("make_shapes").write_shapes(shapes, num=30, size=12, seed=0)
     run = tmp_path / "r"
-    assert main(["train", "--out", str(run), "--dataset", "imagefolder", "--data-root", str(pictures),
-                 "--likelihood", "logistic", *TINY]) == 0
+    assert main(["train", "--out", str(run), "--dataset", "imagefolder", "--data-root", str(shapes),
+                 "--image-size", "6", "--likelihood", "logistic", *TINY]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["pixels"] == "levels" and config["model"]["image_shape"] == [3, 6, 6]
+    assert config["data"]["num_classes"] == 3
+    valid = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
+    assert valid[0]["likelihood"] == "logistic"
+    assert valid[0]["nelbo_bits_per_dim"] == pytest.approx(valid[0]["nelbo"] / (108 * math.log(2)))
+    capsys.readouterr()
     assert main(["eval", str(run), "--samples", "2", "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["summary"]["num_images"] == 2
-    if _draws_any_shape():
-        assert main(["sample", str(run), "--num", "4", "--reconstruct", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "e.json").read_text())["summary"]
+    assert summary["num_images"] == 3 and summary["likelihood"] == "logistic"
+    assert summary["iwae_nll_bits_per_dim"] == pytest.approx(summary["iwae_nll"] / (108 * math.log(2)))
+    if not _draws_any_shape():
+        return
+    grid, gif = tmp_path / "s.png", tmp_path / "steps.gif"
+    assert main(["sample", str(run), "--num", "4", "--reconstruct", "2", "--out", str(grid), "--gif", str(gif)]) == 0
+    assert main(["sample", str(run), "--unroll", "--num", "2", "--out", str(tmp_path / "u.png")]) == 0
+    for path in (grid, tmp_path / "s_recon.png", tmp_path / "u.png"):
+        with Image.open(path) as image:
+            assert image.mode == "RGB" and len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2, path
+    with Image.open(gif) as animation:
+        assert animation.format == "GIF" and animation.n_frames == 2  # one frame per drawing step (K = 2)
 
 
 @needs_logistic

@@ -300,7 +300,9 @@ def test_estimate_cost_counts_trajectories_and_measures_a_rate(model, cond_model
     assert torch.equal(torch.get_rng_state(), generator_state)  # the pilot draws from its own generator
     assert plain.trajectories == 30 * (1 + 50)
     assert math.isfinite(plain.seconds) and plain.seconds > 0 and plain.trajectories_per_second > 0
-    assert math.isclose(plain.seconds, plain.trajectories / plain.trajectories_per_second)
+    assert plain.calls == 1 + 6  # one chunk of 30 images: its ELBO pass, then the IWAE in 6 groups of 5 * 50 rows
+    assert math.isclose(plain.seconds, plain.calls * plain.seconds_per_call
+                        + plain.trajectories / plain.trajectories_per_second)
     marginal = estimate_cost(cond_model, 30, samples=50, max_rows=256, pilot_seconds=0.01)
     assert marginal.trajectories == 30 * (1 + 50 * 10)
     assert estimate_cost(cond_model, 30, samples=50, marginal=False, pilot_seconds=0.01).trajectories == 30 * 51

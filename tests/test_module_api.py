@@ -351,7 +351,7 @@ def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch)
 
     monkeypatch.setattr(avme_ext.dispatch, "auto_design", table)
     assert core.fused_design("cuda", 10) == "auto"  # never measured faster: the host decides
-    assert core.fused_design("cuda", 500) == "stagewise"  # the measured crossover
+    assert core.fused_design("cuda", 500) == "auto:stagewise"  # the measured crossover, where it can run
     with avme_ext.ops.design("rowtile"):
         assert core.fused_design("cuda", 500) == "rowtile"  # forced beats measured
     assert asked == [("cuda", torch.float32, "fp32", 10), ("cuda", torch.float32, "fp32", 500)]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from helpers import REPO
+from helpers import load_script
 from PIL import Image
 
 from avme_ext.plotting import MetricsError, sweep_figure
@@ -16,10 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", REPO / "python" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep")
 
 
 def counting_avme(sweep, monkeypatch) -> list[str]:

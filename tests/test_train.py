@@ -25,7 +25,7 @@ TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--step
 STEPS_PER_EPOCH = 20  # 2000 images / batch 100
 
 TRAIN_KEYS = {"kind", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}
-VALID_KEYS = {"kind", "epoch", "step", "nelbo", "reconstruction", "kl", "kl_per_step", "best", "time"}
+VALID_KEYS = {"kind", "epoch", "step", "nelbo", "nelbo_bits_per_dim", "likelihood", "reconstruction", "kl", "kl_per_step", "best", "time"}
 EPOCH_KEYS = {"kind", "epoch", "step", "seconds", "train_loss", "examples"}
 WALL_CLOCK = {"time", "examples_per_s", "seconds"}
 
@@ -97,6 +97,9 @@ def test_metrics_schema_and_progress(reference: Path) -> None:
     assert all(math.isfinite(r["nelbo"]) and len(r["kl_per_step"]) == 4 for r in valid)
     assert valid[1]["nelbo"] < valid[0]["nelbo"] and valid[0]["best"] and valid[1]["best"]
     assert valid[0]["nelbo"] == pytest.approx(valid[0]["reconstruction"] + valid[0]["kl"])
+    for record in valid:  # bits per dimension beside nats: nats / (D ln 2), D = 784
+        assert record["nelbo_bits_per_dim"] == pytest.approx(record["nelbo"] / (784 * math.log(2)))
+        assert record["likelihood"] == "bernoulli"
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["examples"] for e in epochs] == [2000, 2000] and [e["step"] for e in epochs] == [20, 40]
     assert all(e["seconds"] > 0 for e in epochs)

@@ -11,7 +11,13 @@ import argparse
 from collections.abc import Sequence
 
 from . import evaluate, export, list_pretrained, plot, sample, train
-from ._common import EXIT_STATUS_HELP, RawDefaultsFormatter, add_threads_argument, parse_and_run
+from ._common import (
+    EXIT_STATUS_HELP,
+    CommandParser,
+    RawDefaultsFormatter,
+    add_threads_argument,
+    parse_and_run,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -20,7 +26,7 @@ SUBCOMMANDS = (train, sample, evaluate, plot, export, list_pretrained)
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per subcommand module; ``--threads`` on each."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="avme",
         description=(
             "Adaptive Variational Memory Encoding: a recurrent VAE that draws an image over K steps. "

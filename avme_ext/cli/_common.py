@@ -6,30 +6,36 @@
 * :class:`CLIError` is an error the user can fix (``exit_code`` 2 by default). Any exception with
   an integer ``exit_code`` attribute is reported the same way; an exception with a ``cli_hint``
   attribute is reported with that command-line wording instead of its Python wording.
+* :class:`CommandParser` is the parser of every subcommand: argument errors are one line too.
 * :class:`RawDefaultsFormatter` is the one help formatter: ``(default: X)`` after every option
   that has a default, ``on``/``off`` for switches, description line breaks kept.
 * Argument helpers: :func:`add_checkpoint_argument`, :func:`add_data_arguments`,
   :func:`add_device_arguments`, :func:`add_seed_argument`, :func:`add_switch`,
   :func:`add_threads_argument`; argparse types :func:`positive_int`, :func:`nonnegative_int`.
 * :func:`load_model_for_cli` loads a run directory, a checkpoint or weights file, or a
-  pretrained model by name; :func:`check_output_path` refuses an output file that cannot be
-  written before any work starts.
+  pretrained model by name; :func:`checkpoint_cli_error` words a checkpoint that cannot be read
+  the same in every command (with the exact command that uses an intact ``last.safetensors``).
+* :func:`check_output_path` and :func:`check_output_dir` refuse an output that cannot be written
+  before any work starts, naming the reason (read-only file system, permission denied, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shlex
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..choices import IMPLS, PRECISIONS
+from ._memory import out_of_memory_message
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +48,7 @@ __all__ = [
     "EXIT_STATUS_HELP",
     "EXIT_USAGE",
     "CLIError",
+    "CommandParser",
     "ModelSource",
     "RawDefaultsFormatter",
     "add_checkpoint_argument",
@@ -51,7 +58,9 @@ __all__ = [
     "add_switch",
     "add_threads_argument",
     "apply_threads",
+    "check_output_dir",
     "check_output_path",
+    "checkpoint_cli_error",
     "cli_message",
     "fail",
     "load_model_for_cli",
@@ -61,6 +70,7 @@ __all__ = [
     "resolve_device",
     "resolve_model_source",
     "run_subcommand",
+    "write_error_reason",
 ]
 
 EXIT_OK = 0
@@ -94,6 +104,33 @@ class CLIError(Exception):
 
 class _Terminated(BaseException):
     """Raised in the main thread by SIGTERM while a subcommand runs (like KeyboardInterrupt for SIGINT)."""
+
+
+# --------------------------------------------------------------------------- parser
+class CommandParser(argparse.ArgumentParser):
+    """The parser of ``avme`` and of every subcommand (``add_subparsers`` makes its subparsers of
+    the same class): an argument error is one line on stderr,
+    ``avme <command>: error: <message> (see 'avme <command> --help')``, and exit status 2, the
+    convention of every other error (argparse itself prints the usage first)."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an unrecognized argument is reported by the subcommand it was given to."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen_subparser(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def _chosen_subparser(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+                if chosen is not None:
+                    return chosen
+        return self
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{_rank_prefix()}{self.prog}: error: {text} (see '{self.prog} --help')\n")
 
 
 # --------------------------------------------------------------------------- help
@@ -264,26 +301,79 @@ def check_output_path(path: str | os.PathLike, option: str, *, suffix: str | Non
     """Refuse an output file that could not be written, before any work starts.
 
     Args:
-        path: the file to write later.
+        path: the file to write later (its directory is created then if missing).
         option: the option that named it (for the message), e.g. ``"--out"``.
         suffix: the required suffix (e.g. ``".png"``), compared case-insensitively.
 
     Raises:
-        CLIError: wrong suffix, an existing directory, or no writable directory to create it in.
+        CLIError: wrong suffix, an existing directory, or no writable directory to create it in
+            (see :func:`check_output_dir`); the message names ``path`` as the user gave it.
     """
     path = Path(path)
     if suffix is not None and path.suffix.lower() != suffix:
         raise CLIError(f"{option} {path}: must be a {suffix} file")
     if path.is_dir():
         raise CLIError(f"{option} {path}: is a directory; give a file name")
-    ancestor = path.parent
+    _check_writable_dir(path.parent, option, path)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Refuse an output directory that could not be written (or created), before any work starts.
+
+    The check creates and removes a file in the directory (a directory in its nearest existing
+    ancestor when it does not exist yet), so it sees what a write would see: a read-only file
+    system, missing permissions, a pseudo file system such as /proc.
+
+    Raises:
+        CLIError: ``path`` is a file, or nothing can be written there:
+            ``--out DIR: cannot write in ANCESTOR (read-only file system)``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {path}: is a file, not a directory")
+    _check_writable_dir(path, option, path)
+    return path
+
+
+#: How an output check words the errno of a failed write.
+WRITE_ERROR_REASONS = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "files cannot be created there",
+}
+
+
+def write_error_reason(error: OSError) -> str:
+    """Why a write failed, in a few words: ``"read-only file system"``, ``"permission denied"``, ..."""
+    return WRITE_ERROR_REASONS.get(error.errno or 0) or (error.strerror or str(error)).lower()
+
+
+def _check_writable_dir(directory: Path, option: str, given: Path) -> None:
+    """Refuse ``given`` (named by ``option``) unless a file can be created in ``directory`` (or, when
+    ``directory`` does not exist, ``directory`` itself can be created)."""
+    ancestor = directory
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise CLIError(f"{option} {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {path}: cannot write in {ancestor} (permission denied)")
-    return path
+        raise CLIError(f"{option} {given}: {ancestor} is not a directory")
+    try:
+        _probe_write(ancestor, make_dir=ancestor != directory)
+    except OSError as error:
+        raise CLIError(f"{option} {given}: cannot write in {ancestor} ({write_error_reason(error)})") from None
+
+
+def _probe_write(directory: Path, *, make_dir: bool) -> None:
+    """Create and remove a hidden file (or directory) in ``directory``; raises the OSError a write would."""
+    if make_dir:
+        os.rmdir(tempfile.mkdtemp(prefix=".avme-write-check.", dir=directory))
+        return
+    fd, name = tempfile.mkstemp(prefix=".avme-write-check.", dir=directory)
+    os.close(fd)
+    os.unlink(name)
 
 
 # --------------------------------------------------------------------------- models
@@ -354,11 +444,21 @@ def load_model_for_cli(args: argparse.Namespace, device: torch.device, source: M
             precision=getattr(args, "precision", None) or PRECISIONS[0],
         )
     except (FileNotFoundError, CheckpointError) as error:
-        alternative = getattr(error, "alternative", None)
-        if alternative is None:
-            raise CLIError(cli_message(error)) from None
-        command = _command_with(args, source.given, str(alternative))
-        raise CLIError(f"{error.reason}; the run's last checkpoint {alternative} is intact, use it: {command}") from None
+        raise checkpoint_cli_error(args, source.given, error) from None
+
+
+def checkpoint_cli_error(args: argparse.Namespace, given: str, error: Exception) -> CLIError:
+    """The :class:`CLIError` of a checkpoint that cannot be read, the same in every command.
+
+    A corrupt ``best.safetensors`` whose run has an intact ``last.safetensors``
+    (``error.alternative``) gets the exact command line that uses the latter: this invocation
+    with ``given`` (the argument as the user typed it) replaced.
+    """
+    alternative = getattr(error, "alternative", None)
+    if alternative is None:
+        return CLIError(cli_message(error))
+    command = _command_with(args, given, str(alternative))
+    return CLIError(f"{error.reason}; the run's last checkpoint {alternative} is intact, use it: {command}")
 
 
 def _command_with(args: argparse.Namespace, old: str, new: str) -> str:
@@ -427,7 +527,8 @@ def run_subcommand(args: argparse.Namespace) -> int:
     return 130 / 143; a subcommand that handles them itself (``avme train`` checkpoints and
     returns 130 / 143) keeps doing so. A :class:`CLIError`, an exception with an ``exit_code``
     attribute, an unusable input file (exit 2) or an OS error while working (exit 1) print
-    ``avme <command>: error: <message>``; anything else is a bug and keeps its traceback.
+    ``avme <command>: error: <message>``; so does an allocation that failed while working (exit 1,
+    with the subcommand's ``args.memory_advice``); anything else is a bug and keeps its traceback.
     """
     command = getattr(args, "command", None) or "?"
     previous = _install_sigterm()
@@ -441,6 +542,10 @@ def run_subcommand(args: argparse.Namespace) -> int:
         print(f"{_rank_prefix()}avme {command}: stopped (SIGTERM)", file=sys.stderr, flush=True)
         return EXIT_SIGTERM
     except Exception as error:  # noqa: BLE001 - classified below, re-raised when unknown
+        memory = out_of_memory_message(error)
+        if memory is not None:
+            advice = getattr(args, "memory_advice", None)
+            return fail(command, memory + (f"; {advice}" if advice else ""), EXIT_FAILURE)
         code = _exit_code_of(error)
         if code is None:
             raise

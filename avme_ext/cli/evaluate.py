@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from ._common import (
     resolve_model_source,
 )
 from ._data_options import datasets_epilog, load_run_images
+from ._memory import FLOAT_BYTES, check_fits
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_seed_argument(parser)
     add_device_arguments(parser)
     add_data_arguments(parser, from_run=True)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, memory_advice="lower --max-rows (trajectories at once) or --batch-size")
 
 
 # --------------------------------------------------------------------------- distributed hook
@@ -165,8 +167,8 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
     rank, world = info.rank, info.world_size
     model = load_model_for_cli(args, device, source)
     split = _load_images(args, model, source)
-    if rank == 0:
-        _announce_cost(args, model, len(split), device, world)
+    _check_memory(args, model, len(split), device)
+    pace = _announce_cost(args, model, len(split), device, world) if rank == 0 else None
 
     start = time.perf_counter()
     try:
@@ -180,6 +182,7 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
             shard=(rank, world),
             marginal=args.marginal,
             progress=args.progress and rank == 0,
+            observer=pace,
         )
     except ValueError as error:
         raise CLIError(error) from None
@@ -222,20 +225,99 @@ def _evaluate_and_report(args: argparse.Namespace, info, device: torch.device, s
     return 0
 
 
-def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> None:
-    """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot)."""
+def _check_memory(args: argparse.Namespace, model, num_images: int, device: torch.device) -> None:
+    """Refuse up front an evaluation whose trajectories at once cannot fit in memory (exit status 2)."""
+    from ..evaluation import working_rows
+
+    c = model.config
+    rows = working_rows(num_images, args.samples, args.batch_size, args.max_rows)
+    per_row = 3 * c.steps * c.latent_dim + 2 * c.data_dim  # noise, posterior means and variances; image, canvas
+    what = (f"--max-rows {args.max_rows} with --samples {args.samples}" if args.samples
+            else f"--batch-size {args.batch_size}")
+    check_fits(rows * per_row * FLOAT_BYTES, device, f"{what} ({rows} trajectories at once)",
+               "lower --max-rows (it bounds memory for any --samples)" if args.samples else "lower --batch-size")
+
+
+#: Above this estimate (seconds) ``avme eval`` suggests a smaller --num-images or a GPU.
+LONG_EVALUATION = 600
+
+
+def _announce_cost(args: argparse.Namespace, model, num_images: int, device: torch.device, world: int) -> PaceCheck:
+    """Print once, to stderr, what this evaluation will cost on this machine (from a timed pilot);
+    returns the :class:`PaceCheck` that compares it with the pace the evaluation then keeps."""
     from ..evaluation import estimate_cost
 
-    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows)
+    estimate = estimate_cost(model, num_images, samples=args.samples, marginal=args.marginal, max_rows=args.max_rows,
+                             batch_size=args.batch_size)
     seconds = estimate.seconds / world
     what = f"IWAE S={args.samples}" if args.samples else "ELBO"
     if args.samples and model.num_classes > 0 and args.marginal:
         what += f" x {model.num_classes} classes"
     where = describe_device(device) + (f", {world} processes" if world > 1 else "")
+    advice = _advice(device)
     line = f"avme eval: {what} on {num_images} images: about {format_duration(seconds)} on {where}"
-    if seconds > 600:
-        line += "; use --num-images N" + (" or a GPU" if device.type == "cpu" else "") + " for a quicker look"
+    if seconds > LONG_EVALUATION:
+        line += advice
     print(line, file=sys.stderr, flush=True)
+    return PaceCheck(seconds, advised=seconds > LONG_EVALUATION, advice=advice)
+
+
+def _advice(device: torch.device) -> str:
+    return "; use --num-images N" + (" or a GPU" if device.type == "cpu" else "") + " for a quicker look"
+
+
+class PaceCheck:
+    """Holds the announced estimate against the pace the evaluation keeps (``evaluate(observer=...)``).
+
+    Once the work has run for ``settle_seconds`` (a pace measured over less is noise), the time the
+    whole evaluation takes at the pace so far is compared with the estimate; when they differ by
+    more than ``tolerance`` times (e.g. other processes took or released the CPU since the pilot),
+    one line says so, with the advice for a long evaluation when the pace makes it long and it was
+    not given yet. At most one such line is printed.
+
+    Args:
+        estimate: the announced seconds.
+        advised: whether the announcement already gave the advice.
+        advice: the advice, e.g. ``"; use --num-images N or a GPU for a quicker look"``.
+        clock: seconds (monotonic), for tests.
+    """
+
+    def __init__(self, estimate: float, *, advised: bool, advice: str, tolerance: float = 2.0,
+                 settle_seconds: float = 5.0, clock: Callable[[], float] = time.perf_counter,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.estimate = estimate
+        self.advised = advised
+        self.advice = advice
+        self.tolerance = tolerance
+        self.settle_seconds = settle_seconds
+        self.clock = clock
+        self.say = say or _to_stderr
+        self.started = clock()
+        self.spoken = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = self.clock() - self.started
+        if self.spoken or done <= 0 or done >= total or elapsed < self.settle_seconds:
+            return
+        projected = elapsed * total / done
+        if 1 / self.tolerance <= projected / self.estimate <= self.tolerance:
+            return
+        self.spoken = True
+        line = (f"avme eval: at the pace of the first {done} of {total}, about {format_duration(projected)} in all "
+                f"({format_duration(projected - elapsed)} more), not {format_duration(self.estimate)}: "
+                "the machine is " + ("busier" if projected > self.estimate else "less busy") + " than during the pilot")
+        if projected > LONG_EVALUATION and not self.advised:
+            line += self.advice
+        self.say(line)
+
+
+def _to_stderr(line: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stderr)  # above the progress bar, which stays intact
+    except ImportError:  # pragma: no cover
+        print(line, file=sys.stderr, flush=True)
 
 
 def describe_device(device: torch.device) -> str:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..choices import EXPORT_DTYPE_NAMES
-from ._common import EXIT_STATUS_HELP, CLIError, RawDefaultsFormatter, check_output_path, cli_message
+from ._common import (
+    EXIT_STATUS_HELP,
+    CLIError,
+    RawDefaultsFormatter,
+    check_output_path,
+    checkpoint_cli_error,
+)
 
 DESCRIPTION = """\
 Write the weights of a run's model (its best checkpoint, or the checkpoint file given) to a
@@ -35,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN",
                         help="a run directory (its best.safetensors, else last.safetensors) or a .safetensors checkpoint")
     parser.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES, help="dtype of the stored weights")
+    parser.add_argument("--dtype", default="float16", choices=EXPORT_DTYPE_NAMES,
+                        help="dtype of the stored weights")
     parser.set_defaults(func=run)
 
 
@@ -45,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_path(args.out, "--out", suffix=".safetensors")
     try:
         source = resolve_checkpoint(args.run)
+        if out.exists() and out.resolve() == source.resolve():
+            raise CLIError(f"--out {out} is the checkpoint being exported; give another file name")
+        path = export_weights(source, out, dtype=args.dtype)
     except (FileNotFoundError, CheckpointError) as error:
-        raise CLIError(cli_message(error)) from None
-    if out.exists() and out.resolve() == source.resolve():
-        raise CLIError(f"--out {out} is the checkpoint being exported; give another file name")
-    path = export_weights(source, out, dtype=args.dtype)
+        raise checkpoint_cli_error(args, args.run, error) from None
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype})")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,8 @@ from ._common import (
     resolve_model_source,
 )
 from ._data_options import datasets_epilog, load_run_images
+from ._memory import FLOAT_BYTES, check_fits
+from ._png_split import items_per_png, numbered_paths, split_note
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +43,9 @@ the run was trained on (the data options its checkpoint recorded; those given he
 them). Images have the
 model's shape (grey or colour); what is drawn is the mean sigmoid(s_K) of p(x|z) (for the
 logistic likelihood, the mean grey level or colour of every pixel). Grey images are white on
-black (--invert: black on white), scaled up by --scale with nearest-neighbour upsampling.
+black (--invert: black on white), scaled up by --scale with nearest-neighbour upsampling. A grid
+larger than image viewers open (Pillow's limit, about 89 megapixels: some 26,000 MNIST samples
+at --scale 2) is written as numbered files (samples-1.png, samples-2.png, ...), with a note.
 
 Everything is checked (model, data set, output names) and every image drawn before any file
 is written; files are replaced atomically, so a failed or interrupted command leaves the old
@@ -92,21 +98,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_seed_argument(parser)
     add_device_arguments(parser)
     add_data_arguments(parser, from_run=True)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, memory_advice="ask for fewer images (--num, --per-class, --reconstruct) or a smaller "
+                                                "--scale")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..images import (
-        class_grid,
-        drawing_frames,
-        reconstructions_grid,
-        sample_grid,
-        unrolled_strips_grid,
-        write_gif,
-        write_png,
-    )
+    from ..checkpoint import atomic_write_bytes
+    from ..images import drawing_frames, encode_gif
 
     out = check_output_path(args.out, "--out", suffix=".png")
     gif = check_output_path(args.gif, "--gif", suffix=".gif") if args.gif else None
@@ -126,35 +126,116 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"this model is conditional ({num_classes} classes): use --per-class N instead of --num")
     if num_classes == 0 and args.per_class is not None:
         raise CLIError("--per-class needs a conditional model; this one is unconditional (use --num)")
+    per_class = args.per_class or (1 if args.unroll else 8)
+    num = args.num or (8 if args.unroll else 64)
+    with_steps = args.unroll or gif is not None
+    _check_memory(model, num_classes * per_class or num, with_steps, device)
     originals = _reconstruction_inputs(args, source.path, model, device) if args.reconstruct else None
 
     style = {"scale": args.scale, "invert": args.invert, "image_shape": model.image_shape}
+    pages = _Pages(style)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    with_steps = args.unroll or gif is not None
     if num_classes > 0:
-        per_class = args.per_class or (1 if args.unroll else 8)
         y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
         probs, steps = model.sample(y=y, generator=generator, return_steps=with_steps)
-        grid = unrolled_strips_grid(steps, **style) if args.unroll else class_grid(
-            probs.view(num_classes, per_class, -1), **style)
         per_row = per_class
     else:
-        num = args.num or (8 if args.unroll else 64)
         probs, steps = model.sample(num, generator=generator, return_steps=with_steps)
-        grid = unrolled_strips_grid(steps, **style) if args.unroll else sample_grid(probs, args.nrow, **style)
         per_row = args.nrow
-    frames = drawing_frames(steps, per_row, **style) if gif is not None else None
-    grids = [(out, grid)]
+    if args.unroll:
+        files = pages.unrolled(out, steps)
+    elif num_classes > 0:
+        files = pages.classes(out, probs.view(num_classes, per_class, -1))
+    else:
+        files = pages.plain(out, probs, args.nrow)
     if originals is not None:
         x, y = originals
         recon, _ = model.reconstruct(x, y, generator=torch.Generator(device=device).manual_seed(args.seed + 1))
-        grids.append((recon_out, reconstructions_grid(x, recon, **style)))
+        files += pages.reconstructions(recon_out, x, recon)
+    if gif is not None:
+        files.append((gif, encode_gif(drawing_frames(steps, per_row, **style))))
 
-    for path, image in grids:  # every image is ready: only now touch the files
-        print(write_png(image, path))
-    if frames is not None:
-        print(write_gif(frames, gif))
+    for path, data in files:  # every image is ready: only now touch the files
+        print(atomic_write_bytes(path, data))
     return 0
+
+
+def _check_memory(model, count: int, with_steps: bool, device: torch.device) -> None:
+    """Refuse up front a number of samples whose sampling cannot fit in memory (exit status 2)."""
+    c = model.config
+    per_sample = c.steps * c.latent_dim + 2 * c.data_dim + 6 * c.dec_hidden  # noise, canvas, output, decoder LSTM
+    if with_steps:
+        per_sample += 2 * c.steps * c.data_dim  # the canvas of every step and its sigmoid
+    what = f"--num {count}" if model.num_classes == 0 else f"--per-class {count // model.num_classes} ({count} images)"
+    check_fits(count * per_sample * FLOAT_BYTES, device, what, "ask for fewer images")
+
+
+class _Pages:
+    """The PNG files of one output: its grid, split into numbered files when it would be larger than
+    image viewers open (:mod:`avme_ext.cli._png_split`), each encoded as soon as it is laid out."""
+
+    def __init__(self, style: dict) -> None:
+        self.style = style  # make_image_grid's keywords: scale, invert, image_shape
+
+    def _pixels(self, rows: int, cols: int) -> int:
+        from ..images import grid_size
+
+        height, width = grid_size(rows, cols, scale=self.style["scale"], image_shape=self.style["image_shape"])
+        return height * width
+
+    def _files(self, path: Path, option: str, total: int, unit: str, pixels_of, grid_of) -> list[tuple[Path, bytes]]:
+        """``grid_of(start, stop)`` lays out the items [start, stop) of ``total``; one file per part."""
+        from ..images import encode_png
+
+        per_file = items_per_png(total, pixels_of)
+        if per_file < total:
+            note = split_note(option, path, total, per_file, unit, pixels_of(total) / 1e6)
+            print(f"avme sample: note: {note}", file=sys.stderr, flush=True)
+        starts = range(0, total, per_file)
+        return [(part, encode_png(grid_of(start, min(start + per_file, total))))
+                for part, start in zip(numbered_paths(path, len(starts)), starts)]
+
+    def plain(self, path: Path, probs, nrow: int | None) -> list[tuple[Path, bytes]]:
+        """Samples (B, D), ``nrow`` per row (default: about square, in each file)."""
+        from ..images import sample_grid
+
+        def pixels(n: int) -> int:
+            cols = min(nrow or math.ceil(math.sqrt(n)), n)
+            return self._pixels(math.ceil(n / cols), cols)
+
+        return self._files(path, "--out", len(probs), "samples", pixels,
+                           lambda a, b: sample_grid(probs[a:b], nrow, **self.style))
+
+    def classes(self, path: Path, probs) -> list[tuple[Path, bytes]]:
+        """Class samples (C, N, D), one row per class; a split cuts the columns."""
+        from ..images import class_grid
+
+        rows = probs.shape[0]
+        return self._files(path, "--out", probs.shape[1], "samples per class", lambda n: self._pixels(rows, n),
+                           lambda a, b: class_grid(probs[:, a:b], **self.style))
+
+    def unrolled(self, path: Path, steps) -> list[tuple[Path, bytes]]:
+        """Strips (K, B, D), one row per sample."""
+        from ..images import unrolled_strips_grid
+
+        k = steps.shape[0]
+        return self._files(path, "--out", steps.shape[1], "strips", lambda n: self._pixels(n, k),
+                           lambda a, b: unrolled_strips_grid(steps[:, a:b], **self.style))
+
+    def reconstructions(self, path: Path, x, recon) -> list[tuple[Path, bytes]]:
+        """Images (B, D) above their reconstructions, 8 per row."""
+        from ..images import reconstructions_grid
+
+        def pixels(n: int) -> int:
+            cols = min(_RECON_PER_ROW, n)
+            return self._pixels(2 * math.ceil(n / cols), cols)
+
+        return self._files(path, "--recon-out", len(x), "images", pixels,
+                           lambda a, b: reconstructions_grid(x[a:b], recon[a:b], _RECON_PER_ROW, **self.style))
+
+
+#: Images per row of the reconstructions grid.
+_RECON_PER_ROW = 8
 
 
 def _reconstruction_inputs(args: argparse.Namespace, checkpoint: Path, model, device: torch.device):

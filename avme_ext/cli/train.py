@@ -26,6 +26,7 @@ from ._common import (
     add_data_arguments,
     add_device_arguments,
     add_switch,
+    check_output_dir,
     nonnegative_int,
     positive_int,
 )
@@ -230,7 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=RawDefaultsFormatter,
     )
     _add_options(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, memory_advice="use a smaller --batch-size or --valid-batch-size")
 
 
 _NOT_OPTIONS = {"out", "name", "resume", "overwrite", "func", "command"}
@@ -244,6 +245,13 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``avme train``; returns the exit code (0, or 130/143 after a signal). Errors are raised."""
+    import os
+    from pathlib import Path
+
     from ..training import train
 
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the run directory
+        given = args.out is not None
+        out = Path(args.out) if given else Path("runs", args.name or "<timestamp>")
+        check_output_dir(out, "--out" if given else "the default --out")
     return train(given_options(args), out=args.out, name=args.name, resume=args.resume, overwrite=args.overwrite)

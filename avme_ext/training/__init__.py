@@ -8,6 +8,7 @@ Entry point: :func:`train` (what ``avme train`` calls), which assembles a
 ``schedule``       epoch order, KL warm-up, learning rate, batches per epoch, step noise (pure functions)
 ``state``          :class:`TrainState`, the counters a checkpoint holds
 ``run_dir``        the run directory: refusing/overwriting a run, config.json, temp files
+``run_lock``       :class:`RunLock`: one run per directory (a flock held by rank 0)
 ``metrics``        :class:`MetricsLog` (metrics.jsonl and TensorBoard)
 ``signals``        :class:`StopFlag` (SIGINT/SIGTERM: checkpoint at the next step boundary)
 ``splits``         the training and validation data of a run
@@ -77,6 +78,7 @@ _EXPORTS = {
     **dict.fromkeys(("NonFiniteError", "OptionError", "RunDirError", "TrainError"), "errors"),
     **dict.fromkeys(("MetricsLog", "tensorboard_available"), "metrics"),
     **dict.fromkeys(("RUN_FILES", "RunDirPlan", "clear_run_files", "plan_run_dir"), "run_dir"),
+    "RunLock": "run_lock",
     **dict.fromkeys(("batches_per_epoch", "epoch_permutation", "kl_weight_at", "learning_rate_at", "step_noise"),
                     "schedule"),
     "StopFlag": "signals",
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
     from .errors import NonFiniteError, OptionError, RunDirError, TrainError
     from .metrics import MetricsLog, tensorboard_available
     from .run_dir import RUN_FILES, RunDirPlan, clear_run_files, plan_run_dir
+    from .run_lock import RunLock
     from .schedule import batches_per_epoch, epoch_permutation, kl_weight_at, learning_rate_at, step_noise
     from .signals import StopFlag
     from .splits import TrainingData, load_training_data
@@ -139,6 +142,7 @@ __all__ = [
     "plan_run_dir",
     "clear_run_files",
     "RunDirPlan",
+    "RunLock",
     "RUN_FILES",
     "MAX_CONSECUTIVE_SKIPS",
 ]

@@ -1,14 +1,16 @@
 """``train()``: what ``avme train`` runs, one launch of a run, in named steps.
 
 1. join the job (torchrun) and pick the device;
-2. choose the run directory and find what to resume (:func:`find_resume_point`, rank 0 decides);
+2. choose the run directory, take its lock (:mod:`~avme_ext.training.run_lock`, rank 0: one run
+   per directory) and find what to resume (:func:`find_resume_point`, rank 0 decides);
 3. resolve the options against the resumed run's (:func:`~avme_ext.training.config.resolve_configs`);
 4. build data, model and step (:func:`~avme_ext.training.builders.build_setup`);
 5. open the run directory: replace a previous run (--overwrite), write config.json, open the
    metrics log (:func:`open_run_dir`, rank 0);
 6. run the :class:`~avme_ext.training.trainer.Trainer`.
 
-Steps 1-4 write nothing, so a launch that cannot start leaves its run directory as it was.
+Steps 1-4 write nothing but the lock file (removed when the launch ends), so a launch that cannot
+start leaves its run directory as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .run_dir import (
     reserve_default_out_dir,
     write_run_config,
 )
+from .run_lock import RunLock
 from .schedule import describe_schedule
 from .state import TrainState
 from .step import GraphedStep
@@ -254,8 +257,13 @@ def train(
     except ValueError as error:
         raise OptionError(str(error)) from None
     dist_utils.setup(info, device)
+    lock = None
     try:
         out_dir = _choose_out_dir(out, name, resume, info)
+        lock = RunLock(out_dir, say) if info.is_main else None  # one run per directory; rank 0 holds it
+        _on_rank0(info, lambda: lock.acquire() and None)
         return _run_launch(given, info, device, out_dir, resume=resume, overwrite=overwrite, say=say)
     finally:
+        if lock is not None:
+            lock.release()
         dist_utils.teardown()

@@ -247,6 +247,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write({
                 "kind": "valid", "epoch": epoch + 1, "step": self.state.step, "nelbo": nelbo,
+                "nelbo_bits_per_dim": summary["nelbo_bits_per_dim"], "likelihood": summary["likelihood"],
                 "reconstruction": summary["reconstruction"], "kl": summary["kl"],
                 "kl_per_step": summary["kl_per_step"], "best": best, "time": self._elapsed(),
             })
@@ -309,7 +310,8 @@ class Trainer:
         message = f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {train_loss:.3f} ({state.epoch_seconds:.1f} s)"
         if summary is not None:
             best = " (best)" if summary["best"] else ""
-            message += f", valid nelbo {summary['nelbo']:.3f}{best} ({valid_seconds:.1f} s)"
+            message += (f", valid nelbo {summary['nelbo']:.3f} nats = {summary['nelbo_bits_per_dim']:.4f} bits/dim"
+                        f"{best} ({valid_seconds:.1f} s)")
         state.history.append({"epoch": epoch + 1, "seconds": state.epoch_seconds, "valid_seconds": valid_seconds})
         state.epoch, state.batch = epoch + 1, 0
         state.epoch_seconds, state.epoch_loss, state.epoch_examples = 0.0, 0.0, 0

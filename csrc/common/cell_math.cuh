@@ -1,7 +1,7 @@
 // Scalar per-unit math of the model's cells, shared by every kernel design (float and double):
 // the LSTM cell forward and backward (nn.LSTMCell, gate order i, f, g, o), the store of a unit's
 // four gate values, and the reparameterised sample z = mu + exp(logvar / 2) * eps with its
-// logvar gradient.
+// logvar and eps gradients.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +61,12 @@ __device__ __forceinline__ T reparam_sample(T mu, T logvar, T eps) {
 template <typename T>
 __device__ __forceinline__ T reparam_logvar_grad(T dz, T eps, T logvar) {
   return dz * eps * T(0.5) * dexp(T(0.5) * logvar);
+}
+
+// dL/deps = dz * exp(logvar / 2).
+template <typename T>
+__device__ __forceinline__ T reparam_eps_grad(T dz, T logvar) {
+  return dz * dexp(T(0.5) * logvar);
 }
 
 }  // namespace avme

@@ -62,4 +62,19 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (
 #endif
 }
 
+// The 3xTF32 term d += a b ~ a_small b_big + a_big b_small + a_big b_big (small products first),
+// three mma.sync (one exchange among the lanes in the CPU emulator).
+__device__ __forceinline__ void mma_tf32x3_m16n8k8(float (&d)[4], const uint32_t (&a_big)[4],
+                                                   const uint32_t (&a_small)[4],
+                                                   const uint32_t (&b_big)[2],
+                                                   const uint32_t (&b_small)[2]) {
+#ifdef AVME_CPU_EMULATION
+  emu::mma_m16n8k8_tf32x3(d, a_big, a_small, b_big, b_small);
+#else
+  mma_tf32_m16n8k8(d, a_small, b_big);
+  mma_tf32_m16n8k8(d, a_big, b_small);
+  mma_tf32_m16n8k8(d, a_big, b_big);
+#endif
+}
+
 }  // namespace avme

@@ -12,3 +12,8 @@
 #include "../stagewise/forward.cpp"
 #include "../stagewise/backward.cpp"
 #include "../avme_ops.cpp"
+
+// The emulated kernel launches so far (cuda_emulation.h), for the tests that count them per call.
+TORCH_LIBRARY_FRAGMENT(avme_emu, m) {
+  m.def("kernel_launches() -> int", [] { return avme::emu::launch_count.load(); });
+}

@@ -11,7 +11,8 @@
 //                         the warp's 32 threads: mma_m16n8k8_tf32() (mma.sync.aligned.m16n8k8
 //                         .row.col.f32.tf32.tf32.f32) gathers every lane's fragment registers,
 //                         rebuilds A, B and C from the PTX ISA's fragment layouts and hands each
-//                         lane its part of D, so a kernel's fragment indexing is checked.
+//                         lane its part of D, so a kernel's fragment indexing is checked
+//                         (mma_m16n8k8_tf32x3: the three mma of a 3xTF32 term in one exchange).
 // This checks the kernels' arithmetic, indexing and barrier placement for the sizes tested (a
 // missing barrier can show up as a wrong result, but is not guaranteed to: run
 // compute-sanitizer --tool racecheck on a GPU for that). A barrier that some thread never
@@ -19,6 +20,7 @@
 // of hanging.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <cmath>
@@ -83,11 +85,28 @@ class TimedBarrier {
   const char* what_;
 };
 
-// What the 32 threads of one emulated warp share for warp-collective instructions.
+// What the 32 threads of one emulated warp share for warp-collective instructions: each lane
+// deposits its fragment registers in a slot, the last lane to arrive at the warp's barrier
+// computes every lane's result (the barrier's completion step), and each lane reads its own.
+// Two slots, used alternately: a lane can be at most one instruction ahead of the slowest, so
+// one barrier per instruction suffices.
 struct WarpExchange {
-  std::barrier<> barrier{32};
-  std::uint32_t a[32][4];
-  std::uint32_t b[32][2];
+  struct Slot {
+    int passes = 1;               // 1: D = A B + C; 3: the three products of 3xTF32
+    std::uint32_t a[32][2][4];    // [lane][big, small][register]
+    std::uint32_t b[32][2][2];
+    float d[32][4];               // C in, D out
+  };
+  struct Complete {
+    WarpExchange* warp;
+    void operator()() noexcept { warp->compute(); }
+  };
+
+  Slot slots[2];
+  int computing = 0;  // the slot the next completion computes
+  std::barrier<Complete> barrier{32, Complete{this}};
+
+  void compute() noexcept;
 };
 
 inline thread_local unsigned char* tls_smem = nullptr;
@@ -98,6 +117,7 @@ inline thread_local Dim3 tls_thread_idx;
 inline thread_local Dim3 tls_block_idx;
 inline thread_local Dim3 tls_block_dim;
 inline thread_local Dim3 tls_grid_dim;
+inline thread_local std::uint64_t tls_warp_instructions = 0;  // this lane's collective count
 
 // __syncthreads(): the calling thread's block barrier.
 inline void sync_block() { tls_barrier->arrive_and_wait(); }
@@ -126,42 +146,89 @@ inline float bits_to_float(std::uint32_t u) {
   return f;
 }
 
-// d += A B for one warp (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, A 16x8, B 8x8).
-// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32), g = lane / 4,
-// t = lane % 4:  a0 (g, t)  a1 (g + 8, t)  a2 (g, t + 4)  a3 (g + 8, t + 4)      [row, col of A]
-//                b0 (t, g)  b1 (t + 4, g)                                       [row, col of B]
-//                c0 (g, 2t) c1 (g, 2t + 1) c2 (g + 8, 2t) c3 (g + 8, 2t + 1)    [row, col of C/D]
+// One warp's mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 on the matrices rebuilt from the
+// 32 lanes' fragment registers. Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k8",
+// .tf32), g = lane / 4, t = lane % 4:
+//   a0 (g, t)  a1 (g + 8, t)  a2 (g, t + 4)  a3 (g + 8, t + 4)      [row, col of A, 16 x 8]
+//   b0 (t, g)  b1 (t + 4, g)                                       [row, col of B, 8 x 8]
+//   c0 (g, 2t) c1 (g, 2t + 1) c2 (g + 8, 2t) c3 (g + 8, 2t + 1)    [row, col of C/D, 16 x 8]
 // The products are exact and accumulated in float, k ascending, onto c (the hardware's
-// internal order and rounding may differ slightly).
-inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4],
-                             const std::uint32_t (&b)[2]) {
+// internal order and rounding may differ slightly). `ai`, `bi`: big (0) or small (1) parts.
+inline void mma_slot(WarpExchange::Slot& s, int ai, int bi) {
+  auto A = [&](int m, int k) {
+    return bits_to_float(s.a[(m % 8) * 4 + k % 4][ai][(m >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  };
+  auto B = [&](int k, int n) { return bits_to_float(s.b[n * 4 + k % 4][bi][k >= 4 ? 1 : 0]); };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int q = 0; q < 4; ++q) {
+      const int m = g + (q >= 2 ? 8 : 0), n = 2 * t + (q & 1);
+      float acc = s.d[lane][q];
+      for (int k = 0; k < 8; ++k)
+        acc = static_cast<float>(static_cast<double>(A(m, k)) * B(k, n) + acc);
+      s.d[lane][q] = acc;
+    }
+  }
+}
+
+inline void WarpExchange::compute() noexcept {
+  Slot& s = slots[computing];
+  if (s.passes == 3) {  // 3xTF32 in the kernels' order: a_small b_big, a_big b_small, a_big b_big
+    mma_slot(s, 1, 0);
+    mma_slot(s, 0, 1);
+  }
+  mma_slot(s, 0, 0);
+  computing ^= 1;
+}
+
+// d += A B (passes 1: a, b = the big parts) or, for 3xTF32 (passes 3), the three products
+// d += A_small B_big; d += A_big B_small; d += A_big B_big, each rounded to float as three
+// separate instructions would be: one exchange among the warp's lanes.
+inline void warp_mma_tf32(float (&d)[4], const std::uint32_t (&a_big)[4],
+                          const std::uint32_t (&a_small)[4], const std::uint32_t (&b_big)[2],
+                          const std::uint32_t (&b_small)[2], int passes) {
   if (tls_warp == nullptr) {
     std::fprintf(stderr, "avme CUDA emulator: mma outside a cooperative launch\n");
     std::abort();
   }
   WarpExchange& w = *tls_warp;
+  WarpExchange::Slot& s = w.slots[tls_warp_instructions++ & 1];
   const int lane = static_cast<int>(tls_thread_idx.x % 32);
-  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
-  for (int i = 0; i < 2; ++i) w.b[lane][i] = b[i];
-  w.barrier.arrive_and_wait();
-  auto A = [&](int m, int k) {
-    return bits_to_float(w.a[(m % 8) * 4 + k % 4][(m >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
-  };
-  auto B = [&](int k, int n) { return bits_to_float(w.b[n * 4 + k % 4][k >= 4 ? 1 : 0]); };
-  const int g = lane / 4, t = lane % 4;
-  for (int q = 0; q < 4; ++q) {
-    const int m = g + (q >= 2 ? 8 : 0), n = 2 * t + (q & 1);
-    float acc = d[q];
-    for (int k = 0; k < 8; ++k)
-      acc = static_cast<float>(static_cast<double>(A(m, k)) * B(k, n) + acc);
-    d[q] = acc;
+  s.passes = passes;  // (every lane writes the same value)
+  for (int i = 0; i < 4; ++i) {
+    s.a[lane][0][i] = a_big[i];
+    s.a[lane][1][i] = a_small[i];
+    s.d[lane][i] = d[i];
   }
-  w.barrier.arrive_and_wait();  // the exchange area is reused by the next instruction
+  for (int i = 0; i < 2; ++i) {
+    s.b[lane][0][i] = b_big[i];
+    s.b[lane][1][i] = b_small[i];
+  }
+  w.barrier.arrive_and_wait();  // the last lane to arrive computes every lane's D
+  for (int i = 0; i < 4; ++i) d[i] = s.d[lane][i];
 }
+
+// d += A B for one warp (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, A 16x8, B 8x8).
+inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4],
+                             const std::uint32_t (&b)[2]) {
+  warp_mma_tf32(d, a, a, b, b, 1);
+}
+
+// The three mma of a 3xTF32 term, in this order: d += a_small b_big; d += a_big b_small;
+// d += a_big b_big.
+inline void mma_m16n8k8_tf32x3(float (&d)[4], const std::uint32_t (&a_big)[4],
+                               const std::uint32_t (&a_small)[4], const std::uint32_t (&b_big)[2],
+                               const std::uint32_t (&b_small)[2]) {
+  warp_mma_tf32(d, a_big, a_small, b_big, b_small, 3);
+}
+
+// Kernel launches of either kind so far in this process (the tests count them per call).
+inline std::atomic<int64_t> launch_count{0};
 
 // Run kernel(params) over `blocks` blocks of kThreads threads each, sequentially by block.
 template <typename Kernel, typename Params>
 void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& params) {
+  ++launch_count;
   std::vector<double> smem((smem_bytes + sizeof(double) - 1) / sizeof(double) + 1);
   for (int64_t b = 0; b < blocks; ++b) {
     // Garbage-fill shared memory: the kernels must initialise what they read.
@@ -190,6 +257,7 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& para
 template <typename Kernel, typename... Args>
 void cooperative_launch(Kernel kernel, int blocks, int threads, size_t smem_bytes,
                         const Args&... args) {
+  ++launch_count;
   const size_t words = (smem_bytes + sizeof(double) - 1) / sizeof(double) + 1;
   std::vector<std::vector<double>> smem(static_cast<size_t>(blocks));
   std::deque<std::barrier<>> block_barriers;  // not movable: a deque keeps them in place

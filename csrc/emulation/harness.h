@@ -5,6 +5,7 @@
 
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -41,13 +42,14 @@ inline at::Tensor nan_tensor(at::IntArrayRef shape, const at::Tensor& like) {
 }
 
 // The inputs of LoopParams (sizes already set in p), each checked against its layout in avme.h;
-// an absent tensor is a null pointer (the encoder's inputs for the sampler, z_in for the encoder).
+// an absent tensor is a null pointer (the encoder's inputs for the sampler, z_in for the encoder,
+// the (in, out) weights for the stagewise design, which reads bind_nn_weights' instead).
 // dec_static is (B, 4Hd) per row or (4Hd) shared by every row.
 template <typename T>
 void bind_loop_inputs(LoopParams<T>& p, const OptTensor& x, const OptTensor& eps, const OptTensor& z_in,
                       const OptTensor& enc_static, const OptTensor& enc_wT, const OptTensor& q_wT,
-                      const OptTensor& q_b, const at::Tensor& dec_static, const at::Tensor& dec_wT,
-                      const at::Tensor& write_wT, const at::Tensor& write_b) {
+                      const OptTensor& q_b, const at::Tensor& dec_static, const OptTensor& dec_wT,
+                      const OptTensor& write_wT, const at::Tensor& write_b) {
   const int64_t B = p.B, K = p.K, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   p.x = data_of<T>(x, "x", {B, D});
   p.eps = data_of<T>(eps, "eps", {K, B, Z});
@@ -65,6 +67,23 @@ void bind_loop_inputs(LoopParams<T>& p, const OptTensor& x, const OptTensor& eps
   p.write_b = data_of<T>(write_b, "write_b", {D});
 }
 
+// The weights in their nn.LSTMCell / nn.Linear layouts (LoopParams for the stagewise design, and
+// BackwardParams; sizes and C already set in p), each checked against its layout; the encoder's
+// are absent for the sampler.
+template <typename Params>
+void bind_nn_weights(Params& p, const OptTensor& enc_w_ih, const OptTensor& enc_w_hh,
+                     const OptTensor& q_w, const at::Tensor& dec_w_ih, const at::Tensor& dec_w_hh,
+                     const at::Tensor& write_w) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(p.write_w)>>;
+  const int64_t D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, C = p.C;
+  p.enc_w_ih = data_of<T>(enc_w_ih, "enc_w_ih", {4 * He, 2 * D + Hd + C});
+  p.enc_w_hh = data_of<T>(enc_w_hh, "enc_w_hh", {4 * He, He});
+  p.q_w = data_of<T>(q_w, "q_w", {2 * Z, He});
+  p.dec_w_ih = data_of<T>(dec_w_ih, "dec_w_ih", {4 * Hd, Z + C});
+  p.dec_w_hh = data_of<T>(dec_w_hh, "dec_w_hh", {4 * Hd, Hd});
+  p.write_w = data_of<T>(write_w, "write_w", {D, Hd});
+}
+
 // The inputs of BackwardParams (sizes and C already set in p), each checked against its layout.
 template <typename T>
 void bind_backward_inputs(BackwardParams<T>& p, const OptTensor& grad_canvas, const OptTensor& grad_canvases,
@@ -73,7 +92,7 @@ void bind_backward_inputs(BackwardParams<T>& p, const OptTensor& grad_canvas, co
                           const at::Tensor& gates_enc, const at::Tensor& c_dec, const at::Tensor& gates_dec,
                           const at::Tensor& enc_w_ih, const at::Tensor& enc_w_hh, const at::Tensor& q_w,
                           const at::Tensor& dec_w_ih, const at::Tensor& dec_w_hh, const at::Tensor& write_w) {
-  const int64_t B = p.B, K = p.K, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, C = p.C;
+  const int64_t B = p.B, K = p.K, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   p.grad_canvas = data_of<T>(grad_canvas, "grad_canvas", {B, D});
   p.grad_canvases = data_of<T>(grad_canvases, "grad_canvases", {K, B, D});
   p.grad_mu = data_of<T>(grad_mu, "grad_mu", {K, B, Z});
@@ -85,12 +104,7 @@ void bind_backward_inputs(BackwardParams<T>& p, const OptTensor& grad_canvas, co
   p.gates_enc = data_of<T>(gates_enc, "gates_enc", {K, B, 4 * He});
   p.c_dec = data_of<T>(c_dec, "c_dec", {K, B, Hd});
   p.gates_dec = data_of<T>(gates_dec, "gates_dec", {K, B, 4 * Hd});
-  p.enc_w_ih = data_of<T>(enc_w_ih, "enc_w_ih", {4 * He, 2 * D + Hd + C});
-  p.enc_w_hh = data_of<T>(enc_w_hh, "enc_w_hh", {4 * He, He});
-  p.q_w = data_of<T>(q_w, "q_w", {2 * Z, He});
-  p.dec_w_ih = data_of<T>(dec_w_ih, "dec_w_ih", {4 * Hd, Z + C});
-  p.dec_w_hh = data_of<T>(dec_w_hh, "dec_w_hh", {4 * Hd, Hd});
-  p.write_w = data_of<T>(write_w, "write_w", {D, Hd});
+  bind_nn_weights(p, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
 }
 
 }  // namespace emulation

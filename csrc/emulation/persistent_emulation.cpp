@@ -4,7 +4,8 @@
 // ops take exactly the tensors behind LoopParams / BackwardParams (the test prepares them as
 // csrc/avme_ops.cpp does), allocate the outputs NaN-filled, and take the launch configuration
 // [ctas, threads, nbl, kc(, math)] (0 = chosen; math: persistent::kMath*) and device limits
-// [num_sms, smem_optin]. Built on demand
+// [num_sms, smem_optin]; `describe` and `stages` report the launch the launcher would make.
+// Built on demand
 // by tests/ops/test_persistent_kernels.py (torch.utils.cpp_extension.load); never part of the
 // package.
 #include <cstdint>
@@ -177,39 +178,58 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
   return out;
 }
 
-// Launch description without running: [ctas, threads, nbl, kc, smem_bytes, workspace_bytes,
-// state_in_smem, grid_barriers]. kind: "forward", "sample" or "backward".
+// The launch describe_forward / describe_backward gives. kind: "forward", "sample" or "backward".
 template <typename T>
-std::vector<int64_t> describe_as(const std::string& kind, int64_t B, int64_t K, int64_t D,
-                                 int64_t He, int64_t Hd, int64_t Z, int64_t C, bool error_mode,
-                                 bool d_x_error, const DeviceLimits& limits,
-                                 const Config& config) {
-  LaunchInfo info;
+LaunchInfo launch_info(const std::string& kind, int64_t B, int64_t K, int64_t D, int64_t He,
+                       int64_t Hd, int64_t Z, int64_t C, bool error_mode, bool d_x_error,
+                       const DeviceLimits& limits, const Config& config) {
   if (kind == "backward") {
     auto p = sized<BackwardParams<T>>(B, K, D, He, Hd, Z, error_mode);
-    T dummy = T(0);
+    static T dummy = T(0);
     p.C = as_int(C);
     p.d_x_error = d_x_error ? &dummy : nullptr;
-    info = describe_backward(p, limits, config);
-  } else {
-    TORCH_CHECK(kind == "forward" || kind == "sample", "avme_pemu.describe: kind must be "
-                "'forward', 'sample' or 'backward', got '", kind, "'");
-    auto p = sized<LoopParams<T>>(B, K, D, He, Hd, Z, error_mode);
-    p.encoder = kind == "forward";
-    info = describe_forward(p, limits, config);
+    return describe_backward(p, limits, config);
   }
-  return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
-          info.smem_bytes, info.workspace_bytes, info.state_in_smem ? 1 : 0, info.grid_barriers};
+  TORCH_CHECK(kind == "forward" || kind == "sample", "avme_pemu.describe: kind must be "
+              "'forward', 'sample' or 'backward', got '", kind, "'");
+  auto p = sized<LoopParams<T>>(B, K, D, He, Hd, Z, error_mode);
+  p.encoder = kind == "forward";
+  return describe_forward(p, limits, config);
 }
 
+LaunchInfo pemu_launch_info(const std::string& kind, int64_t B, int64_t K, int64_t D, int64_t He,
+                            int64_t Hd, int64_t Z, int64_t C, bool error_mode, bool d_x_error,
+                            bool fp64, at::IntArrayRef config, at::IntArrayRef limits) {
+  return fp64 ? launch_info<double>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
+                                    limits_of(limits), config_of(config))
+              : launch_info<float>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
+                                   limits_of(limits), config_of(config));
+}
+
+// Launch description without running: [ctas, threads, nbl, kc, smem_bytes, workspace_bytes,
+// state_in_smem, grid_barriers, math].
 std::vector<int64_t> pemu_describe(const std::string& kind, int64_t B, int64_t K, int64_t D,
                                    int64_t He, int64_t Hd, int64_t Z, int64_t C, bool error_mode,
                                    bool d_x_error, bool fp64, at::IntArrayRef config,
                                    at::IntArrayRef limits) {
-  return fp64 ? describe_as<double>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
-                                    limits_of(limits), config_of(config))
-              : describe_as<float>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
-                                   limits_of(limits), config_of(config));
+  const LaunchInfo info = pemu_launch_info(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
+                                           fp64, config, limits);
+  return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
+          info.smem_bytes, info.workspace_bytes, info.state_in_smem ? 1 : 0, info.grid_barriers,
+          info.config.math};
+}
+
+// The stages of that launch, kStages rows of [k, rows, ld, passes, slices, splits, busy_warps]
+// (persistent::StageSplit).
+std::vector<int64_t> pemu_stages(const std::string& kind, int64_t B, int64_t K, int64_t D,
+                                 int64_t He, int64_t Hd, int64_t Z, int64_t C, bool fp64,
+                                 at::IntArrayRef config, at::IntArrayRef limits) {
+  const LaunchInfo info = pemu_launch_info(kind, B, K, D, He, Hd, Z, C, false, false, fp64,
+                                           config, limits);
+  std::vector<int64_t> out;
+  for (const StageSplit& s : info.stages)
+    out.insert(out.end(), {s.k, s.rows, s.ld, s.passes, s.slices, s.splits, s.busy_warps});
+  return out;
 }
 
 template <typename T>
@@ -254,6 +274,10 @@ TORCH_LIBRARY(avme_pemu, m) {
       "describe(str kind, int B, int K, int D, int He, int Hd, int Z, int C, bool error_mode, "
       "bool d_x_error, bool fp64, int[] config, int[] limits) -> int[]",
       &avme::persistent::pemu_describe);
+  m.def(
+      "stages(str kind, int B, int K, int D, int He, int Hd, int Z, int C, bool fp64, int[] config, "
+      "int[] limits) -> int[]",
+      &avme::persistent::pemu_stages);
   m.def(
       "supports(str kind, int B, int K, int D, int He, int Hd, int Z, bool fp64, int num_sms, "
       "int smem_optin, int math=0) -> bool",

@@ -26,14 +26,16 @@ using emulation::OptTensor;
 
 using emulation::bind_backward_inputs;
 using emulation::bind_loop_inputs;
+using emulation::bind_nn_weights;
 using emulation::data_of;
 using emulation::nan_tensor;
 using emulation::present;
 
 void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_in,
-                   const OptTensor& enc_static, const OptTensor& enc_wT, const OptTensor& q_wT,
-                   const OptTensor& q_b, const Tensor& dec_static, const Tensor& dec_wT,
-                   const Tensor& write_wT, const Tensor& write_b, bool error_mode,
+                   const OptTensor& enc_static, const OptTensor& enc_w_ih,
+                   const OptTensor& enc_w_hh, const OptTensor& q_w, const OptTensor& q_b,
+                   const Tensor& dec_static, const Tensor& dec_w_ih, const Tensor& dec_w_hh,
+                   const Tensor& write_w, const Tensor& write_b, bool error_mode,
                    const std::string& precision, const OptTensor& canvas,
                    const OptTensor& canvases, const OptTensor& mu, const OptTensor& logvar,
                    const OptTensor& h_enc, const OptTensor& c_enc, const OptTensor& gates_enc,
@@ -43,21 +45,25 @@ void swemu_forward(const OptTensor& x, const OptTensor& eps, const OptTensor& z_
   const OptTensor& noise = encoder ? eps : z_in;
   TORCH_CHECK(present(noise) && noise->dim() == 3,
               "avme_swemu.forward: eps (encoder) or z_in (sampler) must be given as (K, B, Z)");
-  TORCH_CHECK(write_wT.dim() == 2, "avme_swemu.forward: write_wT must be (Hd, D)");
+  TORCH_CHECK(write_w.dim() == 2 && dec_w_ih.dim() == 2,
+              "avme_swemu.forward: write_w must be (D, Hd) and dec_w_ih (4Hd, Z + C)");
   const int64_t K = noise->size(0), B = noise->size(1), Z = noise->size(2);
-  const int64_t Hd = write_wT.size(0), D = write_wT.size(1);
-  // He from q_wT (He, 2Z) or enc_static (B, 4He); a missing one is then reported by the design.
+  const int64_t D = write_w.size(0), Hd = write_w.size(1), C = dec_w_ih.size(1) - Z;
+  // He from q_w (2Z, He) or enc_static (B, 4He); a missing one is then reported by the design.
   const int64_t He = !encoder             ? 0
-                     : present(q_wT)       ? q_wT->size(0)
+                     : present(q_w)        ? q_w->size(1)
                      : present(enc_static) ? enc_static->size(1) / 4
                                            : 0;
-  AT_DISPATCH_FLOATING_TYPES(dec_wT.scalar_type(), "avme_swemu_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dec_w_ih.scalar_type(), "avme_swemu_forward", [&] {
     using T = scalar_t;
     auto p = params_with_sizes<LoopParams<T>>(B, static_cast<int>(K), static_cast<int>(D),
                                               static_cast<int>(He), static_cast<int>(Hd),
                                               static_cast<int>(Z), error_mode);
     p.encoder = encoder;
-    bind_loop_inputs(p, x, eps, z_in, enc_static, enc_wT, q_wT, q_b, dec_static, dec_wT, write_wT, write_b);
+    p.C = static_cast<int>(C);
+    bind_loop_inputs(p, x, eps, z_in, enc_static, std::nullopt, std::nullopt, q_b, dec_static,
+                     std::nullopt, std::nullopt, write_b);
+    bind_nn_weights(p, enc_w_ih, enc_w_hh, q_w, dec_w_ih, dec_w_hh, write_w);
     p.canvas = data_of<T>(canvas, "canvas", {B, D});
     p.canvases = data_of<T>(canvases, "canvases", {K, B, D});
     p.mu = data_of<T>(mu, "mu", {K, B, Z});
@@ -111,9 +117,10 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
 
 TORCH_LIBRARY(avme_swemu, m) {
   m.def(
-      "forward(Tensor? x, Tensor? eps, Tensor? z_in, Tensor? enc_static, Tensor? enc_wT, "
-      "Tensor? q_wT, Tensor? q_b, Tensor dec_static, Tensor dec_wT, Tensor write_wT, "
-      "Tensor write_b, bool error_mode, str precision, Tensor(a!)? canvas, "
+      "forward(Tensor? x, Tensor? eps, Tensor? z_in, Tensor? enc_static, Tensor? enc_w_ih, "
+      "Tensor? enc_w_hh, Tensor? q_w, Tensor? q_b, Tensor dec_static, Tensor dec_w_ih, "
+      "Tensor dec_w_hh, Tensor write_w, Tensor write_b, bool error_mode, str precision, "
+      "Tensor(a!)? canvas, "
       "Tensor(b!)? canvases, Tensor(c!)? mu, Tensor(d!)? logvar, Tensor(e!)? h_enc, "
       "Tensor(f!)? c_enc, Tensor(g!)? gates_enc, Tensor(h!)? z, Tensor(i!)? h_dec, "
       "Tensor(j!)? c_dec, Tensor(k!)? gates_dec) -> ()");
@@ -124,6 +131,10 @@ TORCH_LIBRARY(avme_swemu, m) {
       "Tensor q_w, Tensor dec_w_ih, Tensor dec_w_hh, Tensor write_w, bool error_mode, "
       "str precision, Tensor(a!) d_canvas, Tensor(b!) d_q, Tensor(c!) d_gates_enc, "
       "Tensor(d!) d_gates_dec, Tensor(e!)? d_x_error) -> ()");
+}
+
+TORCH_LIBRARY_FRAGMENT(avme_swemu, m) {
+  m.def("kernel_launches() -> int", [] { return avme::emu::launch_count.load(); });
 }
 
 TORCH_LIBRARY_IMPL(avme_swemu, CPU, m) {

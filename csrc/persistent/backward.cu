@@ -66,10 +66,54 @@ __device__ void lstm_backward_stage(const StageContext<T>& ctx, const StageLayou
                          dg, d_o, dc_prev);
       dc = dc_prev;
       store_gates(layer.d_gates + row * 4 * H + j, H, di, df, dg, d_o);
-      store_gates(layer.dgT + static_cast<int64_t>(j) * bp + b, H * bp, di, df, dg, d_o);
+      store_gates(layer.dgT + static_cast<int64_t>(j) * bp + b, H * bp, stage_operand<MATH>(di),
+                  stage_operand<MATH>(df), stage_operand<MATH>(dg), stage_operand<MATH>(d_o));
     });
   });
 }
+
+// The stationary weight columns of block `cta` of the grid (BackwardPlan's stages B1..B4, stage
+// i of stage_of), as value(k, r) = row r, input k of the stage (0 for padding rows and units the
+// block does not own); launch.h packs them in shared-memory order before the launch.
+template <typename T>
+struct BackwardWeights {
+  const BackwardParams<T>& p;
+  const BackwardPlan& plan;
+  int stage;
+  OwnedUnits own;
+
+  __device__ BackwardWeights(const BackwardParams<T>& p_, const BackwardPlan& plan_, int cta,
+                             int stage_)
+      : p(p_), plan(plan_), stage(stage_),
+        own(owned_units(p_.He, p_.Z, p_.Hd, p_.D, plan_.cfg.ctas, cta)) {}
+
+  __device__ T operator()(int k, int r) const {
+    const int64_t He = p.He, Hd = p.Hd, D = p.D;
+    const Range &ue = own.enc, &uz = own.lat, &ud = own.dec, &up = own.pix;
+    const int64_t ldi = 2 * D + Hd + p.C;  // enc_w_ih row stride
+    const int64_t ldz = int64_t{p.Z} + p.C;  // dec_w_ih row stride
+    switch (stage) {
+      case 0:  // B1: write_w columns of the owned decoder units, input dL/ds_t
+        return r < ud.count ? p.write_w[k * Hd + ud.begin + r] : T(0);
+      case 1: {  // B2: W_z columns of the owned latents, then W_hh(dec) columns; input dgd_t
+        if (r < plan.b2_dhh) return r < uz.count ? p.dec_w_ih[k * ldz + uz.begin + r] : T(0);
+        const int u = r - plan.b2_dhh;
+        return u < ud.count ? p.dec_w_hh[k * Hd + ud.begin + u] : T(0);
+      }
+      case 2:  // B3: q_w columns of the owned encoder units, input dq_t
+        return r < ue.count ? p.q_w[k * He + ue.begin + r] : T(0);
+      default: {  // B4: W_r columns of the owned pixels, W_hdec and W_hh(enc) columns; input dge_t
+        if (r < plan.b4_ehd) return r < up.count ? p.enc_w_ih[k * ldi + D + up.begin + r] : T(0);
+        if (r < plan.b4_ehh) {
+          const int u = r - plan.b4_ehd;
+          return u < ud.count ? p.enc_w_ih[k * ldi + 2 * D + ud.begin + u] : T(0);
+        }
+        const int u = r - plan.b4_ehh;
+        return u < ue.count ? p.enc_w_hh[k * He + ue.begin + u] : T(0);
+      }
+    }
+  }
+};
 
 template <typename T, int NBL, int MATH>
 __global__ void __launch_bounds__(kMaxThreads, 1)
@@ -80,12 +124,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int cta = static_cast<int>(blockIdx.x);
   const int D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, K = p.K;
   const int64_t B = p.B, bp = plan.bp;
-  const int64_t ldi = 2 * static_cast<int64_t>(D) + Hd + p.C;  // enc_w_ih row stride
-  const int64_t ldz = static_cast<int64_t>(Z) + p.C;            // dec_w_ih row stride
-  const Range ue = share(He, G, cta);
-  const Range uz = share(Z, G, cta);
-  const Range ud = share(Hd, G, cta);
-  const Range up = share(D, G, cta);
+  const OwnedUnits own = owned_units(He, Z, Hd, D, G, cta);
+  const Range ue = own.enc, uz = own.lat, ud = own.dec, up = own.pix;
   const bool dx_error = p.error_mode && p.d_x_error != nullptr;
 
   T* const priv = block_state(plan, smem, ws);
@@ -99,27 +139,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   T* const dqT = ws + plan.ws_dq;
   T* const dgeT = ws + plan.ws_dge;
 
-  // ---- stationary weight columns: w[k * ld + r] -----------------------------------------------
-  fill_stage(smem, plan.B1, [&](int k, int r) -> T {
-    return r < ud.count ? p.write_w[static_cast<int64_t>(k) * Hd + ud.begin + r] : T(0);
-  });
-  fill_stage(smem, plan.B2, [&](int k, int r) -> T {
-    if (r < plan.b2_dhh) return r < uz.count ? p.dec_w_ih[k * ldz + uz.begin + r] : T(0);
-    const int u = r - plan.b2_dhh;
-    return u < ud.count ? p.dec_w_hh[static_cast<int64_t>(k) * Hd + ud.begin + u] : T(0);
-  });
-  fill_stage(smem, plan.B3, [&](int k, int r) -> T {
-    return r < ue.count ? p.q_w[static_cast<int64_t>(k) * He + ue.begin + r] : T(0);
-  });
-  fill_stage(smem, plan.B4, [&](int k, int r) -> T {
-    if (r < plan.b4_ehd) return r < up.count ? p.enc_w_ih[k * ldi + D + up.begin + r] : T(0);
-    if (r < plan.b4_ehh) {
-      const int u = r - plan.b4_ehd;
-      return u < ud.count ? p.enc_w_ih[k * ldi + 2 * D + ud.begin + u] : T(0);
-    }
-    const int u = r - plan.b4_ehh;
-    return u < ue.count ? p.enc_w_hh[static_cast<int64_t>(k) * He + ue.begin + u] : T(0);
-  });
+  // ---- stationary weight columns: this block's packed slice (BackwardWeights), copied while
+  // the state is initialised ----------------------------------------------------------------
+  start_weight_copy(smem, ws + plan.ws_weights + cta * plan.weights_elems, plan.weights_elems);
 
   // ---- initial state: carried gradients 0; gs_{K-1} = grad_canvas + grad_canvases[K-1] -------
   zero_fill(priv, plan.priv_elems);
@@ -131,8 +153,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     if (p.grad_canvases != nullptr) v += p.grad_canvases[idx];
     gs_own[u * bp + b] = v;
     p.d_canvas[idx] = v;
-    gsT[d * bp + b] = v;
+    gsT[d * bp + b] = stage_operand<MATH>(v);
   });
+  async_wait<0>();
+  __syncthreads();  // the weights are in shared memory
   grid_sync();
 
   const StageContext<T> ctx{smem + plan.scratch, plan.scratch_elems, plan.cfg.kc, bp, B,
@@ -166,8 +190,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         T* q = p.d_q + (tB + b) * 2 * Z;
         q[j] = dmu;
         q[Z + j] = dlv;
-        dqT[j * bp + b] = dmu;
-        dqT[(Z + j) * bp + b] = dlv;
+        dqT[j * bp + b] = stage_operand<MATH>(dmu);
+        dqT[(Z + j) * bp + b] = stage_operand<MATH>(dlv);
       });
       for_units(units_in_pass(dhh_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
         p_dec[u * bp + b] = sum(plan.b2_dhh + u - row0, col);
@@ -202,7 +226,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         if (p.grad_canvases != nullptr) g += p.grad_canvases[idx];
         gs_own[u * bp + b] = g;
         p.d_canvas[idx] = g;
-        gsT[d * bp + b] = g;
+        gsT[d * bp + b] = stage_operand<MATH>(g);
       });
       for_units(units_in_pass(ehd_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
         p_dec[u * bp + b] += sum(plan.b4_ehd + u - row0, col);
@@ -222,6 +246,7 @@ struct BackwardDirection {
   using Plan = BackwardPlan;
   using Scalar = T;
   using Kernel = void (*)(const BackwardParams<T>, const BackwardPlan, T* const);
+  using Weights = BackwardWeights<T>;
   template <int NBL, int MATH>
   static Kernel instance() {
     return backward_kernel<T, NBL, MATH>;

@@ -64,7 +64,7 @@ __device__ void lstm_forward_stage(const StageContext<T>& ctx, const StageLayout
       T ig, fg, gg, og, c, h;
       lstm_cell_forward(pre[0], pre[1], pre[2], pre[3], cell, ig, fg, gg, og, c, h);
       cell = c;
-      layer.hT[j * bp + b] = h;
+      layer.hT[j * bp + b] = stage_operand<MATH>(h);
       if (layer.h_out != nullptr) {
         const int64_t row = tB + b;
         layer.h_out[row * H + j] = h;
@@ -75,6 +75,58 @@ __device__ void lstm_forward_stage(const StageContext<T>& ctx, const StageLayout
   });
 }
 
+// The units block `cta` of `ctas` owns (the sampler: no encoder or latent units).
+template <typename T>
+__device__ OwnedUnits owned_units_of(const LoopParams<T>& p, int ctas, int cta) {
+  return owned_units(p.encoder ? p.He : 0, p.encoder ? p.Z : 0, p.Hd, p.D, ctas, cta);
+}
+
+// The stationary weights of block `cta` of the grid (ForwardPlan's stages E, Q, D, W, stage i
+// of stage_of), as value(k, r) = row r, input k of the stage (0 for padding rows and units the
+// block does not own); launch.h packs them in shared-memory order before the launch.
+template <typename T>
+struct ForwardWeights {
+  const LoopParams<T>& p;
+  const ForwardPlan& plan;
+  int stage;
+  OwnedUnits own;
+
+  __device__ ForwardWeights(const LoopParams<T>& p_, const ForwardPlan& plan_, int cta, int stage_)
+      : p(p_), plan(plan_), stage(stage_), own(owned_units_of(p_, plan_.cfg.ctas, cta)) {}
+
+  __device__ T operator()(int k, int r) const {
+    const int64_t He = p.He, Hd = p.Hd, Z = p.Z, D = p.D;
+    const Range &ue = own.enc, &uz = own.lat, &ud = own.dec, &up = own.pix;
+    switch (stage) {
+      case 0: {  // E: the four gate rows of each encoder unit, input r_t
+        const int u = r >> 2, g = r & 3;
+        return u < ue.count ? p.enc_wT[k * 4 * He + g * He + ue.begin + u] : T(0);
+      }
+      case 1: {  // Q: [mu, logvar] rows of each latent unit, then W_hh(enc) rows; input h_enc
+        if (r < plan.q_he) {
+          const int u = r >> 1, half = r & 1;
+          return u < uz.count ? p.q_wT[k * 2 * Z + half * Z + uz.begin + u] : T(0);
+        }
+        const int u = (r - plan.q_he) >> 2, g = (r - plan.q_he) & 3;
+        return u < ue.count ? p.enc_wT[(D + Hd + k) * 4 * He + g * He + ue.begin + u] : T(0);
+      }
+      case 2: {  // D: the four gate rows of each decoder unit, input z_t
+        const int u = r >> 2, g = r & 3;
+        return u < ud.count ? p.dec_wT[k * 4 * Hd + g * Hd + ud.begin + u] : T(0);
+      }
+      default: {  // W: pixel rows, then W_hdec (encoder) and W_hh(dec) gate rows; input h_dec
+        if (r < plan.w_ehd) return r < up.count ? p.write_wT[k * D + up.begin + r] : T(0);
+        if (r < plan.w_dhh) {
+          const int u = (r - plan.w_ehd) >> 2, g = (r - plan.w_ehd) & 3;
+          return u < ue.count ? p.enc_wT[(D + k) * 4 * He + g * He + ue.begin + u] : T(0);
+        }
+        const int u = (r - plan.w_dhh) >> 2, g = (r - plan.w_dhh) & 3;
+        return u < ud.count ? p.dec_wT[(Z + k) * 4 * Hd + g * Hd + ud.begin + u] : T(0);
+      }
+    }
+  }
+};
+
 template <typename T, int NBL, int MATH>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     forward_kernel(const LoopParams<T> p, const ForwardPlan plan, T* const ws) {
@@ -84,12 +136,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int cta = static_cast<int>(blockIdx.x);
   const int D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, K = p.K;
   const int64_t B = p.B, bp = plan.bp;
-  const int64_t He4 = 4 * static_cast<int64_t>(He), Hd4 = 4 * static_cast<int64_t>(Hd);
+  const int64_t He4 = 4 * static_cast<int64_t>(He);
   const bool encoder = p.encoder;
-  const Range ue = encoder ? share(He, G, cta) : Range{};
-  const Range uz = encoder ? share(Z, G, cta) : Range{};
-  const Range ud = share(Hd, G, cta);
-  const Range up = share(D, G, cta);
+  const OwnedUnits own = owned_units_of(p, G, cta);
+  const Range ue = own.enc, uz = own.lat, ud = own.dec, up = own.pix;
 
   // Per-block state (rows of bp columns) and the shared feature-major workspace.
   T* const priv = block_state(plan, smem, ws);
@@ -103,55 +153,27 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   T* const zT = ws + plan.ws_z;
   T* const rT = ws + plan.ws_r;
 
-  // ---- stationary weights: row r of a stage at w[k * ld + r] ------------------------------
-  if (encoder) {
-    fill_stage(smem, plan.E, [&](int k, int r) -> T {
-      const int u = r >> 2, g = r & 3;
-      return u < ue.count ? p.enc_wT[k * He4 + g * He + ue.begin + u] : T(0);
-    });
-    fill_stage(smem, plan.Q, [&](int k, int r) -> T {
-      if (r < plan.q_he) {
-        const int u = r >> 1, half = r & 1;
-        return u < uz.count ? p.q_wT[k * 2 * static_cast<int64_t>(Z) + half * Z + uz.begin + u]
-                            : T(0);
-      }
-      const int u = (r - plan.q_he) >> 2, g = (r - plan.q_he) & 3;
-      return u < ue.count ? p.enc_wT[(D + Hd + k) * He4 + g * He + ue.begin + u] : T(0);
-    });
-  }
-  fill_stage(smem, plan.D, [&](int k, int r) -> T {
-    const int u = r >> 2, g = r & 3;
-    return u < ud.count ? p.dec_wT[k * Hd4 + g * Hd + ud.begin + u] : T(0);
-  });
-  fill_stage(smem, plan.W, [&](int k, int r) -> T {
-    if (r < plan.w_ehd)
-      return r < up.count ? p.write_wT[static_cast<int64_t>(k) * D + up.begin + r] : T(0);
-    if (r < plan.w_dhh) {
-      const int u = (r - plan.w_ehd) >> 2, g = (r - plan.w_ehd) & 3;
-      return u < ue.count ? p.enc_wT[(D + k) * He4 + g * He + ue.begin + u] : T(0);
-    }
-    const int u = (r - plan.w_dhh) >> 2, g = (r - plan.w_dhh) & 3;
-    return u < ud.count ? p.dec_wT[(Z + k) * Hd4 + g * Hd + ud.begin + u] : T(0);
-  });
+  // ---- stationary weights: this block's packed slice (ForwardWeights), copied while the
+  // state is initialised ------------------------------------------------------------------
+  start_weight_copy(smem, ws + plan.ws_weights + cta * plan.weights_elems, plan.weights_elems);
 
   // ---- initial state: h, c, s = 0; r_1 = s_0 = 0 or x - sigmoid(0) -------------------------
   zero_fill(priv, plan.priv_elems);
   if (encoder) {
     for_units(Range{0, up.count}, 0, static_cast<int>(B), [&](int u, int64_t b, int) {
       const int d = up.begin + u;
-      rT[d * bp + b] = p.error_mode ? p.x[b * D + d] - dsigmoid(T(0)) : T(0);
+      rT[d * bp + b] = stage_operand<MATH>(p.error_mode ? p.x[b * D + d] - dsigmoid(T(0)) : T(0));
     });
   } else {
-    // z_in (K, B, Z) -> zT (K, Z, bp), spread over the whole grid.
-    const int64_t total = static_cast<int64_t>(K) * B * Z;
-    const int64_t stride = static_cast<int64_t>(G) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(cta) * blockDim.x + threadIdx.x; i < total; i += stride) {
-      const int64_t tb = i / Z;
-      const int j = static_cast<int>(i - tb * Z);
+    // z_in (K, B, Z) -> zT (K, Z, bp): block c takes rows t * B + b = c, c + G, ...
+    for (int64_t tb = cta; tb < static_cast<int64_t>(K) * B; tb += G) {
       const int64_t t = tb / B, b = tb - t * B;
-      zT[(t * Z + j) * bp + b] = p.z_in[i];
+      for (int j = threadIdx.x; j < Z; j += blockDim.x)
+        zT[(t * Z + j) * bp + b] = stage_operand<MATH>(p.z_in[tb * Z + j]);
     }
   }
+  async_wait<0>();
+  __syncthreads();  // the weights are in shared memory
   grid_sync();
 
   const StageContext<T> ctx{smem + plan.scratch, plan.scratch_elems, plan.cfg.kc, bp, B,
@@ -184,7 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           const T lv = sum(r + 1, col) + p.q_b[Z + j];
           const int64_t idx = (tB + b) * Z + j;
           const T z = reparam_sample(mu, lv, p.eps[idx]);
-          zT[j * bp + b] = z;
+          zT[j * bp + b] = stage_operand<MATH>(z);
           p.mu[idx] = mu;
           p.logvar[idx] = lv;
           if (p.z_out != nullptr) p.z_out[idx] = z;
@@ -213,7 +235,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         s_own[u * bp + b] = s;
         if (p.canvases != nullptr) p.canvases[(tB + b) * D + d] = s;
         if (last && p.canvas != nullptr) p.canvas[b * D + d] = s;
-        if (encoder && !last) rT[d * bp + b] = p.error_mode ? p.x[b * D + d] - dsigmoid(s) : s;
+        if (encoder && !last)
+          rT[d * bp + b] = stage_operand<MATH>(p.error_mode ? p.x[b * D + d] - dsigmoid(s) : s);
       });
       for_units(units_in_pass(ehd_rows, row0, nrows), b0, ncols, [&](int r, int64_t b, int col) {
         p_enc[r * bp + b] += sum(plan.w_ehd + r - row0, col);
@@ -233,6 +256,7 @@ struct ForwardDirection {
   using Plan = ForwardPlan;
   using Scalar = T;
   using Kernel = void (*)(const LoopParams<T>, const ForwardPlan, T* const);
+  using Weights = ForwardWeights<T>;
   template <int NBL, int MATH>
   static Kernel instance() {
     return forward_kernel<T, NBL, MATH>;

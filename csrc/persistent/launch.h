@@ -11,9 +11,12 @@
 //     static const char* op(const Params&);                    // name in messages
 //     static Plan plan(const Dims&, const Config&, int64_t smem_limit);
 //     static int grid_barriers(const Params&);
+//     using Weights = ...;      // value(k, r) of the stationary weights of a block and stage:
+//                               // Weights(params, plan, cta, stage)(k, r)
 //   };
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -24,6 +27,7 @@
 #include <c10/util/Exception.h>
 
 #include "persistent/persistent.h"
+#include "persistent/stage.cuh"
 
 #ifdef AVME_CPU_EMULATION
 #include "emulation/cuda_emulation.h"
@@ -90,12 +94,20 @@ Config resolve_config(const Dims& d, const DeviceLimits& limits, const Config& r
   TORCH_CHECK(c.threads >= 32 && c.threads <= kMaxThreads && c.threads % 32 == 0,
               "avme::persistent::", op, ": threads must be a multiple of 32 in [32, ",
               kMaxThreads, "], got ", c.threads);
-  if (c.nbl == 0) c.nbl = d.B <= 32 ? 1 : (d.B <= 64 ? 2 : 4);
+  const int nwarps = c.threads / 32;
+  if (c.nbl == 0) c.nbl = d.B <= 32 ? 1 : (d.B <= 64 || nwarps < column_slices(4) ? 2 : 4);
   TORCH_CHECK(c.nbl == 1 || c.nbl == 2 || c.nbl == 4, "avme::persistent::", op,
-              ": nbl (batch columns per lane) must be 1, 2 or 4, got ", c.nbl);
+              ": nbl (batch chunks of 32 * nbl columns) must be 1, 2 or 4, got ", c.nbl);
+  TORCH_CHECK(nwarps >= column_slices(c.nbl), "avme::persistent::", op, ": nbl ", c.nbl,
+              " splits a batch chunk into ", column_slices(c.nbl), " column slices of ",
+              warp_cols(c.nbl), ", one per warp at least: threads must be >= ",
+              32 * column_slices(c.nbl), ", got ", c.threads);
   if (c.kc == 0) c.kc = 4096 / (32 * c.nbl);  // tiles of 4096 elements (16 KiB of float)
   TORCH_CHECK(c.kc >= 1 && c.kc <= 4096, "avme::persistent::", op,
               ": kc (k rows per tile) must be in [1, 4096], got ", c.kc);
+  TORCH_CHECK(c.kc % k_step(c.math) == 0, "avme::persistent::", op,
+              ": kc (k rows per tile) must be a multiple of ", k_step(c.math),
+              " for tensor-core math (k blocks of 8 rows), got ", c.kc);
   int widest = d.D > d.Hd ? d.D : d.Hd;
   if (d.encoder) widest = widest > d.He ? widest : d.He;
   widest = widest > d.Z ? widest : d.Z;
@@ -172,6 +184,70 @@ inline DeviceLimits default_device_limits() {
 #endif
 }
 
+// ---- the weights, packed in shared-memory order -------------------------------------------------
+
+// Every block's stationary weights in its shared-memory layout, `plan.weights_elems` elements per
+// block from `packed` (the workspace), so that the kernel's start copies them with 16-byte
+// cp.async (stage.cuh: start_weight_copy). Once per launch, i.e. once per weight version in
+// training (a forward and a backward per optimizer step, each with its own layout).
+template <bool kRoundTf32, typename Dir>
+__device__ __forceinline__ void pack_block_stage(const typename Dir::Params& p,
+                                                 const typename Dir::Plan& plan, int cta,
+                                                 int stage, typename Dir::Scalar* packed,
+                                                 int begin, int stride) {
+  const StageLayout& layout = stage_of(plan, stage);
+  if (layout.rows <= 0) return;
+  const typename Dir::Weights value(p, plan, cta, stage);
+  pack_stage<kRoundTf32>(layout, packed + cta * plan.weights_elems + layout.offset, begin,
+                         stride, value);
+}
+
+#ifndef AVME_CPU_EMULATION
+// Grid (x: parts of a stage, y: block, z: stage).
+template <typename Dir, bool kRoundTf32>
+__global__ void __launch_bounds__(256)
+    pack_weights_kernel(const typename Dir::Params p, const typename Dir::Plan plan,
+                        typename Dir::Scalar* const packed) {
+  pack_block_stage<kRoundTf32, Dir>(p, plan, static_cast<int>(blockIdx.y),
+                                    static_cast<int>(blockIdx.z), packed,
+                                    static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x),
+                                    static_cast<int>(gridDim.x * blockDim.x));
+}
+#endif
+
+template <typename Dir>
+void pack_weights(const typename Dir::Params& p, const typename Dir::Plan& plan,
+                  typename Dir::Scalar* packed, cudaStream_t stream) {
+  constexpr bool kFloat = std::is_same_v<typename Dir::Scalar, float>;
+  const bool round = kFloat && plan.cfg.math == kMathTf32;
+#ifdef AVME_CPU_EMULATION
+  (void)stream;
+  ++emu::launch_count;  // one kernel on a GPU (emulated here by a loop on the host)
+  for (int cta = 0; cta < plan.cfg.ctas; ++cta)
+    for (int stage = 0; stage < kStages; ++stage) {
+      if (round) {
+        pack_block_stage<kFloat, Dir>(p, plan, cta, stage, packed, 0, 1);
+      } else {
+        pack_block_stage<false, Dir>(p, plan, cta, stage, packed, 0, 1);
+      }
+    }
+#else
+  constexpr int kThreads = 256, kPerThread = 4;
+  int64_t most = 0;
+  for (int stage = 0; stage < kStages; ++stage)
+    most = std::max(most, stage_of(plan, stage).rows > 0 ? stage_of(plan, stage).elems() : 0);
+  if (most == 0) return;
+  const dim3 grid(static_cast<unsigned>((most + kThreads * kPerThread - 1) / (kThreads * kPerThread)),
+                  static_cast<unsigned>(plan.cfg.ctas), kStages);
+  if (round) {
+    pack_weights_kernel<Dir, kFloat><<<grid, kThreads, 0, stream>>>(p, plan, packed);
+  } else {
+    pack_weights_kernel<Dir, false><<<grid, kThreads, 0, stream>>>(p, plan, packed);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
 // ---- the launch flow of a direction (see the file comment) -------------------------------------
 
 // The kernel instantiation of a configuration (tensor-core math exists for float only;
@@ -203,17 +279,42 @@ LaunchCache* launch_cache(const Config& c) {
 }
 #endif
 
+// Whether tensor-core math can run here (the CPU emulator emulates it).
+inline bool has_tensor_cores() {
+#ifdef AVME_CPU_EMULATION
+  return true;
+#else
+  return device_has_tf32_mma();
+#endif
+}
+
 // The plan of a launch: sizes checked, the configuration resolved (raises on a bad request).
+// Math kMathFp32 (precision "fp32") becomes 3xTF32 for float tensors where the device has tensor
+// cores and that plan fits the shared memory (its weights pad to 8 rows per stage where FMA's
+// pad to 4), else FMA.
 template <typename Dir>
 typename Dir::Plan resolved_plan(const typename Dir::Params& p, const DeviceLimits& limits,
                                  const Config& requested) {
+  using T = typename Dir::Scalar;
   const Dims d = dims_of(p);
   const char* op = Dir::op(p);
   check_dims(d, op);
-  const Config cfg = resolve_config(
-      d, limits, requested, sizeof(typename Dir::Scalar), op,
-      [&](const Config& c) { return stage_rows(Dir::plan(d, c, limits.smem_optin)); });
-  return Dir::plan(d, cfg, limits.smem_optin);
+  const auto plan_for = [&](const Config& request) {
+    const Config cfg = resolve_config(
+        d, limits, request, sizeof(T), op,
+        [&](const Config& c) { return stage_rows(Dir::plan(d, c, limits.smem_optin)); });
+    return Dir::plan(d, cfg, limits.smem_optin);
+  };
+  if (requested.math != kMathFp32) return plan_for(requested);
+  Config request = requested;
+  if (std::is_same_v<T, float> && has_tensor_cores() &&
+      request.kc % k_step(kMathTf32x3) == 0) {
+    request.math = kMathTf32x3;
+    const typename Dir::Plan plan = plan_for(request);
+    if (plan.smem_elems * static_cast<int64_t>(sizeof(T)) <= limits.smem_optin) return plan;
+  }
+  request.math = kMathFma;
+  return plan_for(request);
 }
 
 template <typename Dir>
@@ -226,6 +327,8 @@ LaunchInfo describe(const typename Dir::Params& p, const DeviceLimits& limits,
   info.workspace_bytes = plan.ws_elems * static_cast<int64_t>(sizeof(typename Dir::Scalar));
   info.state_in_smem = plan.priv_in_smem;
   info.grid_barriers = Dir::grid_barriers(p);
+  for (int i = 0; i < kStages; ++i)
+    info.stages[i] = split_of(stage_of(plan, i), plan.cfg, sizeof(typename Dir::Scalar));
   return info;
 }
 
@@ -234,14 +337,16 @@ bool supports(const typename Dir::Params& p, int num_sms, int64_t smem_optin,
               const Config& requested) {
   const Dims d = dims_of(p);
   if (num_sms < 1 || !sizes_valid(d) || d.B > kMaxBatch) return false;
-  if (requested.math != kMathFma && !std::is_same_v<typename Dir::Scalar, float>) return false;
+  if (requested.math != kMathFma && requested.math != kMathFp32 &&
+      !std::is_same_v<typename Dir::Scalar, float>)
+    return false;
   if (d.B == 0) return true;
   const LaunchInfo info = describe<Dir>(p, DeviceLimits{num_sms, smem_optin}, requested);
   if (info.smem_bytes > smem_optin) return false;
 #ifdef AVME_CPU_EMULATION
   return true;
 #else
-  if (requested.math != kMathFma && !device_has_tf32_mma()) return false;
+  if (info.config.math != kMathFma && !device_has_tf32_mma()) return false;
   return fits_cooperatively(kernel_for<Dir>(info.config), info.config.ctas, info.config.threads,
                             static_cast<size_t>(info.smem_bytes), num_sms,
                             launch_cache<Dir>(info.config));
@@ -266,8 +371,8 @@ void launch(const typename Dir::Params& p, const DeviceLimits& limits, const Con
   const typename Dir::Kernel kernel = kernel_for<Dir>(plan.cfg);
   const int ctas = plan.cfg.ctas, threads = plan.cfg.threads;
   Workspace<T> ws(plan.ws_elems, stream);
+  pack_weights<Dir>(p, plan, ws.get() + plan.ws_weights, stream);
 #ifdef AVME_CPU_EMULATION
-  (void)stream;
   emu::cooperative_launch(kernel, ctas, threads, static_cast<size_t>(smem), p, plan, ws.get());
 #else
   TORCH_CHECK(plan.cfg.math == kMathFma || device_has_tf32_mma(), "avme::persistent::", op,

@@ -9,6 +9,9 @@
 //   weight rows of its units in shared memory for the whole launch (loaded once): all four gate
 //   rows of its LSTM units, so the cell update is local. The step-invariant x and y columns of
 //   the encoder (and y of the decoder) arrive hoisted in LoopParams::enc_static / dec_static.
+//   Before the launch a packing kernel writes every block's weights in shared-memory order to
+//   the workspace (once per launch: once per weight version in training); the kernel's start
+//   copies its slice with 16-byte cp.async.
 // * Blocks exchange activations through small feature-major buffers in global memory (L2), with
 //   a grid-wide barrier (common/grid_sync.cuh) between dependent stages. Every stage streams ONE
 //   activation matrix, in tiles, through shared memory and multiplies it by the stationary rows:
@@ -28,9 +31,11 @@
 //   The number of blocks is the smallest that gives every stage the same rows per block as one
 //   block per SM (at the paper's sizes 100 of the H100's 132: 4 units of 400 each).
 // * The products go through one register-tile interface (common/tile_product.cuh): CUDA-core
-//   FMA in the tensor dtype (fp32 or fp64; the default), or TF32 tensor cores for float tensors
-//   (Config::math: 3xTF32 ~ float accuracy, or plain TF32), mma.sync m16n8k8 with the batch as
-//   M and the weight rows as N.
+//   FMA in the tensor dtype (fp32 or fp64; Config's default), or TF32 tensor cores for float
+//   tensors (Config::math: 3xTF32 ~ float accuracy, or plain TF32), mma.sync m16n8k8 with the
+//   batch as M and the weight rows as N. Each warp covers all the rows of a stage (up to 40 per
+//   pass) for a slice of 32 or 64 batch columns over a share of the k rows (stage.cuh), so every
+//   warp has the same work and each activation element is read once per block.
 // * The backward writes exactly what BackwardParams asks (d_canvas, d_q, d_gates_enc,
 //   d_gates_dec, d_x_error): the host computes the weight gradients with large GEMMs as for the
 //   row-tile design.
@@ -65,6 +70,8 @@ struct LaunchInfo {
   int64_t workspace_bytes = 0;  // global workspace (allocated by the launcher)
   bool state_in_smem = false;   // per-block recurrent state in shared memory (else workspace)
   int grid_barriers = 0;        // grid-wide barriers of one launch
+  StageSplit stages[kStages];   // the stages in the kernel's order (forward E, Q, D, W;
+                                // backward B1..B4) and how a block's warps share them
 };
 
 // True when the design can run this problem on a device with `num_sms` SMs and `smem_optin`
@@ -72,7 +79,8 @@ struct LaunchInfo {
 // occupancy calculator confirms a block of that size fits on an SM). B == 0 is supported (no
 // launch). Forward / sampler and backward have different weight slices: ask for each.
 // `requested`: a configuration (e.g. Config::math = kMathTf32x3: tensor cores, which also need
-// float tensors and an sm_80+ device); 0 fields are chosen.
+// float tensors and an sm_80+ device; kMathFp32: 3xTF32 where it can run and fits, else FMA);
+// 0 fields are chosen.
 template <typename T>
 bool supports(const LoopParams<T>& p, int num_sms, int64_t smem_optin,
               const Config& requested = Config{});

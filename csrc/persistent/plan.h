@@ -7,6 +7,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "avme.h"
 
@@ -19,23 +20,53 @@ namespace persistent {
 
 // Largest block the kernels are compiled for (__launch_bounds__).
 constexpr int kMaxThreads = 256;
-// Extra columns per activation-tile row in shared memory (tensor-core fragment loads without
-// bank conflicts).
+// Extra columns per activation-tile row in shared memory (tensor-core A fragments without bank
+// conflicts: the row stride is 8 words past a multiple of 32 banks).
 constexpr int kTilePad = 8;
+// Extra columns per row of the split-K partial sums and the row sums (tensor-core accumulator
+// stores without bank conflicts: 4 words past a multiple of 32 banks).
+constexpr int kSumPad = 4;
 
 // How the stage products are computed (common/tile_product.cuh):
 constexpr int kMathFma = 0;     // CUDA-core FMA in the tensor dtype (float or double)
 constexpr int kMathTf32x3 = 1;  // TF32 tensor cores, 3 products per term (~float accuracy)
 constexpr int kMathTf32 = 2;    // TF32 tensor cores, 1 product (10-bit mantissas)
+// Precision "fp32", resolved per launch (launch.h): kMathTf32x3 for float tensors on a device
+// with TF32 tensor cores when that plan fits the shared memory, else kMathFma.
+constexpr int kMathFp32 = -1;
 
-// Grid and tile sizes of one launch; 0 = choose (resolve_config in persistent.h).
+// Stages of a kernel (forward E, Q, D, W; backward B1..B4), with a grid barrier between them.
+constexpr int kStages = 4;
+
+// Grid and tile sizes of one launch; 0 = choose (resolve_config in launch.h).
 struct Config {
   int ctas = 0;     // blocks: all co-resident (at most one per SM), each owns a slice of units
   int threads = 0;  // threads per block: a multiple of 32, at most kMaxThreads
-  int nbl = 0;      // batch columns per lane: 1, 2 or 4 (a batch chunk has 32 * nbl columns)
-  int kc = 0;       // activation rows (k) per tile streamed into shared memory
-  int math = kMathFma;  // kMathFma, kMathTf32x3 or kMathTf32 (tensor cores: float, sm_80+)
+  int nbl = 0;      // batch chunk of 32 * nbl columns: nbl 1, 2 or 4 (4 needs >= 2 warps)
+  int kc = 0;       // activation rows (k) per tile streamed into shared memory (tensor cores:
+                    // a multiple of 8)
+  int math = kMathFma;  // kMathFma, kMathTf32x3 or kMathTf32 (tensor cores: float, sm_80+), or
+                        // kMathFp32 in a request
 };
+
+// The warps' share of a stage (stage.cuh). Every warp covers all the rows of a pass (up to
+// warp_rows) for one column slice of the batch chunk (warp_cols columns) over one of the k
+// splits: each activation element of a tile is read by one warp of the block, and a stage's
+// work is the same for every warp whatever its row count.
+//   rows per warp: 40 (TF32: 5 n-tiles of 8 rows; FMA float: 40 rows x 2 columns per lane), 24
+//   for FMA in double (the accumulators of a lane stay within ~100 registers);
+//   columns per warp: 32 (a batch chunk of 32) or 64; a chunk of 128 has two column slices;
+//   k splits: the warps / column slices; a split takes every splits-th k step of a tile (1 row
+//   for FMA, a block of 8 rows for the m16n8k8 tensor-core products).
+__host__ __device__ constexpr int warp_rows(int math, int elem_size) {
+  return math == kMathFma && elem_size == 8 ? 24 : 40;
+}
+__host__ __device__ constexpr int warp_cols(int nbl) { return 32 * (nbl < 2 ? nbl : 2); }
+__host__ __device__ constexpr int column_slices(int nbl) { return 32 * nbl / warp_cols(nbl); }
+__host__ __device__ constexpr int k_step(int math) { return math == kMathFma ? 1 : 8; }
+// Rows of a stage's weights are padded to a multiple of row_step (FMA: a 16-byte vector of
+// float; tensor cores: an n-tile).
+__host__ __device__ constexpr int row_step(int math) { return math == kMathFma ? 4 : 8; }
 
 // Contiguous share of n items owned by part i of `parts` (sizes differ by at most one).
 struct Range {
@@ -51,16 +82,58 @@ __host__ __device__ inline Range share(int n, int parts, int i) {
 
 __host__ __device__ inline int max_share(int n, int parts) { return (n + parts - 1) / parts; }
 
+// The units of each kind block `cta` of `ctas` owns (contiguous shares).
+struct OwnedUnits {
+  Range enc, lat, dec, pix;  // encoder units, latent units, decoder units, pixels
+};
+
+__host__ __device__ inline OwnedUnits owned_units(int He, int Z, int Hd, int D, int ctas, int cta) {
+  return OwnedUnits{share(He, ctas, cta), share(Z, ctas, cta), share(Hd, ctas, cta),
+                    share(D, ctas, cta)};
+}
+
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// A stage's stationary weights in shared memory, k-major: for each of the k input features, the
-// stage's `rows` output rows (largest over the blocks) padded to ld = a multiple of rt.
+// A stage's stationary weights in shared memory (this block's `rows` output rows, largest over
+// the blocks, padded to ld; zero where a block owns fewer), in one of two layouts:
+//   FMA (fragments false): k-major, w[k * ld + r], ld a multiple of 4 (16-byte rows of float);
+//   tensor cores (fragments true): the B fragments of mma.m16n8k8 in the order the lanes load
+//   them: k blocks of 8 rows (k padded to kpad, a multiple of 8, with zeros), in each the ld / 8
+//   n-tiles of 8 rows, in each 32 lanes x {b0, b1} (64 contiguous values): lane 4 g + t holds
+//   (k = 8 kb + t, r = 8 j + g) and (k + 4, r). A warp reads a fragment as one 8-byte load per
+//   lane, 256 contiguous bytes: no bank conflicts and no padding of ld.
+// Either way the weights of k rows [k0, k0 + 8i) and rows [r0, ...) start at k0 * ld (+ r0 for
+// FMA, + 8 r0 for fragments) when k0 and r0 are multiples of 8.
 struct StageLayout {
   int k = 0;
+  int kpad = 0;
   int rows = 0;
-  int rt = 8;
   int ld = 0;
+  bool fragments = false;
   int64_t offset = 0;  // elements from the start of shared memory
+
+  __host__ __device__ int64_t elems() const { return static_cast<int64_t>(kpad) * ld; }
+
+  // Position of weight (k, r) in the stage's region.
+  __host__ __device__ int64_t index(int kk, int r) const {
+    if (!fragments) return static_cast<int64_t>(kk) * ld + r;
+    const int kb = kk >> 3, j = r >> 3, g = r & 7, t = kk & 3, hi = (kk >> 2) & 1;
+    return (static_cast<int64_t>(kb) * (ld >> 3) + j) * 64 + (4 * g + t) * 2 + hi;
+  }
+
+  // The inverse: (k, r) of position i (a stage fits in shared memory: 32-bit arithmetic).
+  __host__ __device__ void at(int i, int& kk, int& r) const {
+    if (!fragments) {
+      kk = i / ld;
+      r = i - kk * ld;
+      return;
+    }
+    const int block = i >> 6, e = i & 63, lane = e >> 1;
+    const int ntl = ld >> 3;
+    const int kb = block / ntl, j = block - kb * ntl;
+    kk = 8 * kb + (lane & 3) + 4 * (e & 1);
+    r = 8 * j + (lane >> 2);
+  }
 };
 
 // Rows of one kind inside a stage: `count` units of `rows_per_unit` rows from row `offset`.
@@ -71,15 +144,6 @@ struct RowBlock {
   int count = 0;
   int rows_per_unit = 1;
 };
-
-// Register-tile rows for a stage of `rows` rows: FMA tiles have 4 or 8 rows, tensor-core tiles
-// 8 or 16; the larger unless it pads more.
-__host__ __device__ inline int tile_rows_for(int rows, int math) {
-  const int small = math == kMathFma ? 4 : 8;
-  return round_up(rows, small) < round_up(rows, 2 * small) ? small : 2 * small;
-}
-
-__host__ __device__ inline int max_tile_rows(int math) { return math == kMathFma ? 8 : 16; }
 
 // Sizes of one launch's problem (forward or backward).
 struct Dims {
@@ -97,12 +161,15 @@ struct PlanBase {
   int nchunks = 0;   // ceil(B / nb)
   int64_t bp = 0;    // row stride of every (rows, batch) array: B rounded up to 4
   int ne = 0, nz = 0, nd = 0, np = 0;  // most encoder / latent / decoder units, pixels per block
+  int64_t weights_elems = 0;     // shared memory of the stages' weights (from offset 0)
   int64_t scratch = 0, scratch_elems = 0;  // activation tiles, then the cross-warp partial sums
   bool priv_in_smem = false;
   int64_t priv_elems = 0;        // per-block state, per block
   int64_t priv_smem = 0;         // offset of the per-block state in shared memory
   int64_t smem_elems = 0;
   int64_t ws_priv = 0, ws_elems = 0;  // per-block state in the workspace (when not in smem)
+  int64_t ws_weights = 0;        // every block's weights, packed in shared-memory order
+                                 // (weights_elems per block), copied in at the start
 };
 
 // Shared-memory and workspace layout of the forward / sampler kernel.
@@ -151,21 +218,58 @@ struct Allocator {
 inline StageLayout make_stage(int k, int rows, int math, Allocator& smem) {
   StageLayout s;
   s.k = k;
+  s.fragments = math != kMathFma;
+  s.kpad = static_cast<int>(round_up(k, k_step(math)));
   s.rows = rows;
-  s.rt = tile_rows_for(rows, math);
-  s.ld = static_cast<int>(round_up(rows, s.rt));
-  s.offset = rows > 0 ? smem.take(static_cast<int64_t>(k) * s.ld) : 0;
+  s.ld = static_cast<int>(round_up(rows, row_step(math)));
+  s.offset = rows > 0 ? smem.take(s.elems()) : 0;
   return s;
 }
 
-// Shared memory of the stage products: two activation tiles (kc rows of nb + kTilePad), reused
-// after the last tile for the split-K tree (at most nwarps / 2 partial tiles per round) and the
-// row sums (at least one group).
-inline int64_t scratch_elems_for(const Config& cfg, int nb) {
+// Rows of the passes of a stage of `ld` padded rows (the last pass may have fewer).
+__host__ __device__ inline int pass_rows(int ld, int math, int elem_size) {
+  const int most = warp_rows(math, elem_size);
+  return ld < most ? ld : most;
+}
+
+// A stage of a launch and how the warps of a block share it, as the kernel runs it (for reports
+// and tests).
+struct StageSplit {
+  int k = 0;            // activation rows (the stage's input features)
+  int rows = 0;         // weight rows of the largest block
+  int ld = 0;           // padded rows
+  int passes = 0;       // row passes (each streams the stage's activation once)
+  int slices = 0;       // column slices of a batch chunk
+  int splits = 0;       // k splits of each slice (warps beyond slices * splits idle)
+  int busy_warps = 0;   // warps with work in a full tile
+};
+
+__host__ __device__ inline StageSplit split_of(const StageLayout& layout, const Config& cfg,
+                                               int elem_size) {
+  StageSplit s;
+  s.k = layout.k;
+  s.rows = layout.rows;
+  s.ld = layout.ld;
+  const int most = pass_rows(layout.ld, cfg.math, elem_size);
+  s.passes = layout.rows > 0 ? (layout.ld + most - 1) / most : 0;
+  s.slices = column_slices(cfg.nbl);
+  s.splits = cfg.threads / 32 / s.slices;
+  const int steps = (cfg.kc + k_step(cfg.math) - 1) / k_step(cfg.math);
+  s.busy_warps = layout.rows > 0 ? s.slices * (s.splits < steps ? s.splits : steps) : 0;
+  return s;
+}
+
+// Shared memory of the stage products for passes of at most `rows` padded rows: two activation
+// tiles (kc rows of nb + kTilePad), reused after the last tile for the split-K tree (at most
+// nwarps / 2 partial tiles of rows x (warp_cols + kSumPad) in its first round) and then the
+// row sums (rows x (nb + kSumPad)).
+inline int64_t scratch_elems_for(const Config& cfg, int nb, int rows) {
   const int64_t tiles = 2 * static_cast<int64_t>(cfg.kc) * (nb + kTilePad);
   const int64_t half = cfg.threads / 64 > 1 ? cfg.threads / 64 : 1;
-  const int64_t partials = half * max_tile_rows(cfg.math) * nb;
-  return tiles > partials ? tiles : partials;
+  const int64_t partials = half * rows * (warp_cols(cfg.nbl) + kSumPad);
+  const int64_t sums = static_cast<int64_t>(rows) * (nb + kSumPad);
+  const int64_t most = tiles > partials ? tiles : partials;
+  return most > sums ? most : sums;
 }
 
 // The first part of a plan: batch chunks and the units each block owns (d.encoder false: no
@@ -181,11 +285,14 @@ inline void plan_batch_and_units(PlanBase& plan, const Dims& d, const Config& cf
   plan.np = max_share(d.D, cfg.ctas);
 }
 
-// After the stages' weights: the scratch area, then the per-block state of `priv_elems`
-// elements, in shared memory when it fits next to the weights within `smem_limit` bytes.
-inline void plan_scratch_and_state(PlanBase& plan, Allocator& smem, int64_t priv_elems,
-                                   size_t elem_size, int64_t smem_limit) {
-  plan.scratch_elems = scratch_elems_for(plan.cfg, plan.nb);
+// After the stages' weights (the first `smem.end` elements; `widest` the largest padded rows of
+// a stage): the scratch area, then the per-block state of `priv_elems` elements, in shared
+// memory when it fits next to the weights within `smem_limit` bytes.
+inline void plan_scratch_and_state(PlanBase& plan, Allocator& smem, int widest,
+                                   int64_t priv_elems, size_t elem_size, int64_t smem_limit) {
+  plan.weights_elems = smem.end;
+  plan.scratch_elems = scratch_elems_for(
+      plan.cfg, plan.nb, pass_rows(widest, plan.cfg.math, static_cast<int>(elem_size)));
   plan.scratch = smem.take(plan.scratch_elems);
   plan.priv_elems = priv_elems;
   plan.priv_in_smem =
@@ -194,11 +301,19 @@ inline void plan_scratch_and_state(PlanBase& plan, Allocator& smem, int64_t priv
   plan.smem_elems = smem.end;
 }
 
-// After the exchange buffers: the per-block state in the workspace (when not in shared memory)
-// and the workspace's size.
+// After the exchange buffers: the per-block state in the workspace (when not in shared
+// memory), the packed weights of every block, and the workspace's size.
 inline void plan_state_workspace(PlanBase& plan, Allocator& ws) {
   plan.ws_priv = ws.take(plan.priv_in_smem ? 0 : plan.cfg.ctas * plan.priv_elems);
+  plan.ws_weights = ws.take(plan.cfg.ctas * plan.weights_elems);
   plan.ws_elems = ws.end;
+}
+
+// The widest of a plan's stages (padded rows).
+inline int widest_of(std::initializer_list<StageLayout> stages) {
+  int w = 0;
+  for (const StageLayout& s : stages) w = s.ld > w ? s.ld : w;
+  return w;
 }
 
 // `cfg` fully resolved; `smem_limit` (bytes) decides whether the per-block state fits in shared
@@ -222,7 +337,8 @@ inline ForwardPlan plan_forward(const Dims& d, const Config& cfg, size_t elem_si
   f.c_enc = priv.take(f.ne * f.bp);
   f.c_dec = priv.take(f.nd * f.bp);
   f.s = priv.take(f.np * f.bp);
-  plan_scratch_and_state(f, smem, priv.end, elem_size, smem_limit);
+  plan_scratch_and_state(f, smem, widest_of({f.E, f.Q, f.D, f.W}), priv.end, elem_size,
+                         smem_limit);
 
   Allocator ws;
   f.ws_henc = ws.take(static_cast<int64_t>(d.encoder ? d.He : 0) * f.bp);
@@ -252,7 +368,8 @@ inline BackwardPlan plan_backward(const Dims& d, const Config& cfg, size_t elem_
   b.p_dec = priv.take(b.nd * b.bp);
   b.p_enc = priv.take(b.ne * b.bp);
   b.gs = priv.take(b.np * b.bp);
-  plan_scratch_and_state(b, smem, priv.end, elem_size, smem_limit);
+  plan_scratch_and_state(b, smem, widest_of({b.B1, b.B2, b.B3, b.B4}), priv.end, elem_size,
+                         smem_limit);
 
   Allocator ws;
   b.ws_gs = ws.take(static_cast<int64_t>(d.D) * b.bp);
@@ -263,12 +380,19 @@ inline BackwardPlan plan_backward(const Dims& d, const Config& cfg, size_t elem_
   return b;
 }
 
-// The padded rows of each stage of a plan (the launcher compares them across block counts).
-inline std::array<int, 4> stage_rows(const ForwardPlan& f) {
-  return {f.E.ld, f.Q.ld, f.D.ld, f.W.ld};
+// The stages of a plan in the kernel's order (stage i of the weight packing).
+__host__ __device__ inline const StageLayout& stage_of(const ForwardPlan& f, int i) {
+  return i == 0 ? f.E : (i == 1 ? f.Q : (i == 2 ? f.D : f.W));
 }
-inline std::array<int, 4> stage_rows(const BackwardPlan& b) {
-  return {b.B1.ld, b.B2.ld, b.B3.ld, b.B4.ld};
+__host__ __device__ inline const StageLayout& stage_of(const BackwardPlan& b, int i) {
+  return i == 0 ? b.B1 : (i == 1 ? b.B2 : (i == 2 ? b.B3 : b.B4));
+}
+// The padded rows of each stage of a plan (the launcher compares them across block counts).
+template <typename Plan>
+std::array<int, kStages> stage_rows(const Plan& plan) {
+  std::array<int, kStages> rows{};
+  for (int i = 0; i < kStages; ++i) rows[i] = stage_of(plan, i).ld;
+  return rows;
 }
 
 }  // namespace persistent

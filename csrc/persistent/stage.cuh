@@ -6,16 +6,22 @@
 // nb batch columns is a set of contiguous 16-byte runs: it is streamed into shared memory with
 // cp.async, double-buffered, while the previous tile is multiplied.
 //
-// Work split inside a block (nwarps warps): the rows form groups of RT (the register tile of
-// common/tile_product.cuh: FMA or tensor-core); a pass takes up to nwarps groups (fewer when
-// their sums would not fit in the scratch area), and the warps sharing a group split each tile's
-// k rows (split-K: split s of nsplit). After the last tile the
-// split partial sums of a group are added by a tree over shared memory (rounds h = 1, 2, 4...:
-// split s + h stores, split s adds; fixed order, so results are deterministic), split 0 stores
-// the group's sums, and the epilogue reads row sums from there (PassSums). Rows beyond one pass
-// take further passes (each re-streams X; the planned sizes need one). The batch is processed
-// in chunks of nb = 32 * NBL columns; columns >= B of the last chunk are zero-filled and never
-// written back.
+// Work split inside a block (plan.h, warp_rows / warp_cols): every warp covers ALL the rows of
+// a pass (up to the tile's kRows) for one column slice of the batch chunk (kCols columns; a
+// chunk of 128 columns has 2 slices, of 32 or 64 columns 1), and the warps of a slice split each
+// tile's k steps (split s of nsplit takes steps s, s + nsplit, ...; a step is 1 k row for FMA, 8
+// for tensor cores). So each activation element of a tile is read (and converted) by exactly
+// one warp of the block, and every warp has the same work whatever the stage's row count. After
+// the last tile the split partial sums of a slice are added by a tree over shared memory (rounds
+// h = 1, 2, 4: split s + h stores, split s adds; fixed order, so results are deterministic),
+// split 0 stores the slice's sums, and the epilogue reads row sums from there (PassSums). Rows
+// beyond one pass take further passes (each re-streams X; at the paper's sizes every stage has
+// one). The batch is processed in chunks of nb = 32 * NBL columns; columns >= B of the last
+// chunk are zero-filled and never written back.
+//
+// The weights arrive packed by the host side of the launch in shared-memory order, one slice
+// per block (pack_stage, launch.h): the kernel copies its slice with 16-byte cp.async
+// (start_weight_copy), with no index arithmetic and no dependent loads.
 #pragma once
 
 #include <type_traits>
@@ -52,22 +58,9 @@ struct PassSums {
   __device__ __forceinline__ T operator()(int row, int col) const { return sums[row * ld + col]; }
 };
 
-// Split-K bookkeeping of a pass: warp w works on group w % groups as split w / groups.
-__device__ __forceinline__ int splits_of(int group, int groups, int nwarps) {
-  return (nwarps - group + groups - 1) / groups;
-}
-
-// Pairs (s, s + h), s a multiple of 2h, among ns splits.
+// Pairs (s, s + h), s a multiple of 2h, among ns splits (the partial tiles of a tree round).
 __device__ __forceinline__ int pairs_of(int ns, int h) {
   return ns > h ? (ns - h + 2 * h - 1) / (2 * h) : 0;
-}
-
-// Shared-memory slot of the pair (s, s + h) of `group` in reduction round h (slots are numbered
-// over all groups: at most nwarps / 2 per round).
-__device__ __forceinline__ int pair_slot(int group, int s, int h, int groups, int nwarps) {
-  int slot = 0;
-  for (int g = 0; g < group; ++g) slot += pairs_of(splits_of(g, groups, nwarps), h);
-  return slot + s / (2 * h);
 }
 
 // Units of `block` whose rows lie in the pass's rows [row0, row0 + nrows).
@@ -97,15 +90,41 @@ __device__ __forceinline__ int rows_used(const RowBlock& a, const RowBlock& b = 
 }
 
 // Runs `fn(unit, b, col)` for every unit of `units` and batch column of the chunk (col: column in
-// the chunk, b = b0 + col), spread over the block's threads, batch fastest. The index runs in
-// int64: the start-up loops pass the whole batch as one chunk (units x B can exceed 2^31).
+// the chunk, b = b0 + col), spread over the block's threads, unit fastest: consecutive threads
+// take consecutive units of one batch row, so the (K, B, H) outputs and the (B, H) inputs the
+// epilogues touch are read and written in runs of the block's units (one or two 32-byte
+// sectors) instead of one sector per element, at the same sector count for the feature-major
+// workspace. One division per call, none per element (the start-up loops pass the whole batch
+// as one chunk: ncols up to 2^30).
 template <typename Fn>
 __device__ __forceinline__ void for_units(const Range& units, int64_t b0, int ncols, Fn&& fn) {
-  const int64_t total = static_cast<int64_t>(units.count) * ncols;
-  for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int64_t q = idx / ncols;
-    const int col = static_cast<int>(idx - q * ncols);
-    fn(units.begin + static_cast<int>(q), b0 + col, col);
+  const int n = units.count;
+  if (n <= 0) return;
+  const int step = static_cast<int>(blockDim.x);
+  const int du = step % n, dcol = step / n;
+  int u = static_cast<int>(threadIdx.x) % n;
+  int col = static_cast<int>(threadIdx.x) / n;
+  while (col < ncols) {
+    fn(units.begin + u, b0 + col, col);
+    u += du;
+    col += dcol;
+    if (u >= n) {
+      u -= n;
+      ++col;
+    }
+  }
+}
+
+// A value a kernel writes as the activation of a later stage's product: rounded to TF32 when
+// that product takes its operands as they are (MATH == kMathTf32: the 1-pass tile does not
+// convert), unchanged otherwise. The exact value goes wherever else it is needed (outputs, the
+// per-block state).
+template <int MATH, typename T>
+__device__ __forceinline__ T stage_operand(T v) {
+  if constexpr (MATH == kMathTf32 && std::is_same_v<T, float>) {
+    return tf32_value(to_tf32(v));
+  } else {
+    return v;
   }
 }
 
@@ -127,20 +146,24 @@ __device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ x, int6
   }
 }
 
-// The stage with register tile `Tile`; see the file comment. `epilogue(row0, nrows, sums, b0,
-// ncols)` is called once per pass and batch chunk, by every thread of the block.
-template <typename Tile, typename T, typename Epilogue>
+// The stage with register tile `Tile` on batch chunks of NB columns; see the file comment.
+// `epilogue(row0, nrows, sums, b0, ncols)` is called once per pass and batch chunk, by every
+// thread of the block. w: the stage's weights (layout of Tile, row stride / n-tile count ld).
+template <typename Tile, int NB, typename T, typename Epilogue>
 __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, int rows,
                                 const T* __restrict__ x, int k, Epilogue& epilogue) {
-  constexpr int RT = Tile::kRows;
-  constexpr int NB = Tile::kCols;
-  constexpr int LDX = NB + kTilePad;
+  constexpr int kCols = Tile::kCols;
+  static_assert(NB % kCols == 0, "a batch chunk is a whole number of column slices");
+  constexpr int kSlices = NB / kCols;
+  constexpr int LDX = NB + kTilePad;   // activation tile rows
+  constexpr int LDP = kCols + kSumPad; // partial tiles of the split-K tree
+  constexpr int LDO = NB + kSumPad;    // row sums
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  const int ngroups = (rows + RT - 1) / RT;
-  const int fit = static_cast<int>(ctx.scratch_elems / (RT * NB));  // groups whose sums fit
-  const int max_groups = fit < nwarps ? fit : nwarps;
+  const int nsplit = (blockDim.x >> 5) / kSlices;  // >= 1 (resolve_config)
+  const int slice = warp % kSlices;
+  const int split = warp / kSlices;
+  const bool active = split < nsplit;  // (an odd warp count leaves one warp idle)
   const int ntiles = (k + ctx.kc - 1) / ctx.kc;
   // Tile buffer i & 1 at scratch + (i & 1) * kc * LDX. (Computed, not looked up in an array of
   // two pointers: a runtime index into such an array puts it in local memory and loses the
@@ -151,12 +174,10 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
   for (int chunk = 0; chunk < ctx.nchunks; ++chunk) {
     const int64_t b0 = static_cast<int64_t>(chunk) * NB;
     const int ncols = static_cast<int>(ctx.B - b0 < NB ? ctx.B - b0 : NB);
-    for (int g0 = 0; g0 < ngroups; g0 += max_groups) {
-      const int groups = ngroups - g0 < max_groups ? ngroups - g0 : max_groups;
-      const int group = warp % groups;
-      const int split = warp / groups;
-      const int nsplit = splits_of(group, groups, nwarps);
-      const T* const wg = w + (g0 + group) * RT;
+    for (int row0 = 0; row0 < rows; row0 += Tile::kRows) {
+      const int left = rows - row0 < Tile::kRows ? rows - row0 : Tile::kRows;
+      const int nrows = (left + Tile::kRowStep - 1) / Tile::kRowStep * Tile::kRowStep;
+      const T* const wp = Tile::weights_at(w, ld, 0, row0);
 
       Tile tile;
       tile.zero();
@@ -175,25 +196,27 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
         }
         __syncthreads();  // tile i is in shared memory for every warp
         const int krows = k - k0 < ctx.kc ? k - k0 : ctx.kc;
-        tile.mac(wg + static_cast<int64_t>(k0) * ld, ld, tile_buffer(i), LDX, krows, split,
-                 nsplit, lane);
+        if (active)
+          tile.mac(wp + static_cast<int64_t>(k0) * ld, ld, tile_buffer(i) + slice * kCols, LDX,
+                   krows, split, nsplit, lane, nrows);
         __syncthreads();  // every warp is done with tile i before its buffer is refilled
       }
-      // Split-K partial sums of each group, added by a tree (the tile buffers are free now).
-      const int most_splits = splits_of(0, groups, nwarps);
-      for (int h = 1; h < most_splits; h *= 2) {
-        if (split % (2 * h) == h)
-          tile.store(ctx.scratch + pair_slot(group, split - h, h, groups, nwarps) * RT * NB, NB,
-                     lane);
+      // Split-K partial sums of each slice, added by a tree (the tile buffers are free now).
+      const int64_t slot_elems = static_cast<int64_t>(nrows) * LDP;
+      for (int h = 1; h < nsplit; h *= 2) {
+        const int pairs = pairs_of(nsplit, h);
+        if (active && split % (2 * h) == h)
+          tile.store(ctx.scratch + (slice * pairs + (split - h) / (2 * h)) * slot_elems, LDP,
+                     lane, nrows);
         __syncthreads();
-        if (split % (2 * h) == 0 && split + h < nsplit)
-          tile.add_from(ctx.scratch + pair_slot(group, split, h, groups, nwarps) * RT * NB, NB,
-                        lane);
+        if (active && split % (2 * h) == 0 && split + h < nsplit)
+          tile.add_from(ctx.scratch + (slice * pairs + split / (2 * h)) * slot_elems, LDP, lane,
+                        nrows);
         __syncthreads();
       }
-      if (split == 0) tile.store(ctx.scratch + group * RT * NB, NB, lane);
+      if (active && split == 0) tile.store(ctx.scratch + slice * kCols, LDO, lane, nrows);
       __syncthreads();
-      epilogue(g0 * RT, groups * RT, PassSums<T>{ctx.scratch, NB}, b0, ncols);
+      epilogue(row0, nrows, PassSums<T>{ctx.scratch, LDO}, b0, ncols);
       __syncthreads();  // the scratch area is reused by the next pass / stage
     }
   }
@@ -201,40 +224,50 @@ __device__ void run_stage_tiled(const StageContext<T>& ctx, const T* w, int ld, 
 
 // A stage of `layout` for this block's first `rows` rows (0: nothing to do; every thread of the
 // block must agree). x: the activation, k = layout.k rows of stride ctx.bp. MATH (Math) picks
-// the tile: CUDA-core FMA in T, or TF32 tensor cores (T = float).
+// the tile: CUDA-core FMA in T, or TF32 tensor cores (T = float); the tile's shape is the one
+// the planner sized the scratch area for (plan.h: warp_rows, warp_cols).
 template <typename T, int NBL, int MATH, typename Epilogue>
 __device__ void run_stage(const StageContext<T>& ctx, const StageLayout& layout, const T* smem,
                           int rows, const T* x, Epilogue&& epilogue) {
   if (rows <= 0) return;
   const T* w = smem + layout.offset;
+  constexpr int kRows = warp_rows(MATH, static_cast<int>(sizeof(T)));
+  constexpr int kCpl = warp_cols(NBL) / 32;  // columns per lane
   if constexpr (MATH == kMathFma) {
-    if (layout.rt == 4) {
-      run_stage_tiled<FmaTile<T, 4, NBL>>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
-    } else {
-      run_stage_tiled<FmaTile<T, 8, NBL>>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
-    }
+    using Tile = FmaTile<T, kRows, kCpl>;
+    run_stage_tiled<Tile, 32 * NBL>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
   } else {
     static_assert(std::is_same_v<T, float>, "tensor-core tiles take float tensors");
-    constexpr int kPasses = MATH == kMathTf32x3 ? 3 : 1;
-    if (layout.rt == 8) {
-      run_stage_tiled<Tf32Tile<8, NBL, kPasses>>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
-    } else {
-      run_stage_tiled<Tf32Tile<16, NBL, kPasses>>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
-    }
+    using Tile = Tf32Tile<kRows / 8, 2 * kCpl, MATH == kMathTf32x3 ? 3 : 1>;
+    run_stage_tiled<Tile, 32 * NBL>(ctx, w, layout.ld, rows, x, layout.k, epilogue);
   }
 }
 
-// Fills a stage's stationary weights: w[k][r] = value(k, r) for k < layout.k, r < layout.ld
-// (value returns 0 for padding rows and units the block does not own).
-template <typename T, typename Value>
-__device__ void fill_stage(T* smem, const StageLayout& layout, Value&& value) {
-  if (layout.rows <= 0) return;
-  T* w = smem + layout.offset;
-  const int64_t total = static_cast<int64_t>(layout.k) * layout.ld;
-  for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int kk = static_cast<int>(idx / layout.ld);
-    const int r = static_cast<int>(idx - static_cast<int64_t>(kk) * layout.ld);
-    w[idx] = value(kk, r);
+// Starts copying this block's packed weights (`elems` elements at `packed`, already in
+// shared-memory order: pack_stage) into shared memory from offset 0, with 16-byte cp.async in
+// one commit group. Wait for it with async_wait<0>() and __syncthreads() before the first stage.
+template <typename T>
+__device__ void start_weight_copy(T* smem, const T* __restrict__ packed, int64_t elems) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const int vecs = static_cast<int>(elems / kVec);  // elems: a multiple of 4 (plan.h)
+  for (int i = threadIdx.x; i < vecs; i += blockDim.x)
+    copy_16_async(smem + i * kVec, packed + i * kVec, 16);
+  async_commit();
+}
+
+// Writes one stage's weights of one block in the stage's layout: positions begin, begin +
+// stride, ... of the stage's region `out` get value(k, r) (0 in the k padding), rounded to TF32
+// when kRoundTf32 (the 1-pass tensor-core product takes them as they are). Run by the packing
+// kernel on the GPU and by the emulated launch on the host (launch.h).
+template <bool kRoundTf32, typename T, typename Value>
+__device__ void pack_stage(const StageLayout& layout, T* out, int begin, int stride,
+                           const Value& value) {
+  const int n = static_cast<int>(layout.elems());
+  for (int i = begin; i < n; i += stride) {
+    int kk, r;
+    layout.at(i, kk, r);
+    const T v = kk < layout.k ? value(kk, r) : T(0);
+    out[i] = stage_operand<kRoundTf32 ? kMathTf32 : kMathFma>(v);
   }
 }
 

@@ -400,6 +400,7 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
           const T dz = acc[0][r];
           dmu = dz;
           dlv = reparam_logvar_grad(dz, p.eps[idx], p.logvar[idx]);
+          if (p.grad_eps != nullptr) p.grad_eps[idx] = reparam_eps_grad(dz, p.logvar[idx]);
           if (p.grad_mu != nullptr) dmu += p.grad_mu[idx];
           if (p.grad_logvar != nullptr) dlv += p.grad_logvar[idx];
           T* qp = p.d_q + (tB + row) * 2 * Z;

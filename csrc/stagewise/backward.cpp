@@ -26,39 +26,26 @@ struct OperandCopy {
   }
 };
 
-// Persistent buffers and packed weights of one backward call (allocated before the loop).
+// Persistent buffers and GEMM weights of one backward call (allocated before the loop).
 template <typename T, typename A>
 struct BackwardWorkspace {
-  ColumnLayout enc_cols;  // [r | h_dec | h_enc]: the encoder input's gradient
-  ColumnLayout dec_cols;  // [z | h_dec]: the decoder input's gradient
-  Tensor enc_w, dec_w, q_w, write_w;  // (out, in) layout, packed / cast
-  Tensor enc_in_grad;     // (B, We) = d_gates_enc[t] @ enc_w
-  Tensor dec_in_grad;     // (B, Wd) = d_gates_dec[t] @ dec_w
-  Tensor dh_dec_write;    // (B, Hd) = d_canvas[t] @ write_w
-  Tensor dh_enc_q;        // (B, He) = d_q[t] @ q_w
+  GemmWeights w;          // packed / cast weights, (out, in) layout
+  Tensor enc_in_grad;     // (B, We) = d_gates_enc[t] @ w.enc: [dr | dh_dec | dh_enc]
+  Tensor dec_in_grad;     // (B, Wd) = d_gates_dec[t] @ w.dec: [dz | dh_dec]
+  Tensor dh_dec_write;    // (B, Hd) = d_canvas[t] @ w.write
+  Tensor dh_enc_q;        // (B, He) = d_q[t] @ w.q
   Tensor dc_enc, dc_dec;  // (B, H) carried cell gradients, start at zero
   OperandCopy<T, A> g, dgd, dq, dge;
 
   BackwardWorkspace(const BackwardParams<T>& p, const CallContext& ctx)
-      : enc_cols({p.D, p.Hd, p.He}),
-        dec_cols({p.Z, p.Hd}),
+      : w(p, true, ctx),
         g(p.B, p.D, ctx),
         dgd(p.B, 4 * int64_t(p.Hd), ctx),
         dq(p.B, 2 * int64_t(p.Z), ctx),
         dge(p.B, 4 * int64_t(p.He), ctx) {
-    const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, C = p.C;
-    const auto st = ctx.state_type;
-    const Tensor enc_w_ih = detail::wrap(p.enc_w_ih, {4 * He, 2 * D + Hd + C}, st, ctx);
-    const Tensor enc_w_hh = detail::wrap(p.enc_w_hh, {4 * He, He}, st, ctx);
-    enc_w = detail::pack({enc_w_ih.narrow(1, D, D), enc_w_ih.narrow(1, 2 * D, Hd), enc_w_hh},
-                         enc_cols, 1, ctx.operand());
-    const Tensor dec_w_ih = detail::wrap(p.dec_w_ih, {4 * Hd, Z + C}, st, ctx);
-    const Tensor dec_w_hh = detail::wrap(p.dec_w_hh, {4 * Hd, Hd}, st, ctx);
-    dec_w = detail::pack({dec_w_ih.narrow(1, 0, Z), dec_w_hh}, dec_cols, 1, ctx.operand());
-    q_w = detail::as_operand(detail::wrap(p.q_w, {2 * Z, He}, st, ctx), ctx);
-    write_w = detail::as_operand(detail::wrap(p.write_w, {D, Hd}, st, ctx), ctx);
-    enc_in_grad = detail::uninitialized({B, enc_cols.total()}, ctx.state());
-    dec_in_grad = detail::uninitialized({B, dec_cols.total()}, ctx.state());
+    const int64_t B = p.B, He = p.He, Hd = p.Hd;
+    enc_in_grad = detail::uninitialized({B, w.enc_cols.total()}, ctx.state());
+    dec_in_grad = detail::uninitialized({B, w.dec_cols.total()}, ctx.state());
     dh_dec_write = detail::uninitialized({B, Hd}, ctx.state());
     dh_enc_q = detail::uninitialized({B, He}, ctx.state());
     dc_enc = at::zeros({B, He}, ctx.state());
@@ -121,9 +108,10 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
   const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   const int K = p.K;
   BackwardWorkspace<T, A> ws(p, ctx);
-  const int64_t enc_r = ws.enc_cols.offset(0), enc_hd = ws.enc_cols.offset(1),
-                enc_he = ws.enc_cols.offset(2);
-  const int64_t dec_z = ws.dec_cols.offset(0), dec_hd = ws.dec_cols.offset(1);
+  const GemmWeights& w = ws.w;
+  const int64_t enc_r = w.enc_cols.offset(0), enc_hd = w.enc_cols.offset(1),
+                enc_he = w.enc_cols.offset(2);
+  const int64_t dec_z = w.dec_cols.offset(0), dec_hd = w.dec_cols.offset(1);
   const bool x_error = p.error_mode && p.d_x_error != nullptr;
 
   for (int t = K - 1; t >= 0; --t) {
@@ -148,7 +136,7 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     launch(cg, stream);
 
     // Decoder: dh_dec_t = d_canvas[t] write_w + the step t+1 carries.
-    detail::gemm(ws.dh_dec_write, ws.g.operand(d_canvas, B, D, ctx), ws.write_w);
+    gemm_out(ws.dh_dec_write, ws.g.operand(d_canvas, B, D, ctx), w.write);
     auto dec = lstm_backward_args<T, A>(B, p.Hd, t, p.gates_dec, p.c_dec, ws.dc_dec, d_gates_dec,
                                         ws.dgd.target());
     dec.dh_in[0] = slot<const T>(ws.dh_dec_write, 0);
@@ -159,9 +147,9 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     launch(dec, stream);
 
     // Posterior: [dz | dh_dec carry] = d_gates_dec[t] [W_z | W_hh] (no carry needed at t = 0).
-    const int64_t dec_cols = t > 0 ? ws.dec_cols.total() : Z;
-    detail::gemm(ws.dec_in_grad.narrow(1, 0, dec_cols),
-                 ws.dgd.operand(d_gates_dec, B, 4 * Hd, ctx), ws.dec_w.narrow(1, 0, dec_cols));
+    const int64_t dec_cols = t > 0 ? w.dec_cols.total() : Z;
+    gemm_out(ws.dec_in_grad.narrow(1, 0, dec_cols), ws.dgd.operand(d_gates_dec, B, 4 * Hd, ctx),
+             w.dec.narrow(1, 0, dec_cols));
     ReparamBackwardArgs<T, A> rb;
     rb.B = B;
     rb.Z = p.Z;
@@ -172,10 +160,11 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     rb.grad_logvar = detail::step_slice(p.grad_logvar, t, B * Z);
     rb.d_q = d_q;
     rb.d_q_copy = ws.dq.target();
+    rb.grad_eps = detail::step_slice(p.grad_eps, t, B * Z);
     launch(rb, stream);
 
     // Encoder: dh_enc_t = d_q[t] q_w + the step t+1 carry.
-    detail::gemm(ws.dh_enc_q, ws.dq.operand(d_q, B, 2 * Z, ctx), ws.q_w);
+    gemm_out(ws.dh_enc_q, ws.dq.operand(d_q, B, 2 * Z, ctx), w.q);
     auto enc = lstm_backward_args<T, A>(B, p.He, t, p.gates_enc, p.c_enc, ws.dc_enc, d_gates_enc,
                                         ws.dge.target());
     enc.dh_in[0] = slot<const T>(ws.dh_enc_q, 0);
@@ -184,10 +173,10 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
 
     // Carries into step t-1: [dr_t | dh_dec | dh_enc] = d_gates_enc[t] [W_r | W_hd | W_hh]. At
     // t = 0 only dr_1 matters, and only for d_x (error mode).
-    const int64_t enc_cols = t > 0 ? ws.enc_cols.total() : (x_error ? D : 0);
+    const int64_t enc_cols = t > 0 ? w.enc_cols.total() : (x_error ? D : 0);
     if (enc_cols > 0) {
-      detail::gemm(ws.enc_in_grad.narrow(1, 0, enc_cols),
-                   ws.dge.operand(d_gates_enc, B, 4 * He, ctx), ws.enc_w.narrow(1, 0, enc_cols));
+      gemm_out(ws.enc_in_grad.narrow(1, 0, enc_cols), ws.dge.operand(d_gates_enc, B, 4 * He, ctx),
+               w.enc.narrow(1, 0, enc_cols));
     }
   }
 

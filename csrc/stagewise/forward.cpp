@@ -14,28 +14,23 @@ namespace avme {
 namespace stagewise {
 namespace {
 
-// Persistent buffers and packed weights of one forward call (allocated before the loop).
+// Persistent buffers and GEMM weights of one forward call (allocated before the loop).
 template <typename T>
 struct ForwardWorkspace {
-  ColumnLayout enc_cols;  // E_in = [r | h_dec | h_enc]
-  ColumnLayout dec_cols;  // D_in = [z | h_dec]
-  Tensor e_in, d_in;      // (B, We), (B, Wd) operand type
-  Tensor enc_w, q_w, dec_w, write_w;  // packed / cast weights, (in, out) layout
+  GemmWeights w;          // packed / cast weights, (out, in) layout: the GEMMs take w.*.t()
+  Tensor e_in, d_in;      // (B, We), (B, Wd) operand type; padding columns zero
   Tensor gates;           // (B, 4 max(He, Hd)) GEMM output
   Tensor q;               // (B, 2Z) GEMM output
   Tensor delta;           // (B, D) write GEMM output
   Tensor c_enc, c_dec;    // (B, H) cell states when the caller does not save them
   Tensor canvas_state;    // (B, D) when the caller wants neither canvas nor canvases
 
-  ForwardWorkspace(const LoopParams<T>& p, const CallContext& ctx)
-      : enc_cols({p.D, p.Hd, std::max(p.He, 1)}), dec_cols({p.Z, p.Hd}) {
+  ForwardWorkspace(const LoopParams<T>& p, const CallContext& ctx) : w(p, p.encoder, ctx) {
     const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
-    const auto st = ctx.state_type;
-    d_in = at::zeros({B, dec_cols.total()}, ctx.operand());
-    const Tensor dec_wT = detail::wrap(p.dec_wT, {Z + Hd, 4 * Hd}, st, ctx);
-    dec_w = detail::pack({dec_wT.narrow(0, 0, Z), dec_wT.narrow(0, Z, Hd)}, dec_cols, 0,
-                         ctx.operand());
-    write_w = detail::as_operand(detail::wrap(p.write_wT, {Hd, D}, st, ctx), ctx);
+    // Every slot is written before a GEMM reads it (the step-0 GEMMs read only the slots that
+    // step 0 writes): only the padding columns need a value.
+    d_in = detail::uninitialized({B, w.dec_cols.total()}, ctx.operand());
+    detail::zero_padding(d_in, w.dec_cols);
     gates = detail::uninitialized({B, 4 * std::max(He, Hd)}, ctx.state());
     delta = detail::uninitialized({B, D}, ctx.state());
     if (p.c_dec == nullptr) c_dec = detail::uninitialized({B, Hd}, ctx.state());
@@ -43,12 +38,8 @@ struct ForwardWorkspace {
       canvas_state = detail::uninitialized({B, D}, ctx.state());
     }
     if (!p.encoder) return;
-    e_in = at::zeros({B, enc_cols.total()}, ctx.operand());
-    const Tensor enc_wT = detail::wrap(p.enc_wT, {D + Hd + He, 4 * He}, st, ctx);
-    enc_w = detail::pack(
-        {enc_wT.narrow(0, 0, D), enc_wT.narrow(0, D, Hd), enc_wT.narrow(0, D + Hd, He)}, enc_cols,
-        0, ctx.operand());
-    q_w = detail::as_operand(detail::wrap(p.q_wT, {He, 2 * Z}, st, ctx), ctx);
+    e_in = detail::uninitialized({B, w.enc_cols.total()}, ctx.operand());
+    detail::zero_padding(e_in, w.enc_cols);
     q = detail::uninitialized({B, 2 * Z}, ctx.state());
     if (p.c_enc == nullptr) c_enc = detail::uninitialized({B, He}, ctx.state());
   }
@@ -93,23 +84,26 @@ namespace detail {
 
 template <typename T>
 void check_params(const LoopParams<T>& p) {
-  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.Hd > 0 && p.Z > 0 && (!p.encoder || p.He > 0),
+  TORCH_CHECK(p.B >= 0 && p.K >= 1 && p.D > 0 && p.Hd > 0 && p.Z > 0 && p.C >= 0 &&
+                  (!p.encoder || p.He > 0),
               "avme::stagewise::forward: bad sizes B=", p.B, " K=", p.K, " D=", p.D, " He=", p.He,
-              " Hd=", p.Hd, " Z=", p.Z);
+              " Hd=", p.Hd, " Z=", p.Z, " C=", p.C);
   if (p.B == 0) return;  // nothing is read or written
   auto need = [](const void* ptr, const char* name) {
     TORCH_CHECK(ptr != nullptr, "avme::stagewise::forward: LoopParams.", name, " is null");
   };
   need(p.dec_static, "dec_static");
-  need(p.dec_wT, "dec_wT");
-  need(p.write_wT, "write_wT");
+  need(p.dec_w_ih, "dec_w_ih");
+  need(p.dec_w_hh, "dec_w_hh");
+  need(p.write_w, "write_w");
   need(p.write_b, "write_b");
   if (p.encoder) {
     need(p.x, "x");
     need(p.eps, "eps");
     need(p.enc_static, "enc_static");
-    need(p.enc_wT, "enc_wT");
-    need(p.q_wT, "q_wT");
+    need(p.enc_w_ih, "enc_w_ih");
+    need(p.enc_w_hh, "enc_w_hh");
+    need(p.q_w, "q_w");
     need(p.q_b, "q_b");
   } else {
     need(p.z_in, "z_in");
@@ -121,11 +115,12 @@ void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stre
   const int64_t B = p.B, D = p.D, He = p.He, Hd = p.Hd, Z = p.Z;
   const int K = p.K;
   ForwardWorkspace<T> ws(p, ctx);
+  const GemmWeights& w = ws.w;
   const Tensor enc_gates = p.encoder ? ws.gates_for(He, B) : Tensor();
   const Tensor dec_gates = ws.gates_for(Hd, B);
-  const Tensor d_in_h = ws.d_in.narrow(1, ws.dec_cols.offset(1), Hd);
-  const Tensor e_in_h = p.encoder ? ws.e_in.narrow(1, ws.enc_cols.offset(2), He) : Tensor();
-  const Tensor d_in_z = ws.d_in.narrow(1, ws.dec_cols.offset(0), Z);
+  const Tensor d_in_h = ws.d_in.narrow(1, w.dec_cols.offset(1), Hd);
+  const Tensor e_in_h = p.encoder ? ws.e_in.narrow(1, w.enc_cols.offset(2), He) : Tensor();
+  const Tensor d_in_z = ws.d_in.narrow(1, w.dec_cols.offset(0), Z);
   T* const canvas_state = p.canvas != nullptr ? p.canvas
                           : ws.canvas_state.defined() ? ws.canvas_state.template data_ptr<T>()
                                                      : nullptr;
@@ -137,21 +132,28 @@ void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stre
   canvas_args.x = p.x;
 
   if (p.encoder && p.error_mode) {
-    // r_1 = x - sigmoid(s_0) = x - 1/2 (in canvas mode r_1 = s_0 = 0: E_in starts at zero).
+    // r_1 = x - sigmoid(s_0) = x - 1/2 (in canvas mode r_1 = s_0 = 0).
     CanvasArgs<T, A> a = canvas_args;
-    a.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
+    a.r_out = slot<A>(ws.e_in, w.enc_cols.offset(0));
     launch(a, stream);
   }
 
   for (int t = 0; t < K; ++t) {
+    // At t = 0 the recurrent inputs h_dec_0 and h_enc_0 are zero, and so is r_1 in canvas mode:
+    // the step-0 GEMMs multiply only the other slots (the encoder's then none: its
+    // pre-activations are enc_static alone).
     if (p.encoder) {
-      detail::gemm(enc_gates, ws.e_in, ws.enc_w);
+      const int64_t enc_cols = t > 0 ? w.enc_cols.total() : (p.error_mode ? D : 0);
+      if (enc_cols > 0) {
+        gemm_out(enc_gates, ws.e_in.narrow(1, 0, enc_cols), w.enc.narrow(1, 0, enc_cols).t());
+      }
       auto enc = lstm_forward_args<T, A>(B, p.He, t, enc_gates, p.enc_static, 4 * He, p.c_enc,
                                          ws.c_enc, p.h_enc, p.gates_enc);
-      enc.h_out[0] = slot<A>(ws.e_in, ws.enc_cols.offset(2));
+      if (enc_cols == 0) enc.pre = nullptr;
+      enc.h_out[0] = slot<A>(ws.e_in, w.enc_cols.offset(2));
       launch(enc, stream);
 
-      detail::gemm(ws.q, e_in_h, ws.q_w);
+      gemm_out(ws.q, e_in_h, w.q.t());
       ReparamArgs<T, A> rep;
       rep.B = B;
       rep.Z = p.Z;
@@ -161,20 +163,21 @@ void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stre
       rep.mu = detail::step_slice(p.mu, t, B * Z);
       rep.logvar = detail::step_slice(p.logvar, t, B * Z);
       rep.z_saved = detail::step_slice(p.z_out, t, B * Z);
-      rep.z_out = slot<A>(ws.d_in, ws.dec_cols.offset(0));
+      rep.z_out = slot<A>(ws.d_in, w.dec_cols.offset(0));
       launch(rep, stream);
     } else {
       d_in_z.copy_(detail::wrap(p.z_in + t * B * Z, {B, Z}, ctx.state_type, ctx));
     }
 
-    detail::gemm(dec_gates, ws.d_in, ws.dec_w);
+    const int64_t dec_cols = t > 0 ? w.dec_cols.total() : Z;
+    gemm_out(dec_gates, ws.d_in.narrow(1, 0, dec_cols), w.dec.narrow(1, 0, dec_cols).t());
     auto dec = lstm_forward_args<T, A>(B, p.Hd, t, dec_gates, p.dec_static, p.dec_static_stride,
                                        p.c_dec, ws.c_dec, p.h_dec, p.gates_dec);
-    dec.h_out[0] = slot<A>(ws.d_in, ws.dec_cols.offset(1));
-    if (p.encoder) dec.h_out[1] = slot<A>(ws.e_in, ws.enc_cols.offset(1));
+    dec.h_out[0] = slot<A>(ws.d_in, w.dec_cols.offset(1));
+    if (p.encoder) dec.h_out[1] = slot<A>(ws.e_in, w.enc_cols.offset(1));
     launch(dec, stream);
 
-    detail::gemm(ws.delta, d_in_h, ws.write_w);
+    gemm_out(ws.delta, d_in_h, w.write.t());
     CanvasArgs<T, A> can = canvas_args;
     can.delta = ws.delta.template data_ptr<T>();
     can.bias = p.write_b;
@@ -186,7 +189,7 @@ void run_steps(const LoopParams<T>& p, const CallContext& ctx, cudaStream_t stre
       can.s_prev = t > 0 ? canvas_state : nullptr;
       can.s_out = canvas_state;
     }
-    if (p.encoder && t < K - 1) can.r_out = slot<A>(ws.e_in, ws.enc_cols.offset(0));
+    if (p.encoder && t < K - 1) can.r_out = slot<A>(ws.e_in, w.enc_cols.offset(0));
     launch(can, stream);
   }
 }

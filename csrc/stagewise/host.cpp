@@ -54,19 +54,6 @@ at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 #endif
 }
 
-void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
-    return;
-  }
-#ifdef AVME_CPU_EMULATION
-  // aten::mm.dtype exists on CUDA only: the bf16-rounded operands, multiplied in fp32.
-  at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
-#else
-  at::mm_out(out, a, b, out.scalar_type());
-#endif
-}
-
 StreamScope::StreamScope(cudaStream_t stream) {
 #ifdef AVME_CPU_EMULATION
   (void)stream;
@@ -83,21 +70,27 @@ ColumnLayout::ColumnLayout(std::initializer_list<int64_t> widths) : widths_(widt
   }
 }
 
-at::Tensor pack(const std::vector<at::Tensor>& parts, const ColumnLayout& layout, int64_t dim,
-                const at::TensorOptions& opts) {
-  TORCH_CHECK(!parts.empty() && (dim == 0 || dim == 1),
-              "avme::stagewise: internal error: bad weight packing");
-  const int64_t other = parts.front().size(1 - dim);
-  std::vector<int64_t> sizes(2);
-  sizes[dim] = layout.total();
-  sizes[1 - dim] = other;
-  at::Tensor packed = at::zeros(sizes, opts);
+void zero_padding(const at::Tensor& buffer, const ColumnLayout& layout) {
+  for (size_t i = 0; i < layout.slots(); ++i) {
+    const int64_t begin = layout.offset(i) + layout.width(i), end = layout.padded_end(i);
+    if (end > begin) buffer.narrow(1, begin, end - begin).zero_();
+  }
+}
+
+at::Tensor pack_columns(const std::vector<at::Tensor>& parts, const ColumnLayout& layout,
+                        const at::TensorOptions& opts) {
+  TORCH_CHECK(parts.size() == layout.slots(), "avme::stagewise: internal error: ", parts.size(),
+              " weight parts for ", layout.slots(), " slots");
+  const int64_t rows = parts.front().size(0);
+  at::Tensor packed = at::empty({rows, layout.total()}, opts);
   for (size_t i = 0; i < parts.size(); ++i) {
-    TORCH_CHECK(parts[i].size(dim) == layout.width(i) && parts[i].size(1 - dim) == other,
+    TORCH_CHECK(parts[i].dim() == 2 && parts[i].size(0) == rows &&
+                    parts[i].size(1) == layout.width(i),
                 "avme::stagewise: internal error: weight part ", i, " has shape ",
                 parts[i].sizes());
-    packed.narrow(dim, layout.offset(i), layout.width(i)).copy_(parts[i]);
+    packed.narrow(1, layout.offset(i), layout.width(i)).copy_(parts[i]);
   }
+  zero_padding(packed, layout);
   return packed;
 }
 

@@ -3,6 +3,7 @@
 // and the slot layout of the GEMM-operand buffers with the matching packed weights.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -13,6 +14,7 @@
 #include <ATen/Context.h>
 #include <c10/util/BFloat16.h>
 
+#include "common/gemm_out.h"
 #include "common/matmul_mode.h"
 #include "stagewise/pointwise.h"
 #include "stagewise/stagewise.h"
@@ -50,10 +52,8 @@ at::Tensor wrap(const void* data, at::IntArrayRef sizes, at::ScalarType dtype,
 // before the first write shows up in the comparisons there as it would on a GPU.
 at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
-// out = a @ b (beta = 0, no allocation on CUDA). out: T; a, b: the operand type (strided views
-// with unit column stride allowed). bf16 operands: fp32 accumulation and output (on the CPU
-// emulator: the bf16-rounded operands multiplied in fp32).
-void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b);
+// `x` as the operand type: a no-op view when it already is, else a cast copy (once per call).
+at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx);
 
 // Makes ATen enqueue its work on `stream` for its lifetime (CUDA builds; nothing on the emulator).
 class StreamScope {
@@ -67,13 +67,18 @@ class StreamScope {
 };
 
 // Columns of a GEMM-operand buffer made of consecutive slots, each starting at a multiple of
-// kColumnAlign (padding columns stay zero).
+// kColumnAlign; the padding columns must read zero (zero_padding, pack_columns).
 class ColumnLayout {
  public:
   static constexpr int64_t kColumnAlign = 8;
   ColumnLayout(std::initializer_list<int64_t> widths);
+  size_t slots() const { return widths_.size(); }
   int64_t offset(size_t slot) const { return offsets_.at(slot); }
   int64_t width(size_t slot) const { return widths_.at(slot); }
+  // First column after slot `slot`'s padding (the next slot's offset, or total()).
+  int64_t padded_end(size_t slot) const {
+    return slot + 1 < offsets_.size() ? offsets_[slot + 1] : total_;
+  }
   int64_t total() const { return total_; }
 
  private:
@@ -81,11 +86,45 @@ class ColumnLayout {
   int64_t total_ = 0;
 };
 
-// A weight packed to a ColumnLayout along `dim` (0: rows, for forward (in, out) weights; 1:
-// columns, for backward (out, in) weights): part i lands at the layout's slot i, zero elsewhere;
-// cast to `opts`' dtype.
-at::Tensor pack(const std::vector<at::Tensor>& parts, const ColumnLayout& layout, int64_t dim,
-                const at::TensorOptions& opts);
+// Zeroes the padding columns of `buffer` (rows of layout.total() columns) between and after
+// the layout's slots; the slots themselves are left as they are.
+void zero_padding(const at::Tensor& buffer, const ColumnLayout& layout);
+
+// The (out, in) weights `parts` side by side in one (out, layout.total()) matrix of `opts`' dtype:
+// part i in the columns of the layout's slot i, zero in the padding columns.
+at::Tensor pack_columns(const std::vector<at::Tensor>& parts, const ColumnLayout& layout,
+                        const at::TensorOptions& opts);
+
+// The weights of one call as its GEMMs take them, prepared once per call from the
+// nn.LSTMCell / nn.Linear layouts (LoopParams and BackwardParams hold the same fields) and read
+// by both directions: the encoder's [W_r | W_hdec | W_hh] (4He, We) and the decoder's
+// [W_z | W_hh] (4Hd, Wd) packed to the slot layouts of E_in / D_in (copies of contiguous row
+// segments, zero only in the padding columns); q_w (2Z, He) and write_w (D, Hd) as they are
+// (no copy; one cast for bf16 operands). The forward multiplies by their transposes (views,
+// which cuBLAS takes as transposed operands), the backward by the matrices themselves.
+struct GemmWeights {
+  ColumnLayout enc_cols;  // E_in = [r | h_dec | h_enc]
+  ColumnLayout dec_cols;  // D_in = [z | h_dec]
+  at::Tensor enc, q;      // encoder only (undefined for the sampler)
+  at::Tensor dec, write;
+
+  template <typename Params>
+  GemmWeights(const Params& p, bool encoder, const CallContext& ctx)
+      : enc_cols({p.D, p.Hd, std::max(p.He, 1)}), dec_cols({p.Z, p.Hd}) {
+    const int64_t D = p.D, He = p.He, Hd = p.Hd, Z = p.Z, C = p.C;
+    const auto st = ctx.state_type;
+    const at::Tensor dec_w_ih = wrap(p.dec_w_ih, {4 * Hd, Z + C}, st, ctx);
+    dec = pack_columns({dec_w_ih.narrow(1, 0, Z), wrap(p.dec_w_hh, {4 * Hd, Hd}, st, ctx)},
+                       dec_cols, ctx.operand());
+    write = as_operand(wrap(p.write_w, {D, Hd}, st, ctx), ctx);
+    if (!encoder) return;
+    const at::Tensor enc_w_ih = wrap(p.enc_w_ih, {4 * He, 2 * D + Hd + C}, st, ctx);
+    enc = pack_columns({enc_w_ih.narrow(1, D, D), enc_w_ih.narrow(1, 2 * D, Hd),
+                        wrap(p.enc_w_hh, {4 * He, He}, st, ctx)},
+                       enc_cols, ctx.operand());
+    q = as_operand(wrap(p.q_w, {2 * Z, He}, st, ctx), ctx);
+  }
+};
 
 // Typed slot of a row-major buffer at column `col`.
 template <typename U>
@@ -98,9 +137,6 @@ template <typename T>
 T* step_slice(T* base, int t, int64_t per_step) {
   return base != nullptr ? base + t * per_step : nullptr;
 }
-
-// `x` as the operand type: a no-op view when it already is, else a cast copy (once per call).
-at::Tensor as_operand(const at::Tensor& x, const CallContext& ctx);
 
 // The checks and the step loop of each direction (forward.cpp: LoopParams, the forward and
 // the sampler; backward.cpp: BackwardParams). check_params raises on bad sizes or a missing
@@ -150,6 +186,7 @@ void run_call(const Params<T>& p, GemmPrecision precision, cudaStream_t stream) 
 using at::Tensor;
 using detail::CallContext;
 using detail::ColumnLayout;
+using detail::GemmWeights;
 using detail::slot;
 
 }  // namespace stagewise

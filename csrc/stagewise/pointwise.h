@@ -32,7 +32,7 @@ template <typename T, typename A>
 struct LstmForwardArgs {
   int64_t B = 0;
   int H = 0;
-  const T* pre = nullptr;    // (B, 4H) GEMM output, contiguous
+  const T* pre = nullptr;    // (B, 4H) GEMM output, contiguous; nullptr: zero (no GEMM ran)
   const T* bias = nullptr;   // (B, 4H) rows, row stride bias_ld (0: one row for every b)
   int64_t bias_ld = 0;
   const T* c_prev = nullptr; // (B, H); nullptr: zero (first step)
@@ -110,7 +110,8 @@ struct LstmBackwardArgs {
   int64_t width() const { return H; }
 };
 
-// Reparameterisation backward: d_q = [grad_mu + dz, grad_logvar + dz * eps * exp(logvar/2) / 2].
+// Reparameterisation backward: d_q = [grad_mu + dz, grad_logvar + dz * eps * exp(logvar/2) / 2],
+// and grad_eps = dz * exp(logvar/2).
 template <typename T, typename A>
 struct ReparamBackwardArgs {
   int64_t B = 0;
@@ -122,6 +123,7 @@ struct ReparamBackwardArgs {
   const T* grad_logvar = nullptr;  // (B, Z)
   T* d_q = nullptr;                // (B, 2Z)
   Slot<A> d_q_copy;                // GEMM-operand copy of d_q
+  T* grad_eps = nullptr;           // (B, Z) dL/deps
   int64_t width() const { return Z; }
 };
 

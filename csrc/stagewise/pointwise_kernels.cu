@@ -75,12 +75,13 @@ template <typename T, typename A>
 __device__ __forceinline__ void element(const LstmForwardArgs<T, A>& p, int64_t i, int64_t b,
                                         int64_t j) {
   const int64_t H = p.H;
-  const T* pre = p.pre + b * 4 * H;
+  const T* pre = p.pre != nullptr ? p.pre + b * 4 * H : nullptr;
   const T* bias = p.bias + b * p.bias_ld;
   T ig, fg, gg, og, c, h;
-  lstm_cell_forward(pre[j] + bias[j], pre[H + j] + bias[H + j], pre[2 * H + j] + bias[2 * H + j],
-                    pre[3 * H + j] + bias[3 * H + j], read_or_zero(p.c_prev, i), ig, fg, gg, og,
-                    c, h);
+  lstm_cell_forward(read_or_zero(pre, j) + bias[j], read_or_zero(pre, H + j) + bias[H + j],
+                    read_or_zero(pre, 2 * H + j) + bias[2 * H + j],
+                    read_or_zero(pre, 3 * H + j) + bias[3 * H + j], read_or_zero(p.c_prev, i), ig,
+                    fg, gg, og, c, h);
   p.c_out[i] = c;
   store(p.h_out[0], b, j, h);
   store(p.h_out[1], b, j, h);
@@ -154,11 +155,13 @@ __device__ __forceinline__ void element(const ReparamBackwardArgs<T, A>& p, int6
   const int64_t Z = p.Z;
   const T dz = read_or_zero(p.dz, b, j);
   const T dmu = dz + read_or_zero(p.grad_mu, i);
-  const T dlv = reparam_logvar_grad(dz, p.eps[i], p.logvar[i]) + read_or_zero(p.grad_logvar, i);
+  const T lv = p.logvar[i];
+  const T dlv = reparam_logvar_grad(dz, p.eps[i], lv) + read_or_zero(p.grad_logvar, i);
   p.d_q[b * 2 * Z + j] = dmu;
   p.d_q[b * 2 * Z + Z + j] = dlv;
   store(p.d_q_copy, b, j, dmu);
   store(p.d_q_copy, b, Z + j, dlv);
+  store(p.grad_eps, i, reparam_eps_grad(dz, lv));
 }
 
 // One kernel for every stage: the grid-stride loop over the (B, width) index space.

@@ -48,9 +48,12 @@ class Backend:
         encoder_input: str = "canvas",
         return_canvases: bool = False,
         precision: str = "fp32",
+        design: str | None = None,
     ) -> ForwardOutput:
         """ops.fused_forward on this backend's ops (differentiable)."""
-        return ops._forward_with(self.ns, x, y, eps, params, encoder_input, return_canvases, precision)
+        return ops._forward_with(
+            self.ns, x, y, eps, params, encoder_input, return_canvases, precision, design
+        )
 
     def sample(
         self,

@@ -365,16 +365,24 @@ def compare_with_reference(
     grads: bool = True,
     input_grads: bool = True,
     seed: int = 0,
+    scale: float | None = None,
+    design: str | None = None,
+    refusal_skips: bool = True,
 ) -> dict[str, float]:
     """Run ``case`` on ``backend`` and on the float64 reference and assert the bounds of the
-    module docstring for the outputs and (``grads``) the gradients. Returns the errors."""
+    module docstring for the outputs and (``grads``) the gradients. Returns the errors.
+
+    ``scale``: the weights' standard deviation (:func:`make_params`); ``design``: the ops'
+    design argument (None: the one forced by :func:`avme_ext.ops.design`, else "auto");
+    ``refusal_skips``: a forced design that cannot run the sizes skips the test
+    (:func:`design_may_not_fit`) instead of failing it."""
     sizes, device = case.sizes, backend.device
-    params = make_params(sizes, case.C, dtype=dtype, device=device, seed=seed, grad=grads)
+    params = make_params(sizes, case.C, dtype=dtype, device=device, seed=seed, grad=grads, scale=scale)
     x, y, eps = make_inputs(case.B, case.K, sizes, case.C, dtype=dtype, device=device, seed=seed + 1)
     weights = loss_weights(case.B, case.K, sizes, device=device, seed=seed + 2) if grads else None
 
     def fused(x, y, eps, p):
-        return backend.forward(x, y, eps, p, case.encoder_input, True, precision)
+        return backend.forward(x, y, eps, p, case.encoder_input, True, precision, design)
 
     def reference(ref_dtype: torch.dtype) -> dict[str, Tensor]:
         return run_and_grad(
@@ -383,7 +391,7 @@ def compare_with_reference(
         )  # fmt: skip
 
     backend.poison()
-    with design_may_not_fit():
+    with design_may_not_fit() if refusal_skips else contextlib.nullcontext():
         got = run_and_grad(fused, params, x, y, eps, weights, input_grads=input_grads)
     backend.synchronize()
     ref = reference(torch.float64)

@@ -12,6 +12,7 @@ import torch
 from avme_ext.loop_types import AVMEParams
 from avme_ext.reference import avme_forward_reference
 
+from . import backends
 from .helpers import (
     CASES,
     FP64_CASES,
@@ -23,6 +24,7 @@ from .helpers import (
     assert_within,
     backend_params,
     compare_with_reference,
+    forward_args,
     fp64_bound,
     make_inputs,
     make_params,
@@ -181,3 +183,46 @@ def test_backward_without_saved_state_is_a_clear_error(backend):
             "canvas", True, False, True, "fp32", "auto",
         )  # fmt: skip
 
+
+
+def _rowtile_work(emu, K: int, encoder_input: str) -> tuple[int, int, int, int]:
+    """(forward products, forward kernels, backward products, backward kernels) of one rowtile
+    call pair (B = 3, TINY sizes, C = 2, every gradient asked for)."""
+    from .work_counts import count_work
+
+    p = make_params(TINY, 2, dtype=torch.float64, grad=False)
+    x, y, eps = make_inputs(3, K, TINY, 2, dtype=torch.float64)
+    args = forward_args(x, y, eps, p)
+
+    def forward():
+        return emu.ns.forward(*args, encoder_input, False, True, "fp32", "rowtile")
+
+    fwd_work = count_work(forward, emu.ns.kernel_launches)
+    canvas, _mu, logvar, canvases, *state = forward()
+
+    def backward():
+        return emu.ns.backward(
+            torch.ones_like(canvas), None, logvar, None, x, y, eps, logvar, canvases, *state,
+            p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w, encoder_input,
+            True, True, True, "fp32", "rowtile",
+        )  # fmt: skip
+
+    bwd_work = count_work(backward, emu.ns.kernel_launches)
+    return fwd_work["products"], fwd_work["kernels"], bwd_work["products"], bwd_work["kernels"]
+
+
+@pytest.mark.parametrize("encoder_input", ["canvas", "error"])
+def test_host_products_are_one_per_gradient_block(emu_sms, encoder_input):
+    """The host's products, whatever K: forward 3 (x and y into the encoder, y into the decoder,
+    each bias the addend of its GEMM); backward one per gradient block, written in place: write,
+    posterior, decoder [z | y | recurrent], encoder [x | y] and ONE for its [r | h_dec | recurrent]
+    blocks, grad_x (twice in error mode: W_x and W_r), grad_y (encoder and decoder). The rowtile
+    design writes dL/deps itself (no product for it) and runs one kernel each way."""
+    try:
+        emu = backends.emulator()
+    except backends.Unavailable as exc:
+        pytest.skip(str(exc))
+    emu_sms(4)
+    counted = {K: _rowtile_work(emu, K, encoder_input) for K in (2, 4)}
+    error = encoder_input == "error"
+    assert counted == {K: (3, 1, 11 + error, 1) for K in (2, 4)}, counted

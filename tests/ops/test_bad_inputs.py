@@ -118,7 +118,8 @@ FORWARD = [
     # options
     Bad("forward", "encoder_input", _set("encoder_input", lambda _: "nope"), FWD + "encoder_input must be 'canvas' or 'error', got 'nope'"),
     Bad("forward", "precision", _set("precision", lambda _: "fp16"), FWD + "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"),
-    Bad("forward", "design", _set("design", lambda _: "fastest"), FWD + "design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', got 'fastest'"),
+    Bad("forward", "design", _set("design", lambda _: "fastest"), FWD + "design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', or 'auto:' followed by one of the three named designs, got 'fastest'"),
+    Bad("forward", "design-prefer", _set("design", lambda _: "auto:auto"), FWD + "design must be one of .* got 'auto:auto'"),
     # defined
     Bad("forward", "x-none", _set("x", lambda _: None), FWD + "x is undefined"),
     Bad("forward", "eps-none", _set("eps", lambda _: None), FWD + "eps is undefined"),
@@ -279,8 +280,8 @@ def test_every_argument_has_a_case():
 def test_shared_memory_limit_is_a_clear_error(backend, op, monkeypatch):
     """The rowtile design keeps one batch row's state in shared memory: asked for by name, a row
     that does not fit is a clear error, checked before any allocation, whatever the batch size.
-    The designs that do not need it (stagewise, and "auto", which picks a design that fits)
-    run the same sizes."""
+    The designs that do not need it (stagewise, and "auto", which picks a design that fits,
+    also when it prefers the rowtile design) run the same sizes."""
     if backend.is_cuda:
         sizes = Sizes(D=200_000, He=4, Hd=4, Z=2)  # the canvas alone exceeds any GPU's limit
     else:
@@ -291,7 +292,7 @@ def test_shared_memory_limit_is_a_clear_error(backend, op, monkeypatch):
         args["design"] = "rowtile"
         with pytest.raises(RuntimeError, match=rf"avme::{op}: the rowtile design needs \d+ bytes of shared memory"):
             call(backend, op, args)
-        for other in ("stagewise", "auto"):
+        for other in ("stagewise", "auto", "auto:rowtile"):
             args["design"] = other
             out = call(backend, op, args)
             backend.synchronize()
@@ -323,6 +324,8 @@ def test_design_that_cannot_run_fails_before_any_work(backend, op, monkeypatch):
             call(backend, op, args)
     work = sorted({e.name for e in prof.events() if e.name.startswith("aten::")})
     assert not work, f"{op} allocated or computed before rejecting the design: {work}"
+    args["design"] = "auto:persistent"  # preferred, not forced: the host's choice runs instead
+    assert all(bool(torch.isfinite(t).all()) for t in call(backend, op, args) if t.numel())
 
 
 @pytest.mark.parametrize("design", ["rowtile", "persistent", "stagewise"])

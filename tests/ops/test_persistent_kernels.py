@@ -16,10 +16,13 @@ transposed weights), run the kernels on fresh random inputs with NaN-filled outp
 against the float64 reference: the forward's outputs and saved state, the backward's per-step
 gradients (autograd through :func:`unrolled_reference`, itself checked against
 :func:`avme_ext.reference.avme_forward_reference`), and the weight gradients the host computes
-from them. Sizes are small and blocks few (3-8 blocks of 32-128 threads) so that each test
+from them. Sizes are small and blocks few (2-8 blocks of 32-256 threads) so that each test
 takes seconds; the cases cover K = 1, B = 1, odd sizes, units not divisible by the block count,
-blocks without units, partial batch chunks and k tiles, several row passes, both encoder inputs,
-conditional and unconditional models, and the sampler.
+blocks without units, partial batch chunks and k tiles, several row passes, one and two column
+slices per batch chunk, split-K trees of 1 to 4 splits (and an idle warp), both encoder inputs,
+conditional and unconditional models, and the sampler. The weights reach the kernels packed in
+shared-memory order by the launcher (pack_stage), so every case checks the packing too; with
+plain TF32 the emulator also aborts on any operand its producer did not round to TF32.
 
 Bounds (tests/ops/helpers.py): float64 kernels ``fp64_bound``; float32 kernels (FMA, 3xTF32)
 FP32_FACTOR x the float32 reference's own error + FP32_FLOOR; TF32 the documented tensor-core
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from avme_ext.loop_types import AVMEParams
@@ -48,13 +50,25 @@ from .helpers import (
     fp64_bound,
     make_inputs,
     make_params,
-    merged_biases,
     rel_err,
 )
-
-H100 = [132, 232448]  # SMs, opt-in shared memory per block (bytes)
-# Config::math (csrc/persistent/plan.h): CUDA-core FMA, 3xTF32 and TF32 tensor cores.
-FMA, TF32X3, TF32 = 0, 1, 2
+from .persistent_runs import (
+    FMA,
+    FORWARD_OUTPUTS,
+    FP32,
+    H100,
+    TF32,
+    TF32X3,
+    host_weight_gradients,
+    load_pemu,
+    loop_tensors,
+    loss_grads,
+    per_step_gradients,
+    reference_run,
+    run_backward,
+    run_forward,
+    stacked,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,7 +76,7 @@ FMA, TF32X3, TF32 = 0, 1, 2
 # ---------------------------------------------------------------------------------------
 def _build():
     try:
-        return backends.load_emulation("persistent_emulation.cpp", "avme_pemu")
+        return load_pemu()
     except backends.Unavailable as exc:
         pytest.skip(str(exc))
 
@@ -72,59 +86,8 @@ def pemu():
     return _build()
 
 
-# ---------------------------------------------------------------------------------------
-# Inputs as csrc/avme_ops.cpp prepares them
-# ---------------------------------------------------------------------------------------
-def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int) -> dict[str, Tensor]:
-    """The LoopParams tensors: hoisted x/y products with both biases, transposed weights.
-    (x None: the sampler's.)"""
-    D, Hd, C = p.data_dim, p.dec_hidden, p.num_classes
-    enc_b, dec_b = merged_biases(p)
-    out = {}
-    if x is not None:
-        enc_static = x @ p.enc_w_ih[:, :D].t() + enc_b
-        if C:
-            enc_static = enc_static + y @ p.enc_w_ih[:, 2 * D + Hd :].t()
-        out["enc_static"] = enc_static.contiguous()
-        out["enc_wT"] = torch.cat([p.enc_w_ih[:, D : 2 * D + Hd], p.enc_w_hh], 1).t().contiguous()
-        out["q_wT"] = p.q_w.t().contiguous()
-        out["q_b"] = p.q_b.contiguous()
-    out["dec_static"] = (y @ p.dec_w_ih[:, Z:].t() + dec_b).contiguous() if C else dec_b.contiguous()
-    out["dec_wT"] = torch.cat([p.dec_w_ih[:, :Z], p.dec_w_hh], 1).t().contiguous()
-    out["write_wT"] = p.write_w.t().contiguous()
-    out["write_b"] = p.write_b.contiguous()
-    return out
-
-
-FORWARD_OUTPUTS = (
-    "canvas", "mu", "logvar", "canvases", "h_enc", "c_enc", "gates_enc", "z", "h_dec", "c_dec",
-    "gates_dec",
-)  # fmt: skip
-
-
-def run_forward(ns, x, y, eps, p, mode, config, limits=H100, *, save=True, canvases=True):
-    with torch.no_grad():
-        t = loop_tensors(x, y, p, eps.shape[2])
-        out = ns.forward(
-            x, eps, t["enc_static"], t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"],
-            t["dec_wT"], t["write_wT"], t["write_b"], mode == "error", canvases, save, config, limits,
-        )  # fmt: skip
-    return dict(zip(FORWARD_OUTPUTS, out))
-
-
-def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100, *, need_dx=True):
-    """The per-step gradients (d_canvas, d_q, d_gates_enc, d_gates_dec, d_x_error)."""
-    with torch.no_grad():
-        out = ns.backward(
-            grads.get("canvas"), grads.get("canvases"), grads.get("mu"), grads.get("logvar"),
-            eps, saved["logvar"], saved["canvases"], saved["c_enc"], saved["gates_enc"],
-            saved["c_dec"], saved["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih,
-            p.dec_w_hh, p.write_w, mode == "error", need_dx, config, limits,
-        )  # fmt: skip
-    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec", "d_x_error"), out))
-
-
-LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_smem", "barriers")
+LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_smem", "barriers",
+                 "math")  # fmt: skip
 
 
 def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), limits=H100, *,
@@ -133,100 +96,6 @@ def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), li
     info = ns.describe(kind, B, K, s.D, s.He, s.Hd, s.Z, C, mode == "error", d_x_error, fp64,
                        list(config), list(limits))  # fmt: skip
     return dict(zip(LAUNCH_FIELDS, info))
-
-
-# ---------------------------------------------------------------------------------------
-# Reference with every intermediate
-# ---------------------------------------------------------------------------------------
-def unrolled_reference(x, y, eps, p: AVMEParams, mode: str) -> dict[str, list[Tensor]]:
-    """The reference loop (the equations of avme_forward_reference), keeping every per-step
-    tensor: pre-activations, activated gates, states, r_t and s_t, each a list over t."""
-    K, B, Z = eps.shape
-    D, Hd, C = p.data_dim, p.dec_hidden, p.num_classes
-    w_x, w_r, w_h, w_y = p.enc_w_ih.split([D, D, Hd, C], dim=1)
-    w_z, w_dy = p.dec_w_ih.split([Z, C], dim=1)
-    enc_static = F.linear(x, w_x, p.enc_b_ih + p.enc_b_hh)
-    dec_static = p.dec_b_ih + p.dec_b_hh
-    if C:
-        enc_static = enc_static + F.linear(y, w_y)
-        dec_static = dec_static + F.linear(y, w_dy)
-    h_enc = c_enc = x.new_zeros(B, p.enc_hidden)
-    h_dec = c_dec = x.new_zeros(B, Hd)
-    canvas = x.new_zeros(B, D)
-    rec: dict[str, list[Tensor]] = {}
-
-    def keep(**named):
-        for k, v in named.items():
-            rec.setdefault(k, []).append(v)
-
-    def cell(pre, c):
-        i, f, g, o = pre.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c = f * c + i * g
-        return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=1)
-
-    for t in range(K):
-        r = canvas if mode == "canvas" else x - torch.sigmoid(canvas)
-        if mode == "error" and not r.requires_grad:
-            r.requires_grad_()  # r_1 = x - 1/2: a leaf, so that dL/dr_1 is defined
-        enc_pre = enc_static + F.linear(r, w_r) + F.linear(h_dec, w_h) + F.linear(h_enc, p.enc_w_hh)
-        h_enc, c_enc, gates_enc = cell(enc_pre, c_enc)
-        q = F.linear(h_enc, p.q_w, p.q_b)
-        mu, logvar = q[:, :Z], q[:, Z:]
-        z = mu + torch.exp(0.5 * logvar) * eps[t]
-        dec_pre = dec_static + F.linear(z, w_z) + F.linear(h_dec, p.dec_w_hh)
-        h_dec, c_dec, gates_dec = cell(dec_pre, c_dec)
-        canvas = canvas + F.linear(h_dec, p.write_w, p.write_b)
-        keep(r=r, enc_pre=enc_pre, h_enc=h_enc, c_enc=c_enc, gates_enc=gates_enc, mu=mu,
-             logvar=logvar, z=z, dec_pre=dec_pre, h_dec=h_dec, c_dec=c_dec, gates_dec=gates_dec,
-             canvases=canvas)  # fmt: skip
-    return rec
-
-
-def stacked(rec: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    out = {k: torch.stack(v).detach() for k, v in rec.items() if k in FORWARD_OUTPUTS}
-    out["canvas"] = rec["canvases"][-1].detach()
-    return out
-
-
-def loss_grads(B, K, s: Sizes, seed, present=("canvas", "mu", "logvar", "canvases")):
-    """Random float64 output gradients (the weights of a linear test loss)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {"canvas": (B, s.D), "mu": (K, B, s.Z), "logvar": (K, B, s.Z), "canvases": (K, B, s.D)}
-    return {k: torch.randn(*shapes[k], generator=gen, dtype=torch.float64) for k in present}
-
-
-def per_step_gradients(rec, grads, mode) -> dict[str, Tensor]:
-    """What BackwardParams asks of the kernel, by autograd through the unrolled reference."""
-    terms = {"canvas": rec["canvases"][-1], "mu": torch.stack(rec["mu"]),
-             "logvar": torch.stack(rec["logvar"]), "canvases": torch.stack(rec["canvases"])}  # fmt: skip
-    loss = sum((terms[k] * g.to(terms[k].dtype)).sum() for k, g in grads.items())
-    K = len(rec["mu"])
-    wrt = rec["canvases"] + rec["mu"] + rec["logvar"] + rec["enc_pre"] + rec["dec_pre"]
-    if mode == "error":
-        wrt = wrt + rec["r"]
-    g = torch.autograd.grad(loss, wrt, allow_unused=True)
-    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
-    out = {
-        "d_canvas": torch.stack(g[:K]),
-        "d_q": torch.cat([torch.stack(g[K : 2 * K]), torch.stack(g[2 * K : 3 * K])], dim=2),
-        "d_gates_enc": torch.stack(g[3 * K : 4 * K]),
-        "d_gates_dec": torch.stack(g[4 * K : 5 * K]),
-    }
-    if mode == "error":
-        out["d_x_error"] = torch.stack(g[5 * K :]).sum(0)
-    return out
-
-
-def reference_run(sizes, C, B, K, mode, dtype, seed):
-    """Weights, inputs and the unrolled reference in `dtype` (weights and inputs are drawn in
-    float64 and rounded, so every dtype sees the same values)."""
-    p64 = make_params(sizes, C, dtype=torch.float64, seed=seed, grad=True)
-    x, y, eps = make_inputs(B, K, sizes, C, dtype=torch.float64, seed=seed + 1)
-    p = AVMEParams(*[t.detach().to(dtype).requires_grad_() for t in p64])
-    x, eps = x.to(dtype), eps.to(dtype)
-    y = None if y is None else y.to(dtype)
-    return p, x, y, eps, unrolled_reference(x, y, eps, p, mode)
 
 
 def check(got: dict[str, Tensor], ref64: dict[str, Tensor], bounds: dict[str, float]) -> None:
@@ -268,17 +137,30 @@ CASES = [
     Case(37, 2, Sizes(11, 5, 6, 2), 0, "canvas", (8, 64, 1, 4),
          "two batch chunks (partial); blocks without encoder/latent units; 4-row tiles"),
     Case(70, 2, Sizes(9, 7, 4, 3), 2, "error", (3, 128, 2, 16), "nbl 2, 4 warps, partial chunk"),
-    Case(6, 2, Sizes(40, 30, 20, 4), 0, "canvas", (3, 64, 4, 8), "several row passes per stage"),
+    Case(6, 2, Sizes(40, 30, 20, 4), 0, "canvas", (3, 64, 4, 8),
+         "several row passes per stage; 2 column slices on 2 warps"),
     Case(3, 3, Sizes(12, 8, 6, 5), 1, "error", (5, 32, 1, 3), "one warp per block, kc 3"),
+    Case(70, 2, Sizes(50, 24, 20, 5), 2, "canvas", (3, 256, 4, 16),
+         "8 warps: 2 column slices x 4 k splits (two tree rounds); partial chunk; row passes"),
+    Case(9, 2, Sizes(12, 8, 6, 5), 1, "canvas", (2, 96, 1, 8), "3 warps: 3 k splits (uneven tree)"),
+    Case(40, 2, Sizes(12, 8, 6, 5), 0, "error", (3, 96, 4, 8), "3 warps: 2 column slices, one idle"),
 ]  # fmt: skip
-FP32_CASES = [CASES[1], CASES[3]]
-# Tensor-core tiles: batch chunks of 32 and 64 columns (2 and 4 m-tiles), and kc = 3 (every
-# k block of 8 rows partial).
-TENSOR_CORE_CASES = [CASES[1], CASES[3], CASES[5]]
+FP32_CASES = [CASES[1], CASES[3], CASES[6]]
+# Tensor-core tiles (kc a multiple of 8): batch chunks of 32, 64 and 128 columns (1 or 2 column
+# slices of 2 or 4 m-tiles), one warp with partial k blocks of the stages (K = 12, 8, 5 rows),
+# row passes, the split-K trees of 2, 3 and 4 splits, an idle warp.
+TENSOR_CORE_CASES = [
+    CASES[1], CASES[3], CASES[4], CASES[6], CASES[7], CASES[8],
+    Case(3, 3, Sizes(12, 8, 6, 5), 1, "error", (5, 32, 1, 8), "one warp per block, partial k blocks"),
+]  # fmt: skip
 
 
-def _params(cases):
-    return [pytest.param(c, id=c.id) for c in cases]
+# Tensor-core cases over ~10 s each on a busy 2-core CPU (every mma is a 32-thread exchange).
+SLOW_TENSOR_CORE_CASES = {CASES[4], CASES[6]}
+
+
+def _params(cases, slow=frozenset()):
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c in slow else []) for c in cases]
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +202,7 @@ def float32_bounds(math, ref32, ref64):
 
 
 @pytest.mark.parametrize("math", [TF32X3, pytest.param(TF32, marks=pytest.mark.slow)], ids=["3xtf32", "tf32"])
-@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES))
+@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES, SLOW_TENSOR_CORE_CASES))
 def test_forward_tensor_cores(pemu, case, math):
     """mma.sync m16n8k8 tiles; the emulator rebuilds each mma's matrices from the lanes'
     fragment registers (PTX layouts), so wrong fragment indexing fails here."""
@@ -451,7 +333,7 @@ def test_backward_fp32(pemu, case):
 
 
 @pytest.mark.parametrize("math", [TF32X3, pytest.param(TF32, marks=pytest.mark.slow)], ids=["3xtf32", "tf32"])
-@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES))
+@pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES, SLOW_TENSOR_CORE_CASES))
 def test_backward_tensor_cores(pemu, case, math):
     _backward_case(pemu, case, torch.float32, 13, math=math)
 
@@ -484,50 +366,6 @@ def test_weight_gradients_end_to_end(pemu, mode, C):
     check(got, want, dict.fromkeys(want, fp64_bound(K, s, C)))
 
 
-def host_weight_gradients(fwd, bwd, x, y, p: AVMEParams, mode) -> dict[str, Tensor]:
-    """The weight-gradient products of csrc/avme_ops.cpp (avme_backward), in Python."""
-    K, B, D = bwd["d_canvas"].shape
-    Z, He, Hd, C = fwd["z"].shape[2], p.enc_hidden, p.dec_hidden, p.num_classes
-    M = K * B
-    dS, dQ = bwd["d_canvas"].reshape(M, D), bwd["d_q"].reshape(M, 2 * Z)
-    dGe, dGd = bwd["d_gates_enc"].reshape(M, 4 * He), bwd["d_gates_dec"].reshape(M, 4 * Hd)
-    sum_ge, sum_gd = bwd["d_gates_enc"].sum(0), bwd["d_gates_dec"].sum(0)
-
-    def tail(t):
-        return t[1:].reshape((K - 1) * B, -1)
-
-    def head(t):
-        return t[:-1].reshape((K - 1) * B, -1)
-
-    g = {name: torch.zeros_like(t) for name, t in zip(AVMEParams._fields, p)}
-    g["write_w"] = dS.t() @ fwd["h_dec"].reshape(M, Hd)
-    g["write_b"] = dS.sum(0)
-    g["q_w"] = dQ.t() @ fwd["h_enc"].reshape(M, He)
-    g["q_b"] = dQ.sum(0)
-    g["dec_w_ih"][:, :Z] = dGd.t() @ fwd["z"].reshape(M, Z)
-    if C:
-        g["dec_w_ih"][:, Z:] = sum_gd.t() @ y
-    g["dec_b_ih"] = g["dec_b_hh"] = dGd.sum(0)
-    g["enc_w_ih"][:, :D] = sum_ge.t() @ x
-    if mode == "error":
-        prev = torch.cat([torch.zeros_like(fwd["canvases"][:1]), fwd["canvases"][:-1]])
-        r = x - torch.sigmoid(prev)
-        g["enc_w_ih"][:, D : 2 * D] = dGe.t() @ r.reshape(M, D)
-    elif K > 1:
-        g["enc_w_ih"][:, D : 2 * D] = tail(bwd["d_gates_enc"]).t() @ head(fwd["canvases"])
-    if K > 1:
-        g["enc_w_ih"][:, 2 * D : 2 * D + Hd] = tail(bwd["d_gates_enc"]).t() @ head(fwd["h_dec"])
-        g["enc_w_hh"] = tail(bwd["d_gates_enc"]).t() @ head(fwd["h_enc"])
-        g["dec_w_hh"] = tail(bwd["d_gates_dec"]).t() @ head(fwd["h_dec"])
-    if C:
-        g["enc_w_ih"][:, 2 * D + Hd :] = sum_ge.t() @ y
-    g["enc_b_ih"] = g["enc_b_hh"] = dGe.sum(0)
-    g["x"] = sum_ge @ p.enc_w_ih[:, :D]
-    if mode == "error":
-        g["x"] = g["x"] + bwd["d_x_error"]
-    return g
-
-
 # ---------------------------------------------------------------------------------------
 # Planning, limits and bad configurations
 # ---------------------------------------------------------------------------------------
@@ -554,6 +392,60 @@ def test_supports_answers_for_a_batch_beyond_the_launch_limit(pemu, kind):
     assert not pemu.supports(kind, 2**31, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
     assert not pemu.supports(kind, 2**30, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
     assert pemu.supports(kind, 2**30 - 1, 2, s.D, s.He, s.Hd, s.Z, True, *H100)
+
+
+STAGE_FIELDS = ("k", "rows", "ld", "passes", "slices", "splits", "busy_warps")
+
+
+def stages(ns, kind, B, s: Sizes, math, fp64=False, config=(0, 0, 0, 0), limits=H100):
+    """The stages of the launch (persistent::StageSplit), by field name."""
+    flat = ns.stages(kind, B, 12, s.D, s.He, s.Hd, s.Z, 10, fp64, list(config) + [math], list(limits))
+    n = len(STAGE_FIELDS)
+    return [dict(zip(STAGE_FIELDS, flat[i : i + n])) for i in range(0, len(flat), n)]
+
+
+@pytest.mark.parametrize("math", [FMA, TF32X3, TF32], ids=["fma", "3xtf32", "tf32"])
+@pytest.mark.parametrize("B", [16, 32, 64, 100, 256])
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_paper_sizes_keep_every_warp_busy(pemu, kind, B, math):
+    """At the paper's sizes on an H100 every stage is one pass (the activation streams once per
+    step) and all 8 warps of a block have the same share of every full tile, for every batch
+    chunk width; and the launch fits the shared memory."""
+    info = describe(pemu, kind, B, 12, PAPER, 10, config=(0, 0, 0, 0, math), fp64=False)
+    assert info["threads"] == 256 and info["smem"] <= H100[1]
+    for stage in stages(pemu, kind, B, PAPER, math):
+        if stage["rows"] == 0:
+            continue
+        assert stage["passes"] == 1, stage
+        assert stage["busy_warps"] == 8 and stage["slices"] * stage["splits"] == 8, stage
+
+
+def test_tensor_core_tiles_take_k_blocks_of_eight(pemu):
+    case = CASES[1]
+    p, x, y, eps, _ = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float32, 0)
+    with pytest.raises(RuntimeError, match="kc .* multiple of 8 for tensor-core math"):
+        run_forward(pemu, x, y, eps, p, case.mode, [4, 64, 1, 12, TF32])
+    with pytest.raises(RuntimeError, match="threads must be >= 64"):
+        run_forward(pemu, x, y, eps, p, case.mode, [4, 32, 4, 8])
+
+
+def test_fp32_takes_3xtf32_where_it_fits(pemu):
+    """Precision "fp32" (math FP32) runs 3xTF32 for float tensors where its plan fits the shared
+    memory, FMA where only FMA's does (tensor-core weights pad each stage to 8 rows, FMA's to 4:
+    at D = 3072 and 2 decoder units per block, the backward's write columns double), and FMA for
+    float64."""
+    fp32 = (0, 0, 0, 0, FP32)
+    assert describe(pemu, "forward", 100, 12, PAPER, 10, config=fp32, fp64=False)["math"] == TF32X3
+    assert describe(pemu, "forward", 100, 12, PAPER, 10, config=fp32, fp64=True)["math"] == FMA
+    colour, limits = Sizes(3072, 8, 8, 4), [4, H100[1]]
+    sizes = (colour.D, colour.He, colour.Hd, colour.Z)
+    x3 = describe(pemu, "backward", 2, 2, colour, 2, config=(0, 0, 0, 0, TF32X3), limits=limits,
+                  fp64=False)  # fmt: skip
+    assert x3["smem"] > H100[1]
+    chosen = describe(pemu, "backward", 2, 2, colour, 2, config=fp32, limits=limits, fp64=False)
+    assert chosen["math"] == FMA and chosen["smem"] <= H100[1]
+    assert pemu.supports("backward", 2, 2, *sizes, False, *limits, FP32)
+    assert not pemu.supports("backward", 2, 2, *sizes, False, *limits, TF32X3)
 
 
 def test_fewest_blocks_with_the_same_rows_per_block(pemu):

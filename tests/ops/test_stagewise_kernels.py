@@ -133,7 +133,8 @@ def mm_p(a: Tensor, b: Tensor, precision: str) -> Tensor:
 
 
 def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int, precision: str) -> dict:
-    """The LoopParams inputs: hoisted x/y products with both biases, (in, out) weights."""
+    """The LoopParams inputs of the stagewise design: hoisted x/y products with both biases, and
+    the weights in their nn layouts (the design reads those, not the (in, out) copies)."""
     D, Hd, C = p.write_w.shape[0], p.dec_w_hh.shape[1], p.dec_w_ih.shape[1] - Z
     enc_b, dec_b = p.enc_b_ih + p.enc_b_hh, p.dec_b_ih + p.dec_b_hh
     out = {}
@@ -143,15 +144,23 @@ def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int, prec
         if C:
             enc_static = enc_static + mm_p(y, p.enc_w_ih[:, in_enc - C :].t(), precision)
         out["enc_static"] = enc_static.contiguous()
-        out["enc_wT"] = torch.cat([p.enc_w_ih[:, D : 2 * D + Hd], p.enc_w_hh], 1).t().contiguous()
-        out["q_wT"] = p.q_w.t().contiguous()
-        out["q_b"] = p.q_b.contiguous()
+        out["enc_w_ih"], out["enc_w_hh"] = p.enc_w_ih.contiguous(), p.enc_w_hh.contiguous()
+        out["q_w"], out["q_b"] = p.q_w.contiguous(), p.q_b.contiguous()
     dec_static = (mm_p(y, p.dec_w_ih[:, Z:].t(), precision) + dec_b) if C else dec_b
     out["dec_static"] = dec_static.contiguous()
-    out["dec_wT"] = torch.cat([p.dec_w_ih[:, :Z], p.dec_w_hh], 1).t().contiguous()
-    out["write_wT"] = p.write_w.t().contiguous()
-    out["write_b"] = p.write_b.contiguous()
+    out["dec_w_ih"], out["dec_w_hh"] = p.dec_w_ih.contiguous(), p.dec_w_hh.contiguous()
+    out["write_w"], out["write_b"] = p.write_w.contiguous(), p.write_b.contiguous()
     return out
+
+
+def encoder_args(t: dict) -> tuple:
+    """The encoder inputs of avme_swemu.forward after x, eps and z_in (enc_static ... q_b)."""
+    return (t["enc_static"], t["enc_w_ih"], t["enc_w_hh"], t["q_w"], t["q_b"])
+
+
+def decoder_args(t: dict) -> tuple:
+    """The decoder inputs of avme_swemu.forward (dec_static ... write_b)."""
+    return (t["dec_static"], t["dec_w_ih"], t["dec_w_hh"], t["write_w"], t["write_b"])
 
 
 def nans(*shape: int, dtype: torch.dtype) -> Tensor:
@@ -180,8 +189,8 @@ def run_forward(
     out = {name: nans(*shapes[name], dtype=x.dtype) if name in want else None for name in shapes}
     t = loop_tensors(x, y, p, Z, precision)
     ns.forward(
-        x, eps, None, t["enc_static"], t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"], t["dec_wT"],
-        t["write_wT"], t["write_b"], encoder_input == "error", precision, *out.values(),
+        x, eps, None, *encoder_args(t), *decoder_args(t), encoder_input == "error", precision,
+        *out.values(),
     )  # fmt: skip
     return {name: value for name, value in out.items() if value is not None}
 
@@ -602,8 +611,8 @@ def test_sampler(swemu, C, K, error_mode):
     B, D = case.B, case.sizes.D
     canvas, canvases = nans(B, D, dtype=torch.float64), nans(K, B, D, dtype=torch.float64)
     swemu.forward(
-        None, None, z, None, None, None, None, t["dec_static"], t["dec_wT"], t["write_wT"],
-        t["write_b"], error_mode, "fp32", canvas, canvases, *[None] * 9,
+        None, None, z, *[None] * 5, *decoder_args(t), error_mode, "fp32", canvas, canvases,
+        *[None] * 9,
     )  # fmt: skip
     ref = avme_sample_reference(z, y, p, True)
     assert_close({"canvas": canvas, "canvases": canvases}, ref._asdict(), fp64_bound(case))
@@ -688,8 +697,7 @@ def test_bad_input_names_the_problem(swemu):
     t = loop_tensors(x, y, p, case.sizes.Z, "fp32")
     with pytest.raises(RuntimeError, match=r"LoopParams\.enc_static is null"):
         swemu.forward(
-            x, eps, None, None, t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"], t["dec_wT"],
-            t["write_wT"], t["write_b"], False, "fp32", *[None] * 11,
+            x, eps, None, None, *encoder_args(t)[1:], *decoder_args(t), False, "fp32", *[None] * 11,
         )  # fmt: skip
     fwd = run_forward(swemu, x, y, eps, p, "error")
     with pytest.raises(RuntimeError, match=r"BackwardParams\.canvases is null"):
@@ -697,47 +705,56 @@ def test_bad_input_names_the_problem(swemu):
         run_backward(swemu, fwd_without, eps, p, {}, "error")
 
 
-def test_no_allocation_inside_the_step_loop(swemu):
+@pytest.mark.parametrize("encoder_input", ["canvas", "error"])
+def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
     """Every buffer is allocated once per call: the ATen allocations (and weight copies) of an
-    fp32 forward + backward do not grow with K, while the GEMMs are one per stage and step
-    (4 forward + 4 backward; in error mode with d_x the t = 0 input-gradient GEMM still runs)."""
+    fp32 forward + backward do not grow with K. Per step: 4 GEMMs and 4 pointwise launches each
+    way, except at t = 0: in canvas mode the forward's encoder GEMM (its inputs are all zero) and
+    the backward's input-gradient GEMM (nothing to carry). Error mode adds one launch before the
+    forward's loop (r_1 = x - 1/2) and, with d_x_error, the backward's t = 0 input-gradient GEMM
+    and one launch after its loop (both for dr_1)."""
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
 
-    def aten_calls(K: int) -> Counter:
-        case = Case(3, K, ODD, 2, "error")
+    error = encoder_input == "error"
+
+    def work(K: int) -> tuple[Counter, int]:
+        case = Case(3, K, ODD, 2, encoder_input)
         p = make_params(case.sizes, case.C, torch.float32)
         x, y, eps, weights = make_inputs(case, torch.float32)
-        fwd = run_forward(swemu, x, y, eps, p, "error")
-        forward_args, backward_args = op_arguments(x, y, eps, p, fwd, as_grads(weights, torch.float32))
+        fwd = run_forward(swemu, x, y, eps, p, encoder_input)
+        forward_args, backward_args = op_arguments(
+            x, y, eps, p, fwd, as_grads(weights, torch.float32), error
+        )
+        launches = swemu.kernel_launches()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             swemu.forward(*forward_args)
             swemu.backward(*backward_args)
-        return Counter(e.name for e in prof.events())
+        return Counter(e.name for e in prof.events()), swemu.kernel_launches() - launches
 
-    calls = {K: aten_calls(K) for K in (2, 6)}
+    calls = {K: work(K) for K in (2, 6)}
     allocating = ("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::copy_")
-    per_call = {K: {name: c[name] for name in allocating} for K, c in calls.items()}
+    per_call = {K: {name: c[name] for name in allocating} for K, (c, _) in calls.items()}
     assert per_call[2] == per_call[6] and per_call[2]["aten::empty"] > 0, per_call
-    assert {K: c["aten::mm"] for K, c in calls.items()} == {2: 16, 6: 48}
+    gemms = {K: 8 * K - (0 if error else 2) for K in calls}
+    assert {K: c["aten::mm"] for K, (c, _) in calls.items()} == gemms
+    assert {K: n for K, (_, n) in calls.items()} == {K: 8 * K + 2 * error for K in calls}
 
 
-def op_arguments(x, y, eps, p, fwd, grads) -> tuple[tuple, tuple]:
-    """Arguments of one fp32 error-mode forward and backward call on preallocated outputs."""
+def op_arguments(x, y, eps, p, fwd, grads, error_mode: bool) -> tuple[tuple, tuple]:
+    """Arguments of one fp32 forward and backward call on preallocated outputs (error mode: with
+    d_x_error)."""
     t = loop_tensors(x, y, p, eps.shape[2], "fp32")
     outs = [torch.empty_like(fwd[k]) for k in ("canvas", "canvases", "mu", "logvar", *STATES)]
-    forward_args = (
-        x, eps, None, t["enc_static"], t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"], t["dec_wT"],
-        t["write_wT"], t["write_b"], True, "fp32", *outs,
-    )  # fmt: skip
+    forward_args = (x, eps, None, *encoder_args(t), *decoder_args(t), error_mode, "fp32", *outs)
     K, B, Z = eps.shape
     He, Hd, D = p.enc_w_hh.shape[1], p.dec_w_hh.shape[1], p.write_w.shape[0]
     backward_args = (
         grads["canvas"], grads["canvases"], grads["mu"], grads["logvar"], eps, fwd["logvar"],
         fwd["canvases"], fwd["c_enc"], fwd["gates_enc"], fwd["c_dec"], fwd["gates_dec"],
-        p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w, True, "fp32",
+        p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w, error_mode, "fp32",
         torch.empty(K, B, D), torch.empty(K, B, 2 * Z), torch.empty(K, B, 4 * He),
-        torch.empty(K, B, 4 * Hd), torch.zeros(B, D),
+        torch.empty(K, B, 4 * Hd), torch.zeros(B, D) if error_mode else None,
     )  # fmt: skip
     return forward_args, backward_args
