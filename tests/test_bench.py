@@ -29,6 +29,7 @@ from avme_ext.reference import avme_forward_reference  # noqa: E402
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> Path:
+    """bench/run.py --smoke on the CPU (its users are marked slow)."""
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--device", "cpu", "--repeats", "2",
            "--out", str(out)]
@@ -37,6 +38,7 @@ def smoke_results(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
     data = json.loads(smoke_results.read_text())
     for key in ("device", "torch", "cuda", "driver", "date", "git_commit", "command", "records", "config"):
@@ -90,6 +92,7 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
     assert all(r["value"] is None for r in records if r["workload"] == "memory")  # needs CUDA
 
 
+@pytest.mark.slow
 def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_results: Path, tmp_path: Path):
     real_readme = ROOT / "bench" / "README.md"
     before = real_readme.read_text()
@@ -117,6 +120,7 @@ def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_res
     assert f"]({plot.name})" in section  # linked relative to the README
 
 
+@pytest.mark.slow
 def test_append_replaces_records_of_the_same_key(smoke_results: Path, tmp_path: Path):
     merged = tmp_path / "merged.json"
     from bench import run
@@ -398,6 +402,7 @@ def test_round_limit_stops_after_the_cap_once_the_minimum_is_done():
 # --------------------------------------------------------------------------- crossover
 
 
+@pytest.mark.slow
 def test_crossover_runs_on_the_smoke_results(smoke_results: Path, tmp_path: Path, capsys):
     from avme_ext import dispatch
     from bench import crossover

@@ -213,7 +213,7 @@ def test_ctrl_c_while_train_starts_is_one_line_and_130(tmp_path):
     _assert_one_line_exit(process, signal.SIGINT, "train")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_signal_during_eval_work_is_one_line_and_nothing_written(run_dir, tmp_path, signum):
     """A real, long evaluation (S = 10^6 trajectories per image): the signal lands inside the work."""
     json_out = tmp_path / "eval.json"

@@ -265,6 +265,7 @@ def test_module_entry_point_exit_codes(tmp_path):
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
     """Two CPU ranks (gloo) evaluate their chunks and rank 0 reports the merged result, which equals
     a single-process run bit for bit (same thread count: torchrun sets OMP_NUM_THREADS=1)."""

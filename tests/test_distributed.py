@@ -49,6 +49,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run([sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY],
@@ -125,6 +126,7 @@ def _worker_pids(agent: int) -> dict[int, int]:
     return workers
 
 
+@pytest.mark.slow
 def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     """SIGKILL one worker of a ``--max-restarts=1`` job mid-training: torchrun restarts the worker group,
     ``--resume`` picks up the last mid-epoch checkpoint, and the final weights equal an uninterrupted run's."""
@@ -197,6 +199,7 @@ SHARDED_EVAL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_unsharded(tmp_path: Path) -> None:
     from avme_ext.model import AVME
     from avme_ext.checkpoint import save_checkpoint

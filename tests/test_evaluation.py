@@ -259,7 +259,7 @@ class _RecordingBar:
         self.closed = True
 
 
-@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("conditional", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_progress_moves_within_a_chunk(model, cond_model, split, monkeypatch, conditional):
     """One chunk of 36 images, S=4, at most 8 trajectories at once: the bar moves every 2 images (and
     every class for the marginal), and the results are those of whole-chunk IWAE calls."""

@@ -94,6 +94,7 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(reference: Path, tmp_path: Path) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -170,7 +171,9 @@ def test_sigkill_during_a_checkpoint_write(reference: Path, tmp_path: Path) -> N
     assert_same_run(reference, out)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+)
 def test_signal_saves_a_checkpoint_and_exits_cleanly(reference: Path, tmp_path: Path, signum, code) -> None:
     out = tmp_path / "run"
     process = spawn("--out", str(out), *ARGS)

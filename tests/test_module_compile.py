@@ -1,12 +1,10 @@
 """AVME and AVMECore under torch.compile(fullgraph=True): no graph breaks, same numbers as eager.
 
-The fast tests use the "aot_eager" backend (Dynamo + AOTAutograd, no code generation); set
-``AVME_SLOW_TESTS=1`` to also compile with inductor.
+The tests use the "aot_eager" backend (Dynamo + AOTAutograd, no code generation); the one that
+compiles with inductor is marked slow (``pytest --runslow``).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -89,18 +87,19 @@ def compiled_matches_eager(backend: str, num_classes: int, encoder_input: str) -
     assert_same_loss_and_grads(loss_and_grads(model, compiled, x, y, eps), loss_and_grads(model, loss_fn, x, y, eps))
 
 
-@pytest.mark.parametrize("num_classes,encoder_input", [(0, "canvas"), (3, "error")])
+@pytest.mark.parametrize(
+    "num_classes,encoder_input", [(0, "canvas"), pytest.param(3, "error", marks=pytest.mark.slow)]
+)
 def test_compiled_loss_forward_and_backward_match_eager(num_classes, encoder_input):
     compiled_matches_eager("aot_eager", num_classes, encoder_input)
 
 
-@pytest.mark.skipif(
-    os.environ.get("AVME_SLOW_TESTS", "") != "1", reason="inductor compiles C++ (slow); set AVME_SLOW_TESTS=1"
-)
+@pytest.mark.slow  # inductor compiles C++
 def test_inductor_loss_forward_and_backward_match_eager():
     compiled_matches_eager("inductor", 3, "canvas")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 def test_compiled_loss_with_noise_drawn_inside_matches_eager(impl):
     model = tiny_model(3, impl=impl)

@@ -104,12 +104,14 @@ def likelihood_figures(docs: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """One --smoke run (minutes on a CPU: its users are marked slow)."""
     root = tmp_path_factory.mktemp("smoke")
     result = run(root / "run", root / "docs")
     return {"out": root / "run", "docs": root / "docs", "result": result}
 
 
 # --------------------------------------------------------------------------- the smoke run
+@pytest.mark.slow
 def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
     result, out, docs = smoke["result"], smoke["out"], smoke["docs"]
     assert result.returncode == 0, describe(result)
@@ -154,6 +156,7 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
     assert progress["stage"] == "done" and progress["evaluation"]["trajectories_left"] == 0
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_work(smoke):
     out, docs = smoke["out"], smoke["docs"]
     assert smoke["result"].returncode == 0, describe(smoke["result"])
@@ -167,6 +170,7 @@ def test_a_rerun_skips_finished_work(smoke):
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
+@pytest.mark.slow
 def test_the_plan_of_a_directory_is_fixed_by_its_first_run(smoke, capsys):
     code = reproduce_paper.main(["--out", str(smoke["out"]), "--docs", str(smoke["docs"]), "--device", "cpu"])
     assert code == 2 and "holds a reproduction with another plan" in capsys.readouterr().out
@@ -233,6 +237,7 @@ def test_each_model_decays_its_learning_rate_over_the_last_third_of_its_own_cap(
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
+@pytest.mark.slow
 def test_a_model_is_trained_only_with_the_plans_options_and_its_weights(smoke):
     layout, plan = Layout(smoke["out"]), make_plan(smoke=True, impl="ref")
     assert trained_summary(layout, plan, "avme-canvas") is not None

@@ -3,7 +3,6 @@ Ctrl-C while starting, and option errors in command-line words (CPU, tiny model)
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +74,7 @@ def test_option_errors_use_command_line_words(tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
-@pytest.mark.skipif(os.environ.get("AVME_SLOW_TESTS", "") != "1",
-                    reason="two training subprocesses (about 20 s on 2 cores); set AVME_SLOW_TESTS=1")
+@pytest.mark.slow  # two training subprocesses
 def test_several_runs_at_once_without_out(tmp_path: Path) -> None:
     """Two ``avme train`` processes started together in one directory each get their own run directory."""
     command = [sys.executable, "-m", "avme_ext", "train", *TINY]

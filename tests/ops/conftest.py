@@ -44,6 +44,13 @@ def emu_sms(monkeypatch):
     return set_sms
 
 
+@pytest.fixture
+def one_emulated_sm(emu_sms) -> None:
+    """One emulated SM, the fewest OS threads per launch, for the tests whose rows per block do
+    not matter (the cases of helpers.CASES set their own). No effect on CUDA."""
+    emu_sms(1)
+
+
 @pytest.fixture(params=NAMED_DESIGNS)
 def each_design(request):
     """Run the test once per kernel design, forced with :func:`avme_ext.ops.design`."""

@@ -80,7 +80,8 @@ class Case:
     """One forward/backward comparison: B rows, K steps, sizes, C classes, encoder input.
 
     ``sms`` is the emulated SM count (it steers the rows per block: B / SMs rounded up to a
-    power of two <= 8); ``on`` names the backends that run the case.
+    power of two <= 8); ``on`` names the backends that run the case; ``slow`` marks it
+    ``@pytest.mark.slow`` (run by ``pytest --runslow``).
     """
 
     B: int
@@ -91,6 +92,7 @@ class Case:
     sms: int = 4
     on: tuple[str, ...] = ("emulator", "cuda")
     note: str = ""
+    slow: bool = False
 
     @property
     def id(self) -> str:
@@ -112,8 +114,9 @@ CASES = [
     Case(7, 3, Sizes(9, 7, 4, 3), 0, "error", sms=1, on=_EMU, note="8 rows per block, one partial block"),
     Case(11, 2, Sizes(9, 7, 4, 3), 2, "canvas", sms=2, on=_EMU, note="a full and a partial block of 8"),
     Case(5, 2, Sizes(13, 6, 9, 4), 2, "canvas", sms=3, on=_EMU, note="2 rows per block, partial last block"),
-    Case(6, 2, Sizes(300, 270, 260, 3), 2, "error", sms=2, on=_EMU, note="every size > 256 threads"),
-    Case(3, 8, Sizes(20, 12, 10, 3), 2, "error", sms=2, on=_EMU, note="K=8"),
+    Case(6, 2, Sizes(300, 270, 260, 3), 2, "error", sms=2, on=_EMU, note="every size > 256 threads",
+         slow=True),
+    Case(3, 8, Sizes(20, 12, 10, 3), 2, "error", sms=2, on=_EMU, note="K=8", slow=True),
     *[
         Case(B, K, ODD, C, mode, on=_CUDA)
         for B in (1, 7, 100, 4097)
@@ -135,7 +138,8 @@ FP64_CASES = [c for c in CASES if c.on == _EMU] + [
 ]
 #: The tensor-core precisions (tf32, bf16).
 PRECISION_CASES = [
-    *[Case(5, 4, Sizes(40, 24, 20, 4), 3, mode, sms=2, on=_EMU) for mode in ("canvas", "error")],
+    Case(5, 4, Sizes(40, 24, 20, 4), 3, "error", sms=2, on=_EMU),
+    Case(5, 4, Sizes(40, 24, 20, 4), 3, "canvas", sms=2, on=_EMU, slow=True),
     *[Case(100, 12, PAPER, 10, mode, on=_CUDA) for mode in ("canvas", "error")],
 ]
 
@@ -145,7 +149,7 @@ def backend_params(cases):
     import pytest
 
     return [
-        pytest.param(name, case, id=f"{name}-{case.id}")
+        pytest.param(name, case, id=f"{name}-{case.id}", marks=pytest.mark.slow if case.slow else ())
         for case in cases
         for name in case.on
     ]

@@ -59,8 +59,17 @@ def test_weight_gradients_without_input_gradients(backend):
 
 
 # Which of x, y, eps require grad; each alone, since the op computes each only on request.
-@pytest.mark.parametrize("wanted", [("x",), ("y",), ("eps",), ("x", "y", "eps")])
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        pytest.param(("x",), marks=pytest.mark.slow),
+        ("y",),
+        pytest.param(("eps",), marks=pytest.mark.slow),
+        ("x", "y", "eps"),
+    ],
+)
 @pytest.mark.parametrize("encoder_input", ["canvas", "error"])
+@pytest.mark.usefixtures("one_emulated_sm")
 def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
     B, K, C = 4, 3, 3
     sizes = Sizes(9, 5, 4, 2)
@@ -86,6 +95,7 @@ def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
 
 
 @pytest.mark.parametrize("pick", ["canvas", "mu", "logvar", "canvases"])
+@pytest.mark.usefixtures("one_emulated_sm")
 def test_loss_of_one_output(backend, pick):
     """The outputs the loss does not use get no gradient (None in the backward)."""
     B, K, C = 5, 3, 2
@@ -101,10 +111,12 @@ def test_loss_of_one_output(backend, pick):
     assert_within(got, want, fp64_bound(K, TINY, C))
 
 
-@pytest.mark.parametrize("C", [0, 1])
-@pytest.mark.parametrize("encoder_input", ["canvas", "error"])
+@pytest.mark.parametrize("C", [pytest.param(0, marks=pytest.mark.slow), 1])
+@pytest.mark.parametrize("encoder_input", [pytest.param("canvas", marks=pytest.mark.slow), "error"])
+@pytest.mark.usefixtures("one_emulated_sm")
 def test_gradcheck(backend, C, encoder_input, each_design):
-    """Finite differences of the fused op itself, w.r.t. x, y, eps and every weight."""
+    """Finite differences of the fused op itself, w.r.t. x, y, eps and every weight (the fast
+    suite checks the error mode with a class input; --runslow every combination)."""
     B, K = 2, 3
     sizes = Sizes(3, 2, 2, 1)
     p = make_params(sizes, C, dtype=torch.float64, device=backend.device)

@@ -254,7 +254,7 @@ def test_bad_options_in_python(ext):
 # ---------------------------------------------------------------------------------------
 # Every backend
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("C", [0, 2])
+@pytest.mark.parametrize("C", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_opcheck(backend, C):
     """torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch."""
     sizes = TINY if not backend.is_cuda else ODD

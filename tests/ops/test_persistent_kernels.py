@@ -201,7 +201,7 @@ def float32_bounds(math, ref32, ref64):
     return dict.fromkeys(ref64, TENSOR_CORE_BOUNDS["tf32"])
 
 
-@pytest.mark.parametrize("math", [TF32X3, TF32], ids=["3xtf32", "tf32"])
+@pytest.mark.parametrize("math", [TF32X3, pytest.param(TF32, marks=pytest.mark.slow)], ids=["3xtf32", "tf32"])
 @pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES, SLOW_TENSOR_CORE_CASES))
 def test_forward_tensor_cores(pemu, case, math):
     """mma.sync m16n8k8 tiles; the emulator rebuilds each mma's matrices from the lanes'
@@ -332,7 +332,7 @@ def test_backward_fp32(pemu, case):
     _backward_case(pemu, case, torch.float32, 11)
 
 
-@pytest.mark.parametrize("math", [TF32X3, TF32], ids=["3xtf32", "tf32"])
+@pytest.mark.parametrize("math", [TF32X3, pytest.param(TF32, marks=pytest.mark.slow)], ids=["3xtf32", "tf32"])
 @pytest.mark.parametrize("case", _params(TENSOR_CORE_CASES, SLOW_TENSOR_CORE_CASES))
 def test_backward_tensor_cores(pemu, case, math):
     _backward_case(pemu, case, torch.float32, 13, math=math)

@@ -553,8 +553,8 @@ def test_trace_is_the_reference_loop():
 FP32_CASES = [
     Case(4, 3, ODD, 2, "error"),
     Case(3, 4, ODD, 0, "canvas"),
-    Case(3, 2, PAPER, 10, "canvas"),
-    Case(2, 2, PAPER, 0, "error"),
+    pytest.param(Case(3, 2, PAPER, 10, "canvas"), marks=pytest.mark.slow),
+    pytest.param(Case(2, 2, PAPER, 0, "error"), marks=pytest.mark.slow),
 ]
 
 

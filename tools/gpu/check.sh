@@ -26,11 +26,12 @@ if [ -z "${TESTS:-}" ]; then
     TESTS="$TESTS tests/test_training_cuda.py tests/test_bench.py::test_barrier_benchmark_measures_both_barriers"
 fi
 # The CPU emulator backend is CI's; here only the CUDA backend, and a missing extension fails.
+# --runslow: the CUDA cases of the tests marked slow too (they are the emulator's that are slow).
 export AVME_EMULATION=0
 [ "$DRY_RUN" = 1 ] || export AVME_EXPECT_EXTENSION=1
 TIMEOUT_FLAG=()
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT_FLAG=(--timeout 150)
-timeout "$(cap 240 200)" "$PY" -X faulthandler -m pytest $TESTS -v -p no:cacheprovider -rfEs "${TIMEOUT_FLAG[@]}" \
+timeout "$(cap 240 200)" "$PY" -X faulthandler -m pytest $TESTS --runslow -v -p no:cacheprovider -rfEs "${TIMEOUT_FLAG[@]}" \
     > "$OUT/tests.log" 2>&1
 rc=$?
 tail -25 "$OUT/tests.log"
