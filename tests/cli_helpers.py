@@ -38,5 +38,6 @@ def one_error_line(err: str, command: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"avme {command}: error: "), err
-    assert "Traceback" not in err and "usage:" not in err
+    assert "Traceback" not in err
+    assert "usage:" not in err
     return lines[0]

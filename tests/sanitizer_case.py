@@ -17,6 +17,9 @@ import math
 import sys
 
 import torch
+
+from avme_ext import ops as avme_ops
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
 from ops.helpers import (  # tests/ops/
     Sizes,
     make_inputs,
@@ -24,9 +27,6 @@ from ops.helpers import (  # tests/ops/
     rel_err,
     to_reference,
 )
-
-from avme_ext import ops as avme_ops
-from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 
 def main() -> int:
@@ -56,7 +56,7 @@ def main() -> int:
                 s = avme_ops.fused_sample(eps, y, p, True)
                 sref = avme_sample_reference(eps, y, p, True)
             pairs = [(out.canvas, ref.canvas), (out.mu, ref.mu), (out.canvases, ref.canvases),
-                     (s.canvases, sref.canvases), *zip(grads, ref_grads)]  # fmt: skip
+                     (s.canvases, sref.canvases), *zip(grads, ref_grads, strict=True)]  # fmt: skip
             for a, b in pairs:
                 worst = max(worst, rel_err(a, b))  # rel_err is inf (never NaN) for non-finite input
     torch.cuda.synchronize()

@@ -15,14 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from avme_ext.loop_types import AVMEParams  # noqa: E402
+from avme_ext.reference import avme_forward_reference  # noqa: E402
 from bench import flops as F  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
 from bench.workloads import DESIGNS  # noqa: E402
-
-from avme_ext.loop_types import AVMEParams  # noqa: E402
-from avme_ext.reference import avme_forward_reference  # noqa: E402
-
 
 # --------------------------------------------------------------------------- end to end (CPU smoke)
 
@@ -51,22 +49,29 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
             assert key in r, (key, r)
         assert (r["value"] is None) == ("skipped" in r), r
         if r["value"] is None:
-            assert isinstance(r["skipped"], str) and r["skipped"]
+            assert isinstance(r["skipped"], str)
+            assert r["skipped"]
 
     by = {(r["workload"], r["impl"], r["batch"], r["steps"]): r for r in records}
     # Training: the reference in eager mode at every smoke configuration (B in {4, 16} at K=3, K=5 at B=16).
     for batch, steps in [(4, 3), (16, 3), (16, 5)]:
         r = by[("train", "ref-eager", batch, steps)]
-        assert r["unit"] == "samples/s" and r["value"] > 0
-        assert r["repeats"] == 2 and r["iqr"] is not None and r["iqr"] >= 0
+        assert r["unit"] == "samples/s"
+        assert r["value"] > 0
+        assert r["repeats"] == 2
+        assert r["iqr"] is not None
+        assert r["iqr"] >= 0
         assert r["value_min"] <= r["value"] <= r["value_max"]
         assert r["flops"] == F.train_step_flops(batch, steps, F.ModelSize(784, 32, 32, 8))
         assert r["flops_executed"] < r["flops"]
         assert r["precision"] == "fp32"
-        assert 0 < r["fraction_of_peak"]  # against the fp32 matmul measured in the same run
-        assert r["fused"] is False and r["mode"] == "eager" and r["timing_group"] == "main"
+        assert r["fraction_of_peak"] > 0  # against the fp32 matmul measured in the same run
+        assert r["fused"] is False
+        assert r["mode"] == "eager"
+        assert r["timing_group"] == "main"
         bf16 = by[("train", "ref-eager-bf16", batch, steps)]  # autocast runs on the CPU too
-        assert bf16["value"] > 0 and bf16["precision"] == "bf16"
+        assert bf16["value"] > 0
+        assert bf16["precision"] == "bf16"
         # CPU: torch.compile skipped by default in smoke mode, TF32, CUDA graphs and fused ops unavailable.
         for impl in ("ref-eager-tf32", "ref-compile", "ref-compile-reduce-overhead", "ref-cudagraph",
                      *(f"fused-{d}-{p}" for d in DESIGNS for p in ("fp32", "tf32", "bf16")),
@@ -76,17 +81,24 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
     assert "torch.compile" in by[("train", "ref-compile", 4, 3)]["skipped"]
     assert by[("train", "ref-compile", 4, 3)]["timing_group"] == "compile"
     fused = by[("train", "fused-persistent-bf16", 4, 3)]
-    assert "CUDA" in fused["skipped"] and fused["design"] == "persistent" and fused["core_precision"] == "bf16"
+    assert "CUDA" in fused["skipped"]
+    assert fused["design"] == "persistent"
+    assert fused["core_precision"] == "bf16"
     assert data["config"]["impls"]["iwae"] == ["ref-eager", "ref-eager-tf32", "ref-eager-bf16", "fused-auto-fp32",
                                                "fused-auto-tf32", "fused-auto-bf16"]
 
     sample = by[("sample", "ref-eager", 64, 3)]
-    assert sample["unit"] == "images/s" and sample["value"] > 0
+    assert sample["unit"] == "images/s"
+    assert sample["value"] > 0
     iwae = by[("iwae", "ref-eager", None, 3)]
-    assert iwae["value"] > 0 and iwae["extrapolated"] is True and iwae["images"] == 8 and iwae["samples"] == 16
+    assert iwae["value"] > 0
+    assert iwae["extrapolated"] is True
+    assert iwae["images"] == 8
+    assert iwae["samples"] == 16
     assert iwae["seconds_full_test"] == pytest.approx(10000 / iwae["value"])
     matmul = by[("roofline", "matmul-fp32", None, None)]
-    assert matmul["unit"] == "TFLOP/s" and matmul["value"] > 0
+    assert matmul["unit"] == "TFLOP/s"
+    assert matmul["value"] > 0
     assert by[("roofline", "matmul-tf32", None, None)]["value"] is None
     assert data["peaks"]["fp32"] == matmul["value"]
     assert all(r["value"] is None for r in records if r["workload"] == "memory")  # needs CUDA
@@ -108,9 +120,11 @@ def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_res
     section = text.split(report.START, 1)[1].split(report.END, 1)[0]
     assert "No GPU results" not in section
     assert "| impl | B=4 K=3 | B=16 K=3 | B=16 K=5 |" in section
-    assert "| ref-eager-bf16 |" in section and "| fused-stagewise-bf16 | skipped |" in section
+    assert "| ref-eager-bf16 |" in section
+    assert "| fused-stagewise-bf16 | skipped |" in section
     assert "**best fused / best non-fused**" in section
-    assert "**Targets**" in section and "| training B=16 K=5: best fused / best non-fused >= 1.5x | target |" in section
+    assert "**Targets**" in section
+    assert "| training B=16 K=5: best fused / best non-fused >= 1.5x | target |" in section
     assert "Smoke run" in section
     assert "| train | ref-eager | 16 | 5 |" in section
     assert "skipped: " in section
@@ -128,16 +142,19 @@ def test_append_replaces_records_of_the_same_key(smoke_results: Path, tmp_path: 
     assert run.main(["--smoke", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--workloads", "roofline",
                      "--matmul-size", "64", "--copy-mib", "1", "--append", str(smoke_results), "--out", str(merged)]) == 0
     first, data = json.loads(smoke_results.read_text()), json.loads(merged.read_text())
-    assert len(data["commands"]) == 2 and "--append" in data["commands"][1]
+    assert len(data["commands"]) == 2
+    assert "--append" in data["commands"][1]
     assert len(data["records"]) == len(first["records"])
     runs = {(r["workload"], r["impl"]): r["run"] for r in data["records"]}
-    assert runs[("roofline", "matmul-fp32")] == 1 and runs[("sample", "ref-eager")] == 0
+    assert runs[("roofline", "matmul-fp32")] == 1
+    assert runs[("sample", "ref-eager")] == 0
     assert data["peaks"]["fp32"] == next(r["value"] for r in data["records"] if r["impl"] == "matmul-fp32")
 
 
 def test_real_readme_has_markers_and_no_invented_numbers():
     text = (ROOT / "bench" / "README.md").read_text()
-    assert report.START in text and report.END in text
+    assert report.START in text
+    assert report.END in text
 
 
 # --------------------------------------------------------------------------- FLOP formulas
@@ -315,9 +332,11 @@ def test_targets_are_checked_against_the_best_of_each_family():
     checks = {c.goal: c for c in report.check_targets({"config": {"steps": [12]}, "records": records})}
     ratio100 = checks["training B=100 K=12: best fused / best non-fused >= 1.5x"]
     assert (ratio100.measured, ratio100.status) == ("6.00x", "met")
-    assert "fused-persistent-bf16" in ratio100.note and "ref-cudagraph" in ratio100.note
+    assert "fused-persistent-bf16" in ratio100.note
+    assert "ref-cudagraph" in ratio100.note
     ratio4096 = checks["training B=4096 K=12: best fused / best non-fused >= 1.5x"]
-    assert (ratio4096.measured, ratio4096.status) == ("5.00x", "met") and "ref-compile" in ratio4096.note  # left out
+    assert (ratio4096.measured, ratio4096.status) == ("5.00x", "met")
+    assert "ref-compile" in ratio4096.note
     eager = checks["training B=100 K=12: best fused / ref-eager >= 10x"]
     assert (eager.measured, eager.status) == ("40.00x", "met")
     assert checks["training B=100 K=12: best fused >= 100,000 samples/s"].status == "met"
@@ -347,8 +366,8 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
     """With ``avme_ext.ops.design`` present, every step (forward and backward) runs inside ``design(name)``."""
     import contextlib
 
-    from bench import workloads as W
     from avme_ext import ops
+    from bench import workloads as W
 
     active: list[str] = []
     seen: list[tuple[str, str | None]] = []
@@ -372,7 +391,8 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
     weight = case.model.core.write.weight
     weight.register_hook(lambda grad: seen.append(("backward", active[-1] if active else None)))
     case.step(0)
-    assert seen == [("backward", "persistent")] and active == []
+    assert seen == [("backward", "persistent")]
+    assert active == []
     assert W.unavailable_reason(spec, torch.device("cpu")) is None  # the reference runs on the CPU
     fused = W.IMPLS["fused-stagewise-bf16"]
     monkeypatch.setattr(ops, "is_available", lambda: True)
@@ -410,7 +430,8 @@ def test_crossover_runs_on_the_smoke_results(smoke_results: Path, tmp_path: Path
     out = tmp_path / "dispatch.py"
     with pytest.raises(SystemExit):  # a CPU smoke file says nothing about a GPU
         crossover.main([str(smoke_results), "--out", str(out)])
-    assert "not a full-size GPU run" in capsys.readouterr().err and not out.exists()
+    assert "not a full-size GPU run" in capsys.readouterr().err
+    assert not out.exists()
     assert crossover.main([str(smoke_results), "--allow-smoke", "--out", str(out)]) == 0
     sources, table = dispatch.parse_table(out.read_text())
     device = json.loads(smoke_results.read_text())["device"]
@@ -459,15 +480,17 @@ def test_train_compare_checks_the_last_common_epoch(tmp_path: Path):
         folder = tmp_path / "runs" / name
         folder.mkdir(parents=True)
         lines = [json.dumps({"kind": "valid", "epoch": e + 1, "step": e, "nelbo": v}) for e, v in enumerate(values)]
-        (folder / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "valid", "ep']) + "\n")  # a cut line
+        (folder / "metrics.jsonl").write_text("\n".join([*lines, '{"kind": "valid", "ep']) + "\n")  # a cut line
         (tmp_path / "runs" / f"{name}.rc").write_text("143\n" if name == "cuda-bf16" else "0\n")
     out = tmp_path / "check.json"
     assert compare.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--epochs", "3"]) == 1
     result = json.loads(out.read_text())
     assert result["epoch_compared"] == 2  # cuda-bf16 was stopped after two epochs
-    assert result["checks"]["cuda-bf16"]["pass"] and result["checks"]["cuda-bf16"]["difference"] == pytest.approx(0.2)
+    assert result["checks"]["cuda-bf16"]["pass"]
+    assert result["checks"]["cuda-bf16"]["difference"] == pytest.approx(0.2)
     assert not result["checks"]["cuda-tf32"]["pass"]  # 0.5 nats off
-    assert result["runs"]["cuda-bf16"]["exit_code"] == 143 and result["pass"] is False
+    assert result["runs"]["cuda-bf16"]["exit_code"] == 143
+    assert result["pass"] is False
     assert compare.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--tolerance", "0.6"]) == 0
     assert compare.main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 1
     assert "baseline" in json.loads(out.read_text())["reason"]
@@ -478,9 +501,12 @@ def test_ddp_checkpoint_comparison_is_exact_or_relative():
     a = {"w": torch.ones(3), "step": torch.tensor(5)}
     assert ddp.compare(a, {"w": torch.ones(3), "step": torch.tensor(5)})["exact"] is True
     near = ddp.compare(a, {"w": torch.tensor([1.0, 1.0, 1.0 + 1e-6]), "step": torch.tensor(5)})
-    assert near["exact"] is False and 0 < near["max_rel"] < 1e-6 and near["worst_tensor"] == "w"
+    assert near["exact"] is False
+    assert 0 < near["max_rel"] < 1e-6
+    assert near["worst_tensor"] == "w"
     nan = ddp.compare(a, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(5)})
-    assert nan["finite"] is False and not nan["max_rel"] <= 1e-5
+    assert nan["finite"] is False
+    assert not nan["max_rel"] <= 1e-5
     assert ddp.compare(a, {"w": torch.ones(3)})["same_keys"] is False
 
 
@@ -513,7 +539,8 @@ def test_barrier_benchmark_measures_both_barriers(tmp_path: Path):
     document = json.loads(out.read_text())
     assert {r["barrier"] for r in document["results"]} == {"cooperative_groups", "flag"}
     assert all(0 < r["round_us"] < 1000 for r in document["results"]), document["results"]
-    assert document["device"] and document["torch"] == torch.__version__
+    assert document["device"]
+    assert document["torch"] == torch.__version__
     counters = torch.zeros(2, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="threads must be a multiple of 32"):
         torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3, device="cuda"), 1, 48, 1, "flag")

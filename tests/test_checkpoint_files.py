@@ -26,7 +26,7 @@ from avme_ext.checkpoint import (
 from avme_ext.cli import main
 from avme_ext.model import AVME
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
+SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 
 
 @pytest.fixture
@@ -50,9 +50,11 @@ def _model(num_classes: int = 0, seed: int = 0, **sizes) -> AVME:
 def test_atomic_write_gets_the_umask_mode(tmp_path, umask_027):
     assert default_file_mode() == umask_027
     path = atomic_write_bytes(tmp_path / "sub" / "a.bin", b"abc")
-    assert path.read_bytes() == b"abc" and _mode(path) == umask_027
+    assert path.read_bytes() == b"abc"
+    assert _mode(path) == umask_027
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(b"xyz"))
-    assert path.read_bytes() == b"xyz" and _mode(path) == umask_027
+    assert path.read_bytes() == b"xyz"
+    assert _mode(path) == umask_027
     assert [p.name for p in path.parent.iterdir()] == ["a.bin"]  # no temporary file left
 
 
@@ -65,7 +67,8 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(path, broken)
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
 def test_every_file_the_commands_write_gets_the_umask_mode(tmp_path, umask_027, capsys):
@@ -93,10 +96,12 @@ def test_resolve_refuses_json_twins_and_other_files_naming_the_given_path(tmp_pa
     assert resolve_checkpoint(run) == run / "best.safetensors"
     with pytest.raises(CheckpointError, match="not a checkpoint") as error:
         resolve_checkpoint(run / "best.json")
-    assert str(run / "best.json") in str(error.value) and str(run / "best.safetensors") in str(error.value)
+    assert str(run / "best.json") in str(error.value)
+    assert str(run / "best.safetensors") in str(error.value)
     with pytest.raises(CheckpointError) as error:
         resolve_checkpoint(run / "config.json")
-    assert str(run / "config.json") in str(error.value) and "config.safetensors" not in str(error.value)
+    assert str(run / "config.json") in str(error.value)
+    assert "config.safetensors" not in str(error.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(run / "other.safetensors")
 
@@ -115,7 +120,8 @@ def test_corrupt_best_names_intact_last(tmp_path):
     (run / "last.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(CheckpointError) as error:
         load_model(run)
-    assert error.value.alternative is None and "is intact" not in str(error.value)
+    assert error.value.alternative is None
+    assert "is intact" not in str(error.value)
 
 
 # --------------------------------------------------------------------------- weights files
@@ -130,20 +136,26 @@ def test_export_weights_round_trip(tmp_path, num_classes):
         "state": {"step": 7, "epoch": 1}, "train": {"lr": 1e-3}})
     path = export_weights(run, tmp_path / "ship" / "w.safetensors")
     tensors = load_file(path)
-    assert all(k.startswith("model.") for k in tensors) and all(v.dtype == torch.float16 for v in tensors.values())
+    assert all(k.startswith("model.") for k in tensors)
+    assert all(v.dtype == torch.float16 for v in tensors.values())
     header = _header(path)
     meta = json.loads(header["__metadata__"]["avme"])
-    assert meta["format"] == "avme-weights" and meta["dtype"] == "float16"
+    assert meta["format"] == "avme-weights"
+    assert meta["dtype"] == "float16"
     assert meta["config"] == model.config.to_dict()
     provenance = meta["provenance"]
-    assert provenance["source"] == str(run / "best.safetensors") and len(provenance["source_sha256"]) == 64
-    assert provenance["progress"] == {"step": 7, "epoch": 1} and provenance["training"] == {"lr": 1e-3}
+    assert provenance["source"] == str(run / "best.safetensors")
+    assert len(provenance["source_sha256"]) == 64
+    assert provenance["progress"] == {"step": 7, "epoch": 1}
+    assert provenance["training"] == {"lr": 1e-3}
     loaded = load_model(path)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0, msg=name)
     checkpoint = load_checkpoint(path)
-    assert checkpoint.weights_only and checkpoint.optimizer_state is None and checkpoint.provenance == provenance
+    assert checkpoint.weights_only
+    assert checkpoint.optimizer_state is None
+    assert checkpoint.provenance == provenance
     assert load_model(path, dtype=torch.float64).core.write.weight.dtype == torch.float64
 
 
@@ -151,7 +163,7 @@ def test_export_float32_is_exact_and_bfloat16_is_stored(tmp_path):
     model = _model()
     source = save_checkpoint(tmp_path / "c.safetensors", model)
     exact = load_model(export_weights(source, tmp_path / "f32.safetensors", dtype="float32"))
-    for a, b in zip(model.state_dict().values(), exact.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), exact.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     bf16 = export_weights(source, tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
     assert {v.dtype for v in load_file(bf16).values()} == {torch.bfloat16}
@@ -189,7 +201,8 @@ def test_export_command(tmp_path, capsys):
     save_checkpoint(run / "best.safetensors", _model())
     out = tmp_path / "w.safetensors"
     assert main(["export", str(run), "--out", str(out), "--dtype", "bfloat16"]) == 0
-    assert str(out) in capsys.readouterr().out and load_checkpoint(out).weights_only
+    assert str(out) in capsys.readouterr().out
+    assert load_checkpoint(out).weights_only
     assert main(["sample", str(out), "--num", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "w.bin")]) == 2
     assert "--out" in capsys.readouterr().err

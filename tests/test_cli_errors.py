@@ -37,7 +37,9 @@ def test_missing_checkpoint_same_convention_in_every_command(tmp_path, capsys):
                     ["export", missing, "--out", tmp_path / "w.safetensors"]):
         code, _, err = _run(command, capsys)
         line = _one_error_line(err, command[0])
-        assert code == 2 and str(missing) in line and "does not exist" in line
+        assert code == 2
+        assert str(missing) in line
+        assert "does not exist" in line
     assert not any(tmp_path.iterdir())
 
 
@@ -47,11 +49,16 @@ def test_data_errors_use_command_line_wording(run_dir, tmp_path, capsys, monkeyp
     out = tmp_path / "r2.png"
     code, _, err = _run(["sample", run_dir, "--reconstruct", 4, "--dataset", "mnist_static", "--out", out], capsys)
     line = _one_error_line(err, "sample")
-    assert code == 2 and "--download" in line and "download=True" not in line
-    assert not out.exists() and not (tmp_path / "r2_recon.png").exists()  # nothing written before the failure
+    assert code == 2
+    assert "--download" in line
+    assert "download=True" not in line
+    assert not out.exists()
+    assert not (tmp_path / "r2_recon.png").exists()
     code, _, err = _run(["eval", run_dir, "--dataset", "mnist_static", "--json", tmp_path / "e.json"], capsys)
     line = _one_error_line(err, "eval")
-    assert code == 2 and "--download" in line and "download=True" not in line
+    assert code == 2
+    assert "--download" in line
+    assert "download=True" not in line
     assert not (tmp_path / "e.json").exists()
 
 
@@ -60,17 +67,21 @@ def test_failing_sample_leaves_existing_outputs_untouched(run_dir, tmp_path, cap
     out = tmp_path / "samples.png"
     out.write_bytes(b"the user's previous file")
     code, _, _ = _run(["sample", run_dir, "--reconstruct", 2, "--dataset", "mnist_static", "--out", out], capsys)
-    assert code == 2 and out.read_bytes() == b"the user's previous file"
+    assert code == 2
+    assert out.read_bytes() == b"the user's previous file"
 
 
-@pytest.mark.parametrize("name, hint", [("best.json", "best.safetensors"), ("last.json", "last.safetensors"),
+@pytest.mark.parametrize(("name", "hint"), [("best.json", "best.safetensors"), ("last.json", "last.safetensors"),
                                         ("config.json", "run directory")])
 def test_json_twin_or_other_file_is_refused_naming_it(run_dir, tmp_path, capsys, name, hint):
     given = run_dir / name
     out = tmp_path / "samples.png"
     code, _, err = _run(["sample", given, "--out", out], capsys)
     line = _one_error_line(err, "sample")
-    assert code == 2 and str(given) in line and hint in line and "not a checkpoint" in line
+    assert code == 2
+    assert str(given) in line
+    assert hint in line
+    assert "not a checkpoint" in line
     assert "config.safetensors" not in line  # never a path the user did not give
     assert not out.exists()
 
@@ -84,10 +95,12 @@ def test_corrupt_best_points_to_intact_last_with_the_exact_command(run_dir, tmp_
     out = tmp_path / "s.png"
     code, _, err = _run(["sample", run, "--num", 4, "--out", out], capsys)
     line = _one_error_line(err, "sample")
-    assert code == 2 and "best.safetensors" in line
+    assert code == 2
+    assert "best.safetensors" in line
     command = f"avme sample {run / 'last.safetensors'} --num 4 --out {out}"
     assert line.endswith(command), line
-    assert main(command.split()[1:]) == 0 and out.is_file()  # the suggested command works
+    assert main(command.split()[1:]) == 0
+    assert out.is_file()
 
 
 def test_corrupt_best_without_intact_last_gives_no_false_hint(run_dir, tmp_path, capsys):
@@ -97,7 +110,9 @@ def test_corrupt_best_without_intact_last_gives_no_false_hint(run_dir, tmp_path,
     (run / "last.safetensors").write_bytes(b"garbage too" * 10)
     code, _, err = _run(["eval", run], capsys)
     line = _one_error_line(err, "eval")
-    assert code == 2 and "best.safetensors" in line and "is intact" not in line
+    assert code == 2
+    assert "best.safetensors" in line
+    assert "is intact" not in line
 
 
 def test_bad_option_values_exit_2_with_the_subcommand_prefix(run_dir, tmp_path, capsys):
@@ -107,21 +122,24 @@ def test_bad_option_values_exit_2_with_the_subcommand_prefix(run_dir, tmp_path, 
         assert exit_info.value.code == 2
         assert f"avme {argv[0]}: error:" in capsys.readouterr().err
     code, _, err = _run(["sample", run_dir, "--out", tmp_path / "x.jpg"], capsys)
-    assert code == 2 and "--out" in _one_error_line(err, "sample")
+    assert code == 2
+    assert "--out" in _one_error_line(err, "sample")
     code, _, err = _run(["eval", run_dir, "--json", tmp_path / "missing-dir-is-fine" / "x.txt"], capsys)
-    assert code == 2 and ".json" in _one_error_line(err, "eval")
+    assert code == 2
+    assert ".json" in _one_error_line(err, "eval")
 
 
 def test_working_failure_exits_1(run_dir, tmp_path, capsys, monkeypatch):
     """An OS error while writing (here: a full disk) is a failure while working: exit 1, one line."""
-    import avme_ext.checkpoint as checkpoint
+    from avme_ext import checkpoint
 
     def full_disk(path, data):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
     code, _, err = _run(["sample", run_dir, "--num", 2, "--out", tmp_path / "s.png"], capsys)
-    assert code == 1 and "No space left" in _one_error_line(err, "sample")
+    assert code == 1
+    assert "No space left" in _one_error_line(err, "sample")
 
 
 def test_rank_prefix_under_torchrun(capsys, monkeypatch, tmp_path):
@@ -197,7 +215,8 @@ def _assert_one_line_exit(process: subprocess.Popen, signum: int, command: str) 
     assert process.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith(f"avme {command}: ") and signal.Signals(signum).name in lines[0]
+    assert lines[0].startswith(f"avme {command}: ")
+    assert signal.Signals(signum).name in lines[0]
 
 
 def test_ctrl_c_during_sample_is_one_line_and_130(run_dir, tmp_path):
@@ -232,8 +251,10 @@ def test_signal_during_eval_work_is_one_line_and_nothing_written(run_dir, tmp_pa
     assert process.returncode == 128 + signum, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
-    assert lines[0].startswith("avme eval: ") and signal.Signals(signum).name in lines[0]
-    assert not json_out.exists() and not list(tmp_path.glob(".eval.json.*"))
+    assert lines[0].startswith("avme eval: ")
+    assert signal.Signals(signum).name in lines[0]
+    assert not json_out.exists()
+    assert not list(tmp_path.glob(".eval.json.*"))
 
 
 IMPORT_BLOCKING = textwrap.dedent("""

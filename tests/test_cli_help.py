@@ -33,8 +33,10 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_switches_read_as_what_happens(capsys):
     text = _help("eval", capsys)
-    assert "--marginal, --no-marginal" in text and "--progress, --no-progress" in text
-    assert "(default: True)" not in text and "(default: False)" not in text
+    assert "--marginal, --no-marginal" in text
+    assert "--progress, --no-progress" in text
+    assert "(default: True)" not in text
+    assert "(default: False)" not in text
     assert re.search(r"--progress, --no-progress show a progress bar on stderr \(default: on\)", text), text
     assert re.search(r"--marginal, --no-marginal conditional model .*\(default: on\)", text)
 
@@ -83,7 +85,9 @@ def test_choices_come_from_the_defining_module():
 def test_every_command_documents_the_exit_status(capsys):
     for command in MY_COMMANDS:
         text = _help(command, capsys)
-        assert "exit status" in text and "130" in text and "avme <command>: error: <message>" in text
+        assert "exit status" in text
+        assert "130" in text
+        assert "avme <command>: error: <message>" in text
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "exit status" in capsys.readouterr().out
@@ -117,4 +121,6 @@ def test_threads_is_applied_before_the_work(tmp_path, capsys, monkeypatch, posit
 
 def test_threads_help_says_what_it_does(capsys):
     text = _help("eval", capsys)
-    assert "--threads N" in text and "torch.set_num_threads" in text and "OMP_NUM_THREADS" in text
+    assert "--threads N" in text
+    assert "torch.set_num_threads" in text
+    assert "OMP_NUM_THREADS" in text

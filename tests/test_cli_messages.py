@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- argument errors: one line
-@pytest.mark.parametrize("argv, wanted", [
+@pytest.mark.parametrize(("argv", "wanted"), [
     (["train", "--out", "r", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
     (["train", "--lr-schedule", "linear"], "argument --lr-schedule: invalid choice"),
     (["sample"], "the following arguments are required: CHECKPOINT"),
@@ -46,7 +46,9 @@ def run_dir(tmp_path_factory) -> Path:
 def test_argument_errors_are_one_line_naming_the_command(argv, wanted, capsys):
     code, out, err = _run(argv, capsys)
     line = _one_error_line(err, argv[0])
-    assert code == 2 and wanted in line and not out
+    assert code == 2
+    assert wanted in line
+    assert not out
     assert line.endswith(f"(see 'avme {argv[0]} --help')")
 
 
@@ -75,7 +77,8 @@ def test_an_eval_request_that_cannot_fit_is_refused_before_the_work(run_dir, cap
     monkeypatch.setattr(_memory, "available_memory", lambda device: 10**9)
     code, out, err = _run(["eval", run_dir, "--samples", 1000000, "--num-images", 1, "--max-rows", 1000000000], capsys)
     line = _one_error_line(err, "eval")
-    assert code == 2 and not out
+    assert code == 2
+    assert not out
     assert "--max-rows 1000000000 with --samples 1000000 (1000000 trajectories at once): needs at least" in line
     assert "1 GB are available on cpu; lower --max-rows" in line
 
@@ -94,7 +97,9 @@ def test_an_allocation_that_fails_while_working_is_one_line_and_exit_1(run_dir, 
     monkeypatch.setattr(AVME, "sample", allocate)
     code, _, err = _run(["sample", run_dir, "--num", 4, "--out", tmp_path / "s.png"], capsys)
     line = _one_error_line(err, "sample")
-    assert code == 1 and "out of memory" in line and "ask for fewer images" in line
+    assert code == 1
+    assert "out of memory" in line
+    assert "ask for fewer images" in line
     if "4800000000000" in str(failure):
         assert "tried to allocate 4.8 TB" in line
     assert not (tmp_path / "s.png").exists()
@@ -110,7 +115,7 @@ def test_memory_limits_are_read(monkeypatch):
 
 
 # --------------------------------------------------------------------------- outputs that cannot be written
-@pytest.mark.parametrize("code, reason", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied"),
+@pytest.mark.parametrize(("code", "reason"), [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied"),
                                           (errno.EPERM, "permission denied")])
 def test_unwritable_output_names_the_reason(run_dir, tmp_path, capsys, monkeypatch, code, reason):
     """The errno of a failed write decides the wording, in every command (train included, exit 2)."""
@@ -131,7 +136,8 @@ def test_unwritable_output_names_the_reason(run_dir, tmp_path, capsys, monkeypat
     for command, (argv, given) in commands.items():
         exit_code, _, err = _run(argv, capsys)
         line = _one_error_line(err, command)
-        assert exit_code == 2 and line == f"avme {command}: error: {given}: cannot write in {tmp_path} ({reason})"
+        assert exit_code == 2
+        assert line == f"avme {command}: error: {given}: cannot write in {tmp_path} ({reason})"
     assert not (tmp_path / "r").exists()
 
 
@@ -171,7 +177,8 @@ def test_json_target_that_cannot_be_created_fails_before_the_work_naming_it(run_
     monkeypatch.setattr(avme_ext.evaluation, "estimate_cost", never)
     code, out, err = _run(["eval", run_dir, "--num-images", 2, "--json", "/proc/e.json"], capsys)
     line = _one_error_line(err, "eval")
-    assert code == 2 and not out
+    assert code == 2
+    assert not out
     assert line == "avme eval: error: --json /proc/e.json: cannot write in /proc (files cannot be created there)"
 
 
@@ -180,7 +187,8 @@ def test_atomic_write_errors_name_the_file_asked_for_not_the_temporary_one(tmp_p
         pytest.skip("needs Linux's /proc")
     with pytest.raises(OSError) as error:
         atomic_write_bytes("/proc/e.json", b"{}")
-    assert error.value.filename == "/proc/e.json" and ".tmp" not in str(error.value)
+    assert error.value.filename == "/proc/e.json"
+    assert ".tmp" not in str(error.value)
 
 
 # --------------------------------------------------------------------------- recovery advice
@@ -215,16 +223,19 @@ def test_a_grid_larger_than_viewers_open_is_split_with_one_note(run_dir, tmp_pat
     code, stdout, err = _run(["sample", run_dir, "--num", 1000, "--out", out, "--scale", 1], capsys)
     assert code == 0, err
     written = [Path(line) for line in stdout.split()]
-    assert [p.name for p in written] == [f"samples-{i}.png" for i in range(1, len(written) + 1)] and len(written) > 1
+    assert [p.name for p in written] == [f"samples-{i}.png" for i in range(1, len(written) + 1)]
+    assert len(written) > 1
     notes = err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith(f"avme sample: note: --out {out}: 1000 samples make a "), err
-    assert f"written as {len(written)} files of at most" in notes[0] and "samples-1.png ..." in notes[0]
+    assert f"written as {len(written)} files of at most" in notes[0]
+    assert "samples-1.png ..." in notes[0]
     tiles = 0
     for path in written:
         width, height = Image.open(path).size
         assert width * height <= limit
         tiles += (width // 30) * (height // 30)  # 28 + 2 pixels of padding per tile
-    assert tiles >= 1000 and not out.exists()
+    assert tiles >= 1000
+    assert not out.exists()
 
 
 def test_the_issue_grid_splits_under_pillows_limit():
@@ -239,8 +250,10 @@ def test_the_issue_grid_splits_under_pillows_limit():
         return height * width
 
     per_file = _png_split.items_per_png(100_000, pixels)
-    assert pixels(100_000) > 300e6 and pixels(per_file) <= Image.MAX_IMAGE_PIXELS == _png_split.MAX_PNG_PIXELS
-    assert -(-100_000 // per_file) == 5 and per_file == 20_000  # as few files as the limit allows, even sizes
+    assert pixels(100_000) > 300e6
+    assert pixels(per_file) <= Image.MAX_IMAGE_PIXELS == _png_split.MAX_PNG_PIXELS
+    assert -(-100_000 // per_file) == 5
+    assert per_file == 20_000
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from avme_ext.cli import main
 from avme_ext.model import AVME
 from helpers import REPO, subprocess_env
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
+SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 K = SIZES["steps"]
 PAD = 2
 
@@ -52,19 +52,22 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 # --------------------------------------------------------------------------- sample
-@pytest.mark.parametrize("device,message", [("tpu", "is not a device"), ("cuda:7", "CUDA")])
+@pytest.mark.parametrize(("device", "message"), [("tpu", "is not a device"), ("cuda:7", "CUDA")])
 def test_bad_device_is_a_clear_error(checkpoints, tmp_path, capsys, device, message):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     code, _, err = _run(["sample", checkpoints["uncond"], "--out", tmp_path / "s.png", "--device", device], capsys)
-    assert code == 2 and f"--device '{device}'" in err and message in err
+    assert code == 2
+    assert f"--device '{device}'" in err
+    assert message in err
     assert not (tmp_path / "s.png").exists()
 
 
 def test_sample_plain_grid(checkpoints, tmp_path, capsys):
     out = tmp_path / "samples.png"
     code, stdout, _ = _run(["sample", checkpoints["uncond"], "--num", 12, "--nrow", 4, "--out", out, "--device", "cpu"], capsys)
-    assert code == 0 and str(out) in stdout
+    assert code == 0
+    assert str(out) in stdout
     image = _png(out)
     assert image.size == grid_pixels(3, 4, scale=2)  # 12 samples, 4 per row, default --scale 2
     # Padding is visible: the top-left corner is the gray separator, not a digit pixel.
@@ -80,16 +83,18 @@ def test_sample_default_is_square_and_scale(checkpoints, tmp_path, capsys):
 
 def test_sample_is_deterministic_given_seed(checkpoints, tmp_path, capsys):
     paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
-    for path, seed in zip(paths, (1, 1, 2)):
+    for path, seed in zip(paths, (1, 1, 2), strict=True):
         assert _run(["sample", checkpoints["uncond"], "--num", 4, "--out", path, "--seed", seed], capsys)[0] == 0
     a, b, c = (path.read_bytes() for path in paths)
-    assert a == b and a != c
+    assert a == b
+    assert a != c
 
 
 def test_sample_unroll(checkpoints, tmp_path, capsys):
     out = tmp_path / "steps.png"
     code, stdout, _ = _run(["sample", checkpoints["uncond"], "--unroll", "--num", 5, "--out", out, "--scale", 3], capsys)
-    assert code == 0 and str(out) in stdout
+    assert code == 0
+    assert str(out) in stdout
     assert _png(out).size == grid_pixels(5, K, scale=3)  # one strip of K steps per row
 
 
@@ -108,17 +113,21 @@ def test_sample_reconstruct(checkpoints, tmp_path, capsys):
     out = tmp_path / "g.png"
     code, stdout, _ = _run(["sample", checkpoints["uncond"], "--num", 4, "--out", out, "--reconstruct", 10], capsys)
     recon = tmp_path / "g_recon.png"
-    assert code == 0 and str(recon) in stdout
+    assert code == 0
+    assert str(recon) in stdout
     assert _png(recon).size == grid_pixels(4, 8, scale=2)  # 10 images: 2 pairs of rows of 8
 
 
 def test_sample_option_errors(checkpoints, tmp_path, capsys):
     code, _, err = _run(["sample", checkpoints["cond_file"], "--num", 4, "--out", tmp_path / "x.png"], capsys)
-    assert code != 0 and "--per-class" in err
+    assert code != 0
+    assert "--per-class" in err
     code, _, err = _run(["sample", checkpoints["uncond"], "--per-class", 4, "--out", tmp_path / "x.png"], capsys)
-    assert code != 0 and "conditional" in err
+    assert code != 0
+    assert "conditional" in err
     code, _, err = _run(["sample", checkpoints["uncond"], "--out", tmp_path / "x.jpg"], capsys)
-    assert code != 0 and ".png" in err
+    assert code != 0
+    assert ".png" in err
 
 
 # --------------------------------------------------------------------------- eval
@@ -128,8 +137,10 @@ def test_eval_json(checkpoints, tmp_path, capsys, which):
     argv = ["eval", checkpoints[which], "--samples", 4, "--num-images", 20, "--batch-size", 8, "--json", out]
     code, stdout, _ = _run(argv, capsys)
     assert code == 0
-    assert "negative ELBO" in stdout and "reconstruction term -log p(x|z) (not a likelihood)" in stdout
-    assert "IWAE bound" in stdout and "S=4" in stdout
+    assert "negative ELBO" in stdout
+    assert "reconstruction term -log p(x|z) (not a likelihood)" in stdout
+    assert "IWAE bound" in stdout
+    assert "S=4" in stdout
     document = json.loads(out.read_text())
     summary, provenance = document["summary"], document["provenance"]
     keys = {"num_images", "nelbo", "reconstruction", "kl", "kl_per_step", "iwae_nll", "iwae_samples"}
@@ -139,13 +150,18 @@ def test_eval_json(checkpoints, tmp_path, capsys, which):
     assert keys <= set(summary)
     for key in keys - {"kl_per_step"}:
         assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), key
-    assert len(summary["kl_per_step"]) == K and all(math.isfinite(v) for v in summary["kl_per_step"])
-    assert summary["num_images"] == 20 and summary["iwae_samples"] == 4
+    assert len(summary["kl_per_step"]) == K
+    assert all(math.isfinite(v) for v in summary["kl_per_step"])
+    assert summary["num_images"] == 20
+    assert summary["iwae_samples"] == 4
     assert math.isclose(summary["nelbo"], summary["reconstruction"] + summary["kl"], rel_tol=1e-9)
     for key in ("checkpoint", "split", "num_images", "samples", "seed", "device", "torch_version", "wall_clock_seconds"):
         assert key in provenance, key
-    assert provenance["split"] == "test" and provenance["samples"] == 4 and provenance["device"] == "cpu"
-    assert provenance["torch_version"] == torch.__version__ and provenance["wall_clock_seconds"] > 0
+    assert provenance["split"] == "test"
+    assert provenance["samples"] == 4
+    assert provenance["device"] == "cpu"
+    assert provenance["torch_version"] == torch.__version__
+    assert provenance["wall_clock_seconds"] > 0
 
 
 def test_eval_is_deterministic_given_seed(checkpoints, tmp_path, capsys):
@@ -153,9 +169,10 @@ def test_eval_is_deterministic_given_seed(checkpoints, tmp_path, capsys):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = tmp_path / f"{name}.json"
         argv = ["eval", checkpoints["uncond"], "--num-images", 10, "--split", "valid", "--seed", seed, "--json", out]
-        assert _run(argv + ["--no-progress"], capsys)[0] == 0
+        assert _run([*argv, "--no-progress"], capsys)[0] == 0
         results.append(json.loads(out.read_text())["summary"])
-    assert results[0] == results[1] and results[0]["nelbo"] != results[2]["nelbo"]
+    assert results[0] == results[1]
+    assert results[0]["nelbo"] != results[2]["nelbo"]
     assert "iwae_nll" not in results[0]  # --samples 0: ELBO only
 
 
@@ -163,16 +180,20 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "nope.safetensors"
     for command in (["eval", missing], ["sample", missing, "--out", tmp_path / "s.png"]):
         code, _, err = _run(command, capsys)
-        assert code != 0 and str(missing) in err and "does not exist" in err
+        assert code != 0
+        assert str(missing) in err
+        assert "does not exist" in err
     code, _, err = _run(["eval", tmp_path], capsys)  # a directory without checkpoints
-    assert code != 0 and "best.safetensors" in err
+    assert code != 0
+    assert "best.safetensors" in err
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
     code, _, err = _run(["eval", bad], capsys)
-    assert code != 0 and str(bad) in err
+    assert code != 0
+    assert str(bad) in err
 
 
 # --------------------------------------------------------------------------- plot
@@ -204,7 +225,8 @@ def test_plot_run_dir(tmp_path, capsys):
         path = run_dir / name
         assert str(path) in stdout
         image = _png(path)
-        assert image.size[0] > 300 and image.size[1] > 200
+        assert image.size[0] > 300
+        assert image.size[1] > 200
 
 
 def test_plot_metrics_file_to_out_dir(tmp_path, capsys):
@@ -213,31 +235,39 @@ def test_plot_metrics_file_to_out_dir(tmp_path, capsys):
     out_dir = tmp_path / "figures"
     code, _, _ = _run(["plot", metrics, "--out-dir", out_dir, "--which", "last"], capsys)
     assert code == 0
-    assert (out_dir / "training_curve.png").is_file() and (out_dir / "kl_per_step.png").is_file()
+    assert (out_dir / "training_curve.png").is_file()
+    assert (out_dir / "kl_per_step.png").is_file()
 
 
 def test_plot_bad_metrics_are_clear_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n\n{"kind": "valid", "epoch": 1, "st\n')
     code, _, err = _run(["plot", bad], capsys)
-    assert code != 0 and f"{bad}:3" in err and "JSON" in err
+    assert code != 0
+    assert f"{bad}:3" in err
+    assert "JSON" in err
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"kind": "train", "step": 1, "loss": "high"}\n')
     code, _, err = _run(["plot", wrong], capsys)
-    assert code != 0 and f"{wrong}:1" in err and "loss" in err
+    assert code != 0
+    assert f"{wrong}:1" in err
+    assert "loss" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     code, _, err = _run(["plot", empty], capsys)
-    assert code != 0 and "empty" in err
+    assert code != 0
+    assert "empty" in err
     code, _, err = _run(["plot", tmp_path / "missing"], capsys)
-    assert code != 0 and "does not exist" in err
+    assert code != 0
+    assert "does not exist" in err
     code, _, err = _run(["plot", tmp_path], capsys)  # a directory without metrics.jsonl
-    assert code != 0 and "metrics.jsonl" in err
+    assert code != 0
+    assert "metrics.jsonl" in err
 
 
 # --------------------------------------------------------------------------- help
 @pytest.mark.parametrize(
-    "command, options",
+    ("command", "options"),
     [
         ("sample", ["--num", "--out", "--unroll", "--per-class", "--seed", "--device", "--scale", "--reconstruct"]),
         ("eval", ["--split", "--samples", "--num-images", "--batch-size", "--max-rows", "--json", "--seed",
@@ -262,7 +292,8 @@ def test_module_entry_point_exit_codes(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0
-    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -284,7 +315,8 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
     assert multi.stdout.count("negative ELBO") == 1  # only rank 0 prints
     a = json.loads((tmp_path / "single.json").read_text())
     b = json.loads((tmp_path / "multi.json").read_text())
-    assert b["provenance"]["world_size"] == 2 and a["provenance"]["world_size"] == 1
+    assert b["provenance"]["world_size"] == 2
+    assert a["provenance"]["world_size"] == 1
     assert a["summary"] == b["summary"]
 
 
@@ -292,8 +324,10 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
 def test_eval_says_what_it_will_cost_before_starting(checkpoints, capsys, monkeypatch):
     code, _, err = _run(["eval", checkpoints["uncond"], "--samples", 3, "--num-images", 12, "--no-progress"], capsys)
     lines = err.splitlines()
-    assert code == 0 and len(lines) == 1
-    assert lines[0].startswith("avme eval: IWAE S=3 on 12 images: about ") and "this CPU" in lines[0]
+    assert code == 0
+    assert len(lines) == 1
+    assert lines[0].startswith("avme eval: IWAE S=3 on 12 images: about ")
+    assert "this CPU" in lines[0]
     assert "--num-images" not in lines[0]  # a quick evaluation needs no advice
 
     import avme_ext.evaluation as E
@@ -325,7 +359,8 @@ def test_training_curve_shows_its_first_point_and_what_points_average(tmp_path):
     ax = figure.axes[0]
     low, high = ax.get_ylim()
     losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert high >= losses[0] == max(losses) and low <= min(losses)  # the first point (300 nats) is in view
+    assert high >= losses[0] == max(losses)
+    assert low <= min(losses)
     assert ax.get_xlim()[0] <= 5
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any("mean over the 5 steps before each point" in label for label in labels), labels
@@ -343,9 +378,11 @@ def test_training_curve_draws_a_changing_learning_rate_on_its_own_axis(tmp_path)
     (rate_axis,) = [ax for ax in figure.axes if ax.get_ylabel() == "learning rate"]
     (line,) = rate_axis.lines
     expected = [r["lr"] for r in decaying if r["kind"] == "train"]
-    assert list(line.get_ydata()) == pytest.approx(expected) and rate_axis.get_ylim()[0] == 0.0
+    assert list(line.get_ydata()) == pytest.approx(expected)
+    assert rate_axis.get_ylim()[0] == 0.0
     labels = [text.get_text() for text in rate_axis.get_legend().get_texts()]
-    assert "learning rate (right axis)" in labels and any("validation" in label for label in labels)
+    assert "learning rate (right axis)" in labels
+    assert any("validation" in label for label in labels)
 
 
 def test_training_curve_of_a_single_record_is_visible(tmp_path):
@@ -353,7 +390,8 @@ def test_training_curve_of_a_single_record_is_visible(tmp_path):
 
     figure = training_curve_figure([{"kind": "train", "epoch": 1, "step": 50, "loss": 240.0}])
     (line,) = figure.axes[0].lines
-    assert line.get_marker() not in (None, "None", "") and list(line.get_xdata()) == [50.0]
+    assert line.get_marker() not in (None, "None", "")
+    assert list(line.get_xdata()) == [50.0]
     low, high = figure.axes[0].get_ylim()
     assert low < 240.0 < high
 
@@ -363,5 +401,7 @@ def test_plot_failure_writes_nothing(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1, "step": 3}\n')  # nothing to plot
     code, _, err = _run(["plot", run], capsys)
-    assert code == 2 and err.startswith("avme plot: error: ") and "no 'train' or 'valid'" in err
+    assert code == 2
+    assert err.startswith("avme plot: error: ")
+    assert "no 'train' or 'valid'" in err
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

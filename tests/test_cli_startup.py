@@ -27,7 +27,7 @@ def _torch_modules(modules: set[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[command, "--help"] for command in COMMANDS]],
-                         ids=lambda argv: " ".join(argv))
+                         ids=" ".join)
 def test_help_does_not_import_torch(argv):
     done, modules = _imported_modules(*argv)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -37,7 +37,7 @@ def test_help_does_not_import_torch(argv):
 
 
 @pytest.mark.parametrize("argv", [["train", "--out", "r", "--epochs", "0"], ["eval", "RUN", "--samples", "-1"],
-                                  ["sample"], ["no-such-command"]], ids=lambda argv: " ".join(argv))
+                                  ["sample"], ["no-such-command"]], ids=" ".join)
 def test_argument_errors_do_not_import_torch(argv):
     done, modules = _imported_modules(*argv)
     assert done.returncode == 2, done.stderr[-2000:]

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_DATA
 
 from avme_ext import data as D
 from avme_ext.data import mnist as mnist_files
+from helpers import SHARED_DATA
 
 SHARED = SHARED_DATA
 MNIST_DIR = SHARED / "mnist"
@@ -63,10 +63,15 @@ def _write_amat(path: Path, rows: np.ndarray) -> None:
 @pytest.mark.parametrize("split", D.SPLITS)
 def test_vendored_split(vendored, split):
     s = vendored[split]
-    assert len(s) == SIZES[split] and s.images.shape == (SIZES[split], 784)
-    assert s.images.dtype == torch.uint8 and s.binarized and s.has_labels
+    assert len(s) == SIZES[split]
+    assert s.images.shape == (SIZES[split], 784)
+    assert s.images.dtype == torch.uint8
+    assert s.binarized
+    assert s.has_labels
     assert set(s.images.unique().tolist()) == {0, 1}
-    assert s.labels.dtype == torch.int64 and 0 <= s.labels.min() and s.labels.max() < 10
+    assert s.labels.dtype == torch.int64
+    assert s.labels.min() >= 0
+    assert s.labels.max() < 10
     assert s.images.float().mean().item() == pytest.approx(MEANS[split], abs=1e-4)
     assert s.name == f"binarized_mnist/{split}"
 
@@ -92,7 +97,9 @@ def test_test_split_sorted_so_subset_is_random(vendored):
     test = vendored["test"]
     assert (test.labels[:100] == 0).all()  # sorted by label: first rows are misleading
     sub = test.subset(500, torch.Generator().manual_seed(0))
-    assert len(sub) == 500 and sub.labels.unique().numel() == 10 and sub.binarized
+    assert len(sub) == 500
+    assert sub.labels.unique().numel() == 10
+    assert sub.binarized
     again = test.subset(500, torch.Generator().manual_seed(0))
     assert sub.images.equal(again.images)
     with pytest.raises(ValueError, match="subset size"):
@@ -102,11 +109,16 @@ def test_test_split_sorted_so_subset_is_random(vendored):
 def test_batch_and_dataset(vendored):
     s = vendored["valid"]
     x, y = s.batch(torch.tensor([3, 1, 4]), dtype=torch.float64)
-    assert x.shape == (3, 784) and x.dtype == torch.float64 and y.dtype == torch.int64
-    assert x.equal(s.images[[3, 1, 4]].double()) and y.equal(s.labels[[3, 1, 4]])
+    assert x.shape == (3, 784)
+    assert x.dtype == torch.float64
+    assert y.dtype == torch.int64
+    assert x.equal(s.images[[3, 1, 4]].double())
+    assert y.equal(s.labels[[3, 1, 4]])
     loader = torch.utils.data.DataLoader(s.as_dataset(), batch_size=32)
     xb, yb = next(iter(loader))
-    assert xb.shape == (32, 784) and xb.dtype == torch.float32 and yb.equal(s.labels[:32])
+    assert xb.shape == (32, 784)
+    assert xb.dtype == torch.float32
+    assert yb.equal(s.labels[:32])
 
 
 def test_image_split_validates_shapes():
@@ -129,7 +141,9 @@ def test_idx_layouts(tmp_path, official_test, layout):
     _copy_mnist(folder, test_names, gunzip=layout == "plain_uncompressed")
     s = D.load_mnist_idx("test", tmp_path, binarize="threshold")
     gray, labels = official_test
-    assert len(s) == 10_000 and s.binarized and s.name == "mnist_threshold/test"
+    assert len(s) == 10_000
+    assert s.binarized
+    assert s.name == "mnist_threshold/test"
     assert s.labels.equal(torch.from_numpy(labels.astype(np.int64)))
     assert s.images.equal(torch.from_numpy((gray > 127.5).astype(np.uint8)))
 
@@ -137,11 +151,13 @@ def test_idx_layouts(tmp_path, official_test, layout):
 @needs_shared
 def test_idx_train_and_split_dispatch():
     full = D.load_mnist_idx("train", MNIST_DIR, binarize="threshold")
-    assert len(full) == 60_000 and full.labels.bincount().sum() == 60_000
+    assert len(full) == 60_000
+    assert full.labels.bincount().sum() == 60_000
     train = D.load_split("mnist_threshold", "train", root=MNIST_DIR)
     valid = D.load_split("mnist_threshold", "valid", root=MNIST_DIR)
     assert (len(train), len(valid)) == (50_000, 10_000)
-    assert train.images.equal(full.images[:50_000]) and valid.labels.equal(full.labels[50_000:])
+    assert train.images.equal(full.images[:50_000])
+    assert valid.labels.equal(full.labels[50_000:])
     assert valid.name == "mnist_threshold/valid"
 
 
@@ -150,8 +166,10 @@ def test_static_binarization_reproducible(official_test):
     a = D.load_mnist_idx("test", MNIST_DIR, "static", seed=0)
     b = D.load_mnist_idx("test", MNIST_DIR, "static", seed=0)
     c = D.load_mnist_idx("test", MNIST_DIR, "static", seed=1)
-    assert a.binarized and a.images.dtype == torch.uint8
-    assert a.images.equal(b.images) and not a.images.equal(c.images)
+    assert a.binarized
+    assert a.images.dtype == torch.uint8
+    assert a.images.equal(b.images)
+    assert not a.images.equal(c.images)
     gray_mean = official_test[0].mean() / 255
     assert a.images.float().mean().item() == pytest.approx(gray_mean, abs=1e-3)
     # pixels that are 0 in gray are never 1 in a Bernoulli(gray) draw
@@ -161,8 +179,10 @@ def test_static_binarization_reproducible(official_test):
 @needs_shared
 def test_dynamic_binarization(official_test):
     s = D.load_split("mnist_dynamic", "test", root=MNIST_DIR)
-    assert not s.binarized and s.images.dtype == torch.float32
-    assert 0 <= s.images.min() and s.images.max() <= 1
+    assert not s.binarized
+    assert s.images.dtype == torch.float32
+    assert s.images.min() >= 0
+    assert s.images.max() <= 1
     index = torch.arange(2000)
     with pytest.raises(ValueError, match="generator"):
         s.batch(index)
@@ -170,8 +190,10 @@ def test_dynamic_binarization(official_test):
     x1, y1 = s.batch(index, g)
     x2, _ = s.batch(index, g)
     x3, _ = s.batch(index, torch.Generator().manual_seed(0))
-    assert set(x1.unique().tolist()) == {0.0, 1.0} and x1.dtype == torch.float32
-    assert not x1.equal(x2) and x1.equal(x3)
+    assert set(x1.unique().tolist()) == {0.0, 1.0}
+    assert x1.dtype == torch.float32
+    assert not x1.equal(x2)
+    assert x1.equal(x3)
     assert y1.equal(torch.from_numpy(official_test[1][:2000].astype(np.int64)))
     assert x1.mean().item() == pytest.approx(s.images[index].mean().item(), abs=2e-3)
     assert x1.mean().item() == pytest.approx(official_test[0][:2000].mean() / 255, abs=2e-3)
@@ -185,8 +207,11 @@ def test_amat_matches_npz(tmp_path, vendored):
     _write_amat(D.amat_path(tmp_path, "test"), rows)
     assert D.load_amat(D.amat_path(tmp_path, "test")).equal(torch.from_numpy(rows))
     s = D.load_split("binarized_mnist_amat", "test", root=tmp_path)
-    assert s.images.equal(torch.from_numpy(rows)) and s.name == "binarized_mnist_amat/test"
-    assert not s.has_labels and (s.labels == -1).all() and s.labels.shape == (200,)
+    assert s.images.equal(torch.from_numpy(rows))
+    assert s.name == "binarized_mnist_amat/test"
+    assert not s.has_labels
+    assert (s.labels == -1).all()
+    assert s.labels.shape == (200,)
     x, _ = s.batch(torch.arange(5))
     assert x.equal(torch.from_numpy(rows[:5]).float())
 
@@ -198,11 +223,11 @@ def test_amat_float_tokens(tmp_path, vendored):
     assert D.load_amat(path).equal(torch.from_numpy(rows))
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(("bad", "message"), [
     (lambda row: row[:-1], "expected 784 values, got 783"),
-    (lambda row: row[:10] + ["2"] + row[11:], "expected 0/1 values, found '2'"),
-    (lambda row: row[:10] + ["0.5"] + row[11:], "expected 0/1 values, found '0.5'"),
-    (lambda row: row[:10] + ["x"] + row[11:], "non-numeric"),
+    (lambda row: [*row[:10], "2", *row[11:]], "expected 0/1 values, found '2'"),
+    (lambda row: [*row[:10], "0.5", *row[11:]], "expected 0/1 values, found '0.5'"),
+    (lambda row: [*row[:10], "x", *row[11:]], "non-numeric"),
 ])
 def test_amat_bad_line_names_line(tmp_path, bad, message):
     good = ["0"] * 784
@@ -220,10 +245,14 @@ def test_missing_idx_files_message(tmp_path):
         D.load_split("mnist_static", "valid", root=tmp_path)
     msg = str(info.value)
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        assert str(tmp_path / name) in msg and str(tmp_path / "MNIST" / "raw" / name) in msg
-    assert "download=True" in msg and "--download" not in msg
+        assert str(tmp_path / name) in msg
+        assert str(tmp_path / "MNIST" / "raw" / name) in msg
+    assert "download=True" in msg
+    assert "--download" not in msg
     hint = info.value.cli_hint  # what the command line prints instead
-    assert "--download" in hint and "download=True" not in hint and str(tmp_path / "MNIST") in hint
+    assert "--download" in hint
+    assert "download=True" not in hint
+    assert str(tmp_path / "MNIST") in hint
 
 
 def test_missing_amat_and_npz_messages(tmp_path):
@@ -239,7 +268,8 @@ def test_truncated_npz(tmp_path, cut):
     path.write_bytes(D.VENDORED_NPZ.read_bytes()[:cut])
     with pytest.raises(D.DataFormatError, match=re.escape(str(path))) as info:
         D.load_binarized_mnist("test", path)
-    assert "corrupt or truncated" in str(info.value) and "x_test" in str(info.value)
+    assert "corrupt or truncated" in str(info.value)
+    assert "x_test" in str(info.value)
 
 
 def test_npz_content_errors(tmp_path):
@@ -278,7 +308,7 @@ def test_corrupt_idx(tmp_path):
         D.read_idx(labels, D.IDX_IMAGES_MAGIC)
 
 
-@pytest.mark.parametrize("call, choices", [
+@pytest.mark.parametrize(("call", "choices"), [
     (lambda: D.load_split("cifar", "train"), "binarized_mnist, binarized_mnist_amat, mnist_static"),
     (lambda: D.load_split("binarized_mnist", "validation"), "train, valid, test"),
     (lambda: D.load_binarized_mnist("dev"), "train, valid, test"),
@@ -303,7 +333,8 @@ def test_download_mnist_is_called_when_missing(tmp_path, monkeypatch, official_t
 
     monkeypatch.setattr(mnist_files, "download_mnist", fake_download)
     s = D.load_split("mnist_static", "test", root=tmp_path, download=True)
-    assert calls == [tmp_path] and len(s) == 10_000
+    assert calls == [tmp_path]
+    assert len(s) == 10_000
     D.load_split("mnist_static", "test", root=tmp_path, download=True)  # files now present
     assert calls == [tmp_path]
 
@@ -318,7 +349,8 @@ def test_download_amat_is_called_when_missing(tmp_path, monkeypatch, vendored):
 
     monkeypatch.setattr(mnist_files, "download_binarized_mnist_amat", fake_download)
     s = D.load_binarized_mnist_amat("train", tmp_path, download=True)
-    assert calls == [("train",)] and s.images.equal(torch.from_numpy(rows))
+    assert calls == [("train",)]
+    assert s.images.equal(torch.from_numpy(rows))
 
 
 def test_download_helper_checks_md5(tmp_path):
@@ -327,6 +359,7 @@ def test_download_helper_checks_md5(tmp_path):
     dest = tmp_path / "out" / "dest.bin"
     with pytest.raises(OSError, match="md5"):
         D._download([src.as_uri()], dest, md5="0" * 32)
-    assert not dest.exists() and not list(dest.parent.iterdir())
+    assert not dest.exists()
+    assert not list(dest.parent.iterdir())
     D._download([src.as_uri()], dest, md5=hashlib.md5(b"abc").hexdigest())
     assert dest.read_bytes() == b"abc"

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_DATA, load_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from avme_ext.checkpoint import load_model, read_training_options
 from avme_ext.cli import main
 from avme_ext.data import DataSpec, load_run_split
+from helpers import SHARED_DATA, load_script
 
 SMALL = ["--enc-hidden", "8", "--dec-hidden", "8", "--latent-dim", "2", "--steps", "2", "--no-progress",
          "--batch-size", "16", "--no-tensorboard"]
@@ -53,14 +53,20 @@ def last_line(text: str) -> str:
 def test_the_run_records_its_data(folder_run):
     run, _ = folder_run
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["dataset"] == "imagefolder" and config["train"]["split_seed"] == 7
+    assert config["train"]["dataset"] == "imagefolder"
+    assert config["train"]["split_seed"] == 7
     data = config["data"]
-    assert data["pixels"] == "binary" and data["image_shape"] == [1, 9, 9] and data["num_classes"] == 3
+    assert data["pixels"] == "binary"
+    assert data["image_shape"] == [1, 9, 9]
+    assert data["num_classes"] == 3
     assert {k: v["size"] for k, v in data["splits"].items()} == {"train": 48, "valid": 6, "test": 6}
-    assert "manual_seed(7)" in data["splits"]["test"]["rule"] and data["fingerprint"].startswith("sha256:")
-    assert config["model"]["data_dim"] == 81 and config["model"]["image_shape"] == [1, 9, 9]
+    assert "manual_seed(7)" in data["splits"]["test"]["rule"]
+    assert data["fingerprint"].startswith("sha256:")
+    assert config["model"]["data_dim"] == 81
+    assert config["model"]["image_shape"] == [1, 9, 9]
     saved, record = read_training_options(run)
-    assert saved["dataset"] == "imagefolder" and record == data  # the checkpoint carries the same
+    assert saved["dataset"] == "imagefolder"
+    assert record == data
 
 
 def test_eval_finds_the_runs_test_images(folder_run, tmp_path):
@@ -71,7 +77,8 @@ def test_eval_finds_the_runs_test_images(folder_run, tmp_path):
     assert images.images.equal(spec.open().split("test").images)
     assert main(["eval", str(run), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["summary"]["num_images"] == 6 and result["provenance"]["dataset"] == "imagefolder"
+    assert result["summary"]["num_images"] == 6
+    assert result["provenance"]["dataset"] == "imagefolder"
 
 
 def _draws_any_shape() -> bool:
@@ -116,7 +123,7 @@ def test_conditional_takes_the_data_sets_classes(tmp_path):
     assert load_model(tmp_path / "r").num_classes == 2
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(("extra", "message"), [
     (["--likelihood", "bernoulli"], "has colour images; the Bernoulli likelihood takes 0/1 pixels"),
     (["--binarize", "static"], "--likelihood logistic, or --channels 1"),
 ])
@@ -125,14 +132,16 @@ def test_colour_images_with_bernoulli_are_refused(tmp_path, capsys, extra, messa
     out = tmp_path / "r"
     assert main(["train", "--out", str(out), "--dataset", "imagefolder", "--data-root", str(pictures),
                  *TINY, *extra]) == 2
-    assert message in last_line(capsys.readouterr().err) and not out.exists()
+    assert message in last_line(capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_missing_files_one_line_on_the_command_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--dataset", "fashion_mnist", "--data-root",
                  str(tmp_path), *TINY]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "pass --download to fetch them, or --data-root DIR" in err
+    assert len(err.splitlines()) == 1
+    assert "pass --download to fetch them, or --data-root DIR" in err
     assert str(tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in err
 
 
@@ -171,7 +180,8 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--dataset", "imagefolder", "--data-root", str(shapes),
                  "--image-size", "6", "--likelihood", "logistic", *TINY]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["data"]["pixels"] == "levels" and config["model"]["image_shape"] == [3, 6, 6]
+    assert config["data"]["pixels"] == "levels"
+    assert config["model"]["image_shape"] == [3, 6, 6]
     assert config["data"]["num_classes"] == 3
     valid = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
     assert valid[0]["likelihood"] == "logistic"
@@ -180,7 +190,8 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
     assert main(["eval", str(run), "--samples", "2", "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     assert "bits/dim" in capsys.readouterr().out
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
-    assert summary["num_images"] == 3 and summary["likelihood"] == "logistic"
+    assert summary["num_images"] == 3
+    assert summary["likelihood"] == "logistic"
     assert summary["iwae_nll_bits_per_dim"] == pytest.approx(summary["iwae_nll"] / (108 * math.log(2)))
     if not _draws_any_shape():
         return
@@ -191,7 +202,8 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
         with Image.open(path) as image:
             assert image.mode == "RGB" and len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2, path
     with Image.open(gif) as animation:
-        assert animation.format == "GIF" and animation.n_frames == 2  # one frame per drawing step (K = 2)
+        assert animation.format == "GIF"
+        assert animation.n_frames == 2
 
 
 @needs_logistic
@@ -201,7 +213,9 @@ def test_mnist_grey_levels_with_the_logistic_likelihood(tmp_path):
     assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-root", str(SHARED_DATA / "mnist"),
                  "--likelihood", "logistic", "--train-subset", "64", "--valid-subset", "32", *TINY]) == 0
     images = load_run_split(run, "valid", {}, load_model(run).config)
-    assert images.levels and images.name == "mnist/valid" and len(images) == 10_000
+    assert images.levels
+    assert images.name == "mnist/valid"
+    assert len(images) == 10_000
 
 
 # --------------------------------------------------------------------------- runs of earlier versions
@@ -240,10 +254,12 @@ def test_a_run_of_an_earlier_version_loads_evaluates_samples_and_resumes(tmp_pat
     before = main(["eval", str(run), "--num-images", "20", "--json", str(tmp_path / "a.json"), "--no-progress"])
     _as_earlier_version(run)
     saved, record = read_training_options(run)
-    assert "split_seed" not in saved and record is None
+    assert "split_seed" not in saved
+    assert record is None
     assert main(["eval", str(run), "--num-images", "20", "--json", str(tmp_path / "b.json"), "--no-progress"]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in "ab")
-    assert before == 0 and a == b
+    assert before == 0
+    assert a == b
     assert main(["sample", str(run), "--num", "4", "--reconstruct", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((run / "config.json").read_text())["data"]["dataset"] == "binarized_mnist"

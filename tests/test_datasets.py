@@ -117,20 +117,25 @@ def no_md5(monkeypatch):
 def one_line_missing(error: BaseException, *paths: Path, download: bool = True) -> None:
     """A missing-files error: one line naming the files, and the options that fix it on the command line."""
     message, hint = str(error), error.cli_hint
-    assert "\n" not in message and "\n" not in hint
+    assert "\n" not in message
+    assert "\n" not in hint
     for path in paths:
         assert str(path) in hint
-    assert ("--download" in hint) == download and "--data-root" in hint
-    assert "download=True" not in hint and "--download" not in message
+    assert ("--download" in hint) == download
+    assert "--data-root" in hint
+    assert "download=True" not in hint
+    assert "--download" not in message
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST, KMNIST, EMNIST
-@pytest.mark.parametrize("name, folder", [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+@pytest.mark.parametrize(("name", "folder"), [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
 def test_mnist_like_sets(tmp_path, name, folder):
     written = write_mnist_like(tmp_path / folder / "raw", {"train": 20, "t10k": 6}, 10)
     test = load_split(name, "test", tmp_path)
     images, labels = written["t10k"]
-    assert test.levels and test.image_shape == (1, 28, 28) and test.num_classes == 10
+    assert test.levels
+    assert test.image_shape == (1, 28, 28)
+    assert test.num_classes == 10
     assert test.images.equal(torch.from_numpy(images.reshape(6, -1)))
     assert test.labels.equal(torch.from_numpy(labels.astype(np.int64)))
     train, valid = load_split(name, "train", tmp_path), load_split(name, "valid", tmp_path)
@@ -138,7 +143,8 @@ def test_mnist_like_sets(tmp_path, name, folder):
     rows = torch.cat([train.images, valid.images])
     assert sorted(map(bytes, rows.numpy())) == sorted(map(bytes, written["train"][0].reshape(20, -1)))
     x, _ = test.batch(torch.arange(2))
-    assert x.dtype == torch.float32 and x.equal(torch.from_numpy(images[:2].reshape(2, -1)).float() / 255)
+    assert x.dtype == torch.float32
+    assert x.equal(torch.from_numpy(images[:2].reshape(2, -1)).float() / 255)
 
 
 def test_emnist_split_and_orientation(tmp_path):
@@ -157,21 +163,25 @@ def test_grey_sets_binarize_for_bernoulli(tmp_path):
     write_mnist_like(tmp_path / "KMNIST" / "raw", {"train": 30, "t10k": 10}, 10)
     levels = load_split("kmnist", "test", tmp_path)
     dynamic = load_split("kmnist", "test", tmp_path, likelihood="bernoulli")
-    assert dynamic.dynamic and dynamic.images.equal(levels.images.float() / 255)
+    assert dynamic.dynamic
+    assert dynamic.images.equal(levels.images.float() / 255)
     x1, _ = dynamic.batch(torch.arange(10), torch.Generator().manual_seed(1))
     x2, _ = dynamic.batch(torch.arange(10), torch.Generator().manual_seed(1))
-    assert x1.equal(x2) and set(x1.unique().tolist()) <= {0.0, 1.0}
+    assert x1.equal(x2)
+    assert set(x1.unique().tolist()) <= {0.0, 1.0}
     static = load_split("kmnist", "test", tmp_path, seed=3, binarize="static")
     again = load_split("kmnist", "test", tmp_path, seed=3, binarize="static")
-    assert static.binarized and static.images.equal(again.images)
-    assert not static.images[levels.images == 0].any() and static.images[levels.images == 255].all()
+    assert static.binarized
+    assert static.images.equal(again.images)
+    assert not static.images[levels.images == 0].any()
+    assert static.images[levels.images == 255].all()
     threshold = load_split("kmnist", "test", tmp_path, binarize="threshold")
     assert threshold.images.equal((levels.images >= 128).to(torch.uint8))
     with pytest.raises(DataOptionError, match="is for --likelihood bernoulli"):
         load_split("kmnist", "test", tmp_path, binarize="static", likelihood="logistic")
 
 
-@pytest.mark.parametrize("name, missing", [
+@pytest.mark.parametrize(("name", "missing"), [
     ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
     ("kmnist", "KMNIST/raw/t10k-labels-idx1-ubyte"),
     ("emnist", "EMNIST/raw/emnist-balanced-test-images-idx3-ubyte"),
@@ -191,7 +201,9 @@ def test_missing_files_one_line(tmp_path, name, missing):
 def test_cifar10(tmp_path, no_md5):
     written = write_cifar10(tmp_path)
     test = load_split("cifar10", "test", tmp_path, likelihood="logistic")
-    assert test.levels and test.image_shape == (3, 32, 32) and test.num_classes == 10
+    assert test.levels
+    assert test.image_shape == (3, 32, 32)
+    assert test.num_classes == 10
     assert test.images.equal(torch.from_numpy(written["test"][0].reshape(5, -1)))  # CHW order, as stored
     assert test.labels.tolist() == written["test"][1]
     train, valid = (load_split("cifar10", s, tmp_path) for s in ("train", "valid"))
@@ -199,7 +211,8 @@ def test_cifar10(tmp_path, no_md5):
     with pytest.raises(DataOptionError, match="colour images; the Bernoulli likelihood .* --channels 1"):
         load_split("cifar10", "test", tmp_path, likelihood="bernoulli")
     grey = load_split("cifar10", "test", tmp_path, likelihood="bernoulli", channels=1, binarize="threshold")
-    assert grey.image_shape == (1, 32, 32) and grey.binarized
+    assert grey.image_shape == (1, 32, 32)
+    assert grey.binarized
 
 
 def test_cifar10_md5_is_checked(tmp_path):
@@ -215,7 +228,8 @@ def test_svhn(tmp_path, no_md5):
     (tmp_path / "SVHN").mkdir()
     scipy_io.savemat(tmp_path / "SVHN" / "test_32x32.mat", {"X": images, "y": labels})
     test = load_split("svhn", "test", tmp_path, likelihood="logistic")
-    assert test.image_shape == (3, 32, 32) and test.labels.tolist() == [0, 1, 2, 3, 0, 9, 5]
+    assert test.image_shape == (3, 32, 32)
+    assert test.labels.tolist() == [0, 1, 2, 3, 0, 9, 5]
     assert test.images.view(7, 3, 32, 32).equal(torch.from_numpy(images).permute(3, 2, 0, 1))
 
 
@@ -224,7 +238,8 @@ def test_omniglot(tmp_path, no_md5):
     written = write_omniglot(tmp_path, "images_background")
     train_part = DataSpec("omniglot", str(tmp_path), image_size=105).open()
     full = torch.cat([train_part.split("train").images, train_part.split("valid").images])
-    assert len(full) == 12 and not train_part.split("train").has_labels
+    assert len(full) == 12
+    assert not train_part.split("train").has_labels
     inked = sorted(map(bytes, full.numpy()))
     assert inked == sorted(bytes((255 - w).reshape(-1)) for w in written)  # ink is 255
     small = load_split("omniglot", "train", tmp_path)  # 28 x 28 unless told
@@ -257,7 +272,9 @@ def test_image_folder_colour_resize_and_layout(tmp_path):
     written = write_image_folder(root / "test", n=2, size=(8, 8), mode="RGB")
     source = DataSpec("imagefolder", str(root), image_size=8).open()
     test = source.split("test")
-    assert test.image_shape == (3, 8, 8) and len(test) == 4 and len(source.split("valid")) == 1
+    assert test.image_shape == (3, 8, 8)
+    assert len(test) == 4
+    assert len(source.split("valid")) == 1
     assert test.images[0].equal(torch.from_numpy(written["a"][0]).permute(2, 0, 1).reshape(-1))  # 8x8: unchanged
     grey = DataSpec("imagefolder", str(root), image_size=8, channels=1).open().split("test")
     pil_grey = np.asarray(Image.fromarray(written["a"][0]).convert("L"))
@@ -287,7 +304,8 @@ def test_npz_without_splits(tmp_path):
     labels = RNG.integers(0, 4, 40)
     np.savez(tmp_path / "d.npz", images=images, labels=labels)
     splits = [load_split("npz", s, tmp_path / "d.npz", likelihood="logistic") for s in ("train", "valid", "test")]
-    assert [len(s) for s in splits] == [32, 4, 4] and splits[0].image_shape == (3, 6, 5)
+    assert [len(s) for s in splits] == [32, 4, 4]
+    assert splits[0].image_shape == (3, 6, 5)
     assert splits[0].num_classes == 4
     rows = torch.cat([s.images for s in splits])
     assert sorted(map(bytes, rows.numpy())) == sorted(bytes(i.transpose(2, 0, 1).reshape(-1)) for i in images)
@@ -297,16 +315,20 @@ def test_npz_with_splits_and_kinds(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x_train=RNG.random((20, 4, 4)) < 0.5, x_test=RNG.random((3, 4, 4)) < 0.5)
     test = load_split("npz", "test", path)
-    assert test.binarized and not test.has_labels and len(test) == 3 and len(load_split("npz", "valid", path)) == 2
+    assert test.binarized
+    assert not test.has_labels
+    assert len(test) == 3
+    assert len(load_split("npz", "valid", path)) == 2
     as_levels = load_split("npz", "test", path, likelihood="logistic")  # 0/1 are the levels 0 and 255
-    assert as_levels.binarized and as_levels.images.equal(test.images)
+    assert as_levels.binarized
+    assert as_levels.images.equal(test.images)
     with pytest.raises(DataOptionError, match="binary .* images already"):
         load_split("npz", "test", path, binarize="static")
     np.savez(path, x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.arange(4))  # channels first
     assert load_split("npz", "train", path, test_fraction=0.25, valid_fraction=0.25).image_shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("arrays, message", [
+@pytest.mark.parametrize(("arrays", "message"), [
     ({"x": np.zeros((2, 3, 3), np.uint8)}, "has keys"),
     ({"images": np.zeros((2, 3, 3))}, r"uint8 \(8-bit levels\) or bool.*numpy.round"),
     ({"images": np.zeros((2, 9), np.uint8)}, r"got shape \(2, 9\)"),
@@ -348,12 +370,13 @@ def test_held_out_splits_partition_by_seed():
     assert torch.cat(list(rows.values())).sort().values.equal(torch.arange(103))
     assert all(r.equal(r.sort().values) for r in rows.values())
     again = split_rows("test", parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5)
-    assert again.rows.equal(rows["test"]) and "manual_seed(5)" in again.rule
+    assert again.rows.equal(rows["test"])
+    assert "manual_seed(5)" in again.rule
     with pytest.raises(DataOptionError, match="too few"):
         split_rows("valid", {"train", "test"}, 3, valid_fraction=0.1, test_fraction=0.1, seed=0)
 
 
-@pytest.mark.parametrize("options, message", [
+@pytest.mark.parametrize(("options", "message"), [
     ({"dataset": "binarized_mnist", "binarize": "static"}, "does not apply"),
     ({"dataset": "mnist_static", "binarize": "dynamic"}, "cannot take"),
     ({"dataset": "kmnist", "emnist_split": "letters"}, "only applies to --dataset emnist"),

@@ -48,7 +48,8 @@ def test_committed_table_reads_back_from_the_source():
     sources, table = dispatch.parse_table(text)
     assert table == {k: list(v) for k, v in dispatch.CROSSOVER.items()}
     assert sources == dispatch.CROSSOVER_SOURCES
-    assert set(sources) == set(table) and all(sources[k] for k in table)
+    assert set(sources) == set(table)
+    assert all(sources[k] for k in table)
     dispatch.check_table(table)
     # until a results file replaces it: the H100 measurement of the rowtile kernels, reference everywhere
     for key, entries in table.items():
@@ -194,7 +195,8 @@ def test_decisions_are_conservative():
     data = _results(records)
     by_b = {p.batch: p for p in crossover.decide(data)["fp32"]}
     assert by_b[100].winners == {"persistent": 5000.0}   # auto's graph variant is slower than ref-cudagraph
-    assert by_b[256].choice == "ref" and "time budget" in by_b[256].notes[0]
+    assert by_b[256].choice == "ref"
+    assert "time budget" in by_b[256].notes[0]
     assert by_b[1024].winners == {"stagewise": 2000.0}
     assert crossover.entries_from_points(list(by_b.values())) == [
         (99, "ref"), (100, "persistent"), (1023, "ref"), (1024, "stagewise")]
@@ -232,19 +234,22 @@ def test_generator_round_trip(tmp_path: Path):
     before, after = source.read_text(), out.read_text()
     start, end = dispatch.marker_span(before)
     new_start, new_end = dispatch.marker_span(after)
-    assert after[:new_start] == before[:start] and after[new_end:] == before[end:]  # only the table changed
+    assert after[:new_start] == before[:start]
+    assert after[new_end:] == before[end:]
     sources, table = dispatch.parse_table(after)
     for key, entries in dispatch.CROSSOVER.items():  # other GPUs' entries are kept
-        assert table[key] == list(entries) and sources[key] == dispatch.CROSSOVER_SOURCES[key]
+        assert table[key] == list(entries)
+        assert sources[key] == dispatch.CROSSOVER_SOURCES[key]
     # auto's graph variant is as fast as persistent at B=100: the named designs are preferred to "auto"
     assert table[(FAKE, "float32", "bf16")] == [(99, "ref"), (256, "persistent"), (1024, "stagewise"), (4096, "ref")]
     assert table[(FAKE, "float32", "fp32")] == [(4096, "ref")]   # rowtile never faster
     assert table[(FAKE, "float32", "tf32")] == [(4096, "ref")]   # never measured
-    assert results.name in sources[(FAKE, "float32", "bf16")] and "aaaaaaaaaaaa" in sources[(FAKE, "float32", "bf16")]
+    assert results.name in sources[(FAKE, "float32", "bf16")]
+    assert "aaaaaaaaaaaa" in sources[(FAKE, "float32", "bf16")]
     compile(after, str(out), "exec")
 
     # the written table drives auto_impl as measured
-    dispatch_table = {k: v for k, v in table.items()}
+    dispatch_table = dict(table.items())
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "is_available", lambda: True)
         mp.setattr(torch.cuda, "get_device_name", lambda index=None: FAKE)

@@ -4,7 +4,9 @@ and sharded evaluation equals unsharded evaluation (CPU, subprocesses with timeo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import operator
 import os
 import re
 import signal
@@ -22,7 +24,6 @@ from avme_ext import distributed as D
 from avme_ext.checkpoint import load_model
 from avme_ext.data import load_split
 from avme_ext.evaluation import evaluate, gather_across_ranks
-
 from helpers import REPO, SHARED_DATA, free_port, subprocess_env
 
 TIMEOUT = 180
@@ -57,17 +58,19 @@ def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr
     # --resume on a fresh directory: what an elastic job (--max-restarts) does from its first launch
     ddp = torchrun("--max-restarts=1", "-m", "avme_ext", "train", "--out", str(two), "--resume", *TINY)
-    assert "no checkpoint" in ddp.stderr and "2 process" in ddp.stderr
+    assert "no checkpoint" in ddp.stderr
+    assert "2 process" in ddp.stderr
 
     a, b = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
     model_keys = [k for k in a if k.startswith("model.")]
-    assert model_keys and sorted(a) == sorted(b)
+    assert model_keys
+    assert sorted(a) == sorted(b)
     for key in model_keys:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=f"{key} differs")
 
     metrics = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["kind"] for r in metrics[0]] == [r["kind"] for r in metrics[1]]
-    for r1, r2 in zip(*metrics):
+    for r1, r2 in zip(*metrics, strict=True):
         assert r1["step"] == r2["step"]
         for key in ("loss", "nelbo", "train_loss"):
             if key in r1:
@@ -171,7 +174,8 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     # same world size, single-threaded: the weights and Adam's state are bit for bit those of the uninterrupted
     # run, and the metrics (truncated to the checkpoint on resume, then rewritten) agree apart from wall times
     a, b = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
-    assert any(k.startswith("model.") for k in a) and sorted(a) == sorted(b)
+    assert any(k.startswith("model.") for k in a)
+    assert sorted(a) == sorted(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{key} differs")
     wall = ("time", "examples_per_s", "seconds")
@@ -201,8 +205,8 @@ SHARDED_EVAL = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_evaluation_equals_unsharded(tmp_path: Path) -> None:
-    from avme_ext.model import AVME
     from avme_ext.checkpoint import save_checkpoint
+    from avme_ext.model import AVME
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.safetensors", AVME(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3))
@@ -222,7 +226,9 @@ def test_sharded_evaluation_equals_unsharded(tmp_path: Path) -> None:
 
 
 def test_detect_reads_the_torchrun_environment() -> None:
-    assert D.detect({}) == D.DistInfo(0, 1, 0) and not D.DistInfo().distributed and D.DistInfo().is_main
+    assert D.detect({}) == D.DistInfo(0, 1, 0)
+    assert not D.DistInfo().distributed
+    assert D.DistInfo().is_main
     info = D.detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.distributed, info.is_main) == (3, 4, 1, True, False)
     with pytest.raises(RuntimeError, match="incomplete torchrun environment"):
@@ -236,15 +242,17 @@ def test_detect_reads_the_torchrun_environment() -> None:
 def test_local_rows_partition_the_global_batch() -> None:
     rows = [list(range(10))[D.local_rows(10, r, 3)] for r in range(3)]
     assert rows == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert sorted(sum(rows, [])) == list(range(10))
+    assert sorted(functools.reduce(operator.iadd, rows, [])) == list(range(10))
     with pytest.raises(ValueError):
         D.local_rows(10, 3, 3)
 
 
 def test_single_process_helpers_are_no_ops() -> None:
     assert not D.is_initialized()
-    assert D.broadcast_object({"a": 1}) == {"a": 1} and D.all_gather_objects(5) == [5]
-    assert D.any_true(True, torch.device("cpu")) and not D.any_true(False, torch.device("cpu"))
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    assert D.all_gather_objects(5) == [5]
+    assert D.any_true(True, torch.device("cpu"))
+    assert not D.any_true(False, torch.device("cpu"))
     t = torch.ones(2)
     assert D.all_reduce_sum(t) is t
     D.barrier()

@@ -17,7 +17,7 @@ from avme_ext.data import load_split
 from avme_ext.evaluation import estimate_cost, evaluate, evaluation_calls
 from avme_ext.model import AVME
 
-SIZES = dict(enc_hidden=128, dec_hidden=128, latent_dim=32, steps=8, impl="ref")
+SIZES = {"enc_hidden": 128, "dec_hidden": 128, "latent_dim": 32, "steps": 8, "impl": "ref"}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def model() -> AVME:
     return AVME(**SIZES).eval()
 
 
-@pytest.mark.parametrize("num_images, samples, batch_size, max_rows, passes", [
+@pytest.mark.parametrize(("num_images", "samples", "batch_size", "max_rows", "passes"), [
     (30, 50, 100, 256, 1), (250, 100, 100, 20000, 1), (7, 0, 3, 10, 1), (12, 40, 5, 64, 10), (3, 500, 100, 200, 1),
 ])
 def test_the_estimate_counts_the_calls_the_evaluation_makes(num_images, samples, batch_size, max_rows, passes,
@@ -117,8 +117,10 @@ def test_the_advice_follows_the_pace_when_the_machine_gets_busier():
     clock.now = 10.0
     check(1, 100)  # 1000 s at this pace
     (line,) = said
-    assert "about 17 min in all" in line and "busier" in line and line.endswith("or a GPU for a quicker look")
-    assert 1000 > LONG_EVALUATION
+    assert "about 17 min in all" in line
+    assert "busier" in line
+    assert line.endswith("or a GPU for a quicker look")
+    assert LONG_EVALUATION < 1000
 
 
 def test_an_estimate_that_holds_says_nothing_more():

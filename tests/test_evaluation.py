@@ -12,7 +12,7 @@ from avme_ext.data import ImageSplit, load_split
 from avme_ext.evaluation import EvalResult, chunk_generator, chunk_seed, evaluate, merge_results
 from avme_ext.model import AVME
 
-SIZES = dict(enc_hidden=24, dec_hidden=24, latent_dim=6, steps=4, impl="ref")
+SIZES = {"enc_hidden": 24, "dec_hidden": 24, "latent_dim": 6, "steps": 4, "impl": "ref"}
 NUM_IMAGES = 36
 BATCH = 8  # 5 chunks of 8, 8, 8, 8, 4 images
 
@@ -61,10 +61,14 @@ def test_nelbo_is_reconstruction_plus_kl(model, split):
     result = evaluate(model, split, batch_size=BATCH)
     assert len(result) == NUM_IMAGES
     assert torch.equal(result.indices, torch.arange(NUM_IMAGES))
-    assert result.nelbo.dtype == torch.float64 and result.kl.shape == (NUM_IMAGES, model.steps)
+    assert result.nelbo.dtype == torch.float64
+    assert result.kl.shape == (NUM_IMAGES, model.steps)
     torch.testing.assert_close(result.nelbo, result.reconstruction + result.kl.sum(1), rtol=0, atol=1e-9)
-    assert result.iwae_nll is None and result.nll_given_y is None and result.nll_marginal is None
-    assert bool((result.kl >= 0).all()) and bool(torch.isfinite(result.nelbo).all())
+    assert result.iwae_nll is None
+    assert result.nll_given_y is None
+    assert result.nll_marginal is None
+    assert bool((result.kl >= 0).all())
+    assert bool(torch.isfinite(result.nelbo).all())
     summary = result.summary()
     assert summary["num_images"] == NUM_IMAGES
     assert math.isclose(summary["nelbo"], summary["reconstruction"] + summary["kl"], rel_tol=1e-12)
@@ -93,7 +97,9 @@ def test_shard_without_chunks_is_empty_and_merges(model, split):
     tiny = split.subset(5, torch.Generator().manual_seed(3))  # one chunk only
     full = evaluate(model, tiny, samples=2, batch_size=BATCH)
     empty = evaluate(model, tiny, samples=2, batch_size=BATCH, shard=(1, 2))
-    assert len(empty) == 0 and empty.iwae_nll is not None and empty.kl.shape == (0, model.steps)
+    assert len(empty) == 0
+    assert empty.iwae_nll is not None
+    assert empty.kl.shape == (0, model.steps)
     _assert_results_equal(merge_results([empty, full]), full)
 
 
@@ -141,7 +147,8 @@ def test_evaluate_iwae_uses_the_chunk_stream(model, split):
     bound = model.iwae_bound(x, None, 3, max_rows=7, generator=chunk_generator(4, 2, "cpu", "iwae"))
     torch.testing.assert_close(result.iwae_nll[2 * BATCH : 3 * BATCH], -bound.double())
     summary = result.summary()
-    assert summary["iwae_samples"] == 3 and math.isfinite(summary["iwae_nll"])
+    assert summary["iwae_samples"] == 3
+    assert math.isfinite(summary["iwae_nll"])
 
 
 def test_iwae_64_is_no_worse_than_the_elbo(model, split):
@@ -173,7 +180,8 @@ def test_conditional_marginal_is_logsumexp_of_class_bounds(cond_model, split):
 
 def test_conditional_without_marginal(cond_model, split):
     result = evaluate(cond_model, split, samples=2, batch_size=BATCH, marginal=False)
-    assert result.nll_marginal is None and result.class_nll is None
+    assert result.nll_marginal is None
+    assert result.class_nll is None
     assert torch.equal(result.iwae_nll, result.nll_given_y)
     x, y = split.batch(torch.arange(BATCH))
     bound = cond_model.iwae_bound(x, y, 2, generator=chunk_generator(0, 0, "cpu", "iwae"))
@@ -236,7 +244,8 @@ def test_gather_across_ranks_merges_what_all_ranks_send(model, split, monkeypatc
 
     monkeypatch.setattr(D, "all_gather_objects", all_gather_objects, raising=False)
     merged = gather_across_ranks(shards[0])
-    assert len(sent) == 1 and sent[0].nelbo.device.type == "cpu"
+    assert len(sent) == 1
+    assert sent[0].nelbo.device.type == "cpu"
     _assert_results_equal(merged, full)
 
 
@@ -271,7 +280,9 @@ def test_progress_moves_within_a_chunk(model, cond_model, split, monkeypatch, co
     result = evaluate(net, split, samples=4, batch_size=NUM_IMAGES, max_rows=8, seed=1, progress=True)
     (bar,) = _RecordingBar.instances
     passes = 10 if conditional else 1
-    assert bar.total == NUM_IMAGES * passes and sum(bar.updates) == bar.total and bar.closed
+    assert bar.total == NUM_IMAGES * passes
+    assert sum(bar.updates) == bar.total
+    assert bar.closed
     assert bar.updates == [2] * (NUM_IMAGES // 2 * passes)
     x, y = split.batch(torch.arange(NUM_IMAGES))
     if conditional:
@@ -289,7 +300,8 @@ def test_progress_counts_images_for_the_elbo(model, split, monkeypatch):
     _RecordingBar.instances.clear()
     evaluate(model, split, batch_size=BATCH, progress=True, shard=(1, 2))
     (bar,) = _RecordingBar.instances
-    assert bar.total == 16 and bar.updates == [8, 8]  # chunks 1 and 3 of this shard
+    assert bar.total == 16
+    assert bar.updates == [8, 8]
 
 
 def test_estimate_cost_counts_trajectories_and_measures_a_rate(model, cond_model):
@@ -299,7 +311,9 @@ def test_estimate_cost_counts_trajectories_and_measures_a_rate(model, cond_model
     plain = estimate_cost(model, 30, samples=50, max_rows=256, pilot_seconds=0.01)
     assert torch.equal(torch.get_rng_state(), generator_state)  # the pilot draws from its own generator
     assert plain.trajectories == 30 * (1 + 50)
-    assert math.isfinite(plain.seconds) and plain.seconds > 0 and plain.trajectories_per_second > 0
+    assert math.isfinite(plain.seconds)
+    assert plain.seconds > 0
+    assert plain.trajectories_per_second > 0
     assert plain.calls == 1 + 6  # one chunk of 30 images: its ELBO pass, then the IWAE in 6 groups of 5 * 50 rows
     assert math.isclose(plain.seconds, plain.calls * plain.seconds_per_call
                         + plain.trajectories / plain.trajectories_per_second)

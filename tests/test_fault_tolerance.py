@@ -24,10 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from avme_ext import training as T
-from avme_ext.training import trainer as trainer_module
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model
 from avme_ext.cli import main
-
+from avme_ext.training import trainer as trainer_module
 from helpers import REPO, subprocess_env
 
 TIMEOUT = 120
@@ -79,7 +78,7 @@ def assert_same_run(reference: Path, out: Path) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs from the uninterrupted run"
-    strip = lambda d: [{k: v for k, v in __import__("json").loads(line).items()  # noqa: E731
+    strip = lambda d: [{k: v for k, v in __import__("json").loads(line).items()
                         if k not in ("time", "examples_per_s", "seconds")}
                        for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert strip(out) == strip(reference)
@@ -130,11 +129,13 @@ def test_crash_before_the_first_checkpoint_restarts_with_the_saved_settings(refe
     monkeypatch.setattr(T.Trainer, "train_step", crashing)
     with pytest.raises(Crash):
         main(["train", "--out", str(out), *ARGS])
-    assert metric_lines(out) == 4 and not (out / "last.safetensors").exists()
+    assert metric_lines(out) == 4
+    assert not (out / "last.safetensors").exists()
     monkeypatch.undo()
     resume(out)
     err = capsys.readouterr().err
-    assert "no checkpoint" in err and "using the settings of" in err
+    assert "no checkpoint" in err
+    assert "using the settings of" in err
     assert_same_run(reference, out)
 
 
@@ -161,7 +162,8 @@ def test_sigkill_during_a_checkpoint_write(reference: Path, tmp_path: Path) -> N
     process = spawn(str(marker), "train", "--out", str(out), "--checkpoint-every", "4", *ARGS, script=SLOW_CHECKPOINT)
     wait_for(marker.exists, process, "the third checkpoint write")
     temp = Path(marker.read_text())
-    assert temp.is_file() and temp.name.startswith(".last.safetensors.")
+    assert temp.is_file()
+    assert temp.name.startswith(".last.safetensors.")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=TIMEOUT)
     # the torn write left the previous complete checkpoint (step 8) in place
@@ -172,7 +174,7 @@ def test_sigkill_during_a_checkpoint_write(reference: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    "signum, code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+    ("signum", "code"), [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
 )
 def test_signal_saves_a_checkpoint_and_exits_cleanly(reference: Path, tmp_path: Path, signum, code) -> None:
     out = tmp_path / "run"
@@ -181,7 +183,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(reference: Path, tmp_path: 
     process.send_signal(signum)
     returncode, err = finish(process)
     assert returncode == code, err
-    assert signal.Signals(signum).name in err and "--resume" in err
+    assert signal.Signals(signum).name in err
+    assert "--resume" in err
     state = load_checkpoint(out / "last.safetensors").trainer_state["state"]
     assert 5 <= state["step"] < 40
     resume(out)
@@ -204,7 +207,8 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(reference: Path, tmp_path
     _nan_noise_at(monkeypatch, 7)
     assert main(["train", "--out", str(out), "--checkpoint-every", "3", *ARGS]) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss (nan) at step 8 (epoch 1, batch 8 of 20)" in err and "untouched" in err
+    assert "non-finite loss (nan) at step 8 (epoch 1, batch 8 of 20)" in err
+    assert "untouched" in err
     assert load_checkpoint(out / "last.safetensors").trainer_state["state"]["step"] == 6
     monkeypatch.undo()
     resume(out)
@@ -216,9 +220,12 @@ def test_skip_nonfinite_skips_the_update(tmp_path: Path, monkeypatch, capsys) ->
     _nan_noise_at(monkeypatch, 5)
     assert main(["train", "--out", str(out), "--skip-nonfinite", *ARGS, "--epochs", "1"]) == 0
     err = capsys.readouterr().err
-    assert "non-finite loss (nan) at step 6" in err and "update skipped" in err and "skipped non-finite steps: 1" in err
+    assert "non-finite loss (nan) at step 6" in err
+    assert "update skipped" in err
+    assert "skipped non-finite steps: 1" in err
     state = load_checkpoint(out / "last.safetensors")
-    assert state.trainer_state["state"]["skipped"] == 1 and state.trainer_state["state"]["step"] == 20
+    assert state.trainer_state["state"]["skipped"] == 1
+    assert state.trainer_state["state"]["step"] == 20
     assert int(state.optimizer_state["state"][0]["step"]) == 19  # Adam stepped 19 times of 20
     assert all(torch.isfinite(p).all() for p in load_model(out / "last.safetensors").parameters())
 
@@ -265,7 +272,8 @@ def test_truncated_checkpoint_is_refused_and_kept(reference: Path, tmp_path: Pat
         (out / "last.safetensors").write_bytes(data[:size])
         assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "last.safetensors" in err and ("truncated" in err or "corrupt" in err or "not a safetensors" in err)
+        assert "last.safetensors" in err
+        assert ("truncated" in err or "corrupt" in err or "not a safetensors" in err)
         assert (out / "last.safetensors").read_bytes() == data[:size]  # the user's file is left as it was
 
 
@@ -275,7 +283,9 @@ def test_checkpoint_of_another_config_is_refused(reference: Path, tmp_path: Path
     shutil.copytree(reference, out)
     assert main(["train", "--out", str(out), "--resume", "--enc-hidden", "16"]) == 2
     err = capsys.readouterr().err
-    assert "another configuration" in err and "enc_hidden=32" in err and "enc_hidden=16" in err
+    assert "another configuration" in err
+    assert "enc_hidden=32" in err
+    assert "enc_hidden=16" in err
     # a run directory whose checkpoint comes from another run
     other = tmp_path / "other"
     assert main(["train", "--out", str(other), "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4",
@@ -284,7 +294,9 @@ def test_checkpoint_of_another_config_is_refused(reference: Path, tmp_path: Path
     shutil.copy(reference / "last.safetensors", other / "last.safetensors")
     assert main(["train", "--out", str(other), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "enc_hidden=16" in err and "enc_hidden=32" in err and "mixes two runs" in err
+    assert "enc_hidden=16" in err
+    assert "enc_hidden=32" in err
+    assert "mixes two runs" in err
 
 
 def test_corrupt_data_file_is_reported(tmp_path: Path, capsys) -> None:

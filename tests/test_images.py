@@ -59,7 +59,8 @@ def test_grey_images_keep_the_mnist_default_and_other_shapes_are_checked():
     digits = torch.rand(4, 784)
     grid = images.sample_grid(digits, scale=2)
     assert grid.shape == (3, *images.grid_size(2, 2, scale=2))  # 28x28 tiles without being told
-    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])  # grey
+    assert torch.equal(grid[0], grid[1])
+    assert torch.equal(grid[1], grid[2])
     with pytest.raises(ValueError, match=r"image_shape \(3, 6, 5\) holds 90 pixels, but the images have 784"):
         images.make_image_grid(digits, image_shape=COLOUR)
     with pytest.raises(ValueError, match="1 or 3 channels"):
@@ -93,7 +94,8 @@ def test_drawing_gif_has_one_frame_per_step_and_holds_the_last(shape, tmp_path):
                                    frame_ms=100, hold_ms=2000)
     gif, frames = gif_frames(path.read_bytes())
     height, width = images.grid_size(2, 2, image_shape=shape, scale=scale)
-    assert gif.n_frames == k and len(frames) == k
+    assert gif.n_frames == k
+    assert len(frames) == k
     assert gif.size == (width, height + scale * BAR)
     durations = [frame.info["duration"] for frame in ImageSequence.Iterator(Image.open(path))]
     assert durations == [100] * (k - 1) + [2000]
@@ -155,7 +157,8 @@ def test_colour_model_evaluates_in_bits_per_dim(colour_checkpoint):
 
     _, model, data = colour_checkpoint
     summary = evaluate(model, InMemorySplit(data[:12]), samples=3, batch_size=6).summary()
-    assert summary["likelihood"] == "logistic" and summary["data_dim"] == 192
+    assert summary["likelihood"] == "logistic"
+    assert summary["data_dim"] == 192
     assert 0 < summary["iwae_nll_bits_per_dim"] < 8 + 1  # a discrete 8-bit likelihood, not yet trained
     assert summary["iwae_nll_bits_per_dim"] == pytest.approx(summary["iwae_nll"] / (192 * math.log(2)))
 
@@ -166,22 +169,28 @@ def test_sample_writes_a_colour_grid_and_a_gif_of_the_drawing(colour_checkpoint,
     code = main(["sample", str(path), "--num", "6", "--nrow", "3", "--scale", "3", "--out", str(out),
                  "--gif", str(gif_path), "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert code == 0 and str(out) in printed and str(gif_path) in printed
+    assert code == 0
+    assert str(out) in printed
+    assert str(gif_path) in printed
     png = Image.open(out)
     height, width = images.grid_size(2, 3, image_shape=(3, 8, 8), scale=3)
-    assert png.size == (width, height) and png.mode == "RGB"
+    assert png.size == (width, height)
+    assert png.mode == "RGB"
     gif, frames = gif_frames(gif_path.read_bytes())
-    assert gif.n_frames == model.steps and gif.size == (width, height + 3 * BAR)
+    assert gif.n_frames == model.steps
+    assert gif.size == (width, height + 3 * BAR)
     # the last frame is the grid: the same samples (same seed), up to the GIF's palette
     last = np.asarray(frames[-1].crop((0, 0, width, height)), dtype=np.float32)
     grid = np.asarray(png.convert("RGB"), dtype=np.float32)
     assert np.abs(last - grid).mean() < 4
     red = torch.tensor(png.convert("RGB").getpixel((3 * (PAD + 4), 3 * (PAD + 4))))  # centre of the first tile
-    assert red[0] > red[1] and red[0] > red[2]  # the square it learned is red, in colour
+    assert red[0] > red[1]
+    assert red[0] > red[2]
 
 
 def test_sample_gif_needs_a_gif_name(colour_checkpoint, tmp_path, capsys):
     path, _, _ = colour_checkpoint
     code = main(["sample", str(path), "--gif", str(tmp_path / "a.png"), "--out", str(tmp_path / "s.png")])
-    assert code == 2 and "--gif" in capsys.readouterr().err
+    assert code == 2
+    assert "--gif" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -33,7 +33,7 @@ from avme_ext.model import AVME
 from avme_ext.results import bits_per_dim
 
 OLD_CHECKPOINT = Path(__file__).resolve().parent / "data" / "checkpoint_before_likelihood.safetensors"
-SMALL = dict(enc_hidden=8, dec_hidden=8, latent_dim=3, steps=3, impl="ref")
+SMALL = {"enc_hidden": 8, "dec_hidden": 8, "latent_dim": 3, "steps": 3, "impl": "ref"}
 LEVELS = torch.arange(BINS, dtype=torch.float64) / (BINS - 1)  # every value of an 8-bit pixel
 
 
@@ -75,7 +75,8 @@ def logistic_model(image_shape=(3, 4, 4), seed: int = 0, **kwargs) -> AVME:
 def test_probabilities_of_the_256_values_sum_to_one(log_scale):
     means = torch.tensor([0.0, 1e-7, 0.3, 0.5, 0.97, 1.0 - 1e-7, 1.0], dtype=torch.float64)
     log_p = discretized_logistic_log_prob(LEVELS[:, None], means[None, :], torch.tensor(log_scale, dtype=torch.float64))
-    assert log_p.shape == (BINS, len(means)) and torch.isfinite(log_p).all()
+    assert log_p.shape == (BINS, len(means))
+    assert torch.isfinite(log_p).all()
     torch.testing.assert_close(log_p.exp().sum(dim=0), torch.ones_like(means), rtol=0, atol=1e-12)
 
 
@@ -112,7 +113,8 @@ def test_float32_log_prob_matches_float64_brute_force_into_the_far_tails(log_sca
     expected = brute_force_log_prob(x, m, log_scale)
     usable = expected > -460  # the float64 difference of two numbers of about e^-460 is still exact enough
     got = discretized_logistic_log_prob(x.float(), m.float(), torch.tensor(log_scale))
-    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double()[usable], expected[usable], rtol=2e-5, atol=2e-5)
     if log_scale == LOG_SCALE_MIN:
         naive = brute_force_log_prob(x.float(), m.float(), log_scale)
@@ -130,14 +132,16 @@ def test_gradients_are_finite_and_correct_at_the_edges_and_in_the_tails():
 
     assert torch.autograd.gradcheck(fn, (canvas, log_scale))
     fn(canvas, log_scale).sum().backward()
-    assert torch.isfinite(canvas.grad).all() and torch.isfinite(log_scale.grad).all()
+    assert torch.isfinite(canvas.grad).all()
+    assert torch.isfinite(log_scale.grad).all()
     # float32, saturated canvases and a log-scale beyond the clamp: still finite
     likelihood = DiscretizedLogistic((1, 2, 4))
     with torch.no_grad():
         likelihood.log_scale.fill_(-50.0)
     canvas32 = (canvas.detach().float() * 10).requires_grad_()
     likelihood.nll(canvas32.view(1, 8), x.float().view(1, 8)).sum().backward()
-    assert torch.isfinite(canvas32.grad).all() and torch.isfinite(likelihood.log_scale.grad).all()
+    assert torch.isfinite(canvas32.grad).all()
+    assert torch.isfinite(likelihood.log_scale.grad).all()
 
 
 def test_log_scale_is_a_per_channel_parameter_clamped_where_used():
@@ -161,7 +165,9 @@ def test_a_draw_of_the_pixels_follows_the_probabilities():
     means = torch.tensor([[0.003]], dtype=torch.float64).expand(200_000, 1)  # an edge bin with a lot of mass
     draws = likelihood.sample(means, generator=torch.Generator().manual_seed(0))
     levels = draws * (BINS - 1)
-    assert torch.equal(levels, levels.round()) and draws.min() >= 0 and draws.max() <= 1
+    assert torch.equal(levels, levels.round())
+    assert draws.min() >= 0
+    assert draws.max() <= 1
     counts = torch.bincount(levels.long().view(-1), minlength=BINS).double() / draws.numel()
     canvas = torch.logit(means[:1]).expand(BINS, 1)
     expected = likelihood.log_prob(canvas, LEVELS[:, None]).exp().view(-1)
@@ -172,24 +178,26 @@ def test_a_draw_of_the_pixels_follows_the_probabilities():
 # --------------------------------------------------------------------------- config
 def test_config_fields_round_trip_through_json_and_old_configs_load():
     config = AVMEConfig(data_dim=3072, likelihood="logistic", image_shape=[3, 32, 32])
-    assert config.image_shape == (3, 32, 32) and config.channels == 3
+    assert config.image_shape == (3, 32, 32)
+    assert config.channels == 3
     assert AVMEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     old = {"data_dim": 784, "num_classes": 10, "enc_hidden": 400, "dec_hidden": 400, "latent_dim": 100, "steps": 12,
            "encoder_input": "canvas"}  # a config.json written before these fields
     loaded = AVMEConfig.from_dict(old)
-    assert loaded.likelihood == "bernoulli" and loaded.image_shape is None
+    assert loaded.likelihood == "bernoulli"
+    assert loaded.image_shape is None
     assert loaded.resolved_image_shape == (1, 28, 28)
     # the shape a config implies is stored as None, so one model has one config however it is written
     assert AVMEConfig(image_shape=(1, 28, 28)) == AVMEConfig()
     assert AVMEConfig(data_dim=50).resolved_image_shape == default_image_shape(50) == (1, 1, 50)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(likelihood="gaussian"), r"likelihood must be one of \('bernoulli', 'logistic'\), got 'gaussian'"),
-    (dict(data_dim=784, image_shape=(3, 28, 28)), r"image_shape \(3, 28, 28\) holds 2352 pixels but data_dim is 784"),
-    (dict(data_dim=12, image_shape=(3, 4)), r"image_shape must be \(channels, height, width\), got \(3, 4\)"),
-    (dict(data_dim=12, image_shape=(3, 0, 4)), r"image_shape's height must be an integer >= 1"),
-    (dict(data_dim=12, image_shape="3x2x2"), r"image_shape must be \(channels, height, width\)"),
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"likelihood": "gaussian"}, r"likelihood must be one of \('bernoulli', 'logistic'\), got 'gaussian'"),
+    ({"data_dim": 784, "image_shape": (3, 28, 28)}, r"image_shape \(3, 28, 28\) holds 2352 pixels but data_dim is 784"),
+    ({"data_dim": 12, "image_shape": (3, 4)}, r"image_shape must be \(channels, height, width\), got \(3, 4\)"),
+    ({"data_dim": 12, "image_shape": (3, 0, 4)}, r"image_shape's height must be an integer >= 1"),
+    ({"data_dim": 12, "image_shape": "3x2x2"}, r"image_shape must be \(channels, height, width\)"),
 ])
 def test_bad_config_fields_are_clear_errors(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -204,10 +212,12 @@ def test_logistic_model_checkpoint_round_trip(tmp_path):
         model.likelihood.log_scale.copy_(torch.tensor([-3.0, -2.5, -4.0]))
     path = save_checkpoint(tmp_path / "m.safetensors", model)
     loaded = load_model(path)
-    assert loaded.config == model.config and loaded.image_shape == (3, 2, 2)
+    assert loaded.config == model.config
+    assert loaded.image_shape == (3, 2, 2)
     assert torch.equal(loaded.likelihood.log_scale, model.likelihood.log_scale)
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["config"]["likelihood"] == "logistic" and meta["config"]["image_shape"] == [3, 2, 2]
+    assert meta["config"]["likelihood"] == "logistic"
+    assert meta["config"]["image_shape"] == [3, 2, 2]
 
 
 # --------------------------------------------------------------------------- data checks
@@ -234,16 +244,20 @@ def test_logistic_elbo_and_iwae(image_shape, encoder_input):
     x, y = eight_bit((5, d), seed=1), torch.tensor([0, 1, 1, 0, 1])
     eps = model.core.draw_noise(5, torch.Generator().manual_seed(2))
     terms = model(x, y, eps=eps)
-    assert terms.reconstruction.shape == (5,) and terms.kl.shape == (5, SMALL["steps"])
+    assert terms.reconstruction.shape == (5,)
+    assert terms.kl.shape == (5, SMALL["steps"])
     canvas = model.core(x, torch.nn.functional.one_hot(y, 2).float(), eps).canvas
     expected = -discretized_logistic_log_prob(x, torch.sigmoid(canvas), model.likelihood.pixel_log_scale()).sum(1)
     torch.testing.assert_close(terms.reconstruction, expected)
     assert (terms.reconstruction > 0).all()  # a discrete likelihood: -log P >= 0
     loss, _ = model.loss(x, y, eps=eps)
     loss.backward()
-    assert model.likelihood.log_scale.grad is not None and torch.isfinite(model.likelihood.log_scale.grad).all()
+    assert model.likelihood.log_scale.grad is not None
+    assert torch.isfinite(model.likelihood.log_scale.grad).all()
     bound = model.iwae_bound(x, y, samples=7, max_rows=10, generator=torch.Generator().manual_seed(3))
-    assert bound.shape == (5,) and torch.isfinite(bound).all() and (bound < 0).all()
+    assert bound.shape == (5,)
+    assert torch.isfinite(bound).all()
+    assert (bound < 0).all()
     # the IWAE weights use the same likelihood: log w = log p(z) - log q(z) - (the ELBO's reconstruction)
     out = model.core(x, torch.nn.functional.one_hot(y, 2).float(), eps)
     z = out.mu + torch.exp(0.5 * out.logvar) * eps
@@ -265,7 +279,8 @@ def test_evaluation_names_the_likelihood_and_reports_bits_per_dim():
     split = InMemorySplit(eight_bit((7, 12), seed=4), torch.tensor([0, 1, 0, 1, 1, 0, 0]))
     result = evaluate(model, split, samples=4, batch_size=3, seed=1)
     summary = result.summary()
-    assert summary["likelihood"] == "logistic" and summary["data_dim"] == 12
+    assert summary["likelihood"] == "logistic"
+    assert summary["data_dim"] == 12
     for key in ("nelbo", "iwae_nll", "nll_given_y", "nll_marginal"):
         assert summary[f"{key}_bits_per_dim"] == pytest.approx(summary[key] / (12 * math.log(2.0)), rel=1e-12), key
     shards = [evaluate(model, split, samples=4, batch_size=3, seed=1, shard=(r, 2)) for r in range(2)]
@@ -302,7 +317,8 @@ def test_checkpoint_from_before_the_likelihood_option_loads_and_computes_the_sam
     added = set(summary) - set(old)  # ... and only additions
     assert added == {"likelihood", "data_dim", "nelbo_bits_per_dim", "iwae_nll_bits_per_dim",
                      "nll_given_y_bits_per_dim", "nll_marginal_bits_per_dim"}
-    assert summary["likelihood"] == "bernoulli" and summary["data_dim"] == 12
+    assert summary["likelihood"] == "bernoulli"
+    assert summary["data_dim"] == 12
 
 
 def test_avme_eval_names_the_likelihood_and_prints_bits_per_dim(tmp_path, capsys):
@@ -318,8 +334,10 @@ def test_avme_eval_names_the_likelihood_and_prints_bits_per_dim(tmp_path, capsys
     printed = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.read_text())["summary"]
-    assert summary["likelihood"] == "logistic" and summary["data_dim"] == 784
-    assert "logistic likelihood" in printed and "D = 784" in printed
+    assert summary["likelihood"] == "logistic"
+    assert summary["data_dim"] == 784
+    assert "logistic likelihood" in printed
+    assert "D = 784" in printed
     assert f"({summary['iwae_nll_bits_per_dim']:.4f} bits/dim)" in printed
     assert f"({summary['nelbo_bits_per_dim']:.4f} bits/dim)" in printed
     assert json.loads(out.read_text())["provenance"]["model_config"]["likelihood"] == "logistic"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -26,16 +27,19 @@ STEPS_PER_EPOCH = 6
 
 def test_cosine_rates() -> None:
     rate = T.learning_rate_at
-    assert rate(0, 1e-3, "constant") == 1e-3 and rate(10**6, 1e-3, "constant") == 1e-3
+    assert rate(0, 1e-3, "constant") == 1e-3
+    assert rate(10**6, 1e-3, "constant") == 1e-3
     assert rate(0, 1e-3, "cosine", final=1e-5, decay_steps=100) == 1e-3  # the first update uses --lr
     assert rate(50, 1e-3, "cosine", final=1e-5, decay_steps=100) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
     assert rate(25, 1.0, "cosine", final=0.0, decay_steps=100) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
     assert rate(100, 1e-3, "cosine", final=1e-5, decay_steps=100) == pytest.approx(1e-5, rel=1e-12)
     assert rate(500, 1e-3, "cosine", final=1e-5, decay_steps=100) == pytest.approx(1e-5, rel=1e-12)
     rates = [rate(s, 1e-3, "cosine", final=0.0, decay_steps=40) for s in range(41)]
-    assert all(a > b for a, b in zip(rates, rates[1:]))  # strictly falling over the decay
+    assert all(a > b for a, b in itertools.pairwise(rates))  # strictly falling over the decay
     held = [rate(s, 1e-3, "cosine", final=0.0, decay_steps=10, hold_steps=5) for s in range(20)]
-    assert held[:6] == [1e-3] * 6 and held[10] == pytest.approx(5e-4) and held[15:] == [0.0] * 5
+    assert held[:6] == [1e-3] * 6
+    assert held[10] == pytest.approx(5e-4)
+    assert held[15:] == [0.0] * 5
     assert held[5:] == [rate(s, 1e-3, "cosine", final=0.0, decay_steps=10) for s in range(15)]
     with pytest.raises(ValueError, match="decay_steps >= 1"):
         rate(0, 1e-3, "cosine", final=0.0, decay_steps=0)
@@ -46,7 +50,8 @@ def test_config_makes_the_cosine_schedule_concrete_and_checks_it() -> None:
     assert (cfg.lr_final, cfg.lr_decay_epochs, cfg.lr_hold_epochs) == (0.0, 30, 0)
     held = T.TrainConfig(lr_schedule="cosine", epochs=30, lr_hold_epochs=20)
     assert (held.lr_decay_epochs, held.lr_hold_epochs) == (10, 20)  # the decay fills the rest of the run
-    assert T.TrainConfig().lr_final is None and T.TrainConfig().lr_decay_epochs is None
+    assert T.TrainConfig().lr_final is None
+    assert T.TrainConfig().lr_decay_epochs is None
     with pytest.raises(T.OptionError, match=r"lr_final \(--lr-final\) only apply to lr_schedule \(--lr-schedule\) cosine"):
         T.TrainConfig(lr_final=1e-5)
     with pytest.raises(T.OptionError, match=r"lr_decay_epochs \(--lr-decay-epochs\) only apply"):
@@ -99,7 +104,8 @@ def test_cosine_run_follows_the_schedule_and_resumes_bit_for_bit(tmp_path: Path,
     assert main(["train", "--out", str(split), *TINY, *cosine, "--epochs", "2"]) == 0
     assert main(["train", "--out", str(split), "--resume", "--epochs", "3", "--no-progress"]) == 0
     a, b = load_file(whole / "last.safetensors"), load_file(split / "last.safetensors")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_rates(split) == logged
 
 
@@ -126,18 +132,24 @@ def test_a_graphed_step_keeps_its_rate_in_a_tensor_and_checkpoints_a_float(tmp_p
     optimizer = T.make_adam(model.parameters(), 1e-3, capturable=True)  # built on the CPU: never stepped here
     step = GraphedStep(model, optimizer, clip_grad=1.0, batch_size=4)
     rate = optimizer.param_groups[0]["lr"]
-    assert isinstance(rate, torch.Tensor) and rate.dim() == 0 and float(rate) == pytest.approx(1e-3)
+    assert isinstance(rate, torch.Tensor)
+    assert rate.dim() == 0
+    assert float(rate) == pytest.approx(1e-3)
     step.set_learning_rate(2.0**-12)  # exact in float32
-    assert optimizer.param_groups[0]["lr"] is rate and float(rate) == 2.0**-12
+    assert optimizer.param_groups[0]["lr"] is rate
+    assert float(rate) == 2.0**-12
     version = rate._version
     step.set_learning_rate(2.0**-12)  # unchanged (a constant schedule): no write to the device tensor
     assert rate._version == version
     step.set_learning_rate(2.0**-11)
-    assert rate._version == version + 1 and float(rate) == 2.0**-11
+    assert rate._version == version + 1
+    assert float(rate) == 2.0**-11
     step.set_learning_rate(2.0**-12)
     save_checkpoint(tmp_path / "c.safetensors", model, optimizer=optimizer)
     group = load_checkpoint(tmp_path / "c.safetensors").optimizer_state["param_groups"][0]
-    assert group["lr"] == 2.0**-12 and isinstance(group["lr"], float) and group["capturable"] is False
+    assert group["lr"] == 2.0**-12
+    assert isinstance(group["lr"], float)
+    assert group["capturable"] is False
     assert optimizer.param_groups[0]["lr"] is rate  # storing changed nothing
 
 
@@ -145,8 +157,10 @@ def test_group_rates_set_as_floats_or_in_place() -> None:
     parameter = torch.nn.Parameter(torch.zeros(3))
     plain = torch.optim.Adam([parameter], lr=1e-3)
     set_group_learning_rates(plain, 5e-4)
-    assert plain.param_groups[0]["lr"] == 5e-4 and isinstance(plain.param_groups[0]["lr"], float)
+    assert plain.param_groups[0]["lr"] == 5e-4
+    assert isinstance(plain.param_groups[0]["lr"], float)
     tensor_rate = torch.tensor(1e-3)
     held = torch.optim.Adam([parameter], lr=tensor_rate)
     set_group_learning_rates(held, 5e-4)
-    assert held.param_groups[0]["lr"] is tensor_rate and float(tensor_rate) == pytest.approx(5e-4)
+    assert held.param_groups[0]["lr"] is tensor_rate
+    assert float(tensor_rate) == pytest.approx(5e-4)

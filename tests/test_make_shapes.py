@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, load_script
 from PIL import Image
+
+from helpers import REPO, load_script
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_same_seed_same_images_other_seed_other_images(make_shapes, tmp_path):
 def test_bad_arguments_are_refused(make_shapes, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         make_shapes.main(["--out", str(tmp_path / "s"), *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 
@@ -98,7 +100,8 @@ def test_the_readme_shows_the_shapes_pictures_with_the_commands_that_made_them()
     section = readme[readme.index("## Data sets\n"):readme.index("\n## ", readme.index("## Data sets\n") + 1)]
     assert "python python/make_shapes.py --out shapes" in section
     for picture in ("shapes-samples.png", "shapes-samples_recon.png", "shapes-unrolled.png", "shapes-steps.gif"):
-        assert f"](docs/images/{picture})" in section and (REPO / "docs" / "images" / picture).is_file()
+        assert f"](docs/images/{picture})" in section
+        assert (REPO / "docs" / "images" / picture).is_file()
     for made in ("--out docs/images/shapes-samples.png", "--reconstruct 16", "--out docs/images/shapes-unrolled.png",
                  "--gif docs/images/shapes-steps.gif"):
         assert made in section

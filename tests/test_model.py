@@ -13,7 +13,7 @@ from avme_ext import AVME, AVMEConfig
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from avme_ext.model import gaussian_kl
 
-TINY = dict(data_dim=12, enc_hidden=8, dec_hidden=6, latent_dim=3, steps=4)
+TINY = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 
 
 def tiny_model(num_classes: int = 0, encoder_input: str = "canvas", seed: int = 0) -> AVME:
@@ -55,7 +55,7 @@ def test_elbo_terms_and_loss(num_classes):
     torch.testing.assert_close(loss, (t2.reconstruction + 0.5 * t2.kl.sum(1)).mean())
 
 
-@pytest.mark.parametrize("num_classes,encoder_input", [(0, "canvas"), (3, "error")])
+@pytest.mark.parametrize(("num_classes", "encoder_input"), [(0, "canvas"), (3, "error")])
 def test_iwae_with_one_sample_is_the_sampled_elbo(num_classes, encoder_input):
     model = tiny_model(num_classes, encoder_input)
     x = binary_batch(6)
@@ -102,13 +102,15 @@ def test_conditional_marginal_is_logsumexp_over_classes():
 def test_sample_and_reconstruct_shapes_and_ranges():
     model = tiny_model(3)
     probs, steps = model.sample(y=torch.tensor([0, 1, 2]), return_steps=True, generator=torch.Generator().manual_seed(0))
-    assert probs.shape == (3, 12) and steps.shape == (4, 3, 12)
+    assert probs.shape == (3, 12)
+    assert steps.shape == (4, 3, 12)
     assert ((probs >= 0) & (probs <= 1)).all()
     torch.testing.assert_close(steps[-1], probs)
     recon, _ = model.reconstruct(binary_batch(3), torch.tensor([0, 1, 2]))
     assert recon.shape == (3, 12)
     probs, none = tiny_model(0).sample(5)
-    assert probs.shape == (5, 12) and none is None
+    assert probs.shape == (5, 12)
+    assert none is None
     with pytest.raises(ValueError, match="does not match"):
         model.sample(2, y=torch.tensor([0, 1, 2]))
 
@@ -176,13 +178,14 @@ def test_checkpoint_round_trip_with_optimizer_and_generator(tmp_path):
         rng_states={"noise": generator.get_state()},
         trainer_state={"epoch": 2, "step": 17},
     )
-    assert path.name == "last.safetensors" and path.with_suffix(".json").is_file()
+    assert path.name == "last.safetensors"
+    assert path.with_suffix(".json").is_file()
     checkpoint = load_checkpoint(tmp_path / "run" / "last.safetensors")
     assert checkpoint.trainer_state == {"epoch": 2, "step": 17}
     assert checkpoint.config == model.config
     restored = torch.optim.Adam(tiny_model(3).float().parameters(), lr=1e-3)
     restored.load_state_dict(checkpoint.optimizer_state)
-    for original, reloaded in zip(optimizer.param_groups[0]["params"], restored.param_groups[0]["params"]):
+    for original, reloaded in zip(optimizer.param_groups[0]["params"], restored.param_groups[0]["params"], strict=True):
         assert torch.equal(optimizer.state[original]["exp_avg_sq"], restored.state[reloaded]["exp_avg_sq"])
         assert torch.equal(optimizer.state[original]["step"], restored.state[reloaded]["step"])
     assert torch.equal(checkpoint.rng_states["noise"], generator.get_state())

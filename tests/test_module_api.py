@@ -19,7 +19,7 @@ from avme_ext import AVME, AVMEConfig, AVMECore, loop_types
 from avme_ext.config import LOOP_FIELDS
 from avme_ext.reference import avme_forward_reference
 
-SMALL = dict(data_dim=6, enc_hidden=5, dec_hidden=4, latent_dim=3, steps=3)
+SMALL = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
 SIZE_NAMES = [field.name for field in dataclasses.fields(AVMEConfig)]
 #: The positional arguments of each module: the loop's fields (the core), or every field (the model).
 POSITIONAL = {AVMECore: list(LOOP_FIELDS), AVME: SIZE_NAMES}
@@ -168,7 +168,8 @@ def test_hooks_on_the_core_itself_run():
     seen = []
     core.register_forward_hook(lambda module, args, output: seen.append(output.canvas))
     out = core(x, y, eps)
-    assert len(seen) == 1 and seen[0] is out.canvas
+    assert len(seen) == 1
+    assert seen[0] is out.canvas
 
 
 # ------------------------------------------------------------------ arguments
@@ -225,7 +226,7 @@ def test_size_defaults_and_validation_come_from_the_config(model_class):
     core = module if isinstance(module, AVMECore) else module.core
     for name, value in sizes.items():
         assert getattr(core, name) == value, name
-    for bad in (dict(data_dim=0), dict(steps=True), dict(num_classes=-1), dict(encoder_input="diff")):
+    for bad in ({"data_dim": 0}, {"steps": True}, {"num_classes": -1}, {"encoder_input": "diff"}):
         with pytest.raises(ValueError) as from_config:
             AVMEConfig(**bad)
         with pytest.raises(ValueError) as from_module:
@@ -336,9 +337,8 @@ def test_design_blocks_nest_and_refuse_unknown_names():
             assert avme_ext.ops.requested_design() == "persistent"
         assert avme_ext.ops.requested_design() == "stagewise"
     assert avme_ext.ops.requested_design() == "auto"
-    with pytest.raises(ValueError, match="design must be one of"):
-        with avme_ext.ops.design("fastest"):
-            pass
+    with pytest.raises(ValueError, match="design must be one of"), avme_ext.ops.design("fastest"):
+        pass
 
 
 def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch):
@@ -359,10 +359,12 @@ def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch)
 
 def test_option_tuples_are_the_loop_types_objects_everywhere():
     import avme_ext.training.config as training_config
-    from avme_ext.cli import _common  # noqa: F401  (the CLI imports them too)
+    from avme_ext.cli import _common
 
-    assert training_config.IMPLS is loop_types.IMPLS and training_config.PRECISIONS is loop_types.PRECISIONS
-    assert avme_ext.dispatch.DESIGN_NAMES is loop_types.DESIGNS and avme_ext.ops.DESIGNS is loop_types.DESIGNS
+    assert training_config.IMPLS is loop_types.IMPLS
+    assert training_config.PRECISIONS is loop_types.PRECISIONS
+    assert avme_ext.dispatch.DESIGN_NAMES is loop_types.DESIGNS
+    assert avme_ext.ops.DESIGNS is loop_types.DESIGNS
 
 
 def test_distributed_does_not_import_evaluation():

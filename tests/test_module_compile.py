@@ -11,7 +11,7 @@ import torch
 
 from avme_ext import AVME
 
-TINY = dict(data_dim=12, enc_hidden=8, dec_hidden=6, latent_dim=3, steps=4)
+TINY = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 BATCH = 5
 
 
@@ -53,7 +53,7 @@ def assert_same_loss_and_grads(got, want):
         torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("num_classes,encoder_input", [(0, "canvas"), (3, "error")])
+@pytest.mark.parametrize(("num_classes", "encoder_input"), [(0, "canvas"), (3, "error")])
 def test_no_graph_breaks(num_classes, encoder_input):
     model = tiny_model(num_classes, encoder_input)
     x, y, eps = make_batch(num_classes)
@@ -88,7 +88,7 @@ def compiled_matches_eager(backend: str, num_classes: int, encoder_input: str) -
 
 
 @pytest.mark.parametrize(
-    "num_classes,encoder_input", [(0, "canvas"), pytest.param(3, "error", marks=pytest.mark.slow)]
+    ("num_classes", "encoder_input"), [(0, "canvas"), pytest.param(3, "error", marks=pytest.mark.slow)]
 )
 def test_compiled_loss_forward_and_backward_match_eager(num_classes, encoder_input):
     compiled_matches_eager("aot_eager", num_classes, encoder_input)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import avme_ext.pretrained as P
@@ -15,7 +15,7 @@ from avme_ext.cli import main
 from avme_ext.model import AVME
 from helpers import REPO
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3, impl="ref")
+SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 
 
 @pytest.fixture
@@ -47,20 +47,24 @@ def test_package_data_ships_the_registry():
     """pyproject.toml installs the registry's weights and index with the package."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["avme_ext"]
-    assert "assets/pretrained/*.safetensors" in patterns and "assets/pretrained/*.json" in patterns
+    assert "assets/pretrained/*.safetensors" in patterns
+    assert "assets/pretrained/*.json" in patterns
 
 
 def test_register_list_and_load(registry, tiny_run):
     run, model = tiny_run
     results = {"summary": {"nelbo": 123.4, "iwae_nll": 120.5}}
     entry = P.register_pretrained("tiny-conditional", run, description="a tiny test model", results=results)
-    assert (registry / "tiny-conditional.safetensors").is_file() and len(entry.sha256) == 64
+    assert (registry / "tiny-conditional.safetensors").is_file()
+    assert len(entry.sha256) == 64
     index = json.loads((registry / "index.json").read_text())
-    assert [m["name"] for m in index["models"]] == ["tiny-conditional"] and index["models"][0]["results"] == results
+    assert [m["name"] for m in index["models"]] == ["tiny-conditional"]
+    assert index["models"][0]["results"] == results
     assert [m.name for m in P.list_pretrained()] == ["tiny-conditional"]
     loaded = P.load_pretrained("tiny-conditional")
-    assert loaded.config == model.config and not loaded.training
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+    assert loaded.config == model.config
+    assert not loaded.training
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
     # registering again replaces the entry, another name adds one
     P.register_pretrained("tiny-conditional", run, description="replaced")
@@ -97,9 +101,12 @@ def test_command_line_uses_names(registry, tiny_run, tmp_path, capsys):
                           results={"summary": {"nelbo": 123.4}})
     assert main(["list-pretrained"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-conditional" in out and "a tiny test model" in out and "nelbo 123.40" in out
+    assert "tiny-conditional" in out
+    assert "a tiny test model" in out
+    assert "nelbo 123.40" in out
     png = tmp_path / "classes.png"
-    assert main(["sample", "tiny-conditional", "--per-class", "2", "--out", str(png)]) == 0 and png.is_file()
+    assert main(["sample", "tiny-conditional", "--per-class", "2", "--out", str(png)]) == 0
+    assert png.is_file()
     report = tmp_path / "e.json"
     assert main(["eval", "tiny-conditional", "--num-images", "5", "--no-progress", "--json", str(report)]) == 0
     provenance = json.loads(report.read_text())["provenance"]
@@ -108,7 +115,8 @@ def test_command_line_uses_names(registry, tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "other-name", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "other-name" in err and "installed: tiny-conditional" in err
+    assert "other-name" in err
+    assert "installed: tiny-conditional" in err
 
 
 def test_command_line_says_when_no_models_are_installed(registry, tmp_path, capsys):

@@ -26,10 +26,12 @@ def test_every_picture_the_readme_shows_exists():
 def test_the_quick_start_shows_what_the_quick_run_draws_and_how_it_was_made():
     quick = _section("Install and run")
     for picture in ("docs/images/unrolled-quick.png", "docs/images/samples-quick.png"):
-        assert f"]({picture})" in quick and f"--out {picture}" in quick  # shown, with the command that made it
+        assert f"]({picture})" in quick
+        assert f"--out {picture}" in quick
 
 
 def test_the_install_says_its_size_and_how_to_get_the_cpu_only_torch():
     install = _section("Install and run")
-    assert re.search(r"about\s+3 GB to download", install) and re.search(r"5\.6 GB\s+virtual environment", install)
+    assert re.search(r"about\s+3 GB to download", install)
+    assert re.search(r"5\.6 GB\s+virtual environment", install)
     assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu\npip install ." in install

@@ -9,7 +9,7 @@ from torch import nn
 from avme_ext import AVMECore
 from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
-SMALL = dict(data_dim=6, enc_hidden=5, dec_hidden=4, latent_dim=3, steps=3)
+SMALL = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
 
 
 def make_core(num_classes: int = 0, encoder_input: str = "canvas", dtype=torch.float64, seed: int = 0, **sizes):
@@ -55,13 +55,13 @@ def literal_forward(core: AVMECore, x, y, eps):
 CASES = [(c, e) for c in (0, 4) for e in ("canvas", "error")]
 
 
-@pytest.mark.parametrize("num_classes,encoder_input", CASES)
+@pytest.mark.parametrize(("num_classes", "encoder_input"), CASES)
 def test_reference_equals_literal_lstmcell_loop(num_classes, encoder_input):
     core = make_core(num_classes, encoder_input, data_dim=11, enc_hidden=9, dec_hidden=7, latent_dim=5, steps=4)
     x, y, eps = make_inputs(core, batch=6)
     out = core(x, y, eps, return_canvases=True)
     expected = literal_forward(core, x, y, eps)
-    for got, want in zip((out.canvas, out.mu, out.logvar, out.canvases), expected):
+    for got, want in zip((out.canvas, out.mu, out.logvar, out.canvases), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -81,7 +81,7 @@ def test_sampler_equals_literal_decoder_loop(num_classes):
     torch.testing.assert_close(out.canvas, s, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("num_classes,encoder_input", CASES)
+@pytest.mark.parametrize(("num_classes", "encoder_input"), CASES)
 def test_gradcheck_forward(num_classes, encoder_input):
     core = make_core(num_classes, encoder_input)
     x, y, eps = make_inputs(core, batch=3)
@@ -90,7 +90,7 @@ def test_gradcheck_forward(num_classes, encoder_input):
     names = params._fields
 
     def fn(x, eps, *flat):
-        p = type(params)(**dict(zip(names, flat)))
+        p = type(params)(**dict(zip(names, flat, strict=True)))
         out = avme_forward_reference(x, y, eps, p, encoder_input, return_canvases=True)
         return out.canvas, out.mu, out.logvar, out.canvases
 
@@ -111,7 +111,7 @@ def test_gradcheck_sampler():
     assert torch.autograd.gradcheck(fn, (z.clone().requires_grad_(True), *flat), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch,steps", [(0, 3), (1, 1), (2, 1), (7, 5)])
+@pytest.mark.parametrize(("batch", "steps"), [(0, 3), (1, 1), (2, 1), (7, 5)])
 def test_edge_sizes(batch, steps):
     core = make_core(0, steps=steps)
     x, y, eps = make_inputs(core, batch)
@@ -152,7 +152,8 @@ def test_state_dict_is_plain_pytorch_and_round_trips():
     assert not torch.allclose(other(x, y, eps).canvas, core(x, y, eps).canvas)
     other.load_state_dict(core.state_dict())
     torch.testing.assert_close(other(x, y, eps).canvas, core(x, y, eps).canvas, rtol=0, atol=0)
-    assert isinstance(core.encoder, nn.LSTMCell) and isinstance(core.decoder, nn.LSTMCell)
+    assert isinstance(core.encoder, nn.LSTMCell)
+    assert isinstance(core.decoder, nn.LSTMCell)
 
 
 def test_bad_inputs_name_the_argument():
@@ -178,14 +179,14 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    ("kwargs", "match"),
     [
-        (dict(encoder_input="diff"), "encoder_input must be one of"),
-        (dict(impl="triton"), "impl must be one of"),
-        (dict(precision="fp8"), "precision must be one of"),
-        (dict(steps=0), "steps must be an integer >= 1"),
-        (dict(latent_dim=2.5), "latent_dim must be an integer"),
-        (dict(num_classes=-1), "num_classes must be an integer >= 0"),
+        ({"encoder_input": "diff"}, "encoder_input must be one of"),
+        ({"impl": "triton"}, "impl must be one of"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"latent_dim": 2.5}, "latent_dim must be an integer"),
+        ({"num_classes": -1}, "num_classes must be an integer >= 0"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):

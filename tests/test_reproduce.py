@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import REPO, subprocess_env
 
 sys.path.insert(0, str(REPO / "python"))
 
 import reproduce_paper
+from avme_ext.results import PUBLISHED
 from reproduce_eval import chunk_key, load_chunk, read_chunk_meta, save_chunk
 from reproduce_plan import MODELS, EvalPass, Layout, Plan, make_plan
 from reproduce_train import read_run_status, stop_reason, trained_summary
-
-from avme_ext.results import PUBLISHED
 
 SCRIPT = REPO / "python" / "reproduce_paper.py"
 SMOKE_SECONDS = 180  # the promise of --smoke on a CPU
@@ -117,14 +117,19 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
     assert result.returncode == 0, describe(result)
     assert result.seconds < SMOKE_SECONDS, describe(result)
     log = result.stdout
-    assert "plan (smoke: tiny sizes)" in log and "time left: training" in log and "done in" in log
+    assert "plan (smoke: tiny sizes)" in log
+    assert "time left: training" in log
+    assert "done in" in log
     document = json.loads((docs / "results.json").read_text())
-    assert document["format"] == "avme-reproduction-results" and document["smoke"] is True
+    assert document["format"] == "avme-reproduction-results"
+    assert document["smoke"] is True
     assert document["command"] == "python python/reproduce_paper.py --out DIR --smoke"
     records = {r["name"]: r for r in document["models"]}
     assert list(records) == list(MODELS)
     for name, record in records.items():
-        assert record["num_images"] == 20 and record["iwae_samples"] == 4 and record["steps"] == 3
+        assert record["num_images"] == 20
+        assert record["iwae_samples"] == 4
+        assert record["steps"] == 3
         for key in ("test_nelbo", "test_iwae", "test_reconstruction"):
             assert math.isfinite(record[key]) and record[key] > 0, (name, key)
         assert record["test_reconstruction"] < record["test_nelbo"]
@@ -133,7 +138,8 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
         assert record["kinds"]["test_reconstruction"].startswith("reconstruction term")
         training = record["training"]
         assert training["epochs"] == training["epoch_cap"] == (3 if name == "avme-canvas" else 2)
-        assert training["stop_reason"] == "epoch cap" and 1 <= training["best_epoch"] <= training["epochs"]
+        assert training["stop_reason"] == "epoch cap"
+        assert 1 <= training["best_epoch"] <= training["epochs"]
         assert training["selection"].startswith("best validation")
         for figure in ("training_curve.png", "kl_per_step.png", "samples.png", "unrolled.png", "reconstructions.png"):
             assert (docs / "images" / name / figure).stat().st_size > 0, (name, figure)
@@ -142,18 +148,23 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
 
         assert {t.dtype for t in load_file(weights).values() if t.is_floating_point()} == {torch.float16}
     conditional = records["avme-canvas-conditional"]
-    assert conditional["test_iwae"] == conditional["test_nll_given_y"] and conditional["marginal_samples_per_class"] == 2
+    assert conditional["test_iwae"] == conditional["test_nll_given_y"]
+    assert conditional["marginal_samples_per_class"] == 2
     # -log p(x) under a uniform prior is at most -log p(x|y) + log 10 (one bound per class)
     assert conditional["test_nll_marginal"] <= conditional["test_nll_given_y"] + math.log(10) + 1e-9
     assert "test_nll_marginal" not in records["avme-canvas"]
     published = {p["model"]: p["kind"] for p in document["published"]}
-    assert published["NADE"] == "exact NLL" and published["DLGM"] == "estimate"
+    assert published["NADE"] == "exact NLL"
+    assert published["DLGM"] == "estimate"
     assert published["AVME (paper's Table 1)"].startswith("reconstruction term")
     table = (docs / "results.md").read_text()
-    assert "A smoke run" in table and "not a likelihood" in table and "80.50" in table
+    assert "A smoke run" in table
+    assert "not a likelihood" in table
+    assert "80.50" in table
     assert "(images/avme-canvas/unrolled.png)" in table
     progress = json.loads((out / "progress.json").read_text())
-    assert progress["stage"] == "done" and progress["evaluation"]["trajectories_left"] == 0
+    assert progress["stage"] == "done"
+    assert progress["evaluation"]["trajectories_left"] == 0
 
 
 @pytest.mark.slow
@@ -165,7 +176,8 @@ def test_a_rerun_skips_finished_work(smoke):
     before = {p: p.stat().st_mtime_ns for p in files}
     again = run(out, docs)
     assert again.returncode == 0, describe(again)
-    assert "training (avme train" not in again.stdout and "evaluating" not in again.stdout
+    assert "training (avme train" not in again.stdout
+    assert "evaluating" not in again.stdout
     assert all(f"{name}: trained" in again.stdout for name in MODELS)
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
@@ -173,7 +185,8 @@ def test_a_rerun_skips_finished_work(smoke):
 @pytest.mark.slow
 def test_the_plan_of_a_directory_is_fixed_by_its_first_run(smoke, capsys):
     code = reproduce_paper.main(["--out", str(smoke["out"]), "--docs", str(smoke["docs"]), "--device", "cpu"])
-    assert code == 2 and "holds a reproduction with another plan" in capsys.readouterr().out
+    assert code == 2
+    assert "holds a reproduction with another plan" in capsys.readouterr().out
     assert reproduce_paper.main(["--out", str(smoke["out"]), "--models", "avme-canvas,draw"]) == 2
     assert "--models must name some of" in capsys.readouterr().err
 
@@ -193,7 +206,8 @@ def test_interrupted_runs_continue_to_the_numbers_of_an_uninterrupted_one(smoke,
     # 1. a scheduler's SIGTERM while the models train (sent when a run reaches step 4 of 6 or 9)
     stopped = run(out, docs, shim=shim, env={"REPRO_TEST_TRAIN_SIGNAL": f"SIGTERM:4:{marks / 'term'}"})
     assert stopped.returncode == 143, describe(stopped)
-    assert "stopped by SIGTERM" in stopped.stdout and "run the same command again" in stopped.stdout
+    assert "stopped by SIGTERM" in stopped.stdout
+    assert "run the same command again" in stopped.stdout
     unfinished = [n for n in MODELS if not layout.training(n).is_file()]
     assert unfinished and any((layout.run_dir(n) / "last.safetensors").is_file() for n in unfinished), stopped.stdout
     # 2. SIGKILL while avme-canvas trains its last epoch: its process gets SIGINT from the kernel and
@@ -227,13 +241,15 @@ def test_each_model_decays_its_learning_rate_over_the_last_third_of_its_own_cap(
     for name, (hold, decay) in {"avme-canvas": (100, 50), "avme-error": (67, 33)}.items():
         options = " ".join(plan.train_args(name))
         assert f"--lr-schedule cosine --lr-final 0.0 --lr-hold-epochs {hold} --lr-decay-epochs {decay} " in options
-        assert "--patience 10 " in options and "--enc-hidden 400 --dec-hidden 400 --latent-dim 100 --steps 12" in options
+        assert "--patience 10 " in options
+        assert "--enc-hidden 400 --dec-hidden 400 --latent-dim 100 --steps 12" in options
         assert "--train-subset" not in options
     conditional = plan.train_args("avme-error-conditional")
     assert conditional[conditional.index("--num-classes") + 1] == "10"
     assert conditional[conditional.index("--encoder-input") + 1] == "error"
     assert [p.name for p in plan.passes("avme-canvas-conditional")] == ["main", "marginal"]
-    assert [p.samples for p in plan.passes("avme-canvas")] == [5000] and plan.num_chunks == 100
+    assert [p.samples for p in plan.passes("avme-canvas")] == [5000]
+    assert plan.num_chunks == 100
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
@@ -275,7 +291,8 @@ def test_time_left_runs_the_models_jobs_at_a_time(tmp_path):
     progress = reproduce_paper.Progress(layout, plan, list(plan.epochs), 2, print, 30.0)
     left, models = progress.training_left()
     # 6 epochs x 2 s; then two runs of 10 epochs at the one measured rate: 12 + 20 on one slot, 20 on the other
-    assert left == 32.0 and models["avme-canvas"]["epochs"] == 4
+    assert left == 32.0
+    assert models["avme-canvas"]["epochs"] == 4
     progress.trained = {"avme-canvas"}
     assert progress.training_left()[0] == 20.0
     assert reproduce_paper.Progress(Layout(tmp_path / "new"), plan, ["avme-error"], 1, print, 30.0).training_left()[0] is None
@@ -307,4 +324,5 @@ def test_chunks_merged_equal_one_evaluation(tmp_path, one_thread):
 def test_published_numbers_are_labelled():
     kinds = {p.model: p.kind for p in PUBLISHED}
     assert kinds["AVME (paper's Table 1)"].startswith("reconstruction term")
-    assert kinds["NADE"] == "exact NLL" and kinds["DRAW, with attention"].startswith("bound")
+    assert kinds["NADE"] == "exact NLL"
+    assert kinds["DRAW, with attention"].startswith("bound")

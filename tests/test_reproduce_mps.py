@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "python"))
 
-from reproduce_mps import MpsError, mps_daemon  # noqa: E402
+from reproduce_mps import MpsError, mps_daemon
 
 OK_PROBE = (sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 5)")
 FAILING_PROBE = (sys.executable, "-c", "import sys; print('no device'); sys.exit(3)")
@@ -36,22 +37,27 @@ def test_a_working_daemon_is_started_probed_and_quit(tmp_path: Path) -> None:
     control, calls = fake_control(tmp_path)
     messages: list[str] = []
     with mps_daemon("auto", "cuda", messages.append, control=str(control), probe=OK_PROBE) as session:
-        assert session.active and session.reason == "MPS daemon of this run"
+        assert session.active
+        assert session.reason == "MPS daemon of this run"
         pipe, logs = session.env["CUDA_MPS_PIPE_DIRECTORY"], session.env["CUDA_MPS_LOG_DIRECTORY"]
-        assert os.path.isdir(pipe) and os.path.isdir(logs) and "avme-mps-" in pipe
+        assert os.path.isdir(pipe)
+        assert os.path.isdir(logs)
+        assert "avme-mps-" in pipe
         assert calls.read_text().splitlines() == [f"start {pipe} {logs}"]  # its own folders, not the system's
     assert calls.read_text().splitlines()[-1] == "stdin quit"
     assert not os.path.exists(pipe)  # the temporary folders are removed
     assert any("MPS daemon started" in m for m in messages)
 
 
-@pytest.mark.parametrize("start_code, probe, why", [(1, OK_PROBE, "-d exited with 1"),
+@pytest.mark.parametrize(("start_code", "probe", "why"), [(1, OK_PROBE, "-d exited with 1"),
                                                      (0, FAILING_PROBE, "probe client failed")])
 def test_auto_trains_without_mps_when_it_cannot_be_used(tmp_path: Path, start_code, probe, why) -> None:
     control, calls = fake_control(tmp_path, start_code)
     messages: list[str] = []
     with mps_daemon("auto", "cuda:0", messages.append, control=str(control), probe=probe) as session:
-        assert not session.active and session.env == {} and why in session.reason
+        assert not session.active
+        assert session.env == {}
+        assert why in session.reason
     assert any("training without MPS" in m and why in m for m in messages)
     quits = [line for line in calls.read_text().splitlines() if line.startswith("stdin")]
     assert quits == ([] if start_code else ["stdin quit"])  # a started daemon is always quit
@@ -71,9 +77,8 @@ def test_on_fails_and_off_or_cpu_never_start(tmp_path: Path) -> None:
         with mps_daemon(mode, device, print, control=str(control), probe=OK_PROBE) as session:
             assert not session.active
     assert not calls.exists()
-    with pytest.raises(ValueError, match="mps mode must be one of"):
-        with mps_daemon("yes", "cuda", print):
-            pass
+    with pytest.raises(ValueError, match="mps mode must be one of"), mps_daemon("yes", "cuda", print):
+        pass
 
 
 def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch) -> None:
@@ -91,5 +96,8 @@ def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch
     monkeypatch.setattr(reproduce_train.subprocess, "Popen", FakePopen)
     child = start_child(Layout(tmp_path), make_plan(smoke=True, impl="ref"), "avme-canvas", device="cuda", threads=4,
                         lock_fd=None, client_env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/x"})
-    assert seen["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/x" and seen["OMP_NUM_THREADS"] == "4"
-    assert child.name == "avme-canvas" and "--device" in seen["command"] and "train" in seen["command"]
+    assert seen["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/x"
+    assert seen["OMP_NUM_THREADS"] == "4"
+    assert child.name == "avme-canvas"
+    assert "--device" in seen["command"]
+    assert "train" in seen["command"]

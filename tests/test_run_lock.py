@@ -108,4 +108,5 @@ def test_a_torchrun_job_holds_the_lock_once_on_rank_0(tmp_path):
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert record.read_text().split() == ["0"]
-    assert (out / "last.safetensors").is_file() and not (out / LOCK_NAME).exists()
+    assert (out / "last.safetensors").is_file()
+    assert not (out / LOCK_NAME).exists()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_DATA
 from safetensors.torch import load_file
 
 from avme_ext import training as T
@@ -18,6 +17,7 @@ from avme_ext.cli import main
 from avme_ext.config import AVMEConfig
 from avme_ext.distributed import DistInfo
 from avme_ext.seeds import derive_seed
+from helpers import SHARED_DATA
 
 TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4",
         "--train-subset", "2000", "--valid-subset", "500", "--no-progress", "--log-every", "5",
@@ -67,15 +67,19 @@ def test_run_directory_contents(reference: Path) -> None:
         assert (reference / name).is_file(), name
     config = json.loads((reference / "config.json").read_text())
     assert config["model"] == AVMEConfig(enc_hidden=32, dec_hidden=32, latent_dim=8, steps=4).to_dict()
-    assert config["train"]["epochs"] == 2 and config["train"]["train_subset"] == 2000
-    assert config["train"]["lr"] == 1e-3 and config["train"]["batch_size"] == 100
-    assert config["train"]["clip_grad"] == 10.0 and config["world_size"] == 1
+    assert config["train"]["epochs"] == 2
+    assert config["train"]["train_subset"] == 2000
+    assert config["train"]["lr"] == 1e-3
+    assert config["train"]["batch_size"] == 100
+    assert config["train"]["clip_grad"] == 10.0
+    assert config["world_size"] == 1
 
     model = load_model(reference)  # best.safetensors
     assert model.config.enc_hidden == 32
     last = load_checkpoint(reference / "last.safetensors")
     assert last.trainer_state["state"]["step"] == 2 * STEPS_PER_EPOCH
-    assert last.trainer_state["state"]["epoch"] == 2 and last.optimizer_state is not None
+    assert last.trainer_state["state"]["epoch"] == 2
+    assert last.optimizer_state is not None
     for parameter in load_model(reference / "last.safetensors").parameters():
         assert torch.isfinite(parameter).all()
 
@@ -83,7 +87,8 @@ def test_run_directory_contents(reference: Path) -> None:
 def test_metrics_schema_and_progress(reference: Path) -> None:
     records = read_metrics(reference)
     kinds = [r["kind"] for r in records]
-    assert kinds.count("valid") == 2 and kinds.count("epoch") == 2
+    assert kinds.count("valid") == 2
+    assert kinds.count("epoch") == 2
     for record in records:
         expected = {"train": TRAIN_KEYS, "valid": VALID_KEYS, "epoch": EPOCH_KEYS}[record["kind"]]
         assert set(record) == expected, record
@@ -95,13 +100,16 @@ def test_metrics_schema_and_progress(reference: Path) -> None:
     assert all(r["lr"] == 1e-3 and r["examples_per_s"] > 0 for r in train)
     valid = [r for r in records if r["kind"] == "valid"]
     assert all(math.isfinite(r["nelbo"]) and len(r["kl_per_step"]) == 4 for r in valid)
-    assert valid[1]["nelbo"] < valid[0]["nelbo"] and valid[0]["best"] and valid[1]["best"]
+    assert valid[1]["nelbo"] < valid[0]["nelbo"]
+    assert valid[0]["best"]
+    assert valid[1]["best"]
     assert valid[0]["nelbo"] == pytest.approx(valid[0]["reconstruction"] + valid[0]["kl"])
     for record in valid:  # bits per dimension beside nats: nats / (D ln 2), D = 784
         assert record["nelbo_bits_per_dim"] == pytest.approx(record["nelbo"] / (784 * math.log(2)))
         assert record["likelihood"] == "bernoulli"
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [e["examples"] for e in epochs] == [2000, 2000] and [e["step"] for e in epochs] == [20, 40]
+    assert [e["examples"] for e in epochs] == [2000, 2000]
+    assert [e["step"] for e in epochs] == [20, 40]
     assert all(e["seconds"] > 0 for e in epochs)
     times = [r["time"] for r in records if "time" in r]
     assert times == sorted(times)
@@ -113,8 +121,10 @@ def test_resume_is_bit_identical(reference: Path, tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     # what the run costs: the plan up front, one measured estimate, the summary (singular "1 epoch")
     assert "20 steps per epoch, 20 steps to go (1 epoch) on cpu" in err
-    assert err.count("ms per step on cpu: about ") == 1 and "for the 20 steps to go" in err
-    assert "done: 1 epoch, 20 steps in " in err and "(1 process on cpu)" in err
+    assert err.count("ms per step on cpu: about ") == 1
+    assert "for the 20 steps to go" in err
+    assert "done: 1 epoch, 20 steps in " in err
+    assert "(1 process on cpu)" in err
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().err
     assert_same_tensors(reference / "last.safetensors", out / "last.safetensors")  # weights + Adam state
@@ -161,7 +171,9 @@ def test_refuses_to_overwrite_a_run(reference: Path, tmp_path: Path, capsys) -> 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert train_cli(out, "--epochs", "1") == 2
     err = capsys.readouterr().err
-    assert "refusing to overwrite" in err and "--resume" in err and "--overwrite" in err
+    assert "refusing to overwrite" in err
+    assert "--resume" in err
+    assert "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # --overwrite of a run that then cannot start (a subset larger than the split) keeps the old run
     assert train_cli(out, "--epochs", "1", "--overwrite", "--train-subset", "60000") == 2
@@ -178,7 +190,8 @@ def test_resume_without_checkpoint_starts_a_new_run(tmp_path: Path, capsys) -> N
     out = tmp_path / "run"
     assert train_cli(out, "--resume", "--epochs", "1", "--train-subset", "300", "--valid-subset", "0") == 0
     assert "no checkpoint" in capsys.readouterr().err
-    assert (out / "last.safetensors").is_file() and not (out / "best.safetensors").exists()
+    assert (out / "last.safetensors").is_file()
+    assert not (out / "best.safetensors").exists()
     assert [r["kind"] for r in read_metrics(out)] == ["train", "epoch"]  # validation disabled
 
 
@@ -190,7 +203,8 @@ def test_resume_refuses_changed_settings(reference: Path, tmp_path: Path, capsys
     assert "lr: 0.001 (checkpoint) vs 0.01 (this command)" in err
     assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--steps", "6"]) == 2
     err = capsys.readouterr().err
-    assert "steps=4" in err and "steps=6" in err  # both configs named
+    assert "steps=4" in err
+    assert "steps=6" in err
 
 
 def test_help_explains_every_option(capsys) -> None:
@@ -206,7 +220,9 @@ def test_help_explains_every_option(capsys) -> None:
         assert option in text, option
     flat = " ".join(text.split())
     # one style of defaults, never stated twice, and --data-root described as in the other commands
-    assert "(default " not in flat and "(default: 50)" in flat and "(default: auto)" in flat
+    assert "(default " not in flat
+    assert "(default: 50)" in flat
+    assert "(default: auto)" in flat
     options = " ".join(text.split("\noptions:")[1].split("\nexamples:")[0].split())
     entries = [entry for entry in options.split(" --") if entry]
     assert len(entries) > 30
@@ -216,17 +232,22 @@ def test_help_explains_every_option(capsys) -> None:
     assert " ".join(DATA_ROOT_HELP.split()) in flat
     # the quick example can be run twice (a fixed --out without --overwrite would be refused the second time)
     quick = [line for line in text.splitlines() if "runs/quick" in line]
-    assert quick and all("--overwrite" in line for line in quick)
+    assert quick
+    assert all("--overwrite" in line for line in quick)
 
 
 def test_pure_functions() -> None:
-    assert T.kl_weight_at(0, 0) == 1.0 and T.kl_weight_at(0, 4) == 0.0
-    assert T.kl_weight_at(2, 4) == 0.5 and T.kl_weight_at(9, 4) == 1.0
-    assert T.batches_per_epoch(2000, 100) == 20 and T.batches_per_epoch(2050, 100) == 21
+    assert T.kl_weight_at(0, 0) == 1.0
+    assert T.kl_weight_at(0, 4) == 0.0
+    assert T.kl_weight_at(2, 4) == 0.5
+    assert T.kl_weight_at(9, 4) == 1.0
+    assert T.batches_per_epoch(2000, 100) == 20
+    assert T.batches_per_epoch(2050, 100) == 21
     assert T.batches_per_epoch(2001, 100, world_size=2) == 20  # a 1-example batch cannot be split in 2
     assert T.batches_per_epoch(2002, 100, world_size=2) == 21
     a, b = T.epoch_permutation(50, 3, 1), T.epoch_permutation(50, 3, 1)
-    assert torch.equal(a, b) and not torch.equal(a, T.epoch_permutation(50, 3, 2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, T.epoch_permutation(50, 3, 2))
     assert sorted(a.tolist()) == list(range(50))
     # the training streams' seeds never change (a checkpoint resumes with the same noise in any version)
     assert derive_seed("avme-train", 0, "noise", 1) == 2070960897098411645
@@ -303,4 +324,5 @@ def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> Non
     assert main(["train", "--out", str(tmp_path / "part"), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert_same_tensors(tmp_path / "full" / "last.safetensors", tmp_path / "part" / "last.safetensors")
     model = load_model(tmp_path / "full")
-    assert model.num_classes == 10 and model.config.encoder_input == "error"
+    assert model.num_classes == 10
+    assert model.config.encoder_input == "error"

@@ -56,7 +56,7 @@ def test_replayed_graphs_equal_the_same_step_run_eagerly(impl: str) -> None:
         for step in (graphed, eager):  # a new rate every step: the captured update must read it
             step.set_learning_rate(1e-2 * 0.5**index)
             step.update() if stats[0].finite else step.skip()
-        for p, q in zip(model.parameters(), twin.parameters()):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert graphed.captured
 

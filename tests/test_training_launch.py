@@ -13,7 +13,6 @@ from avme_ext.cli import main
 from avme_ext.training import builders
 from avme_ext.training.cost import CostEstimate, format_duration, plural
 from avme_ext.training.run_dir import reserve_default_out_dir
-
 from helpers import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +29,25 @@ def test_cost_estimate_measures_after_the_first_steps_and_says_it_once() -> None
     assert lines[:-1] == [None] * 6
     assert lines[-1] == ("measured 500.0 ms per step on cuda:0 (a GPU): about 4.2 min per epoch and 3.5 h for the "
                          "25000 steps to go (training only; validation comes on top)")
-    assert cost.step_done(now=40.0) is None and cost.step_done(now=50.0) is None
+    assert cost.step_done(now=40.0) is None
+    assert cost.step_done(now=50.0) is None
 
 
 def test_plurals_and_durations() -> None:
-    assert plural(1, "epoch") == "1 epoch" and plural(0, "epoch") == "0 epochs" and plural(2, "epoch") == "2 epochs"
-    assert plural(1, "process", "es") == "1 process" and plural(4, "process", "es") == "4 processes"
-    assert format_duration(42.04) == "42.0 s" and format_duration(390) == "6.5 min"
+    assert plural(1, "epoch") == "1 epoch"
+    assert plural(0, "epoch") == "0 epochs"
+    assert plural(2, "epoch") == "2 epochs"
+    assert plural(1, "process", "es") == "1 process"
+    assert plural(4, "process", "es") == "4 processes"
+    assert format_duration(42.04) == "42.0 s"
+    assert format_duration(390) == "6.5 min"
     assert format_duration(3 * 3600 + 720) == "3.2 h"
 
 
 def test_default_run_directories_never_collide(tmp_path: Path) -> None:
     made = [reserve_default_out_dir(None, tmp_path / "runs") for _ in range(3)]  # within the same second, mostly
-    assert len(set(made)) == 3 and all(path.is_dir() and not any(path.iterdir()) for path in made)
+    assert len(set(made)) == 3
+    assert all(path.is_dir() and not any(path.iterdir()) for path in made)
     assert reserve_default_out_dir("mine", tmp_path / "runs") == tmp_path / "runs" / "mine"
     assert not (tmp_path / "runs" / "mine").exists()  # a named directory is the user's: only checked later
 
@@ -67,7 +72,8 @@ def test_option_errors_use_command_line_words(tmp_path: Path, capsys) -> None:
     assert err.startswith("avme train: error: --train-subset 70000 is larger than binarized_mnist/train")
     assert main(["train", "--out", str(out), *TINY, "--device", "cuda:7"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("avme train: error: --device 'cuda:7': ") and len(err.splitlines()) == 1
+    assert err.startswith("avme train: error: --device 'cuda:7': ")
+    assert len(err.splitlines()) == 1
     assert main(["train", *TINY, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "avme train: error: --resume needs --out DIR (the run directory to continue)"
@@ -87,4 +93,5 @@ def test_several_runs_at_once_without_out(tmp_path: Path) -> None:
         process.stderr.close()
     assert all(code == 0 for code, _ in results), results
     runs = sorted((tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and all((run / "last.safetensors").is_file() for run in runs)
+    assert len(runs) == 2
+    assert all((run / "last.safetensors").is_file() for run in runs)

@@ -36,7 +36,7 @@ from avme_ext.training.step import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = dict(enc_hidden=16, dec_hidden=16, latent_dim=4, steps=3)
+SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3}
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
@@ -56,7 +56,7 @@ def make_batch(model: AVME, size: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def assert_same_training_state(a: tuple[AVME, torch.optim.Optimizer], b: tuple[AVME, torch.optim.Optimizer]) -> None:
-    for (name, p), q in zip(a[0].named_parameters(), b[0].parameters()):
+    for (name, p), q in zip(a[0].named_parameters(), b[0].parameters(), strict=True):
         assert torch.equal(p, q), f"{name} differs"
     state_a, state_b = a[1].state_dict()["state"], b[1].state_dict()["state"]
     assert sorted(state_a) == sorted(state_b)
@@ -74,7 +74,8 @@ def test_graph_mode_selection() -> None:
     assert use_cuda_graphs("auto", CPU, one) is False
     assert use_cuda_graphs("auto", CUDA, two) is False  # DDP: eager
     assert use_cuda_graphs("on", CUDA, one) is True
-    assert use_cuda_graphs("off", CUDA, one) is False and use_cuda_graphs("off", CPU, two) is False
+    assert use_cuda_graphs("off", CUDA, one) is False
+    assert use_cuda_graphs("off", CPU, two) is False
     with pytest.raises(OptionError, match="--graph on needs a CUDA device, but this run uses cpu"):
         use_cuda_graphs("on", CPU, one)
     with pytest.raises(OptionError, match="--graph on is not supported under torchrun"):
@@ -109,8 +110,10 @@ def test_elbo_terms_equal_the_model_forward() -> None:
     x, labels, eps = make_batch(model, 7, seed=1)
     y = F.one_hot(labels, 10).float()
     got, expected = elbo_terms(model.core, x, y, eps), model(x, labels, eps=eps)
-    assert torch.equal(got.reconstruction, expected.reconstruction) and torch.equal(got.kl, expected.kl)
-    assert got.kl.shape == (7, SIZES["steps"]) and torch.isfinite(got.kl).all()
+    assert torch.equal(got.reconstruction, expected.reconstruction)
+    assert torch.equal(got.kl, expected.kl)
+    assert got.kl.shape == (7, SIZES["steps"])
+    assert torch.isfinite(got.kl).all()
 
 
 @pytest.mark.parametrize("clip_grad", [0.0, 1.0])
@@ -137,7 +140,9 @@ def test_step_body_is_clip_grad_norm_then_adam(clip_grad: float) -> None:
                 optimizer.step()
         results.append((model, optimizer, sums, norm))
     (model_a, opt_a, sums_a, norm_a), (model_b, opt_b, sums_b, norm_b) = results
-    assert torch.equal(sums_a, sums_b) and torch.equal(norm_a, norm_b) and torch.isfinite(norm_a)
+    assert torch.equal(sums_a, sums_b)
+    assert torch.equal(norm_a, norm_b)
+    assert torch.isfinite(norm_a)
     assert_same_training_state((model_a, opt_a), (model_b, opt_b))
 
 
@@ -145,14 +150,15 @@ def test_kl_weight_as_a_static_tensor_gives_the_same_bits() -> None:
     """The graphed step feeds the KL weight as a 0-dim tensor; the eager step as a float."""
     model = make_model()
     x, _, eps = make_batch(model, 8, seed=3)
-    forward = lambda a, b, c: elbo_terms(model.core, a, b, c)  # noqa: E731
+    forward = lambda a, b, c: elbo_terms(model.core, a, b, c)
     outputs = []
     for kl_weight in (0.1, torch.tensor(0.1)):
         model.zero_grad(set_to_none=True)
         sums, norm = gradient_pass(forward, list(model.parameters()), x, None, eps, kl_weight, 1 / 8)
         outputs.append((sums, norm, [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
-    assert all(torch.equal(a, b) for a, b in zip(outputs[0][2], outputs[1][2]))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0][2], outputs[1][2], strict=True))
 
 
 # --------------------------------------------------------------------------- the graphed step's logic
@@ -170,7 +176,7 @@ def test_snapshot_restores_weights_and_a_fresh_adam_exactly() -> None:
         update_pass(params, optimizer, 10.0, norm)
     assert not torch.equal(params[0], next(reference.parameters()))
     snapshot.restore()
-    assert all(torch.equal(p, q) for p, q in zip(params, reference.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(params, reference.parameters(), strict=True))
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.state.values())
     for m, opt in ((model, optimizer), (reference, fresh)):  # the next step is a first step
         opt.zero_grad(set_to_none=True)
@@ -179,7 +185,7 @@ def test_snapshot_restores_weights_and_a_fresh_adam_exactly() -> None:
     assert_same_training_state((model, optimizer), (reference, fresh))
 
 
-@pytest.mark.parametrize("num_classes, clip_grad, likelihood", [(0, 10.0, "bernoulli"), (10, 0.5, "bernoulli"),
+@pytest.mark.parametrize(("num_classes", "clip_grad", "likelihood"), [(0, 10.0, "bernoulli"), (10, 0.5, "bernoulli"),
                                                                  (10, 0.5, "logistic")])
 def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: float, likelihood: str) -> None:
     """Same stats and the same weights and Adam state, bit for bit, over a sequence with an eager
@@ -198,12 +204,12 @@ def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: f
         before = [p.detach().clone() for p in graphed_model.parameters()]
         stats = [step.gradients(x, labels, eps, size, kl_weight, stop=False) for step in (eager, graphed)]
         values = [dataclasses.astuple(s) for s in stats]
-        assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(*values)), (index, stats)
+        assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(*values, strict=True)), (index, stats)
         assert stats[0].finite is not poison
         for step in (eager, graphed):
             step.update() if stats[0].finite else step.skip()
         if poison:  # a non-finite step touches neither the weights nor Adam's state
-            assert all(torch.equal(p, q) for p, q in zip(before, graphed_model.parameters()))
+            assert all(torch.equal(p, q) for p, q in zip(before, graphed_model.parameters(), strict=True))
         assert graphed.captured is (index >= 1)
         assert_same_training_state((eager_model, eager.optimizer), (graphed_model, graphed.optimizer))
     assert all(torch.isfinite(p).all() for p in graphed_model.parameters())
@@ -249,7 +255,8 @@ def test_adam_state_is_stored_the_same_and_loads_both_ways(tmp_path: Path) -> No
     capturable.load_state_dict(plain.state_dict())
     assert capturable.param_groups[0]["capturable"] is True
     step = capturable.state[capturable.param_groups[0]["params"][0]]["step"]
-    assert step.dtype == torch.float32 and float(step) == 1.0
+    assert step.dtype == torch.float32
+    assert float(step) == 1.0
     saved = capturable.state_dict()
     assert saved["param_groups"][0]["capturable"] is False  # the stored format does not depend on the launch
     assert capturable.param_groups[0]["capturable"] is True  # ... and storing it changed nothing

@@ -35,7 +35,6 @@ Tolerances, and why:
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -244,7 +243,7 @@ def loss_weights(B: int, K: int, sizes: Sizes, *, device, seed: int = 2) -> list
 def weighted_loss(out: ForwardOutput, weights: list[Tensor]) -> Tensor:
     """A float64 loss that touches every output, so only the op's own rounding is compared."""
     terms = (out.canvas, out.mu, out.logvar, out.canvases)
-    return sum((t.double() * w).sum() for t, w in zip(terms, weights))
+    return sum((t.double() * w).sum() for t, w in zip(terms, weights, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,11 +281,11 @@ def run_and_grad(
     named = {"canvas": out.canvas, "mu": out.mu, "logvar": out.logvar, "canvases": out.canvases}
     if not grads_wanted:
         return named
-    inputs = dict(zip(AVMEParams._fields, params))
+    inputs = dict(zip(AVMEParams._fields, params, strict=True))
     if input_grads:
         inputs.update({"x": x, "eps": eps} | ({} if y is None else {"y": y}))
     grads = torch.autograd.grad(weighted_loss(out, weights), list(inputs.values()))
-    named.update({f"grad_{name}": g for name, g in zip(inputs, grads)})
+    named.update({f"grad_{name}": g for name, g in zip(inputs, grads, strict=True)})
     return named
 
 

@@ -64,7 +64,7 @@ def run_forward(ns, x, y, eps, p, mode, config, limits=H100, *, save=True, canva
             x, eps, t["enc_static"], t["enc_wT"], t["q_wT"], t["q_b"], t["dec_static"],
             t["dec_wT"], t["write_wT"], t["write_b"], mode == "error", canvases, save, config, limits,
         )  # fmt: skip
-    return dict(zip(FORWARD_OUTPUTS, out))
+    return dict(zip(FORWARD_OUTPUTS, out, strict=True))
 
 
 def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100, *, need_dx=True):
@@ -76,7 +76,7 @@ def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100, *, need_dx
             saved["c_dec"], saved["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih,
             p.dec_w_hh, p.write_w, mode == "error", need_dx, config, limits,
         )  # fmt: skip
-    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec", "d_x_error"), out))
+    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec", "d_x_error"), out, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def per_step_gradients(rec, grads, mode) -> dict[str, Tensor]:
     if mode == "error":
         wrt = wrt + rec["r"]
     g = torch.autograd.grad(loss, wrt, allow_unused=True)
-    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
+    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt, strict=True)]
     out = {
         "d_canvas": torch.stack(g[:K]),
         "d_q": torch.cat([torch.stack(g[K : 2 * K]), torch.stack(g[2 * K : 3 * K])], dim=2),
@@ -188,7 +188,7 @@ def host_weight_gradients(fwd, bwd, x, y, p: AVMEParams, mode) -> dict[str, Tens
     def head(t):
         return t[:-1].reshape((K - 1) * B, -1)
 
-    g = {name: torch.zeros_like(t) for name, t in zip(AVMEParams._fields, p)}
+    g = {name: torch.zeros_like(t) for name, t in zip(AVMEParams._fields, p, strict=True)}
     g["write_w"] = dS.t() @ fwd["h_dec"].reshape(M, Hd)
     g["write_b"] = dS.sum(0)
     g["q_w"] = dQ.t() @ fwd["h_enc"].reshape(M, He)

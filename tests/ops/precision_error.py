@@ -73,8 +73,8 @@ def weight_gradients(x, y, eps, p: AVMEParams, grads, mode) -> dict[str, Tensor]
     x = x.detach().clone().requires_grad_(True)
     ref = avme_forward_reference(x, y, eps, p, mode, True)
     loss = sum((getattr(ref, k) * g.to(x.dtype)).sum() for k, g in grads.items())
-    names = list(AVMEParams._fields) + ["x"]
-    return dict(zip(names, torch.autograd.grad(loss, list(p) + [x])))
+    names = [*list(AVMEParams._fields), "x"]
+    return dict(zip(names, torch.autograd.grad(loss, [*list(p), x]), strict=True))
 
 
 def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int, mode: str) -> dict:
@@ -94,8 +94,8 @@ def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int,
     config, limits = [ctas, 256, 0, 0], [ctas, 1 << 30]
     for name in maths:
         start = time.time()
-        fwd = run_forward(ns, x32, y32, eps32, p32, mode, config + [MATHS[name]], limits)
-        bwd = run_backward(ns, grads32, fwd, eps32, p32, mode, config + [MATHS[name]], limits,
+        fwd = run_forward(ns, x32, y32, eps32, p32, mode, [*config, MATHS[name]], limits)
+        bwd = run_backward(ns, grads32, fwd, eps32, p32, mode, [*config, MATHS[name]], limits,
                            need_dx=False)  # fmt: skip
         bwd.pop("d_x_error")
         got = {k: fwd[k] for k in FORWARD}
@@ -115,7 +115,7 @@ def summary(results: list[dict], maths: list[str]) -> dict:
     of each math to FMA."""
     names = list(results[0]["float32 reference"])
     out: dict = {}
-    for m in ["float32 reference"] + maths:
+    for m in ["float32 reference", *maths]:
         out[m] = {k: [max(r[m][k][0] for r in results), max(r[m][k][1] for r in results)]
                   for k in names}  # fmt: skip
     if "fma" in maths:
@@ -127,7 +127,7 @@ def summary(results: list[dict], maths: list[str]) -> dict:
 
 
 def print_table(summ: dict, maths: list[str]) -> None:
-    cols = ["float32 reference"] + maths
+    cols = ["float32 reference", *maths]
     print(f"{'tensor':18s}" + "".join(f"{c:>26s}" for c in cols))
     print(f"{'':18s}" + "".join(f"{'max / mean rel. error':>26s}" for _ in cols))
     for k in summ[cols[0]]:

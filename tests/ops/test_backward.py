@@ -32,20 +32,20 @@ from .helpers import (
 )
 
 
-@pytest.mark.parametrize("backend, case", backend_params(CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(CASES), indirect=["backend"])
 def test_gradients_match_reference_fp32(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case)
 
 
-@pytest.mark.parametrize("backend, case", backend_params(FP64_CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(FP64_CASES), indirect=["backend"])
 def test_gradients_match_reference_fp64(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-@pytest.mark.parametrize("backend, case", backend_params(PRECISION_CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(PRECISION_CASES), indirect=["backend"])
 def test_gradients_tensor_core_precisions(backend, case: Case, precision, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, precision=precision)
@@ -86,9 +86,9 @@ def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
         )  # fmt: skip
 
     out = backend.forward(x, y, eps, p, encoder_input, True)
-    got = dict(zip(wanted, torch.autograd.grad(loss(out), [inputs[n] for n in wanted])))
+    got = dict(zip(wanted, torch.autograd.grad(loss(out), [inputs[n] for n in wanted]), strict=True))
     ref = avme_forward_reference(x, y, eps, p, encoder_input, True)
-    want = dict(zip(wanted, torch.autograd.grad(loss(ref), [inputs[n] for n in wanted])))
+    want = dict(zip(wanted, torch.autograd.grad(loss(ref), [inputs[n] for n in wanted]), strict=True))
     assert_within(got, want, fp64_bound(K, sizes, C))
     for name in set(inputs) - set(wanted):
         assert inputs[name].grad is None
@@ -104,10 +104,10 @@ def test_loss_of_one_output(backend, pick):
     x, y, eps = make_inputs(B, K, TINY, C, dtype=torch.float64, device=backend.device)
     x.requires_grad_(True)
     out = backend.forward(x, y, eps, p, "error", True)
-    got = dict(zip(["x", *AVMEParams._fields], torch.autograd.grad(getattr(out, pick).sum(), [x, *p])))
+    got = dict(zip(["x", *AVMEParams._fields], torch.autograd.grad(getattr(out, pick).sum(), [x, *p]), strict=True))
     xr = x.detach().requires_grad_(True)
     ref = avme_forward_reference(xr, y, eps, pd, "error", True)
-    want = dict(zip(["x", *AVMEParams._fields], torch.autograd.grad(getattr(ref, pick).sum(), [xr, *pd])))
+    want = dict(zip(["x", *AVMEParams._fields], torch.autograd.grad(getattr(ref, pick).sum(), [xr, *pd]), strict=True))
     assert_within(got, want, fp64_bound(K, TINY, C))
 
 
@@ -152,7 +152,7 @@ def test_single_backward_after_create_graph_matches(backend):
     with_graph = torch.autograd.grad(out.canvas.sum(), list(p), create_graph=True)
     out = backend.forward(x, None, eps, p)
     plain = torch.autograd.grad(out.canvas.sum(), list(p))
-    for a, b in zip(with_graph, plain):
+    for a, b in zip(with_graph, plain, strict=True):
         assert torch.equal(a.detach(), b)
 
 
@@ -164,9 +164,13 @@ def test_batch_zero(backend):
         t.requires_grad_(True)
     out = backend.forward(x, y, eps, p, "error", True)
     (out.canvas.sum() + out.mu.sum() + out.canvases.sum()).backward()
-    assert x.grad.shape == x.shape and y.grad.shape == y.shape and eps.grad.shape == eps.shape
+    assert x.grad.shape == x.shape
+    assert y.grad.shape == y.shape
+    assert eps.grad.shape == eps.shape
     for t in p:
-        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+        assert t.grad is not None
+        assert t.grad.shape == t.shape
+        assert not t.grad.any()
 
 
 def test_backward_without_saved_state_is_a_clear_error(backend):
@@ -225,4 +229,4 @@ def test_host_products_are_one_per_gradient_block(emu_sms, encoder_input):
     emu_sms(4)
     counted = {K: _rowtile_work(emu, K, encoder_input) for K in (2, 4)}
     error = encoder_input == "error"
-    assert counted == {K: (3, 1, 11 + error, 1) for K in (2, 4)}, counted
+    assert counted == dict.fromkeys((2, 4), (3, 1, 11 + error, 1)), counted

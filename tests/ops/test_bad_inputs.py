@@ -244,7 +244,7 @@ def _table_params():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["plain", "autograd"])
-@pytest.mark.parametrize("backend, bad", _table_params(), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "bad"), _table_params(), indirect=["backend"])
 def test_bad_input_raises_clear_error(backend, bad: Bad, grad):
     args = arguments(bad.op, backend.device, C=bad.C, grad=grad)
     bad.change(args)
@@ -342,6 +342,6 @@ def test_tensors_on_second_gpu_while_first_is_current(cuda_backend, design):
         with torch.cuda.device(0):
             got = call(cuda_backend, op, args)
         torch.cuda.synchronize(1)
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             assert g.device == torch.device("cuda:1")
             assert torch.equal(g, e), (op, design)

@@ -193,7 +193,8 @@ def test_autograd_under_fake_mode(ext, C):
         loss = out.canvas.sum() + out.mu.square().sum() + out.canvases.mean()
         loss.backward()
         for t in (x, eps, *p, *([] if y is None else [y])):
-            assert t.grad is not None and t.grad.shape == t.shape
+            assert t.grad is not None
+            assert t.grad.shape == t.shape
 
 
 def _loss_fn(x, y, eps, *weights):
@@ -214,7 +215,8 @@ def test_make_fx_fake_traces_forward_and_backward(ext):
     for t in (x, y, eps):
         t.requires_grad_(True)
     gm = make_fx(step, tracing_mode="fake")(x, y, eps, *p)
-    assert "avme.forward" in gm.code and "avme.backward" in gm.code
+    assert "avme.forward" in gm.code
+    assert "avme.backward" in gm.code
 
 
 @pytest.mark.parametrize("C", [0, 2])
@@ -229,7 +231,8 @@ def test_torch_compile_fullgraph_on_meta(ext, C):
     loss.backward()
     assert loss.device.type == "meta"
     for t in (x, eps, *p):
-        assert t.grad is not None and t.grad.shape == t.shape
+        assert t.grad is not None
+        assert t.grad.shape == t.shape
 
 
 def test_cpu_tensors_give_clear_error(ext):
@@ -303,4 +306,4 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     names = ["loss", "grad_eps", *AVMEParams._fields]
     # The same kernels run on both sides; only the float64 loss arithmetic around them may be
     # reordered by the compiled graph: a few float64 ulps.
-    assert_within(dict(zip(names, [got, *got_grads])), dict(zip(names, [eager, *eager_grads])), 1e-12)
+    assert_within(dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-12)

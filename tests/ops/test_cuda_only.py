@@ -73,7 +73,7 @@ def test_torch_compile_inductor_fullgraph_matches_eager(cuda_backend):
     names = ["loss", *[n for n, _ in core.named_parameters()]]
     # Same ops on both sides; inductor may fuse and reorder the float32 loss arithmetic
     # around them, hence a few float32 ulps of the sums, not bitwise equality.
-    assert_within(dict(zip(names, [got, *got_grads])), dict(zip(names, [eager, *eager_grads])), 1e-5)
+    assert_within(dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-5)
 
 
 def test_cuda_graph_capture_replay_equals_eager(cuda_backend):
@@ -107,7 +107,7 @@ def test_cuda_graph_capture_replay_equals_eager(cuda_backend):
     assert_finite({f"out{i}": t for i, t in enumerate(replayed)})
     # The same kernels on the same inputs; cuBLAS may pick another algorithm for the eager
     # run's gradient matmuls, so a float32 rounding-level difference is allowed.
-    for g, e in zip(replayed, eager):
+    for g, e in zip(replayed, eager, strict=True):
         assert torch.allclose(g, e, rtol=1e-6, atol=1e-6)
 
 
@@ -130,7 +130,7 @@ def test_adam_training_matches_reference(cuda_backend, encoder_input):
             losses[name].append(loss.item())
     # Both run in float32 from the same weights; their per-step rounding differences are
     # amplified by 10 Adam steps (Adam normalises the gradient), so 1e-4 relative.
-    for a, b in zip(losses["fused"], losses["ref"]):
+    for a, b in zip(losses["fused"], losses["ref"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(b), losses  # a NaN fails this comparison too
 
 

@@ -27,20 +27,20 @@ from .helpers import (
 )
 
 
-@pytest.mark.parametrize("backend, case", backend_params(CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(CASES), indirect=["backend"])
 def test_outputs_match_reference_fp32(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, grads=False)
 
 
-@pytest.mark.parametrize("backend, case", backend_params(FP64_CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(FP64_CASES), indirect=["backend"])
 def test_outputs_match_reference_fp64(backend, case: Case, emu_sms, each_design):
     emu_sms(case.sms)
     compare_with_reference(backend, case, dtype=torch.float64, grads=False)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-@pytest.mark.parametrize("backend, case", backend_params(PRECISION_CASES), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "case"), backend_params(PRECISION_CASES), indirect=["backend"])
 def test_tensor_core_precisions(backend, case: Case, precision, emu_sms, each_design):
     """The tf32/bf16 options' code paths (on the CPU: the bf16 rounding of the products)."""
     emu_sms(case.sms)
@@ -63,8 +63,8 @@ def test_saved_state_only_when_asked(backend, save):
     ref = avme_forward_reference(x, y, eps, p, "error", False)
     other = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, not save, "fp32", "auto")
     names = ("canvas", "mu", "logvar")
-    assert_within(dict(zip(names, out[:3])), dict(zip(names, ref[:3])), fp64_bound(K, TINY, C))
-    for got, again in zip(out[:3], other[:3]):
+    assert_within(dict(zip(names, out[:3], strict=True)), dict(zip(names, ref[:3], strict=True)), fp64_bound(K, TINY, C))
+    for got, again in zip(out[:3], other[:3], strict=True):
         assert torch.equal(got, again)  # saving the state does not change the arithmetic
 
 def test_fused_forward_saves_state_only_under_grad(backend):
@@ -84,7 +84,8 @@ def test_batch_zero(backend, return_canvases):
     p = make_params(TINY, C, device=backend.device, grad=False)
     x, y, eps = make_inputs(0, K, TINY, C, device=backend.device)
     out = backend.forward(x, y, eps, p, "error", return_canvases)
-    assert out.canvas.shape == (0, TINY.D) and out.mu.shape == out.logvar.shape == (K, 0, TINY.Z)
+    assert out.canvas.shape == (0, TINY.D)
+    assert out.mu.shape == out.logvar.shape == (K, 0, TINY.Z)
     assert (out.canvases is not None) == return_canvases
     if return_canvases:
         assert out.canvases.shape == (K, 0, TINY.D)
@@ -96,11 +97,13 @@ def test_noncontiguous_inputs_are_accepted_by_fused_forward(backend):
     x, _, eps = make_inputs(6, 3, TINY, 0, device=backend.device)
     x_nc = x.t().contiguous().t()
     eps_nc = eps.transpose(0, 1).contiguous().transpose(0, 1)
-    assert not x_nc.is_contiguous() and not eps_nc.is_contiguous()
+    assert not x_nc.is_contiguous()
+    assert not eps_nc.is_contiguous()
     a = backend.forward(x_nc, None, eps_nc, p)
     b = backend.forward(x, None, eps, p)
     assert_finite({"canvas": a.canvas, "mu": a.mu})
-    assert torch.equal(a.canvas, b.canvas) and torch.equal(a.mu, b.mu)
+    assert torch.equal(a.canvas, b.canvas)
+    assert torch.equal(a.mu, b.mu)
 
 
 def test_tf32_option_restores_global_state(backend):
@@ -113,7 +116,7 @@ def test_tf32_option_restores_global_state(backend):
     assert before == after
 
 
-@pytest.mark.parametrize("B, expected", [(3, "persistent"), (257, "stagewise")])
+@pytest.mark.parametrize(("B", "expected"), [(3, "persistent"), (257, "stagewise")])
 def test_auto_design_follows_the_batch_size(backend, B, expected):
     """design="auto" runs the persistent kernels up to 256 rows (where they fit) and the stagewise
     design above: its outputs are bit-identical to the design forced by name, not to the other."""
@@ -123,7 +126,7 @@ def test_auto_design_follows_the_batch_size(backend, B, expected):
             for name in ("auto", "persistent", "stagewise")}
     backend.synchronize()
     other = "stagewise" if expected == "persistent" else "persistent"
-    for got, want in zip(runs["auto"][:4], runs[expected][:4]):
+    for got, want in zip(runs["auto"][:4], runs[expected][:4], strict=True):
         assert_finite({"out": got})
         assert torch.equal(got, want)
-    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"][:4], runs[other][:4]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"][:4], runs[other][:4], strict=True))

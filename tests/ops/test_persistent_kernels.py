@@ -95,7 +95,7 @@ def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), li
     """The launch the launcher would make (persistent::LaunchInfo), by field name."""
     info = ns.describe(kind, B, K, s.D, s.He, s.Hd, s.Z, C, mode == "error", d_x_error, fp64,
                        list(config), list(limits))  # fmt: skip
-    return dict(zip(LAUNCH_FIELDS, info))
+    return dict(zip(LAUNCH_FIELDS, info, strict=True))
 
 
 def check(got: dict[str, Tensor], ref64: dict[str, Tensor], bounds: dict[str, float]) -> None:
@@ -208,7 +208,7 @@ def test_forward_tensor_cores(pemu, case, math):
     fragment registers (PTX layouts), so wrong fragment indexing fails here."""
     *_, rec64 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
     p, x, y, eps, rec32 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float32, 0)
-    got = run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [math])
+    got = run_forward(pemu, x, y, eps, p, case.mode, [*list(case.config), math])
     ref64, ref32 = stacked(rec64), stacked(rec32)
     check(got, ref64, float32_bounds(math, ref32, ref64))
 
@@ -217,9 +217,9 @@ def test_tensor_cores_take_float32_only(pemu):
     case = CASES[0]
     p, x, y, eps, _ = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
     with pytest.raises(RuntimeError, match="tensor-core math .* takes float32"):
-        run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [TF32X3])
+        run_forward(pemu, x, y, eps, p, case.mode, [*list(case.config), TF32X3])
     with pytest.raises(RuntimeError, match="math must be"):
-        run_forward(pemu, x, y, eps, p, case.mode, list(case.config) + [7])
+        run_forward(pemu, x, y, eps, p, case.mode, [*list(case.config), 7])
     s = case.sizes
     assert not pemu.supports("forward", case.B, case.K, s.D, s.He, s.Hd, s.Z, True, *H100, TF32X3)
     assert pemu.supports("forward", case.B, case.K, s.D, s.He, s.Hd, s.Z, False, *H100, TF32X3)
@@ -245,7 +245,8 @@ def test_forward_state_in_global_memory(pemu):
     assert roomy["state_in_smem"]
     limits = [H100[0], roomy["smem"] - 1]
     tight = describe(pemu, "forward", case.B, case.K, s, case.C, case.mode, cfg, limits)
-    assert not tight["state_in_smem"] and tight["smem"] <= limits[1]
+    assert not tight["state_in_smem"]
+    assert tight["smem"] <= limits[1]
     p, x, y, eps, rec = reference_run(s, case.C, case.B, case.K, case.mode, torch.float64, 4)
     got = run_forward(pemu, x, y, eps, p, case.mode, cfg, limits)
     check(got, stacked(rec), dict.fromkeys(FORWARD_OUTPUTS, fp64_bound(case.K, s, case.C)))
@@ -268,7 +269,8 @@ def test_forward_batch_zero(pemu):
     p = make_params(s, 0, dtype=torch.float64, grad=False)
     x, y, eps = make_inputs(0, 3, s, 0, dtype=torch.float64)
     got = run_forward(pemu, x, y, eps, p, "canvas", [2, 64, 1, 8])
-    assert got["canvas"].shape == (0, s.D) and got["h_enc"].shape == (3, 0, s.He)
+    assert got["canvas"].shape == (0, s.D)
+    assert got["h_enc"].shape == (3, 0, s.He)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,9 +287,11 @@ def test_sample_fp64(pemu, C, return_canvases):
                                    return_canvases, [3, 64, 1, 4], H100)  # fmt: skip
     ref = avme_sample_reference(z, y, p, return_canvases)
     bound = fp64_bound(K, s, C)
-    assert torch.isfinite(canvas).all() and rel_err(canvas, ref.canvas) <= bound
+    assert torch.isfinite(canvas).all()
+    assert rel_err(canvas, ref.canvas) <= bound
     if return_canvases:
-        assert torch.isfinite(canvases).all() and rel_err(canvases, ref.canvases) <= bound
+        assert torch.isfinite(canvases).all()
+        assert rel_err(canvases, ref.canvases) <= bound
     else:
         assert canvases.shape[0] == 0
 
@@ -303,7 +307,7 @@ def _backward_case(
     grads = loss_grads(case.B, case.K, case.sizes, seed + 9, present)
     saved = stacked(rec)
     got = run_backward(pemu, {k: g.to(dtype) for k, g in grads.items()}, saved, eps, p,
-                       case.mode, list(case.config) + [math], need_dx=need_dx)  # fmt: skip
+                       case.mode, [*list(case.config), math], need_dx=need_dx)  # fmt: skip
     d_x_error = got.pop("d_x_error")
     if not need_dx:
         assert d_x_error.numel() == 0
@@ -344,7 +348,7 @@ def test_backward_partial_gradients(pemu, case):
     _backward_case(pemu, case, torch.float64, 12, present=("canvas", "logvar"), need_dx=False)
 
 
-@pytest.mark.parametrize("mode, C", [("error", 2), ("canvas", 0)])
+@pytest.mark.parametrize(("mode", "C"), [("error", 2), ("canvas", 0)])
 def test_weight_gradients_end_to_end(pemu, mode, C):
     """The forward kernel's saved state and the backward kernel's per-step gradients, turned
     into weight gradients by the host's products (csrc/avme_ops.cpp), equal autograd through
@@ -361,8 +365,8 @@ def test_weight_gradients_end_to_end(pemu, mode, C):
 
     ref = avme_forward_reference(x, y, eps, p, mode, True)
     loss = sum((getattr(ref, k) * g).sum() for k, g in grads.items())
-    names = list(AVMEParams._fields) + ["x"]
-    want = dict(zip(names, torch.autograd.grad(loss, list(p) + [x])))
+    names = [*list(AVMEParams._fields), "x"]
+    want = dict(zip(names, torch.autograd.grad(loss, [*list(p), x]), strict=True))
     check(got, want, dict.fromkeys(want, fp64_bound(K, s, C)))
 
 
@@ -378,7 +382,9 @@ def test_paper_sizes_fit_an_h100(pemu, kind):
     assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, True, *H100) == (kind == "sample")
     assert not pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, H100[0], 48 * 1024)
     info = describe(pemu, kind, 100, 12, s, 10, "error", fp64=False, d_x_error=True)
-    assert 1 <= info["ctas"] <= H100[0] and info["threads"] == 256 and info["nbl"] == 4
+    assert 1 <= info["ctas"] <= H100[0]
+    assert info["threads"] == 256
+    assert info["nbl"] == 4
     assert info["smem"] <= H100[1]
     assert info["barriers"] == {"forward": 48, "sample": 24, "backward": 48}[kind]
     assert pemu.supports(kind, 100, 12, s.D, s.He, s.Hd, s.Z, False, *H100, TF32X3)
@@ -399,9 +405,9 @@ STAGE_FIELDS = ("k", "rows", "ld", "passes", "slices", "splits", "busy_warps")
 
 def stages(ns, kind, B, s: Sizes, math, fp64=False, config=(0, 0, 0, 0), limits=H100):
     """The stages of the launch (persistent::StageSplit), by field name."""
-    flat = ns.stages(kind, B, 12, s.D, s.He, s.Hd, s.Z, 10, fp64, list(config) + [math], list(limits))
+    flat = ns.stages(kind, B, 12, s.D, s.He, s.Hd, s.Z, 10, fp64, [*list(config), math], list(limits))
     n = len(STAGE_FIELDS)
-    return [dict(zip(STAGE_FIELDS, flat[i : i + n])) for i in range(0, len(flat), n)]
+    return [dict(zip(STAGE_FIELDS, flat[i : i + n], strict=True)) for i in range(0, len(flat), n)]
 
 
 @pytest.mark.parametrize("math", [FMA, TF32X3, TF32], ids=["fma", "3xtf32", "tf32"])
@@ -412,7 +418,8 @@ def test_paper_sizes_keep_every_warp_busy(pemu, kind, B, math):
     step) and all 8 warps of a block have the same share of every full tile, for every batch
     chunk width; and the launch fits the shared memory."""
     info = describe(pemu, kind, B, 12, PAPER, 10, config=(0, 0, 0, 0, math), fp64=False)
-    assert info["threads"] == 256 and info["smem"] <= H100[1]
+    assert info["threads"] == 256
+    assert info["smem"] <= H100[1]
     for stage in stages(pemu, kind, B, PAPER, math):
         if stage["rows"] == 0:
             continue
@@ -443,7 +450,8 @@ def test_fp32_takes_3xtf32_where_it_fits(pemu):
                   fp64=False)  # fmt: skip
     assert x3["smem"] > H100[1]
     chosen = describe(pemu, "backward", 2, 2, colour, 2, config=fp32, limits=limits, fp64=False)
-    assert chosen["math"] == FMA and chosen["smem"] <= H100[1]
+    assert chosen["math"] == FMA
+    assert chosen["smem"] <= H100[1]
     assert pemu.supports("backward", 2, 2, *sizes, False, *limits, FP32)
     assert not pemu.supports("backward", 2, 2, *sizes, False, *limits, TF32X3)
 
@@ -455,7 +463,7 @@ def test_fewest_blocks_with_the_same_rows_per_block(pemu):
 
 
 @pytest.mark.parametrize(
-    "config, match",
+    ("config", "match"),
     [
         ([2, 48, 1, 8], "threads must be a multiple of 32"),
         ([2, 512, 1, 8], "threads must be a multiple of 32"),

@@ -40,7 +40,7 @@ def _sample_run(sample, z, y, params, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C", [0, 10])
-@pytest.mark.parametrize("backend, B, K, sizes, sms", _params(), indirect=["backend"])
+@pytest.mark.parametrize(("backend", "B", "K", "sizes", "sms"), _params(), indirect=["backend"])
 def test_sample_matches_reference(backend, B, K, sizes, sms, C, dtype, emu_sms, each_design):
     emu_sms(sms)
     params = make_params(sizes, C, dtype=dtype, device=backend.device, grad=False)
@@ -55,7 +55,8 @@ def test_sample_matches_reference(backend, B, K, sizes, sms, C, dtype, emu_sms, 
         else:
             bounds = fp32_bounds(_sample_run(avme_sample_reference, z, y, params, torch.float32), ref)
     assert_within(got, ref, bounds)
-    assert last.canvases is None and torch.equal(last.canvas, got["canvas"])
+    assert last.canvases is None
+    assert torch.equal(last.canvas, got["canvas"])
 
 
 def test_batch_zero(backend):
@@ -64,7 +65,8 @@ def test_batch_zero(backend):
     p = make_params(sizes, C, device=backend.device, grad=False)
     _, y, z = make_inputs(0, K, sizes, C, device=backend.device)
     s = backend.sample(z, y, p, return_canvases=True)
-    assert s.canvas.shape == (0, sizes.D) and s.canvases.shape == (K, 0, sizes.D)
+    assert s.canvas.shape == (0, sizes.D)
+    assert s.canvases.shape == (K, 0, sizes.D)
 
 
 def test_backward_through_the_sampler_raises(backend):

@@ -228,7 +228,7 @@ def run_backward(
 
 
 def as_grads(weights: list[Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return dict(zip(("canvas", "mu", "logvar", "canvases"), (w.to(dtype) for w in weights)))
+    return dict(zip(("canvas", "mu", "logvar", "canvases"), (w.to(dtype) for w in weights), strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def trace(
         h_dec, c_dec, gates_dec = _cell(pre_dec, c_dec)
         s = s + F.linear(h_dec, p.write_w, p.write_b)
         for name, value in zip(
-            rec, (r, pre_enc, q, pre_dec, s, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec)
+            rec, (r, pre_enc, q, pre_dec, s, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec), strict=True
         ):
             if value.requires_grad:
                 value.retain_grad()
@@ -288,7 +288,7 @@ def trace(
         "canvas": s, "canvases": torch.stack(rec["s"]), "mu": qs[..., :Z], "logvar": qs[..., Z:],
         **{name: torch.stack(rec[name]) for name in STATES},
     }  # fmt: skip
-    loss = sum((out[k].double() * w).sum() for k, w in zip(("canvas", "mu", "logvar", "canvases"), weights))
+    loss = sum((out[k].double() * w).sum() for k, w in zip(("canvas", "mu", "logvar", "canvases"), weights, strict=True))
     loss.backward()
     out = {k: v.detach() for k, v in out.items()}
     out["d_canvas"] = torch.stack([v.grad for v in rec["s"]])
@@ -446,9 +446,9 @@ def reference_grads(x, y, eps, p: AVMEParams, encoder_input: str, weights) -> di
         x64, None if y is None else y.double(), eps.double(), p64, encoder_input, True
     )
     terms = (out.canvas, out.mu, out.logvar, out.canvases)
-    loss = sum((t * w).sum() for t, w in zip(terms, weights))
+    loss = sum((t * w).sum() for t, w in zip(terms, weights, strict=True))
     grads = torch.autograd.grad(loss, [*p64, x64])
-    return dict(zip([*AVMEParams._fields, "x"], grads))
+    return dict(zip([*AVMEParams._fields, "x"], grads, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,7 +571,7 @@ def test_fp32_matches_reference(swemu, case):
 @pytest.mark.parametrize(
     "want",
     [("canvas", "mu", "logvar"), ("canvases", "mu"), ("canvas", "canvases", "logvar"), ("logvar",)],
-    ids=lambda w: "+".join(w),
+    ids="+".join,
 )
 def test_forward_optional_outputs(swemu, want):
     """Outputs passed as None are not written, the others are all written; the cell and canvas
@@ -683,7 +683,8 @@ def test_batch_zero_writes_nothing(swemu):
     x, y, eps, weights = make_inputs(case, torch.float64)
     fwd = run_forward(swemu, x, y, eps, p, case.encoder_input)
     steps = run_backward(swemu, fwd, eps, p, as_grads(weights, torch.float64), case.encoder_input)
-    assert fwd["canvas"].shape == (0, case.sizes.D) and steps["d_q"].shape == (2, 0, 2 * case.sizes.Z)
+    assert fwd["canvas"].shape == (0, case.sizes.D)
+    assert steps["d_q"].shape == (2, 0, 2 * case.sizes.Z)
 
 
 def test_bad_input_names_the_problem(swemu):
