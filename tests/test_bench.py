@@ -521,7 +521,8 @@ def test_barrier_benchmark_refuses_bad_arguments_and_a_machine_without_cuda(caps
                           (["--rounds", "0"], "--rounds and --repeats must be >= 1")):
         with pytest.raises(SystemExit) as exit_info:
             barrier.main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+        assert exit_info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
     if not torch.cuda.is_available():
         assert barrier.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err

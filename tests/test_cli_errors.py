@@ -214,7 +214,8 @@ def _assert_one_line_exit(process: subprocess.Popen, signum: int, command: str) 
     code = 128 + signum
     assert process.returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
     assert lines[0].startswith(f"avme {command}: ")
     assert signal.Signals(signum).name in lines[0]
 
@@ -250,7 +251,8 @@ def test_signal_during_eval_work_is_one_line_and_nothing_written(run_dir, tmp_pa
     err = _finish(process)
     assert process.returncode == 128 + signum, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
     assert lines[0].startswith("avme eval: ")
     assert signal.Signals(signum).name in lines[0]
     assert not json_out.exists()
@@ -283,16 +285,19 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the command did not start in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     err = _finish(process)
     assert process.returncode == 130, err
-    assert "Traceback" not in err and err.strip() == "avme: interrupted (SIGINT) while starting", err
+    assert "Traceback" not in err, err
+    assert err.strip() == "avme: interrupted (SIGINT) while starting", err
 
 
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, avme_ext; assert 'torch' not in sys.modules; print(avme_ext.AVMECore.__name__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=TIMEOUT)
-    assert done.returncode == 0 and done.stdout.strip() == "AVMECore", done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "AVMECore", done.stderr

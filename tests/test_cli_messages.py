@@ -56,7 +56,9 @@ def test_top_level_argument_errors_are_one_line(capsys):
     for argv in ([], ["--threads", "0", "plot", "x"], ["no-such-command"]):
         code, _, err = _run(argv, capsys)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("avme: error: "), err
+        assert code == 2, err
+        assert len(lines) == 1, err
+        assert lines[0].startswith("avme: error: "), err
 
 
 # --------------------------------------------------------------------------- memory
@@ -160,7 +162,8 @@ def test_read_only_file_system_is_named_as_such(run_dir, tmp_path, capsys):
         for argv in (["train", "--out", ro / "r", *TINY_TRAIN], ["sample", run_dir, "--out", ro / "s.png"]):
             code, _, err = _run(argv, capsys)
             line = _one_error_line(err, argv[0])
-            assert code == 2 and line.endswith(f"cannot write in {ro} (read-only file system)"), line
+            assert code == 2, line
+            assert line.endswith(f"cannot write in {ro} (read-only file system)"), line
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True, timeout=30, check=False)
 
@@ -205,7 +208,8 @@ def test_every_command_gives_the_same_recovery_command_for_a_corrupt_best(run_di
         code, _, err = _run(argv, capsys)
         line = _one_error_line(err, argv[0])
         expected = "avme " + " ".join(str(last) if a == run else str(a) for a in argv)
-        assert code == 2 and line.endswith(f"; the run's last checkpoint {last} is intact, use it: {expected}"), line
+        assert code == 2, line
+        assert line.endswith(f"; the run's last checkpoint {last} is intact, use it: {expected}"), line
         assert "load_model(" not in line
         advice.add(line.split(": error: ", 1)[1].split("; ")[1].split(": avme")[0])
         code, _, _ = _run(expected.split()[1:], capsys)  # the suggested command works
@@ -226,7 +230,8 @@ def test_a_grid_larger_than_viewers_open_is_split_with_one_note(run_dir, tmp_pat
     assert [p.name for p in written] == [f"samples-{i}.png" for i in range(1, len(written) + 1)]
     assert len(written) > 1
     notes = err.strip().splitlines()
-    assert len(notes) == 1 and notes[0].startswith(f"avme sample: note: --out {out}: 1000 samples make a "), err
+    assert len(notes) == 1, err
+    assert notes[0].startswith(f"avme sample: note: --out {out}: 1000 samples make a "), err
     assert f"written as {len(written)} files of at most" in notes[0]
     assert "samples-1.png ..." in notes[0]
     tiles = 0
@@ -262,7 +267,8 @@ def test_split_files_open_without_a_decompression_warning(run_dir, tmp_path, cap
     from PIL import Image
 
     code, stdout, err = _run(["sample", run_dir, "--num", 2000, "--scale", 8, "--out", tmp_path / "s.png"], capsys)
-    assert code == 0 and "note:" in err, err
+    assert code == 0, err
+    assert "note:" in err, err
     written = stdout.split()
     assert len(written) == 2
     with warnings.catch_warnings():

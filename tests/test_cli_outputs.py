@@ -149,7 +149,8 @@ def test_eval_json(checkpoints, tmp_path, capsys, which):
         assert "-log p(x), all 10 classes" in stdout
     assert keys <= set(summary)
     for key in keys - {"kl_per_step"}:
-        assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), key
+        assert isinstance(summary[key], (int, float)), key
+        assert math.isfinite(summary[key]), key
     assert len(summary["kl_per_step"]) == K
     assert all(math.isfinite(v) for v in summary["kl_per_step"])
     assert summary["num_images"] == 20

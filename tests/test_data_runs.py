@@ -200,7 +200,8 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
     assert main(["sample", str(run), "--unroll", "--num", "2", "--out", str(tmp_path / "u.png")]) == 0
     for path in (grid, tmp_path / "s_recon.png", tmp_path / "u.png"):
         with Image.open(path) as image:
-            assert image.mode == "RGB" and len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2, path
+            assert image.mode == "RGB", path
+            assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 2, path
     with Image.open(gif) as animation:
         assert animation.format == "GIF"
         assert animation.n_frames == 2

@@ -167,7 +167,8 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     assert "will restart worker group" in output, output
     assert output.count("no checkpoint") == 1, output
     resumed = [int(s) for s in re.findall(r"resuming \S+last\.safetensors at step (\d+)", output)]
-    assert len(resumed) == 1 and killed_after <= resumed[0] < ELASTIC_STEPS, (killed_after, output)
+    assert len(resumed) == 1, (killed_after, output)
+    assert killed_after <= resumed[0] < ELASTIC_STEPS, (killed_after, output)
     assert _checkpoint_step(out) == ELASTIC_STEPS
 
     torchrun("-m", "avme_ext", "train", "--out", str(reference), *ELASTIC)

@@ -260,7 +260,8 @@ def test_pickle_checkpoint_is_never_executed(reference: Path, tmp_path: Path, ca
             load_model(out / "last.safetensors")
         assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "last.safetensors" in err and ("not a safetensors file" in err or "not an avme checkpoint" in err), name
+        assert "last.safetensors" in err, name
+        assert "not a safetensors file" in err or "not an avme checkpoint" in err, name
         assert not marker.exists(), f"a {name} payload was executed"
 
 

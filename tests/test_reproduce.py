@@ -131,7 +131,8 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
         assert record["iwae_samples"] == 4
         assert record["steps"] == 3
         for key in ("test_nelbo", "test_iwae", "test_reconstruction"):
-            assert math.isfinite(record[key]) and record[key] > 0, (name, key)
+            assert math.isfinite(record[key]), (name, key)
+            assert record[key] > 0, (name, key)
         assert record["test_reconstruction"] < record["test_nelbo"]
         assert record["test_nelbo"] == pytest.approx(record["test_reconstruction"] + sum(record["test_kl_per_step"]))
         assert len(record["test_kl_per_step"]) == 3
@@ -209,7 +210,8 @@ def test_interrupted_runs_continue_to_the_numbers_of_an_uninterrupted_one(smoke,
     assert "stopped by SIGTERM" in stopped.stdout
     assert "run the same command again" in stopped.stdout
     unfinished = [n for n in MODELS if not layout.training(n).is_file()]
-    assert unfinished and any((layout.run_dir(n) / "last.safetensors").is_file() for n in unfinished), stopped.stdout
+    assert unfinished, stopped.stdout
+    assert any((layout.run_dir(n) / "last.safetensors").is_file() for n in unfinished), stopped.stdout
     # 2. SIGKILL while avme-canvas trains its last epoch: its process gets SIGINT from the kernel and
     # saves its checkpoint on its own (a rerun waits for it: it holds the lock)
     killed = run(out, docs, shim=shim, env={"REPRO_TEST_TRAIN_SIGNAL": f"SIGKILL:8:{marks / 'kill'}"})
@@ -220,7 +222,8 @@ def test_interrupted_runs_continue_to_the_numbers_of_an_uninterrupted_one(smoke,
     assert interrupted.returncode == 130, describe(interrupted)
     assert all(layout.training(n).is_file() for n in MODELS)
     canvas_log = layout.train_log("avme-canvas").read_text()
-    assert "SIGINT received: saved" in canvas_log and "at step 8 (epoch 3, batch 2 of 3)" in canvas_log, canvas_log
+    assert "SIGINT received: saved" in canvas_log, canvas_log
+    assert "at step 8 (epoch 3, batch 2 of 3)" in canvas_log, canvas_log
     chunks = list(out.rglob("chunk-*.safetensors"))
     assert len(chunks) == 2, chunks  # the first two of 2 + 2 + 2 + 2 + 2 + 2
     assert not (docs / "results.json").exists()

@@ -424,7 +424,8 @@ def test_paper_sizes_keep_every_warp_busy(pemu, kind, B, math):
         if stage["rows"] == 0:
             continue
         assert stage["passes"] == 1, stage
-        assert stage["busy_warps"] == 8 and stage["slices"] * stage["splits"] == 8, stage
+        assert stage["busy_warps"] == 8, stage
+        assert stage["slices"] * stage["splits"] == 8, stage
 
 
 def test_tensor_core_tiles_take_k_blocks_of_eight(pemu):
