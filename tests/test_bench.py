@@ -232,7 +232,7 @@ def test_quantiles_and_summary_match_numpy():
     assert (s.min, s.max, s.n) == (1.0, 10.0, 6)
     assert summarize([7.0]).iqr == 0.0
     assert quantile([1.0, 2.0], 0.5) == 1.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one sample"):
         summarize([])
 
 
@@ -272,7 +272,7 @@ def test_timer_measures_sleep():
 def test_report_markers_and_formatting():
     text = f"intro\n{report.START}\nold\n{report.END}\noutro\n"
     assert report.replace_between_markers(text, "new") == f"intro\n{report.START}\nnew\n{report.END}\noutro\n"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the README needs the markers"):
         report.replace_between_markers("no markers", "x")
     assert report.fmt(1234567.8) == "1,234,568"
     assert report.fmt(12.3456) == "12.35"

@@ -169,7 +169,7 @@ def test_export_float32_is_exact_and_bfloat16_is_stored(tmp_path):
     assert {v.dtype for v in load_file(bf16).values()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype"):
         export_weights(source, tmp_path / "x.safetensors", dtype=torch.int8)
-    with pytest.raises(ValueError, match=".safetensors"):
+    with pytest.raises(ValueError, match=r"\.safetensors"):
         export_weights(source, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="source"):
         export_weights(source, source)

@@ -188,7 +188,7 @@ def test_json_target_that_cannot_be_created_fails_before_the_work_naming_it(run_
 def test_atomic_write_errors_name_the_file_asked_for_not_the_temporary_one(tmp_path):
     if not Path("/proc/self").is_dir():
         pytest.skip("needs Linux's /proc")
-    with pytest.raises(OSError) as error:
+    with pytest.raises(OSError, match=r"/proc/e\.json") as error:
         atomic_write_bytes("/proc/e.json", b"{}")
     assert error.value.filename == "/proc/e.json"
     assert ".tmp" not in str(error.value)

@@ -208,7 +208,7 @@ def test_cifar10(tmp_path, no_md5):
     assert test.labels.tolist() == written["test"][1]
     train, valid = (load_split("cifar10", s, tmp_path) for s in ("train", "valid"))
     assert (len(train), len(valid)) == (18, 2)
-    with pytest.raises(DataOptionError, match="colour images; the Bernoulli likelihood .* --channels 1"):
+    with pytest.raises(DataOptionError, match=r"colour images; the Bernoulli likelihood .* --channels 1"):
         load_split("cifar10", "test", tmp_path, likelihood="bernoulli")
     grey = load_split("cifar10", "test", tmp_path, likelihood="bernoulli", channels=1, binarize="threshold")
     assert grey.image_shape == (1, 32, 32)
@@ -217,7 +217,7 @@ def test_cifar10(tmp_path, no_md5):
 
 def test_cifar10_md5_is_checked(tmp_path):
     write_cifar10(tmp_path)
-    with pytest.raises(DataFormatError, match="cannot be read by torchvision.*not the official one"):
+    with pytest.raises(DataFormatError, match=r"cannot be read by torchvision.*not the official one"):
         load_split("cifar10", "test", tmp_path)
 
 
@@ -279,7 +279,7 @@ def test_image_folder_colour_resize_and_layout(tmp_path):
     grey = DataSpec("imagefolder", str(root), image_size=8, channels=1).open().split("test")
     pil_grey = np.asarray(Image.fromarray(written["a"][0]).convert("L"))
     assert grey.images[0].equal(torch.from_numpy(pil_grey.copy()).reshape(-1))
-    with pytest.raises(DataFormatError, match="different sizes.*--image-size"):
+    with pytest.raises(DataFormatError, match=r"different sizes.*--image-size"):
         DataSpec("imagefolder", str(root)).open().split("train")
 
 
@@ -322,7 +322,7 @@ def test_npz_with_splits_and_kinds(tmp_path):
     as_levels = load_split("npz", "test", path, likelihood="logistic")  # 0/1 are the levels 0 and 255
     assert as_levels.binarized
     assert as_levels.images.equal(test.images)
-    with pytest.raises(DataOptionError, match="binary .* images already"):
+    with pytest.raises(DataOptionError, match=r"binary .* images already"):
         load_split("npz", "test", path, binarize="static")
     np.savez(path, x_train=np.zeros((4, 3, 8, 8), np.uint8), y_train=np.arange(4))  # channels first
     assert load_split("npz", "train", path, test_fraction=0.25, valid_fraction=0.25).image_shape == (3, 8, 8)

@@ -321,7 +321,7 @@ def test_bad_inputs_to_public_functions(tmp_path: Path) -> None:
     small = AVMEConfig(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2)
     trainer = T.Trainer(T.build_setup(cfg, small, DistInfo(), cpu), tmp_path)
     x, _, eps, size = trainer._batch(T.epoch_permutation(100, 0, 0), 0, 0)
-    with pytest.raises(ValueError, match="binary|NaN"):
+    with pytest.raises(ValueError, match=r"binary|NaN"):
         trainer.train_step(x * float("nan"), None, eps, size, 1.0)
     with pytest.raises(ValueError, match="eps must have shape"):
         trainer.train_step(x, None, eps[:, :3], size, 1.0)

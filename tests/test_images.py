@@ -112,7 +112,7 @@ def test_drawing_gif_has_one_frame_per_step_and_holds_the_last(shape, tmp_path):
 
 def test_gif_arguments_are_checked(tmp_path):
     frames = images.drawing_frames(torch.rand(2, 1, 784))
-    with pytest.raises(ValueError, match="use a .gif file name"):
+    with pytest.raises(ValueError, match=r"use a \.gif file name"):
         images.write_gif(frames, tmp_path / "a.png")
     with pytest.raises(ValueError, match="hold_ms must be an integer number of milliseconds >= 10"):
         images.encode_gif(frames, hold_ms=0)

@@ -72,7 +72,7 @@ def test_config_makes_the_cosine_schedule_concrete_and_checks_it() -> None:
     saved = T.TrainConfig(lr_schedule="cosine", epochs=10).to_dict()
     resumed, _ = T.resolve_configs({"epochs": 20}, saved, AVMEConfig())
     assert (resumed.epochs, resumed.lr_decay_epochs) == (20, 10)
-    with pytest.raises(T.TrainError, match="lr_final: 0.0 \\(checkpoint\\) vs 1e-05 \\(this command\\)"):
+    with pytest.raises(T.TrainError, match=r"lr_final: 0\.0 \(checkpoint\) vs 1e-05 \(this command\)"):
         T.resolve_configs({"lr_final": 1e-5}, saved, AVMEConfig())
 
 

@@ -201,7 +201,7 @@ def test_checkpoint_errors(tmp_path):
     data = path.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors"):
         load_model(truncated)
     marker = tmp_path / "executed"
 
@@ -211,7 +211,7 @@ def test_checkpoint_errors(tmp_path):
 
     evil = tmp_path / "evil.safetensors"
     evil.write_bytes(pickle.dumps(Exploit()))
-    with pytest.raises(CheckpointError, match="evil.safetensors"):
+    with pytest.raises(CheckpointError, match=r"evil\.safetensors"):
         load_model(evil)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="expected"):
@@ -219,5 +219,5 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing.safetensors")
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(FileNotFoundError, match="no best.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no best\.safetensors"):
         load_model(tmp_path / "empty_run")

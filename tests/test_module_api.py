@@ -227,9 +227,10 @@ def test_size_defaults_and_validation_come_from_the_config(model_class):
     for name, value in sizes.items():
         assert getattr(core, name) == value, name
     for bad in ({"data_dim": 0}, {"steps": True}, {"num_classes": -1}, {"encoder_input": "diff"}):
-        with pytest.raises(ValueError) as from_config:
+        (name,) = bad
+        with pytest.raises(ValueError, match=rf"^{name} must be ") as from_config:
             AVMEConfig(**bad)
-        with pytest.raises(ValueError) as from_module:
+        with pytest.raises(ValueError, match=rf"^{name} must be ") as from_module:
             model_class(**bad, device="meta")
         assert str(from_module.value) == str(from_config.value)
 
@@ -321,10 +322,10 @@ def test_forced_implementations_do_not_ask_the_dispatch_table(monkeypatch):
     spy = AutoSpy("cuda")
     monkeypatch.setattr(avme_ext.dispatch, "auto_impl", spy)
     assert make_core(impl="ref").resolved_impl("cpu", 4) == "ref"
-    with pytest.raises(RuntimeError, match="impl='cuda'.*not on a CUDA device"):
+    with pytest.raises(RuntimeError, match=r"impl='cuda'.*not on a CUDA device"):
         make_core(impl="cuda").resolved_impl("cpu", 4)
     monkeypatch.setattr(avme_ext.ops, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="impl='cuda'.*extension is not built"):
+    with pytest.raises(RuntimeError, match=r"impl='cuda'.*extension is not built"):
         make_core(impl="cuda").resolved_impl("cuda", 4)
     assert spy.calls == []
 

@@ -92,7 +92,7 @@ def test_damaged_file_is_refused_by_its_sha256(registry, tiny_run):
 
 def test_unreadable_index_is_a_clear_error(registry):
     (registry / "index.json").write_text("{not json")
-    with pytest.raises(P.PretrainedError, match="index.json"):
+    with pytest.raises(P.PretrainedError, match=r"index\.json"):
         P.list_pretrained()
 
 

@@ -161,7 +161,7 @@ def test_bad_inputs_name_the_argument():
     x, y, eps = make_inputs(core, 3)
     with pytest.raises(ValueError, match=r"x must have shape \(\*, 6\)"):
         core(x[:, :5], y, eps)
-    with pytest.raises(TypeError, match="x must have dtype torch.float64"):
+    with pytest.raises(TypeError, match=r"x must have dtype torch\.float64"):
         core(x.float(), y, eps)
     with pytest.raises(ValueError, match=r"eps must have shape \(3, 3, 3\)"):
         core(x, y, eps[:2])
@@ -169,7 +169,7 @@ def test_bad_inputs_name_the_argument():
         core(x, None, eps)
     with pytest.raises(ValueError, match=r"y must have shape \(3, 4\)"):
         core(x, y[:, :2], eps)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         core([[0.0] * 6], y, eps)
     unconditional = make_core(0)
     with pytest.raises(ValueError, match="y must be None"):

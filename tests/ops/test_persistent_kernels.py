@@ -216,7 +216,7 @@ def test_forward_tensor_cores(pemu, case, math):
 def test_tensor_cores_take_float32_only(pemu):
     case = CASES[0]
     p, x, y, eps, _ = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, 0)
-    with pytest.raises(RuntimeError, match="tensor-core math .* takes float32"):
+    with pytest.raises(RuntimeError, match=r"tensor-core math .* takes float32"):
         run_forward(pemu, x, y, eps, p, case.mode, [*list(case.config), TF32X3])
     with pytest.raises(RuntimeError, match="math must be"):
         run_forward(pemu, x, y, eps, p, case.mode, [*list(case.config), 7])
@@ -431,7 +431,7 @@ def test_paper_sizes_keep_every_warp_busy(pemu, kind, B, math):
 def test_tensor_core_tiles_take_k_blocks_of_eight(pemu):
     case = CASES[1]
     p, x, y, eps, _ = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float32, 0)
-    with pytest.raises(RuntimeError, match="kc .* multiple of 8 for tensor-core math"):
+    with pytest.raises(RuntimeError, match=r"kc .* multiple of 8 for tensor-core math"):
         run_forward(pemu, x, y, eps, p, case.mode, [4, 64, 1, 12, TF32])
     with pytest.raises(RuntimeError, match="threads must be >= 64"):
         run_forward(pemu, x, y, eps, p, case.mode, [4, 32, 4, 8])

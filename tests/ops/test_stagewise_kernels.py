@@ -701,8 +701,8 @@ def test_bad_input_names_the_problem(swemu):
             x, eps, None, None, *encoder_args(t)[1:], *decoder_args(t), False, "fp32", *[None] * 11,
         )  # fmt: skip
     fwd = run_forward(swemu, x, y, eps, p, "error")
+    fwd_without = dict(fwd, canvases=None)
     with pytest.raises(RuntimeError, match=r"BackwardParams\.canvases is null"):
-        fwd_without = dict(fwd, canvases=None)
         run_backward(swemu, fwd_without, eps, p, {}, "error")
 
 
