@@ -298,6 +298,6 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, avme_ext; assert 'torch' not in sys.modules; print(avme_ext.AVMECore.__name__)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+                          text=True, check=False, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "AVMECore", done.stderr

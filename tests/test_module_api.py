@@ -373,5 +373,5 @@ def test_distributed_does_not_import_evaluation():
     import sys
 
     code = "import sys, avme_ext.distributed; assert 'avme_ext.evaluation' not in sys.modules"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
