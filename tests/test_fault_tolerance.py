@@ -111,7 +111,7 @@ def test_sigkill_at_a_random_moment_then_resume(reference: Path, tmp_path: Path)
         raise AssertionError(f"[kill moment seed {seed}] {error}") from None
 
 
-class Crash(Exception):
+class SimulatedCrashError(Exception):
     pass
 
 
@@ -123,11 +123,11 @@ def test_crash_before_the_first_checkpoint_restarts_with_the_saved_settings(refe
 
     def crashing(self, *args, **kwargs):
         if self.state.step == 4:
-            raise Crash("simulated crash")
+            raise SimulatedCrashError("simulated crash")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(T.Trainer, "train_step", crashing)
-    with pytest.raises(Crash):
+    with pytest.raises(SimulatedCrashError):
         main(["train", "--out", str(out), *ARGS])
     assert metric_lines(out) == 4
     assert not (out / "last.safetensors").exists()

@@ -139,7 +139,7 @@ def test_resume_is_bit_identical(reference: Path, tmp_path: Path, capsys) -> Non
     assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2
 
 
-class Crash(Exception):
+class SimulatedCrashError(Exception):
     pass
 
 
@@ -150,11 +150,11 @@ def test_mid_epoch_resume_after_crash(reference: Path, tmp_path: Path, monkeypat
 
     def crashing(self, *args, **kwargs):
         if self.state.step == 13:
-            raise Crash("simulated crash")
+            raise SimulatedCrashError("simulated crash")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(T.Trainer, "train_step", crashing)
-    with pytest.raises(Crash):
+    with pytest.raises(SimulatedCrashError):
         train_cli(out, "--epochs", "2", "--checkpoint-every", "7")
     state = load_checkpoint(out / "last.safetensors").trainer_state["state"]
     assert (state["step"], state["epoch"], state["batch"]) == (7, 0, 7)

@@ -90,26 +90,26 @@ def poison_cuda_memory(num_bytes: int = 1 << 28) -> None:
     del blocks
 
 
-class Unavailable(Exception):
+class UnavailableError(Exception):
     """A backend cannot run here; the message says why (the tests skip with it)."""
 
 
-class MissingExtension(Exception):
+class MissingExtensionError(Exception):
     """AVME_EXPECT_EXTENSION=1 but the built ops are missing (the tests fail with it)."""
 
 
-_BUILDS: dict[str, Any] = {}  # emulation source -> its op namespace, or the Unavailable it raised
+_BUILDS: dict[str, Any] = {}  # emulation source -> its op namespace, or the UnavailableError it raised
 
 
 def load_emulation(source: str, namespace: str) -> Any:
     """Build the test-only emulation translation unit ``csrc/emulation/<source>`` (once per
     process; cached across runs by torch's JIT) and return ``torch.ops.<namespace>``.
 
-    Raises Unavailable with the reason when it cannot be built here (``AVME_EMULATION=0``, or no
+    Raises UnavailableError with the reason when it cannot be built here (``AVME_EMULATION=0``, or no
     C++ compiler or ninja).
     """
     if source in _BUILDS:
-        if isinstance(_BUILDS[source], Unavailable):
+        if isinstance(_BUILDS[source], UnavailableError):
             raise _BUILDS[source]
         return _BUILDS[source]
     reason = None
@@ -118,7 +118,7 @@ def load_emulation(source: str, namespace: str) -> Any:
     elif shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
         reason = "the CPU emulator needs a C++ compiler and ninja"
     if reason is not None:
-        _BUILDS[source] = Unavailable(reason)
+        _BUILDS[source] = UnavailableError(reason)
         raise _BUILDS[source]
     from torch.utils import cpp_extension
 
@@ -145,7 +145,7 @@ _EMULATOR: dict[str, Backend] = {}
 
 
 def emulator() -> Backend:
-    """The emulator backend, built on first use (raises Unavailable when it cannot be)."""
+    """The emulator backend, built on first use (raises UnavailableError when it cannot be)."""
     if "backend" not in _EMULATOR:
         ns = load_emulation("avme_emulation.cpp", "avme_emu")
         ops._register("avme_emu")
@@ -154,19 +154,19 @@ def emulator() -> Backend:
 
 
 def require_extension() -> None:
-    """Raise MissingExtension (AVME_EXPECT_EXTENSION=1) or Unavailable when the ops are not built."""
+    """Raise MissingExtensionError (AVME_EXPECT_EXTENSION=1) or UnavailableError when the ops are not built."""
     if ops.extension_loaded():
         return
     reason = ops.extension_error() or "the ops are not registered"
     if EXPECT_EXTENSION:
-        raise MissingExtension(f"AVME_EXPECT_EXTENSION=1 but the avme extension is not loaded: {reason}")
-    raise Unavailable(f"the avme CUDA extension (avme_ext._C) is not built: {reason}")
+        raise MissingExtensionError(f"AVME_EXPECT_EXTENSION=1 but the avme extension is not loaded: {reason}")
+    raise UnavailableError(f"the avme CUDA extension (avme_ext._C) is not built: {reason}")
 
 
 def cuda() -> Backend:
-    """The CUDA backend (raises Unavailable without a GPU, MissingExtension as above)."""
+    """The CUDA backend (raises UnavailableError without a GPU, MissingExtensionError as above)."""
     if not torch.cuda.is_available():
-        raise Unavailable("needs a CUDA device")
+        raise UnavailableError("needs a CUDA device")
     require_extension()
     return Backend("cuda", torch.ops.avme, torch.device("cuda", torch.cuda.current_device()))
 

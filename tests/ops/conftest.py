@@ -15,9 +15,9 @@ NAMED_DESIGNS = tuple(d for d in ops.DESIGNS if d != "auto")
 def _backend(name: str) -> backends.Backend:
     try:
         return backends.get(name)
-    except backends.MissingExtension as exc:
+    except backends.MissingExtensionError as exc:
         pytest.fail(str(exc))
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(f"{name} backend: {exc}")
 
 

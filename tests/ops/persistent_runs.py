@@ -23,7 +23,7 @@ FMA, TF32X3, TF32, FP32 = 0, 1, 2, -1
 
 
 def load_pemu():
-    """``torch.ops.avme_pemu``, built on first use (raises backends.Unavailable when it cannot be)."""
+    """``torch.ops.avme_pemu``, built on first use (raises backends.UnavailableError when it cannot be)."""
     return backends.load_emulation("persistent_emulation.cpp", "avme_pemu")
 
 

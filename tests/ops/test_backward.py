@@ -224,7 +224,7 @@ def test_host_products_are_one_per_gradient_block(emu_sms, encoder_input):
     design writes dL/deps itself (no product for it) and runs one kernel each way."""
     try:
         emu = backends.emulator()
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(str(exc))
     emu_sms(4)
     counted = {K: _rowtile_work(emu, K, encoder_input) for K in (2, 4)}

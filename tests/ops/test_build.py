@@ -57,9 +57,9 @@ SIZES = Sizes(D=12, He=9, Hd=7, Z=3)
 def ext():
     try:
         backends.require_extension()
-    except backends.MissingExtension as exc:
+    except backends.MissingExtensionError as exc:
         pytest.fail(str(exc))
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(str(exc))
 
 

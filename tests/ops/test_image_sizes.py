@@ -46,7 +46,7 @@ H100_SMS, H100_SMEM = "132", "232448"
 def emulator():
     try:
         return backends.emulator()
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(f"emulator backend: {exc}")
 
 

@@ -77,7 +77,7 @@ from .persistent_runs import (
 def _build():
     try:
         return load_pemu()
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(str(exc))
 
 

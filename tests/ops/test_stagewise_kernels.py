@@ -60,7 +60,7 @@ def swemu():
     AVME_EMULATION=0)."""
     try:
         return backends.load_emulation("stagewise_emulation.cpp", "avme_swemu")
-    except backends.Unavailable as exc:
+    except backends.UnavailableError as exc:
         pytest.skip(str(exc))
 
 
