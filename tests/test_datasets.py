@@ -197,7 +197,7 @@ def test_missing_files_one_line(tmp_path, name, missing):
     one_line_missing(error.value, tmp_path / missing)
 
 
-# --------------------------------------------------------------------------- CIFAR-10, SVHN (colour)
+# --------------------------------------------------------------------------- CIFAR-10 and SVHN, in colour
 def test_cifar10(tmp_path, no_md5):
     written = write_cifar10(tmp_path)
     test = load_split("cifar10", "test", tmp_path, likelihood="logistic")
