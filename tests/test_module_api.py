@@ -84,13 +84,13 @@ def test_reset_parameters_draws_new_weights_in_the_init_range():
 class LoRALinear(nn.Linear):
     """A low-rank adapter: its forward adds a term the fused loop would never compute."""
 
-    def forward(self, input):
-        return super().forward(input) + 1.0
+    def forward(self, x):
+        return super().forward(x) + 1.0
 
 
 class LoRALSTMCell(nn.LSTMCell):
-    def forward(self, input, hx=None):
-        return super().forward(input + 1.0, hx)
+    def forward(self, x, hx=None):
+        return super().forward(x + 1.0, hx)
 
 
 ADAPTERS = {nn.LSTMCell: LoRALSTMCell, nn.Linear: LoRALinear}
@@ -359,9 +359,16 @@ def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch)
 
 
 def test_option_tuples_are_the_loop_types_objects_everywhere():
+    import argparse
+
     import avme_ext.training.config as training_config
     from avme_ext.cli import _common
 
+    parser = argparse.ArgumentParser()
+    _common.add_device_arguments(parser)
+    cli_choices = {action.dest: action.choices for action in parser._actions}
+    assert cli_choices["impl"] is loop_types.IMPLS
+    assert cli_choices["precision"] is loop_types.PRECISIONS
     assert training_config.IMPLS is loop_types.IMPLS
     assert training_config.PRECISIONS is loop_types.PRECISIONS
     assert avme_ext.dispatch.DESIGN_NAMES is loop_types.DESIGNS
