@@ -178,20 +178,26 @@ def _refs(batch: int, steps: int, best: float) -> list[dict]:
 
 
 def test_decisions_are_conservative():
-    records = (
-        _refs(100, 12, 1000.0)
-        + [_record("fused-persistent-fp32", 100, 12, 5000.0), _record("fused-rowtile-fp32", 100, 12, 900.0),
-           _record("fused-auto-fp32", 100, 12, 4000.0), _record("fused-auto-fp32-graph", 100, 12, 800.0)]
+    records = [
+        *_refs(100, 12, 1000.0),
+        _record("fused-persistent-fp32", 100, 12, 5000.0),
+        _record("fused-rowtile-fp32", 100, 12, 900.0),
+        _record("fused-auto-fp32", 100, 12, 4000.0),
+        _record("fused-auto-fp32-graph", 100, 12, 800.0),
         # B=256: a reference mode left out by the budget: nothing is known
-        + _refs(256, 12, 1000.0)[:2] + [_record("ref-cudagraph", 256, 12, None, "time budget (--budget-s 5) spent"),
-                                        _record("fused-persistent-fp32", 256, 12, 9000.0)]
+        *_refs(256, 12, 1000.0)[:2],
+        _record("ref-cudagraph", 256, 12, None, "time budget (--budget-s 5) spent"),
+        _record("fused-persistent-fp32", 256, 12, 9000.0),
         # B=1024: persistent wins at K=12 but loses at K=64; stagewise wins at both; a failed design does not count
-        + _refs(1024, 12, 1000.0) + _refs(1024, 64, 200.0)
-        + [_record("fused-persistent-fp32", 1024, 12, 3000.0), _record("fused-persistent-fp32", 1024, 64, 150.0),
-           _record("fused-stagewise-fp32", 1024, 12, 2000.0), _record("fused-stagewise-fp32", 1024, 64, 300.0),
-           _record("fused-rowtile-fp32", 1024, 12, 5000.0),
-           _record("fused-rowtile-fp32", 1024, 64, None, "failed while timing: RuntimeError: boom")]
-    )
+        *_refs(1024, 12, 1000.0),
+        *_refs(1024, 64, 200.0),
+        _record("fused-persistent-fp32", 1024, 12, 3000.0),
+        _record("fused-persistent-fp32", 1024, 64, 150.0),
+        _record("fused-stagewise-fp32", 1024, 12, 2000.0),
+        _record("fused-stagewise-fp32", 1024, 64, 300.0),
+        _record("fused-rowtile-fp32", 1024, 12, 5000.0),
+        _record("fused-rowtile-fp32", 1024, 64, None, "failed while timing: RuntimeError: boom"),
+    ]
     data = _results(records)
     by_b = {p.batch: p for p in crossover.decide(data)["fp32"]}
     assert by_b[100].winners == {"persistent": 5000.0}   # auto's graph variant is slower than ref-cudagraph

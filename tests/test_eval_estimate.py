@@ -105,8 +105,12 @@ def test_a_misjudged_estimate_is_corrected_once_from_the_pace_of_the_work():
     assert said == []
     clock.now = 6.0
     check(40, 100)  # 15 s in all at this pace, not 5 min
-    assert said == ["avme eval: at the pace of the first 40 of 100, about 15 s in all (9 s more), not 5 min: "
-                    "the machine is less busy than during the pilot"]
+    assert said == [
+        (
+            "avme eval: at the pace of the first 40 of 100, about 15 s in all (9 s more), not 5 min: "
+            "the machine is less busy than during the pilot"
+        )
+    ]
     clock.now = 7.0
     check(50, 100)
     assert len(said) == 1  # said once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_gather_across_ranks_merges_what_all_ranks_send(model, split, monkeypatc
 class _RecordingBar:
     """Stands in for tqdm: records the total and every update."""
 
-    instances: list = []
+    instances: ClassVar[list[_RecordingBar]] = []
 
     def __init__(self, *args, total=None, **kwargs):
         self.total, self.updates, self.closed = total, [], False
@@ -284,7 +285,7 @@ def test_progress_moves_within_a_chunk(model, cond_model, split, monkeypatch, co
     assert sum(bar.updates) == bar.total
     assert bar.closed
     assert bar.updates == [2] * (NUM_IMAGES // 2 * passes)
-    x, y = split.batch(torch.arange(NUM_IMAGES))
+    x, _ = split.batch(torch.arange(NUM_IMAGES))
     if conditional:
         table = net.class_log_likelihoods(x, 4, max_rows=8, generator=chunk_generator(1, 0, "cpu", "class"))
         torch.testing.assert_close(result.class_nll, -table.double(), rtol=0, atol=0)

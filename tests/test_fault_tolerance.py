@@ -8,6 +8,7 @@ compute single-threaded, so they give the same bits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import random
 import shutil
@@ -78,9 +79,13 @@ def assert_same_run(reference: Path, out: Path) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs from the uninterrupted run"
-    strip = lambda d: [{k: v for k, v in __import__("json").loads(line).items()
-                        if k not in ("time", "examples_per_s", "seconds")}
-                       for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    def strip(run: Path) -> list[dict[str, object]]:
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("time", "examples_per_s", "seconds")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert strip(out) == strip(reference)
 
 

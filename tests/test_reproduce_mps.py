@@ -64,13 +64,17 @@ def test_auto_trains_without_mps_when_it_cannot_be_used(tmp_path: Path, start_co
 
 
 def test_on_fails_and_off_or_cpu_never_start(tmp_path: Path) -> None:
-    with pytest.raises(MpsError, match="--mps on: nvidia-cuda-mps-control-missing not found"):
-        with mps_daemon("on", "cuda", print, control="nvidia-cuda-mps-control-missing"):
-            pass
+    with (
+        pytest.raises(MpsError, match="--mps on: nvidia-cuda-mps-control-missing not found"),
+        mps_daemon("on", "cuda", print, control="nvidia-cuda-mps-control-missing"),
+    ):
+        pass
     control, calls = fake_control(tmp_path)
-    with pytest.raises(MpsError, match="probe client failed"):
-        with mps_daemon("on", "cuda", print, control=str(control), probe=FAILING_PROBE):
-            pass
+    with (
+        pytest.raises(MpsError, match="probe client failed"),
+        mps_daemon("on", "cuda", print, control=str(control), probe=FAILING_PROBE),
+    ):
+        pass
     assert calls.read_text().splitlines()[-1] == "stdin quit"
     calls.unlink()
     for mode, device in (("off", "cuda"), ("auto", "cpu"), ("on", "cpu")):

@@ -90,8 +90,12 @@ def test_graph_on_without_cuda_fails_before_anything_is_written(tmp_path: Path, 
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--graph", "on", "--device", "cpu", "--train-subset", "100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["avme train: error: --graph on needs a CUDA device, but this run uses cpu; use --graph auto "
-                   "(graphs on CUDA only) or --graph off"]
+    assert err == [
+        (
+            "avme train: error: --graph on needs a CUDA device, but this run uses cpu; use --graph auto "
+            "(graphs on CUDA only) or --graph off"
+        )
+    ]
     assert not out.exists()
 
 
@@ -128,7 +132,7 @@ def test_step_body_is_clip_grad_norm_then_adam(clip_grad: float) -> None:
         for kl_weight in (0.3, 1.0):
             optimizer.zero_grad(set_to_none=True)
             if split:
-                sums, norm = gradient_pass(lambda a, b, c: model(a, b, eps=c), list(model.parameters()), x, None, eps,
+                sums, norm = gradient_pass(lambda a, b, c, m=model: m(a, b, eps=c), list(model.parameters()), x, None, eps,
                                            kl_weight, 1 / 9)
                 update_pass(list(model.parameters()), optimizer, clip_grad, norm)
             else:
@@ -150,7 +154,10 @@ def test_kl_weight_as_a_static_tensor_gives_the_same_bits() -> None:
     """The graphed step feeds the KL weight as a 0-dim tensor; the eager step as a float."""
     model = make_model()
     x, _, eps = make_batch(model, 8, seed=3)
-    forward = lambda a, b, c: elbo_terms(model.core, a, b, c)
+
+    def forward(a, b, c):
+        return elbo_terms(model.core, a, b, c)
+
     outputs = []
     for kl_weight in (0.1, torch.tensor(0.1)):
         model.zero_grad(set_to_none=True)

@@ -319,9 +319,11 @@ def test_design_that_cannot_run_fails_before_any_work(backend, op, monkeypatch):
     monkeypatch.setenv("AVME_EMU_SMEM", "256")  # no block's weight slice fits
     args = arguments(op, backend.device, sizes=Sizes(D=64, He=32, Hd=32, Z=8))
     args["design"] = "persistent"
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with pytest.raises(RuntimeError, match=rf"avme::{op}: the persistent design cannot run these sizes"):
-            call(backend, op, args)
+    with (
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+        pytest.raises(RuntimeError, match=rf"avme::{op}: the persistent design cannot run these sizes"),
+    ):
+        call(backend, op, args)
     work = sorted({e.name for e in prof.events() if e.name.startswith("aten::")})
     assert not work, f"{op} allocated or computed before rejecting the design: {work}"
     args["design"] = "auto:persistent"  # preferred, not forced: the host's choice runs instead
