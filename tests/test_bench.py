@@ -29,8 +29,17 @@ from bench.workloads import DESIGNS  # noqa: E402
 def smoke_results(tmp_path_factory) -> Path:
     """bench/run.py --smoke on the CPU (its users are marked slow)."""
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--device", "cpu", "--repeats", "2",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--smoke",
+        "--device",
+        "cpu",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -73,9 +82,14 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
         assert bf16["value"] > 0
         assert bf16["precision"] == "bf16"
         # CPU: torch.compile skipped by default in smoke mode, TF32, CUDA graphs and fused ops unavailable.
-        for impl in ("ref-eager-tf32", "ref-compile", "ref-compile-reduce-overhead", "ref-cudagraph",
-                     *(f"fused-{d}-{p}" for d in DESIGNS for p in ("fp32", "tf32", "bf16")),
-                     "fused-auto-bf16-graph"):
+        for impl in (
+            "ref-eager-tf32",
+            "ref-compile",
+            "ref-compile-reduce-overhead",
+            "ref-cudagraph",
+            *(f"fused-{d}-{p}" for d in DESIGNS for p in ("fp32", "tf32", "bf16")),
+            "fused-auto-bf16-graph",
+        ):
             assert by[("train", impl, batch, steps)]["value"] is None, impl
         assert ("train", "ref-compile-max-autotune", batch, steps) not in by  # optional: not run by default
     assert "torch.compile" in by[("train", "ref-compile", 4, 3)]["skipped"]
@@ -84,8 +98,14 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
     assert "CUDA" in fused["skipped"]
     assert fused["design"] == "persistent"
     assert fused["core_precision"] == "bf16"
-    assert data["config"]["impls"]["iwae"] == ["ref-eager", "ref-eager-tf32", "ref-eager-bf16", "fused-auto-fp32",
-                                               "fused-auto-tf32", "fused-auto-bf16"]
+    assert data["config"]["impls"]["iwae"] == [
+        "ref-eager",
+        "ref-eager-tf32",
+        "ref-eager-bf16",
+        "fused-auto-fp32",
+        "fused-auto-tf32",
+        "fused-auto-bf16",
+    ]
 
     sample = by[("sample", "ref-eager", 64, 3)]
     assert sample["unit"] == "images/s"
@@ -110,8 +130,15 @@ def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_res
     before = real_readme.read_text()
     readme = tmp_path / "README.md"
     shutil.copy(real_readme, readme)
-    cmd = [sys.executable, str(ROOT / "bench" / "report.py"), str(smoke_results), "--readme", str(readme),
-           "--plot-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "report.py"),
+        str(smoke_results),
+        "--readme",
+        str(readme),
+        "--plot-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert real_readme.read_text() == before
@@ -139,8 +166,30 @@ def test_append_replaces_records_of_the_same_key(smoke_results: Path, tmp_path: 
     merged = tmp_path / "merged.json"
     from bench import run
 
-    assert run.main(["--smoke", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--workloads", "roofline",
-                     "--matmul-size", "64", "--copy-mib", "1", "--append", str(smoke_results), "--out", str(merged)]) == 0
+    assert (
+        run.main(
+            [
+                "--smoke",
+                "--device",
+                "cpu",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--workloads",
+                "roofline",
+                "--matmul-size",
+                "64",
+                "--copy-mib",
+                "1",
+                "--append",
+                str(smoke_results),
+                "--out",
+                str(merged),
+            ]
+        )
+        == 0
+    )
     first, data = json.loads(smoke_results.read_text()), json.loads(merged.read_text())
     assert len(data["commands"]) == 2
     assert "--append" in data["commands"][1]
@@ -188,8 +237,20 @@ def test_flop_formulas_match_a_hand_count():
 
 def _random_params(size: F.ModelSize, generator: torch.Generator) -> AVMEParams:
     d, he, hd, z, c = size.data_dim, size.enc_hidden, size.dec_hidden, size.latent_dim, size.num_classes
-    shapes = [(4 * he, 2 * d + hd + c), (4 * he, he), (4 * he,), (4 * he,), (2 * z, he), (2 * z,),
-              (4 * hd, z + c), (4 * hd, hd), (4 * hd,), (4 * hd,), (d, hd), (d,)]
+    shapes = [
+        (4 * he, 2 * d + hd + c),
+        (4 * he, he),
+        (4 * he,),
+        (4 * he,),
+        (2 * z, he),
+        (2 * z,),
+        (4 * hd, z + c),
+        (4 * hd, hd),
+        (4 * hd,),
+        (4 * hd,),
+        (d, hd),
+        (d,),
+    ]
     return AVMEParams(*[(0.3 * torch.randn(s, generator=generator)).requires_grad_() for s in shapes])
 
 
@@ -297,12 +358,27 @@ def test_fractions_use_the_peak_of_the_same_precision():
 
 
 def test_merge_of_results_files(tmp_path: Path):
-    a = {"device": "X", "records": [{"workload": "train", "impl": "ref-eager", "batch": 1, "steps": 2, "value": 1.0,
-                                     "unit": "samples/s"},
-                                    {"workload": "train", "impl": "ref-compile", "batch": 1, "steps": 2, "value": None,
-                                     "unit": "samples/s", "skipped": "budget"}]}
-    b = {"device": "X", "records": [{"workload": "train", "impl": "ref-compile", "batch": 1, "steps": 2, "value": 3.0,
-                                     "unit": "samples/s"}]}
+    a = {
+        "device": "X",
+        "records": [
+            {"workload": "train", "impl": "ref-eager", "batch": 1, "steps": 2, "value": 1.0, "unit": "samples/s"},
+            {
+                "workload": "train",
+                "impl": "ref-compile",
+                "batch": 1,
+                "steps": 2,
+                "value": None,
+                "unit": "samples/s",
+                "skipped": "budget",
+            },
+        ],
+    }
+    b = {
+        "device": "X",
+        "records": [
+            {"workload": "train", "impl": "ref-compile", "batch": 1, "steps": 2, "value": 3.0, "unit": "samples/s"}
+        ],
+    }
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
     merged = report.load_results([tmp_path / "a.json", tmp_path / "b.json"])
@@ -316,15 +392,27 @@ def test_merge_of_results_files(tmp_path: Path):
 
 
 def _train(impl: str, batch: int, value: float, **extra) -> dict:
-    return {"workload": "train", "impl": impl, "batch": batch, "steps": 12, "value": value, "unit": "samples/s", **extra}
+    return {
+        "workload": "train",
+        "impl": impl,
+        "batch": batch,
+        "steps": 12,
+        "value": value,
+        "unit": "samples/s",
+        **extra,
+    }
 
 
 def test_targets_are_checked_against_the_best_of_each_family():
     records = [
-        _train("ref-eager", 100, 3000.0), _train("ref-cudagraph", 100, 20000.0),
-        _train("fused-persistent-bf16", 100, 120000.0), _train("fused-auto-fp32-graph", 100, 90000.0),
-        _train("ref-eager", 4096, 100000.0), _train("ref-eager-bf16", 4096, 120000.0),
-        _train("fused-stagewise-bf16", 4096, 150000.0), _train("fused-stagewise-fp32", 4096, 600000.0),
+        _train("ref-eager", 100, 3000.0),
+        _train("ref-cudagraph", 100, 20000.0),
+        _train("fused-persistent-bf16", 100, 120000.0),
+        _train("fused-auto-fp32-graph", 100, 90000.0),
+        _train("ref-eager", 4096, 100000.0),
+        _train("ref-eager-bf16", 4096, 120000.0),
+        _train("fused-stagewise-bf16", 4096, 150000.0),
+        _train("fused-stagewise-fp32", 4096, 600000.0),
         _train("ref-compile", 4096, None, skipped="time budget (--budget-s 5) spent"),
         {"workload": "sample", "impl": "ref-eager", "batch": 10000, "steps": 12, "value": 900000.0},
         {"workload": "sample", "impl": "fused-auto-bf16", "batch": 10000, "steps": 12, "value": 1800000.0},
@@ -352,11 +440,15 @@ def test_targets_are_checked_against_the_best_of_each_family():
 def test_impls_accept_globs_and_refuse_unknown_names():
     from bench.workloads import IMPLS, select_impls
 
-    assert select_impls(["ref-eager", "fused-*-bf16"]) == [
-        "ref-eager", *(f"fused-{d}-bf16" for d in DESIGNS)]
-    assert select_impls(["fused-persistent-*"]) == ["fused-persistent-fp32", "fused-persistent-fp32-graph",
-                                                     "fused-persistent-tf32", "fused-persistent-tf32-graph",
-                                                     "fused-persistent-bf16", "fused-persistent-bf16-graph"]
+    assert select_impls(["ref-eager", "fused-*-bf16"]) == ["ref-eager", *(f"fused-{d}-bf16" for d in DESIGNS)]
+    assert select_impls(["fused-persistent-*"]) == [
+        "fused-persistent-fp32",
+        "fused-persistent-fp32-graph",
+        "fused-persistent-tf32",
+        "fused-persistent-tf32-graph",
+        "fused-persistent-bf16",
+        "fused-persistent-bf16-graph",
+    ]
     assert set(select_impls(["*"])) == set(IMPLS)
     with pytest.raises(ValueError, match="fused-fp32"):
         select_impls(["fused-fp32"])
@@ -382,8 +474,9 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
 
     monkeypatch.setattr(ops, "design", fake_design, raising=False)
     monkeypatch.setattr(ops, "DESIGNS", ("auto", "rowtile", "persistent"), raising=False)
-    spec = W.ImplSpec("test-persistent", "ref", "fp32", "eager", "fp32", "reference under a forced design",
-                      design="persistent")
+    spec = W.ImplSpec(
+        "test-persistent", "ref", "fp32", "eager", "fp32", "reference under a forced design", design="persistent"
+    )
     size = F.ModelSize(12, 6, 5, 3)
     images = torch.randint(0, 2, (20, 12), dtype=torch.uint8)
     inputs = W.make_train_inputs(images, 4, 3, size, 2, torch.device("cpu"), seed=0)
@@ -516,9 +609,11 @@ def test_ddp_checkpoint_comparison_is_exact_or_relative():
 def test_barrier_benchmark_refuses_bad_arguments_and_a_machine_without_cuda(capsys):
     from bench import barrier
 
-    for argv, message in ((["--threads", "0"], "--threads: expected comma-separated integers >= 1"),
-                          (["--barriers", "nope"], "expected a comma-separated subset of ['cooperative_groups', 'flag']"),
-                          (["--rounds", "0"], "--rounds and --repeats must be >= 1")):
+    for argv, message in (
+        (["--threads", "0"], "--threads: expected comma-separated integers >= 1"),
+        (["--barriers", "nope"], "expected a comma-separated subset of ['cooperative_groups', 'flag']"),
+        (["--rounds", "0"], "--rounds and --repeats must be >= 1"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             barrier.main(argv)
         assert exit_info.value.code == 2, argv
@@ -548,5 +643,6 @@ def test_barrier_benchmark_measures_both_barriers(tmp_path: Path):
     with pytest.raises(RuntimeError, match="sink must be a contiguous float32 tensor of 3 \\* blocks = 6"):
         torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3, device="cuda"), 2, 64, 1, "flag")
     with pytest.raises(RuntimeError, match="cannot all be resident"):
-        torch.ops.avme_bench.grid_barrier_loop(counters, torch.zeros(3 * 65536, device="cuda"), 65536, 1024, 1,
-                                               "cooperative_groups")
+        torch.ops.avme_bench.grid_barrier_loop(
+            counters, torch.zeros(3 * 65536, device="cuda"), 65536, 1024, 1, "cooperative_groups"
+        )

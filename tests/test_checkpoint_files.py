@@ -77,14 +77,23 @@ def test_every_file_the_commands_write_gets_the_umask_mode(tmp_path, umask_027, 
     save_checkpoint(run / "best.safetensors", _model())
     (run / "metrics.jsonl").write_text(
         '{"kind": "train", "epoch": 1, "step": 5, "loss": 200.0}\n'
-        '{"kind": "valid", "epoch": 1, "step": 5, "nelbo": 150.0, "kl_per_step": [1.0, 2.0, 3.0], "best": true}\n')
+        '{"kind": "valid", "epoch": 1, "step": 5, "nelbo": 150.0, "kl_per_step": [1.0, 2.0, 3.0], "best": true}\n'
+    )
     assert main(["eval", str(run), "--num-images", "4", "--no-progress", "--json", str(tmp_path / "e.json")]) == 0
     assert main(["sample", str(run), "--num", "2", "--reconstruct", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["plot", str(run)]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "w.safetensors")]) == 0
     capsys.readouterr()
-    written = [run / "best.safetensors", run / "best.json", tmp_path / "e.json", tmp_path / "s.png",
-               tmp_path / "s_recon.png", run / "training_curve.png", run / "kl_per_step.png", tmp_path / "w.safetensors"]
+    written = [
+        run / "best.safetensors",
+        run / "best.json",
+        tmp_path / "e.json",
+        tmp_path / "s.png",
+        tmp_path / "s_recon.png",
+        run / "training_curve.png",
+        run / "kl_per_step.png",
+        tmp_path / "w.safetensors",
+    ]
     assert {p.name: oct(_mode(p)) for p in written} == {p.name: oct(umask_027) for p in written}
 
 
@@ -132,8 +141,12 @@ def test_export_weights_round_trip(tmp_path, num_classes):
     optimizer = torch.optim.Adam(model.parameters())
     model.loss(torch.randint(0, 2, (3, 784)).float(), torch.arange(3) if num_classes else None)[0].backward()
     optimizer.step()
-    save_checkpoint(run / "best.safetensors", model, optimizer=optimizer, trainer_state={
-        "state": {"step": 7, "epoch": 1}, "train": {"lr": 1e-3}})
+    save_checkpoint(
+        run / "best.safetensors",
+        model,
+        optimizer=optimizer,
+        trainer_state={"state": {"step": 7, "epoch": 1}, "train": {"lr": 1e-3}},
+    )
     path = export_weights(run, tmp_path / "ship" / "w.safetensors")
     tensors = load_file(path)
     assert all(k.startswith("model.") for k in tensors)

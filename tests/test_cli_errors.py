@@ -33,8 +33,11 @@ def run_dir(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- exit status and wording
 def test_missing_checkpoint_same_convention_in_every_command(tmp_path, capsys):
     missing = tmp_path / "nope.safetensors"
-    for command in (["sample", missing, "--out", tmp_path / "s.png"], ["eval", missing],
-                    ["export", missing, "--out", tmp_path / "w.safetensors"]):
+    for command in (
+        ["sample", missing, "--out", tmp_path / "s.png"],
+        ["eval", missing],
+        ["export", missing, "--out", tmp_path / "w.safetensors"],
+    ):
         code, _, err = _run(command, capsys)
         line = _one_error_line(err, command[0])
         assert code == 2
@@ -71,8 +74,10 @@ def test_failing_sample_leaves_existing_outputs_untouched(run_dir, tmp_path, cap
     assert out.read_bytes() == b"the user's previous file"
 
 
-@pytest.mark.parametrize(("name", "hint"), [("best.json", "best.safetensors"), ("last.json", "last.safetensors"),
-                                        ("config.json", "run directory")])
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("best.json", "best.safetensors"), ("last.json", "last.safetensors"), ("config.json", "run directory")],
+)
 def test_json_twin_or_other_file_is_refused_naming_it(run_dir, tmp_path, capsys, name, hint):
     given = run_dir / name
     out = tmp_path / "samples.png"
@@ -175,8 +180,14 @@ BLOCKING = textwrap.dedent("""
 
 def _start_blocked(tmp_path: Path, target: str, *argv: str) -> tuple[subprocess.Popen, Path]:
     marker = tmp_path / "marker"
-    process = subprocess.Popen([sys.executable, "-c", BLOCKING, str(marker), target, *argv], cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKING, str(marker), target, *argv],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -238,9 +249,26 @@ def test_signal_during_eval_work_is_one_line_and_nothing_written(run_dir, tmp_pa
     """A real, long evaluation (S = 10^6 trajectories per image): the signal lands inside the work."""
     json_out = tmp_path / "eval.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "avme_ext", "eval", str(run_dir), "--samples", "1000000", "--num-images", "20",
-         "--no-progress", "--json", str(json_out)],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "avme_ext",
+            "eval",
+            str(run_dir),
+            "--samples",
+            "1000000",
+            "--num-images",
+            "20",
+            "--no-progress",
+            "--json",
+            str(json_out),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = _first_stderr_line(process)  # the cost estimate, printed once before the work starts
     if not first.startswith("avme eval: IWAE S=1000000 on 20 images: about "):
         process.kill()
@@ -281,8 +309,14 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
     """The console entry point (avme_ext.entry) catches Ctrl-C during the imports themselves:
     ``import avme_ext`` does not import torch, so nothing runs before the handler is in place."""
     marker = tmp_path / "marker"
-    process = subprocess.Popen([sys.executable, "-c", IMPORT_BLOCKING, str(marker), "train", "--help"], cwd=REPO,
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", IMPORT_BLOCKING, str(marker), "train", "--help"],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + TIMEOUT
     while not marker.exists():
         assert process.poll() is None, process.communicate()
@@ -297,7 +331,14 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
 
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, avme_ext; assert 'torch' not in sys.modules; print(avme_ext.AVMECore.__name__)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, check=False, timeout=TIMEOUT)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "AVMECore", done.stderr

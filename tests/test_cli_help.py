@@ -95,8 +95,9 @@ def test_every_command_documents_the_exit_status(capsys):
 
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_threads_is_applied_before_the_work(tmp_path, capsys, monkeypatch, position):
-    path = save_checkpoint(tmp_path / "c.safetensors", AVME(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2,
-                                                           impl="ref"))
+    path = save_checkpoint(
+        tmp_path / "c.safetensors", AVME(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2, impl="ref")
+    )
     seen = []
     original = AVME.sample
 

@@ -21,8 +21,25 @@ from avme_ext.model import AVME
 from cli_helpers import one_error_line, run_cli, tiny_run_dir
 from helpers import REPO, subprocess_env
 
-TINY_TRAIN = ["--epochs", "1", "--train-subset", "20", "--valid-subset", "0", "--enc-hidden", "8", "--dec-hidden",
-              "8", "--latent-dim", "2", "--steps", "2", "--batch-size", "10", "--no-progress"]
+TINY_TRAIN = [
+    "--epochs",
+    "1",
+    "--train-subset",
+    "20",
+    "--valid-subset",
+    "0",
+    "--enc-hidden",
+    "8",
+    "--dec-hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--steps",
+    "2",
+    "--batch-size",
+    "10",
+    "--no-progress",
+]
 TIMEOUT = 120
 _run, _one_error_line = run_cli, one_error_line
 
@@ -33,16 +50,19 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- argument errors: one line
-@pytest.mark.parametrize(("argv", "wanted"), [
-    (["train", "--out", "r", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
-    (["train", "--lr-schedule", "linear"], "argument --lr-schedule: invalid choice"),
-    (["sample"], "the following arguments are required: CHECKPOINT"),
-    (["eval", "RUN", "--samples", "-1"], "argument --samples"),
-    (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
-    (["plot"], "the following arguments are required"),
-    (["export", "RUN"], "the following arguments are required: --out"),
-    (["list-pretrained", "--jsn"], "unrecognized arguments: --jsn"),
-])
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["train", "--out", "r", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+        (["train", "--lr-schedule", "linear"], "argument --lr-schedule: invalid choice"),
+        (["sample"], "the following arguments are required: CHECKPOINT"),
+        (["eval", "RUN", "--samples", "-1"], "argument --samples"),
+        (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
+        (["plot"], "the following arguments are required"),
+        (["export", "RUN"], "the following arguments are required: --out"),
+        (["list-pretrained", "--jsn"], "unrecognized arguments: --jsn"),
+    ],
+)
 def test_argument_errors_are_one_line_naming_the_command(argv, wanted, capsys):
     code, out, err = _run(argv, capsys)
     line = _one_error_line(err, argv[0])
@@ -65,13 +85,22 @@ def test_top_level_argument_errors_are_one_line(capsys):
 def test_a_sample_request_that_cannot_fit_is_refused_before_the_work(run_dir, tmp_path):
     """The command of the issue, in a real process: one line, exit 2, before any sampling."""
     out = tmp_path / "big.png"
-    done = subprocess.run([sys.executable, "-m", "avme_ext", "sample", str(run_dir), "--num", "1000000000",
-                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "avme_ext", "sample", str(run_dir), "--num", "1000000000", "--out", str(out)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     line = _one_error_line(done.stderr, "sample")
     assert done.returncode == 2, done.stderr
-    assert re.search(r"--num 1000000000: needs at least [\d.]+ TB of memory, [\d.]+ \w+ are available on cpu; ask "
-                     r"for fewer images$", line), line
+    assert re.search(
+        r"--num 1000000000: needs at least [\d.]+ TB of memory, [\d.]+ \w+ are available on cpu; ask "
+        r"for fewer images$",
+        line,
+    ), line
     assert not out.exists()
 
 
@@ -85,14 +114,18 @@ def test_an_eval_request_that_cannot_fit_is_refused_before_the_work(run_dir, cap
     assert "1 GB are available on cpu; lower --max-rows" in line
 
 
-@pytest.mark.parametrize("failure", [
-    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
-                 "tried to allocate 4800000000000 bytes. Error code 12 (Cannot allocate memory)"),
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
-    MemoryError(),
-])
-def test_an_allocation_that_fails_while_working_is_one_line_and_exit_1(run_dir, tmp_path, capsys, monkeypatch,
-                                                                         failure):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 4800000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+        MemoryError(),
+    ],
+)
+def test_an_allocation_that_fails_while_working_is_one_line_and_exit_1(run_dir, tmp_path, capsys, monkeypatch, failure):
     def allocate(*args, **kwargs):
         raise failure
 
@@ -117,8 +150,10 @@ def test_memory_limits_are_read(monkeypatch):
 
 
 # --------------------------------------------------------------------------- outputs that cannot be written
-@pytest.mark.parametrize(("code", "reason"), [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied"),
-                                          (errno.EPERM, "permission denied")])
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied"), (errno.EPERM, "permission denied")],
+)
 def test_unwritable_output_names_the_reason(run_dir, tmp_path, capsys, monkeypatch, code, reason):
     """The errno of a failed write decides the wording, in every command (train included, exit 2)."""
 
@@ -131,8 +166,10 @@ def test_unwritable_output_names_the_reason(run_dir, tmp_path, capsys, monkeypat
         "sample": (["sample", run_dir, "--out", tmp_path / "s.png"], f"--out {tmp_path / 's.png'}"),
         "eval": (["eval", run_dir, "--json", tmp_path / "e.json"], f"--json {tmp_path / 'e.json'}"),
         "export": (["export", run_dir, "--out", tmp_path / "w.safetensors"], f"--out {tmp_path / 'w.safetensors'}"),
-        "plot": (["plot", tmp_path / "metrics.jsonl", "--out-dir", tmp_path / "plots"],
-                 f"--out-dir {tmp_path / 'plots' / 'training_curve.png'}"),
+        "plot": (
+            ["plot", tmp_path / "metrics.jsonl", "--out-dir", tmp_path / "plots"],
+            f"--out-dir {tmp_path / 'plots' / 'training_curve.png'}",
+        ),
     }
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
     for command, (argv, given) in commands.items():
@@ -146,8 +183,13 @@ def test_unwritable_output_names_the_reason(run_dir, tmp_path, capsys, monkeypat
 def _mount_read_only(directory: Path) -> bool:
     directory.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)],
-                              capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -201,8 +243,11 @@ def test_every_command_gives_the_same_recovery_command_for_a_corrupt_best(run_di
     (run / "last.safetensors").write_bytes((run_dir / "last.safetensors").read_bytes())
     (run / "best.safetensors").write_bytes((run_dir / "best.safetensors").read_bytes()[:300])
     last = run / "last.safetensors"
-    commands = (["sample", run, "--num", "4", "--out", tmp_path / "s.png"], ["eval", run, "--num-images", "2"],
-                ["export", run, "--out", tmp_path / "w.safetensors"])
+    commands = (
+        ["sample", run, "--num", "4", "--out", tmp_path / "s.png"],
+        ["eval", run, "--num-images", "2"],
+        ["export", run, "--out", tmp_path / "w.safetensors"],
+    )
     advice = set()
     for argv in commands:
         code, _, err = _run(argv, capsys)
@@ -250,7 +295,7 @@ def test_the_issue_grid_splits_under_pillows_limit():
     from avme_ext.images import grid_size
 
     def pixels(n: int) -> int:
-        cols = int(-(-n**0.5 // 1))
+        cols = int(-(-(n**0.5) // 1))
         height, width = grid_size(-(-n // cols), cols, scale=2)
         return height * width
 

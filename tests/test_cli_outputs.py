@@ -65,7 +65,9 @@ def test_bad_device_is_a_clear_error(checkpoints, tmp_path, capsys, device, mess
 
 def test_sample_plain_grid(checkpoints, tmp_path, capsys):
     out = tmp_path / "samples.png"
-    code, stdout, _ = _run(["sample", checkpoints["uncond"], "--num", 12, "--nrow", 4, "--out", out, "--device", "cpu"], capsys)
+    code, stdout, _ = _run(
+        ["sample", checkpoints["uncond"], "--num", 12, "--nrow", 4, "--out", out, "--device", "cpu"], capsys
+    )
     assert code == 0
     assert str(out) in stdout
     image = _png(out)
@@ -92,7 +94,9 @@ def test_sample_is_deterministic_given_seed(checkpoints, tmp_path, capsys):
 
 def test_sample_unroll(checkpoints, tmp_path, capsys):
     out = tmp_path / "steps.png"
-    code, stdout, _ = _run(["sample", checkpoints["uncond"], "--unroll", "--num", 5, "--out", out, "--scale", 3], capsys)
+    code, stdout, _ = _run(
+        ["sample", checkpoints["uncond"], "--unroll", "--num", 5, "--out", out, "--scale", 3], capsys
+    )
     assert code == 0
     assert str(out) in stdout
     assert _png(out).size == grid_pixels(5, K, scale=3)  # one strip of K steps per row
@@ -156,7 +160,16 @@ def test_eval_json(checkpoints, tmp_path, capsys, which):
     assert summary["num_images"] == 20
     assert summary["iwae_samples"] == 4
     assert math.isclose(summary["nelbo"], summary["reconstruction"] + summary["kl"], rel_tol=1e-9)
-    for key in ("checkpoint", "split", "num_images", "samples", "seed", "device", "torch_version", "wall_clock_seconds"):
+    for key in (
+        "checkpoint",
+        "split",
+        "num_images",
+        "samples",
+        "seed",
+        "device",
+        "torch_version",
+        "wall_clock_seconds",
+    ):
         assert key in provenance, key
     assert provenance["split"] == "test"
     assert provenance["samples"] == 4
@@ -205,14 +218,37 @@ def _write_metrics(path: Path, epochs: int = 3, steps_per_epoch: int = 10) -> No
         for _ in range(steps_per_epoch):
             step += 1
             loss = 90 + 200 / step
-            lines.append({"kind": "train", "epoch": epoch, "step": step, "loss": loss, "reconstruction": loss - 20,
-                          "kl": 20.0, "kl_weight": 1.0, "lr": 1e-3, "examples_per_s": 1000.0, "time": step * 0.1})
+            lines.append(
+                {
+                    "kind": "train",
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": loss,
+                    "reconstruction": loss - 20,
+                    "kl": 20.0,
+                    "kl_weight": 1.0,
+                    "lr": 1e-3,
+                    "examples_per_s": 1000.0,
+                    "time": step * 0.1,
+                }
+            )
         nelbo = 100 + 30 / epoch
-        lines.append({"kind": "valid", "epoch": epoch, "step": step, "nelbo": nelbo, "reconstruction": nelbo - 20,
-                      "kl": 20.0, "kl_per_step": [8.0, 5.0, 4.0, 3.0][:K] + [0.0] * max(0, K - 4),
-                      "best": True, "time": step * 0.1})
-        lines.append({"kind": "epoch", "epoch": epoch, "step": step, "seconds": 1.0, "train_loss": 95.0,
-                      "examples": 1000})
+        lines.append(
+            {
+                "kind": "valid",
+                "epoch": epoch,
+                "step": step,
+                "nelbo": nelbo,
+                "reconstruction": nelbo - 20,
+                "kl": 20.0,
+                "kl_per_step": [8.0, 5.0, 4.0, 3.0][:K] + [0.0] * max(0, K - 4),
+                "best": True,
+                "time": step * 0.1,
+            }
+        )
+        lines.append(
+            {"kind": "epoch", "epoch": epoch, "step": step, "seconds": 1.0, "train_loss": 95.0, "examples": 1000}
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
@@ -271,8 +307,22 @@ def test_plot_bad_metrics_are_clear_errors(tmp_path, capsys):
     ("command", "options"),
     [
         ("sample", ["--num", "--out", "--unroll", "--per-class", "--seed", "--device", "--scale", "--reconstruct"]),
-        ("eval", ["--split", "--samples", "--num-images", "--batch-size", "--max-rows", "--json", "--seed",
-                  "--device", "--dataset", "--data-root", "5000"]),
+        (
+            "eval",
+            [
+                "--split",
+                "--samples",
+                "--num-images",
+                "--batch-size",
+                "--max-rows",
+                "--json",
+                "--seed",
+                "--device",
+                "--dataset",
+                "--data-root",
+                "5000",
+            ],
+        ),
         ("plot", ["RUN_DIR_OR_METRICS", "--out-dir", "training_curve.png", "kl_per_step.png"]),
     ],
 )
@@ -290,7 +340,11 @@ def test_module_entry_point_exit_codes(tmp_path):
     """``python -m avme_ext`` returns a non-zero exit status (not a traceback) for a bad input."""
     result = subprocess.run(
         [sys.executable, "-m", "avme_ext", "plot", str(tmp_path / "missing.jsonl")],
-        cwd=REPO, capture_output=True, text=True, check=False, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "does not exist" in result.stderr
@@ -302,15 +356,49 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
     """Two CPU ranks (gloo) evaluate their chunks and rank 0 reports the merged result, which equals
     a single-process run bit for bit (same thread count: torchrun sets OMP_NUM_THREADS=1)."""
     env = subprocess_env()
-    common = ["eval", str(checkpoints["cond_run"]), "--samples", "2", "--num-images", "20", "--batch-size", "6",
-              "--device", "cpu", "--no-progress", "--json"]
-    single = subprocess.run([sys.executable, "-m", "avme_ext", *common, str(tmp_path / "single.json")],
-                            cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300)
+    common = [
+        "eval",
+        str(checkpoints["cond_run"]),
+        "--samples",
+        "2",
+        "--num-images",
+        "20",
+        "--batch-size",
+        "6",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--json",
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "avme_ext", *common, str(tmp_path / "single.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "avme_ext", *common, str(tmp_path / "multi.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "avme_ext",
+            *common,
+            str(tmp_path / "multi.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert multi.stdout.count("negative ELBO") == 1  # only rank 0 prints
@@ -346,8 +434,16 @@ def _sparse_metrics(path: Path, log_every: int = 5, steps: int = 50) -> list[dic
     for step in range(log_every, steps + 1, log_every):
         records.append({"kind": "train", "epoch": 1 + (step - 1) // 25, "step": step, "loss": 90 + 1050 / step})
         if step % 25 == 0:
-            records.append({"kind": "valid", "epoch": step // 25, "step": step, "nelbo": 100 + 50 / step,
-                            "kl_per_step": [1.0, 2.0, 3.0], "best": True})
+            records.append(
+                {
+                    "kind": "valid",
+                    "epoch": step // 25,
+                    "step": step,
+                    "nelbo": 100 + 50 / step,
+                    "kl_per_step": [1.0, 2.0, 3.0],
+                    "best": True,
+                }
+            )
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return records
 

@@ -16,8 +16,15 @@ COMMANDS = ("train", "sample", "eval", "plot", "export", "list-pretrained")
 
 def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``python -X importtime -m avme_ext ARGV``; the process and the modules it imported."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "avme_ext", *argv], cwd=REPO, check=False,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "avme_ext", *argv],
+        cwd=REPO,
+        check=False,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     return done, modules
 
@@ -26,8 +33,7 @@ def _torch_modules(modules: set[str]) -> list[str]:
     return sorted(name for name in modules if name == "torch" or name.startswith("torch."))
 
 
-@pytest.mark.parametrize("argv", [["--help"], *[[command, "--help"] for command in COMMANDS]],
-                         ids=" ".join)
+@pytest.mark.parametrize("argv", [["--help"], *[[command, "--help"] for command in COMMANDS]], ids=" ".join)
 def test_help_does_not_import_torch(argv):
     done, modules = _imported_modules(*argv)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -36,8 +42,11 @@ def test_help_does_not_import_torch(argv):
     assert not _torch_modules(modules), _torch_modules(modules)[:5]
 
 
-@pytest.mark.parametrize("argv", [["train", "--out", "r", "--epochs", "0"], ["eval", "RUN", "--samples", "-1"],
-                                  ["sample"], ["no-such-command"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--out", "r", "--epochs", "0"], ["eval", "RUN", "--samples", "-1"], ["sample"], ["no-such-command"]],
+    ids=" ".join,
+)
 def test_argument_errors_do_not_import_torch(argv):
     done, modules = _imported_modules(*argv)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -46,9 +55,18 @@ def test_argument_errors_do_not_import_torch(argv):
 
 
 def test_the_console_entry_point_builds_every_parser_without_torch():
-    code = ("import sys; from avme_ext.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=120, check=False)
+    code = (
+        "import sys; from avme_ext.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

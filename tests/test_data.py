@@ -84,7 +84,8 @@ def test_vendored_file_is_the_shared_file():
     assert md5(D.VENDORED_NPZ) == README_MD5 == md5(SHARED / "binarized_mnist.npz")
     assert README_MD5 in (D.VENDORED_NPZ.parent / "README.md").read_text()
     assert D.load_split("binarized_mnist", "valid", root=SHARED).images.equal(
-        D.load_split("binarized_mnist", "valid").images)
+        D.load_split("binarized_mnist", "valid").images
+    )
 
 
 @needs_shared
@@ -223,12 +224,15 @@ def test_amat_float_tokens(tmp_path, vendored):
     assert D.load_amat(path).equal(torch.from_numpy(rows))
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    (lambda row: row[:-1], "expected 784 values, got 783"),
-    (lambda row: [*row[:10], "2", *row[11:]], "expected 0/1 values, found '2'"),
-    (lambda row: [*row[:10], "0.5", *row[11:]], "expected 0/1 values, found '0.5'"),
-    (lambda row: [*row[:10], "x", *row[11:]], "non-numeric"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda row: row[:-1], "expected 784 values, got 783"),
+        (lambda row: [*row[:10], "2", *row[11:]], "expected 0/1 values, found '2'"),
+        (lambda row: [*row[:10], "0.5", *row[11:]], "expected 0/1 values, found '0.5'"),
+        (lambda row: [*row[:10], "x", *row[11:]], "non-numeric"),
+    ],
+)
 def test_amat_bad_line_names_line(tmp_path, bad, message):
     good = ["0"] * 784
     path = tmp_path / "bad.amat"
@@ -308,13 +312,16 @@ def test_corrupt_idx(tmp_path):
         D.read_idx(labels, D.IDX_IMAGES_MAGIC)
 
 
-@pytest.mark.parametrize(("call", "choices"), [
-    (lambda: D.load_split("cifar", "train"), "binarized_mnist, binarized_mnist_amat, mnist_static"),
-    (lambda: D.load_split("binarized_mnist", "validation"), "train, valid, test"),
-    (lambda: D.load_binarized_mnist("dev"), "train, valid, test"),
-    (lambda: D.load_mnist_idx("valid", "."), "train, test"),
-    (lambda: D.load_mnist_idx("test", ".", binarize="none"), "static, dynamic, threshold"),
-])
+@pytest.mark.parametrize(
+    ("call", "choices"),
+    [
+        (lambda: D.load_split("cifar", "train"), "binarized_mnist, binarized_mnist_amat, mnist_static"),
+        (lambda: D.load_split("binarized_mnist", "validation"), "train, valid, test"),
+        (lambda: D.load_binarized_mnist("dev"), "train, valid, test"),
+        (lambda: D.load_mnist_idx("valid", "."), "train, test"),
+        (lambda: D.load_mnist_idx("test", ".", binarize="none"), "static, dynamic, threshold"),
+    ],
+)
 def test_bad_names(call, choices):
     with pytest.raises(ValueError, match=f"valid choices: {choices}"):
         call()

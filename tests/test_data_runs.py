@@ -19,8 +19,20 @@ from avme_ext.cli import main
 from avme_ext.data import DataSpec, load_run_split
 from helpers import SHARED_DATA, load_script
 
-SMALL = ["--enc-hidden", "8", "--dec-hidden", "8", "--latent-dim", "2", "--steps", "2", "--no-progress",
-         "--batch-size", "16", "--no-tensorboard"]
+SMALL = [
+    "--enc-hidden",
+    "8",
+    "--dec-hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--steps",
+    "2",
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--no-tensorboard",
+]
 TINY = [*SMALL, "--epochs", "1"]
 
 
@@ -40,8 +52,25 @@ def folder_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("folder")
     pictures = write_pictures(base / "pictures")
     run = base / "run"
-    assert main(["train", "--out", str(run), "--dataset", "imagefolder", "--data-root", str(pictures),
-                 "--split-seed", "7", "--binarize", "static", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "imagefolder",
+                "--data-root",
+                str(pictures),
+                "--split-seed",
+                "7",
+                "--binarize",
+                "static",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return run, pictures
 
 
@@ -118,27 +147,47 @@ def test_eval_refuses_images_of_another_shape(folder_run, capsys):
 
 def test_conditional_takes_the_data_sets_classes(tmp_path):
     pictures = write_pictures(tmp_path / "p", classes=2, per_class=10)
-    assert main(["train", "--out", str(tmp_path / "r"), "--dataset", "imagefolder", "--data-root", str(pictures),
-                 "--conditional", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(tmp_path / "r"),
+                "--dataset",
+                "imagefolder",
+                "--data-root",
+                str(pictures),
+                "--conditional",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert load_model(tmp_path / "r").num_classes == 2
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--likelihood", "bernoulli"], "has colour images; the Bernoulli likelihood takes 0/1 pixels"),
-    (["--binarize", "static"], "--likelihood logistic, or --channels 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--likelihood", "bernoulli"], "has colour images; the Bernoulli likelihood takes 0/1 pixels"),
+        (["--binarize", "static"], "--likelihood logistic, or --channels 1"),
+    ],
+)
 def test_colour_images_with_bernoulli_are_refused(tmp_path, capsys, extra, message):
     pictures = write_pictures(tmp_path / "p", classes=1, per_class=10, mode="RGB")
     out = tmp_path / "r"
-    assert main(["train", "--out", str(out), "--dataset", "imagefolder", "--data-root", str(pictures),
-                 *TINY, *extra]) == 2
+    assert (
+        main(["train", "--out", str(out), "--dataset", "imagefolder", "--data-root", str(pictures), *TINY, *extra]) == 2
+    )
     assert message in last_line(capsys.readouterr().err)
     assert not out.exists()
 
 
 def test_missing_files_one_line_on_the_command_line(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "r"), "--dataset", "fashion_mnist", "--data-root",
-                 str(tmp_path), *TINY]) == 2
+    assert (
+        main(["train", "--out", str(tmp_path / "r"), "--dataset", "fashion_mnist", "--data-root", str(tmp_path), *TINY])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "pass --download to fetch them, or --data-root DIR" in err
@@ -161,7 +210,9 @@ def _has_logistic() -> bool:
     from avme_ext.model import AVME
 
     try:
-        AVME(data_dim=4, enc_hidden=2, dec_hidden=2, latent_dim=1, steps=1, likelihood="logistic", image_shape=(1, 2, 2))
+        AVME(
+            data_dim=4, enc_hidden=2, dec_hidden=2, latent_dim=1, steps=1, likelihood="logistic", image_shape=(1, 2, 2)
+        )
     except NotImplementedError:
         return False
     return True
@@ -177,8 +228,25 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
     shapes = tmp_path / "shapes"
     load_script("make_shapes").write_shapes(shapes, num=30, size=12, seed=0)
     run = tmp_path / "r"
-    assert main(["train", "--out", str(run), "--dataset", "imagefolder", "--data-root", str(shapes),
-                 "--image-size", "6", "--likelihood", "logistic", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "imagefolder",
+                "--data-root",
+                str(shapes),
+                "--image-size",
+                "6",
+                "--likelihood",
+                "logistic",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["pixels"] == "levels"
     assert config["model"]["image_shape"] == [3, 6, 6]
@@ -211,8 +279,27 @@ def test_colour_shapes_train_evaluate_sample_and_draw_a_gif(tmp_path, capsys):
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="no ../shared/data/mnist")
 def test_mnist_grey_levels_with_the_logistic_likelihood(tmp_path):
     run = tmp_path / "r"
-    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-root", str(SHARED_DATA / "mnist"),
-                 "--likelihood", "logistic", "--train-subset", "64", "--valid-subset", "32", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "mnist",
+                "--data-root",
+                str(SHARED_DATA / "mnist"),
+                "--likelihood",
+                "logistic",
+                "--train-subset",
+                "64",
+                "--valid-subset",
+                "32",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     images = load_run_split(run, "valid", {}, load_model(run).config)
     assert images.levels
     assert images.name == "mnist/valid"
@@ -220,8 +307,15 @@ def test_mnist_grey_levels_with_the_logistic_likelihood(tmp_path):
 
 
 # --------------------------------------------------------------------------- runs of earlier versions
-_NEW_TRAIN_KEYS = ("binarize", "image_size", "channels", "emnist_split", "valid_fraction", "test_fraction",
-                   "split_seed")
+_NEW_TRAIN_KEYS = (
+    "binarize",
+    "image_size",
+    "channels",
+    "emnist_split",
+    "valid_fraction",
+    "test_fraction",
+    "split_seed",
+)
 
 
 def _as_earlier_version(run: Path) -> None:

@@ -53,17 +53,28 @@ def write_cifar10(root: Path, per_batch: int = 4, test: int = 5) -> dict[str, tu
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     written: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
-    for name, n, part in [*((f"data_batch_{i}", per_batch, "train") for i in range(1, 6)), ("test_batch", test, "test")]:
+    for name, n, part in [
+        *((f"data_batch_{i}", per_batch, "train") for i in range(1, 6)),
+        ("test_batch", test, "test"),
+    ]:
         data = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = RNG.integers(0, 10, n).tolist()
         with open(folder / name, "wb") as handle:
-            pickle.dump({"batch_label": name.encode(), "labels": labels, "data": data,
-                         "filenames": [f"{i}.png".encode() for i in range(n)]}, handle)
+            pickle.dump(
+                {
+                    "batch_label": name.encode(),
+                    "labels": labels,
+                    "data": data,
+                    "filenames": [f"{i}.png".encode() for i in range(n)],
+                },
+                handle,
+            )
         written[part][0].append(data)
         written[part][1].extend(labels)
     with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch,
-                     "num_vis": 3072}, handle)
+        pickle.dump(
+            {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}, handle
+        )
     return {part: (np.concatenate(data).reshape(-1, 3, 32, 32), labels) for part, (data, labels) in written.items()}
 
 
@@ -148,8 +159,7 @@ def test_mnist_like_sets(tmp_path, name, folder):
 
 
 def test_emnist_split_and_orientation(tmp_path):
-    written = write_mnist_like(tmp_path / "EMNIST" / "raw",
-                               {"emnist-letters-train": 10, "emnist-letters-test": 4}, 27)
+    written = write_mnist_like(tmp_path / "EMNIST" / "raw", {"emnist-letters-train": 10, "emnist-letters-test": 4}, 27)
     test = load_split("emnist", "test", tmp_path, emnist_split="letters")
     images = written["emnist-letters-test"][0]
     assert test.num_classes == 27  # torchvision's letters: "N/A" and a-z
@@ -181,14 +191,17 @@ def test_grey_sets_binarize_for_bernoulli(tmp_path):
         load_split("kmnist", "test", tmp_path, binarize="static", likelihood="logistic")
 
 
-@pytest.mark.parametrize(("name", "missing"), [
-    ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
-    ("kmnist", "KMNIST/raw/t10k-labels-idx1-ubyte"),
-    ("emnist", "EMNIST/raw/emnist-balanced-test-images-idx3-ubyte"),
-    ("cifar10", "cifar-10-batches-py/test_batch"),
-    ("svhn", "SVHN/test_32x32.mat"),
-    ("omniglot", "omniglot-py/images_evaluation.zip"),
-])
+@pytest.mark.parametrize(
+    ("name", "missing"),
+    [
+        ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte"),
+        ("kmnist", "KMNIST/raw/t10k-labels-idx1-ubyte"),
+        ("emnist", "EMNIST/raw/emnist-balanced-test-images-idx3-ubyte"),
+        ("cifar10", "cifar-10-batches-py/test_batch"),
+        ("svhn", "SVHN/test_32x32.mat"),
+        ("omniglot", "omniglot-py/images_evaluation.zip"),
+    ],
+)
 def test_missing_files_one_line(tmp_path, name, missing):
     if name == "svhn" and importlib.util.find_spec("scipy") is None:
         pytest.skip("svhn needs scipy")
@@ -328,13 +341,16 @@ def test_npz_with_splits_and_kinds(tmp_path):
     assert load_split("npz", "train", path, test_fraction=0.25, valid_fraction=0.25).image_shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize(("arrays", "message"), [
-    ({"x": np.zeros((2, 3, 3), np.uint8)}, "has keys"),
-    ({"images": np.zeros((2, 3, 3))}, r"uint8 \(8-bit levels\) or bool.*numpy.round"),
-    ({"images": np.zeros((2, 9), np.uint8)}, r"got shape \(2, 9\)"),
-    ({"images": np.zeros((2, 3, 3), np.uint8), "labels": np.array([0, -1])}, "labels must be >= 0"),
-    ({"x_train": np.zeros((2, 3, 3), np.uint8), "x_test": np.zeros((2, 4, 4), np.uint8)}, "one shape"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((2, 3, 3), np.uint8)}, "has keys"),
+        ({"images": np.zeros((2, 3, 3))}, r"uint8 \(8-bit levels\) or bool.*numpy.round"),
+        ({"images": np.zeros((2, 9), np.uint8)}, r"got shape \(2, 9\)"),
+        ({"images": np.zeros((2, 3, 3), np.uint8), "labels": np.array([0, -1])}, "labels must be >= 0"),
+        ({"x_train": np.zeros((2, 3, 3), np.uint8), "x_test": np.zeros((2, 4, 4), np.uint8)}, "one shape"),
+    ],
+)
 def test_npz_errors(tmp_path, arrays, message):
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(DataFormatError, match=message):
@@ -364,8 +380,10 @@ def test_resize_keeps_levels_and_constant_images():
 
 def test_held_out_splits_partition_by_seed():
     parts = {"all"}
-    rows = {s: split_rows(s, parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5).rows for s in
-            ("train", "valid", "test")}
+    rows = {
+        s: split_rows(s, parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5).rows
+        for s in ("train", "valid", "test")
+    }
     assert [len(rows[s]) for s in ("train", "valid", "test")] == [78, 15, 10]  # floor(f * 103 + 1/2)
     assert torch.cat(list(rows.values())).sort().values.equal(torch.arange(103))
     assert all(r.equal(r.sort().values) for r in rows.values())
@@ -376,16 +394,24 @@ def test_held_out_splits_partition_by_seed():
         split_rows("valid", {"train", "test"}, 3, valid_fraction=0.1, test_fraction=0.1, seed=0)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"dataset": "binarized_mnist", "binarize": "static"}, "does not apply"),
-    ({"dataset": "mnist_static", "binarize": "dynamic"}, "cannot take"),
-    ({"dataset": "kmnist", "emnist_split": "letters"}, "only applies to --dataset emnist"),
-    ({"dataset": "kmnist", "valid_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
-    ({"dataset": "kmnist", "valid_fraction": 1.5}, r"must be a number in \(0, 1\)"),
-    ({"dataset": "kmnist", "image_size": 0}, "image_size"),
-    ({"dataset": "kmnist", "channels": 2}, "valid choices: 1, 3"),
-    ({"dataset": "cifar", }, "valid choices: binarized_mnist"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dataset": "binarized_mnist", "binarize": "static"}, "does not apply"),
+        ({"dataset": "mnist_static", "binarize": "dynamic"}, "cannot take"),
+        ({"dataset": "kmnist", "emnist_split": "letters"}, "only applies to --dataset emnist"),
+        ({"dataset": "kmnist", "valid_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
+        ({"dataset": "kmnist", "valid_fraction": 1.5}, r"must be a number in \(0, 1\)"),
+        ({"dataset": "kmnist", "image_size": 0}, "image_size"),
+        ({"dataset": "kmnist", "channels": 2}, "valid choices: 1, 3"),
+        (
+            {
+                "dataset": "cifar",
+            },
+            "valid choices: binarized_mnist",
+        ),
+    ],
+)
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         DataSpec(**options)

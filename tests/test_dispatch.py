@@ -20,7 +20,13 @@ from bench import crossover  # noqa: E402
 
 FAKE = "Fake GPU 80GB"
 TABLE = {
-    (FAKE, "float32", "fp32"): [(99, "ref"), (100, "persistent"), (1024, "stagewise"), (4095, "ref"), (4096, "stagewise")],
+    (FAKE, "float32", "fp32"): [
+        (99, "ref"),
+        (100, "persistent"),
+        (1024, "stagewise"),
+        (4095, "ref"),
+        (4096, "stagewise"),
+    ],
     ("Fake GPU*", "float32", "bf16"): [(4096, "rowtile")],
 }
 
@@ -84,8 +90,18 @@ def test_parse_table_refuses_what_is_not_the_table():
 
 def test_choose_follows_the_ranges():
     entries = TABLE[(FAKE, "float32", "fp32")]
-    expected = {1: "ref", 99: "ref", 100: "persistent", 101: "stagewise", 1024: "stagewise", 1025: "ref",
-                4095: "ref", 4096: "stagewise", 4097: "ref", 10**6: "ref"}
+    expected = {
+        1: "ref",
+        99: "ref",
+        100: "persistent",
+        101: "stagewise",
+        1024: "stagewise",
+        1025: "ref",
+        4095: "ref",
+        4096: "stagewise",
+        4097: "ref",
+        10**6: "ref",
+    }
     assert {b: dispatch.choose(entries, b) for b in expected} == expected
     assert dispatch.choose((), 5) == "ref"
 
@@ -113,21 +129,23 @@ def test_measured_gpu_follows_the_table(fake_gpu):
     assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100) == "persistent"
     assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "cuda"
     assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 512) == "stagewise"
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 64) == "ref"     # below the smallest measured B
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 2048) == "ref"   # the range where the reference won
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 8192) == "ref"   # above the largest measured B
-    assert dispatch.auto_design(torch.device("cuda"), torch.float32, "bf16", 7) == "rowtile"  # glob pattern, current device
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 64) == "ref"  # below the smallest measured B
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 2048) == "ref"  # the range where the reference won
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 8192) == "ref"  # above the largest measured B
+    assert (
+        dispatch.auto_design(torch.device("cuda"), torch.float32, "bf16", 7) == "rowtile"
+    )  # glob pattern, current device
 
 
 def test_never_measured_configurations_are_ref(fake_gpu):
-    assert dispatch.auto_impl(torch.device("cuda", 1), torch.float32, "fp32", 100) == "ref"   # unknown GPU
-    assert dispatch.auto_impl(CUDA0, torch.float64, "fp32", 100) == "ref"                     # dtype never measured
-    assert dispatch.auto_impl(CUDA0, torch.float32, "tf32", 100) == "ref"                     # precision never measured
+    assert dispatch.auto_impl(torch.device("cuda", 1), torch.float32, "fp32", 100) == "ref"  # unknown GPU
+    assert dispatch.auto_impl(CUDA0, torch.float64, "fp32", 100) == "ref"  # dtype never measured
+    assert dispatch.auto_impl(CUDA0, torch.float32, "tf32", 100) == "ref"  # precision never measured
 
 
 def test_a_design_the_package_no_longer_has_is_ref(fake_gpu, monkeypatch):
     monkeypatch.setattr(dispatch, "DESIGN_NAMES", ("auto", "rowtile", "stagewise"))
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"      # persistent is gone
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"  # persistent is gone
     assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 512) == "cuda"
 
 
@@ -168,13 +186,24 @@ def _record(impl: str, batch: int, steps: int, value: float | None, skipped: str
 
 
 def _results(records: list[dict], device: str = FAKE) -> dict:
-    return {"device": device, "device_type": "cuda", "date": "2026-01-02", "torch": "2.11.0", "git_commit": "a" * 40,
-            "git_dirty": False, "config": {"smoke": False, "steps": [12, 64]}, "records": records}
+    return {
+        "device": device,
+        "device_type": "cuda",
+        "date": "2026-01-02",
+        "torch": "2.11.0",
+        "git_commit": "a" * 40,
+        "git_dirty": False,
+        "config": {"smoke": False, "steps": [12, 64]},
+        "records": records,
+    }
 
 
 def _refs(batch: int, steps: int, best: float) -> list[dict]:
-    return [_record("ref-eager", batch, steps, best / 3), _record("ref-compile", batch, steps, best / 2),
-            _record("ref-cudagraph", batch, steps, best)]
+    return [
+        _record("ref-eager", batch, steps, best / 3),
+        _record("ref-compile", batch, steps, best / 2),
+        _record("ref-cudagraph", batch, steps, best),
+    ]
 
 
 def test_decisions_are_conservative():
@@ -200,12 +229,16 @@ def test_decisions_are_conservative():
     ]
     data = _results(records)
     by_b = {p.batch: p for p in crossover.decide(data)["fp32"]}
-    assert by_b[100].winners == {"persistent": 5000.0}   # auto's graph variant is slower than ref-cudagraph
+    assert by_b[100].winners == {"persistent": 5000.0}  # auto's graph variant is slower than ref-cudagraph
     assert by_b[256].choice == "ref"
     assert "time budget" in by_b[256].notes[0]
     assert by_b[1024].winners == {"stagewise": 2000.0}
     assert crossover.entries_from_points(list(by_b.values())) == [
-        (99, "ref"), (100, "persistent"), (1023, "ref"), (1024, "stagewise")]
+        (99, "ref"),
+        (100, "persistent"),
+        (1023, "ref"),
+        (1024, "stagewise"),
+    ]
     assert all(p.choice == "ref" for p in crossover.decide(data)["bf16"])  # no bf16 record: never faster
     # a margin: faster, but not by enough
     assert crossover.decide_point(records, 100, "fp32", margin=6.0).choice == "ref"
@@ -213,29 +246,59 @@ def test_decisions_are_conservative():
 
 def test_gaps_between_measured_sizes():
     P = crossover.PointDecision
-    points = [P(100, {"persistent": 10.0, "rowtile": 5.0}), P(256, {"rowtile": 4.0, "persistent": 3.0}),
-              P(1024, {"stagewise": 9.0}), P(4096, {"stagewise": 8.0})]
+    points = [
+        P(100, {"persistent": 10.0, "rowtile": 5.0}),
+        P(256, {"rowtile": 4.0, "persistent": 3.0}),
+        P(1024, {"stagewise": 9.0}),
+        P(4096, {"stagewise": 8.0}),
+    ]
     assert crossover.entries_from_points(points) == [
-        (99, "ref"), (100, "persistent"), (256, "rowtile"), (1023, "ref"), (4096, "stagewise")]
+        (99, "ref"),
+        (100, "persistent"),
+        (256, "rowtile"),
+        (1023, "ref"),
+        (4096, "stagewise"),
+    ]
     assert crossover.entries_from_points([P(100), P(4096)]) == [(4096, "ref")]
 
 
 def test_generator_round_trip(tmp_path: Path):
     """Synthetic results -> bench/crossover.py -> a dispatch module whose table gives the measured choices."""
     records = []
-    for batch, (persistent, stagewise) in {100: (9000.0, 500.0), 256: (7000.0, 2000.0), 1024: (900.0, 5000.0),
-                                           4096: (100.0, 900.0)}.items():
+    for batch, (persistent, stagewise) in {
+        100: (9000.0, 500.0),
+        256: (7000.0, 2000.0),
+        1024: (900.0, 5000.0),
+        4096: (100.0, 900.0),
+    }.items():
         records += _refs(batch, 12, 1000.0)
-        records += [_record("fused-persistent-bf16", batch, 12, persistent),
-                    _record("fused-stagewise-bf16", batch, 12, stagewise),
-                    _record("fused-auto-bf16-graph", batch, 12, max(persistent, stagewise)),
-                    _record("fused-rowtile-fp32", batch, 12, 10.0)]
+        records += [
+            _record("fused-persistent-bf16", batch, 12, persistent),
+            _record("fused-stagewise-bf16", batch, 12, stagewise),
+            _record("fused-auto-bf16-graph", batch, 12, max(persistent, stagewise)),
+            _record("fused-rowtile-fp32", batch, 12, 10.0),
+        ]
     results = tmp_path / "2026-01-02-fake-gpu.json"
     results.write_text(json.dumps(_results(records)))
     source = ROOT / "avme_ext" / "dispatch.py"
     out = tmp_path / "dispatch.py"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "crossover.py"), str(results), "--dispatch", str(source),
-                           "--out", str(out), "--print"], cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "crossover.py"),
+            str(results),
+            "--dispatch",
+            str(source),
+            "--out",
+            str(out),
+            "--print",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     before, after = source.read_text(), out.read_text()
     start, end = dispatch.marker_span(before)
@@ -248,8 +311,8 @@ def test_generator_round_trip(tmp_path: Path):
         assert sources[key] == dispatch.CROSSOVER_SOURCES[key]
     # auto's graph variant is as fast as persistent at B=100: the named designs are preferred to "auto"
     assert table[(FAKE, "float32", "bf16")] == [(99, "ref"), (256, "persistent"), (1024, "stagewise"), (4096, "ref")]
-    assert table[(FAKE, "float32", "fp32")] == [(4096, "ref")]   # rowtile never faster
-    assert table[(FAKE, "float32", "tf32")] == [(4096, "ref")]   # never measured
+    assert table[(FAKE, "float32", "fp32")] == [(4096, "ref")]  # rowtile never faster
+    assert table[(FAKE, "float32", "tf32")] == [(4096, "ref")]  # never measured
     assert results.name in sources[(FAKE, "float32", "bf16")]
     assert "aaaaaaaaaaaa" in sources[(FAKE, "float32", "bf16")]
     compile(after, str(out), "exec")
@@ -264,8 +327,16 @@ def test_generator_round_trip(tmp_path: Path):
         mp.setattr(dispatch, "_ENTRY_CACHE", {})
         sizes = (50, 100, 200, 256, 500, 1024, 2048, 8192)
         got = {b: dispatch.auto_design(CUDA0, torch.float32, "bf16", b) for b in sizes}
-        assert got == {50: "ref", 100: "persistent", 200: "persistent", 256: "persistent", 500: "stagewise",
-                       1024: "stagewise", 2048: "ref", 8192: "ref"}
+        assert got == {
+            50: "ref",
+            100: "persistent",
+            200: "persistent",
+            256: "persistent",
+            500: "stagewise",
+            1024: "stagewise",
+            2048: "ref",
+            8192: "ref",
+        }
         assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"
 
     # running it again on its own output changes nothing

@@ -30,22 +30,54 @@ TIMEOUT = 180
 MNIST = SHARED_DATA / "mnist"
 # the harder data path when the official MNIST files are there: labels (conditional model) and a fresh
 # Bernoulli draw of every batch (dynamic binarization), which must not depend on the sharding either
-DATA = (["--dataset", "mnist_dynamic", "--data-root", str(MNIST)]
-        if (MNIST / "train-images-idx3-ubyte.gz").is_file() else ["--dataset", "binarized_mnist"])
-TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4", "--train-subset", "1000",
-        "--valid-subset", "300", "--valid-batch-size", "100", "--batch-size", "50", "--epochs", "1",
-        "--log-every", "5", "--no-progress", "--conditional", *DATA]
+DATA = (
+    ["--dataset", "mnist_dynamic", "--data-root", str(MNIST)]
+    if (MNIST / "train-images-idx3-ubyte.gz").is_file()
+    else ["--dataset", "binarized_mnist"]
+)
+TINY = [
+    "--enc-hidden",
+    "32",
+    "--dec-hidden",
+    "32",
+    "--latent-dim",
+    "8",
+    "--steps",
+    "4",
+    "--train-subset",
+    "1000",
+    "--valid-subset",
+    "300",
+    "--valid-batch-size",
+    "100",
+    "--batch-size",
+    "50",
+    "--epochs",
+    "1",
+    "--log-every",
+    "5",
+    "--no-progress",
+    "--conditional",
+    *DATA,
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
-    result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, check=False, timeout=TIMEOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+    result = subprocess.run(
+        command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, check=False, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -53,8 +85,15 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, check=False, timeout=TIMEOUT)
+    single = subprocess.run(
+        [sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY],
+        env=subprocess_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
     assert single.returncode == 0, single.stderr
     # --resume on a fresh directory: what an elastic job (--max-restarts) does from its first launch
     ddp = torchrun("--max-restarts=1", "-m", "avme_ext", "train", "--out", str(two), "--resume", *TINY)
@@ -120,8 +159,9 @@ def _worker_pids(agent: int) -> dict[int, int]:
             continue
         for pid in pids:
             try:
-                env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
-                           if "=" in item)
+                env = dict(
+                    item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+                )
             except OSError:
                 continue
             if "RANK" in env:
@@ -137,17 +177,33 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     # c10d rendezvous with torchrun's default shared TCP store, as in `avme train --help`: the store outlives
     # the first attempt, so this also checks that distributed.setup gives each attempt its own keys (without
     # that the restarted workers' gloo init reads the dead workers' addresses and fails).
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-               "-m", "avme_ext", "train", "--out", str(out), "--resume", *ELASTIC]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m",
+        "avme_ext",
+        "train",
+        "--out",
+        str(out),
+        "--resume",
+        *ELASTIC,
+    ]
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, env=subprocess_env(LOGLEVEL="INFO"),
-                                cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command, env=subprocess_env(LOGLEVEL="INFO"), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
+        )
     try:
-        killed_after = _wait_for("a mid-run checkpoint",
-                                 lambda: (s := _checkpoint_step(out)) and s < ELASTIC_STEPS and s, TIMEOUT, proc, log)
-        workers = _wait_for("two worker processes", lambda: (w := _worker_pids(proc.pid)) and len(w) == 2 and w,
-                            10, proc, log)
+        killed_after = _wait_for(
+            "a mid-run checkpoint", lambda: (s := _checkpoint_step(out)) and s < ELASTIC_STEPS and s, TIMEOUT, proc, log
+        )
+        workers = _wait_for(
+            "two worker processes", lambda: (w := _worker_pids(proc.pid)) and len(w) == 2 and w, 10, proc, log
+        )
         os.kill(workers[1], signal.SIGKILL)  # rank 1: rank 0 then fails in its next collective
         try:
             proc.wait(timeout=TIMEOUT)
@@ -180,8 +236,13 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> Non
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{key} differs")
     wall = ("time", "examples_per_s", "seconds")
-    metrics = [[{k: v for k, v in json.loads(line).items() if k not in wall}
-                for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (reference, out)]
+    metrics = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in wall}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in (reference, out)
+    ]
     assert metrics[0] == metrics[1]
 
 

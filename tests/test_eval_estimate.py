@@ -26,11 +26,19 @@ def model() -> AVME:
     return AVME(**SIZES).eval()
 
 
-@pytest.mark.parametrize(("num_images", "samples", "batch_size", "max_rows", "passes"), [
-    (30, 50, 100, 256, 1), (250, 100, 100, 20000, 1), (7, 0, 3, 10, 1), (12, 40, 5, 64, 10), (3, 500, 100, 200, 1),
-])
-def test_the_estimate_counts_the_calls_the_evaluation_makes(num_images, samples, batch_size, max_rows, passes,
-                                                            monkeypatch):
+@pytest.mark.parametrize(
+    ("num_images", "samples", "batch_size", "max_rows", "passes"),
+    [
+        (30, 50, 100, 256, 1),
+        (250, 100, 100, 20000, 1),
+        (7, 0, 3, 10, 1),
+        (12, 40, 5, 64, 10),
+        (3, 500, 100, 200, 1),
+    ],
+)
+def test_the_estimate_counts_the_calls_the_evaluation_makes(
+    num_images, samples, batch_size, max_rows, passes, monkeypatch
+):
     torch.manual_seed(0)
     net = AVME(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2, num_classes=10 if passes > 1 else 0, impl="ref")
     split = load_split("binarized_mnist", "test").subset(num_images, torch.Generator().manual_seed(0))
@@ -93,8 +101,13 @@ class _Clock:
 
 def _pace_check(estimate: float, *, advised: bool = False) -> tuple[PaceCheck, _Clock, list[str]]:
     clock, said = _Clock(), []
-    check = PaceCheck(estimate, advised=advised, advice="; use --num-images N or a GPU for a quicker look",
-                      clock=clock, say=said.append)
+    check = PaceCheck(
+        estimate,
+        advised=advised,
+        advice="; use --num-images N or a GPU for a quicker look",
+        clock=clock,
+        say=said.append,
+    )
     return check, clock, said
 
 

@@ -224,8 +224,12 @@ def test_chunk_seed_is_the_eval_namespace_of_derive_seed():
     from avme_ext.seeds import derive_seed
 
     # values of the former private hash, so results of earlier evaluations stay reproducible
-    known = {(0, 0, "elbo"): 6561077256986760138, (7, 3, "iwae"): 3966894830935414917,
-             (123, 45, "class"): 8206139814530748599, (2**40, 9, "data"): 4943704000034059393}
+    known = {
+        (0, 0, "elbo"): 6561077256986760138,
+        (7, 3, "iwae"): 3966894830935414917,
+        (123, 45, "class"): 8206139814530748599,
+        (2**40, 9, "data"): 4943704000034059393,
+    }
     for (seed, chunk, stream), value in known.items():
         assert chunk_seed(seed, chunk, stream) == value == derive_seed("avme-eval", seed, chunk, stream)
 
@@ -316,8 +320,9 @@ def test_estimate_cost_counts_trajectories_and_measures_a_rate(model, cond_model
     assert plain.seconds > 0
     assert plain.trajectories_per_second > 0
     assert plain.calls == 1 + 6  # one chunk of 30 images: its ELBO pass, then the IWAE in 6 groups of 5 * 50 rows
-    assert math.isclose(plain.seconds, plain.calls * plain.seconds_per_call
-                        + plain.trajectories / plain.trajectories_per_second)
+    assert math.isclose(
+        plain.seconds, plain.calls * plain.seconds_per_call + plain.trajectories / plain.trajectories_per_second
+    )
     marginal = estimate_cost(cond_model, 30, samples=50, max_rows=256, pilot_seconds=0.01)
     assert marginal.trajectories == 30 * (1 + 50 * 10)
     assert estimate_cost(cond_model, 30, samples=50, marginal=False, pilot_seconds=0.01).trajectories == 30 * 51

@@ -32,19 +32,38 @@ from helpers import REPO, subprocess_env
 
 TIMEOUT = 120
 # 1000 images, batch 50: 20 steps per epoch, 40 in all
-ARGS = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4", "--train-subset", "1000",
-        "--valid-subset", "200", "--batch-size", "50", "--epochs", "2", "--log-every", "1", "--no-progress"]
+ARGS = [
+    "--enc-hidden",
+    "32",
+    "--dec-hidden",
+    "32",
+    "--latent-dim",
+    "8",
+    "--steps",
+    "4",
+    "--train-subset",
+    "1000",
+    "--valid-subset",
+    "200",
+    "--batch-size",
+    "50",
+    "--epochs",
+    "2",
+    "--log-every",
+    "1",
+    "--no-progress",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def spawn(*args: str, script: str | None = None) -> subprocess.Popen:
     """Start ``avme train ARGS`` (or ``python -c script ARGS``) in a subprocess."""
     head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "avme_ext", "train"]
-    return subprocess.Popen([*head, *args], env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [*head, *args], env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -120,8 +139,9 @@ class SimulatedCrashError(Exception):
     pass
 
 
-def test_crash_before_the_first_checkpoint_restarts_with_the_saved_settings(reference: Path, tmp_path: Path,
-                                                                            monkeypatch, capsys) -> None:
+def test_crash_before_the_first_checkpoint_restarts_with_the_saved_settings(
+    reference: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """``--resume`` alone after a death before any checkpoint: a new run with the settings of config.json."""
     out = tmp_path / "run"
     original = T.Trainer.train_step
@@ -255,8 +275,10 @@ class Payload:
 def test_pickle_checkpoint_is_never_executed(reference: Path, tmp_path: Path, capsys) -> None:
     out, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(reference, out)
-    for name, dump in (("pickle", lambda f: pickle.dump(Payload(marker), f)),
-                       ("torch.save", lambda f: torch.save({"model": Payload(marker)}, f))):
+    for name, dump in (
+        ("pickle", lambda f: pickle.dump(Payload(marker), f)),
+        ("torch.save", lambda f: torch.save({"model": Payload(marker)}, f)),
+    ):
         with open(out / "last.safetensors", "wb") as handle:
             dump(handle)
         with pytest.raises(CheckpointError):
@@ -279,7 +301,7 @@ def test_truncated_checkpoint_is_refused_and_kept(reference: Path, tmp_path: Pat
         assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "last.safetensors" in err
-        assert ("truncated" in err or "corrupt" in err or "not a safetensors" in err)
+        assert "truncated" in err or "corrupt" in err or "not a safetensors" in err
         assert (out / "last.safetensors").read_bytes() == data[:size]  # the user's file is left as it was
 
 
@@ -294,9 +316,31 @@ def test_checkpoint_of_another_config_is_refused(reference: Path, tmp_path: Path
     assert "enc_hidden=16" in err
     # a run directory whose checkpoint comes from another run
     other = tmp_path / "other"
-    assert main(["train", "--out", str(other), "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4",
-                 "--steps", "3", "--epochs", "1", "--train-subset", "100", "--valid-subset", "0",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(other),
+                "--enc-hidden",
+                "16",
+                "--dec-hidden",
+                "16",
+                "--latent-dim",
+                "4",
+                "--steps",
+                "3",
+                "--epochs",
+                "1",
+                "--train-subset",
+                "100",
+                "--valid-subset",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     shutil.copy(reference / "last.safetensors", other / "last.safetensors")
     assert main(["train", "--out", str(other), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err

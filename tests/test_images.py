@@ -90,8 +90,9 @@ def test_drawing_gif_has_one_frame_per_step_and_holds_the_last(shape, tmp_path):
     d = math.prod(shape)
     steps = torch.rand(k, b, d, generator=torch.Generator().manual_seed(0))
     steps[2] = steps[1]  # two steps that look alike stay two frames (the progress bar differs)
-    path = images.save_drawing_gif(steps, tmp_path / "drawing.gif", 2, image_shape=shape, scale=scale,
-                                   frame_ms=100, hold_ms=2000)
+    path = images.save_drawing_gif(
+        steps, tmp_path / "drawing.gif", 2, image_shape=shape, scale=scale, frame_ms=100, hold_ms=2000
+    )
     gif, frames = gif_frames(path.read_bytes())
     height, width = images.grid_size(2, 2, image_shape=shape, scale=scale)
     assert gif.n_frames == k
@@ -128,8 +129,16 @@ def test_gif_arguments_are_checked(tmp_path):
 def colour_checkpoint(tmp_path_factory):
     """A logistic AVME on 3x8x8 images (a red square on a random-colour background) trained 30 steps."""
     torch.manual_seed(0)
-    model = AVME(data_dim=192, enc_hidden=24, dec_hidden=24, latent_dim=4, steps=4, likelihood="logistic",
-                 image_shape=(3, 8, 8), impl="ref")
+    model = AVME(
+        data_dim=192,
+        enc_hidden=24,
+        dec_hidden=24,
+        latent_dim=4,
+        steps=4,
+        likelihood="logistic",
+        image_shape=(3, 8, 8),
+        impl="ref",
+    )
     generator = torch.Generator().manual_seed(1)
     data = torch.rand(32, 3, 1, 1, generator=generator).expand(32, 3, 8, 8).clone()
     data[:, :, 2:6, 2:6] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
@@ -166,8 +175,24 @@ def test_colour_model_evaluates_in_bits_per_dim(colour_checkpoint):
 def test_sample_writes_a_colour_grid_and_a_gif_of_the_drawing(colour_checkpoint, tmp_path, capsys):
     path, model, _ = colour_checkpoint
     out, gif_path = tmp_path / "samples.png", tmp_path / "drawing.gif"
-    code = main(["sample", str(path), "--num", "6", "--nrow", "3", "--scale", "3", "--out", str(out),
-                 "--gif", str(gif_path), "--device", "cpu"])
+    code = main(
+        [
+            "sample",
+            str(path),
+            "--num",
+            "6",
+            "--nrow",
+            "3",
+            "--scale",
+            "3",
+            "--out",
+            str(out),
+            "--gif",
+            str(gif_path),
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert str(out) in printed

@@ -66,8 +66,7 @@ def eight_bit(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def logistic_model(image_shape=(3, 4, 4), seed: int = 0, **kwargs) -> AVME:
     torch.manual_seed(seed)
-    return AVME(data_dim=math.prod(image_shape), likelihood="logistic", image_shape=image_shape,
-                **{**SMALL, **kwargs})
+    return AVME(data_dim=math.prod(image_shape), likelihood="logistic", image_shape=image_shape, **{**SMALL, **kwargs})
 
 
 # --------------------------------------------------------------------------- the distribution
@@ -124,8 +123,9 @@ def test_float32_log_prob_matches_float64_brute_force_into_the_far_tails(log_sca
 def test_gradients_are_finite_and_correct_at_the_edges_and_in_the_tails():
     x = torch.tensor([0.0, 0.0, 1.0, 1.0, 1 / 255, 254 / 255, 0.5, 0.5], dtype=torch.float64)
     canvas = torch.tensor([-30.0, 30.0, 30.0, -30.0, -12.0, 12.0, 25.0, -25.0], dtype=torch.float64, requires_grad=True)
-    log_scale = torch.tensor([LOG_SCALE_MIN, -3.0, 0.0, -1.0, LOG_SCALE_MIN, -4.0, -6.0, -6.0], dtype=torch.float64,
-                             requires_grad=True)
+    log_scale = torch.tensor(
+        [LOG_SCALE_MIN, -3.0, 0.0, -1.0, LOG_SCALE_MIN, -4.0, -6.0, -6.0], dtype=torch.float64, requires_grad=True
+    )
 
     def fn(canvas, log_scale):
         return discretized_logistic_log_prob(x, torch.sigmoid(canvas), log_scale)
@@ -181,8 +181,15 @@ def test_config_fields_round_trip_through_json_and_old_configs_load():
     assert config.image_shape == (3, 32, 32)
     assert config.channels == 3
     assert AVMEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    old = {"data_dim": 784, "num_classes": 10, "enc_hidden": 400, "dec_hidden": 400, "latent_dim": 100, "steps": 12,
-           "encoder_input": "canvas"}  # a config.json written before these fields
+    old = {
+        "data_dim": 784,
+        "num_classes": 10,
+        "enc_hidden": 400,
+        "dec_hidden": 400,
+        "latent_dim": 100,
+        "steps": 12,
+        "encoder_input": "canvas",
+    }  # a config.json written before these fields
     loaded = AVMEConfig.from_dict(old)
     assert loaded.likelihood == "bernoulli"
     assert loaded.image_shape is None
@@ -192,13 +199,19 @@ def test_config_fields_round_trip_through_json_and_old_configs_load():
     assert AVMEConfig(data_dim=50).resolved_image_shape == default_image_shape(50) == (1, 1, 50)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"likelihood": "gaussian"}, r"likelihood must be one of \('bernoulli', 'logistic'\), got 'gaussian'"),
-    ({"data_dim": 784, "image_shape": (3, 28, 28)}, r"image_shape \(3, 28, 28\) holds 2352 pixels but data_dim is 784"),
-    ({"data_dim": 12, "image_shape": (3, 4)}, r"image_shape must be \(channels, height, width\), got \(3, 4\)"),
-    ({"data_dim": 12, "image_shape": (3, 0, 4)}, r"image_shape's height must be an integer >= 1"),
-    ({"data_dim": 12, "image_shape": "3x2x2"}, r"image_shape must be \(channels, height, width\)"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"likelihood": "gaussian"}, r"likelihood must be one of \('bernoulli', 'logistic'\), got 'gaussian'"),
+        (
+            {"data_dim": 784, "image_shape": (3, 28, 28)},
+            r"image_shape \(3, 28, 28\) holds 2352 pixels but data_dim is 784",
+        ),
+        ({"data_dim": 12, "image_shape": (3, 4)}, r"image_shape must be \(channels, height, width\), got \(3, 4\)"),
+        ({"data_dim": 12, "image_shape": (3, 0, 4)}, r"image_shape's height must be an integer >= 1"),
+        ({"data_dim": 12, "image_shape": "3x2x2"}, r"image_shape must be \(channels, height, width\)"),
+    ],
+)
 def test_bad_config_fields_are_clear_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         AVMEConfig(**fields)
@@ -286,8 +299,12 @@ def test_evaluation_names_the_likelihood_and_reports_bits_per_dim():
     shards = [evaluate(model, split, samples=4, batch_size=3, seed=1, shard=(r, 2)) for r in range(2)]
     assert merge_results(shards).summary() == summary
     logistic_elbo = evaluate(model, split, batch_size=3, shard=(0, 2))
-    bernoulli_elbo = evaluate(AVME(data_dim=12, num_classes=2, **SMALL), InMemorySplit(torch.ones(7, 12), split.labels),
-                              batch_size=3, shard=(1, 2))
+    bernoulli_elbo = evaluate(
+        AVME(data_dim=12, num_classes=2, **SMALL),
+        InMemorySplit(torch.ones(7, 12), split.labels),
+        batch_size=3,
+        shard=(1, 2),
+    )
     with pytest.raises(ValueError, match=r"different models \(likelihood, data_dim\)"):
         merge_results([logistic_elbo, bernoulli_elbo])
 
@@ -295,8 +312,9 @@ def test_evaluation_names_the_likelihood_and_reports_bits_per_dim():
 # --------------------------------------------------------------------------- the Bernoulli path as it was
 def test_checkpoint_from_before_the_likelihood_option_loads_and_computes_the_same():
     checkpoint = load_checkpoint(OLD_CHECKPOINT)
-    assert checkpoint.config == AVMEConfig(data_dim=12, num_classes=3, enc_hidden=5, dec_hidden=4, latent_dim=3,
-                                           steps=3)
+    assert checkpoint.config == AVMEConfig(
+        data_dim=12, num_classes=3, enc_hidden=5, dec_hidden=4, latent_dim=3, steps=3
+    )
     assert checkpoint.config.likelihood == "bernoulli"
     expected = checkpoint.trainer_state["expected"]
     model = load_model(OLD_CHECKPOINT, dtype=torch.float64, impl="ref")
@@ -308,15 +326,22 @@ def test_checkpoint_from_before_the_likelihood_option_loads_and_computes_the_sam
     iwae = model.iwae_bound(x, y, samples=6, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(iwae.tolist(), expected["iwae"], rtol=1e-12, atol=1e-12)
 
-    split = InMemorySplit(torch.tensor(expected["split_images"], dtype=torch.uint8),
-                          torch.tensor(expected["split_labels"]))
+    split = InMemorySplit(
+        torch.tensor(expected["split_images"], dtype=torch.uint8), torch.tensor(expected["split_labels"])
+    )
     summary = evaluate(model, split, samples=5, batch_size=3, seed=4).summary()
     old = expected["eval_summary"]
     for key, value in old.items():  # every key as it was ...
         assert summary[key] == pytest.approx(value, rel=1e-12), key
     added = set(summary) - set(old)  # ... and only additions
-    assert added == {"likelihood", "data_dim", "nelbo_bits_per_dim", "iwae_nll_bits_per_dim",
-                     "nll_given_y_bits_per_dim", "nll_marginal_bits_per_dim"}
+    assert added == {
+        "likelihood",
+        "data_dim",
+        "nelbo_bits_per_dim",
+        "iwae_nll_bits_per_dim",
+        "nll_given_y_bits_per_dim",
+        "nll_marginal_bits_per_dim",
+    }
     assert summary["likelihood"] == "bernoulli"
     assert summary["data_dim"] == 12
 
@@ -329,8 +354,23 @@ def test_avme_eval_names_the_likelihood_and_prints_bits_per_dim(tmp_path, capsys
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "grey.safetensors", AVME(likelihood="logistic", **SMALL))
     out = tmp_path / "eval.json"
-    code = main(["eval", str(path), "--samples", "2", "--num-images", "6", "--batch-size", "3", "--json", str(out),
-                 "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            str(path),
+            "--samples",
+            "2",
+            "--num-images",
+            "6",
+            "--batch-size",
+            "3",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out.read_text())["summary"]

@@ -20,8 +20,26 @@ from avme_ext.training.step import GraphedStep, set_group_learning_rates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "600",
-        "--valid-subset", "100", "--batch-size", "100", "--no-progress", "--no-tensorboard", "--log-every", "1"]
+TINY = [
+    "--enc-hidden",
+    "16",
+    "--dec-hidden",
+    "16",
+    "--latent-dim",
+    "4",
+    "--steps",
+    "3",
+    "--train-subset",
+    "600",
+    "--valid-subset",
+    "100",
+    "--batch-size",
+    "100",
+    "--no-progress",
+    "--no-tensorboard",
+    "--log-every",
+    "1",
+]
 STEPS_PER_EPOCH = 6
 
 
@@ -52,7 +70,9 @@ def test_config_makes_the_cosine_schedule_concrete_and_checks_it() -> None:
     assert (held.lr_decay_epochs, held.lr_hold_epochs) == (10, 20)  # the decay fills the rest of the run
     assert T.TrainConfig().lr_final is None
     assert T.TrainConfig().lr_decay_epochs is None
-    with pytest.raises(T.OptionError, match=r"lr_final \(--lr-final\) only apply to lr_schedule \(--lr-schedule\) cosine"):
+    with pytest.raises(
+        T.OptionError, match=r"lr_final \(--lr-final\) only apply to lr_schedule \(--lr-schedule\) cosine"
+    ):
         T.TrainConfig(lr_final=1e-5)
     with pytest.raises(T.OptionError, match=r"lr_decay_epochs \(--lr-decay-epochs\) only apply"):
         T.TrainConfig(lr_decay_epochs=3)
@@ -60,7 +80,9 @@ def test_config_makes_the_cosine_schedule_concrete_and_checks_it() -> None:
         T.TrainConfig(lr_hold_epochs=3)
     with pytest.raises(T.OptionError, match=r"lr_hold_epochs \(--lr-hold-epochs\) must be an integer >= 0, got -1"):
         T.TrainConfig(lr_schedule="cosine", lr_hold_epochs=-1)
-    with pytest.raises(T.OptionError, match=r"lr_final \(--lr-final\) must be a finite number in \[0, lr=0.001\], got 0.01"):
+    with pytest.raises(
+        T.OptionError, match=r"lr_final \(--lr-final\) must be a finite number in \[0, lr=0.001\], got 0.01"
+    ):
         T.TrainConfig(lr_schedule="cosine", lr_final=1e-2)
     with pytest.raises(T.OptionError, match=r"lr_final .* got nan"):
         T.TrainConfig(lr_schedule="cosine", lr_final=float("nan"))
@@ -82,23 +104,40 @@ def train_rates(out: Path) -> list[tuple[int, float]]:
 
 
 def test_cosine_run_follows_the_schedule_and_resumes_bit_for_bit(tmp_path: Path, capsys) -> None:
-    cosine = ["--lr-schedule", "cosine", "--lr", "0.004", "--lr-final", "0.0004", "--lr-decay-epochs", "2",
-              "--lr-hold-epochs", "1"]
+    cosine = [
+        "--lr-schedule",
+        "cosine",
+        "--lr",
+        "0.004",
+        "--lr-final",
+        "0.0004",
+        "--lr-decay-epochs",
+        "2",
+        "--lr-hold-epochs",
+        "1",
+    ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["train", "--out", str(whole), *TINY, *cosine, "--epochs", "3"]) == 0
-    assert "learning rate: 0.004 for 1 epoch, then half a cosine down to 0.0004 over 2 epochs" in capsys.readouterr().err
+    assert (
+        "learning rate: 0.004 for 1 epoch, then half a cosine down to 0.0004 over 2 epochs" in capsys.readouterr().err
+    )
     # the record after step s reports the rate of that step's update: the schedule at s - 1
     logged = train_rates(whole)
     assert [step for step, _ in logged] == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     for step, lr in logged:
-        expected = T.learning_rate_at(step - 1, 0.004, "cosine", final=0.0004, decay_steps=2 * STEPS_PER_EPOCH,
-                                      hold_steps=STEPS_PER_EPOCH)
+        expected = T.learning_rate_at(
+            step - 1, 0.004, "cosine", final=0.0004, decay_steps=2 * STEPS_PER_EPOCH, hold_steps=STEPS_PER_EPOCH
+        )
         assert lr == pytest.approx(expected, rel=1e-12), step
-    assert [lr for _, lr in logged[:STEPS_PER_EPOCH + 1]] == [0.004] * (STEPS_PER_EPOCH + 1)  # held for an epoch
+    assert [lr for _, lr in logged[: STEPS_PER_EPOCH + 1]] == [0.004] * (STEPS_PER_EPOCH + 1)  # held for an epoch
     assert logged[-1][1] == pytest.approx(0.0004 + 0.0036 * (1 + math.cos(math.pi * 11 / 12)) / 2)
     config = json.loads((whole / "config.json").read_text())["train"]
     assert (config["lr_schedule"], config["lr_final"], config["lr_decay_epochs"], config["lr_hold_epochs"]) == (
-        "cosine", 0.0004, 2, 1)
+        "cosine",
+        0.0004,
+        2,
+        1,
+    )
 
     # two epochs (the decay half done), then resumed without the schedule options to three: the same bits
     assert main(["train", "--out", str(split), *TINY, *cosine, "--epochs", "2"]) == 0

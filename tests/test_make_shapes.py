@@ -26,8 +26,11 @@ def test_writes_rgb_pngs_in_one_folder_per_shape(make_shapes, tmp_path, capsys):
     assert make_shapes.main(["--out", str(tmp_path / "s"), "--num", "7", "--size", "12"]) == 0
     assert "wrote 7 images of 12 x 12 pixels" in capsys.readouterr().out
     files = {d.name: sorted(p.name for p in d.iterdir()) for d in (tmp_path / "s").iterdir()}
-    assert files == {"circle": ["0.png", "3.png", "6.png"], "square": ["1.png", "4.png"],
-                     "triangle": ["2.png", "5.png"]}
+    assert files == {
+        "circle": ["0.png", "3.png", "6.png"],
+        "square": ["1.png", "4.png"],
+        "triangle": ["2.png", "5.png"],
+    }
     for path in (tmp_path / "s").rglob("*.png"):
         assert pixels(path).shape == (12, 12, 3)
 
@@ -69,10 +72,13 @@ def test_same_seed_same_images_other_seed_other_images(make_shapes, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "a" / "circle" / "0.png"), pixels(tmp_path / "c" / "circle" / "0.png"))
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--num", "2"], "--num must be at least 3"),
-    (["--size", "4"], "--size must be at least 8 pixels, got 4"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num", "2"], "--num must be at least 3"),
+        (["--size", "4"], "--size must be at least 8 pixels, got 4"),
+    ],
+)
 def test_bad_arguments_are_refused(make_shapes, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         make_shapes.main(["--out", str(tmp_path / "s"), *argv])
@@ -97,11 +103,15 @@ def test_a_folder_with_files_is_kept_unless_overwrite(make_shapes, tmp_path, cap
 
 def test_the_readme_shows_the_shapes_pictures_with_the_commands_that_made_them():
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Data sets\n"):readme.index("\n## ", readme.index("## Data sets\n") + 1)]
+    section = readme[readme.index("## Data sets\n") : readme.index("\n## ", readme.index("## Data sets\n") + 1)]
     assert "python python/make_shapes.py --out shapes" in section
     for picture in ("shapes-samples.png", "shapes-samples_recon.png", "shapes-unrolled.png", "shapes-steps.gif"):
         assert f"](docs/images/{picture})" in section
         assert (REPO / "docs" / "images" / picture).is_file()
-    for made in ("--out docs/images/shapes-samples.png", "--reconstruct 16", "--out docs/images/shapes-unrolled.png",
-                 "--gif docs/images/shapes-steps.gif"):
+    for made in (
+        "--out docs/images/shapes-samples.png",
+        "--reconstruct 16",
+        "--out docs/images/shapes-unrolled.png",
+        "--gif docs/images/shapes-steps.gif",
+    ):
         assert made in section

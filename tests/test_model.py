@@ -101,7 +101,9 @@ def test_conditional_marginal_is_logsumexp_over_classes():
 
 def test_sample_and_reconstruct_shapes_and_ranges():
     model = tiny_model(3)
-    probs, steps = model.sample(y=torch.tensor([0, 1, 2]), return_steps=True, generator=torch.Generator().manual_seed(0))
+    probs, steps = model.sample(
+        y=torch.tensor([0, 1, 2]), return_steps=True, generator=torch.Generator().manual_seed(0)
+    )
     assert probs.shape == (3, 12)
     assert steps.shape == (4, 3, 12)
     assert ((probs >= 0) & (probs <= 1)).all()

@@ -69,8 +69,10 @@ def test_register_list_and_load(registry, tiny_run):
     # registering again replaces the entry, another name adds one
     P.register_pretrained("tiny-conditional", run, description="replaced")
     P.register_pretrained("tiny-2", run, description="second", dtype="float32")
-    assert [(m.name, m.description) for m in P.list_pretrained()] == [("tiny-conditional", "replaced"),
-                                                                      ("tiny-2", "second")]
+    assert [(m.name, m.description) for m in P.list_pretrained()] == [
+        ("tiny-conditional", "replaced"),
+        ("tiny-2", "second"),
+    ]
     with pytest.raises(P.PretrainedError, match="installed: tiny-conditional, tiny-2"):
         P.pretrained_info("other")
     with pytest.raises(ValueError, match="name"):
@@ -97,8 +99,9 @@ def test_unreadable_index_is_a_clear_error(registry):
 
 
 def test_command_line_uses_names(registry, tiny_run, tmp_path, capsys):
-    P.register_pretrained("tiny-conditional", tiny_run[0], description="a tiny test model",
-                          results={"summary": {"nelbo": 123.4}})
+    P.register_pretrained(
+        "tiny-conditional", tiny_run[0], description="a tiny test model", results={"summary": {"nelbo": 123.4}}
+    )
     assert main(["list-pretrained"]) == 0
     out = capsys.readouterr().out
     assert "tiny-conditional" in out
@@ -122,8 +125,7 @@ def test_command_line_uses_names(registry, tiny_run, tmp_path, capsys):
 def test_command_line_says_when_no_models_are_installed(registry, tmp_path, capsys):
     assert main(["list-pretrained"]) == 0
     assert capsys.readouterr().out.strip() == "no pretrained models are installed in this version"
-    for command in (["sample", "paper-unconditional", "--out", str(tmp_path / "s.png")],
-                    ["eval", "paper-conditional"]):
+    for command in (["sample", "paper-unconditional", "--out", str(tmp_path / "s.png")], ["eval", "paper-conditional"]):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"avme {command[0]}: error: {command[1]}: ")

@@ -13,7 +13,7 @@ README = (REPO / "README.md").read_text()
 def _section(title: str) -> str:
     start = README.index(f"## {title}\n")
     end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else None]
+    return README[start : end if end > 0 else None]
 
 
 def test_every_picture_the_readme_shows_exists():

@@ -83,8 +83,15 @@ def run(out: Path, docs: Path, *extra: str, env: dict[str, str] | None = None, s
     if shim is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO)])
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--docs", str(docs), "--smoke", *extra],
-                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--docs", str(docs), "--smoke", *extra],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     result.seconds = time.monotonic() - started
     return result
 
@@ -95,11 +102,29 @@ def describe(result) -> str:
 
 def likelihood_figures(docs: Path) -> list[dict]:
     """What must not depend on interruptions: every number and the training outcome, without timings."""
-    keep = ("name", "num_images", "iwae_samples", "marginal_samples_per_class", "test_nelbo", "test_nelbo_sem", "test_iwae",
-            "test_iwae_sem", "test_reconstruction", "test_kl", "test_kl_per_step", "test_nll_given_y", "test_nll_marginal")
+    keep = (
+        "name",
+        "num_images",
+        "iwae_samples",
+        "marginal_samples_per_class",
+        "test_nelbo",
+        "test_nelbo_sem",
+        "test_iwae",
+        "test_iwae_sem",
+        "test_reconstruction",
+        "test_kl",
+        "test_kl_per_step",
+        "test_nll_given_y",
+        "test_nll_marginal",
+    )
     records = json.loads((docs / "results.json").read_text())["models"]
-    return [{**{k: r.get(k) for k in keep},
-             **{k: r["training"][k] for k in ("epochs", "stop_reason", "best_epoch", "best_valid_nelbo")}} for r in records]
+    return [
+        {
+            **{k: r.get(k) for k in keep},
+            **{k: r["training"][k] for k in ("epochs", "stop_reason", "best_epoch", "best_valid_nelbo")},
+        }
+        for r in records
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +197,11 @@ def test_smoke_run_trains_evaluates_and_reports_within_its_budget(smoke):
 def test_a_rerun_skips_finished_work(smoke):
     out, docs = smoke["out"], smoke["docs"]
     assert smoke["result"].returncode == 0, describe(smoke["result"])
-    files = sorted(p for p in [*out.rglob("*"), *docs.rglob("*")] if p.is_file() and p.name not in (
-        "reproduce.log", "progress.json", ".lock"))
+    files = sorted(
+        p
+        for p in [*out.rglob("*"), *docs.rglob("*")]
+        if p.is_file() and p.name not in ("reproduce.log", "progress.json", ".lock")
+    )
     before = {p: p.stat().st_mtime_ns for p in files}
     again = run(out, docs)
     assert again.returncode == 0, describe(again)
@@ -239,8 +267,12 @@ def test_interrupted_runs_continue_to_the_numbers_of_an_uninterrupted_one(smoke,
 # --------------------------------------------------------------------------- the parts
 def test_each_model_decays_its_learning_rate_over_the_last_third_of_its_own_cap():
     plan = make_plan(smoke=False, impl="ref")
-    assert plan.epochs == {"avme-canvas": 150, "avme-canvas-conditional": 100, "avme-error": 100,
-                           "avme-error-conditional": 100}
+    assert plan.epochs == {
+        "avme-canvas": 150,
+        "avme-canvas-conditional": 100,
+        "avme-error": 100,
+        "avme-error-conditional": 100,
+    }
     for name, (hold, decay) in {"avme-canvas": (100, 50), "avme-error": (67, 33)}.items():
         options = " ".join(plan.train_args(name))
         assert f"--lr-schedule cosine --lr-final 0.0 --lr-hold-epochs {hold} --lr-decay-epochs {decay} " in options
@@ -266,7 +298,10 @@ def test_a_model_is_trained_only_with_the_plans_options_and_its_weights(smoke):
 
 def test_a_run_is_finished_at_its_cap_or_when_its_patience_is_spent():
     plan = make_plan(smoke=False, impl="ref")
-    assert stop_reason(plan, "avme-error", {"epoch": 100, "batch": 0, "best_epoch": 100, "best_nelbo": 90.0}) == "epoch cap"
+    assert (
+        stop_reason(plan, "avme-error", {"epoch": 100, "batch": 0, "best_epoch": 100, "best_nelbo": 90.0})
+        == "epoch cap"
+    )
     spent = {"epoch": 30, "batch": 0, "best_epoch": 20, "best_nelbo": 90.0}
     assert stop_reason(plan, "avme-canvas", spent).startswith("patience (10 epochs")
     assert stop_reason(plan, "avme-canvas", {**spent, "epoch": 29}) is None
@@ -276,7 +311,9 @@ def test_a_run_is_finished_at_its_cap_or_when_its_patience_is_spent():
 
 def test_run_status_reads_the_validation_records_and_ignores_a_torn_line(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    records = [{"kind": "valid", "epoch": e, "nelbo": v, "time": 10.0 * e} for e, v in ((1, 120.0), (2, 110.0), (3, 111.0))]
+    records = [
+        {"kind": "valid", "epoch": e, "nelbo": v, "time": 10.0 * e} for e, v in ((1, 120.0), (2, 110.0), (3, 111.0))
+    ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "valid", "ep')
     status = read_run_status(metrics)
     assert (status.epochs, status.best, status.seconds_per_epoch) == (3, (2, 110.0), 10.0)
@@ -298,7 +335,10 @@ def test_time_left_runs_the_models_jobs_at_a_time(tmp_path):
     assert models["avme-canvas"]["epochs"] == 4
     progress.trained = {"avme-canvas"}
     assert progress.training_left()[0] == 20.0
-    assert reproduce_paper.Progress(Layout(tmp_path / "new"), plan, ["avme-error"], 1, print, 30.0).training_left()[0] is None
+    assert (
+        reproduce_paper.Progress(Layout(tmp_path / "new"), plan, ["avme-error"], 1, print, 30.0).training_left()[0]
+        is None
+    )
 
 
 def test_chunks_merged_equal_one_evaluation(tmp_path, one_thread):
@@ -314,8 +354,11 @@ def test_chunks_merged_equal_one_evaluation(tmp_path, one_thread):
     parts = []
     for index in range(3):
         path = tmp_path / f"chunk-{index:05d}.safetensors"
-        save_chunk(path, evaluate(model, split, samples=3, batch_size=10, seed=4, marginal=True, shard=(index, 3)),
-                   {"key": key, "chunk": index})
+        save_chunk(
+            path,
+            evaluate(model, split, samples=3, batch_size=10, seed=4, marginal=True, shard=(index, 3)),
+            {"key": key, "chunk": index},
+        )
         assert read_chunk_meta(path) == {"key": key, "chunk": index}
         parts.append(load_chunk(path))
     merged = merge_results(parts)

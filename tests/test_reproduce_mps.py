@@ -49,8 +49,9 @@ def test_a_working_daemon_is_started_probed_and_quit(tmp_path: Path) -> None:
     assert any("MPS daemon started" in m for m in messages)
 
 
-@pytest.mark.parametrize(("start_code", "probe", "why"), [(1, OK_PROBE, "-d exited with 1"),
-                                                     (0, FAILING_PROBE, "probe client failed")])
+@pytest.mark.parametrize(
+    ("start_code", "probe", "why"), [(1, OK_PROBE, "-d exited with 1"), (0, FAILING_PROBE, "probe client failed")]
+)
 def test_auto_trains_without_mps_when_it_cannot_be_used(tmp_path: Path, start_code, probe, why) -> None:
     control, calls = fake_control(tmp_path, start_code)
     messages: list[str] = []
@@ -98,8 +99,15 @@ def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch
             seen["command"] = command
 
     monkeypatch.setattr(reproduce_train.subprocess, "Popen", FakePopen)
-    child = start_child(Layout(tmp_path), make_plan(smoke=True, impl="ref"), "avme-canvas", device="cuda", threads=4,
-                        lock_fd=None, client_env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/x"})
+    child = start_child(
+        Layout(tmp_path),
+        make_plan(smoke=True, impl="ref"),
+        "avme-canvas",
+        device="cuda",
+        threads=4,
+        lock_fd=None,
+        client_env={"CUDA_MPS_PIPE_DIRECTORY": "/tmp/x"},
+    )
     assert seen["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/x"
     assert seen["OMP_NUM_THREADS"] == "4"
     assert child.name == "avme-canvas"

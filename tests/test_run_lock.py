@@ -20,15 +20,33 @@ from cli_helpers import one_error_line
 from helpers import REPO, free_port, subprocess_env
 
 TIMEOUT = 180
-TINY = ["--train-subset", "40", "--valid-subset", "0", "--enc-hidden", "8", "--dec-hidden", "8", "--latent-dim", "2",
-        "--steps", "2", "--batch-size", "10", "--no-progress"]
+TINY = [
+    "--train-subset",
+    "40",
+    "--valid-subset",
+    "0",
+    "--enc-hidden",
+    "8",
+    "--dec-hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--steps",
+    "2",
+    "--batch-size",
+    "10",
+    "--no-progress",
+]
 
 
 def test_a_second_lock_on_a_directory_is_refused_naming_the_holder(tmp_path):
     with RunLock(tmp_path / "run"):
         assert (tmp_path / "run" / LOCK_NAME).is_file()
-        with pytest.raises(RunDirError, match=rf"--out {tmp_path / 'run'}: another avme train is using this run "
-                                              rf"directory \(pid {os.getpid()}, started .*\); one run per directory"):
+        with pytest.raises(
+            RunDirError,
+            match=rf"--out {tmp_path / 'run'}: another avme train is using this run "
+            rf"directory \(pid {os.getpid()}, started .*\); one run per directory",
+        ):
             RunLock(tmp_path / "run").acquire()
     assert not (tmp_path / "run").exists()  # created by the lock, left empty: removed again
     (tmp_path / "kept").mkdir()
@@ -45,9 +63,28 @@ def test_a_launch_that_cannot_start_leaves_no_directory_and_no_lock(tmp_path, ca
 
 
 def _start_training(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "avme_ext", "train", "--out", str(out), "--resume", "--epochs",
-                             "100000", "--checkpoint-every", "1", *TINY, *extra], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avme_ext",
+            "train",
+            "--out",
+            str(out),
+            "--resume",
+            "--epochs",
+            "100000",
+            "--checkpoint-every",
+            "1",
+            *TINY,
+            *extra,
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen) -> None:
@@ -101,11 +138,25 @@ DDP_WRAPPER = textwrap.dedent("""
 def test_a_torchrun_job_holds_the_lock_once_on_rank_0(tmp_path):
     script, record, out = tmp_path / "wrapper.py", tmp_path / "acquired.txt", tmp_path / "ddp"
     script.write_text(DDP_WRAPPER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(script), str(record), "train", "--out", str(out), "--epochs", "1",
-               *TINY]
-    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        str(record),
+        "train",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        *TINY,
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert record.read_text().split() == ["0"]
     assert (out / "last.safetensors").is_file()

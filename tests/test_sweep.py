@@ -94,8 +94,16 @@ def test_a_failed_run_stops_the_sweep_with_its_name(sweep, tmp_path, capsys):
 
 
 def test_sweep_plots_refuse_mixed_records():
-    record = {"steps": 1, "enc_hidden": 8, "dec_hidden": 8, "parameters": 10, "train_seconds": 1.0, "bound": 80.0,
-                  "bound_name": "negative ELBO", "data_dim": 784}
+    record = {
+        "steps": 1,
+        "enc_hidden": 8,
+        "dec_hidden": 8,
+        "parameters": 10,
+        "train_seconds": 1.0,
+        "bound": 80.0,
+        "bound_name": "negative ELBO",
+        "data_dim": 784,
+    }
     sweep_figure([record], "steps")  # fine
     with pytest.raises(MetricsError, match="different data_dim"):
         sweep_figure([record, {**record, "data_dim": 3072}], "steps")

@@ -19,13 +19,41 @@ from avme_ext.distributed import DistInfo
 from avme_ext.seeds import derive_seed
 from helpers import SHARED_DATA
 
-TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4",
-        "--train-subset", "2000", "--valid-subset", "500", "--no-progress", "--log-every", "5",
-        "--kl-warmup-steps", "10"]
+TINY = [
+    "--enc-hidden",
+    "32",
+    "--dec-hidden",
+    "32",
+    "--latent-dim",
+    "8",
+    "--steps",
+    "4",
+    "--train-subset",
+    "2000",
+    "--valid-subset",
+    "500",
+    "--no-progress",
+    "--log-every",
+    "5",
+    "--kl-warmup-steps",
+    "10",
+]
 STEPS_PER_EPOCH = 20  # 2000 images / batch 100
 
 TRAIN_KEYS = {"kind", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}
-VALID_KEYS = {"kind", "epoch", "step", "nelbo", "nelbo_bits_per_dim", "likelihood", "reconstruction", "kl", "kl_per_step", "best", "time"}
+VALID_KEYS = {
+    "kind",
+    "epoch",
+    "step",
+    "nelbo",
+    "nelbo_bits_per_dim",
+    "likelihood",
+    "reconstruction",
+    "kl",
+    "kl_per_step",
+    "best",
+    "time",
+}
 EPOCH_KEYS = {"kind", "epoch", "step", "seconds", "train_loss", "examples"}
 WALL_CLOCK = {"time", "examples_per_s", "seconds"}
 
@@ -212,11 +240,40 @@ def test_help_explains_every_option(capsys) -> None:
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--lr", "--batch-size", "--epochs", "--clip-grad", "--seed", "--device", "--impl", "--precision",
-                   "--num-classes", "--conditional", "--enc-hidden", "--dec-hidden", "--latent-dim", "--steps",
-                   "--encoder-input", "--dataset", "--data-root", "--download", "--train-subset", "--valid-subset",
-                   "--kl-warmup-steps", "--out", "--tensorboard", "--no-tensorboard", "--resume", "--checkpoint-every",
-                   "--log-every", "--skip-nonfinite", "--overwrite", "--graph", "examples:", "torchrun"):
+    for option in (
+        "--lr",
+        "--batch-size",
+        "--epochs",
+        "--clip-grad",
+        "--seed",
+        "--device",
+        "--impl",
+        "--precision",
+        "--num-classes",
+        "--conditional",
+        "--enc-hidden",
+        "--dec-hidden",
+        "--latent-dim",
+        "--steps",
+        "--encoder-input",
+        "--dataset",
+        "--data-root",
+        "--download",
+        "--train-subset",
+        "--valid-subset",
+        "--kl-warmup-steps",
+        "--out",
+        "--tensorboard",
+        "--no-tensorboard",
+        "--resume",
+        "--checkpoint-every",
+        "--log-every",
+        "--skip-nonfinite",
+        "--overwrite",
+        "--graph",
+        "examples:",
+        "torchrun",
+    ):
         assert option in text, option
     flat = " ".join(text.split())
     # one style of defaults, never stated twice, and --data-root described as in the other commands
@@ -282,7 +339,6 @@ def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c" / "tensorboard").exists()
 
 
-
 def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_path: Path, monkeypatch, capsys) -> None:
     """Validation bounds 100, 99, 99.5, 99.2 with --patience 2: the run ends after epoch 4 (exit 0), keeps
     epoch 2 as best, and a resume with a larger --epochs stops again at once."""
@@ -316,9 +372,30 @@ MNIST = SHARED_DATA / "mnist"
 
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason="no ../shared/data/mnist")
 def test_conditional_dynamic_binarization_resumes_exactly(tmp_path: Path) -> None:
-    args = ["--conditional", "--encoder-input", "error", "--dataset", "mnist_dynamic", "--data-root", str(MNIST),
-            "--enc-hidden", "16", "--dec-hidden", "16", "--latent-dim", "4", "--steps", "3", "--train-subset", "300",
-            "--valid-subset", "100", "--batch-size", "60", "--no-progress"]
+    args = [
+        "--conditional",
+        "--encoder-input",
+        "error",
+        "--dataset",
+        "mnist_dynamic",
+        "--data-root",
+        str(MNIST),
+        "--enc-hidden",
+        "16",
+        "--dec-hidden",
+        "16",
+        "--latent-dim",
+        "4",
+        "--steps",
+        "3",
+        "--train-subset",
+        "300",
+        "--valid-subset",
+        "100",
+        "--batch-size",
+        "60",
+        "--no-progress",
+    ]
     assert main(["train", "--out", str(tmp_path / "full"), *args, "--epochs", "2"]) == 0
     assert main(["train", "--out", str(tmp_path / "part"), *args, "--epochs", "1"]) == 0
     assert main(["train", "--out", str(tmp_path / "part"), "--resume", "--epochs", "2", "--no-progress"]) == 0

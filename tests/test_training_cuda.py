@@ -24,8 +24,27 @@ from avme_ext.training.step import EagerRecorder, GraphedStep
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 IMPLS = ["ref", pytest.param("cuda", marks=pytest.mark.skipif(not ops.is_available(), reason="fused ops unavailable"))]
-TINY = ["--enc-hidden", "32", "--dec-hidden", "32", "--latent-dim", "8", "--steps", "4", "--train-subset", "1000",
-        "--valid-subset", "200", "--batch-size", "64", "--log-every", "5", "--no-progress", "--device", "cuda"]
+TINY = [
+    "--enc-hidden",
+    "32",
+    "--dec-hidden",
+    "32",
+    "--latent-dim",
+    "8",
+    "--steps",
+    "4",
+    "--train-subset",
+    "1000",
+    "--valid-subset",
+    "200",
+    "--batch-size",
+    "64",
+    "--log-every",
+    "5",
+    "--no-progress",
+    "--device",
+    "cuda",
+]
 
 
 def batch(model: AVME, size: int, seed: int):
@@ -38,12 +57,18 @@ def batch(model: AVME, size: int, seed: int):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_replayed_graphs_equal_the_same_step_run_eagerly(impl: str) -> None:
     torch.manual_seed(0)
-    model = AVME.from_config(AVMEConfig(num_classes=10, enc_hidden=32, dec_hidden=32, latent_dim=8, steps=4),
-                             impl=impl).cuda()
+    model = AVME.from_config(
+        AVMEConfig(num_classes=10, enc_hidden=32, dec_hidden=32, latent_dim=8, steps=4), impl=impl
+    ).cuda()
     twin = copy.deepcopy(model)
     graphed = GraphedStep(model, make_adam(model.parameters(), 1e-2, capturable=True), clip_grad=1.0, batch_size=16)
-    eager = GraphedStep(twin, make_adam(twin.parameters(), 1e-2, capturable=True), clip_grad=1.0, batch_size=16,
-                        recorder=EagerRecorder())
+    eager = GraphedStep(
+        twin,
+        make_adam(twin.parameters(), 1e-2, capturable=True),
+        clip_grad=1.0,
+        batch_size=16,
+        recorder=EagerRecorder(),
+    )
     for index, (size, poison) in enumerate([(16, False), (16, True), (16, False), (5, False), (16, False)]):
         x, labels, eps = batch(model, size, seed=index)
         if poison:

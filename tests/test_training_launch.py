@@ -17,8 +17,23 @@ from helpers import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--enc-hidden", "8", "--dec-hidden", "8", "--latent-dim", "2", "--steps", "2", "--train-subset", "200",
-        "--valid-subset", "0", "--epochs", "1", "--no-progress"]
+TINY = [
+    "--enc-hidden",
+    "8",
+    "--dec-hidden",
+    "8",
+    "--latent-dim",
+    "2",
+    "--steps",
+    "2",
+    "--train-subset",
+    "200",
+    "--valid-subset",
+    "0",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
 
 
 def test_cost_estimate_measures_after_the_first_steps_and_says_it_once() -> None:
@@ -27,8 +42,10 @@ def test_cost_estimate_measures_after_the_first_steps_and_says_it_once() -> None
     times = [10.0, 30.0, 30.5, 31.0, 31.5, 32.0, 32.5]  # 20 s of start-up in the first step, then 0.5 s per step
     lines = [cost.step_done(now=t) for t in times]
     assert lines[:-1] == [None] * 6
-    assert lines[-1] == ("measured 500.0 ms per step on cuda:0 (a GPU): about 4.2 min per epoch and 3.5 h for the "
-                         "25000 steps to go (training only; validation comes on top)")
+    assert lines[-1] == (
+        "measured 500.0 ms per step on cuda:0 (a GPU): about 4.2 min per epoch and 3.5 h for the "
+        "25000 steps to go (training only; validation comes on top)"
+    )
     assert cost.step_done(now=40.0) is None
     assert cost.step_done(now=50.0) is None
 
@@ -85,8 +102,10 @@ def test_several_runs_at_once_without_out(tmp_path: Path) -> None:
     """Two ``avme train`` processes started together in one directory each get their own run directory."""
     command = [sys.executable, "-m", "avme_ext", "train", *TINY]
     env = subprocess_env()
-    processes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=180), p.stderr.read()) for p in processes]
     for process in processes:
         process.stdout.close()

@@ -132,8 +132,9 @@ def test_step_body_is_clip_grad_norm_then_adam(clip_grad: float) -> None:
         for kl_weight in (0.3, 1.0):
             optimizer.zero_grad(set_to_none=True)
             if split:
-                sums, norm = gradient_pass(lambda a, b, c, m=model: m(a, b, eps=c), list(model.parameters()), x, None, eps,
-                                           kl_weight, 1 / 9)
+                sums, norm = gradient_pass(
+                    lambda a, b, c, m=model: m(a, b, eps=c), list(model.parameters()), x, None, eps, kl_weight, 1 / 9
+                )
                 update_pass(list(model.parameters()), optimizer, clip_grad, norm)
             else:
                 terms = model(x, eps=eps)
@@ -192,8 +193,9 @@ def test_snapshot_restores_weights_and_a_fresh_adam_exactly() -> None:
     assert_same_training_state((model, optimizer), (reference, fresh))
 
 
-@pytest.mark.parametrize(("num_classes", "clip_grad", "likelihood"), [(0, 10.0, "bernoulli"), (10, 0.5, "bernoulli"),
-                                                                 (10, 0.5, "logistic")])
+@pytest.mark.parametrize(
+    ("num_classes", "clip_grad", "likelihood"), [(0, 10.0, "bernoulli"), (10, 0.5, "bernoulli"), (10, 0.5, "logistic")]
+)
 def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: float, likelihood: str) -> None:
     """Same stats and the same weights and Adam state, bit for bit, over a sequence with an eager
     partial batch before and after the capture, a non-finite (skipped) step, and KL warm-up; with the
@@ -201,8 +203,14 @@ def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: f
     eager_model = make_model(num_classes, likelihood=likelihood)
     graphed_model = copy.deepcopy(eager_model)
     eager = EagerStep(eager_model, eager_model, make_adam(eager_model.parameters(), 1e-2), clip_grad=clip_grad)
-    graphed = GraphedStep(graphed_model, make_adam(graphed_model.parameters(), 1e-2), clip_grad=clip_grad,
-                          batch_size=8, recorder=EagerRecorder(), warmup_iterations=2)
+    graphed = GraphedStep(
+        graphed_model,
+        make_adam(graphed_model.parameters(), 1e-2),
+        clip_grad=clip_grad,
+        batch_size=8,
+        recorder=EagerRecorder(),
+        warmup_iterations=2,
+    )
     plan = [(5, 0.0, False), (8, 0.25, False), (8, 0.5, True), (8, 0.75, False), (3, 1.0, False), (8, 1.0, False)]
     for index, (size, kl_weight, poison) in enumerate(plan):
         x, labels, eps = make_batch(eager_model, size, seed=10 + index)
@@ -221,7 +229,9 @@ def test_graphed_step_logic_equals_the_eager_step(num_classes: int, clip_grad: f
         assert_same_training_state((eager_model, eager.optimizer), (graphed_model, graphed.optimizer))
     assert all(torch.isfinite(p).all() for p in graphed_model.parameters())
     if likelihood == "logistic":  # its log-scale is one of the parameters stepped
-        assert not torch.equal(graphed_model.likelihood.log_scale, make_model(likelihood=likelihood).likelihood.log_scale)
+        assert not torch.equal(
+            graphed_model.likelihood.log_scale, make_model(likelihood=likelihood).likelihood.log_scale
+        )
 
 
 def test_trainer_with_the_graphed_step_logic_trains_like_the_eager_trainer(tmp_path: Path) -> None:
@@ -232,8 +242,13 @@ def test_trainer_with_the_graphed_step_logic_trains_like_the_eager_trainer(tmp_p
     for name in ("eager", "graphed"):
         setup = build_setup(cfg, model_cfg, DistInfo(), CPU)
         if name == "graphed":
-            step = GraphedStep(setup.model, setup.step.optimizer, clip_grad=cfg.clip_grad, batch_size=cfg.batch_size,
-                               recorder=EagerRecorder())
+            step = GraphedStep(
+                setup.model,
+                setup.step.optimizer,
+                clip_grad=cfg.clip_grad,
+                batch_size=cfg.batch_size,
+                recorder=EagerRecorder(),
+            )
             setup = dataclasses.replace(setup, step=step)
         assert Trainer(setup, tmp_path / name).run() == 0
         runs.append(load_checkpoint(tmp_path / name / "last.safetensors"))

@@ -51,9 +51,7 @@ class Backend:
         design: str | None = None,
     ) -> ForwardOutput:
         """ops.fused_forward on this backend's ops (differentiable)."""
-        return ops._forward_with(
-            self.ns, x, y, eps, params, encoder_input, return_canvases, precision, design
-        )
+        return ops._forward_with(self.ns, x, y, eps, params, encoder_input, return_canvases, precision, design)
 
     def sample(
         self,

@@ -96,9 +96,8 @@ class Case:
     @property
     def id(self) -> str:
         s = self.sizes
-        return (
-            f"B{self.B}-K{self.K}-D{s.D}-He{s.He}-Hd{s.Hd}-Z{s.Z}-C{self.C}-{self.encoder_input}"
-            + (f"-sm{self.sms}" if "emulator" in self.on else "")
+        return f"B{self.B}-K{self.K}-D{s.D}-He{s.He}-Hd{s.Hd}-Z{s.Z}-C{self.C}-{self.encoder_input}" + (
+            f"-sm{self.sms}" if "emulator" in self.on else ""
         )
 
 
@@ -113,8 +112,7 @@ CASES = [
     Case(7, 3, Sizes(9, 7, 4, 3), 0, "error", sms=1, on=_EMU, note="8 rows per block, one partial block"),
     Case(11, 2, Sizes(9, 7, 4, 3), 2, "canvas", sms=2, on=_EMU, note="a full and a partial block of 8"),
     Case(5, 2, Sizes(13, 6, 9, 4), 2, "canvas", sms=3, on=_EMU, note="2 rows per block, partial last block"),
-    Case(6, 2, Sizes(300, 270, 260, 3), 2, "error", sms=2, on=_EMU, note="every size > 256 threads",
-         slow=True),
+    Case(6, 2, Sizes(300, 270, 260, 3), 2, "error", sms=2, on=_EMU, note="every size > 256 threads", slow=True),
     Case(3, 8, Sizes(20, 12, 10, 3), 2, "error", sms=2, on=_EMU, note="K=8", slow=True),
     *[
         Case(B, K, ODD, C, mode, on=_CUDA)

@@ -188,7 +188,6 @@ def test_backward_without_saved_state_is_a_clear_error(backend):
         )  # fmt: skip
 
 
-
 def _rowtile_work(emu, K: int, encoder_input: str) -> tuple[int, int, int, int]:
     """(forward products, forward kernels, backward products, backward kernels) of one rowtile
     call pair (B = 3, TINY sizes, C = 2, every gradient asked for)."""

@@ -61,9 +61,18 @@ def arguments(op: str, device, *, sizes: Sizes = TINY, C: int = 2, grad: bool = 
         t = (torch.randn(all_shapes[name], generator=gen) * 0.3).to(device)
         args[name] = t.requires_grad_(grad and (name in WEIGHTS or name == "x"))
     if op == "forward":
-        args.update(encoder_input="canvas", return_canvases=False, save_for_backward=False, precision="fp32", design="auto")
+        args.update(
+            encoder_input="canvas", return_canvases=False, save_for_backward=False, precision="fp32", design="auto"
+        )
     elif op == "backward":
-        args.update(encoder_input="canvas", need_grad_x=True, need_grad_y=C > 0, need_grad_eps=True, precision="fp32", design="auto")
+        args.update(
+            encoder_input="canvas",
+            need_grad_x=True,
+            need_grad_y=C > 0,
+            need_grad_eps=True,
+            precision="fp32",
+            design="auto",
+        )
     else:
         args.update(return_canvases=True, precision="fp32", design="auto")
     return args
@@ -116,17 +125,40 @@ D, He, Hd, Z, C2 = TINY.D, TINY.He, TINY.Hd, TINY.Z, 2
 
 FORWARD = [
     # options
-    Bad("forward", "encoder_input", _set("encoder_input", lambda _: "nope"), FWD + "encoder_input must be 'canvas' or 'error', got 'nope'"),
-    Bad("forward", "precision", _set("precision", lambda _: "fp16"), FWD + "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"),
-    Bad("forward", "design", _set("design", lambda _: "fastest"), FWD + "design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', or 'auto:' followed by one of the three named designs, got 'fastest'"),
-    Bad("forward", "design-prefer", _set("design", lambda _: "auto:auto"), FWD + "design must be one of .* got 'auto:auto'"),
+    Bad(
+        "forward",
+        "encoder_input",
+        _set("encoder_input", lambda _: "nope"),
+        FWD + "encoder_input must be 'canvas' or 'error', got 'nope'",
+    ),
+    Bad(
+        "forward",
+        "precision",
+        _set("precision", lambda _: "fp16"),
+        FWD + "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'",
+    ),
+    Bad(
+        "forward",
+        "design",
+        _set("design", lambda _: "fastest"),
+        FWD
+        + "design must be one of 'auto', 'rowtile', 'persistent', 'stagewise', or 'auto:' followed by one of the three named designs, got 'fastest'",
+    ),
+    Bad(
+        "forward",
+        "design-prefer",
+        _set("design", lambda _: "auto:auto"),
+        FWD + "design must be one of .* got 'auto:auto'",
+    ),
     # defined
     Bad("forward", "x-none", _set("x", lambda _: None), FWD + "x is undefined"),
     Bad("forward", "eps-none", _set("eps", lambda _: None), FWD + "eps is undefined"),
     Bad("forward", "q_w-none", _set("q_w", lambda _: None), FWD + "q_w is undefined"),
     Bad("forward", "write_b-none", _set("write_b", lambda _: None), FWD + "write_b is undefined"),
     # device (CUDA: a CPU tensor among CUDA tensors)
-    Bad("forward", "x-cpu", _set("x", lambda t: t.cpu()), FWD + "x must be a CUDA tensor, got a tensor on cpu", on=CUDA),
+    Bad(
+        "forward", "x-cpu", _set("x", lambda t: t.cpu()), FWD + "x must be a CUDA tensor, got a tensor on cpu", on=CUDA
+    ),
     Bad("forward", "y-cpu", _set("y", lambda t: t.cpu()), FWD + "y must be a CUDA tensor", on=CUDA),
     Bad("forward", "eps-cpu", _set("eps", lambda t: t.cpu()), FWD + "eps must be a CUDA tensor", on=CUDA),
     Bad("forward", "q_b-cpu", _set("q_b", lambda t: t.cpu()), FWD + "q_b must be a CUDA tensor", on=CUDA),
@@ -156,43 +188,106 @@ FORWARD = [
     Bad("forward", "Hd-0", _shape("dec_w_hh", 4 * Hd, 0), FWD + r"Hd = 0 \(dec_w_hh.shape\[1\]\) must be in \[1, "),
     # shapes that disagree
     Bad("forward", "x-D", _shape("x", B, D + 1), FWD + r"x must have shape \(B, D\) = \[4, 6\], got \[4, 7\]"),
-    Bad("forward", "eps-B", _shape("eps", K, B + 1, Z), FWD + r"eps must have shape \(K, B, Z\) = \[3, 4, 2\], got \[3, 5, 2\]"),
+    Bad(
+        "forward",
+        "eps-B",
+        _shape("eps", K, B + 1, Z),
+        FWD + r"eps must have shape \(K, B, Z\) = \[3, 4, 2\], got \[3, 5, 2\]",
+    ),
     Bad("forward", "eps-Z", _shape("eps", K, B, Z + 1), FWD + r"eps must have shape \(K, B, Z\)"),
     Bad("forward", "y-B", _shape("y", B + 1, C2), FWD + r"y must have shape \(B, C\) = \[4, 2\], got \[5, 2\]"),
-    Bad("forward", "y-missing", _set("y", lambda _: None), FWD + r"y \(B, C\) = \[4, 2\] is required: the model is conditional"),
+    Bad(
+        "forward",
+        "y-missing",
+        _set("y", lambda _: None),
+        FWD + r"y \(B, C\) = \[4, 2\] is required: the model is conditional",
+    ),
     Bad("forward", "y-unconditional", _unconditional_y("x"), FWD + "y must be None for an unconditional model", C=0),
-    Bad("forward", "enc_w_ih-cols", _shape("enc_w_ih", 4 * He, 2 * D + Hd + C2 + 1), FWD + r"enc_w_ih must have shape \(4\*He, 2\*D \+ Hd \+ C\)"),
-    Bad("forward", "enc_w_hh-rows", _shape("enc_w_hh", 4 * He + 1, He), FWD + r"enc_w_hh must have shape \(4\*He, He\)"),
+    Bad(
+        "forward",
+        "enc_w_ih-cols",
+        _shape("enc_w_ih", 4 * He, 2 * D + Hd + C2 + 1),
+        FWD + r"enc_w_ih must have shape \(4\*He, 2\*D \+ Hd \+ C\)",
+    ),
+    Bad(
+        "forward", "enc_w_hh-rows", _shape("enc_w_hh", 4 * He + 1, He), FWD + r"enc_w_hh must have shape \(4\*He, He\)"
+    ),
     Bad("forward", "enc_b", _shape("enc_b", 4 * He - 1), FWD + r"enc_b must have shape \(4\*He\)"),
     Bad("forward", "q_w-odd", _shape("q_w", 2 * Z + 1, He), FWD + r"q_w must have 2\*Z rows \(\[mu; logvar\]\)"),
     Bad("forward", "q_w-cols", _shape("q_w", 2 * Z, He + 1), FWD + r"q_w must have shape \(2\*Z, He\)"),
     Bad("forward", "q_b", _shape("q_b", 2 * Z + 2), FWD + r"q_b must have shape \(2\*Z\)"),
-    Bad("forward", "dec_w_ih-narrow", _shape("dec_w_ih", 4 * Hd, Z - 1), FWD + r"dec_w_ih must have Z \+ C >= Z = 2 columns"),
-    Bad("forward", "dec_w_hh-rows", _shape("dec_w_hh", 4 * Hd + 4, Hd), FWD + r"dec_w_hh must have shape \(4\*Hd, Hd\)"),
+    Bad(
+        "forward",
+        "dec_w_ih-narrow",
+        _shape("dec_w_ih", 4 * Hd, Z - 1),
+        FWD + r"dec_w_ih must have Z \+ C >= Z = 2 columns",
+    ),
+    Bad(
+        "forward", "dec_w_hh-rows", _shape("dec_w_hh", 4 * Hd + 4, Hd), FWD + r"dec_w_hh must have shape \(4\*Hd, Hd\)"
+    ),
     Bad("forward", "dec_b", _shape("dec_b", 4 * Hd + 1), FWD + r"dec_b must have shape \(4\*Hd\)"),
     Bad("forward", "write_w-Hd", _shape("write_w", D, Hd + 1), FWD + r"write_w must have shape \(D, Hd\)"),
     Bad("forward", "write_b", _shape("write_b", D + 1), FWD + r"write_b must have shape \(D\)"),
     # contiguity
-    Bad("forward", "x-strided", _set("x", noncontiguous), FWD + r"x must be contiguous \(call .contiguous\(\) on it first\)"),
+    Bad(
+        "forward",
+        "x-strided",
+        _set("x", noncontiguous),
+        FWD + r"x must be contiguous \(call .contiguous\(\) on it first\)",
+    ),
     Bad("forward", "y-strided", _set("y", noncontiguous), FWD + "y must be contiguous"),
     Bad("forward", "eps-strided", _set("eps", noncontiguous), FWD + "eps must be contiguous"),
-    Bad("forward", "enc_w_ih-transposed", _set("enc_w_ih", lambda t: t.t().contiguous().t()), FWD + "enc_w_ih must be contiguous"),
+    Bad(
+        "forward",
+        "enc_w_ih-transposed",
+        _set("enc_w_ih", lambda t: t.t().contiguous().t()),
+        FWD + "enc_w_ih must be contiguous",
+    ),
     Bad("forward", "dec_b-strided", _set("dec_b", noncontiguous), FWD + "dec_b must be contiguous"),
 ]
 
 BACKWARD = [
-    Bad("backward", "encoder_input", _set("encoder_input", lambda _: "canvases"), BWD + "encoder_input must be 'canvas' or 'error'"),
+    Bad(
+        "backward",
+        "encoder_input",
+        _set("encoder_input", lambda _: "canvases"),
+        BWD + "encoder_input must be 'canvas' or 'error'",
+    ),
     Bad("backward", "precision", _set("precision", lambda _: "FP32"), BWD + "precision must be one of"),
     Bad("backward", "design", _set("design", lambda _: "Auto"), BWD + "design must be one of"),
-    Bad("backward", "need_grad_y-unconditional", _set("need_grad_y", lambda _: True), BWD + "need_grad_y is true but the model is unconditional", C=0),
+    Bad(
+        "backward",
+        "need_grad_y-unconditional",
+        _set("need_grad_y", lambda _: True),
+        BWD + "need_grad_y is true but the model is unconditional",
+        C=0,
+    ),
     Bad("backward", "no-saved-state", _shape("h_enc", 0, B, He), BWD + "the forward did not save its state"),
     Bad("backward", "x-none", _set("x", lambda _: None), BWD + "x is undefined"),
     Bad("backward", "gates_dec-none", _set("gates_dec", lambda _: None), BWD + "gates_dec is undefined"),
-    Bad("backward", "grad_logvar-cpu", _set("grad_logvar", lambda t: t.cpu()), BWD + "grad_logvar must be a CUDA tensor", on=CUDA),
+    Bad(
+        "backward",
+        "grad_logvar-cpu",
+        _set("grad_logvar", lambda t: t.cpu()),
+        BWD + "grad_logvar must be a CUDA tensor",
+        on=CUDA,
+    ),
     Bad("backward", "h_dec-cpu", _set("h_dec", lambda t: t.cpu()), BWD + "h_dec must be a CUDA tensor", on=CUDA),
-    Bad("backward", "x-double", _set("x", lambda t: t.double()), BWD + "grad_canvas has dtype Float but x has dtype Double"),
-    Bad("backward", "eps-double", _set("eps", lambda t: t.double()), BWD + "eps has dtype Double but x has dtype Float"),
-    Bad("backward", "grad_canvas-double", _set("grad_canvas", lambda t: t.double()), BWD + "grad_canvas has dtype Double"),
+    Bad(
+        "backward",
+        "x-double",
+        _set("x", lambda t: t.double()),
+        BWD + "grad_canvas has dtype Float but x has dtype Double",
+    ),
+    Bad(
+        "backward", "eps-double", _set("eps", lambda t: t.double()), BWD + "eps has dtype Double but x has dtype Float"
+    ),
+    Bad(
+        "backward",
+        "grad_canvas-double",
+        _set("grad_canvas", lambda t: t.double()),
+        BWD + "grad_canvas has dtype Double",
+    ),
     Bad("backward", "x-1d", _set("x", lambda t: t[0]), BWD + r"x must be 2-D \(B, D\)"),
     Bad("backward", "h_enc-2d", _set("h_enc", lambda t: t[0]), BWD + r"h_enc must be 3-D \(K, B, He\)"),
     Bad("backward", "y-missing", _set("y", lambda _: None), BWD + r"y \(B, C\) = \[4, 2\] is required"),
@@ -203,16 +298,33 @@ BACKWARD = [
     Bad("backward", "z", _shape("z", K, B + 1, Z), BWD + r"z must have shape \(K, B, Z\)"),
     Bad("backward", "gates_dec", _shape("gates_dec", K, B, Hd), BWD + r"gates_dec must have shape \(K, B, 4\*Hd\)"),
     Bad("backward", "grad_mu", _shape("grad_mu", K, B, Z + 1), BWD + r"grad_mu must have shape \(K, B, Z\)"),
-    Bad("backward", "grad_logvar", _shape("grad_logvar", K, B + 1, Z), BWD + r"grad_logvar must have shape \(K, B, Z\)"),
+    Bad(
+        "backward", "grad_logvar", _shape("grad_logvar", K, B + 1, Z), BWD + r"grad_logvar must have shape \(K, B, Z\)"
+    ),
     Bad("backward", "h_dec", _shape("h_dec", K, B, Hd + 1), BWD + r"h_dec must have shape \(K, B, Hd\)"),
     Bad("backward", "grad_canvas", _shape("grad_canvas", B, D - 1), BWD + r"grad_canvas must have shape \(B, D\)"),
-    Bad("backward", "enc_w_ih", _shape("enc_w_ih", 4 * He, 2 * D + Hd), BWD + r"enc_w_ih must have shape \(4\*He, 2\*D \+ Hd \+ C\)"),
+    Bad(
+        "backward",
+        "enc_w_ih",
+        _shape("enc_w_ih", 4 * He, 2 * D + Hd),
+        BWD + r"enc_w_ih must have shape \(4\*He, 2\*D \+ Hd \+ C\)",
+    ),
     Bad("backward", "enc_w_hh", _shape("enc_w_hh", 4 * He + 1, He), BWD + r"enc_w_hh must have shape \(4\*He, He\)"),
     Bad("backward", "q_w", _shape("q_w", 2 * Z, He + 1), BWD + r"q_w must have shape \(2\*Z, He\)"),
-    Bad("backward", "dec_w_ih", _shape("dec_w_ih", 4 * Hd + 1, Z + C2), BWD + r"dec_w_ih must have shape \(4\*Hd, Z \+ C\)"),
+    Bad(
+        "backward",
+        "dec_w_ih",
+        _shape("dec_w_ih", 4 * Hd + 1, Z + C2),
+        BWD + r"dec_w_ih must have shape \(4\*Hd, Z \+ C\)",
+    ),
     Bad("backward", "dec_w_hh", _shape("dec_w_hh", 4 * Hd + 1, Hd), BWD + r"dec_w_hh must have shape \(4\*Hd, Hd\)"),
     Bad("backward", "write_w", _shape("write_w", D, Hd + 1), BWD + r"write_w must have shape \(D, Hd\)"),
-    Bad("backward", "grad_canvases-strided", _set("grad_canvases", noncontiguous), BWD + "grad_canvases must be contiguous"),
+    Bad(
+        "backward",
+        "grad_canvases-strided",
+        _set("grad_canvases", noncontiguous),
+        BWD + "grad_canvases must be contiguous",
+    ),
     Bad("backward", "c_dec-strided", _set("c_dec", noncontiguous), BWD + "c_dec must be contiguous"),
 ]
 
@@ -224,7 +336,12 @@ SAMPLE = [
     Bad("sample", "K-0", _shape("z", 0, B, Z), SMP + r"K = 0 \(z.shape\[0\]\) must be in \[1, "),
     Bad("sample", "Z-0", _shape("z", K, B, 0), SMP + r"Z = 0 \(z.shape\[2\]\) must be in \[1, "),
     Bad("sample", "z-half", _set("z", lambda t: t.half()), SMP + "z must be float32 or float64"),
-    Bad("sample", "dec_w_ih-double", _set("dec_w_ih", lambda t: t.double()), SMP + "dec_w_ih has dtype Double but z has dtype Float"),
+    Bad(
+        "sample",
+        "dec_w_ih-double",
+        _set("dec_w_ih", lambda t: t.double()),
+        SMP + "dec_w_ih has dtype Double but z has dtype Float",
+    ),
     Bad("sample", "dec_w_hh-cpu", _set("dec_w_hh", lambda t: t.cpu()), SMP + "dec_w_hh must be a CUDA tensor", on=CUDA),
     Bad("sample", "y-missing", _set("y", lambda _: None), SMP + r"y \(B, C\) = \[4, 2\] is required"),
     Bad("sample", "y-unconditional", _unconditional_y("z"), SMP + "y must be None", C=0),

@@ -266,14 +266,20 @@ def test_opcheck(backend, C):
     x.requires_grad_(True)
     eps.requires_grad_(True)
     # save_for_backward=True is what fused_forward passes when anything requires grad ...
-    torch.library.opcheck(backend.ns.forward.default, (*forward_args(x, y, eps, p), "error", True, True, "fp32", "auto"))
+    torch.library.opcheck(
+        backend.ns.forward.default, (*forward_args(x, y, eps, p), "error", True, True, "fp32", "auto")
+    )
     # ... and False otherwise (then the op is not differentiable: nothing was saved)
     pd = AVMEParams(*[t.detach() for t in p])
     xd, ed = x.detach(), eps.detach()
-    torch.library.opcheck(backend.ns.forward.default, (*forward_args(xd, y, ed, pd), "canvas", False, False, "fp32", "auto"))
+    torch.library.opcheck(
+        backend.ns.forward.default, (*forward_args(xd, y, ed, pd), "canvas", False, False, "fp32", "auto")
+    )
     torch.library.opcheck(backend.ns.sample.default, (*sample_args(ed, y, pd), True, "fp32", "auto"))
     # the backward, on the state a saving forward returned (not differentiable itself)
-    canvas, mu, logvar, canvases, *state = backend.ns.forward(*forward_args(xd, y, ed, pd), "error", False, True, "fp32", "auto")
+    canvas, mu, logvar, canvases, *state = backend.ns.forward(
+        *forward_args(xd, y, ed, pd), "error", False, True, "fp32", "auto"
+    )
     torch.library.opcheck(
         backend.ns.backward.default,
         (
@@ -306,4 +312,6 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     names = ["loss", "grad_eps", *AVMEParams._fields]
     # The same kernels run on both sides; only the float64 loss arithmetic around them may be
     # reordered by the compiled graph: a few float64 ulps.
-    assert_within(dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-12)
+    assert_within(
+        dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-12
+    )

@@ -73,7 +73,9 @@ def test_torch_compile_inductor_fullgraph_matches_eager(cuda_backend):
     names = ["loss", *[n for n, _ in core.named_parameters()]]
     # Same ops on both sides; inductor may fuse and reorder the float32 loss arithmetic
     # around them, hence a few float32 ulps of the sums, not bitwise equality.
-    assert_within(dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-5)
+    assert_within(
+        dict(zip(names, [got, *got_grads], strict=True)), dict(zip(names, [eager, *eager_grads], strict=True)), 1e-5
+    )
 
 
 def test_cuda_graph_capture_replay_equals_eager(cuda_backend):

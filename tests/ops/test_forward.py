@@ -63,9 +63,12 @@ def test_saved_state_only_when_asked(backend, save):
     ref = avme_forward_reference(x, y, eps, p, "error", False)
     other = backend.ns.forward(*forward_args(x, y, eps, p), "error", False, not save, "fp32", "auto")
     names = ("canvas", "mu", "logvar")
-    assert_within(dict(zip(names, out[:3], strict=True)), dict(zip(names, ref[:3], strict=True)), fp64_bound(K, TINY, C))
+    assert_within(
+        dict(zip(names, out[:3], strict=True)), dict(zip(names, ref[:3], strict=True)), fp64_bound(K, TINY, C)
+    )
     for got, again in zip(out[:3], other[:3], strict=True):
         assert torch.equal(got, again)  # saving the state does not change the arithmetic
+
 
 def test_fused_forward_saves_state_only_under_grad(backend):
     """fused_forward asks the op to save its state only when autograd will need it."""
@@ -122,8 +125,10 @@ def test_auto_design_follows_the_batch_size(backend, B, expected):
     design above: its outputs are bit-identical to the design forced by name, not to the other."""
     p = make_params(TINY, 2, dtype=torch.float32, device=backend.device, grad=False)
     x, y, eps = make_inputs(B, 2, TINY, 2, dtype=torch.float32, device=backend.device)
-    runs = {name: backend.ns.forward(*forward_args(x, y, eps, p), "error", True, False, "fp32", name)
-            for name in ("auto", "persistent", "stagewise")}
+    runs = {
+        name: backend.ns.forward(*forward_args(x, y, eps, p), "error", True, False, "fp32", name)
+        for name in ("auto", "persistent", "stagewise")
+    }
     backend.synchronize()
     other = "stagewise" if expected == "persistent" else "persistent"
     for got, want in zip(runs["auto"][:4], runs[expected][:4], strict=True):

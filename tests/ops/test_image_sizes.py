@@ -92,7 +92,7 @@ def test_persistent_refuses_paper_hidden_sizes_with_its_reason(emulator, h100_li
 
 @pytest.mark.parametrize("design", ["auto", "auto:persistent"])
 def test_auto_runs_another_design_where_persistent_refuses(emulator, h100_like, design):
-    """"auto" (B <= 256 would take the persistent design where it fits) and "auto:persistent"
+    """ "auto" (B <= 256 would take the persistent design where it fits) and "auto:persistent"
     run the stagewise design at D = 3072, H = 400 and match the float64 reference."""
     compare_with_reference(emulator, Case(2, 2, PAPER_HIDDEN, 0, "error"), design=design, scale=COLOUR**-0.5)
 
@@ -137,7 +137,9 @@ def test_module_auto_with_a_measured_persistent_design_trains_colour_images(emul
     monkeypatch.setattr(ops, "fused_forward", on_emulator)
     x, _, eps = make_inputs(2, 2, PAPER_HIDDEN, 0)
     weights = [torch.randn(s, dtype=torch.float64) for s in ((2, COLOUR), (2, 2, 100), (2, 2, 100), (2, 2, COLOUR))]
-    got = run_and_grad(lambda x, y, eps, p: core(x, y, eps, return_canvases=True), core.loop_params(), x, None, eps, weights)
+    got = run_and_grad(
+        lambda x, y, eps, p: core(x, y, eps, return_canvases=True), core.loop_params(), x, None, eps, weights
+    )
     assert asked == ["auto:persistent"]
     params = core.loop_params()
     reference = {

@@ -90,8 +90,9 @@ LAUNCH_FIELDS = ("ctas", "threads", "nbl", "kc", "smem", "workspace", "state_in_
                  "math")  # fmt: skip
 
 
-def describe(ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), limits=H100, *,
-             fp64=True, d_x_error=False) -> dict[str, int]:
+def describe(
+    ns, kind, B, K, s: Sizes, C, mode="canvas", config=(0, 0, 0, 0), limits=H100, *, fp64=True, d_x_error=False
+) -> dict[str, int]:
     """The launch the launcher would make (persistent::LaunchInfo), by field name."""
     info = ns.describe(kind, B, K, s.D, s.He, s.Hd, s.Z, C, mode == "error", d_x_error, fp64,
                        list(config), list(limits))  # fmt: skip
@@ -299,9 +300,7 @@ def test_sample_fp64(pemu, C, return_canvases):
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
-def _backward_case(
-    pemu, case, dtype, seed, present=("canvas", "mu", "logvar", "canvases"), need_dx=True, math=FMA
-):
+def _backward_case(pemu, case, dtype, seed, present=("canvas", "mu", "logvar", "canvases"), need_dx=True, math=FMA):
     *_, rec64 = reference_run(case.sizes, case.C, case.B, case.K, case.mode, torch.float64, seed)
     p, _, _, eps, rec = reference_run(case.sizes, case.C, case.B, case.K, case.mode, dtype, seed)
     grads = loss_grads(case.B, case.K, case.sizes, seed + 9, present)

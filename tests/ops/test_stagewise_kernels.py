@@ -288,7 +288,9 @@ def trace(
         "canvas": s, "canvases": torch.stack(rec["s"]), "mu": qs[..., :Z], "logvar": qs[..., Z:],
         **{name: torch.stack(rec[name]) for name in STATES},
     }  # fmt: skip
-    loss = sum((out[k].double() * w).sum() for k, w in zip(("canvas", "mu", "logvar", "canvases"), weights, strict=True))
+    loss = sum(
+        (out[k].double() * w).sum() for k, w in zip(("canvas", "mu", "logvar", "canvases"), weights, strict=True)
+    )
     loss.backward()
     out = {k: v.detach() for k, v in out.items()}
     out["d_canvas"] = torch.stack([v.grad for v in rec["s"]])
@@ -349,16 +351,12 @@ def bf16_policy_steps(
     w_dec = _bf16(torch.cat([p.dec_w_ih[:, :Z], p.dec_w_hh], 1))
     ref: dict[str, Tensor] = {}
     e_in = torch.cat([_shift(g["canvases"]), _shift(g["h_dec"]), _shift(g["h_enc"])], -1)
-    ref["h_enc"], ref["c_enc"], ref["gates_enc"] = _cell(
-        enc_static + _bf16(e_in) @ w_enc.t(), _shift(g["c_enc"])
-    )
+    ref["h_enc"], ref["c_enc"], ref["gates_enc"] = _cell(enc_static + _bf16(e_in) @ w_enc.t(), _shift(g["c_enc"]))
     q = _bf16(g["h_enc"]) @ _bf16(p.q_w).t() + p.q_b
     ref["mu"], ref["logvar"] = q[..., :Z], q[..., Z:]
     ref["z"] = ref["mu"] + torch.exp(0.5 * ref["logvar"]) * eps.double()
     d_in = torch.cat([g["z"], _shift(g["h_dec"])], -1)
-    ref["h_dec"], ref["c_dec"], ref["gates_dec"] = _cell(
-        dec_static + _bf16(d_in) @ w_dec.t(), _shift(g["c_dec"])
-    )
+    ref["h_dec"], ref["c_dec"], ref["gates_dec"] = _cell(dec_static + _bf16(d_in) @ w_dec.t(), _shift(g["c_dec"]))
     ref["canvases"] = _shift(g["canvases"]) + _bf16(g["h_dec"]) @ _bf16(p.write_w).t() + p.write_b
 
     gr = {k: v.double() for k, v in grads.items()}
@@ -374,9 +372,7 @@ def bf16_policy_steps(
         if later:
             dh_dec = dh_dec + dge_next @ _bf16(w_hd) + _bf16(g["d_gates_dec"][t + 1]) @ _bf16(p.dec_w_hh)
         c_prev = g["c_dec"][t - 1] if t else torch.zeros_like(dc_dec)
-        steps["d_gates_dec"][t], dc_dec = _cell_backward(
-            dh_dec, dc_dec, g["gates_dec"][t], g["c_dec"][t], c_prev
-        )
+        steps["d_gates_dec"][t], dc_dec = _cell_backward(dh_dec, dc_dec, g["gates_dec"][t], g["c_dec"][t], c_prev)
         dz = _bf16(g["d_gates_dec"][t]) @ _bf16(p.dec_w_ih[:, :Z])
         dlv = dz * eps[t].double() * 0.5 * torch.exp(0.5 * g["logvar"][t])
         steps["d_q"][t] = torch.cat([gr["mu"][t] + dz, gr["logvar"][t] + dlv], -1)
@@ -384,9 +380,7 @@ def bf16_policy_steps(
         if later:
             dh_enc = dh_enc + dge_next @ _bf16(p.enc_w_hh)
         c_prev = g["c_enc"][t - 1] if t else torch.zeros_like(dc_enc)
-        steps["d_gates_enc"][t], dc_enc = _cell_backward(
-            dh_enc, dc_enc, g["gates_enc"][t], g["c_enc"][t], c_prev
-        )
+        steps["d_gates_enc"][t], dc_enc = _cell_backward(dh_enc, dc_enc, g["gates_enc"][t], g["c_enc"][t], c_prev)
     return {**ref, **steps}
 
 
@@ -421,9 +415,7 @@ def weight_grads(
         g_r = dGe.t() @ flat(r)
     else:
         g_r = carried(s["d_gates_enc"], s["canvases"])
-    g_enc_w_ih = [sum_ge.t() @ x, g_r, carried(s["d_gates_enc"], s["h_dec"])] + (
-        [sum_ge.t() @ y] if C else []
-    )
+    g_enc_w_ih = [sum_ge.t() @ x, g_r, carried(s["d_gates_enc"], s["h_dec"])] + ([sum_ge.t() @ y] if C else [])
     g_dec_w_ih = [dGd.t() @ flat(s["z"])] + ([sum_gd.t() @ y] if C else [])
     grad_x = sum_ge @ p.enc_w_ih[:, :D]
     if encoder_input == "error":
@@ -442,9 +434,7 @@ def reference_grads(x, y, eps, p: AVMEParams, encoder_input: str, weights) -> di
     """Autograd of avme_forward_reference (float64) for the weighted loss: weights and x."""
     p64 = AVMEParams(*[t.detach().double().requires_grad_() for t in p])
     x64 = x.detach().double().requires_grad_()
-    out = avme_forward_reference(
-        x64, None if y is None else y.double(), eps.double(), p64, encoder_input, True
-    )
+    out = avme_forward_reference(x64, None if y is None else y.double(), eps.double(), p64, encoder_input, True)
     terms = (out.canvas, out.mu, out.logvar, out.canvases)
     loss = sum((t * w).sum() for t, w in zip(terms, weights, strict=True))
     grads = torch.autograd.grad(loss, [*p64, x64])
@@ -495,9 +485,7 @@ def emulated_and_reference(ns, case: Case, dtype: torch.dtype, precision: str = 
     x, y, eps, weights = make_inputs(case, dtype, seed + 1)
     mode = case.encoder_input
     fwd = run_forward(ns, x, y, eps, p, mode, precision)
-    d_x_base = torch.randn(
-        case.B, case.sizes.D, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype
-    )
+    d_x_base = torch.randn(case.B, case.sizes.D, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype)
     steps = run_backward(
         ns, fwd, eps, p, as_grads(weights, dtype), mode, precision, d_x_base if mode == "error" else None
     )
@@ -630,9 +618,7 @@ def test_tf32_on_cpu_is_fp32_and_restores_global_state(swemu):
         fwd = run_forward(swemu, x, y, eps, p, case.encoder_input, precision)
         outs[precision] = {
             **fwd,
-            **run_backward(
-                swemu, fwd, eps, p, as_grads(weights, torch.float32), case.encoder_input, precision
-            ),
+            **run_backward(swemu, fwd, eps, p, as_grads(weights, torch.float32), case.encoder_input, precision),
         }
     assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == before
     assert_close(outs["tf32"], outs["fp32"], 1e-6)
@@ -725,9 +711,7 @@ def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
         p = make_params(case.sizes, case.C, torch.float32)
         x, y, eps, weights = make_inputs(case, torch.float32)
         fwd = run_forward(swemu, x, y, eps, p, encoder_input)
-        forward_args, backward_args = op_arguments(
-            x, y, eps, p, fwd, as_grads(weights, torch.float32), error
-        )
+        forward_args, backward_args = op_arguments(x, y, eps, p, fwd, as_grads(weights, torch.float32), error)
         launches = swemu.kernel_launches()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             swemu.forward(*forward_args)

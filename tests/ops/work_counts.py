@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         for mode in ("canvas", "error"):
             for C in (0, 10):
                 for direction, c in paper_table(design, mode, C, args.K).items():
-                    print(f"{design:<10} {mode:<7} {C:<2} {direction:<10} {c['products']:>8}  "
-                          f"{c['device_ops']:>10}  {c['allocations']:>11}  {c['kernels']:>7}")
+                    print(
+                        f"{design:<10} {mode:<7} {C:<2} {direction:<10} {c['products']:>8}  "
+                        f"{c['device_ops']:>10}  {c['allocations']:>11}  {c['kernels']:>7}"
+                    )
 
 
 if __name__ == "__main__":
