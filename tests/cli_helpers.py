@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
+from helpers import ModelArgs
 
 #: Sizes of the tiny model of :func:`tiny_run_dir`.
-TINY_SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
+TINY_SIZES: ModelArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 
 
 def tiny_run_dir(root: Path) -> Path:
@@ -23,12 +25,14 @@ def tiny_run_dir(root: Path) -> Path:
     return root
 
 
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
+def run_cli(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``avme ARGV`` in this process: (exit status, stdout, stderr); argparse's exits included."""
+    code: int | str | None
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exit_info:
         code = exit_info.code
+    assert isinstance(code, int), code  # argparse exits with a status, never a message
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests that start subprocesses (``python -m avme_ext``, torchrun)."""
+"""Helpers shared by the tests: subprocesses (``python -m avme_ext``, torchrun), the scripts, model sizes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 from types import ModuleType
+from typing import TypedDict
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real data sets beside the checkout (``../shared/data``); ``AVME_SHARED_DATA`` points elsewhere
@@ -26,12 +27,53 @@ def free_port() -> int:
     """A free TCP port on the loopback interface, for a torchrun rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def load_script(name: str) -> ModuleType:
     """The script ``python/<name>.py`` of this checkout, imported as a module named ``name``."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "python" / f"{name}.py")
+    return load_module(name, REPO / "python" / f"{name}.py")
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """The Python file ``path`` imported as a module named ``name`` (not added to sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None, path
+    assert spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Keyword arguments of the model classes, so that a test's size dictionary (``AVME(**SIZES)``) is
+# checked against the signatures like the keywords themselves.
+class SizeArgs(TypedDict, total=False):
+    """The sizes of the loop, as :class:`avme_ext.AVMEConfig`, AVMECore and AVME take them (classes apart)."""
+
+    data_dim: int
+    enc_hidden: int
+    dec_hidden: int
+    latent_dim: int
+    steps: int
+
+
+class LoopArgs(SizeArgs, total=False):
+    """The arguments of :class:`avme_ext.AVMECore` that define the loop (:data:`avme_ext.config.LOOP_FIELDS`)."""
+
+    num_classes: int
+    encoder_input: str
+
+
+class ConfigArgs(LoopArgs, total=False):
+    """Every argument of :class:`avme_ext.AVMEConfig`."""
+
+    likelihood: str
+    image_shape: tuple[int, int, int] | None
+
+
+class ModelArgs(SizeArgs, total=False):
+    """Sizes and the implementation options of :class:`avme_ext.AVME` and AVMECore."""
+
+    impl: str
+    precision: str

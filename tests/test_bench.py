@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from bench import flops as F  # noqa: E402
 from bench import report  # noqa: E402
 from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
 from bench.workloads import DESIGNS  # noqa: E402
+from helpers import load_module  # noqa: E402
 
 # --------------------------------------------------------------------------- end to end (CPU smoke)
 
@@ -557,13 +559,8 @@ def test_source_revision_falls_back_to_the_stamp(monkeypatch):
     assert run.source_revision() == (None, None)
 
 
-def _load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"gpu_{name}", GPU_TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_tool(name: str) -> ModuleType:
+    return load_module(f"gpu_{name}", GPU_TOOLS / f"{name}.py")
 
 
 def test_train_compare_checks_the_last_common_epoch(tmp_path: Path):

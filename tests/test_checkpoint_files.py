@@ -25,8 +25,9 @@ from avme_ext.checkpoint import (
 )
 from avme_ext.cli import main
 from avme_ext.model import AVME
+from helpers import ModelArgs
 
-SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
+SIZES: ModelArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 
 
 @pytest.fixture

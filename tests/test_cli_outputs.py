@@ -15,9 +15,9 @@ from PIL import Image
 from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
-from helpers import REPO, subprocess_env
+from helpers import REPO, ModelArgs, subprocess_env
 
-SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
+SIZES: ModelArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 K = SIZES["steps"]
 PAD = 2
 

@@ -16,8 +16,9 @@ from avme_ext.cli.evaluate import LONG_EVALUATION, PaceCheck
 from avme_ext.data import load_split
 from avme_ext.evaluation import estimate_cost, evaluate, evaluation_calls
 from avme_ext.model import AVME
+from helpers import ModelArgs
 
-SIZES = {"enc_hidden": 128, "dec_hidden": 128, "latent_dim": 32, "steps": 8, "impl": "ref"}
+SIZES: ModelArgs = {"enc_hidden": 128, "dec_hidden": 128, "latent_dim": 32, "steps": 8, "impl": "ref"}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from torch.distributions import Normal
 from avme_ext.data import ImageSplit, load_split
 from avme_ext.evaluation import EvalResult, chunk_generator, chunk_seed, evaluate, merge_results
 from avme_ext.model import AVME
+from helpers import ModelArgs
 
-SIZES = {"enc_hidden": 24, "dec_hidden": 24, "latent_dim": 6, "steps": 4, "impl": "ref"}
+SIZES: ModelArgs = {"enc_hidden": 24, "dec_hidden": 24, "latent_dim": 6, "steps": 4, "impl": "ref"}
 NUM_IMAGES = 36
 BATCH = 8  # 5 chunks of 8, 8, 8, 8, 4 images
 

@@ -31,9 +31,10 @@ from avme_ext.likelihoods import (
 )
 from avme_ext.model import AVME
 from avme_ext.results import bits_per_dim
+from helpers import ModelArgs
 
 OLD_CHECKPOINT = Path(__file__).resolve().parent / "data" / "checkpoint_before_likelihood.safetensors"
-SMALL = {"enc_hidden": 8, "dec_hidden": 8, "latent_dim": 3, "steps": 3, "impl": "ref"}
+SMALL: ModelArgs = {"enc_hidden": 8, "dec_hidden": 8, "latent_dim": 3, "steps": 3, "impl": "ref"}
 LEVELS = torch.arange(BINS, dtype=torch.float64) / (BINS - 1)  # every value of an 8-bit pixel
 
 

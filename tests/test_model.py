@@ -12,8 +12,9 @@ from torch.distributions import Normal
 from avme_ext import AVME, AVMEConfig
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from avme_ext.model import gaussian_kl
+from helpers import SizeArgs
 
-TINY = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
+TINY: SizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 
 
 def tiny_model(num_classes: int = 0, encoder_input: str = "canvas", seed: int = 0) -> AVME:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ import avme_ext.ops
 from avme_ext import AVME, AVMEConfig, AVMECore, loop_types
 from avme_ext.config import LOOP_FIELDS
 from avme_ext.reference import avme_forward_reference
+from helpers import LoopArgs, SizeArgs, load_module
 
-SMALL = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
+SMALL: SizeArgs = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
 SIZE_NAMES = [field.name for field in dataclasses.fields(AVMEConfig)]
 #: The positional arguments of each module: the loop's fields (the core), or every field (the model).
 POSITIONAL = {AVMECore: list(LOOP_FIELDS), AVME: SIZE_NAMES}
@@ -96,9 +98,14 @@ class LoRALSTMCell(nn.LSTMCell):
 ADAPTERS = {nn.LSTMCell: LoRALSTMCell, nn.Linear: LoRALinear}
 
 
-def same_shaped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    if issubclass(cls, nn.LSTMCell):
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def same_shaped(module: nn.Module, cls: type[ModuleT]) -> ModuleT:
+    """A fresh ``cls`` of the sizes of ``module``, an LSTM cell or a linear layer like ``cls``."""
+    if isinstance(module, nn.LSTMCell):
         return cls(module.input_size, module.hidden_size, dtype=torch.float64)
+    assert isinstance(module, nn.Linear), module
     return cls(module.in_features, module.out_features, dtype=torch.float64)
 
 
@@ -121,7 +128,7 @@ def test_a_submodule_of_another_class_is_refused(name):
 
 def test_a_module_of_an_unrelated_class_is_refused():
     core = make_core(num_classes=0)
-    core.decoder = nn.GRUCell(core.latent_dim + core.num_classes, core.dec_hidden)
+    core.decoder = nn.GRUCell(core.latent_dim + core.num_classes, core.dec_hidden)  # type: ignore[assignment]  # the wrong class on purpose
     with pytest.raises(TypeError, match=r"AVMECore\.decoder must be exactly torch\.nn\.LSTMCell, got .*GRUCell"):
         core.sample(batch_size=2)
 
@@ -134,10 +141,11 @@ class Doubled(nn.Module):
 def test_a_parametrized_submodule_runs_with_its_parametrized_weights():
     core = make_core()
     x, y, eps = make_inputs(core)
+    original = core.write.weight.detach().clone()
     parametrize.register_parametrization(core.write, "weight", Doubled())
     assert type(core.write) is not nn.Linear
     params = core.loop_params()
-    torch.testing.assert_close(params.write_w, 2.0 * core.write.parametrizations.weight.original)
+    torch.testing.assert_close(params.write_w, 2.0 * original)
     torch.testing.assert_close(core(x, y, eps).canvas, avme_forward_reference(x, y, eps, params).canvas)
     adapter = make_core()
     adapter.write = same_shaped(adapter.write, LoRALinear)
@@ -151,9 +159,9 @@ def test_a_parametrized_submodule_runs_with_its_parametrized_weights():
 def test_hooks_on_a_submodule_are_refused(name, kind):
     core = make_core()
     x, y, eps = make_inputs(core)
-    calls = []
+    calls: list[tuple[object, ...]] = []
     register = getattr(getattr(core, name), f"register_{kind}_hook")
-    handle = register(lambda *args: calls.append(args) and None)
+    handle = register(lambda *args: calls.append(args))
     match = rf"AVMECore\.{name} has hooks registered; hooks on the submodules cannot run because the loop is fused"
     with pytest.raises(RuntimeError, match=match):
         core(x, y, eps)
@@ -220,13 +228,14 @@ def test_size_defaults_and_validation_come_from_the_config(model_class):
     for name in POSITIONAL[model_class]:
         assert parameters[name].default == getattr(defaults, name), name
     assert model_class(device="meta").config == defaults
-    sizes = {**SMALL, "num_classes": 3, "encoder_input": "error"}
+    sizes: LoopArgs = {**SMALL, "num_classes": 3, "encoder_input": "error"}
     module = model_class(**sizes, device="meta")
     assert module.config == AVMEConfig(**sizes)
     core = module if isinstance(module, AVMECore) else module.core
     for name, value in sizes.items():
         assert getattr(core, name) == value, name
-    for bad in ({"data_dim": 0}, {"steps": True}, {"num_classes": -1}, {"encoder_input": "diff"}):
+    bad_sizes: list[LoopArgs] = [{"data_dim": 0}, {"steps": True}, {"num_classes": -1}, {"encoder_input": "diff"}]
+    for bad in bad_sizes:
         (name,) = bad
         with pytest.raises(ValueError, match=rf"^{name} must be ") as from_config:
             AVMEConfig(**bad)
@@ -244,11 +253,8 @@ def test_choices_have_one_source():
         AVMECore(precision="fp16", device="meta")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("custom_training_loop", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_script() -> ModuleType:
+    return load_module("custom_training_loop", SCRIPT)
 
 
 def test_custom_training_loop_takes_its_sizes_from_the_config(capsys):
@@ -273,7 +279,7 @@ class AutoSpy:
 
     def __init__(self, choice: str):
         self.choice = choice
-        self.calls = []
+        self.calls: list[tuple[object, ...]] = []
 
     def __call__(self, device, dtype, precision, batch_size):
         self.calls.append((device, dtype, precision, batch_size))

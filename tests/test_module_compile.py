@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from avme_ext import AVME
+from helpers import SizeArgs
 
-TINY = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
+TINY: SizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 BATCH = 5
 
 

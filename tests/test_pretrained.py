@@ -13,9 +13,9 @@ import avme_ext.pretrained as P
 from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
-from helpers import REPO
+from helpers import REPO, ModelArgs
 
-SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
+SIZES: ModelArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 
 
 @pytest.fixture

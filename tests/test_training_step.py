@@ -33,10 +33,11 @@ from avme_ext.training.step import (
     update_pass,
     use_cuda_graphs,
 )
+from helpers import SizeArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3}
+SIZES: SizeArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3}
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 

@@ -17,6 +17,9 @@ from avme_ext.data.spec import DataOptions, DataSpec
 from .errors import OptionError, TrainError
 
 __all__ = [
+    "DATASETS",  # the option tuples of avme_ext.choices, re-exported (one object per option)
+    "IMPLS",
+    "PRECISIONS",
     "TrainConfig",
     "MODEL_FIELDS",
     "GRAPH_MODES",

@@ -216,7 +216,7 @@ def merged_biases(p: AVMEParams) -> tuple[Tensor, Tensor]:
     return p.enc_b_ih + p.enc_b_hh, p.dec_b_ih + p.dec_b_hh
 
 
-def forward_args(x: Tensor, y: Tensor | None, eps: Tensor, p: AVMEParams) -> tuple:
+def forward_args(x: Tensor, y: Tensor | None, eps: Tensor, p: AVMEParams) -> tuple[Tensor | None, ...]:
     """The tensor arguments of ``avme::forward`` (x ... write_b)."""
     enc_b, dec_b = merged_biases(p)
     return (
@@ -225,7 +225,7 @@ def forward_args(x: Tensor, y: Tensor | None, eps: Tensor, p: AVMEParams) -> tup
     )  # fmt: skip
 
 
-def sample_args(z: Tensor, y: Tensor | None, p: AVMEParams) -> tuple:
+def sample_args(z: Tensor, y: Tensor | None, p: AVMEParams) -> tuple[Tensor | None, ...]:
     """The tensor arguments of ``avme::sample`` (z ... write_b)."""
     _, dec_b = merged_biases(p)
     return (z, y, p.dec_w_ih, p.dec_w_hh, dec_b, p.write_w, p.write_b)
@@ -240,8 +240,9 @@ def loss_weights(B: int, K: int, sizes: Sizes, *, device, seed: int = 2) -> list
 
 def weighted_loss(out: ForwardOutput, weights: list[Tensor]) -> Tensor:
     """A float64 loss that touches every output, so only the op's own rounding is compared."""
+    assert out.canvases is not None, "the loss needs every step's canvas"
     terms = (out.canvas, out.mu, out.logvar, out.canvases)
-    return sum((t.double() * w).sum() for t, w in zip(terms, weights, strict=True))
+    return torch.stack([(t.double() * w).sum() for t, w in zip(terms, weights, strict=True)]).sum()
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,8 +277,9 @@ def run_and_grad(
     y = None if y is None else cast(y.detach()).requires_grad_(input_grads and grads_wanted)
     with torch.set_grad_enabled(grads_wanted):
         out = forward(x, y, eps, params)
+    assert out.canvases is not None, "the runs compared return every step's canvas"
     named = {"canvas": out.canvas, "mu": out.mu, "logvar": out.logvar, "canvases": out.canvases}
-    if not grads_wanted:
+    if weights is None:
         return named
     inputs = dict(zip(AVMEParams._fields, params, strict=True))
     if input_grads:
@@ -302,8 +304,8 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return math.inf
-    num = (a - b).norm().item()
-    den = b.norm().item()
+    num = float((a - b).norm())
+    den = float(b.norm())
     return num if den == 0.0 else num / den
 
 
