@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def tiny_run_dir(root: Path) -> Path:
     return root
 
 
-def run_cli(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+def run_cli(argv: Sequence[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``avme ARGV`` in this process: (exit status, stdout, stderr); argparse's exits included."""
     code: int | str | None
     try:

@@ -49,31 +49,29 @@ def load_module(name: str, path: Path) -> ModuleType:
 # Keyword arguments of the model classes, so that a test's size dictionary (``AVME(**SIZES)``) is
 # checked against the signatures like the keywords themselves.
 class SizeArgs(TypedDict, total=False):
-    """The sizes of the loop, as :class:`avme_ext.AVMEConfig`, AVMECore and AVME take them (classes apart)."""
+    """The sizes of the networks and the number of steps (the pixels and classes come with the data)."""
 
-    data_dim: int
     enc_hidden: int
     dec_hidden: int
     latent_dim: int
     steps: int
 
 
-class LoopArgs(SizeArgs, total=False):
-    """The arguments of :class:`avme_ext.AVMECore` that define the loop (:data:`avme_ext.config.LOOP_FIELDS`)."""
+class DataSizeArgs(SizeArgs, total=False):
+    """:class:`SizeArgs` and the pixels per image."""
+
+    data_dim: int
+
+
+class LoopArgs(DataSizeArgs, total=False):
+    """Every argument of :class:`avme_ext.AVMECore` that defines the loop (:data:`avme_ext.config.LOOP_FIELDS`)."""
 
     num_classes: int
     encoder_input: str
 
 
-class ConfigArgs(LoopArgs, total=False):
-    """Every argument of :class:`avme_ext.AVMEConfig`."""
-
-    likelihood: str
-    image_shape: tuple[int, int, int] | None
-
-
 class ModelArgs(SizeArgs, total=False):
-    """Sizes and the implementation options of :class:`avme_ext.AVME` and AVMECore."""
+    """:class:`SizeArgs` and the implementation options of :class:`avme_ext.AVME` and AVMECore."""
 
     impl: str
     precision: str

@@ -6,8 +6,11 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +19,9 @@ from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
 from helpers import REPO, ModelArgs, subprocess_env
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 SIZES: ModelArgs = {"enc_hidden": 16, "dec_hidden": 16, "latent_dim": 4, "steps": 3, "impl": "ref"}
 K = SIZES["steps"]
@@ -45,7 +51,7 @@ def _png(path: Path) -> Image.Image:
     return image
 
 
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+def _run(argv: Sequence[object], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -429,7 +435,7 @@ def test_eval_says_what_it_will_cost_before_starting(checkpoints, capsys, monkey
     assert "use --num-images N or a GPU" in err
 
 
-def _sparse_metrics(path: Path, log_every: int = 5, steps: int = 50) -> list[dict]:
+def _sparse_metrics(path: Path, log_every: int = 5, steps: int = 50) -> list[dict[str, Any]]:
     records = []
     for step in range(log_every, steps + 1, log_every):
         records.append({"kind": "train", "epoch": 1 + (step - 1) // 25, "step": step, "loss": 90 + 1050 / step})
@@ -448,6 +454,12 @@ def _sparse_metrics(path: Path, log_every: int = 5, steps: int = 50) -> list[dic
     return records
 
 
+def _legend_labels(ax: Axes) -> list[str]:
+    legend = ax.get_legend()
+    assert legend is not None, "the axes have no legend"
+    return [text.get_text() for text in legend.get_texts()]
+
+
 def test_training_curve_shows_its_first_point_and_what_points_average(tmp_path):
     from avme_ext.plotting import read_metrics, training_curve_figure
 
@@ -459,7 +471,7 @@ def test_training_curve_shows_its_first_point_and_what_points_average(tmp_path):
     assert high >= losses[0] == max(losses)
     assert low <= min(losses)
     assert ax.get_xlim()[0] <= 5
-    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    labels = _legend_labels(ax)
     assert any("mean over the 5 steps before each point" in label for label in labels), labels
     assert any("validation" in label and "mean over the validation images" in label for label in labels), labels
 
@@ -475,9 +487,9 @@ def test_training_curve_draws_a_changing_learning_rate_on_its_own_axis(tmp_path)
     (rate_axis,) = [ax for ax in figure.axes if ax.get_ylabel() == "learning rate"]
     (line,) = rate_axis.lines
     expected = [r["lr"] for r in decaying if r["kind"] == "train"]
-    assert list(line.get_ydata()) == pytest.approx(expected)
+    assert np.asarray(line.get_ydata()).tolist() == pytest.approx(expected)
     assert rate_axis.get_ylim()[0] == 0.0
-    labels = [text.get_text() for text in rate_axis.get_legend().get_texts()]
+    labels = _legend_labels(rate_axis)
     assert "learning rate (right axis)" in labels
     assert any("validation" in label for label in labels)
 
@@ -488,7 +500,7 @@ def test_training_curve_of_a_single_record_is_visible(tmp_path):
     figure = training_curve_figure([{"kind": "train", "epoch": 1, "step": 50, "loss": 240.0}])
     (line,) = figure.axes[0].lines
     assert line.get_marker() not in (None, "None", "")
-    assert list(line.get_xdata()) == [50.0]
+    assert np.asarray(line.get_xdata()).tolist() == [50.0]
     low, high = figure.axes[0].get_ylim()
     assert low < 240.0 < high
 

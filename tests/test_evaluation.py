@@ -147,6 +147,7 @@ def test_evaluate_iwae_uses_the_chunk_stream(model, split):
     result = evaluate(model, split, samples=3, batch_size=BATCH, seed=4, max_rows=7)
     x, _ = split.batch(torch.arange(2 * BATCH, 3 * BATCH))
     bound = model.iwae_bound(x, None, 3, max_rows=7, generator=chunk_generator(4, 2, "cpu", "iwae"))
+    assert result.iwae_nll is not None
     torch.testing.assert_close(result.iwae_nll[2 * BATCH : 3 * BATCH], -bound.double())
     summary = result.summary()
     assert summary["iwae_samples"] == 3
@@ -157,12 +158,18 @@ def test_iwae_64_is_no_worse_than_the_elbo(model, split):
     iwae = evaluate(model, split, samples=64, batch_size=BATCH, seed=0)
     elbo_mean = torch.stack([evaluate(model, split, batch_size=BATCH, seed=s).nelbo for s in range(4)]).mean()
     one = evaluate(model, split, samples=1, batch_size=BATCH, seed=0)
+    assert iwae.iwae_nll is not None
+    assert one.iwae_nll is not None
     assert float(iwae.iwae_nll.mean()) <= float(elbo_mean)
     assert float(iwae.iwae_nll.mean()) <= float(one.iwae_nll.mean())
 
 
 def test_conditional_marginal_is_logsumexp_of_class_bounds(cond_model, split):
     result = evaluate(cond_model, split, samples=3, batch_size=BATCH, seed=2)
+    assert result.iwae_nll is not None
+    assert result.nll_given_y is not None
+    assert result.nll_marginal is not None
+    assert result.class_nll is not None
     c = cond_model.num_classes
     assert result.class_nll.shape == (NUM_IMAGES, c)
     expected = -(torch.logsumexp(-result.class_nll, dim=1) - math.log(c))
@@ -184,6 +191,8 @@ def test_conditional_without_marginal(cond_model, split):
     result = evaluate(cond_model, split, samples=2, batch_size=BATCH, marginal=False)
     assert result.nll_marginal is None
     assert result.class_nll is None
+    assert result.iwae_nll is not None
+    assert result.nll_given_y is not None
     assert torch.equal(result.iwae_nll, result.nll_given_y)
     x, y = split.batch(torch.arange(BATCH))
     bound = cond_model.iwae_bound(x, y, 2, generator=chunk_generator(0, 0, "cpu", "iwae"))

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageSequence
+from PIL import GifImagePlugin, Image, ImageSequence
 
 from avme_ext import images
 from avme_ext.checkpoint import save_checkpoint
@@ -38,9 +38,9 @@ def tile_pixel(grid: torch.Tensor, row: int, col: int, shape=COLOUR, scale: int 
     return grid[:, scale * top, scale * left]
 
 
-def gif_frames(data: bytes) -> tuple[Image.Image, list[Image.Image]]:
+def gif_frames(data: bytes) -> tuple[GifImagePlugin.GifImageFile, list[Image.Image]]:
     gif = Image.open(io.BytesIO(data))
-    assert gif.format == "GIF"
+    assert isinstance(gif, GifImagePlugin.GifImageFile), gif.format
     return gif, [frame.convert("RGB") for frame in ImageSequence.Iterator(gif)]
 
 
@@ -162,10 +162,10 @@ def colour_checkpoint(tmp_path_factory):
 
 
 def test_colour_model_evaluates_in_bits_per_dim(colour_checkpoint):
-    from test_likelihoods import InMemorySplit
+    from test_likelihoods import in_memory_split
 
     _, model, data = colour_checkpoint
-    summary = evaluate(model, InMemorySplit(data[:12]), samples=3, batch_size=6).summary()
+    summary = evaluate(model, in_memory_split(data[:12]), samples=3, batch_size=6).summary()
     assert summary["likelihood"] == "logistic"
     assert summary["data_dim"] == 192
     assert 0 < summary["iwae_nll_bits_per_dim"] < 8 + 1  # a discrete 8-bit likelihood, not yet trained

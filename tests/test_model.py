@@ -12,9 +12,9 @@ from torch.distributions import Normal
 from avme_ext import AVME, AVMEConfig
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from avme_ext.model import gaussian_kl
-from helpers import SizeArgs
+from helpers import DataSizeArgs
 
-TINY: SizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
+TINY: DataSizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 
 
 def tiny_model(num_classes: int = 0, encoder_input: str = "canvas", seed: int = 0) -> AVME:
@@ -106,6 +106,7 @@ def test_sample_and_reconstruct_shapes_and_ranges():
         y=torch.tensor([0, 1, 2]), return_steps=True, generator=torch.Generator().manual_seed(0)
     )
     assert probs.shape == (3, 12)
+    assert steps is not None
     assert steps.shape == (4, 3, 12)
     assert ((probs >= 0) & (probs <= 1)).all()
     torch.testing.assert_close(steps[-1], probs)
@@ -187,6 +188,7 @@ def test_checkpoint_round_trip_with_optimizer_and_generator(tmp_path):
     assert checkpoint.trainer_state == {"epoch": 2, "step": 17}
     assert checkpoint.config == model.config
     restored = torch.optim.Adam(tiny_model(3).float().parameters(), lr=1e-3)
+    assert checkpoint.optimizer_state is not None
     restored.load_state_dict(checkpoint.optimizer_state)
     for original, reloaded in zip(optimizer.param_groups[0]["params"], restored.param_groups[0]["params"], strict=True):
         assert torch.equal(optimizer.state[original]["exp_avg_sq"], restored.state[reloaded]["exp_avg_sq"])

@@ -19,9 +19,9 @@ import avme_ext.ops
 from avme_ext import AVME, AVMEConfig, AVMECore, loop_types
 from avme_ext.config import LOOP_FIELDS
 from avme_ext.reference import avme_forward_reference
-from helpers import LoopArgs, SizeArgs, load_module
+from helpers import DataSizeArgs, LoopArgs, load_module
 
-SMALL: SizeArgs = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
+SMALL: DataSizeArgs = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
 SIZE_NAMES = [field.name for field in dataclasses.fields(AVMEConfig)]
 #: The positional arguments of each module: the loop's fields (the core), or every field (the model).
 POSITIONAL = {AVMECore: list(LOOP_FIELDS), AVME: SIZE_NAMES}

@@ -6,13 +6,15 @@ compiles with inductor is marked slow (``pytest --runslow``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from avme_ext import AVME
-from helpers import SizeArgs
+from helpers import DataSizeArgs
 
-TINY: SizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
+TINY: DataSizeArgs = {"data_dim": 12, "enc_hidden": 8, "dec_hidden": 6, "latent_dim": 3, "steps": 4}
 BATCH = 5
 
 
@@ -43,7 +45,11 @@ def loss_and_grads(model: AVME, loss_fn, *args):
     model.zero_grad(set_to_none=True)
     loss = loss_fn(*args)
     loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        grads[name] = p.grad.clone()
+    return loss.detach(), grads
 
 
 def assert_same_loss_and_grads(got, want):
@@ -59,7 +65,7 @@ def test_no_graph_breaks(num_classes, encoder_input):
     model = tiny_model(num_classes, encoder_input)
     x, y, eps = make_batch(num_classes)
     y_vec = model.encode_labels(y, BATCH)
-    cases = {
+    cases: dict[str, tuple[Callable[..., torch.Tensor], tuple[torch.Tensor | None, ...]]] = {
         "AVME.forward": (lambda x, y, eps: model(x, y, eps=eps).loss, (x, y, eps)),
         "AVME.loss, noise drawn inside": (lambda x, y: model.loss(x, y)[0], (x, y)),
         "AVME.loss": (lambda x, y, eps: model.loss(x, y, eps=eps)[0], (x, y, eps)),

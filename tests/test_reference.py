@@ -8,9 +8,9 @@ from torch import nn
 
 from avme_ext import AVMECore
 from avme_ext.reference import avme_forward_reference, avme_sample_reference
-from helpers import SizeArgs
+from helpers import DataSizeArgs
 
-SMALL: SizeArgs = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
+SMALL: DataSizeArgs = {"data_dim": 6, "enc_hidden": 5, "dec_hidden": 4, "latent_dim": 3, "steps": 3}
 
 
 def make_core(num_classes: int = 0, encoder_input: str = "canvas", dtype=torch.float64, seed: int = 0, **sizes):
