@@ -48,6 +48,7 @@ def main() -> int:
             ref = avme_forward_reference(x, y, eps, pref, encoder_input, True)
 
             def loss(o):
+                assert o.canvases is not None
                 return o.canvas.sum() + o.mu.square().sum() + o.logvar.sum() + o.canvases.mean()
 
             grads = torch.autograd.grad(loss(out), inputs + list(p))
@@ -55,6 +56,10 @@ def main() -> int:
             with torch.no_grad():
                 s = avme_ops.fused_sample(eps, y, p, True)
                 sref = avme_sample_reference(eps, y, p, True)
+            assert out.canvases is not None
+            assert ref.canvases is not None
+            assert s.canvases is not None
+            assert sref.canvases is not None
             pairs = [(out.canvas, ref.canvas), (out.mu, ref.mu), (out.canvases, ref.canvases),
                      (s.canvases, sref.canvases), *zip(grads, ref_grads, strict=True)]  # fmt: skip
             for a, b in pairs:

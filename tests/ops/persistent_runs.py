@@ -39,12 +39,17 @@ def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int) -> d
     if x is not None:
         enc_static = x @ p.enc_w_ih[:, :D].t() + enc_b
         if C:
+            assert y is not None, "a conditional model takes y"
             enc_static = enc_static + y @ p.enc_w_ih[:, 2 * D + Hd :].t()
         out["enc_static"] = enc_static.contiguous()
         out["enc_wT"] = torch.cat([p.enc_w_ih[:, D : 2 * D + Hd], p.enc_w_hh], 1).t().contiguous()
         out["q_wT"] = p.q_w.t().contiguous()
         out["q_b"] = p.q_b.contiguous()
-    out["dec_static"] = (y @ p.dec_w_ih[:, Z:].t() + dec_b).contiguous() if C else dec_b.contiguous()
+    dec_static = dec_b
+    if C:
+        assert y is not None, "a conditional model takes y"
+        dec_static = y @ p.dec_w_ih[:, Z:].t() + dec_b
+    out["dec_static"] = dec_static.contiguous()
     out["dec_wT"] = torch.cat([p.dec_w_ih[:, :Z], p.dec_w_hh], 1).t().contiguous()
     out["write_wT"] = p.write_w.t().contiguous()
     out["write_b"] = p.write_b.contiguous()

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,10 @@ FORWARD = ("canvas", "canvases", "mu", "logvar", "z", "h_enc", "c_enc", "gates_e
 PER_STEP = ("d_canvas", "d_q", "d_gates_enc", "d_gates_dec")
 
 
+#: One seed's errors: per math (and the float32 reference), per tensor, (max, mean) relative error.
+SeedErrors = dict[str, dict[str, tuple[float, float]]]
+
+
 def errors(got: Tensor, ref: Tensor) -> tuple[float, float]:
     """(max |got - ref| / max |ref|, mean |got - ref| / mean |ref|), in float64 (0 where both are
     zero, e.g. the recurrent weights' gradients at K = 1)."""
@@ -77,7 +82,7 @@ def weight_gradients(x, y, eps, p: AVMEParams, grads, mode) -> dict[str, Tensor]
     return dict(zip(names, torch.autograd.grad(loss, [*list(p), x]), strict=True))
 
 
-def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int, mode: str) -> dict:
+def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int, mode: str) -> SeedErrors:
     s, C = PAPER, 0
     p64, x64, y64, eps64, rec64 = reference_run(s, C, B, K, mode, torch.float64, seed)
     p32, x32, y32, eps32, rec32 = reference_run(s, C, B, K, mode, torch.float32, seed)
@@ -90,7 +95,7 @@ def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int,
     ref32 = stacked(rec32)
     ref32.update(per_step_gradients(rec32, grads32, mode))
     ref32.update({f"grad_{k}": v for k, v in weight_gradients(x32, y32, eps32, p32, grads32, mode).items()})
-    result = {"float32 reference": {k: errors(ref32[k], want[k]) for k in want}}
+    result: SeedErrors = {"float32 reference": {k: errors(ref32[k], want[k]) for k in want}}
     config, limits = [ctas, 256, 0, 0], [ctas, 1 << 30]
     for name in maths:
         start = time.time()
@@ -110,11 +115,11 @@ def measure_seed(ns, seed: int, B: int, K: int, maths: Iterable[str], ctas: int,
     return result
 
 
-def summary(results: list[dict], maths: list[str]) -> dict:
+def summary(results: list[SeedErrors], maths: list[str]) -> dict[str, dict[str, Any]]:
     """Per math: the largest max- and mean-error over seeds for each tensor, and the worst ratio
     of each math to FMA."""
     names = list(results[0]["float32 reference"])
-    out: dict = {}
+    out: dict[str, dict[str, Any]] = {}
     for m in ["float32 reference", *maths]:
         out[m] = {k: [max(r[m][k][0] for r in results), max(r[m][k][1] for r in results)]
                   for k in names}  # fmt: skip
@@ -126,7 +131,7 @@ def summary(results: list[dict], maths: list[str]) -> dict:
     return out
 
 
-def print_table(summ: dict, maths: list[str]) -> None:
+def print_table(summ: dict[str, dict[str, Any]], maths: list[str]) -> None:
     cols = ["float32 reference", *maths]
     print(f"{'tensor':18s}" + "".join(f"{c:>26s}" for c in cols))
     print(f"{'':18s}" + "".join(f"{'max / mean rel. error':>26s}" for _ in cols))

@@ -75,11 +75,13 @@ def test_each_input_gradient_alone(backend, wanted, encoder_input, each_design):
     sizes = Sizes(9, 5, 4, 2)
     p = make_params(sizes, C, dtype=torch.float64, device=backend.device, grad=False)
     x, y, eps = make_inputs(B, K, sizes, C, dtype=torch.float64, device=backend.device)
+    assert y is not None
     inputs = {"x": x, "y": y, "eps": eps}
     for name in wanted:
         inputs[name].requires_grad_(True)
 
     def loss(forward_out):
+        assert forward_out.canvases is not None
         return (
             forward_out.canvas.square().sum() + forward_out.mu.sum()
             + (forward_out.logvar * forward_out.mu).sum() + forward_out.canvases.mean()
@@ -141,7 +143,7 @@ def test_double_backward_is_refused(backend):
     grads = torch.autograd.grad(out.canvas.square().sum(), [x, *p], create_graph=True)
     assert_finite({"grad_x": grads[0]})
     with pytest.raises(RuntimeError, match="double backward through the fused AVME ops is not supported"):
-        torch.autograd.grad(sum(g.square().sum() for g in grads), [x, *p])
+        torch.autograd.grad(torch.stack([g.square().sum() for g in grads]).sum(), [x, *p])
 
 
 def test_single_backward_after_create_graph_matches(backend):
@@ -160,13 +162,15 @@ def test_batch_zero(backend):
     K, C = 3, 2
     p = make_params(TINY, C, device=backend.device)
     x, y, eps = make_inputs(0, K, TINY, C, device=backend.device)
+    assert y is not None
     for t in (x, y, eps):
         t.requires_grad_(True)
     out = backend.forward(x, y, eps, p, "error", True)
+    assert out.canvases is not None
     (out.canvas.sum() + out.mu.sum() + out.canvases.sum()).backward()
-    assert x.grad.shape == x.shape
-    assert y.grad.shape == y.shape
-    assert eps.grad.shape == eps.shape
+    for t in (x, y, eps):
+        assert t.grad is not None
+        assert t.grad.shape == t.shape
     for t in p:
         assert t.grad is not None
         assert t.grad.shape == t.shape

@@ -121,7 +121,7 @@ def test_adam_training_matches_reference(cuda_backend, encoder_input):
     ref.load_state_dict(fused.state_dict())
     opt_f = torch.optim.Adam(fused.parameters(), lr=1e-3)
     opt_r = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    losses = {"fused": [], "ref": []}
+    losses: dict[str, list[float]] = {"fused": [], "ref": []}
     for step in range(10):
         x, y, eps = cuda_inputs(64, K, ODD, C, seed=100 + step)
         for name, core, opt in (("fused", fused, opt_f), ("ref", ref, opt_r)):

@@ -57,7 +57,7 @@ def h100_like(monkeypatch):
     monkeypatch.setenv("AVME_EMU_SMEM", H100_SMEM)
 
 
-def _forward_args(backend, case: Case, design: str) -> tuple:
+def _forward_args(backend, case: Case, design: str) -> tuple[object, ...]:
     params = make_params(case.sizes, case.C, device=backend.device, grad=False)
     x, y, eps = make_inputs(case.B, case.K, case.sizes, case.C, device=backend.device)
     return (*forward_args(x, y, eps, params), case.encoder_input, False, True, "fp32", design)

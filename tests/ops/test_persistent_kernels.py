@@ -291,6 +291,7 @@ def test_sample_fp64(pemu, C, return_canvases):
     assert torch.isfinite(canvas).all()
     assert rel_err(canvas, ref.canvas) <= bound
     if return_canvases:
+        assert ref.canvases is not None
         assert torch.isfinite(canvases).all()
         assert rel_err(canvases, ref.canvases) <= bound
     else:

@@ -51,7 +51,7 @@ def test_sample_matches_reference(backend, B, K, sizes, sms, C, dtype, emu_sms, 
         last = backend.sample(z, y, params, return_canvases=False)
         ref = _sample_run(avme_sample_reference, z, y, params, torch.float64)
         if dtype == torch.float64:
-            bounds = fp64_bound(K, sizes, C)
+            bounds: float | dict[str, float] = fp64_bound(K, sizes, C)
         else:
             bounds = fp32_bounds(_sample_run(avme_sample_reference, z, y, params, torch.float32), ref)
     assert_within(got, ref, bounds)

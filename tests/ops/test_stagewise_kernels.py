@@ -90,7 +90,7 @@ def make_params(sizes: Sizes, C: int, dtype: torch.dtype, seed: int = 0) -> AVME
     """Random weights (std about nn.LSTMCell's 1/sqrt(H), at most 0.3), drawn in float64."""
     gen = torch.Generator().manual_seed(seed)
     D, He, Hd, Z = sizes.D, sizes.He, sizes.Hd, sizes.Z
-    scale = min(0.3, 1.0 / max(He, Hd) ** 0.5)
+    scale = min(0.3, 1.0 / math.sqrt(max(He, Hd)))
 
     def rnd(*shape: int) -> Tensor:
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -132,7 +132,7 @@ def mm_p(a: Tensor, b: Tensor, precision: str) -> Tensor:
     return a @ b
 
 
-def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int, precision: str) -> dict:
+def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int, precision: str) -> dict[str, Tensor]:
     """The LoopParams inputs of the stagewise design: hoisted x/y products with both biases, and
     the weights in their nn layouts (the design reads those, not the (in, out) copies)."""
     D, Hd, C = p.write_w.shape[0], p.dec_w_hh.shape[1], p.dec_w_ih.shape[1] - Z
@@ -142,23 +142,27 @@ def loop_tensors(x: Tensor | None, y: Tensor | None, p: AVMEParams, Z: int, prec
         in_enc = 2 * D + Hd + C
         enc_static = mm_p(x, p.enc_w_ih[:, :D].t(), precision) + enc_b
         if C:
+            assert y is not None, "a conditional model takes y"
             enc_static = enc_static + mm_p(y, p.enc_w_ih[:, in_enc - C :].t(), precision)
         out["enc_static"] = enc_static.contiguous()
         out["enc_w_ih"], out["enc_w_hh"] = p.enc_w_ih.contiguous(), p.enc_w_hh.contiguous()
         out["q_w"], out["q_b"] = p.q_w.contiguous(), p.q_b.contiguous()
-    dec_static = (mm_p(y, p.dec_w_ih[:, Z:].t(), precision) + dec_b) if C else dec_b
+    dec_static = dec_b
+    if C:
+        assert y is not None, "a conditional model takes y"
+        dec_static = mm_p(y, p.dec_w_ih[:, Z:].t(), precision) + dec_b
     out["dec_static"] = dec_static.contiguous()
     out["dec_w_ih"], out["dec_w_hh"] = p.dec_w_ih.contiguous(), p.dec_w_hh.contiguous()
     out["write_w"], out["write_b"] = p.write_w.contiguous(), p.write_b.contiguous()
     return out
 
 
-def encoder_args(t: dict) -> tuple:
+def encoder_args(t: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
     """The encoder inputs of avme_swemu.forward after x, eps and z_in (enc_static ... q_b)."""
     return (t["enc_static"], t["enc_w_ih"], t["enc_w_hh"], t["q_w"], t["q_b"])
 
 
-def decoder_args(t: dict) -> tuple:
+def decoder_args(t: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
     """The decoder inputs of avme_swemu.forward (dec_static ... write_b)."""
     return (t["dec_static"], t["dec_w_ih"], t["dec_w_hh"], t["write_w"], t["write_b"])
 
@@ -222,7 +226,7 @@ def run_backward(
         fwd["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w,
         encoder_input == "error", precision, *out.values(), d_x,
     )  # fmt: skip
-    if d_x is not None:
+    if d_x is not None and d_x_base is not None:
         out["d_x_error"] = d_x - d_x_base
     return out
 
@@ -261,6 +265,7 @@ def trace(
     enc_static = F.linear(x, w_x, p.enc_b_ih + p.enc_b_hh)
     dec_static = (p.dec_b_ih + p.dec_b_hh).expand(B, -1)
     if C:
+        assert y is not None, "a conditional model takes y"
         enc_static = enc_static + F.linear(y, w_y)
         dec_static = dec_static + F.linear(y, w_dy)
     enc_w, dec_w = torch.cat([w_r, w_h, p.enc_w_hh], 1), torch.cat([w_z, p.dec_w_hh], 1)
@@ -288,18 +293,34 @@ def trace(
         "canvas": s, "canvases": torch.stack(rec["s"]), "mu": qs[..., :Z], "logvar": qs[..., Z:],
         **{name: torch.stack(rec[name]) for name in STATES},
     }  # fmt: skip
-    loss = sum(
-        (out[k].double() * w).sum() for k, w in zip(("canvas", "mu", "logvar", "canvases"), weights, strict=True)
-    )
+    names = ("canvas", "mu", "logvar", "canvases")
+    loss = _sum([(out[k].double() * w).sum() for k, w in zip(names, weights, strict=True)])
     loss.backward()
     out = {k: v.detach() for k, v in out.items()}
-    out["d_canvas"] = torch.stack([v.grad for v in rec["s"]])
-    out["d_q"] = torch.stack([v.grad for v in rec["q"]])
-    out["d_gates_enc"] = torch.stack([v.grad for v in rec["pre_enc"]])
-    out["d_gates_dec"] = torch.stack([v.grad for v in rec["pre_dec"]])
+    out["d_canvas"] = torch.stack(_grads(rec["s"]))
+    out["d_q"] = torch.stack(_grads(rec["q"]))
+    out["d_gates_enc"] = torch.stack(_grads(rec["pre_enc"]))
+    out["d_gates_dec"] = torch.stack(_grads(rec["pre_dec"]))
     if encoder_input == "error":
-        out["d_x_error"] = sum(v.grad for v in rec["r"])
+        out["d_x_error"] = _sum(_grads(rec["r"]))
     return out
+
+
+def _sum(tensors: list[Tensor]) -> Tensor:
+    """The tensors added from left to right (as Python's ``sum``, without its start value 0)."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def _grads(values: list[Tensor]) -> list[Tensor]:
+    """The gradients that the backward left in ``values`` (each retains its grad)."""
+    grads = []
+    for v in values:
+        assert v.grad is not None, "a value the loss depends on has no gradient"
+        grads.append(v.grad)
+    return grads
 
 
 def _bf16(t: Tensor) -> Tensor:
@@ -363,13 +384,13 @@ def bf16_policy_steps(
     steps = {k: torch.zeros_like(g[k]) for k in STEP_GRADS}
     dc_enc, dc_dec = torch.zeros_like(g["c_enc"][0]), torch.zeros_like(g["c_dec"][0])
     for t in reversed(range(K)):
-        later = t < K - 1  # carries from step t+1, through the op's own step t+1 gradients
-        dge_next = _bf16(g["d_gates_enc"][t + 1]) if later else None
+        # carries from step t+1, through the op's own step t+1 gradients
+        dge_next = _bf16(g["d_gates_enc"][t + 1]) if t < K - 1 else None
         steps["d_canvas"][t] = gr["canvases"][t] + (
-            g["d_canvas"][t + 1] + dge_next @ _bf16(w_r) if later else gr["canvas"]
+            g["d_canvas"][t + 1] + dge_next @ _bf16(w_r) if dge_next is not None else gr["canvas"]
         )
         dh_dec = _bf16(g["d_canvas"][t]) @ _bf16(p.write_w)
-        if later:
+        if dge_next is not None:
             dh_dec = dh_dec + dge_next @ _bf16(w_hd) + _bf16(g["d_gates_dec"][t + 1]) @ _bf16(p.dec_w_hh)
         c_prev = g["c_dec"][t - 1] if t else torch.zeros_like(dc_dec)
         steps["d_gates_dec"][t], dc_dec = _cell_backward(dh_dec, dc_dec, g["gates_dec"][t], g["c_dec"][t], c_prev)
@@ -377,7 +398,7 @@ def bf16_policy_steps(
         dlv = dz * eps[t].double() * 0.5 * torch.exp(0.5 * g["logvar"][t])
         steps["d_q"][t] = torch.cat([gr["mu"][t] + dz, gr["logvar"][t] + dlv], -1)
         dh_enc = _bf16(g["d_q"][t]) @ _bf16(p.q_w)
-        if later:
+        if dge_next is not None:
             dh_enc = dh_enc + dge_next @ _bf16(p.enc_w_hh)
         c_prev = g["c_enc"][t - 1] if t else torch.zeros_like(dc_enc)
         steps["d_gates_enc"][t], dc_enc = _cell_backward(dh_enc, dc_enc, g["gates_enc"][t], g["c_enc"][t], c_prev)
@@ -415,8 +436,12 @@ def weight_grads(
         g_r = dGe.t() @ flat(r)
     else:
         g_r = carried(s["d_gates_enc"], s["canvases"])
-    g_enc_w_ih = [sum_ge.t() @ x, g_r, carried(s["d_gates_enc"], s["h_dec"])] + ([sum_ge.t() @ y] if C else [])
-    g_dec_w_ih = [dGd.t() @ flat(s["z"])] + ([sum_gd.t() @ y] if C else [])
+    g_enc_w_ih = [sum_ge.t() @ x, g_r, carried(s["d_gates_enc"], s["h_dec"])]
+    g_dec_w_ih = [dGd.t() @ flat(s["z"])]
+    if C:
+        assert y is not None, "a conditional model takes y"
+        g_enc_w_ih.append(sum_ge.t() @ y)
+        g_dec_w_ih.append(sum_gd.t() @ y)
     grad_x = sum_ge @ p.enc_w_ih[:, :D]
     if encoder_input == "error":
         grad_x = grad_x + s["d_x_error"]
@@ -449,7 +474,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return math.inf
-    num, den = (a - b).norm().item(), b.norm().item()
+    num, den = float((a - b).norm()), float(b.norm())
     return num if den == 0.0 else num / den
 
 
@@ -689,7 +714,7 @@ def test_bad_input_names_the_problem(swemu):
     fwd = run_forward(swemu, x, y, eps, p, "error")
     fwd_without = dict(fwd, canvases=None)
     with pytest.raises(RuntimeError, match=r"BackwardParams\.canvases is null"):
-        run_backward(swemu, fwd_without, eps, p, {}, "error")
+        run_backward(swemu, fwd_without, eps, p, {}, "error")  # type: ignore[arg-type]  # the missing tensor on purpose
 
 
 @pytest.mark.parametrize("encoder_input", ["canvas", "error"])
@@ -706,7 +731,7 @@ def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
 
     error = encoder_input == "error"
 
-    def work(K: int) -> tuple[Counter, int]:
+    def work(K: int) -> tuple[Counter[str], int]:
         case = Case(3, K, ODD, 2, encoder_input)
         p = make_params(case.sizes, case.C, torch.float32)
         x, y, eps, weights = make_inputs(case, torch.float32)
@@ -728,7 +753,7 @@ def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
     assert {K: n for K, (_, n) in calls.items()} == {K: 8 * K + 2 * error for K in calls}
 
 
-def op_arguments(x, y, eps, p, fwd, grads, error_mode: bool) -> tuple[tuple, tuple]:
+def op_arguments(x, y, eps, p, fwd, grads, error_mode: bool) -> tuple[tuple[object, ...], tuple[object, ...]]:
     """Arguments of one fp32 forward and backward call on preallocated outputs (error mode: with
     d_x_error)."""
     t = loop_tensors(x, y, p, eps.shape[2], "fp32")

@@ -38,7 +38,7 @@ DEVICE_OPS = PRODUCTS | frozenset({
 })  # fmt: skip
 
 
-def _outermost(event, names: frozenset) -> bool:
+def _outermost(event, names: frozenset[str]) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name in names or parent.name == "aten::full":
@@ -64,7 +64,7 @@ def count_work(call: Callable[[], object], launches: Callable[[], int]) -> dict[
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
     events = prof.events()
-    kinds: Counter = Counter()
+    kinds: Counter[str] = Counter()
     for e in events:
         if _allocates(e):
             kinds["allocations"] += 1
@@ -75,7 +75,7 @@ def count_work(call: Callable[[], object], launches: Callable[[], int]) -> dict[
     return {k: kinds[k] for k in ("products", "device_ops", "allocations", "kernels")}
 
 
-def paper_table(design: str, encoder_input: str, C: int, K: int = 12, B: int = 2) -> dict[str, dict]:
+def paper_table(design: str, encoder_input: str, C: int, K: int = 12, B: int = 2) -> dict[str, dict[str, int]]:
     """The counts of one forward (saving its state) and one backward (every gradient) at the
     paper's sizes on the emulator, with ``design`` forced."""
     from . import backends
