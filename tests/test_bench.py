@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from helpers import load_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory) -> Path:
+def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bench/run.py --smoke on the CPU (its users are marked slow)."""
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     cmd = [
@@ -393,7 +394,7 @@ def test_merge_of_results_files(tmp_path: Path):
 # --------------------------------------------------------------------------- targets
 
 
-def _train(impl: str, batch: int, value: float, **extra) -> dict:
+def _train(impl: str, batch: int, value: float | None, **extra: object) -> dict[str, object]:
     return {
         "workload": "train",
         "impl": impl,
@@ -483,6 +484,7 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
     images = torch.randint(0, 2, (20, 12), dtype=torch.uint8)
     inputs = W.make_train_inputs(images, 4, 3, size, 2, torch.device("cpu"), seed=0)
     case = W.build_train_case(spec, size, 3, inputs, torch.device("cpu"))
+    assert case.model is not None
     weight = case.model.core.write.weight
     weight.register_hook(lambda grad: seen.append(("backward", active[-1] if active else None)))
     case.step(0)
@@ -491,11 +493,15 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
     assert W.unavailable_reason(spec, torch.device("cpu")) is None  # the reference runs on the CPU
     fused = W.IMPLS["fused-stagewise-bf16"]
     monkeypatch.setattr(ops, "is_available", lambda: True)
-    assert "not in avme_ext.ops.DESIGNS" in W.unavailable_reason(fused, torch.device("cuda"))
+    reason = W.unavailable_reason(fused, torch.device("cuda"))
+    assert reason is not None
+    assert "not in avme_ext.ops.DESIGNS" in reason
     assert W.unavailable_reason(W.IMPLS["fused-persistent-bf16"], torch.device("cuda")) is None
     assert W.spec_extras(W.IMPLS["fused-persistent-bf16"])["design_forced"] is True
     monkeypatch.delattr(ops, "design")
-    assert "ops.design is not present" in W.unavailable_reason(W.IMPLS["fused-persistent-bf16"], torch.device("cuda"))
+    reason = W.unavailable_reason(W.IMPLS["fused-persistent-bf16"], torch.device("cuda"))
+    assert reason is not None
+    assert "ops.design is not present" in reason
     assert W.unavailable_reason(W.IMPLS["fused-auto-bf16"], torch.device("cuda")) is None  # the default design
     assert "design_note" in W.spec_extras(W.IMPLS["fused-auto-bf16"])
 
@@ -503,15 +509,16 @@ def test_forced_design_wraps_the_whole_step(monkeypatch):
 def test_round_limit_stops_after_the_cap_once_the_minimum_is_done():
     from types import SimpleNamespace
 
-    from bench.run import Budget, RoundLimit
+    from bench.run import Budget, Context, RoundLimit
 
+    # A stand-in for the run's context: RoundLimit reads its budget and two of its arguments.
     ctx = SimpleNamespace(budget=Budget(None), args=SimpleNamespace(config_seconds=1e-9, min_repeats=3))
-    limit = RoundLimit(ctx)
+    limit = RoundLimit(cast(Context, ctx))
     assert [limit() for _ in range(4)] == [False, False, True, True]
     ctx.args.config_seconds = None
-    assert not RoundLimit(ctx)()
+    assert not RoundLimit(cast(Context, ctx))()
     ctx.budget = Budget(-1.0)  # spent
-    assert RoundLimit(ctx)()
+    assert RoundLimit(cast(Context, ctx))()
 
 
 # --------------------------------------------------------------------------- crossover

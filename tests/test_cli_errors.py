@@ -23,7 +23,7 @@ _run, _one_error_line = run_cli, one_error_line
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory with best and last checkpoints (and their .json twins) and a config.json."""
     root = tiny_run_dir(tmp_path_factory.mktemp("run") / "quick")
     (root / "config.json").write_text("{}\n")

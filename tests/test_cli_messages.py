@@ -45,7 +45,7 @@ _run, _one_error_line = run_cli, one_error_line
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_run_dir(tmp_path_factory.mktemp("run") / "quick")
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from avme_ext import training as T
 from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model
 from avme_ext.cli import main
+from avme_ext.training import schedule
 from avme_ext.training import trainer as trainer_module
 from helpers import REPO, subprocess_env
 
@@ -58,7 +59,7 @@ ARGS = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def spawn(*args: str, script: str | None = None) -> subprocess.Popen:
+def spawn(*args: str, script: str | None = None) -> subprocess.Popen[str]:
     """Start ``avme train ARGS`` (or ``python -c script ARGS``) in a subprocess."""
     head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "avme_ext", "train"]
     return subprocess.Popen(
@@ -66,7 +67,7 @@ def spawn(*args: str, script: str | None = None) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen) -> tuple[int, str]:
+def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     _, err = process.communicate(timeout=TIMEOUT)
     return process.returncode, err
 
@@ -76,11 +77,12 @@ def resume(out: Path, *extra: str) -> None:
     assert main(["train", "--out", str(out), "--resume", "--no-progress", *extra]) == 0
 
 
-def wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = TIMEOUT) -> None:
+def wait_for(predicate, process: subprocess.Popen[str], what: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process.poll() is not None:
-            raise AssertionError(f"process ended ({process.returncode}) before {what}: {process.stderr.read()}")
+            _, err = process.communicate()
+            raise AssertionError(f"process ended ({process.returncode}) before {what}: {err}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"timed out waiting for {what}")
@@ -109,7 +111,7 @@ def assert_same_run(reference: Path, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run (in-process, single-threaded: bit for bit what a subprocess computes)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     torch.set_num_threads(1)
@@ -218,7 +220,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(reference: Path, tmp_path: 
 
 def _nan_noise_at(monkeypatch, bad_step: int) -> None:
     """Make the reparameterisation noise of step index ``bad_step`` NaN (so the loss and gradients are NaN)."""
-    original = trainer_module.step_noise
+    original = schedule.step_noise  # the function the trainer imported
 
     def noise(model, seed, step, batch_size, generator):
         eps = original(model, seed, step, batch_size, generator)
@@ -249,6 +251,7 @@ def test_skip_nonfinite_skips_the_update(tmp_path: Path, monkeypatch, capsys) ->
     assert "update skipped" in err
     assert "skipped non-finite steps: 1" in err
     state = load_checkpoint(out / "last.safetensors")
+    assert state.optimizer_state is not None
     assert state.trainer_state["state"]["skipped"] == 1
     assert state.trainer_state["state"]["step"] == 20
     assert int(state.optimizer_state["state"][0]["step"]) == 19  # Adam stepped 19 times of 20
@@ -380,6 +383,7 @@ def test_bad_inputs_to_public_functions(tmp_path: Path) -> None:
         trainer.train_step(x, torch.zeros(size, dtype=torch.int64), eps, size, 1.0)
     conditional = T.Trainer(T.build_setup(cfg, dataclasses.replace(small, num_classes=10), DistInfo(), cpu), tmp_path)
     x, y, eps, size = conditional._batch(T.epoch_permutation(100, 0, 0), 0, 0)
+    assert y is not None
     with pytest.raises(ValueError, match="labels in"):
         conditional.train_step(x, y + 10, eps, size, 1.0)
     with pytest.raises(T.TrainError, match="out of range"):

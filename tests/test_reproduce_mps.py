@@ -87,7 +87,8 @@ def test_on_fails_and_off_or_cpu_never_start(tmp_path: Path) -> None:
 
 
 def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch) -> None:
-    import reproduce_train
+    import subprocess
+
     from reproduce_plan import Layout, make_plan
     from reproduce_train import start_child
 
@@ -98,7 +99,7 @@ def test_training_processes_get_the_daemon_variables(tmp_path: Path, monkeypatch
             seen.update(env)
             seen["command"] = command
 
-    monkeypatch.setattr(reproduce_train.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)  # the module reproduce_train starts its children with
     child = start_child(
         Layout(tmp_path),
         make_plan(smoke=True, impl="ref"),

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,11 +66,11 @@ def train_cli(out: Path, *extra: str) -> int:
     return main(["train", "--out", str(out), *TINY, *extra])
 
 
-def read_metrics(out: Path) -> list[dict]:
+def read_metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def without_wall_clock(records: list[dict]) -> list[dict]:
+def without_wall_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
 
 
@@ -82,7 +83,7 @@ def assert_same_tensors(a: Path, b: Path, prefix: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-epoch run (the reference for every resume test)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     torch.set_num_threads(1)
@@ -342,17 +343,17 @@ def test_tensorboard_is_optional(tmp_path: Path, capsys) -> None:
 def test_patience_stops_after_n_epochs_without_a_better_validation_bound(tmp_path: Path, monkeypatch, capsys) -> None:
     """Validation bounds 100, 99, 99.5, 99.2 with --patience 2: the run ends after epoch 4 (exit 0), keeps
     epoch 2 as best, and a resume with a larger --epochs stops again at once."""
-    from avme_ext.training import trainer as trainer_module
+    from avme_ext import evaluation  # the module whose gather_across_ranks the trainer calls
 
     bounds = iter([100.0, 99.0, 99.5, 99.2, 90.0])
-    real = trainer_module.evaluation.gather_across_ranks
+    real = evaluation.gather_across_ranks
 
     def scripted(result):
         merged = real(result)
         merged.nelbo = torch.full_like(merged.nelbo, next(bounds))
         return merged
 
-    monkeypatch.setattr(trainer_module.evaluation, "gather_across_ranks", scripted)
+    monkeypatch.setattr(evaluation, "gather_across_ranks", scripted)
     out = tmp_path / "run"
     small = ("--train-subset", "200", "--valid-subset", "100")
     assert train_cli(out, *small, "--epochs", "6", "--patience", "2") == 0
