@@ -178,7 +178,7 @@ BLOCKING = textwrap.dedent("""
 """)
 
 
-def _start_blocked(tmp_path: Path, target: str, *argv: str) -> tuple[subprocess.Popen, Path]:
+def _start_blocked(tmp_path: Path, target: str, *argv: str) -> tuple[subprocess.Popen[str], Path]:
     marker = tmp_path / "marker"
     process = subprocess.Popen(
         [sys.executable, "-c", BLOCKING, str(marker), target, *argv],
@@ -197,7 +197,7 @@ def _start_blocked(tmp_path: Path, target: str, *argv: str) -> tuple[subprocess.
     return process, marker
 
 
-def _finish(process: subprocess.Popen) -> str:
+def _finish(process: subprocess.Popen[str]) -> str:
     """The stderr of ``process`` once it ends (killed, and the test failed, if it does not end in time)."""
     try:
         return process.communicate(timeout=TIMEOUT)[1]
@@ -207,10 +207,12 @@ def _finish(process: subprocess.Popen) -> str:
         raise AssertionError("the command did not stop after the signal") from None
 
 
-def _first_stderr_line(process: subprocess.Popen) -> str:
+def _first_stderr_line(process: subprocess.Popen[str]) -> str:
     """The first line the process writes to stderr (the process is killed if none comes in time)."""
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(process.stderr.readline()), daemon=True).start()
+    stderr = process.stderr
+    assert stderr is not None, "started with stderr=PIPE"
+    threading.Thread(target=lambda: lines.put(stderr.readline()), daemon=True).start()
     try:
         return lines.get(timeout=TIMEOUT)
     except queue.Empty:
@@ -219,7 +221,7 @@ def _first_stderr_line(process: subprocess.Popen) -> str:
         raise AssertionError("nothing printed to stderr before the work started") from None
 
 
-def _assert_one_line_exit(process: subprocess.Popen, signum: int, command: str) -> None:
+def _assert_one_line_exit(process: subprocess.Popen[str], signum: int, command: str) -> None:
     process.send_signal(signum)
     err = _finish(process)
     code = 128 + signum

@@ -59,7 +59,9 @@ def test_every_option_with_a_default_shows_it():
             switch = isinstance(action, argparse.BooleanOptionalAction)
             if action.default is None or action.default is argparse.SUPPRESS or (action.nargs == 0 and not switch):
                 continue  # "not given" (the help states the default in words), or a plain flag
-            rendered = formatter._get_help_string(action) % {"default": action.default}
+            help_string = formatter._get_help_string(action)
+            assert help_string is not None, (command, action.dest)
+            rendered = help_string % {"default": action.default}
             assert "(default: " in rendered, (command, action.dest, rendered)
 
 
@@ -78,6 +80,8 @@ def test_choices_come_from_the_defining_module():
     parsers = _subparsers()
     for command in ("sample", "eval"):
         actions = {a.dest: a for a in parsers[command]._actions}
+        assert actions["impl"].choices is not None
+        assert actions["precision"].choices is not None
         assert tuple(actions["impl"].choices) == loop_types.IMPLS
         assert tuple(actions["precision"].choices) == loop_types.PRECISIONS
 

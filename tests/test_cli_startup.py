@@ -14,7 +14,7 @@ from helpers import REPO, subprocess_env
 COMMANDS = ("train", "sample", "eval", "plot", "export", "list-pretrained")
 
 
-def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run ``python -X importtime -m avme_ext ARGV``; the process and the modules it imported."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "avme_ext", *argv],

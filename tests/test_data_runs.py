@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +95,7 @@ def test_the_run_records_its_data(folder_run):
     assert config["model"]["data_dim"] == 81
     assert config["model"]["image_shape"] == [1, 9, 9]
     saved, record = read_training_options(run)
+    assert saved is not None
     assert saved["dataset"] == "imagefolder"
     assert record == data
 
@@ -322,7 +324,7 @@ def _as_earlier_version(run: Path) -> None:
     """Rewrite a run directory as versions before the data options wrote it: no new training keys, no data
     record, no likelihood or image shape in the model config (the files are otherwise the same)."""
 
-    def strip(document: dict) -> dict:
+    def strip(document: dict[str, Any]) -> dict[str, Any]:
         document.pop("data", None)
         for key in _NEW_TRAIN_KEYS:
             document["train"].pop(key, None)
@@ -349,6 +351,7 @@ def test_a_run_of_an_earlier_version_loads_evaluates_samples_and_resumes(tmp_pat
     before = main(["eval", str(run), "--num-images", "20", "--json", str(tmp_path / "a.json"), "--no-progress"])
     _as_earlier_version(run)
     saved, record = read_training_options(run)
+    assert saved is not None
     assert "split_seed" not in saved
     assert record is None
     assert main(["eval", str(run), "--num-images", "20", "--json", str(tmp_path / "b.json"), "--no-progress"]) == 0

@@ -52,7 +52,7 @@ def write_cifar10(root: Path, per_batch: int = 4, test: int = 5) -> dict[str, tu
     """cifar-10-batches-py/: five pickled training batches, test_batch and batches.meta, as the python version."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    written: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    written: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
     for name, n, part in [
         *((f"data_batch_{i}", per_batch, "train") for i in range(1, 6)),
         ("test_batch", test, "test"),
@@ -99,7 +99,7 @@ def write_omniglot(root: Path, folder: str, shape=(2, 2, 3)) -> list[np.ndarray]
 
 
 def write_image_folder(root: Path, classes=("a", "b"), n=5, size=(12, 10), mode="L") -> dict[str, list[np.ndarray]]:
-    written = {}
+    written: dict[str, list[np.ndarray]] = {}
     for name in classes:
         (root / name).mkdir(parents=True)
         written[name] = []
@@ -127,7 +127,8 @@ def no_md5(monkeypatch):
 
 def one_line_missing(error: BaseException, *paths: Path, download: bool = True) -> None:
     """A missing-files error: one line naming the files, and the options that fix it on the command line."""
-    message, hint = str(error), error.cli_hint
+    message, hint = str(error), getattr(error, "cli_hint", None)
+    assert isinstance(hint, str), "the error carries the command line's wording"
     assert "\n" not in message
     assert "\n" not in hint
     for path in paths:
@@ -380,14 +381,16 @@ def test_resize_keeps_levels_and_constant_images():
 
 def test_held_out_splits_partition_by_seed():
     parts = {"all"}
-    rows = {
-        s: split_rows(s, parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5).rows
-        for s in ("train", "valid", "test")
-    }
+    rows: dict[str, torch.Tensor] = {}
+    for s in ("train", "valid", "test"):
+        chosen = split_rows(s, parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5).rows
+        assert chosen is not None, s
+        rows[s] = chosen
     assert [len(rows[s]) for s in ("train", "valid", "test")] == [78, 15, 10]  # floor(f * 103 + 1/2)
     assert torch.cat(list(rows.values())).sort().values.equal(torch.arange(103))
     assert all(r.equal(r.sort().values) for r in rows.values())
     again = split_rows("test", parts, 103, valid_fraction=0.15, test_fraction=0.1, seed=5)
+    assert again.rows is not None
     assert again.rows.equal(rows["test"])
     assert "manual_seed(5)" in again.rule
     with pytest.raises(DataOptionError, match="too few"):
