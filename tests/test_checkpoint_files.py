@@ -8,6 +8,7 @@ import os
 import stat
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -222,13 +223,14 @@ def test_export_command(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
-def _header(path: Path) -> dict:
+def _header(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + size])
+    header: dict[str, Any] = json.loads(data[8 : 8 + size])
+    return header
 
 
-def _rewrite_header(path: Path, header: dict) -> None:
+def _rewrite_header(path: Path, header: dict[str, Any]) -> None:
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
     body = data[8 + size :]

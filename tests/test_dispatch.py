@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_cpu_is_ref_whatever_the_table_says(monkeypatch):
     for precision in ops.PRECISIONS:
         for batch in (0, 1, 100, 4096):
             assert dispatch.auto_impl(torch.device("cpu"), torch.float32, precision, batch) == "ref"
-            assert dispatch.auto_design("cpu", torch.float32, precision, batch) == "ref"
+            assert dispatch.auto_design(torch.device("cpu"), torch.float32, precision, batch) == "ref"
 
 
 def test_cuda_without_the_extension_is_ref(monkeypatch):
@@ -178,14 +179,21 @@ def test_choice_traces_under_torch_compile_without_graph_breaks(fake_gpu):
 # --------------------------------------------------------------------------- the generator
 
 
-def _record(impl: str, batch: int, steps: int, value: float | None, skipped: str | None = None) -> dict:
-    r = {"workload": "train", "impl": impl, "batch": batch, "steps": steps, "value": value, "unit": "samples/s"}
+def _record(impl: str, batch: int, steps: int, value: float | None, skipped: str | None = None) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "workload": "train",
+        "impl": impl,
+        "batch": batch,
+        "steps": steps,
+        "value": value,
+        "unit": "samples/s",
+    }
     if skipped:
         r["skipped"] = skipped
     return r
 
 
-def _results(records: list[dict], device: str = FAKE) -> dict:
+def _results(records: list[dict[str, Any]], device: str = FAKE) -> dict[str, Any]:
     return {
         "device": device,
         "device_type": "cuda",
@@ -198,7 +206,7 @@ def _results(records: list[dict], device: str = FAKE) -> dict:
     }
 
 
-def _refs(batch: int, steps: int, best: float) -> list[dict]:
+def _refs(batch: int, steps: int, best: float) -> list[dict[str, Any]]:
     return [
         _record("ref-eager", batch, steps, best / 3),
         _record("ref-compile", batch, steps, best / 2),

@@ -65,7 +65,7 @@ TINY = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,
         "-m",
@@ -126,7 +126,7 @@ ELASTIC = [*TINY, "--epochs", "2", "--checkpoint-every", "5"]
 ELASTIC_STEPS = 40
 
 
-def _wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen, log: Path, poll: float = 0.01):
+def _wait_for(what: str, predicate, timeout: float, proc: subprocess.Popen[bytes], log: Path, poll: float = 0.01):
     """Poll ``predicate()`` until it returns something truthy; fail clearly on timeout or when ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -101,7 +101,8 @@ class _Clock:
 
 
 def _pace_check(estimate: float, *, advised: bool = False) -> tuple[PaceCheck, _Clock, list[str]]:
-    clock, said = _Clock(), []
+    clock = _Clock()
+    said: list[str] = []
     check = PaceCheck(
         estimate,
         advised=advised,

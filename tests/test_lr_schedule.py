@@ -185,7 +185,9 @@ def test_a_graphed_step_keeps_its_rate_in_a_tensor_and_checkpoints_a_float(tmp_p
     assert float(rate) == 2.0**-11
     step.set_learning_rate(2.0**-12)
     save_checkpoint(tmp_path / "c.safetensors", model, optimizer=optimizer)
-    group = load_checkpoint(tmp_path / "c.safetensors").optimizer_state["param_groups"][0]
+    optimizer_state = load_checkpoint(tmp_path / "c.safetensors").optimizer_state
+    assert optimizer_state is not None
+    group = optimizer_state["param_groups"][0]
     assert group["lr"] == 2.0**-12
     assert isinstance(group["lr"], float)
     assert group["capturable"] is False

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -78,7 +79,15 @@ SITECUSTOMIZE = textwrap.dedent("""
 """)
 
 
-def run(out: Path, docs: Path, *extra: str, env: dict[str, str] | None = None, shim: Path | None = None):
+class TimedRun(subprocess.CompletedProcess[str]):
+    """A finished run of the script, and how long it took."""
+
+    def __init__(self, result: subprocess.CompletedProcess[str], seconds: float) -> None:
+        super().__init__(result.args, result.returncode, result.stdout, result.stderr)
+        self.seconds = seconds
+
+
+def run(out: Path, docs: Path, *extra: str, env: dict[str, str] | None = None, shim: Path | None = None) -> TimedRun:
     environment = subprocess_env(**(env or {}))
     if shim is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO)])
@@ -92,15 +101,14 @@ def run(out: Path, docs: Path, *extra: str, env: dict[str, str] | None = None, s
         timeout=600,
         check=False,
     )
-    result.seconds = time.monotonic() - started
-    return result
+    return TimedRun(result, time.monotonic() - started)
 
 
-def describe(result) -> str:
+def describe(result: TimedRun) -> str:
     return f"exit {result.returncode} after {result.seconds:.0f} s\n{result.stdout[-4000:]}\n{result.stderr[-3000:]}"
 
 
-def likelihood_figures(docs: Path) -> list[dict]:
+def likelihood_figures(docs: Path) -> list[dict[str, Any]]:
     """What must not depend on interruptions: every number and the training outcome, without timings."""
     keep = (
         "name",
@@ -303,7 +311,9 @@ def test_a_run_is_finished_at_its_cap_or_when_its_patience_is_spent():
         == "epoch cap"
     )
     spent = {"epoch": 30, "batch": 0, "best_epoch": 20, "best_nelbo": 90.0}
-    assert stop_reason(plan, "avme-canvas", spent).startswith("patience (10 epochs")
+    reason = stop_reason(plan, "avme-canvas", spent)
+    assert reason is not None
+    assert reason.startswith("patience (10 epochs")
     assert stop_reason(plan, "avme-canvas", {**spent, "epoch": 29}) is None
     assert stop_reason(plan, "avme-canvas", {**spent, "batch": 7}) is None  # mid-epoch: not yet
     assert stop_reason(plan, "avme-canvas", {**spent, "best_epoch": None}) is None  # a checkpoint without best_epoch
@@ -326,6 +336,7 @@ def test_time_left_runs_the_models_jobs_at_a_time(tmp_path):
     for name, (done, seconds) in {"avme-canvas": (4, 2.0), "avme-error": (0, None)}.items():
         layout.run_dir(name).mkdir(parents=True)
         if done:
+            assert seconds is not None
             lines = [{"kind": "valid", "epoch": e, "nelbo": 100.0, "time": seconds * e} for e in range(1, done + 1)]
             (layout.run_dir(name) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     progress = reproduce_paper.Progress(layout, plan, list(plan.epochs), 2, print, 30.0)

@@ -62,7 +62,7 @@ def test_a_launch_that_cannot_start_leaves_no_directory_and_no_lock(tmp_path, ca
     assert not out.exists()
 
 
-def _start_training(out: Path, *extra: str) -> subprocess.Popen:
+def _start_training(out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -87,7 +87,7 @@ def _start_training(out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(path: Path, process: subprocess.Popen) -> None:
+def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not path.exists():
         if process.poll() is not None or time.monotonic() > deadline:

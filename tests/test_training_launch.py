@@ -106,10 +106,10 @@ def test_several_runs_at_once_without_out(tmp_path: Path) -> None:
         subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    results = [(p.wait(timeout=180), p.stderr.read()) for p in processes]
+    results = []
     for process in processes:
-        process.stdout.close()
-        process.stderr.close()
+        _, err = process.communicate(timeout=180)  # reads both pipes to the end and closes them
+        results.append((process.returncode, err))
     assert all(code == 0 for code, _ in results), results
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2
