@@ -154,10 +154,10 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="precision"):
         dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp16", 10)
     with pytest.raises(TypeError, match="dtype"):
-        dispatch.auto_impl(torch.device("cpu"), "float32", "fp32", 10)  # type: ignore[arg-type]
+        dispatch.auto_impl(torch.device("cpu"), "float32", "fp32", 10)  # type: ignore[arg-type]  # a dtype name, not a dtype, on purpose
     for batch in (-1, True, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
-            dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp32", batch)  # type: ignore[arg-type]
+            dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp32", batch)  # type: ignore[arg-type]  # 2.0 is not an int, on purpose
 
 
 def test_choice_traces_under_torch_compile_without_graph_breaks(fake_gpu):
