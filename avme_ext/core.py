@@ -73,7 +73,8 @@ class AVMECore(nn.Module):
         encoder_input: ``"canvas"`` (r_t = s_{t-1}, the default) or ``"error"``
             (r_t = x - sigmoid(s_{t-1}), DRAW's).
         impl: ``"auto"`` (per call, :func:`avme_ext.dispatch.auto_impl` chooses from the device,
-            dtype, precision and batch size), ``"cuda"`` (fused ops, error if unavailable) or
+            dtype, precision, batch size and the model's sizes, the fused ops only where a committed
+            benchmark measured them faster), ``"cuda"`` (fused ops, error if unavailable) or
             ``"ref"`` (pure PyTorch).
         precision: matrix-product precision of the fused ops: ``"fp32"`` (default),
             ``"tf32"`` or ``"bf16"`` (tensor cores, fp32 accumulation). The reference
@@ -195,16 +196,17 @@ class AVMECore(nn.Module):
 
         The one forced by an :func:`avme_ext.ops.design` block; else the design the measured
         crossover table names for this device, dtype, precision and batch size
-        (:func:`avme_ext.dispatch.auto_design`), as a preference (``"auto:<design>"``,
-        :func:`avme_ext.ops.preferring`): the table was measured at one model size, and where
-        that design cannot run this module's sizes on the device (say D = 3 x 32 x 32 = 3072,
-        whose weight slices may not fit the persistent design's shared memory) the host's own
-        choice runs instead of an error; else ``"auto"`` (the host's choice by what fits).
+        (:func:`avme_ext.dispatch.auto_design`; only for a model of the sizes it was measured
+        at), as a preference (``"auto:<design>"``, :func:`avme_ext.ops.preferring`): should that
+        design not fit the call on this device, the host's own choice runs instead of an error;
+        else ``"auto"`` (the host's choice by what fits).
         """
         forced = ops.requested_design()
         if forced != "auto":
             return forced
-        measured = dispatch.auto_design(torch.device(device), self.write.weight.dtype, self.precision, batch_size)
+        measured = dispatch.auto_design(
+            torch.device(device), self.write.weight.dtype, self.precision, batch_size, self.config
+        )
         return "auto" if measured == "ref" else ops.preferring(measured)
 
     def resolved_impl(self, device: torch.device | str, batch_size: int | torch.SymInt | None = None) -> str:
@@ -238,7 +240,7 @@ class AVMECore(nn.Module):
             return "auto"
         if not isinstance(batch_size, torch.SymInt):  # symbolic while torch.compile traces
             check_positive_int("batch_size", batch_size, minimum=0)
-        choice = dispatch.auto_impl(device, self.write.weight.dtype, self.precision, batch_size)
+        choice = dispatch.auto_impl(device, self.write.weight.dtype, self.precision, batch_size, self.config)
         if choice not in ("cuda", "ref"):
             raise RuntimeError(f"avme_ext.dispatch.auto_impl returned {choice!r}; expected 'cuda' or 'ref'")
         return choice

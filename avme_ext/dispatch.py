@@ -6,19 +6,26 @@ For a GPU, a parameter dtype and a matrix-product precision, the table lists bat
 and, for each, the fastest fused design or ``"ref"``; a range names a fused design only where
 that design was measured faster than every reference mode (eager, TF32, bf16 autocast,
 ``torch.compile``, a CUDA graph) at the batch sizes bounding it. Everything else runs the
-reference: the CPU, a GPU, dtype or precision the table does not hold, and batch sizes outside the
-measured ones. So ``"auto"`` never picks a path that was measured slower than the reference.
+reference: the CPU, a GPU, dtype or precision the table does not hold, batch sizes outside the
+measured ones, and models of other sizes. So ``"auto"`` never picks a path that was measured slower
+than the reference, and never one that was not measured.
 
 Lookup of a batch size B in a list ``[(max_1, choice_1), (max_2, choice_2), ...]`` (max
 ascending): the first entry with ``B <= max_i`` gives the choice; B above the last max gives
 ``"ref"``.
 
-The benchmark measures one model size (the paper's: D = 784, H = 400, Z = 100). A design the table
-names is therefore passed to the ops as a preference (``"auto:<design>"``, see
-:func:`avme_ext.ops.preferring`): where it cannot run a call's sizes on its device (e.g. colour
-images, D = 3 x 32 x 32 = 3072, whose weight slices may not fit the persistent design's shared
-memory), the host runs its own choice, a design that can (the stagewise design runs every size),
-never an error.
+Each (GPU, dtype, precision) entry holds for the model it was measured at
+(:data:`CROSSOVER_MODELS`: D, C, He, Hd and Z exactly, K within the measured steps; the benchmark's
+default is the paper's model, D = 784, C = 0, He = Hd = 400, Z = 100, K = 12 and 64). The speed of
+each path depends on these sizes (how the weights tile shared memory, how full the GEMMs are), so a
+model of any other size runs the reference under ``"auto"``. To let ``"auto"`` choose the fused ops
+for your sizes, measure them (``python bench/run.py --model-size D,He,Hd,Z`` and
+``python bench/crossover.py``), or ask for them with ``impl="cuda"``.
+
+A design the table names is passed to the ops as a preference (``"auto:<design>"``, see
+:func:`avme_ext.ops.preferring`): should it not fit the call on this device after all (another
+GPU matching the same name pattern with less shared memory), the host runs its own choice, never an
+error.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import ast
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -38,6 +46,11 @@ __all__ = [
     "DESIGN_NAMES",
     "CROSSOVER",
     "CROSSOVER_SOURCES",
+    "CROSSOVER_MODELS",
+    "MODEL_FIELDS",
+    "TableBlock",
+    "model_key",
+    "measured_for",
     "TABLE_START",
     "TABLE_END",
     "auto_impl",
@@ -60,10 +73,17 @@ TABLE_END = "# crossover-table:end"
 
 TableKey = tuple[str, str, str]
 Table = Mapping[TableKey, Sequence[tuple[int, str]]]
+#: The model sizes an entry was measured at: the fields of :data:`MODEL_FIELDS`, and ``"steps"``,
+#: the ascending list of the K measured.
+MeasuredModel = dict[str, object]
+#: The sizes that must equal the measured ones (K need only lie within the measured steps).
+MODEL_FIELDS: tuple[str, ...] = ("data_dim", "num_classes", "enc_hidden", "dec_hidden", "latent_dim")
 
 # The table is generated: run `python bench/crossover.py bench/results/<file>.json` to replace it.
 # Keys: (GPU name as torch.cuda.get_device_name reports it, a glob pattern; parameter dtype;
 # precision). Values: [(max batch size, fastest fused design or "ref"), ...], max ascending.
+# CROSSOVER_MODELS: the model each key was measured at.
+# fmt: off
 # crossover-table:start
 CROSSOVER_SOURCES: dict[TableKey, str] = {
     ("NVIDIA H100 80GB HBM3", "float32", "fp32"): (
@@ -75,6 +95,10 @@ CROSSOVER_SOURCES: dict[TableKey, str] = {
         "training step, K=12, B=100/1024/4096: fused slower than the best reference mode at every B"
     ),
 }
+CROSSOVER_MODELS: dict[TableKey, MeasuredModel] = {
+    ("NVIDIA H100 80GB HBM3", "float32", "fp32"): {"data_dim": 784, "num_classes": 0, "enc_hidden": 400, "dec_hidden": 400, "latent_dim": 100, "steps": [12]},
+    ("NVIDIA H100 80GB HBM3", "float32", "bf16"): {"data_dim": 784, "num_classes": 0, "enc_hidden": 400, "dec_hidden": 400, "latent_dim": 100, "steps": [12]},
+}
 CROSSOVER: dict[TableKey, list[tuple[int, str]]] = {
     # H100 run at commit 5f9afe8, torch 2.11, rowtile kernels (no results file committed): training step, K=12,
     # B=100/1024/4096: fused slower than the best reference mode at every B
@@ -84,6 +108,7 @@ CROSSOVER: dict[TableKey, list[tuple[int, str]]] = {
     ("NVIDIA H100 80GB HBM3", "float32", "bf16"): [(4096, "ref")],
 }
 # crossover-table:end
+# fmt: on
 
 
 def check_table(table: Table) -> None:
@@ -114,6 +139,38 @@ def check_table(table: Table) -> None:
             previous = max_batch
 
 
+def check_models(models: Mapping[TableKey, MeasuredModel], table: Table) -> None:
+    """Raise ValueError unless ``models`` holds one well-formed measured model per key of ``table``."""
+    if not isinstance(models, Mapping):
+        raise ValueError(f"CROSSOVER_MODELS must be a dict, got {type(models).__name__}")  # noqa: TRY004 - a malformed file
+    if set(models) != set(table):
+        raise ValueError(
+            f"CROSSOVER_MODELS must have the keys of CROSSOVER: missing {sorted(set(table) - set(models))}, "
+            f"extra {sorted(set(models) - set(table))}"
+        )
+    for key, model in models.items():
+        expected = (*MODEL_FIELDS, "steps")
+        if not isinstance(model, Mapping) or set(model) != set(expected):
+            raise ValueError(f"CROSSOVER_MODELS[{key!r}]: expected a dict of {expected}, got {model!r}")
+        for name in MODEL_FIELDS:
+            value = model[name]
+            minimum = 0 if name == "num_classes" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(
+                    f"CROSSOVER_MODELS[{key!r}][{name!r}]: expected an integer >= {minimum}, got {value!r}"
+                )
+        steps = model["steps"]
+        if (
+            not isinstance(steps, (list, tuple))
+            or not steps
+            or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps)
+            or list(steps) != sorted(set(steps))
+        ):
+            raise ValueError(
+                f"CROSSOVER_MODELS[{key!r}]['steps']: expected the measured K, ascending integers >= 1, got {steps!r}"
+            )
+
+
 def marker_span(source: str) -> tuple[int, int]:
     """(start, end) offsets of the text between the marker lines of ``source`` (each a whole line)."""
     start = re.search(rf"^{re.escape(TABLE_START)}[ \t]*\n", source, re.MULTILINE)
@@ -123,14 +180,25 @@ def marker_span(source: str) -> tuple[int, int]:
     return start.end(), end.start()
 
 
-def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[tuple[int, str]]]]:
-    """The (sources, table) literals between :data:`TABLE_START` and :data:`TABLE_END` of ``source``.
+class TableBlock(NamedTuple):
+    """The three literals of the generated block (see :func:`parse_table`)."""
 
-    ``source`` is the text of this module; the block holds two assignments,
-    ``CROSSOVER_SOURCES = {...}`` and ``CROSSOVER = {...}``, of Python literals.
+    sources: dict[TableKey, str]
+    models: dict[TableKey, MeasuredModel]
+    table: dict[TableKey, list[tuple[int, str]]]
+
+
+_BLOCK_NAMES = ("CROSSOVER_SOURCES", "CROSSOVER_MODELS", "CROSSOVER")
+
+
+def parse_table(source: str) -> TableBlock:
+    """The literals between :data:`TABLE_START` and :data:`TABLE_END` of ``source``.
+
+    ``source`` is the text of this module; the block holds three assignments of Python literals,
+    ``CROSSOVER_SOURCES = {...}``, ``CROSSOVER_MODELS = {...}`` and ``CROSSOVER = {...}``.
 
     Raises:
-        ValueError: markers missing or out of order, or a block that is not the two literals.
+        ValueError: markers missing or out of order, or a block that is not the three literals.
     """
     start, end = marker_span(source)
     block = source[start:end]
@@ -147,26 +215,28 @@ def parse_table(source: str) -> tuple[dict[TableKey, str], dict[TableKey, list[t
         elif isinstance(node, ast.Assign) and len(node.targets) == 1:
             target, value = node.targets[0], node.value
         if not isinstance(target, ast.Name) or value is None:
-            raise ValueError("the crossover table block may only assign CROSSOVER_SOURCES and CROSSOVER")
+            raise ValueError(f"the crossover table block may only assign {', '.join(_BLOCK_NAMES)}")
         try:
             values[target.id] = ast.literal_eval(value)
         except ValueError:
             raise ValueError(f"{target.id} in the crossover table block is not a literal") from None
-    if set(values) != {"CROSSOVER_SOURCES", "CROSSOVER"}:
-        raise ValueError(
-            f"the crossover table block must assign CROSSOVER_SOURCES and CROSSOVER, found {sorted(values)}"
-        )
-    crossover, sources = values["CROSSOVER"], values["CROSSOVER_SOURCES"]
+    if set(values) != set(_BLOCK_NAMES):
+        raise ValueError(f"the crossover table block must assign {', '.join(_BLOCK_NAMES)}, found {sorted(values)}")
+    crossover, models, sources = values["CROSSOVER"], values["CROSSOVER_MODELS"], values["CROSSOVER_SOURCES"]
     if not isinstance(crossover, dict):
         raise ValueError("CROSSOVER must be a dict")  # noqa: TRY004 - a malformed file
     table = {key: [tuple(entry) for entry in entries] for key, entries in crossover.items()}
     check_table(table)
+    if not isinstance(models, dict):
+        raise ValueError("CROSSOVER_MODELS must be a dict")  # noqa: TRY004 - a malformed file
+    check_models(models, table)
     if not isinstance(sources, dict):
         raise ValueError("CROSSOVER_SOURCES must be a dict")  # noqa: TRY004 - a malformed file
-    return dict(sources), table
+    return TableBlock(dict(sources), {key: dict(model) for key, model in models.items()}, table)
 
 
 check_table(CROSSOVER)
+check_models(CROSSOVER_MODELS, CROSSOVER)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -176,12 +246,52 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class ModelSizes(Protocol):
+    """What the lookup reads of a model: an :class:`~avme_ext.config.AVMEConfig` has it."""
+
+    @property
+    def data_dim(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def enc_hidden(self) -> int: ...
+    @property
+    def dec_hidden(self) -> int: ...
+    @property
+    def latent_dim(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+
+
+def model_key(model: ModelSizes) -> tuple[int, ...]:
+    """(D, C, He, Hd, Z, K) of ``model``: the values of :data:`MODEL_FIELDS`, then the steps."""
+    return (*(int(getattr(model, name)) for name in MODEL_FIELDS), int(model.steps))
+
+
+def measured_for(measured: Mapping[str, object], sizes: tuple[int, ...]) -> bool:
+    """Whether a table entry measured at ``measured`` (a :data:`CROSSOVER_MODELS` value) holds for a
+    model of ``sizes`` (:func:`model_key`): the same D, C, He, Hd and Z, and K within the measured steps."""
+    *layers, steps = sizes
+    measured_steps = measured["steps"]
+    if not isinstance(measured_steps, (list, tuple)) or not measured_steps:
+        return False
+    same_layers = all(measured[name] == value for name, value in zip(MODEL_FIELDS, layers, strict=True))
+    return same_layers and min(measured_steps) <= steps <= max(measured_steps)
+
+
+def key_for(table: Table, gpu_name: str, dtype: str, precision: str) -> TableKey | None:
+    """The first key of ``table`` whose pattern matches ``gpu_name`` for ``dtype`` and ``precision``."""
+    for key in table:
+        pattern, key_dtype, key_precision = key
+        if key_dtype == dtype and key_precision == precision and fnmatch.fnmatchcase(gpu_name, pattern):
+            return key
+    return None
+
+
 def entries_for(table: Table, gpu_name: str, dtype: str, precision: str) -> tuple[tuple[int, str], ...]:
     """The entries of the first key of ``table`` whose pattern matches ``gpu_name`` (empty if none)."""
-    for (pattern, key_dtype, key_precision), entries in table.items():
-        if key_dtype == dtype and key_precision == precision and fnmatch.fnmatchcase(gpu_name, pattern):
-            return tuple((int(m), str(c)) for m, c in entries)
-    return ()
+    key = key_for(table, gpu_name, dtype, precision)
+    return () if key is None else tuple((int(m), str(c)) for m, c in table[key])
 
 
 def choose(entries: Sequence[tuple[int, str]], batch_size: int | torch.SymInt) -> str:
@@ -192,19 +302,27 @@ def choose(entries: Sequence[tuple[int, str]], batch_size: int | torch.SymInt) -
     return REF
 
 
-_ENTRY_CACHE: dict[tuple[int, str, str], tuple[tuple[int, str], ...]] = {}
+_ENTRY_CACHE: dict[tuple[int, str, str, tuple[int, ...]], tuple[tuple[int, str], ...]] = {}
 
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # torch leaves it unannotated
-def _device_entries(index: int, dtype: str, precision: str) -> tuple[tuple[int, str], ...]:
-    """The table entries for CUDA device ``index`` (-1: the current one); cached, constant under compile."""
-    key = (torch.cuda.current_device() if index < 0 else index, dtype, precision)
+def _device_entries(index: int, dtype: str, precision: str, sizes: tuple[int, ...]) -> tuple[tuple[int, str], ...]:
+    """The table entries for CUDA device ``index`` (-1: the current one) and a model of ``sizes``
+    (:func:`model_key`): empty where the entry was measured at another model. Cached, constant
+    under compile."""
+    key = (torch.cuda.current_device() if index < 0 else index, dtype, precision, sizes)
     if key not in _ENTRY_CACHE:
-        _ENTRY_CACHE[key] = entries_for(CROSSOVER, torch.cuda.get_device_name(key[0]), dtype, precision)
+        table_key = key_for(CROSSOVER, torch.cuda.get_device_name(key[0]), dtype, precision)
+        measured = table_key is not None and measured_for(CROSSOVER_MODELS[table_key], sizes)
+        _ENTRY_CACHE[key] = (
+            entries_for(CROSSOVER, torch.cuda.get_device_name(key[0]), dtype, precision) if measured else ()
+        )
     return _ENTRY_CACHE[key]
 
 
-def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt) -> str:
+def auto_design(
+    device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt, model: ModelSizes
+) -> str:
     """The fused design ``impl="auto"`` should run for these inputs, or ``"ref"`` for the reference.
 
     Args:
@@ -212,6 +330,8 @@ def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_
         dtype: the parameters' dtype.
         precision: the module's matrix-product precision (``"fp32"``, ``"tf32"``, ``"bf16"``).
         batch_size: B, the rows of the call (an int, or a SymInt while torch.compile traces).
+        model: the model's sizes (an :class:`~avme_ext.config.AVMEConfig`); a model of sizes the
+            table was not measured at gives ``"ref"``.
 
     Returns:
         ``"ref"``, or a design of :data:`CROSSOVER` (one of ``avme_ext.ops.DESIGNS`` when the host
@@ -229,13 +349,17 @@ def auto_design(device: torch.device, dtype: torch.dtype, precision: str, batch_
         raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
     if device.type != "cuda" or not ops.is_available():
         return REF
-    choice = choose(_device_entries(-1 if device.index is None else device.index, name, precision), batch_size)
+    sizes = model_key(model)
+    entries = _device_entries(-1 if device.index is None else device.index, name, precision, sizes)
+    choice = choose(entries, batch_size)
     if choice != REF and choice not in DESIGN_NAMES:
         return REF
     return choice
 
 
-def auto_impl(device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt) -> str:
+def auto_impl(
+    device: torch.device, dtype: torch.dtype, precision: str, batch_size: int | torch.SymInt, model: ModelSizes
+) -> str:
     """The implementation ``AVMECore(impl="auto")`` runs for these inputs: ``"cuda"`` or ``"ref"``.
 
     Args:
@@ -243,5 +367,6 @@ def auto_impl(device: torch.device, dtype: torch.dtype, precision: str, batch_si
         dtype: the parameters' dtype.
         precision: the module's matrix-product precision (``"fp32"``, ``"tf32"``, ``"bf16"``).
         batch_size: B, the rows of the call.
+        model: the model's sizes (an :class:`~avme_ext.config.AVMEConfig`).
     """
-    return REF if auto_design(device, dtype, precision, batch_size) == REF else "cuda"
+    return REF if auto_design(device, dtype, precision, batch_size, model) == REF else "cuda"

@@ -21,7 +21,9 @@ reference mode:
 Between two measured batch sizes the choice is a design that wins at both (the faster at the
 larger one), else ``"ref"``; below the smallest and above the largest measured B, ``"ref"``.
 The entries replace those of the same (GPU, dtype, precision) in the table between the markers
-of ``--dispatch`` (other GPUs' entries are kept), with the source named beside them.
+of ``--dispatch`` (other GPUs' entries are kept), with the source named beside them and the model
+they were measured at (the run's ``--model-size`` and the K of its training records): ``auto``
+uses them only for a model of those sizes.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ if __package__ in (None, ""):
 
 from avme_ext.dispatch import (  # noqa: E402
     DESIGN_NAMES,
+    MODEL_FIELDS,
     REF,
-    TableKey,
+    MeasuredModel,
+    TableBlock,
+    check_models,
     check_table,
     marker_span,
     parse_table,
@@ -59,7 +64,16 @@ from bench.analysis import (  # noqa: E402
     load_results,
 )
 
-__all__ = ["PointDecision", "decide_point", "decide", "entries_from_points", "render_block", "update_source", "main"]
+__all__ = [
+    "PointDecision",
+    "decide_point",
+    "decide",
+    "entries_from_points",
+    "measured_model",
+    "render_block",
+    "update_source",
+    "main",
+]
 
 DTYPE = "float32"
 
@@ -186,6 +200,19 @@ def source_line(data: dict[str, Any], path: str) -> str:
     )
 
 
+def measured_model(data: dict[str, Any]) -> MeasuredModel:
+    """The model a results file measured: its ``--model-size`` (D, He, Hd, Z; C = 0 unless recorded)
+    and the K of its measured training records."""
+    size = (data.get("config") or {}).get("model_size") or {}
+    missing = [name for name in MODEL_FIELDS if name != "num_classes" and name not in size]
+    if missing:
+        raise ValueError(f"the results file does not record the model size ({', '.join(missing)} missing)")
+    steps = sorted({r["steps"] for r in data["records"] if r.get("workload") == "train" and r.get("value") is not None})
+    model: MeasuredModel = {name: int(size.get(name, 0)) for name in MODEL_FIELDS}
+    model["steps"] = steps
+    return model
+
+
 def _py(value: Any) -> str:
     """Python source of a literal of strings, ints, tuples and lists, with double-quoted strings."""
     if isinstance(value, str):
@@ -196,6 +223,8 @@ def _py(value: Any) -> str:
         return "[" + ", ".join(_py(v) for v in value) + "]"
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} into the table")
 
 
@@ -208,12 +237,17 @@ def _literal(text: str, indent: str) -> str:
     return f"(\n{inner}\n{indent})"
 
 
-def render_block(sources: dict[TableKey, str], table: dict[TableKey, list[tuple[int, str]]]) -> str:
-    """The Python text between the markers: ``CROSSOVER_SOURCES`` and ``CROSSOVER``, with comments."""
+def render_block(block: TableBlock) -> str:
+    """The Python text between the markers: ``CROSSOVER_SOURCES``, ``CROSSOVER_MODELS`` and
+    ``CROSSOVER``, with comments."""
+    sources, models, table = block
     check_table(table)
+    check_models(models, table)
     lines = ["CROSSOVER_SOURCES: dict[TableKey, str] = {"]
     for key in table:
         lines.append(f"    {_py(key)}: {_literal(sources.get(key, 'source not recorded'), '    ')},")
+    lines += ["}", "CROSSOVER_MODELS: dict[TableKey, MeasuredModel] = {"]
+    lines += [f"    {_py(key)}: {_py(dict(models[key]))}," for key in table]
     lines += ["}", "CROSSOVER: dict[TableKey, list[tuple[int, str]]] = {"]
     for key, entries in table.items():
         for comment in textwrap.wrap(sources.get(key, "source not recorded"), 110):
@@ -223,13 +257,18 @@ def render_block(sources: dict[TableKey, str], table: dict[TableKey, list[tuple[
     return "\n".join(lines) + "\n"
 
 
-def update_source(text: str, sources: dict[TableKey, str], table: dict[TableKey, list[tuple[int, str]]]) -> str:
+def update_source(text: str, block: TableBlock) -> str:
     """``text`` (avme_ext/dispatch.py) with the block between the markers replaced; checked by parsing it back."""
     start, end = marker_span(text)
-    new = text[:start] + render_block(sources, table) + text[end:]
+    new = text[:start] + render_block(block) + text[end:]
     compile(new, "dispatch.py", "exec")
-    parsed_sources, parsed_table = parse_table(new)
-    if parsed_table != {k: list(v) for k, v in table.items()} or parsed_sources != {k: sources[k] for k in table}:
+    parsed = parse_table(new)
+    expected = TableBlock(
+        {k: block.sources[k] for k in block.table},
+        {k: dict(block.models[k]) for k in block.table},
+        {k: list(v) for k, v in block.table.items()},
+    )
+    if parsed != expected:
         raise RuntimeError("the written crossover table does not read back as written")
     return new
 
@@ -271,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.results[0]}: no measured training records")
     dispatch = Path(args.dispatch)
     text = dispatch.read_text(encoding="utf-8")
-    sources, table = parse_table(text)
+    sources, models, table = parse_table(text)
+    model = measured_model(data)
     pattern = gpu_pattern(str(data.get("device")))
     first = Path(args.results[0]).resolve()
     where = str(first.relative_to(ROOT)) if first.is_relative_to(ROOT) else first.name
@@ -280,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         key = (pattern, DTYPE, precision)
         table[key] = entries_from_points(points)
         sources[key] = source_line(data, where)
+        models[key] = model
         if args.print:
             for point in points:
                 print(
@@ -292,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                     + "".join(f"\n    {note}" for note in point.notes)
                 )
             print(f"  -> {key}: {table[key]}")
-    new = update_source(text, sources, table)
+    new = update_source(text, TableBlock(sources, models, table))
     out = Path(args.out) if args.out else dispatch
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

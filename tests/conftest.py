@@ -50,6 +50,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _runs_slow(config):  # whatever was deselected, -k or -m left it out, not the marker
+        return
     deselected = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow")]
     if deselected:
         tests = "test" if len(deselected) == 1 else "tests"

@@ -535,11 +535,20 @@ def test_crossover_runs_on_the_smoke_results(smoke_results: Path, tmp_path: Path
     assert "not a full-size GPU run" in capsys.readouterr().err
     assert not out.exists()
     assert crossover.main([str(smoke_results), "--allow-smoke", "--out", str(out)]) == 0
-    sources, table = dispatch.parse_table(out.read_text())
+    sources, models, table = dispatch.parse_table(out.read_text())
     device = json.loads(smoke_results.read_text())["device"]
     for precision in ("fp32", "tf32", "bf16"):
         assert table[(device, "float32", precision)] == [(16, "ref")]  # no fused ops on the CPU: never faster
         assert smoke_results.name in sources[(device, "float32", precision)]
+        # the smoke run's model (--model-size 784,32,32,8) and the K of its training records
+        assert models[(device, "float32", precision)] == {
+            "data_dim": 784,
+            "num_classes": 0,
+            "enc_hidden": 32,
+            "dec_hidden": 32,
+            "latent_dim": 8,
+            "steps": [3, 5],
+        }
 
 
 # --------------------------------------------------------------------------- GPU scripts (tools/gpu/)

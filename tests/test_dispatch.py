@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from avme_ext import dispatch, ops
+from avme_ext.config import AVMEConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -30,6 +31,24 @@ TABLE = {
     ],
     ("Fake GPU*", "float32", "bf16"): [(4096, "rowtile")],
 }
+#: The model every entry of TABLE was measured at: the paper's sizes, K = 12 and 64.
+PAPER = AVMEConfig()
+PAPER_MEASURED = {
+    "data_dim": 784,
+    "num_classes": 0,
+    "enc_hidden": 400,
+    "dec_hidden": 400,
+    "latent_dim": 100,
+    "steps": [12, 64],
+}
+MODELS = dict.fromkeys(TABLE, PAPER_MEASURED)
+
+
+def _measure_everything(monkeypatch, table):
+    """Make ``table`` the crossover table, every entry measured at the paper's model."""
+    monkeypatch.setattr(dispatch, "CROSSOVER", table)
+    monkeypatch.setattr(dispatch, "CROSSOVER_MODELS", dict.fromkeys(table, PAPER_MEASURED))
+    monkeypatch.setattr(dispatch, "_ENTRY_CACHE", {})
 
 
 @pytest.fixture
@@ -39,8 +58,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(ops, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: names[0 if index is None else index])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(dispatch, "CROSSOVER", TABLE)
-    monkeypatch.setattr(dispatch, "_ENTRY_CACHE", {})
+    _measure_everything(monkeypatch, TABLE)
     return names
 
 
@@ -52,12 +70,14 @@ CUDA0 = torch.device("cuda", 0)
 
 def test_committed_table_reads_back_from_the_source():
     text = (ROOT / "avme_ext" / "dispatch.py").read_text()
-    sources, table = dispatch.parse_table(text)
+    sources, models, table = dispatch.parse_table(text)
     assert table == {k: list(v) for k, v in dispatch.CROSSOVER.items()}
     assert sources == dispatch.CROSSOVER_SOURCES
-    assert set(sources) == set(table)
+    assert models == dispatch.CROSSOVER_MODELS
+    assert set(sources) == set(table) == set(models)
     assert all(sources[k] for k in table)
     dispatch.check_table(table)
+    dispatch.check_models(models, table)
     # until a results file replaces it: the H100 measurement of the rowtile kernels, reference everywhere
     for key, entries in table.items():
         assert all(choice == "ref" for _, choice in entries), key
@@ -69,7 +89,9 @@ def test_parse_table_refuses_what_is_not_the_table():
     with pytest.raises(ValueError, match="crossover-table:start"):
         dispatch.parse_table(good.replace(dispatch.TABLE_START + "\n", ""))
     with pytest.raises(ValueError, match="not a literal"):
-        dispatch.parse_table(good[:start] + "CROSSOVER_SOURCES = {}\nCROSSOVER = dict()\n" + good[end:])
+        dispatch.parse_table(
+            good[:start] + "CROSSOVER_SOURCES = {}\nCROSSOVER_MODELS = {}\nCROSSOVER = dict()\n" + good[end:]
+        )
     with pytest.raises(ValueError, match="must assign"):
         dispatch.parse_table(good[:start] + "CROSSOVER = {}\n" + good[end:])
     with pytest.raises(ValueError, match="only assign"):
@@ -82,11 +104,33 @@ def test_parse_table_refuses_what_is_not_the_table():
         "[(True, 'ref')]": "max batch must be an integer",
     }
     for entries, message in bad_entries.items():
-        block = f"CROSSOVER_SOURCES = {{}}\nCROSSOVER = {{('X', 'float32', 'fp32'): {entries}}}\n"
+        block = (
+            f"CROSSOVER_SOURCES = {{}}\nCROSSOVER_MODELS = {{}}\nCROSSOVER = {{('X', 'float32', 'fp32'): {entries}}}\n"
+        )
         with pytest.raises(ValueError, match=message):
             dispatch.parse_table(good[:start] + block + good[end:])
     with pytest.raises(ValueError, match="precision must be one of"):
         dispatch.check_table({("X", "float32", "fp16"): [(1, "ref")]})
+
+
+def test_check_models_refuses_what_does_not_name_the_measured_model():
+    key = ("X", "float32", "fp32")
+    table = {key: [(100, "persistent")]}
+    dispatch.check_models({key: PAPER_MEASURED}, table)
+    with pytest.raises(ValueError, match="keys of CROSSOVER"):
+        dispatch.check_models({}, table)  # an entry without its model
+    bad_models = {
+        "expected a dict of": {k: v for k, v in PAPER_MEASURED.items() if k != "latent_dim"},
+        "'data_dim'.*integer >= 1": {**PAPER_MEASURED, "data_dim": 0},
+        "'num_classes'.*integer >= 0": {**PAPER_MEASURED, "num_classes": -1},
+        "'enc_hidden'.*integer": {**PAPER_MEASURED, "enc_hidden": 400.0},
+        "'steps'": {**PAPER_MEASURED, "steps": [64, 12]},
+    }
+    for message, model in bad_models.items():
+        with pytest.raises(ValueError, match=message):
+            dispatch.check_models({key: model}, table)
+    with pytest.raises(ValueError, match="'steps'"):
+        dispatch.check_models({key: {**PAPER_MEASURED, "steps": []}}, table)
 
 
 def test_choose_follows_the_ranges():
@@ -111,60 +155,80 @@ def test_choose_follows_the_ranges():
 
 
 def test_cpu_is_ref_whatever_the_table_says(monkeypatch):
-    monkeypatch.setattr(dispatch, "CROSSOVER", {("*", "float32", p): [(10**9, "rowtile")] for p in ops.PRECISIONS})
-    monkeypatch.setattr(dispatch, "_ENTRY_CACHE", {})
+    _measure_everything(monkeypatch, {("*", "float32", p): [(10**9, "rowtile")] for p in ops.PRECISIONS})
     monkeypatch.setattr(ops, "is_available", lambda: True)
     for precision in ops.PRECISIONS:
         for batch in (0, 1, 100, 4096):
-            assert dispatch.auto_impl(torch.device("cpu"), torch.float32, precision, batch) == "ref"
-            assert dispatch.auto_design(torch.device("cpu"), torch.float32, precision, batch) == "ref"
+            assert dispatch.auto_impl(torch.device("cpu"), torch.float32, precision, batch, PAPER) == "ref"
+            assert dispatch.auto_design(torch.device("cpu"), torch.float32, precision, batch, PAPER) == "ref"
 
 
 def test_cuda_without_the_extension_is_ref(monkeypatch):
-    monkeypatch.setattr(dispatch, "CROSSOVER", {("*", "float32", "fp32"): [(10**9, "rowtile")]})
+    _measure_everything(monkeypatch, {("*", "float32", "fp32"): [(10**9, "rowtile")]})
     monkeypatch.setattr(ops, "is_available", lambda: False)
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100, PAPER) == "ref"
 
 
 def test_measured_gpu_follows_the_table(fake_gpu):
-    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100) == "persistent"
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "cuda"
-    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 512) == "stagewise"
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 64) == "ref"  # below the smallest measured B
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 2048) == "ref"  # the range where the reference won
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 8192) == "ref"  # above the largest measured B
+    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100, PAPER) == "persistent"
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100, PAPER) == "cuda"
+    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 512, PAPER) == "stagewise"
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 64, PAPER) == "ref"  # below the smallest measured B
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 2048, PAPER) == "ref"  # the range where the reference won
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 8192, PAPER) == "ref"  # above the largest measured B
     assert (
-        dispatch.auto_design(torch.device("cuda"), torch.float32, "bf16", 7) == "rowtile"
+        dispatch.auto_design(torch.device("cuda"), torch.float32, "bf16", 7, PAPER) == "rowtile"
     )  # glob pattern, current device
 
 
 def test_never_measured_configurations_are_ref(fake_gpu):
-    assert dispatch.auto_impl(torch.device("cuda", 1), torch.float32, "fp32", 100) == "ref"  # unknown GPU
-    assert dispatch.auto_impl(CUDA0, torch.float64, "fp32", 100) == "ref"  # dtype never measured
-    assert dispatch.auto_impl(CUDA0, torch.float32, "tf32", 100) == "ref"  # precision never measured
+    assert dispatch.auto_impl(torch.device("cuda", 1), torch.float32, "fp32", 100, PAPER) == "ref"  # unknown GPU
+    assert dispatch.auto_impl(CUDA0, torch.float64, "fp32", 100, PAPER) == "ref"  # dtype never measured
+    assert dispatch.auto_impl(CUDA0, torch.float32, "tf32", 100, PAPER) == "ref"  # precision never measured
+
+
+def test_models_of_other_sizes_are_ref(fake_gpu):
+    """The table holds for the model it was measured at: any other size runs the reference."""
+    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100, PAPER) == "persistent"
+    for steps in (12, 30, 64):  # K within the measured steps
+        assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100, AVMEConfig(steps=steps)) == "persistent"
+    others = {
+        "K below the measured": AVMEConfig(steps=8),
+        "K above the measured": AVMEConfig(steps=65),
+        "colour images": AVMEConfig(data_dim=3 * 32 * 32),
+        "conditional": AVMEConfig(num_classes=10),
+        "smaller encoder": AVMEConfig(enc_hidden=256),
+        "smaller decoder": AVMEConfig(dec_hidden=256),
+        "larger latent": AVMEConfig(latent_dim=128),
+    }
+    for what, model in others.items():
+        assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 100, model) == "ref", what
+        assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 512, model) == "ref", what
+    # the measured model again, after the lookups of other sizes (the cache is per size)
+    assert dispatch.auto_design(CUDA0, torch.float32, "fp32", 512, PAPER) == "stagewise"
 
 
 def test_a_design_the_package_no_longer_has_is_ref(fake_gpu, monkeypatch):
     monkeypatch.setattr(dispatch, "DESIGN_NAMES", ("auto", "rowtile", "stagewise"))
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"  # persistent is gone
-    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 512) == "cuda"
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100, PAPER) == "ref"  # persistent is gone
+    assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 512, PAPER) == "cuda"
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="precision"):
-        dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp16", 10)
+        dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp16", 10, PAPER)
     with pytest.raises(TypeError, match="dtype"):
-        dispatch.auto_impl(torch.device("cpu"), "float32", "fp32", 10)  # type: ignore[arg-type]  # a dtype name, not a dtype, on purpose
+        dispatch.auto_impl(torch.device("cpu"), "float32", "fp32", 10, PAPER)  # type: ignore[arg-type]  # a dtype name, not a dtype, on purpose
     for batch in (-1, True, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
-            dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp32", batch)  # type: ignore[arg-type]  # 2.0 is not an int, on purpose
+            dispatch.auto_impl(torch.device("cpu"), torch.float32, "fp32", batch, PAPER)  # type: ignore[arg-type]  # 2.0 is not an int, on purpose
 
 
 def test_choice_traces_under_torch_compile_without_graph_breaks(fake_gpu):
     torch._dynamo.reset()
 
     def pick(x: torch.Tensor) -> torch.Tensor:
-        fused = dispatch.auto_impl(CUDA0, torch.float32, "fp32", x.shape[0]) == "cuda"
+        fused = dispatch.auto_impl(CUDA0, torch.float32, "fp32", x.shape[0], PAPER) == "cuda"
         return x * 2 if fused else x * 3
 
     compiled = torch.compile(pick, fullgraph=True, backend="eager")
@@ -201,8 +265,12 @@ def _results(records: list[dict[str, Any]], device: str = FAKE) -> dict[str, Any
         "torch": "2.11.0",
         "git_commit": "a" * 40,
         "git_dirty": False,
-        "config": {"smoke": False, "steps": [12, 64]},
         "records": records,
+        "config": {
+            "smoke": False,
+            "steps": [12, 64],
+            "model_size": {"data_dim": 784, "enc_hidden": 400, "dec_hidden": 400, "latent_dim": 100, "num_classes": 0},
+        },
     }
 
 
@@ -301,10 +369,10 @@ def test_generator_round_trip(tmp_path: Path):
             str(out),
             "--print",
         ],
+        check=False,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=False,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -313,10 +381,13 @@ def test_generator_round_trip(tmp_path: Path):
     new_start, new_end = dispatch.marker_span(after)
     assert after[:new_start] == before[:start]
     assert after[new_end:] == before[end:]
-    sources, table = dispatch.parse_table(after)
+    sources, models, table = dispatch.parse_table(after)
     for key, entries in dispatch.CROSSOVER.items():  # other GPUs' entries are kept
         assert table[key] == list(entries)
         assert sources[key] == dispatch.CROSSOVER_SOURCES[key]
+        assert models[key] == dispatch.CROSSOVER_MODELS[key]
+    # the model the results file measured (its --model-size and the K of its training records)
+    assert models[(FAKE, "float32", "bf16")] == {**PAPER_MEASURED, "steps": [12]}
     # auto's graph variant is as fast as persistent at B=100: the named designs are preferred to "auto"
     assert table[(FAKE, "float32", "bf16")] == [(99, "ref"), (256, "persistent"), (1024, "stagewise"), (4096, "ref")]
     assert table[(FAKE, "float32", "fp32")] == [(4096, "ref")]  # rowtile never faster
@@ -332,9 +403,10 @@ def test_generator_round_trip(tmp_path: Path):
         mp.setattr(torch.cuda, "get_device_name", lambda index=None: FAKE)
         mp.setattr(torch.cuda, "current_device", lambda: 0)
         mp.setattr(dispatch, "CROSSOVER", dispatch_table)
+        mp.setattr(dispatch, "CROSSOVER_MODELS", models)
         mp.setattr(dispatch, "_ENTRY_CACHE", {})
         sizes = (50, 100, 200, 256, 500, 1024, 2048, 8192)
-        got = {b: dispatch.auto_design(CUDA0, torch.float32, "bf16", b) for b in sizes}
+        got = {b: dispatch.auto_design(CUDA0, torch.float32, "bf16", b, PAPER) for b in sizes}
         assert got == {
             50: "ref",
             100: "persistent",
@@ -345,7 +417,8 @@ def test_generator_round_trip(tmp_path: Path):
             2048: "ref",
             8192: "ref",
         }
-        assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100) == "ref"
+        assert dispatch.auto_impl(CUDA0, torch.float32, "fp32", 100, PAPER) == "ref"
+        assert dispatch.auto_design(CUDA0, torch.float32, "bf16", 100, AVMEConfig(data_dim=3072)) == "ref"
 
     # running it again on its own output changes nothing
     again = tmp_path / "again.py"
@@ -362,4 +435,14 @@ def test_generator_refuses_smoke_and_cpu_files(tmp_path: Path):
         crossover.main([str(path), "--out", str(tmp_path / "d.py")])
     assert not (tmp_path / "d.py").exists()
     assert crossover.main([str(path), "--out", str(tmp_path / "d.py"), "--allow-smoke"]) == 0
-    assert dispatch.parse_table((tmp_path / "d.py").read_text())[1][(FAKE, "float32", "fp32")] == [(4, "ref")]
+    assert dispatch.parse_table((tmp_path / "d.py").read_text()).table[(FAKE, "float32", "fp32")] == [(4, "ref")]
+
+
+def test_generator_refuses_a_file_without_the_model_size(tmp_path: Path):
+    data = _results(_refs(100, 12, 10.0))
+    del data["config"]["model_size"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="model size"):
+        crossover.main([str(path), "--out", str(tmp_path / "d.py")])
+    assert not (tmp_path / "d.py").exists()

@@ -281,8 +281,8 @@ class AutoSpy:
         self.choice = choice
         self.calls: list[tuple[object, ...]] = []
 
-    def __call__(self, device, dtype, precision, batch_size):
-        self.calls.append((device, dtype, precision, batch_size))
+    def __call__(self, device, dtype, precision, batch_size, model):
+        self.calls.append((device, dtype, precision, batch_size, model))
         return self.choice
 
 
@@ -292,11 +292,11 @@ def test_auto_asks_the_dispatch_table_with_the_call_batch_size(monkeypatch):
     core = make_core(impl="auto", precision="tf32")
     x, y, eps = make_inputs(core, batch=5)
     assert core.resolved_impl("cpu", 7) == "ref"
-    assert spy.calls == [(torch.device("cpu"), torch.float64, "tf32", 7)]
+    assert spy.calls == [(torch.device("cpu"), torch.float64, "tf32", 7, core.config)]  # the model's sizes too
     spy.calls.clear()
     core(x, y, eps)
     core.sample(eps[:, :3], y[:3])
-    assert spy.calls == [(torch.device("cpu"), torch.float64, "tf32", b) for b in (5, 3)]
+    assert spy.calls == [(torch.device("cpu"), torch.float64, "tf32", b, core.config) for b in (5, 3)]
     assert core.resolved_impl("cpu") == "auto"  # no batch size: chosen per call
     with pytest.raises(ValueError, match="batch_size must be an integer >= 0"):
         core.resolved_impl("cpu", -1)
@@ -352,7 +352,8 @@ def test_fused_design_is_forced_then_measured_then_left_to_the_host(monkeypatch)
     core = AVMECore(16, 0, 8, 8, 4, 2)
     asked = []
 
-    def table(device, dtype, precision, batch_size):
+    def table(device, dtype, precision, batch_size, model):
+        assert model is core.config
         asked.append((device.type, dtype, precision, batch_size))
         return "ref" if batch_size < 100 else "stagewise"
 

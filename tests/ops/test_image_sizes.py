@@ -122,13 +122,14 @@ def test_rowtile_refuses_a_row_that_does_not_fit_and_auto_falls_back(emulator, m
 
 
 def test_module_auto_with_a_measured_persistent_design_trains_colour_images(emulator, h100_like, monkeypatch):
-    """AVMECore(impl="auto") where the crossover table names the persistent design: at D = 3072
-    and H = 400 that design refuses, so the preference it passes runs the stagewise design; the
-    loss and every gradient match the float64 reference."""
+    """AVMECore(impl="auto") where the crossover table names the persistent design (a table measured
+    at these sizes on a GPU with more shared memory than this one, which matches its name pattern):
+    at D = 3072 and H = 400 that design refuses, so the preference it passes runs the stagewise
+    design; the loss and every gradient match the float64 reference."""
     core = AVMECore(COLOUR, 0, 400, 400, 100, 2, "error", impl="auto")
     asked = []
-    monkeypatch.setattr(dispatch, "auto_impl", lambda device, dtype, precision, batch_size: "cuda")
-    monkeypatch.setattr(dispatch, "auto_design", lambda device, dtype, precision, batch_size: "persistent")
+    monkeypatch.setattr(dispatch, "auto_impl", lambda device, dtype, precision, batch_size, model: "cuda")
+    monkeypatch.setattr(dispatch, "auto_design", lambda device, dtype, precision, batch_size, model: "persistent")
 
     def on_emulator(x, y, eps, params, encoder_input, return_canvases, precision, *, design):
         asked.append(design)
