@@ -75,3 +75,22 @@ class ModelArgs(SizeArgs, total=False):
 
     impl: str
     precision: str
+
+
+def model_args(hidden: int, latent: int, steps: int) -> list[str]:
+    """``avme train`` options of a small model: both LSTMs of ``hidden`` units, Z = ``latent``, K = ``steps``."""
+    return [
+        "--enc-hidden",
+        str(hidden),
+        "--dec-hidden",
+        str(hidden),
+        "--latent-dim",
+        str(latent),
+        "--steps",
+        str(steps),
+    ]
+
+
+def subset_args(train: int, valid: int) -> list[str]:
+    """``avme train`` options that train on ``train`` images and validate on ``valid`` (0: no validation)."""
+    return ["--train-subset", str(train), "--valid-subset", str(valid)]

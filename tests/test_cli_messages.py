@@ -19,27 +19,9 @@ from avme_ext.checkpoint import atomic_write_bytes
 from avme_ext.cli import _common, _memory, _png_split
 from avme_ext.model import AVME
 from cli_helpers import one_error_line, run_cli, tiny_run_dir
-from helpers import REPO, subprocess_env
+from helpers import REPO, model_args, subprocess_env, subset_args
 
-TINY_TRAIN = [
-    "--epochs",
-    "1",
-    "--train-subset",
-    "20",
-    "--valid-subset",
-    "0",
-    "--enc-hidden",
-    "8",
-    "--dec-hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--steps",
-    "2",
-    "--batch-size",
-    "10",
-    "--no-progress",
-]
+TINY_TRAIN = ["--epochs", "1", *subset_args(20, 0), *model_args(8, 2, 2), "--batch-size", "10", "--no-progress"]
 TIMEOUT = 120
 _run, _one_error_line = run_cli, one_error_line
 

@@ -18,22 +18,9 @@ from safetensors.torch import load_file, save_file
 from avme_ext.checkpoint import load_model, read_training_options
 from avme_ext.cli import main
 from avme_ext.data import DataSpec, load_run_split
-from helpers import SHARED_DATA, load_script
+from helpers import SHARED_DATA, load_script, model_args
 
-SMALL = [
-    "--enc-hidden",
-    "8",
-    "--dec-hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--steps",
-    "2",
-    "--no-progress",
-    "--batch-size",
-    "16",
-    "--no-tensorboard",
-]
+SMALL = [*model_args(8, 2, 2), "--no-progress", "--batch-size", "16", "--no-tensorboard"]
 TINY = [*SMALL, "--epochs", "1"]
 
 

@@ -24,7 +24,7 @@ from avme_ext import distributed as D
 from avme_ext.checkpoint import load_model
 from avme_ext.data import load_split
 from avme_ext.evaluation import evaluate, gather_across_ranks
-from helpers import REPO, SHARED_DATA, free_port, subprocess_env
+from helpers import REPO, SHARED_DATA, free_port, model_args, subprocess_env, subset_args
 
 TIMEOUT = 180
 MNIST = SHARED_DATA / "mnist"
@@ -36,18 +36,8 @@ DATA = (
     else ["--dataset", "binarized_mnist"]
 )
 TINY = [
-    "--enc-hidden",
-    "32",
-    "--dec-hidden",
-    "32",
-    "--latent-dim",
-    "8",
-    "--steps",
-    "4",
-    "--train-subset",
-    "1000",
-    "--valid-subset",
-    "300",
+    *model_args(32, 8, 4),
+    *subset_args(1000, 300),
     "--valid-batch-size",
     "100",
     "--batch-size",
@@ -58,7 +48,6 @@ TINY = [
     "5",
     "--no-progress",
     "--conditional",
-    *DATA,
 ]
 
 

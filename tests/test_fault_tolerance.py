@@ -29,23 +29,13 @@ from avme_ext.checkpoint import CheckpointError, load_checkpoint, load_model
 from avme_ext.cli import main
 from avme_ext.training import schedule
 from avme_ext.training import trainer as trainer_module
-from helpers import REPO, subprocess_env
+from helpers import REPO, model_args, subprocess_env, subset_args
 
 TIMEOUT = 120
 # 1000 images, batch 50: 20 steps per epoch, 40 in all
 ARGS = [
-    "--enc-hidden",
-    "32",
-    "--dec-hidden",
-    "32",
-    "--latent-dim",
-    "8",
-    "--steps",
-    "4",
-    "--train-subset",
-    "1000",
-    "--valid-subset",
-    "200",
+    *model_args(32, 8, 4),
+    *subset_args(1000, 200),
     "--batch-size",
     "50",
     "--epochs",

@@ -17,22 +17,13 @@ from avme_ext.cli import main
 from avme_ext.config import AVMEConfig
 from avme_ext.model import AVME
 from avme_ext.training.step import GraphedStep, set_group_learning_rates
+from helpers import model_args, subset_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "--enc-hidden",
-    "16",
-    "--dec-hidden",
-    "16",
-    "--latent-dim",
-    "4",
-    "--steps",
-    "3",
-    "--train-subset",
-    "600",
-    "--valid-subset",
-    "100",
+    *model_args(16, 4, 3),
+    *subset_args(600, 100),
     "--batch-size",
     "100",
     "--no-progress",

@@ -17,26 +17,10 @@ from avme_ext.cli import main
 from avme_ext.training.errors import RunDirError
 from avme_ext.training.run_lock import LOCK_NAME, RunLock
 from cli_helpers import one_error_line
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, free_port, model_args, subprocess_env, subset_args
 
 TIMEOUT = 180
-TINY = [
-    "--train-subset",
-    "40",
-    "--valid-subset",
-    "0",
-    "--enc-hidden",
-    "8",
-    "--dec-hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--steps",
-    "2",
-    "--batch-size",
-    "10",
-    "--no-progress",
-]
+TINY = [*subset_args(40, 0), *model_args(8, 2, 2), "--batch-size", "10", "--no-progress"]
 
 
 def test_a_second_lock_on_a_directory_is_refused_naming_the_holder(tmp_path):

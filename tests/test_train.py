@@ -18,27 +18,9 @@ from avme_ext.cli import main
 from avme_ext.config import AVMEConfig
 from avme_ext.distributed import DistInfo
 from avme_ext.seeds import derive_seed
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, model_args, subset_args
 
-TINY = [
-    "--enc-hidden",
-    "32",
-    "--dec-hidden",
-    "32",
-    "--latent-dim",
-    "8",
-    "--steps",
-    "4",
-    "--train-subset",
-    "2000",
-    "--valid-subset",
-    "500",
-    "--no-progress",
-    "--log-every",
-    "5",
-    "--kl-warmup-steps",
-    "10",
-]
+TINY = [*model_args(32, 8, 4), *subset_args(2000, 500), "--no-progress", "--log-every", "5", "--kl-warmup-steps", "10"]
 STEPS_PER_EPOCH = 20  # 2000 images / batch 100
 
 TRAIN_KEYS = {"kind", "epoch", "step", "loss", "reconstruction", "kl", "kl_weight", "lr", "examples_per_s", "time"}

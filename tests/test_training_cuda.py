@@ -20,23 +20,14 @@ from avme_ext.config import AVMEConfig
 from avme_ext.model import AVME
 from avme_ext.training import make_adam
 from avme_ext.training.step import EagerRecorder, GraphedStep
+from helpers import model_args, subset_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 IMPLS = ["ref", pytest.param("cuda", marks=pytest.mark.skipif(not ops.is_available(), reason="fused ops unavailable"))]
 TINY = [
-    "--enc-hidden",
-    "32",
-    "--dec-hidden",
-    "32",
-    "--latent-dim",
-    "8",
-    "--steps",
-    "4",
-    "--train-subset",
-    "1000",
-    "--valid-subset",
-    "200",
+    *model_args(32, 8, 4),
+    *subset_args(1000, 200),
     "--batch-size",
     "64",
     "--log-every",

@@ -13,27 +13,11 @@ from avme_ext.cli import main
 from avme_ext.training import builders
 from avme_ext.training.cost import CostEstimate, format_duration, plural
 from avme_ext.training.run_dir import reserve_default_out_dir
-from helpers import subprocess_env
+from helpers import model_args, subprocess_env, subset_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "--enc-hidden",
-    "8",
-    "--dec-hidden",
-    "8",
-    "--latent-dim",
-    "2",
-    "--steps",
-    "2",
-    "--train-subset",
-    "200",
-    "--valid-subset",
-    "0",
-    "--epochs",
-    "1",
-    "--no-progress",
-]
+TINY = [*model_args(8, 2, 2), *subset_args(200, 0), "--epochs", "1", "--no-progress"]
 
 
 def test_cost_estimate_measures_after_the_first_steps_and_says_it_once() -> None:
