@@ -313,10 +313,10 @@ def _device_entries(index: int, dtype: str, precision: str, sizes: tuple[int, ..
     key = (torch.cuda.current_device() if index < 0 else index, dtype, precision, sizes)
     if key not in _ENTRY_CACHE:
         table_key = key_for(CROSSOVER, torch.cuda.get_device_name(key[0]), dtype, precision)
-        measured = table_key is not None and measured_for(CROSSOVER_MODELS[table_key], sizes)
-        _ENTRY_CACHE[key] = (
-            entries_for(CROSSOVER, torch.cuda.get_device_name(key[0]), dtype, precision) if measured else ()
-        )
+        if table_key is None or not measured_for(CROSSOVER_MODELS[table_key], sizes):
+            _ENTRY_CACHE[key] = ()
+        else:
+            _ENTRY_CACHE[key] = tuple((int(m), str(c)) for m, c in CROSSOVER[table_key])
     return _ENTRY_CACHE[key]
 
 
