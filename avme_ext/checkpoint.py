@@ -50,6 +50,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "atomic_write_bytes",
+    "atomic_write_json",
     "default_file_mode",
     "export_weights",
     "save_checkpoint",
@@ -176,6 +177,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: bytes | Callable[[st
     finally:
         os.close(dir_fd)
     return path
+
+
+def atomic_write_json(path: str | os.PathLike[str], document: Any) -> Path:
+    """Write ``document`` as indented JSON, with a final newline, to ``path`` atomically
+    (:func:`atomic_write_bytes`) and return its path."""
+    return atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
 def _about_temporary(error: OSError, prefix: Path) -> bool:

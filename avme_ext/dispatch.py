@@ -59,7 +59,6 @@ __all__ = [
     "check_table",
     "parse_table",
     "marker_span",
-    "entries_for",
     "dtype_name",
 ]
 
@@ -286,12 +285,6 @@ def key_for(table: Table, gpu_name: str, dtype: str, precision: str) -> TableKey
         if key_dtype == dtype and key_precision == precision and fnmatch.fnmatchcase(gpu_name, pattern):
             return key
     return None
-
-
-def entries_for(table: Table, gpu_name: str, dtype: str, precision: str) -> tuple[tuple[int, str], ...]:
-    """The entries of the first key of ``table`` whose pattern matches ``gpu_name`` (empty if none)."""
-    key = key_for(table, gpu_name, dtype, precision)
-    return () if key is None else tuple((int(m), str(c)) for m, c in table[key])
 
 
 def choose(entries: Sequence[tuple[int, str]], batch_size: int | torch.SymInt) -> str:

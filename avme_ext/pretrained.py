@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_bytes, export_weights, load_model, sha256_of
+from .checkpoint import atomic_write_json, export_weights, load_model, sha256_of
 from .model import AVME
 
 __all__ = [
@@ -189,5 +189,5 @@ def register_pretrained(
     entry = PretrainedModel(name, description.strip(), weights.name, sha256_of(weights), dict(results or {}))
     models = [m for m in _read_index(root) if m.name != name] + [entry]
     document = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "models": [asdict(m) for m in models]}
-    atomic_write_bytes(_index_path(root), (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write_json(_index_path(root), document)
     return entry

@@ -187,11 +187,16 @@ def gpu_pattern(device: str) -> str:
     return glob.escape(device)
 
 
+def measured_training(data: dict[str, Any]) -> list[Record]:
+    """The training records of a results file that hold a measurement (not skipped)."""
+    return [r for r in data["records"] if r.get("workload") == "train" and r.get("value") is not None]
+
+
 def source_line(data: dict[str, Any], path: str) -> str:
     """Where the entries come from: results file, device, commit, torch, date, what was measured."""
     commit = str(data.get("git_commit") or "unknown")[:12]
     dirty = " (dirty tree)" if data.get("git_dirty") else ""
-    train = [r for r in data["records"] if r.get("workload") == "train" and r.get("value") is not None]
+    train = measured_training(data)
     steps = sorted({r["steps"] for r in train})
     batches = sorted({r["batch"] for r in train})
     return (
@@ -207,7 +212,7 @@ def measured_model(data: dict[str, Any]) -> MeasuredModel:
     missing = [name for name in MODEL_FIELDS if name != "num_classes" and name not in size]
     if missing:
         raise ValueError(f"the results file does not record the model size ({', '.join(missing)} missing)")
-    steps = sorted({r["steps"] for r in data["records"] if r.get("workload") == "train" and r.get("value") is not None})
+    steps = sorted({r["steps"] for r in measured_training(data)})
     model: MeasuredModel = {name: int(size.get(name, 0)) for name in MODEL_FIELDS}
     model["steps"] = steps
     return model
@@ -306,20 +311,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.results[0]}: not a full-size GPU run (device_type {data.get('device_type')!r}, smoke "
             f"{(data.get('config') or {}).get('smoke')}); --allow-smoke to use it anyway"
         )
-    if not any(r.get("workload") == "train" and r.get("value") is not None for r in data["records"]):
+    if not measured_training(data):
         p.error(f"{args.results[0]}: no measured training records")
     dispatch = Path(args.dispatch)
     text = dispatch.read_text(encoding="utf-8")
     sources, models, table = parse_table(text)
     model = measured_model(data)
-    pattern = gpu_pattern(str(data.get("device")))
     first = Path(args.results[0]).resolve()
-    where = str(first.relative_to(ROOT)) if first.is_relative_to(ROOT) else first.name
+    source = source_line(data, str(first.relative_to(ROOT)) if first.is_relative_to(ROOT) else first.name)
+    pattern = gpu_pattern(str(data.get("device")))
     decisions = decide(data, args.margin)
     for precision, points in decisions.items():
         key = (pattern, DTYPE, precision)
         table[key] = entries_from_points(points)
-        sources[key] = source_line(data, where)
+        sources[key] = source
         models[key] = model
         if args.print:
             for point in points:

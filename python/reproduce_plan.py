@@ -289,9 +289,9 @@ class Layout:
 
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
-    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.checkpoint import atomic_write_json
 
-    return atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    return atomic_write_json(path, data)
 
 
 def read_json(path: Path) -> Any:

@@ -204,12 +204,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return document
 
 
-def write_json(path: Path, document: Any) -> Path:
-    from avme_ext.checkpoint import atomic_write_bytes
-
-    return atomic_write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())
-
-
 def training_facts(run_dir: Path) -> dict[str, Any]:
     """Epochs, training seconds and best validation negative ELBO from the run's metrics.jsonl."""
     from avme_ext.plotting import read_metrics
@@ -267,6 +261,8 @@ def sweep_run(
     out: Path, steps: int, hidden: int, args: argparse.Namespace, train_options: list[str], say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Train (or continue) and evaluate one run of the grid, unless it is already done; its record."""
+    from avme_ext.checkpoint import atomic_write_json
+
     run_dir = out / "runs" / run_name(steps, hidden)
     train = train_command(run_dir, steps, hidden, train_options)
     evaluate = eval_command(run_dir, args.samples, args.eval_args)
@@ -285,20 +281,20 @@ def sweep_run(
     if avme(evaluate) != 0:
         raise SweepError(f"{run_dir.name}: avme eval failed (see above); rerun the sweep to retry")
     record = make_record(run_dir, command)
-    write_json(record_path, record)
+    atomic_write_json(record_path, record)
     return record
 
 
 def write_outputs(out: Path, records: list[dict[str, Any]], command: str) -> list[Path]:
     """sweep.json, sweep.md and the three plots, rendered first and then written."""
-    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.checkpoint import atomic_write_bytes, atomic_write_json
     from avme_ext.plotting import render_sweep_plots
     from avme_ext.results import render_sweep_markdown
 
     pngs = render_sweep_plots(records, title=f"AVME sweep: {out.name}")
     markdown = render_sweep_markdown(records, command)
     written = [
-        write_json(out / "sweep.json", {"command": command, "records": records}),
+        atomic_write_json(out / "sweep.json", {"command": command, "records": records}),
         atomic_write_bytes(out / "sweep.md", markdown.encode()),
     ]
     written += [atomic_write_bytes(out / name, data) for name, data in pngs.items()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -182,7 +181,7 @@ def _evaluate_and_report(
 ) -> int:
     import torch
 
-    from avme_ext.checkpoint import atomic_write_bytes
+    from avme_ext.checkpoint import atomic_write_json
     from avme_ext.evaluation import evaluate, gather_across_ranks
 
     rank, world = info.rank, info.world_size
@@ -242,7 +241,7 @@ def _evaluate_and_report(
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
         }
-        print(atomic_write_bytes(json_out, (json.dumps(_jsonable(document), indent=2) + "\n").encode()))
+        print(atomic_write_json(json_out, _jsonable(document)))
     return 0
 
 
