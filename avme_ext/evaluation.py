@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .data import ImageSplit
-from .model import AVME
+from .model import AVME, iwae_chunking
 from .results import bits_per_dim
 from .seeds import derive_seed
 
@@ -457,7 +457,8 @@ def working_rows(num_images: int, samples: int, batch_size: int, max_rows: int) 
     images = max(1, min(batch_size, num_images))
     if samples == 0:
         return images
-    return min(images, max(1, max_rows // samples)) * min(samples, max_rows)
+    images_per_group, samples_per_call = iwae_chunking(samples, max_rows)
+    return min(images, images_per_group) * samples_per_call
 
 
 def evaluation_calls(num_images: int, samples: int, batch_size: int, max_rows: int, passes: int = 1) -> int:
@@ -469,8 +470,8 @@ def evaluation_calls(num_images: int, samples: int, batch_size: int, max_rows: i
         images = min(batch_size, num_images - start)
         calls += 1
         if samples > 0:
-            groups = math.ceil(images / max(1, max_rows // samples)) * math.ceil(samples / min(samples, max_rows))
-            calls += passes * groups
+            images_per_group, samples_per_call = iwae_chunking(samples, max_rows)
+            calls += passes * math.ceil(images / images_per_group) * math.ceil(samples / samples_per_call)
     return calls
 
 
@@ -535,8 +536,9 @@ def estimate_cost(
             rows = min(max(64, rows * 4), largest)
             times[rows] = seconds_for(rows)
         sizes = sorted(times)[-2:]  # the slope near the sizes the evaluation runs
-        for size in sizes[1:] if len(sizes) == 1 else sizes:
-            times[size] = min(times[size], *(seconds_for(size) for _ in range(repeats - 1)))
+        if len(sizes) == 2:  # a single size is the small one, already timed `repeats` times
+            for size in sizes:
+                times[size] = min([times[size], *(seconds_for(size) for _ in range(repeats - 1))])
     finally:
         model.train(was_training)
     (r1, t1), (r2, t2) = (sizes[0], times[sizes[0]]), (sizes[-1], times[sizes[-1]])

@@ -20,7 +20,7 @@ from .config import AVMEConfig
 from .core import AVMECore
 from .likelihoods import BernoulliLikelihood, PixelLikelihood, bernoulli_nll, make_likelihood
 
-__all__ = ["AVME", "ELBOTerms", "elbo_terms", "gaussian_kl", "log_weights"]
+__all__ = ["AVME", "ELBOTerms", "elbo_terms", "gaussian_kl", "iwae_chunking", "log_weights"]
 
 _DEFAULTS = AVMEConfig()
 #: The paper's likelihood, used where none is given (it has no parameters, so one serves every model).
@@ -114,6 +114,13 @@ def log_weights(
     z = mu + torch.exp(0.5 * logvar) * eps
     log_ratio = 0.5 * (eps.square() - z.square() + logvar).sum(dim=(0, 2))
     return log_ratio - (_BERNOULLI if likelihood is None else likelihood).nll(canvas, x)
+
+
+def iwae_chunking(samples: int, max_rows: int) -> tuple[int, int]:
+    """How :meth:`AVME.iwae_bound` splits its work into calls of at most ``max_rows`` trajectories:
+    (images per group, samples per call); each group of images takes ``ceil(samples / samples
+    per call)`` calls."""
+    return max(1, max_rows // samples), min(samples, max_rows)
 
 
 class AVME(nn.Module):
@@ -314,8 +321,7 @@ class AVME(nn.Module):
         x = self.check_images(x)
         y_vec = self.encode_labels(y, x.shape[0])
         bounds = []
-        images_per_chunk = max(1, max_rows // samples)
-        samples_per_chunk = min(samples, max_rows)
+        images_per_chunk, samples_per_chunk = iwae_chunking(samples, max_rows)
         for start in range(0, x.shape[0], images_per_chunk):
             xs = x[start : start + images_per_chunk]
             ys = None if y_vec is None else y_vec[start : start + images_per_chunk]

@@ -55,6 +55,27 @@ def test_the_estimate_counts_the_calls_the_evaluation_makes(
     assert len(calls) == evaluation_calls(num_images, samples, batch_size, max_rows, passes)
 
 
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_the_estimate_times_each_size_repeats_times(repeats, monkeypatch):
+    """One timing per size (repeats=1) is allowed, and each of the two sizes fitted is timed
+    ``repeats`` times."""
+    net = AVME(enc_hidden=8, dec_hidden=8, latent_dim=2, steps=2, impl="ref").eval()
+    rows = []
+    iwae_bound = AVME.iwae_bound
+
+    def timed(self, x, y, samples, **kwargs):
+        rows.append(samples)
+        return iwae_bound(self, x, y, samples, **kwargs)
+
+    monkeypatch.setattr(AVME, "iwae_bound", timed)
+    estimate = estimate_cost(net, 200, samples=10, max_rows=256, pilot_seconds=0.0, repeats=repeats)
+    assert estimate.seconds > 0
+    *_, second, largest = sorted(set(rows))  # the two sizes the cost model is fitted to
+    assert rows.count(largest) == repeats
+    # the small size (16 rows) is timed once to warm up and `repeats` times before the growing calls
+    assert rows.count(second) == (1 + 2 * repeats - 1 if second == 16 else repeats)
+
+
 @contextlib.contextmanager
 def busy_processes(count: int):
     """``count`` processes spinning on the CPU beside the test (as other users' jobs would)."""

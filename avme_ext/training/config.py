@@ -47,6 +47,11 @@ def option_name(field_name: str) -> str:
     return f"{field_name} (--{field_name.replace('_', '-')})"
 
 
+#: The data options a resumed run must keep: all of them but where the files are and whether to
+#: download them.
+_FIXED_DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions) if f.name not in ("data_root", "download"))
+
+
 @dataclass(frozen=True)
 class TrainConfig(DataOptions):
     """Every training argument of ``avme train`` except the model sizes (see :class:`AVMEConfig`).
@@ -104,14 +109,7 @@ class TrainConfig(DataOptions):
         "clip_grad",
         "seed",
         "kl_warmup_steps",
-        "dataset",
-        "binarize",
-        "image_size",
-        "channels",
-        "emnist_split",
-        "valid_fraction",
-        "test_fraction",
-        "split_seed",
+        *_FIXED_DATA_OPTIONS,
         "train_subset",
         "valid_subset",
         "valid_batch_size",
