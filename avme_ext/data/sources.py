@@ -31,7 +31,7 @@ from .image_split import ImageSplit
 from .pixels import binarize_levels, resize, to_channels
 from .raw import RawPart
 from .spec import BINARY_SETS, FILE_SETS, DataSpec, pixel_kind
-from .splits import SplitRows, split_rows
+from .splits import SplitRows, split_rows, whole_part
 from .torchvision_sets import TORCHVISION_READERS, read_torchvision_part
 
 __all__ = ["DataSource", "check_pixels_for", "load_split"]
@@ -132,8 +132,7 @@ class DataSource:
             return SplitRows("train", rows, f"{where} images of the official training part")  # type: ignore[arg-type]
         parts = self.parts
         base = "all" if "all" in parts else "train"
-        whole = split in parts and (split != base or {"valid", "test"} <= parts)
-        size = None if whole else len(self._prepared(base)[0])
+        size = None if whole_part(split, parts) else len(self._prepared(base)[0])
         return split_rows(
             split,
             parts,
