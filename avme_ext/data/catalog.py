@@ -39,76 +39,48 @@ class DatasetInfo:
     Attributes:
         name: the ``--dataset`` name.
         summary: one line for ``--help``.
-        pixels: ``"binary"`` (0/1 files), ``"grey"`` (8-bit grey), ``"colour"`` (8-bit RGB), or
-            ``"files"`` (decided by the files: an image folder, an npz file).
-        native_size: the side of its images as stored (None: decided by the files).
-        default_size: the side it is resized to when ``--image-size`` is not given (None: its native size).
-        torchvision: the ``torchvision.datasets`` class that reads it, if any.
+        default_size: the side it is resized to when ``--image-size`` is not given (None: its size as stored).
     """
 
     name: str
     summary: str
-    pixels: str
-    native_size: int | None = None
     default_size: int | None = None
-    torchvision: str | None = None
 
 
 CATALOG: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo(
-            "binarized_mnist", "the fixed binarization of MNIST, 50k/10k/10k (vendored; no download)", "binary", 28
-        ),
+        DatasetInfo("binarized_mnist", "the fixed binarization of MNIST, 50k/10k/10k (vendored; no download)"),
         DatasetInfo(
             "binarized_mnist_amat",
             "the same, from Larochelle's binarized_mnist_{train,valid,test}.amat (no labels)",
-            "binary",
-            28,
         ),
         *(
-            DatasetInfo(name, f"mnist with --binarize {mode} (the name of earlier versions)", "grey", 28)
+            DatasetInfo(name, f"mnist with --binarize {mode} (the name of earlier versions)")
             for name, mode in LEGACY_MNIST.items()
         ),
-        DatasetInfo("mnist", "official MNIST IDX files, 8-bit grey; valid = the last 10k training images", "grey", 28),
+        DatasetInfo("mnist", "official MNIST IDX files, 8-bit grey; valid = the last 10k training images"),
         DatasetInfo(
             "fashion_mnist",
             "Fashion-MNIST (torchvision FashionMNIST), 28x28 grey, 10 classes",
-            "grey",
-            28,
-            torchvision="FashionMNIST",
         ),
-        DatasetInfo(
-            "kmnist", "Kuzushiji-MNIST (torchvision KMNIST), 28x28 grey, 10 classes", "grey", 28, torchvision="KMNIST"
-        ),
+        DatasetInfo("kmnist", "Kuzushiji-MNIST (torchvision KMNIST), 28x28 grey, 10 classes"),
         DatasetInfo(
             "emnist",
             "EMNIST (torchvision EMNIST), 28x28 grey, split by --emnist-split",
-            "grey",
-            28,
-            torchvision="EMNIST",
         ),
         DatasetInfo(
             "omniglot",
             "Omniglot (torchvision Omniglot): background = train, evaluation = test; no labels",
-            "grey",
-            105,
             default_size=28,
-            torchvision="Omniglot",
         ),
-        DatasetInfo(
-            "cifar10", "CIFAR-10 (torchvision CIFAR10), 32x32 colour, 10 classes", "colour", 32, torchvision="CIFAR10"
-        ),
-        DatasetInfo(
-            "svhn", "SVHN (torchvision SVHN, needs scipy), 32x32 colour, 10 classes", "colour", 32, torchvision="SVHN"
-        ),
+        DatasetInfo("cifar10", "CIFAR-10 (torchvision CIFAR10), 32x32 colour, 10 classes"),
+        DatasetInfo("svhn", "SVHN (torchvision SVHN, needs scipy), 32x32 colour, 10 classes"),
         DatasetInfo(
             "imagefolder",
             "a folder of images in class subfolders (or train/, valid/, test/ of them)",
-            "files",
-            torchvision="ImageFolder",
         ),
-        DatasetInfo("npz", "an npz file of uint8 images and integer labels (see the README for its keys)", "files"),
+        DatasetInfo("npz", "an npz file of uint8 images and integer labels (see the README for its keys)"),
     )
 }
 

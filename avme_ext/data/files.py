@@ -144,13 +144,14 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         raise missing_files_error("image folder", [root], "a folder of <class>/<image> files", downloadable=False)
     samples, classes = _samples(_part_folders(root))
     paths = [path for part in samples.values() for path, _ in part]
-    headers = []
-    for path in paths:
-        with _open_image(path) as image:
-            headers.append((image.mode, image.size))
-    channels = channels or (1 if all(mode in GREY_MODES for mode, _ in headers) else 3)
-    if image_size is None:
-        _common_size(headers, paths)
+    if not channels or image_size is None:  # the headers, to infer channels or check that sizes agree
+        headers = []
+        for path in paths:
+            with _open_image(path) as image:
+                headers.append((image.mode, image.size))
+        channels = channels or (1 if all(mode in GREY_MODES for mode, _ in headers) else 3)
+        if image_size is None:
+            _common_size(headers, paths)
     mode = "L" if channels == 1 else "RGB"
     parts = {
         part: RawPart(

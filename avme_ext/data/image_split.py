@@ -84,10 +84,6 @@ class ImageSplit:
         """``"binary"``, ``"dynamic"`` or ``"levels"``: what :meth:`batch` gives (see :data:`PIXEL_KINDS`)."""
         return "binary" if self.binarized else "levels" if self.levels else "dynamic"
 
-    @property
-    def channels(self) -> int:
-        return self.image_shape[0]
-
     def batch(
         self,
         index: torch.Tensor,

@@ -18,10 +18,9 @@ differ from a run's record.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
-
-import torch
 
 from . import mnist
 from .catalog import LEGACY_MNIST, SPLITS, dataset_info
@@ -31,7 +30,7 @@ from .image_split import ImageSplit
 from .pixels import binarize_levels, resize, to_channels
 from .raw import RawPart
 from .spec import BINARY_SETS, FILE_SETS, DataSpec, pixel_kind
-from .splits import SplitRows, split_rows
+from .splits import SplitRows, split_rows, whole_part
 from .torchvision_sets import TORCHVISION_READERS, read_torchvision_part
 
 __all__ = ["DataSource", "check_pixels_for", "load_split"]
@@ -69,7 +68,7 @@ class DataSource:
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec
         self.info = dataset_info(spec.dataset)
-        self._ready: dict[str, tuple[torch.Tensor, torch.Tensor, bool, bool, tuple[int, int, int], int]] = {}
+        self._ready: dict[str, ImageSplit] = {}
         self._loaded: dict[str, ImageSplit] = {}
 
     # ----------------------------------------------------------------- parts
@@ -101,8 +100,8 @@ class DataSource:
         images, labels = mnist.read_mnist_part(part, root, spec.download)
         return RawPart(images.unsqueeze(1), labels, 10)
 
-    def _prepared(self, part: str) -> tuple[torch.Tensor, torch.Tensor, bool, bool, tuple[int, int, int], int]:
-        """(images (N, D), labels, binarized, levels, image shape, classes) of ``part``, pixels in their final form."""
+    def _prepared(self, part: str) -> ImageSplit:
+        """The whole of ``part`` (named ``<dataset>/<part>``), pixels in their final form."""
         if part not in self._ready:
             raw = self._read(part)
             images = raw.images
@@ -119,7 +118,10 @@ class DataSource:
                 pixels, binarized = flat, kind == "binary"
             else:
                 pixels, binarized = binarize_levels(flat, kind, self.spec.seed)
-            self._ready[part] = (pixels, raw.labels, binarized, kind == "levels", shape, raw.num_classes)
+            name = f"{self.spec.dataset}/{part}"
+            self._ready[part] = ImageSplit(
+                pixels, raw.labels, binarized, name, shape, kind == "levels", raw.num_classes
+            )
         return self._ready[part]
 
     def _rows(self, split: str) -> SplitRows:
@@ -132,8 +134,7 @@ class DataSource:
             return SplitRows("train", rows, f"{where} images of the official training part")  # type: ignore[arg-type]
         parts = self.parts
         base = "all" if "all" in parts else "train"
-        whole = split in parts and (split != base or {"valid", "test"} <= parts)
-        size = None if whole else len(self._prepared(base)[0])
+        size = None if whole_part(split, parts) else len(self._prepared(base))
         return split_rows(
             split,
             parts,
@@ -168,10 +169,8 @@ class DataSource:
 
     def _load(self, split: str) -> ImageSplit:
         where = self._rows(split)
-        pixels, labels, binarized, levels, shape, classes = self._prepared(where.part)
-        if where.rows is not None:
-            pixels, labels = pixels[where.rows], labels[where.rows]
-        return ImageSplit(pixels, labels, binarized, f"{self.spec.dataset}/{split}", shape, levels, classes)
+        part, name = self._prepared(where.part), f"{self.spec.dataset}/{split}"
+        return replace(part, name=name) if where.rows is None else part.take(where.rows, name)
 
     # ----------------------------------------------------------------- provenance
     def record(self) -> dict[str, Any]:
@@ -201,7 +200,7 @@ class DataSource:
         if split in self._loaded:
             return len(self._loaded[split])
         where = self._rows(split)  # a part already read (an image folder or npz file is read whole)
-        return len(self._prepared(where.part)[0]) if where.rows is None else len(where.rows)
+        return len(self._prepared(where.part)) if where.rows is None else len(where.rows)
 
     def _rule(self, split: str) -> str:
         if self.spec.dataset in BINARY_SETS:

@@ -11,7 +11,7 @@ whole. A split it lacks is held out by seed from its ``train`` part (or from its
 
 with ``n = floor(fraction * N + 1/2)`` (``test_fraction``, ``valid_fraction``) and every split in
 the order of the files (sorted positions). The rule is a function of ``N`` and the seed only, so
-the same files give the same splits on every machine; :func:`describe_rule` says it in words for
+the same files give the same splits on every machine; :class:`SplitRows` also says it in words for
 the run's config.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from .catalog import SPLITS
-from .errors import DataOptionError
+from .errors import DataOptionError, check_name
 
-__all__ = ["SplitRows", "describe_rule", "split_rows"]
+__all__ = ["SplitRows", "split_rows", "whole_part"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,15 @@ def _count(fraction: float, n: int) -> int:
     return math.floor(fraction * n + 0.5)
 
 
-def describe_rule(
-    split: str, parts: frozenset[str] | set[str], size: int, valid_fraction: float, test_fraction: float, seed: int
-) -> str:
-    """The rule of :func:`split_rows` in words (``size``: the size of the part the split comes from)."""
+def whole_part(split: str, parts: frozenset[str] | set[str]) -> bool:
+    """Whether ``split`` is a whole part of the data set: one it has, and not the part (``train`` or
+    ``all``) that held-out splits come from when it lacks a ``valid`` or ``test`` part."""
     base = "all" if "all" in parts else "train"
-    carved = [s for s in ("test", "valid") if s not in parts]
-    if split in parts and not (split == base and carved):
-        return f"the data set's own {split} part, whole"
-    n_test = _count(test_fraction, size) if "test" in carved else 0
-    n_valid = _count(valid_fraction, size) if "valid" in carved else 0
+    return split in parts and (split != base or {"valid", "test"} <= parts)
+
+
+def _describe(split: str, base: str, size: int, n_test: int, n_valid: int, seed: int) -> str:
+    """The rule of :func:`split_rows` in words for a held-out split or what is left of ``base`` (``size`` images)."""
     over = "all the images" if base == "all" else "the train part"
     perm = f"torch.randperm({size}, generator=torch.Generator().manual_seed({seed})) over {over}"
     if split == "test":
@@ -91,12 +90,11 @@ def split_rows(
     Raises:
         DataOptionError: a held-out split (or what is left for training) would be empty.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
+    check_name("split", split, SPLITS)
+    if whole_part(split, parts):
+        return SplitRows(split, None, f"the data set's own {split} part, whole")
     base = "all" if "all" in parts else "train"
     carved = [s for s in ("test", "valid") if s not in parts]
-    if split in parts and not (split == base and carved):
-        return SplitRows(split, None, describe_rule(split, parts, 0, valid_fraction, test_fraction, seed))
     assert size is not None, "the size of the part to split is needed"
     n_test = _count(test_fraction, size) if "test" in carved else 0
     n_valid = _count(valid_fraction, size) if "valid" in carved else 0
@@ -110,4 +108,4 @@ def split_rows(
     perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     start = {"test": 0, "valid": n_test, "train": n_test + n_valid}[split]
     rows = perm[start : start + counts[split]].sort().values
-    return SplitRows(base, rows, describe_rule(split, parts, size, valid_fraction, test_fraction, seed))
+    return SplitRows(base, rows, _describe(split, base, size, n_test, n_valid, seed))
