@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = [
+    "square_columns",
     "GridOptions",
     "class_grid",
     "drawing_frames",
@@ -193,7 +194,7 @@ def save_image_grid(images: Tensor, path: str | os.PathLike[str], nrow: int = 8,
     return write_png(make_image_grid(images, nrow, **kwargs), _check_png_path(path))
 
 
-def _square_columns(count: int) -> int:
+def square_columns(count: int) -> int:
     """Tiles per row of a grid of ``count`` tiles that is about square."""
     return max(1, math.ceil(math.sqrt(count)))
 
@@ -204,7 +205,7 @@ def sample_grid(probs: Tensor, nrow: int | None = None, **kwargs: Unpack[GridOpt
     ``kwargs``: see :func:`make_image_grid` (``image_shape`` for images other than 28x28 grey).
     """
     if nrow is None:
-        nrow = _square_columns(_check_flat("probs", probs).shape[0])
+        nrow = square_columns(_check_flat("probs", probs).shape[0])
     return make_image_grid(probs, nrow, **kwargs)
 
 
@@ -313,7 +314,7 @@ def drawing_frames(steps: Tensor, nrow: int | None = None, **kwargs: Unpack[Grid
         distinct frames, so an animation always has K frames.
     """
     k, b, _ = _check_steps(steps)
-    nrow = _square_columns(b) if nrow is None else nrow
+    nrow = square_columns(b) if nrow is None else nrow
     scale = _check_scale(kwargs.get("scale", 1))
     pad_value = kwargs.get("pad_value", DEFAULT_PAD_VALUE)
     frames = []

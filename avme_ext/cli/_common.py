@@ -9,7 +9,7 @@
 * :class:`CommandParser` is the parser of every subcommand: argument errors are one line too.
 * :class:`RawDefaultsFormatter` is the one help formatter: ``(default: X)`` after every option
   that has a default, ``on``/``off`` for switches, description line breaks kept.
-* Argument helpers: :func:`add_checkpoint_argument`, :func:`add_data_arguments`,
+* Argument helpers: :func:`add_checkpoint_argument`,
   :func:`add_device_arguments`, :func:`add_seed_argument`, :func:`add_switch`,
   :func:`add_threads_argument`; argparse types :func:`positive_int`, :func:`nonnegative_int`.
 * :func:`load_model_for_cli` loads a run directory, a checkpoint or weights file, or a
@@ -56,7 +56,6 @@ __all__ = [
     "ModelSource",
     "RawDefaultsFormatter",
     "add_checkpoint_argument",
-    "add_data_arguments",
     "add_device_arguments",
     "add_seed_argument",
     "add_switch",
@@ -291,21 +290,6 @@ DATA_ROOT_HELP = (
     "their files under DIR in torchvision's layout (default: the run's for eval, sample and --resume; else the "
     "vendored copy for binarized_mnist, and $AVME_DATA_ROOT, else ~/.cache/avme_data, for the others)"
 )
-
-
-def add_data_arguments(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, given_only: bool = False, from_run: bool = False
-) -> None:
-    """Add the data options (``--dataset``, ``--data-root``, ``--download``, ``--binarize``, ``--image-size``, ...;
-    see :func:`avme_ext.cli._data_options.add_data_options`).
-
-    ``given_only=True``: defaults are None ("not given"), for ``avme train`` whose ``--resume``
-    takes them from the checkpoint; ``from_run=True``: defaults are the run's (``avme eval``,
-    ``avme sample``); the help text states the default.
-    """
-    from ._data_options import add_data_options
-
-    add_data_options(parser, given_only=given_only, from_run=from_run)
 
 
 def check_output_path(path: str | os.PathLike[str], option: str, *, suffix: str | None = None) -> Path:

@@ -16,7 +16,6 @@ from ._common import (
     ModelSource,
     RawDefaultsFormatter,
     add_checkpoint_argument,
-    add_data_arguments,
     add_device_arguments,
     add_seed_argument,
     add_switch,
@@ -26,7 +25,7 @@ from ._common import (
     positive_int,
     resolve_model_source,
 )
-from ._data_options import datasets_epilog, load_run_images
+from ._data_options import add_data_options, datasets_epilog, load_run_images
 from ._memory import FLOAT_BYTES, check_fits
 
 if TYPE_CHECKING:
@@ -121,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_switch(parser, "--progress", default=True, help="show a progress bar on stderr")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser, from_run=True)
+    add_data_options(parser, from_run=True)
     parser.set_defaults(func=run, memory_advice="lower --max-rows (trajectories at once) or --batch-size")
 
 

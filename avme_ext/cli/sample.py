@@ -14,7 +14,6 @@ from ._common import (
     CLIError,
     RawDefaultsFormatter,
     add_checkpoint_argument,
-    add_data_arguments,
     add_device_arguments,
     add_seed_argument,
     check_output_path,
@@ -24,7 +23,7 @@ from ._common import (
     resolve_device,
     resolve_model_source,
 )
-from ._data_options import datasets_epilog, load_run_images
+from ._data_options import add_data_options, datasets_epilog, load_run_images
 from ._memory import FLOAT_BYTES, check_fits
 from ._png_split import items_per_png, numbered_paths, split_note
 
@@ -122,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"), help="images for --reconstruct")
     add_seed_argument(parser)
     add_device_arguments(parser)
-    add_data_arguments(parser, from_run=True)
+    add_data_options(parser, from_run=True)
     parser.set_defaults(
         func=run, memory_advice="ask for fewer images (--num, --per-class, --reconstruct) or a smaller --scale"
     )
@@ -236,10 +235,10 @@ class _Pages:
 
     def plain(self, path: Path, probs: Tensor, nrow: int | None) -> list[tuple[Path, bytes]]:
         """Samples (B, D), ``nrow`` per row (default: about square, in each file)."""
-        from avme_ext.images import sample_grid
+        from avme_ext.images import sample_grid, square_columns
 
         def pixels(n: int) -> int:
-            cols = min(nrow or math.ceil(math.sqrt(n)), n)
+            cols = min(nrow or square_columns(n), n)
             return self._pixels(math.ceil(n / cols), cols)
 
         return self._files(

@@ -18,14 +18,13 @@ from avme_ext.training.config import CLASSES_FROM_DATA, GRAPH_MODES, LR_SCHEDULE
 from ._common import (
     EXIT_STATUS_HELP,
     RawDefaultsFormatter,
-    add_data_arguments,
     add_device_arguments,
     add_switch,
     check_output_dir,
     nonnegative_int,
     positive_int,
 )
-from ._data_options import datasets_epilog
+from ._data_options import add_data_options, datasets_epilog
 
 __all__ = ["given_options", "register", "run"]
 
@@ -283,7 +282,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    add_data_arguments(data, given_only=True)
+    add_data_options(data, given_only=True)
     data.add_argument(
         "--train-subset",
         type=positive_int,
