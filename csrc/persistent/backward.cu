@@ -7,7 +7,8 @@
 //   B1  input gs_t = dL/ds_t (D features): dh_dec_t = write_w^T gs_t + p_dec (carried from
 //       step t+1: W_hdec^T dge_{t+1} + W_hh(dec)^T dgd_{t+1}) -> decoder cell backward
 //       -> dgd_t (d_gates_dec and workspace)                                                 |
-//   B2  input dgd_t (4Hd): dz = W_z^T dgd_t -> d[mu, logvar]_t (d_q and workspace); and
+//   B2  input dgd_t (4Hd): dz = W_z^T dgd_t -> d[mu, logvar]_t (d_q and workspace) and
+//       dL/deps_t (grad_eps, when given); and
 //       p_dec = W_hh(dec)^T dgd_t (for step t-1)                                              |
 //   B3  input dq_t (2Z): dh_enc_t = q_w^T dq_t + p_enc (carried: W_hh(enc)^T dge_{t+1})
 //       -> encoder cell backward -> dge_t (d_gates_enc and workspace)                        |
@@ -187,6 +188,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         T dlv = reparam_logvar_grad(dz, p.eps[idx], p.logvar[idx]);
         if (p.grad_mu != nullptr) dmu += p.grad_mu[idx];
         if (p.grad_logvar != nullptr) dlv += p.grad_logvar[idx];
+        if (p.grad_eps != nullptr) p.grad_eps[idx] = reparam_eps_grad(dz, p.logvar[idx]);
         T* q = p.d_q + (tB + b) * 2 * Z;
         q[j] = dmu;
         q[Z + j] = dlv;
