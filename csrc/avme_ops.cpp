@@ -967,7 +967,7 @@ BackwardResult avme_backward(
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
     // dL/dx through the error image is sum_t dL/dr_t = (sum_t d_gates_enc_t) W_r: one product
-    // below instead of K accumulations in the kernels (p.d_x_error stays null).
+    // below, not K accumulations in the kernels.
     p.grad_eps = need_grad_eps ? grad_eps.data_ptr<scalar_t>() : nullptr;
     run_design(v, plan, p, stream);
   });
