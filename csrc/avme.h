@@ -107,10 +107,8 @@ struct BackwardParams {
   T* d_q = nullptr;          // (K, B, 2Z)  [dL/dmu_t, dL/dlogvar_t] (total)
   T* d_gates_enc = nullptr;  // (K, B, 4He) dL/d(pre-activation gates)
   T* d_gates_dec = nullptr;  // (K, B, 4Hd)
-  T* d_x_error = nullptr;    // (B, D) zero-initialised; += dL/dr_t (error mode only, may be nullptr)
   // Optional (nullptr = not written): dL/deps_t = dL/dz_t * exp(logvar_t / 2), from the dL/dz_t
-  // the posterior stage computes anyway. Written by the stagewise and rowtile designs; the
-  // persistent design does not write it (the host computes it for that design).
+  // the posterior stage computes anyway. Every design writes it.
   T* grad_eps = nullptr;     // (K, B, Z)
 };
 

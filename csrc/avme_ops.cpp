@@ -27,7 +27,7 @@
 // backward writes every weight gradient with one product each, in place into its output or a
 // column block of it (the encoder's r, h_dec and recurrent blocks share one product), takes the
 // LSTM bias gradients from the per-row sums that x and y need anyway, and gets dL/deps from the
-// design (except the persistent one) and dL/dx through the error image from one product.
+// design and dL/dx through the error image from one product.
 
 #ifndef AVME_CPU_EMULATION
 #include <Python.h>
@@ -827,9 +827,6 @@ ForwardResult avme_forward(const Tensor& x, const std::optional<Tensor>& y, cons
 // ---------------------------------------------------------------------------------------
 // backward
 // ---------------------------------------------------------------------------------------
-// Whether `design` writes BackwardParams::grad_eps (avme.h): every design but the persistent one.
-bool design_writes_grad_eps(Design design) { return design != Design::kPersistent; }
-
 // The encoder's step inputs [r_t | h_dec_{t-1} | h_enc_{t-1}] (B rows each) of the steps whose
 // inputs are not all zero, side by side in one (steps, B, D + Hd + He) operand of the products
 // (bf16 in bf16 mode): canvas mode r_t = s_{t-1}, steps 2..K (every input of step 1 is zero);
@@ -944,7 +941,6 @@ BackwardResult avme_backward(
   Tensor d_q = uninit({K, B, d.Z2()}, opts);
   Tensor d_ge = uninit({K, B, He4}, opts);
   Tensor d_gd = uninit({K, B, Hd4}, opts);
-  const bool kernel_grad_eps = need_grad_eps && design_writes_grad_eps(plan.design);
 
   const cudaStream_t stream = AVME_CURRENT_STREAM(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avme_backward", [&] {
@@ -971,8 +967,8 @@ BackwardResult avme_backward(
     p.d_gates_enc = d_ge.data_ptr<scalar_t>();
     p.d_gates_dec = d_gd.data_ptr<scalar_t>();
     // dL/dx through the error image is sum_t dL/dr_t = (sum_t d_gates_enc_t) W_r: one product
-    // below instead of K accumulations in the kernels (p.d_x_error stays null).
-    p.grad_eps = kernel_grad_eps ? grad_eps.data_ptr<scalar_t>() : nullptr;
+    // below, not K accumulations in the kernels.
+    p.grad_eps = need_grad_eps ? grad_eps.data_ptr<scalar_t>() : nullptr;
     run_design(v, plan, p, stream);
   });
 
@@ -994,7 +990,6 @@ BackwardResult avme_backward(
   const Tensor w_enc_x = enc_w_ih.slice(1, 0, d.D);
   const Tensor w_enc_r = enc_w_ih.slice(1, d.D, 2 * int64_t(d.D));
   const Tensor w_enc_y = enc_w_ih.slice(1, in_enc - d.C, in_enc);
-  const Tensor w_dec_z = dec_w_ih.slice(1, 0, d.Z);
   const Tensor w_dec_y = dec_w_ih.slice(1, d.Z, int64_t(d.Z) + d.C);
 
   // write
@@ -1034,14 +1029,6 @@ BackwardResult avme_backward(
   if (need_grad_y) {
     mm_into(grad_y, sum_ge, w_enc_y, prec);
     add_mm_into(grad_y, sum_gd, w_dec_y, prec);
-  }
-  if (need_grad_eps && !kernel_grad_eps) {
-    // z_t = mu_t + exp(logvar_t / 2) * eps_t feeds only step t's decoder gates, so
-    // dL/dz_t = dL/d(decoder gates)_t @ W_z (the design did not write it: one product here).
-    mm_into(grad_eps.view({M, d.Z}), gd_op.view({M, Hd4}), w_dec_z, prec);
-    Tensor sigma = at::mul(logvar, 0.5);
-    sigma.exp_();
-    grad_eps.mul_(sigma);
   }
   return result;
 }

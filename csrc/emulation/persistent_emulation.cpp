@@ -138,8 +138,7 @@ std::vector<Tensor> pemu_sample(const Tensor& z, const Tensor& dec_static, const
 }
 
 // BackwardParams from the saved forward state and the weights in their module layouts; returns
-// (d_canvas, d_q, d_gates_enc, d_gates_dec, d_x_error) with d_x_error zero-initialised (as the
-// host does) when requested, else empty.
+// (d_canvas, d_q, d_gates_enc, d_gates_dec).
 std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases,
                                   const OptTensor& grad_mu, const OptTensor& grad_logvar,
                                   const Tensor& eps, const Tensor& logvar, const Tensor& canvases,
@@ -148,8 +147,7 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
                                   const Tensor& enc_w_ih, const Tensor& enc_w_hh,
                                   const Tensor& q_w, const Tensor& dec_w_ih,
                                   const Tensor& dec_w_hh, const Tensor& write_w, bool error_mode,
-                                  bool need_d_x_error, at::IntArrayRef config,
-                                  at::IntArrayRef limits) {
+                                  at::IntArrayRef config, at::IntArrayRef limits) {
   TORCH_CHECK(eps.dim() == 3 && enc_w_hh.dim() == 2 && write_w.dim() == 2 && dec_w_hh.dim() == 2 &&
                   dec_w_ih.dim() == 2,
               "avme_pemu.backward: eps must be (K, B, Z) and the weights 2-D");
@@ -160,7 +158,6 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
   std::vector<Tensor> out = {
       nan_tensor({K, B, D}, like), nan_tensor({K, B, 2 * Z}, like),
       nan_tensor({K, B, 4 * He}, like), nan_tensor({K, B, 4 * Hd}, like),
-      need_d_x_error ? at::zeros({B, D}, like.options()) : at::empty({0, D}, like.options()),
   };
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "avme_pemu_backward", [&] {
     using T = scalar_t;
@@ -172,7 +169,6 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
     p.d_q = out[1].data_ptr<T>();
     p.d_gates_enc = out[2].data_ptr<T>();
     p.d_gates_dec = out[3].data_ptr<T>();
-    p.d_x_error = need_d_x_error ? out[4].data_ptr<T>() : nullptr;
     launch_backward<T>(p, limits_of(limits), config_of(config), nullptr);
   });
   return out;
@@ -181,13 +177,11 @@ std::vector<Tensor> pemu_backward(const OptTensor& grad_canvas, const OptTensor&
 // The launch describe_forward / describe_backward gives. kind: "forward", "sample" or "backward".
 template <typename T>
 LaunchInfo launch_info(const std::string& kind, int64_t B, int64_t K, int64_t D, int64_t He,
-                       int64_t Hd, int64_t Z, int64_t C, bool error_mode, bool d_x_error,
+                       int64_t Hd, int64_t Z, int64_t C, bool error_mode,
                        const DeviceLimits& limits, const Config& config) {
   if (kind == "backward") {
     auto p = sized<BackwardParams<T>>(B, K, D, He, Hd, Z, error_mode);
-    static T dummy = T(0);
     p.C = as_int(C);
-    p.d_x_error = d_x_error ? &dummy : nullptr;
     return describe_backward(p, limits, config);
   }
   TORCH_CHECK(kind == "forward" || kind == "sample", "avme_pemu.describe: kind must be "
@@ -198,22 +192,21 @@ LaunchInfo launch_info(const std::string& kind, int64_t B, int64_t K, int64_t D,
 }
 
 LaunchInfo pemu_launch_info(const std::string& kind, int64_t B, int64_t K, int64_t D, int64_t He,
-                            int64_t Hd, int64_t Z, int64_t C, bool error_mode, bool d_x_error,
-                            bool fp64, at::IntArrayRef config, at::IntArrayRef limits) {
-  return fp64 ? launch_info<double>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
-                                    limits_of(limits), config_of(config))
-              : launch_info<float>(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
-                                   limits_of(limits), config_of(config));
+                            int64_t Hd, int64_t Z, int64_t C, bool error_mode, bool fp64,
+                            at::IntArrayRef config, at::IntArrayRef limits) {
+  return fp64 ? launch_info<double>(kind, B, K, D, He, Hd, Z, C, error_mode, limits_of(limits),
+                                    config_of(config))
+              : launch_info<float>(kind, B, K, D, He, Hd, Z, C, error_mode, limits_of(limits),
+                                   config_of(config));
 }
 
 // Launch description without running: [ctas, threads, nbl, kc, smem_bytes, workspace_bytes,
 // state_in_smem, grid_barriers, math].
 std::vector<int64_t> pemu_describe(const std::string& kind, int64_t B, int64_t K, int64_t D,
                                    int64_t He, int64_t Hd, int64_t Z, int64_t C, bool error_mode,
-                                   bool d_x_error, bool fp64, at::IntArrayRef config,
-                                   at::IntArrayRef limits) {
-  const LaunchInfo info = pemu_launch_info(kind, B, K, D, He, Hd, Z, C, error_mode, d_x_error,
-                                           fp64, config, limits);
+                                   bool fp64, at::IntArrayRef config, at::IntArrayRef limits) {
+  const LaunchInfo info =
+      pemu_launch_info(kind, B, K, D, He, Hd, Z, C, error_mode, fp64, config, limits);
   return {info.config.ctas, info.config.threads, info.config.nbl, info.config.kc,
           info.smem_bytes, info.workspace_bytes, info.state_in_smem ? 1 : 0, info.grid_barriers,
           info.config.math};
@@ -224,8 +217,8 @@ std::vector<int64_t> pemu_describe(const std::string& kind, int64_t B, int64_t K
 std::vector<int64_t> pemu_stages(const std::string& kind, int64_t B, int64_t K, int64_t D,
                                  int64_t He, int64_t Hd, int64_t Z, int64_t C, bool fp64,
                                  at::IntArrayRef config, at::IntArrayRef limits) {
-  const LaunchInfo info = pemu_launch_info(kind, B, K, D, He, Hd, Z, C, false, false, fp64,
-                                           config, limits);
+  const LaunchInfo info =
+      pemu_launch_info(kind, B, K, D, He, Hd, Z, C, false, fp64, config, limits);
   std::vector<int64_t> out;
   for (const StageSplit& s : info.stages)
     out.insert(out.end(), {s.k, s.rows, s.ld, s.passes, s.slices, s.splits, s.busy_warps});
@@ -269,10 +262,10 @@ TORCH_LIBRARY(avme_pemu, m) {
       "Tensor? grad_logvar, Tensor eps, Tensor logvar, Tensor canvases, Tensor c_enc, "
       "Tensor gates_enc, Tensor c_dec, Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, "
       "Tensor q_w, Tensor dec_w_ih, Tensor dec_w_hh, Tensor write_w, bool error_mode, "
-      "bool need_d_x_error, int[] config, int[] limits) -> Tensor[]");
+      "int[] config, int[] limits) -> Tensor[]");
   m.def(
       "describe(str kind, int B, int K, int D, int He, int Hd, int Z, int C, bool error_mode, "
-      "bool d_x_error, bool fp64, int[] config, int[] limits) -> int[]",
+      "bool fp64, int[] config, int[] limits) -> int[]",
       &avme::persistent::pemu_describe);
   m.def(
       "stages(str kind, int B, int K, int D, int He, int Hd, int Z, int C, bool fp64, int[] config, "

@@ -86,8 +86,7 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
                     const Tensor& enc_w_ih, const Tensor& enc_w_hh, const Tensor& q_w,
                     const Tensor& dec_w_ih, const Tensor& dec_w_hh, const Tensor& write_w,
                     bool error_mode, const std::string& precision, const Tensor& d_canvas,
-                    const Tensor& d_q, const Tensor& d_gates_enc, const Tensor& d_gates_dec,
-                    const OptTensor& d_x_error) {
+                    const Tensor& d_q, const Tensor& d_gates_enc, const Tensor& d_gates_dec) {
   TORCH_CHECK(eps.dim() == 3 && write_w.dim() == 2 && enc_w_hh.dim() == 2 && dec_w_hh.dim() == 2 &&
                   dec_w_ih.dim() == 2,
               "avme_swemu.backward: eps must be (K, B, Z) and the weights 2-D");
@@ -106,7 +105,6 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
     p.d_q = data_of<T>(d_q, "d_q", {K, B, 2 * Z});
     p.d_gates_enc = data_of<T>(d_gates_enc, "d_gates_enc", {K, B, 4 * He});
     p.d_gates_dec = data_of<T>(d_gates_dec, "d_gates_dec", {K, B, 4 * Hd});
-    p.d_x_error = data_of<T>(d_x_error, "d_x_error", {B, D});
     backward<T>(p, parse_gemm_precision(precision), nullptr);
   });
 }
@@ -130,7 +128,7 @@ TORCH_LIBRARY(avme_swemu, m) {
       "Tensor gates_enc, Tensor c_dec, Tensor gates_dec, Tensor enc_w_ih, Tensor enc_w_hh, "
       "Tensor q_w, Tensor dec_w_ih, Tensor dec_w_hh, Tensor write_w, bool error_mode, "
       "str precision, Tensor(a!) d_canvas, Tensor(b!) d_q, Tensor(c!) d_gates_enc, "
-      "Tensor(d!) d_gates_dec, Tensor(e!)? d_x_error) -> ()");
+      "Tensor(d!) d_gates_dec) -> ()");
 }
 
 TORCH_LIBRARY_FRAGMENT(avme_swemu, m) {

@@ -7,15 +7,16 @@
 //   B1  input gs_t = dL/ds_t (D features): dh_dec_t = write_w^T gs_t + p_dec (carried from
 //       step t+1: W_hdec^T dge_{t+1} + W_hh(dec)^T dgd_{t+1}) -> decoder cell backward
 //       -> dgd_t (d_gates_dec and workspace)                                                 |
-//   B2  input dgd_t (4Hd): dz = W_z^T dgd_t -> d[mu, logvar]_t (d_q and workspace); and
+//   B2  input dgd_t (4Hd): dz = W_z^T dgd_t -> d[mu, logvar]_t (d_q and workspace) and
+//       dL/deps_t (grad_eps, when given); and
 //       p_dec = W_hh(dec)^T dgd_t (for step t-1)                                              |
 //   B3  input dq_t (2Z): dh_enc_t = q_w^T dq_t + p_enc (carried: W_hh(enc)^T dge_{t+1})
 //       -> encoder cell backward -> dge_t (d_gates_enc and workspace)                        |
 //   B4  input dge_t (4He): dr_t = W_r^T dge_t for the owned pixels: gs_{t-1} = gs_t + dr_t
-//       (canvas) or gs_t - sigmoid'(s_{t-1}) dr_t (error; d_x_error += dr_t), plus
+//       (canvas) or gs_t - sigmoid'(s_{t-1}) dr_t (error), plus
 //       grad_canvases[t-1] -> d_canvas[t-1] and workspace; p_dec += W_hdec^T dge_t,
 //       p_enc = W_hh(enc)^T dge_t (for step t-1)                                              |
-// At t = 0, B2 computes dz only and B4 runs only for d_x_error (error mode).
+// At t = 0, B2 computes dz only and B4 does not run.
 
 #include "persistent/persistent.h"
 
@@ -126,7 +127,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int64_t B = p.B, bp = plan.bp;
   const OwnedUnits own = owned_units(He, Z, Hd, D, G, cta);
   const Range ue = own.enc, uz = own.lat, ud = own.dec, up = own.pix;
-  const bool dx_error = p.error_mode && p.d_x_error != nullptr;
 
   T* const priv = block_state(plan, smem, ws);
   T* const dc_dec = priv + plan.dc_dec;
@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         T dlv = reparam_logvar_grad(dz, p.eps[idx], p.logvar[idx]);
         if (p.grad_mu != nullptr) dmu += p.grad_mu[idx];
         if (p.grad_logvar != nullptr) dlv += p.grad_logvar[idx];
+        if (p.grad_eps != nullptr) p.grad_eps[idx] = reparam_eps_grad(dz, p.logvar[idx]);
         T* q = p.d_q + (tB + b) * 2 * Z;
         q[j] = dmu;
         q[Z + j] = dlv;
@@ -201,20 +202,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
     // ---- B3: dh_enc_t -> encoder cell backward -> dge_t ----------------------------------------
     lstm_backward_stage<T, NBL, MATH>(ctx, plan.B3, smem, dqT, enc, t);
-    if (t == 0 && !dx_error) break;
+    if (t == 0) break;
     grid_sync();
 
     // ---- B4: dr_t -> gs_{t-1}; W_hdec^T and W_hh(enc)^T dge_t for step t-1 ----------------------
     const RowBlock px_rows{0, up.count, 1};
-    const RowBlock ehd_rows{plan.b4_ehd, t > 0 ? ud.count : 0, 1};
-    const RowBlock ehh_rows{plan.b4_ehh, t > 0 ? ue.count : 0, 1};
+    const RowBlock ehd_rows{plan.b4_ehd, ud.count, 1};
+    const RowBlock ehh_rows{plan.b4_ehh, ue.count, 1};
     run_stage<T, NBL, MATH>(ctx, plan.B4, smem, rows_used(px_rows, ehd_rows, ehh_rows), dgeT,
                       [&](int row0, int nrows, const PassSums<T>& sum, int64_t b0, int ncols) {
       for_units(units_in_pass(px_rows, row0, nrows), b0, ncols, [&](int u, int64_t b, int col) {
         const int d = up.begin + u;
         const T dr = sum(u - row0, col);
-        if (dx_error) p.d_x_error[b * D + d] += dr;
-        if (t == 0) return;
         T g = gs_own[u * bp + b];
         if (p.error_mode) {
           const T sg = dsigmoid(p.canvases[(tB - B + b) * D + d]);
@@ -235,7 +234,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         p_enc[u * bp + b] = sum(plan.b4_ehh + u - row0, col);
       });
     });
-    if (t > 0) grid_sync();
+    grid_sync();
   }
 }
 
@@ -256,7 +255,7 @@ struct BackwardDirection {
     return plan_backward(d, c, sizeof(T), smem_limit);
   }
   static int grid_barriers(const Params& p) {
-    return 4 * p.K - 1 + ((p.error_mode && p.d_x_error != nullptr) ? 1 : 0);
+    return 4 * p.K - 1;
   }
 };
 

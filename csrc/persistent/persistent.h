@@ -22,12 +22,13 @@
 //                       D  z_t      -> decoder gates (+ carried W_hh(dec) h_dec_{t-1}) -> h_dec_t
 //                       W  h_dec_t  -> s_t, r_{t+1}; and W_hdec h_dec_t, W_hh(dec) h_dec_t for t+1
 //     backward, step t: B1 dL/ds_t  -> dh_dec_t (+ carried parts) -> decoder gate gradients
-//                       B2 d_gates_dec_t -> d[mu, logvar]_t; and W_hh(dec)^T part of dh_dec_{t-1}
+//                       B2 d_gates_dec_t -> d[mu, logvar]_t and dL/deps_t; and W_hh(dec)^T
+//                          part of dh_dec_{t-1}
 //                       B3 d[mu, logvar]_t -> dh_enc_t (+ carried part) -> encoder gate gradients
 //                       B4 d_gates_enc_t -> dL/ds_{t-1} (dr_t), and the W_hdec^T / W_hh(enc)^T
 //                          parts of dh_dec_{t-1} / dh_enc_{t-1}
 //   Grid barriers per launch (one after the start-up, none after the last stage): forward 4K,
-//   sampler 2K, backward 4K - 1 (4K in error mode with d_x_error).
+//   sampler 2K, backward 4K - 1.
 //   The number of blocks is the smallest that gives every stage the same rows per block as one
 //   block per SM (at the paper's sizes 100 of the H100's 132: 4 units of 400 each).
 // * The products go through one register-tile interface (common/tile_product.cuh): CUDA-core
@@ -37,8 +38,8 @@
 //   pass) for a slice of 32 or 64 batch columns over a share of the k rows (stage.cuh), so every
 //   warp has the same work and each activation element is read once per block.
 // * The backward writes exactly what BackwardParams asks (d_canvas, d_q, d_gates_enc,
-//   d_gates_dec, d_x_error): the host computes the weight gradients with large GEMMs as for the
-//   row-tile design.
+//   d_gates_dec, grad_eps when given): the host computes the weight gradients with large GEMMs as
+//   for the row-tile design.
 // * No host synchronisation, no memset: the kernels initialise their workspace themselves; the
 //   launch is cooperative (capturable in a CUDA graph); the workspace comes from the caching
 //   allocator on `stream`.

@@ -439,8 +439,8 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
 #pragma unroll
       for (int r = 0; r < RT; ++r) dh_d[r * Hd + j] = acc[0][r];
     }
-    // dr_t = dge W_r; r_t = s_{t-1} (canvas) or x - sigmoid(s_{t-1}) (error)
-    for (int d = tid; d < D; d += kThreads) {
+    // dr_t = dge W_r; r_t = s_{t-1} (canvas) or x - sigmoid(s_{t-1}) (error); none at t = 0
+    for (int d = tid; t > 0 && d < D; d += kThreads) {
       T acc[1][RT];
 #pragma unroll
       for (int r = 0; r < RT; ++r) acc[0][r] = T(0);
@@ -451,12 +451,9 @@ __global__ void __launch_bounds__(kThreads) avme_backward_kernel(const BackwardP
         if (row >= B) continue;
         const T dr = acc[0][r];
         if (p.error_mode) {
-          if (p.d_x_error != nullptr) p.d_x_error[row * D + d] += dr;
-          if (t > 0) {
-            const T sg = dsigmoid(p.canvases[(tB - B + row) * D + d]);
-            gs[r * D + d] -= sg * (T(1) - sg) * dr;
-          }
-        } else if (t > 0) {
+          const T sg = dsigmoid(p.canvases[(tB - B + row) * D + d]);
+          gs[r * D + d] -= sg * (T(1) - sg) * dr;
+        } else {
           gs[r * D + d] += dr;
         }
       }

@@ -112,7 +112,6 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
   const int64_t enc_r = w.enc_cols.offset(0), enc_hd = w.enc_cols.offset(1),
                 enc_he = w.enc_cols.offset(2);
   const int64_t dec_z = w.dec_cols.offset(0), dec_hd = w.dec_cols.offset(1);
-  const bool x_error = p.error_mode && p.d_x_error != nullptr;
 
   for (int t = K - 1; t >= 0; --t) {
     const bool last = t == K - 1;  // nothing carried in from step t+1 yet
@@ -121,7 +120,7 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     T* const d_q = p.d_q + t * B * 2 * Z;
     T* const d_gates_enc = p.d_gates_enc + t * B * 4 * He;
 
-    // dL/ds_t, and d_x += dr_{t+1} (error mode).
+    // dL/ds_t.
     CanvasGradArgs<T, A> cg;
     cg.B = B;
     cg.D = p.D;
@@ -130,7 +129,6 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     if (!last) cg.dr = slot<const T>(ws.enc_in_grad, enc_r);
     cg.error_mode = p.error_mode;
     cg.s = p.error_mode ? p.canvases + t * B * D : nullptr;
-    cg.d_x = (x_error && !last) ? p.d_x_error : nullptr;
     cg.g_out = d_canvas;
     cg.g_copy = ws.g.target();
     launch(cg, stream);
@@ -171,23 +169,13 @@ void run_steps(const BackwardParams<T>& p, const CallContext& ctx, cudaStream_t 
     if (!last) enc.dh_in[1] = slot<const T>(ws.enc_in_grad, enc_he);
     launch(enc, stream);
 
-    // Carries into step t-1: [dr_t | dh_dec | dh_enc] = d_gates_enc[t] [W_r | W_hd | W_hh]. At
-    // t = 0 only dr_1 matters, and only for d_x (error mode).
-    const int64_t enc_cols = t > 0 ? w.enc_cols.total() : (x_error ? D : 0);
-    if (enc_cols > 0) {
+    // Carries into step t-1: [dr_t | dh_dec | dh_enc] = d_gates_enc[t] [W_r | W_hd | W_hh] (none
+    // at t = 0).
+    if (t > 0) {
+      const int64_t enc_cols = w.enc_cols.total();
       gemm_out(ws.enc_in_grad.narrow(1, 0, enc_cols), ws.dge.operand(d_gates_enc, B, 4 * He, ctx),
                w.enc.narrow(1, 0, enc_cols));
     }
-  }
-
-  if (x_error) {  // d_x += dr_1 (r_1 = x - sigmoid(s_0))
-    CanvasGradArgs<T, A> cg;
-    cg.B = B;
-    cg.D = p.D;
-    cg.dr = slot<const T>(ws.enc_in_grad, enc_r);
-    cg.error_mode = true;
-    cg.d_x = p.d_x_error;
-    launch(cg, stream);
   }
 }
 

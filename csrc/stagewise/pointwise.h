@@ -77,7 +77,7 @@ struct CanvasArgs {
 };
 
 // Gradient of the canvas s_t: g = g_next + grad_extra + (canvas: dr; error: -sigmoid'(s) dr),
-// where dr = dL/dr_{t+1} (r_{t+1} = s_t or x - sigmoid(s_t)); in error mode also d_x += dr.
+// where dr = dL/dr_{t+1} (r_{t+1} = s_t or x - sigmoid(s_t)).
 template <typename T, typename A>
 struct CanvasGradArgs {
   int64_t B = 0;
@@ -87,7 +87,6 @@ struct CanvasGradArgs {
   Slot<const T> dr;               // (B, D) slot of the encoder's input-gradient GEMM output
   bool error_mode = false;
   const T* s = nullptr;           // (B, D) s_t (error mode with dr)
-  T* d_x = nullptr;               // (B, D) += dr (error mode)
   T* g_out = nullptr;             // (B, D)
   Slot<A> g_copy;                 // GEMM-operand copy of g
   int64_t width() const { return D; }

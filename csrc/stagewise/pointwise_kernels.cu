@@ -117,11 +117,9 @@ __device__ __forceinline__ void element(const CanvasArgs<T, A>& p, int64_t i, in
 template <typename T, typename A>
 __device__ __forceinline__ void element(const CanvasGradArgs<T, A>& p, int64_t i, int64_t b,
                                         int64_t d) {
-  const T dr = read_or_zero(p.dr, b, d);
-  if (p.d_x != nullptr) p.d_x[i] += dr;
-  if (p.g_out == nullptr && p.g_copy.data == nullptr) return;
   T v = read_or_zero(p.g_next, i) + read_or_zero(p.grad_extra, i);
   if (p.dr.data != nullptr) {
+    const T dr = read_or_zero(p.dr, b, d);
     if (p.error_mode) {
       const T sg = dsigmoid(p.s[i]);
       v -= sg * (T(1) - sg) * dr;

@@ -32,7 +32,7 @@
 // Backward through time, step t = K-1..0 (8 launches), writing exactly BackwardParams' per-step
 // gradients (the host turns them into weight gradients with large GEMMs):
 //   1 pw    g = dL/ds_t = dL/ds_{t+1} + grad_canvases[t] + (dr_{t+1} or -sigmoid'(s_t) dr_{t+1})
-//           -> d_canvas[t]; error mode: d_x_error += dr_{t+1} (when given)
+//           -> d_canvas[t]
 //   2 GEMM  dh_dec' = g @ write_w                                       (B, Hd)
 //   3 cell  dh_dec = dh_dec' + [dh_dec slots of the step t+1 GEMMs 4 and 8]; LSTM cell backward
 //           from the saved gates and c -> d_gates_dec[t]; dc_dec carried in place
@@ -43,8 +43,7 @@
 //   7 cell  dh_enc = dh_enc' + [dh_enc slot of step t+1's GEMM 8]; -> d_gates_enc[t]
 //   8 GEMM  [dr | dh_dec''' | dh_enc''] = d_gates_enc[t] @ [W_r | W_hd | W_hh]   (B, We)
 //   GEMMs always overwrite (beta = 0); the pointwise kernels sum their sources. At t = 0 GEMM 4
-//   computes only dz and GEMM 8 only dr (error mode with d_x_error), or is skipped; after the
-//   loop one pointwise launch adds dr_1 to d_x_error (error mode with d_x_error).
+//   computes only dz and GEMM 8 is skipped.
 //
 // The slots of E_in / D_in start at multiples of 8 columns (16-byte aligned rows for bf16 and
 // fp32 operands); the packed weights hold zero columns at the padding, and so do the buffers.
@@ -89,8 +88,8 @@ GemmPrecision parse_gemm_precision(const std::string& name);
 template <typename T>
 void forward(const LoopParams<T>& p, GemmPrecision precision, cudaStream_t stream);
 
-// Backward through time: fills d_canvas, d_q, d_gates_enc, d_gates_dec (every element) and adds
-// to d_x_error (error mode, when not nullptr), as BackwardParams describes.
+// Backward through time: fills d_canvas, d_q, d_gates_enc, d_gates_dec (every element) and
+// grad_eps (when not nullptr), as BackwardParams describes.
 template <typename T>
 void backward(const BackwardParams<T>& p, GemmPrecision precision, cudaStream_t stream);
 

@@ -72,16 +72,16 @@ def run_forward(ns, x, y, eps, p, mode, config, limits=H100, *, save=True, canva
     return dict(zip(FORWARD_OUTPUTS, out, strict=True))
 
 
-def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100, *, need_dx=True):
-    """The per-step gradients (d_canvas, d_q, d_gates_enc, d_gates_dec, d_x_error)."""
+def run_backward(ns, grads, saved, eps, p, mode, config, limits=H100):
+    """The per-step gradients (d_canvas, d_q, d_gates_enc, d_gates_dec)."""
     with torch.no_grad():
         out = ns.backward(
             grads.get("canvas"), grads.get("canvases"), grads.get("mu"), grads.get("logvar"),
             eps, saved["logvar"], saved["canvases"], saved["c_enc"], saved["gates_enc"],
             saved["c_dec"], saved["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih,
-            p.dec_w_hh, p.write_w, mode == "error", need_dx, config, limits,
+            p.dec_w_hh, p.write_w, mode == "error", config, limits,
         )  # fmt: skip
-    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec", "d_x_error"), out, strict=True))
+    return dict(zip(("d_canvas", "d_q", "d_gates_enc", "d_gates_dec"), out, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,19 +152,14 @@ def per_step_gradients(rec, grads, mode) -> dict[str, Tensor]:
     loss = sum((terms[k] * g.to(terms[k].dtype)).sum() for k, g in grads.items())
     K = len(rec["mu"])
     wrt = rec["canvases"] + rec["mu"] + rec["logvar"] + rec["enc_pre"] + rec["dec_pre"]
-    if mode == "error":
-        wrt = wrt + rec["r"]
     g = torch.autograd.grad(loss, wrt, allow_unused=True)
     g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt, strict=True)]
-    out = {
+    return {
         "d_canvas": torch.stack(g[:K]),
         "d_q": torch.cat([torch.stack(g[K : 2 * K]), torch.stack(g[2 * K : 3 * K])], dim=2),
         "d_gates_enc": torch.stack(g[3 * K : 4 * K]),
         "d_gates_dec": torch.stack(g[4 * K : 5 * K]),
     }
-    if mode == "error":
-        out["d_x_error"] = torch.stack(g[5 * K :]).sum(0)
-    return out
 
 
 def reference_run(sizes, C, B, K, mode, dtype, seed):
@@ -217,6 +212,6 @@ def host_weight_gradients(fwd, bwd, x, y, p: AVMEParams, mode) -> dict[str, Tens
         g["enc_w_ih"][:, 2 * D + Hd :] = sum_ge.t() @ y
     g["enc_b_ih"] = g["enc_b_hh"] = dGe.sum(0)
     g["x"] = sum_ge @ p.enc_w_ih[:, :D]
-    if mode == "error":
-        g["x"] = g["x"] + bwd["d_x_error"]
+    if mode == "error":  # r_t = x - sigmoid(s_{t-1}): dL/dx += sum_t dL/dr_t = sum_ge W_r
+        g["x"] = g["x"] + sum_ge @ p.enc_w_ih[:, D : 2 * D]
     return g

@@ -12,7 +12,7 @@ What is compared, against float64 (``avme_ext.reference``):
 - forward outputs (canvas, canvases, mu, logvar) with ``avme_forward_reference`` and the saved
   states (h, c, activated gates, z) with :func:`trace`, a step-by-step float64 run of the same
   loop that also yields the per-step gradients the backward must produce (d_canvas, d_q,
-  d_gates_enc, d_gates_dec, d_x_error);
+  d_gates_enc, d_gates_dec);
 - the weight and x gradients obtained from those per-step gradients by csrc/avme_ops.cpp's
   formulas (mirrored in :func:`weight_grads`) with autograd through ``avme_forward_reference``.
 
@@ -207,9 +207,8 @@ def run_backward(
     grads: Mapping[str, Tensor | None],
     encoder_input: str,
     precision: str = "fp32",
-    d_x_base: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """avme_swemu.backward with NaN-poisoned per-step outputs; d_x_error starts at d_x_base."""
+    """avme_swemu.backward with NaN-poisoned per-step outputs."""
     K, B, Z = eps.shape
     D, He, Hd = p.write_w.shape[0], p.enc_w_hh.shape[1], p.dec_w_hh.shape[1]
     dtype = eps.dtype
@@ -219,15 +218,12 @@ def run_backward(
         "d_gates_enc": nans(K, B, 4 * He, dtype=dtype),
         "d_gates_dec": nans(K, B, 4 * Hd, dtype=dtype),
     }
-    d_x = None if d_x_base is None else d_x_base.clone()
     ns.backward(
         grads.get("canvas"), grads.get("canvases"), grads.get("mu"), grads.get("logvar"),
         eps, fwd["logvar"], fwd["canvases"], fwd["c_enc"], fwd["gates_enc"], fwd["c_dec"],
         fwd["gates_dec"], p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w,
-        encoder_input == "error", precision, *out.values(), d_x,
+        encoder_input == "error", precision, *out.values(),
     )  # fmt: skip
-    if d_x is not None and d_x_base is not None:
-        out["d_x_error"] = d_x - d_x_base
     return out
 
 
@@ -271,7 +267,7 @@ def trace(
     enc_w, dec_w = torch.cat([w_r, w_h, p.enc_w_hh], 1), torch.cat([w_z, p.dec_w_hh], 1)
     zeros = x.new_zeros
     h_enc, c_enc, h_dec, c_dec, s = zeros(B, He), zeros(B, He), zeros(B, Hd), zeros(B, Hd), zeros(B, D)
-    rec: dict[str, list[Tensor]] = {k: [] for k in ("r", "pre_enc", "q", "pre_dec", "s", *STATES)}
+    rec: dict[str, list[Tensor]] = {k: [] for k in ("pre_enc", "q", "pre_dec", "s", *STATES)}
     for t in range(K):
         r = s if encoder_input == "canvas" else x - torch.sigmoid(s)
         pre_enc = enc_static + F.linear(torch.cat([r, h_dec, h_enc], 1), enc_w)
@@ -283,7 +279,7 @@ def trace(
         h_dec, c_dec, gates_dec = _cell(pre_dec, c_dec)
         s = s + F.linear(h_dec, p.write_w, p.write_b)
         for name, value in zip(
-            rec, (r, pre_enc, q, pre_dec, s, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec), strict=True
+            rec, (pre_enc, q, pre_dec, s, h_enc, c_enc, gates_enc, z, h_dec, c_dec, gates_dec), strict=True
         ):
             if value.requires_grad:
                 value.retain_grad()
@@ -301,8 +297,6 @@ def trace(
     out["d_q"] = torch.stack(_grads(rec["q"]))
     out["d_gates_enc"] = torch.stack(_grads(rec["pre_enc"]))
     out["d_gates_dec"] = torch.stack(_grads(rec["pre_dec"]))
-    if encoder_input == "error":
-        out["d_x_error"] = _sum(_grads(rec["r"]))
     return out
 
 
@@ -443,8 +437,8 @@ def weight_grads(
         g_enc_w_ih.append(sum_ge.t() @ y)
         g_dec_w_ih.append(sum_gd.t() @ y)
     grad_x = sum_ge @ p.enc_w_ih[:, :D]
-    if encoder_input == "error":
-        grad_x = grad_x + s["d_x_error"]
+    if encoder_input == "error":  # r_t = x - sigmoid(s_{t-1}): dL/dx += sum_t dL/dr_t = sum_ge W_r
+        grad_x = grad_x + sum_ge @ p.enc_w_ih[:, D : 2 * D]
     return {
         "enc_w_ih": torch.cat(g_enc_w_ih, 1), "enc_w_hh": carried(s["d_gates_enc"], s["h_enc"]),
         "enc_b_ih": dGe.sum(0), "enc_b_hh": dGe.sum(0), "q_w": dQ.t() @ flat(s["h_enc"]),
@@ -510,10 +504,7 @@ def emulated_and_reference(ns, case: Case, dtype: torch.dtype, precision: str = 
     x, y, eps, weights = make_inputs(case, dtype, seed + 1)
     mode = case.encoder_input
     fwd = run_forward(ns, x, y, eps, p, mode, precision)
-    d_x_base = torch.randn(case.B, case.sizes.D, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype)
-    steps = run_backward(
-        ns, fwd, eps, p, as_grads(weights, dtype), mode, precision, d_x_base if mode == "error" else None
-    )
+    steps = run_backward(ns, fwd, eps, p, as_grads(weights, dtype), mode, precision)
     got = {**fwd, **steps}
     got.update({f"grad_{k}": v for k, v in weight_grads(x, y, fwd, steps, mode, p).items()})
 
@@ -537,7 +528,7 @@ def emulated_and_reference(ns, case: Case, dtype: torch.dtype, precision: str = 
 FP64_CASES = [
     Case(3, 4, SMALL, 3, "error"),
     Case(1, 1, SMALL, 0, "canvas"),  # B = 1, K = 1
-    Case(1, 1, SMALL, 2, "error"),  # K = 1: dr_1 reaches d_x only through the final launch
+    Case(1, 1, SMALL, 2, "error"),  # K = 1
     Case(5, 3, Sizes(D=13, He=9, Hd=7, Z=3), 0, "canvas"),
     Case(2, 3, Sizes(D=300, He=70, Hd=60, Z=9), 2, "error"),  # > 512 elements: grid-stride loops
     Case(4, 2, Sizes(D=16, He=8, Hd=8, Z=8), 1, "canvas"),  # slots already 8-aligned: no padding
@@ -598,7 +589,7 @@ def test_forward_optional_outputs(swemu, want):
 
 
 def test_backward_without_optional_gradients(swemu):
-    """grad_canvases / grad_mu absent (None) read as zero; d_x_error absent is not written."""
+    """grad_canvases / grad_mu absent (None) read as zero."""
     case = Case(3, 3, ODD, 1, "error")
     p = make_params(case.sizes, case.C, torch.float64)
     x, y, eps, weights = make_inputs(case, torch.float64)
@@ -721,10 +712,9 @@ def test_bad_input_names_the_problem(swemu):
 def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
     """Every buffer is allocated once per call: the ATen allocations (and weight copies) of an
     fp32 forward + backward do not grow with K. Per step: 4 GEMMs and 4 pointwise launches each
-    way, except at t = 0: in canvas mode the forward's encoder GEMM (its inputs are all zero) and
-    the backward's input-gradient GEMM (nothing to carry). Error mode adds one launch before the
-    forward's loop (r_1 = x - 1/2) and, with d_x_error, the backward's t = 0 input-gradient GEMM
-    and one launch after its loop (both for dr_1)."""
+    way, except at t = 0: in canvas mode the forward's encoder GEMM (its inputs are all zero), and
+    in both modes the backward's input-gradient GEMM (nothing to carry). Error mode adds one
+    launch before the forward's loop (r_1 = x - 1/2)."""
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
@@ -748,14 +738,13 @@ def test_no_allocation_inside_the_step_loop(swemu, encoder_input):
     per_call = {K: {name: c[name] for name in allocating} for K, (c, _) in calls.items()}
     assert per_call[2] == per_call[6], per_call
     assert per_call[2]["aten::empty"] > 0, per_call
-    gemms = {K: 8 * K - (0 if error else 2) for K in calls}
+    gemms = {K: 8 * K - (1 if error else 2) for K in calls}
     assert {K: c["aten::mm"] for K, (c, _) in calls.items()} == gemms
-    assert {K: n for K, (_, n) in calls.items()} == {K: 8 * K + 2 * error for K in calls}
+    assert {K: n for K, (_, n) in calls.items()} == {K: 8 * K + error for K in calls}
 
 
 def op_arguments(x, y, eps, p, fwd, grads, error_mode: bool) -> tuple[tuple[object, ...], tuple[object, ...]]:
-    """Arguments of one fp32 forward and backward call on preallocated outputs (error mode: with
-    d_x_error)."""
+    """Arguments of one fp32 forward and backward call on preallocated outputs."""
     t = loop_tensors(x, y, p, eps.shape[2], "fp32")
     outs = [torch.empty_like(fwd[k]) for k in ("canvas", "canvases", "mu", "logvar", *STATES)]
     forward_args = (x, eps, None, *encoder_args(t), *decoder_args(t), error_mode, "fp32", *outs)
@@ -766,6 +755,6 @@ def op_arguments(x, y, eps, p, fwd, grads, error_mode: bool) -> tuple[tuple[obje
         fwd["canvases"], fwd["c_enc"], fwd["gates_enc"], fwd["c_dec"], fwd["gates_dec"],
         p.enc_w_ih, p.enc_w_hh, p.q_w, p.dec_w_ih, p.dec_w_hh, p.write_w, error_mode, "fp32",
         torch.empty(K, B, D), torch.empty(K, B, 2 * Z), torch.empty(K, B, 4 * He),
-        torch.empty(K, B, 4 * Hd), torch.zeros(B, D) if error_mode else None,
+        torch.empty(K, B, 4 * Hd),
     )  # fmt: skip
     return forward_args, backward_args
