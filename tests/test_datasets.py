@@ -263,6 +263,14 @@ def test_omniglot(tmp_path, no_md5):
     one_line_missing(error.value, tmp_path / "omniglot-py" / "images_evaluation.zip")
 
 
+def test_omniglot_unreadable_image_names_the_file(tmp_path, no_md5):
+    write_omniglot(tmp_path, "images_background", shape=(1, 1, 2))
+    bad = next((tmp_path / "omniglot-py" / "images_background").rglob("*.png"))
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataFormatError, match=f"{bad}: not a readable image"):
+        DataSpec("omniglot", str(tmp_path), image_size=105).open().split("train")
+
+
 # --------------------------------------------------------------------------- image folders
 def test_image_folder_grey_split_by_seed(tmp_path):
     written = write_image_folder(tmp_path / "pics", n=10)

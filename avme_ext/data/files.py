@@ -37,9 +37,10 @@ from __future__ import annotations
 import hashlib
 import zipfile
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from .errors import DataFormatError, missing_files_error
 from .pixels import resize
 from .raw import RawPart
 
-__all__ = ["GREY_MODES", "SourceFiles", "read_image_folder", "read_npz"]
+__all__ = ["GREY_MODES", "SourceFiles", "read_image_files", "read_image_folder", "read_npz"]
 
 #: PIL modes read as grey images.
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -155,7 +156,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     mode = "L" if channels == 1 else "RGB"
     parts = {
         part: RawPart(
-            _load_images([p for p, _ in items], mode, image_size, part),
+            read_image_files([p for p, _ in items], mode, image_size, f"image folder ({part})"),
             torch.tensor([c for _, c in items], dtype=torch.int64),
             len(classes),
         )
@@ -167,12 +168,34 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     return SourceFiles(parts, "sha256:" + digest.hexdigest())
 
 
-def _load_images(paths: list[str], mode: str, image_size: int | None, part: str) -> torch.Tensor:
-    from .torchvision_sets import _progress
+_Item = TypeVar("_Item")
 
+
+def progress(items: Sequence[_Item], description: str) -> Iterable[_Item]:
+    """``items`` behind a progress bar ``reading <description>`` (shown for 2000 items or more, on a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar: Iterable[_Item] = tqdm(
+        items, desc=f"reading {description}", unit="img", leave=False, disable=len(items) < 2000 or None
+    )
+    return bar
+
+
+def read_image_files(paths: Sequence[str | Path], mode: str, image_size: int | None, description: str) -> torch.Tensor:
+    """Decode image files into one ``(N, C, H, W)`` uint8 tensor (C = 1 for PIL ``mode`` "L", 3 for "RGB").
+
+    Args:
+        paths: the files, in the order of the rows.
+        mode: the PIL mode each image is converted to ("L" or "RGB").
+        image_size: resize every image to ``image_size x image_size`` (None: keep; all must agree).
+        description: what the progress bar reads (``reading <description>``).
+
+    Raises:
+        DataFormatError: a file that is not a readable image, or that cannot be decoded.
+    """
     images = []
-    for path in _progress(paths, f"image folder ({part})"):
-        with _open_image(path) as image:
+    for path in progress(paths, description):
+        with _open_image(str(path)) as image:
             try:
                 array = np.asarray(image.convert(mode), dtype=np.uint8)
             except (OSError, ValueError) as error:

@@ -24,14 +24,15 @@ black on white; they are inverted here so that ink is 1, as in MNIST (and the IW
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import DataFormatError, missing_files_error
+from .files import read_image_files
 from .raw import RawPart
 
 __all__ = ["TORCHVISION_READERS", "idx_file_names", "read_torchvision_part"]
@@ -104,8 +105,6 @@ def read_emnist(root: Path, part: str, download: bool, split: str) -> RawPart:
 def read_omniglot(root: Path, part: str, download: bool) -> RawPart:
     """Omniglot's background (``train``) or evaluation (``test``) set, ink = 255, every character's images in
     sorted order of (alphabet, character, file name); no labels (the two sets hold different characters)."""
-    from PIL import Image
-
     folder = "images_background" if part == "train" else "images_evaluation"
     base = root / "omniglot-py"
     dataset = _open(
@@ -118,25 +117,7 @@ def read_omniglot(root: Path, part: str, download: bool) -> RawPart:
     paths = sorted(Path(dataset.target_folder).glob("*/*/*.png"))
     if not paths:
         raise DataFormatError(f"{dataset.target_folder}: no <alphabet>/<character>/*.png images")
-    images = np.stack([_read_grey(Image, path) for path in _progress(paths, f"omniglot {part}")])
-    return RawPart.unlabelled(torch.from_numpy(255 - images).unsqueeze(1))
-
-
-def _read_grey(image_module: Any, path: Path) -> np.ndarray:
-    with image_module.open(path) as image:
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-
-
-_Item = TypeVar("_Item")
-
-
-def _progress(items: Sequence[_Item], description: str) -> Iterable[_Item]:
-    from tqdm.auto import tqdm
-
-    bar: Iterable[_Item] = tqdm(
-        items, desc=f"reading {description}", unit="img", leave=False, disable=len(items) < 2000 or None
-    )
-    return bar
+    return RawPart.unlabelled(255 - read_image_files(paths, "L", None, f"omniglot {part}"))
 
 
 def read_cifar10(root: Path, part: str, download: bool) -> RawPart:
