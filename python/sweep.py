@@ -26,7 +26,7 @@ run at the end.
 
 Examples:
 
-    # the sweep of the GPU work plan (tools/gpu/README.md): K = 1..64, three LSTM sizes
+    # the default grid on binarized MNIST, on a GPU: K = 1..64, three LSTM sizes
     python python/sweep.py --out sweeps/mnist --samples 1000 -- --epochs 50 --device cuda
 
     # any data set and likelihood avme train reads, e.g. 8-bit grey MNIST
