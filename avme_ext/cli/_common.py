@@ -239,8 +239,9 @@ def add_device_arguments(
         "--impl",
         default=None if given_only else "auto",
         choices=IMPLS,
-        help="K-step loop: 'cuda' fused kernels (an error when not built), 'ref' pure PyTorch, 'auto' fused "
-        "kernels for CUDA tensors when built" + (" (default: auto)" if given_only else ""),
+        help="K-step loop: 'cuda' fused kernels (an error when not built), 'ref' pure PyTorch, 'auto' the fused "
+        "kernels where the committed benchmark measured them faster on this GPU, batch size and model size, "
+        "else pure PyTorch" + (" (default: auto)" if given_only else ""),
     )
     if precision:
         parser.add_argument(

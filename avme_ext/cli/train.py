@@ -96,8 +96,8 @@ examples:
       --enc-hidden 64 --dec-hidden 64 --latent-dim 16 --steps 4   # a first look; --overwrite: rerun at will
   avme train --out runs/mnist --resume --epochs 80   # continue (and extend) a run
   avme train --out runs/cond --conditional --kl-warmup-steps 5000 --checkpoint-every 200
-  avme train --out runs/mnist-iwae --dataset mnist --binarize dynamic --data-root ../shared/data/mnist
-  avme train --out runs/mnist-grey --dataset mnist --likelihood logistic --data-root ../shared/data/mnist
+  avme train --out runs/mnist-iwae --dataset mnist --binarize dynamic --download
+  avme train --out runs/mnist-grey --dataset mnist --likelihood logistic --download
   avme train --out runs/cifar --dataset cifar10 --likelihood logistic --data-root data --download
   avme train --out runs/faces --dataset imagefolder --data-root faces/ --image-size 32 --likelihood logistic
   avme train --out runs/gpu1 --device cuda:1         # one of several runs sharing the GPUs
