@@ -31,7 +31,7 @@ Examples:
 
     # any data set and likelihood avme train reads, e.g. 8-bit grey MNIST
     python python/sweep.py --out sweeps/grey --steps 4 16 64 --hidden 128 256 -- \\
-        --dataset mnist --data-root ../shared/data/mnist --likelihood logistic --epochs 20
+        --dataset mnist --download --likelihood logistic --epochs 20
 
     # the whole pipeline, tiny, on a CPU (the test of this script)
     python python/sweep.py --smoke --out /tmp/avme-sweep
