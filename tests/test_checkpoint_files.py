@@ -73,6 +73,27 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
+def test_atomic_write_fsyncs_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Durable as well as atomic: the new file's bytes reach the disk before its name replaces the old
+    file, and the directory entry after (a power cut leaves the old file or the whole new one)."""
+    events: list[tuple[str, int]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(source: str, destination: Path) -> None:
+        events.append(("replace", os.stat(source).st_ino))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = atomic_write_bytes(tmp_path / "a.bin", b"abc")
+    written, folder = path.stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", written), ("replace", written), ("fsync", folder)]
+
+
 def test_every_file_the_commands_write_gets_the_umask_mode(tmp_path, umask_027, capsys):
     """Checkpoints and their twins, eval JSON, PNGs, plots and weights files: all 0666 & ~umask."""
     run = tmp_path / "run"
@@ -200,14 +221,18 @@ def test_paper_sized_float16_weights_are_under_16_mb(tmp_path):
         assert 2 * parameters <= size < 16_000_000, (size, parameters)
 
 
-def test_weights_file_is_refused_when_tampered(tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("format", "something-else", "not an avme checkpoint"), ("version", 2, "checkpoint version 2 is not supported")],
+)
+def test_weights_file_is_refused_when_tampered(tmp_path, key, value, message):
     path = export_weights(save_checkpoint(tmp_path / "c.safetensors", _model()), tmp_path / "w.safetensors")
     header = _header(path)
     meta = json.loads(header["__metadata__"]["avme"])
-    meta["format"] = "something-else"
+    meta[key] = value
     header["__metadata__"]["avme"] = json.dumps(meta)
     _rewrite_header(path, header)
-    with pytest.raises(CheckpointError, match="not an avme checkpoint"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 

@@ -309,6 +309,9 @@ def test_corrupt_idx(tmp_path):
     labels.write_bytes(raw[:-1])
     with pytest.raises(D.DataFormatError, match="truncated"):
         D.read_idx(labels, D.IDX_LABELS_MAGIC)
+    labels.write_bytes(raw + b"\0")
+    with pytest.raises(D.DataFormatError, match=r"oversized IDX file: header says shape \(10000,\), file has 10001"):
+        D.read_idx(labels, D.IDX_LABELS_MAGIC)
     with pytest.raises(D.DataFormatError, match="expected IDX magic number 2051, found 2049"):
         D.read_idx(labels, D.IDX_IMAGES_MAGIC)
 

@@ -86,6 +86,20 @@ def test_elbo_matches_model_forward_with_chunk_noise(model, split):
     torch.testing.assert_close(result.nelbo[BATCH : 2 * BATCH], terms.loss.double())
 
 
+def test_gray_levels_are_binarized_from_each_chunks_data_stream(model):
+    """Dynamic binarization: chunk i's images are Bernoulli(gray) draws from its own "data" stream
+    (seed, i), and its ELBO noise from its "elbo" stream."""
+    gray = torch.rand(NUM_IMAGES, 784, generator=torch.Generator().manual_seed(8))
+    split = ImageSplit(gray, torch.zeros(NUM_IMAGES, dtype=torch.int64), False, "gray/test")
+    assert split.dynamic
+    result = evaluate(model, split, batch_size=BATCH, seed=3)
+    for i, start in enumerate(range(0, NUM_IMAGES, BATCH)):
+        x = torch.bernoulli(gray[start : start + BATCH], generator=chunk_generator(3, i, "cpu", "data"))
+        with torch.no_grad():
+            terms = model(x, generator=chunk_generator(3, i, "cpu", "elbo"))
+        torch.testing.assert_close(result.nelbo[start : start + BATCH], terms.loss.double())
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_and_merged_equals_unsharded(model, split, world):
     full = evaluate(model, split, samples=3, batch_size=BATCH, seed=7)

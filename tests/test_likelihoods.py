@@ -28,6 +28,7 @@ from avme_ext.likelihoods import (
     INIT_LOG_SCALE,
     LOG_SCALE_MAX,
     LOG_SCALE_MIN,
+    BernoulliLikelihood,
     DiscretizedLogistic,
     discretized_logistic_log_prob,
 )
@@ -133,6 +134,29 @@ def test_float32_log_prob_matches_float64_brute_force_into_the_far_tails(log_sca
     if log_scale == LOG_SCALE_MIN:
         naive = brute_force_log_prob(x.float(), m.float(), log_scale)
         assert (~torch.isfinite(naive)).any()  # what the identity avoids in float32
+
+
+def test_values_near_a_bin_centre_get_that_bins_probability():
+    """x need only be near k/255 (float16 data is within 1/8 of a bin): its log-probability is value k's, exactly."""
+    likelihood = DiscretizedLogistic((1, 4, 4), dtype=torch.float64)
+    x = eight_bit((3, 16), seed=5).double()
+    canvas = torch.randn(3, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2
+    exact = likelihood.log_prob(canvas, x)
+    for offset in (-0.2 / 255, 0.2 / 255):
+        torch.testing.assert_close(likelihood.log_prob(canvas, (x + offset).clamp(0, 1)), exact, rtol=0, atol=0)
+    torch.testing.assert_close(likelihood.log_prob(canvas, x.half().double()), exact, rtol=0, atol=0)
+
+
+def test_bernoulli_log_prob_is_the_log_of_each_pixels_probability():
+    """log p(x_d | s_K) = log sigmoid(s) for a 1 and log(1 - sigmoid(s)) for a 0; nll is minus its sum."""
+    generator = torch.Generator().manual_seed(7)
+    canvas = torch.randn(3, 10, generator=generator, dtype=torch.float64) * 3
+    x = torch.randint(0, 2, (3, 10), generator=generator).double()
+    p = torch.sigmoid(canvas)
+    expected = torch.log(torch.where(x == 1, p, 1 - p))
+    likelihood = BernoulliLikelihood()
+    torch.testing.assert_close(likelihood.log_prob(canvas, x), expected)
+    torch.testing.assert_close(likelihood.nll(canvas, x), -expected.sum(dim=1))
 
 
 def test_gradients_are_finite_and_correct_at_the_edges_and_in_the_tails():
@@ -261,7 +285,8 @@ def test_logistic_data_must_be_eight_bit_intensities():
     model(good.double())  # any float dtype
     with pytest.raises(TypeError, match="divide 8-bit pixels by 255"):
         model((good * 255).to(torch.uint8))
-    for bad in (good + 0.5 / 255, good * 1.01 + 0.02, torch.full((2, 6), float("nan"))):
+    between_bins = good.clamp(max=254 / 255) + 0.5 / 255  # inside [0, 1], but half a bin from every k/255
+    for bad in (good + 0.5 / 255, good * 1.01 + 0.02, between_bins, torch.full((2, 6), float("nan"))):
         with pytest.raises(ValueError, match=r"x must hold 8-bit intensities k/255"):
             model(bad)
     with pytest.raises(ValueError, match="binary"):  # the Bernoulli model still wants 0/1 pixels

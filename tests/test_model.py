@@ -27,6 +27,18 @@ def binary_batch(batch: int, seed: int = 1, dim: int = TINY["data_dim"]) -> torc
     return torch.randint(0, 2, (batch, dim), generator=g).double()
 
 
+def sampled_log_weights(model: AVME, x: torch.Tensor, y_vec: torch.Tensor | None, eps: torch.Tensor) -> torch.Tensor:
+    """log p(x | z) + sum_t [log N(z_t; 0, I) - log q(z_t)] for z_t = mu_t + sigma_t * eps_t, from
+    torch.distributions and BCE: (B, D), (B, C) or None, (K, B, Z) -> (B,)."""
+    out = model.core(x, y_vec, eps)
+    z = out.mu + torch.exp(0.5 * out.logvar) * eps
+    q = Normal(out.mu, torch.exp(0.5 * out.logvar))
+    prior = Normal(torch.zeros_like(z), torch.ones_like(z))
+    log_px_z = -torch.nn.functional.binary_cross_entropy_with_logits(out.canvas, x, reduction="none").sum(1)
+    log_prior_over_posterior: torch.Tensor = (prior.log_prob(z) - q.log_prob(z)).sum(dim=(0, 2))
+    return log_px_z + log_prior_over_posterior
+
+
 def test_analytic_kl_matches_monte_carlo_and_torch_distributions():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(5, 3, generator=g, dtype=torch.float64)
@@ -63,14 +75,31 @@ def test_iwae_with_one_sample_is_the_sampled_elbo(num_classes, encoder_input):
     y = torch.tensor([0, 1, 2, 2, 1, 0]) if num_classes else None
     bound = model.iwae_bound(x, y, samples=1, generator=torch.Generator().manual_seed(7))
     eps = model.core.draw_noise(6, torch.Generator().manual_seed(7))
-    y_vec = model.encode_labels(y, 6)
-    out = model.core(x, y_vec, eps)
-    z = out.mu + torch.exp(0.5 * out.logvar) * eps
-    q = Normal(out.mu, torch.exp(0.5 * out.logvar))
-    prior = Normal(torch.zeros_like(z), torch.ones_like(z))
-    log_px_z = -torch.nn.functional.binary_cross_entropy_with_logits(out.canvas, x, reduction="none").sum(1)
-    sampled_elbo = log_px_z + (prior.log_prob(z) - q.log_prob(z)).sum(dim=(0, 2))
-    torch.testing.assert_close(bound, sampled_elbo)
+    torch.testing.assert_close(bound, sampled_log_weights(model, x, model.encode_labels(y, 6), eps))
+
+
+def test_iwae_bound_uses_exactly_s_draws_per_image_in_any_chunking(monkeypatch):
+    """S = 5 in calls of at most 3 trajectories (3 + 2 draws per image): the bound is
+    logsumexp_s log w_s - log S over exactly the S draws each image got."""
+    model = tiny_model(3, "error")
+    x, y = binary_batch(3), torch.tensor([2, 0, 1])
+    drawn: list[torch.Tensor] = []
+    draw_noise = model.core.draw_noise
+
+    def recording(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = draw_noise(batch_size, generator)
+        drawn.append(eps)
+        return eps
+
+    monkeypatch.setattr(model.core, "draw_noise", recording)
+    bound = model.iwae_bound(x, y, samples=5, max_rows=3, generator=torch.Generator().manual_seed(4))
+    assert [eps.shape[1] for eps in drawn] == [3, 2] * 3  # one image per group: 3 draws, then the other 2
+    y_vec = model.encode_labels(y, 3)
+    assert y_vec is not None
+    for i in range(3):
+        eps = torch.cat(drawn[2 * i : 2 * i + 2], dim=1)
+        log_w = sampled_log_weights(model, x[i].expand(5, -1), y_vec[i].expand(5, -1), eps)
+        torch.testing.assert_close(bound[i], torch.logsumexp(log_w, 0) - math.log(5))
 
 
 def test_iwae_is_no_worse_than_elbo_on_average_and_chunking_is_invisible():

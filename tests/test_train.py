@@ -16,7 +16,9 @@ from avme_ext import training as T
 from avme_ext.checkpoint import load_checkpoint, load_model
 from avme_ext.cli import main
 from avme_ext.config import AVMEConfig
+from avme_ext.data import ImageSplit, load_split
 from avme_ext.distributed import DistInfo
+from avme_ext.model import AVME
 from avme_ext.seeds import derive_seed
 from helpers import SHARED_DATA, model_args, subset_args
 
@@ -288,11 +290,77 @@ def test_pure_functions() -> None:
     a, b = T.epoch_permutation(50, 3, 1), T.epoch_permutation(50, 3, 1)
     assert torch.equal(a, b)
     assert not torch.equal(a, T.epoch_permutation(50, 3, 2))
+    assert not torch.equal(a, T.epoch_permutation(50, 4, 1))
     assert sorted(a.tolist()) == list(range(50))
+    assert T.TrainState(epoch=1, batch=5).steps_left(3, 20) == 35  # the rest of epoch 2 (15 steps), epoch 3 (20)
     # the training streams' seeds never change (a checkpoint resumes with the same noise in any version)
     assert derive_seed("avme-train", 0, "noise", 1) == 2070960897098411645
     assert derive_seed("avme-train", 0, "epoch", 0) == 8417313910559108253
     assert derive_seed("avme-train", 0, "noise", 1) != derive_seed("avme-train", 0, "noise", 2)
+
+
+def _train_stream(seed: int, *tags: object) -> torch.Generator:
+    """A generator seeded as the training stream ``tags`` of a run with ``seed`` (avme_ext.training's docstring)."""
+    return torch.Generator().manual_seed(derive_seed("avme-train", seed, *tags))
+
+
+class RecordingStep:
+    """A :class:`~avme_ext.training.step.TrainStep` that records what every step is given and updates nothing."""
+
+    def __init__(self, model: AVME) -> None:
+        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters())
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (x, eps, kl_weight) of every step
+
+    def gradients(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None,
+        eps: torch.Tensor,
+        global_size: int,
+        kl_weight: float,
+        stop: bool,
+    ) -> T.StepStats:
+        self.calls.append((x, eps, kl_weight))
+        return T.StepStats(0.0, 0.0, 0.0, 0.0, stop)
+
+    def update(self) -> None:
+        pass
+
+    def set_learning_rate(self, lr: float) -> None:
+        pass
+
+    def skip(self) -> None:
+        pass
+
+
+def test_each_step_gets_its_batch_binarization_noise_and_kl_weight_from_the_seed(tmp_path: Path) -> None:
+    """Step s of a run with seed S: the images at positions [sB, (s+1)B) of the epoch's randperm from (S, "epoch",
+    0), binarized from (S, "data", s), noise randn(K, B, Z) from (S, "noise", s), KL weight min(1, s / warm-up)."""
+    seed, batch, warmup = 5, 10, 4
+    gray = torch.rand(35, 12, generator=torch.Generator().manual_seed(0))
+    train = ImageSplit(gray, torch.zeros(35, dtype=torch.int64), False, "gray/train", (1, 3, 4))
+    model = AVME(data_dim=12, enc_hidden=6, dec_hidden=6, latent_dim=2, steps=3, image_shape=(1, 3, 4), impl="ref")
+    cfg = T.TrainConfig(batch_size=batch, seed=seed, kl_warmup_steps=warmup, progress=False)
+    data = T.TrainingData(train, None, T.batches_per_epoch(35, batch))
+    step = RecordingStep(model)
+    setup = T.TrainingSetup(cfg, DistInfo(), torch.device("cpu"), data, model, step, T.TrainState())
+    assert T.Trainer(setup, tmp_path).train_epoch(0, lambda epoch: None)
+    order = torch.randperm(35, generator=_train_stream(seed, "epoch", 0))
+    assert len(step.calls) == 4
+    for s, (x, eps, kl_weight) in enumerate(step.calls):
+        rows = order[s * batch : (s + 1) * batch]
+        assert torch.equal(x, torch.bernoulli(gray[rows], generator=_train_stream(seed, "data", s))), s
+        assert torch.equal(eps, torch.randn(3, len(rows), 2, generator=_train_stream(seed, "noise", s))), s
+        assert kl_weight == min(1.0, s / warmup), s
+
+
+def test_the_subsets_are_drawn_by_the_runs_seed() -> None:
+    cfg = T.TrainConfig(train_subset=40, valid_subset=30, seed=7)
+    data = T.load_training_data(cfg, AVMEConfig(), DistInfo(), torch.device("cpu"))
+    assert data.valid is not None
+    for got, name, size in ((data.train, "train", 40), (data.valid, "valid", 30)):
+        expected = load_split("binarized_mnist", name).subset(size, _train_stream(7, f"{name}-subset"))
+        assert torch.equal(got.images, expected.images), name
 
 
 def test_bad_arguments() -> None:
