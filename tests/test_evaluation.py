@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal
@@ -76,6 +77,25 @@ def test_nelbo_is_reconstruction_plus_kl(model, split):
     assert math.isclose(summary["nelbo"], summary["reconstruction"] + summary["kl"], rel_tol=1e-12)
     assert math.isclose(sum(summary["kl_per_step"]), summary["kl"], rel_tol=1e-9)
     assert "iwae_nll" not in summary
+
+
+def test_summary_standard_errors_are_the_sample_std_over_root_n():
+    """nelbo_sem and iwae_nll_sem: the sample standard deviation (n - 1) over sqrt(n), against numpy."""
+    rng = np.random.default_rng(7)
+    nelbo, iwae = rng.normal(90.0, 5.0, 6), rng.normal(88.0, 4.0, 6)
+    result = EvalResult(
+        indices=torch.arange(6),
+        nelbo=torch.from_numpy(nelbo),
+        reconstruction=torch.from_numpy(nelbo),
+        kl=torch.zeros(6, 2, dtype=torch.float64),
+        iwae_nll=torch.from_numpy(iwae),
+        samples=4,
+    )
+    summary = result.summary()
+    assert math.isclose(summary["nelbo_sem"], np.std(nelbo, ddof=1) / math.sqrt(6), rel_tol=1e-12)
+    assert math.isclose(summary["iwae_nll_sem"], np.std(iwae, ddof=1) / math.sqrt(6), rel_tol=1e-12)
+    one = EvalResult(indices=torch.arange(1), nelbo=torch.ones(1), reconstruction=torch.ones(1), kl=torch.zeros(1, 2))
+    assert math.isnan(one.summary()["nelbo_sem"])  # one image: no spread to measure
 
 
 def test_elbo_matches_model_forward_with_chunk_noise(model, split):
