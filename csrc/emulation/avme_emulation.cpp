@@ -12,8 +12,14 @@
 #include "../stagewise/forward.cpp"
 #include "../stagewise/backward.cpp"
 #include "../avme_ops.cpp"
+#include "schedule_op.h"
+#include "schedule_selftest.h"
 
-// The emulated kernel launches so far (cuda_emulation.h), for the tests that count them per call.
+// The emulated kernel launches so far (cuda_emulation.h), for the tests that count them per call;
+// the emulator's schedule, and the kernels that check it (schedule_selftest.h).
 TORCH_LIBRARY_FRAGMENT(avme_emu, m) {
   m.def("kernel_launches() -> int", [] { return avme::emu::launch_count.load(); });
+  m.def("set_schedule(str schedule) -> ()", &avme::emu::set_schedule_op);
+  m.def("schedule() -> str", &avme::emu::schedule_name);
+  m.def("schedule_selftest(str barrier, bool with_barrier) -> Tensor", &avme::emu::selftest::run);
 }

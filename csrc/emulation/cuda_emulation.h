@@ -3,7 +3,8 @@
 //
 // Each CUDA thread of a block is one OS thread; __syncthreads() is a std::barrier over the
 // block's threads; dynamic shared memory is one buffer per block. Two launches:
-//   launch():             blocks of kThreads threads run one after another;
+//   launch():             blocks of kThreads threads run one after another (in descending
+//                         order under the "reverse" schedule);
 //   cooperative_launch(): a cooperative grid (cudaLaunchCooperativeKernel): the threads of ALL
 //                         blocks run at the same time, any block size (blockDim / gridDim are
 //                         set), and grid_sync() is a barrier over every thread of the grid.
@@ -13,13 +14,23 @@
 //                         rebuilds A, B and C from the PTX ISA's fragment layouts and hands each
 //                         lane its part of D, so a kernel's fragment indexing is checked
 //                         (mma_m16n8k8_tf32x3: the three mma of a 3xTF32 term in one exchange).
-// This checks the kernels' arithmetic, indexing and barrier placement for the sizes tested (a
-// missing barrier can show up as a wrong result, but is not guaranteed to: run
-// compute-sanitizer --tool racecheck on a GPU for that). A barrier that some thread never
-// reaches (a divergent or missing grid_sync) aborts the process after kBarrierTimeout instead
-// of hanging.
+// This checks the kernels' arithmetic, indexing and barrier placement for the sizes tested. A
+// barrier that some thread never reaches (a divergent or missing grid_sync) aborts the process
+// after kBarrierTimeout instead of hanging.
+//
+// Schedules (set_schedule): with all threads running at once ("concurrent", the default) a
+// missing barrier shows up as a wrong result only when the OS happens to interleave the threads
+// badly. The serial schedules make it deterministic: one warp at a time runs, from one barrier to
+// the next, blocks in ascending ("forward") or descending ("reverse") order between grid
+// barriers and, inside a block, warps in the same order between __syncthreads(). A legal
+// interleaving on a GPU, so a correct kernel gives the same results; but a read of data that
+// another warp or block writes in the same barrier interval (a missing __syncthreads() or
+// grid_sync()) sees the old value in one of the two orders, whichever side runs first. It does
+// not see races within a warp, or memory-ordering faults of the hardware (compute-sanitizer
+// --tool racecheck on a GPU does).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <chrono>
@@ -31,6 +42,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -85,6 +97,130 @@ class TimedBarrier {
   const char* what_;
 };
 
+// Which order the emulated threads run in (set_schedule; see the top of this file).
+enum class Schedule : int { kConcurrent = 0, kForward = 1, kReverse = 2 };
+inline std::atomic<int> schedule_setting{static_cast<int>(Schedule::kConcurrent)};
+
+// Sets the schedule of the launches that start after it (tests: one process-wide setting).
+inline void set_schedule(Schedule s) { schedule_setting.store(static_cast<int>(s)); }
+inline Schedule current_schedule() { return static_cast<Schedule>(schedule_setting.load()); }
+
+// The serial schedules: one warp of one block runs at a time. A warp runs until all its lanes
+// reach a barrier (or return), then hands the turn on: to the next warp of its block in the
+// block's warp order; after the last warp, for a __syncthreads() back to the first warp of the
+// same block (the block barrier is complete), for a grid_sync() or the kernel's end to the next
+// block, and after the last block back to the first (the grid barrier is complete). Lanes or
+// warps that reach different barriers in one interval (a divergent barrier, which hangs or is
+// undefined on a GPU) abort the process with a message, as does a turn that never comes.
+class SerialScheduler {
+ public:
+  enum class Stop { kBlock, kGrid, kEnd };
+
+  SerialScheduler(int blocks, int threads, bool reverse)
+      : blocks_(blocks),
+        threads_(threads),
+        warps_((threads + 31) / 32),
+        reverse_(reverse),
+        warp_pos_(static_cast<size_t>(blocks), 0),
+        block_stop_(static_cast<size_t>(blocks)),
+        block_stops_seen_(static_cast<size_t>(blocks), 0),
+        lanes_arrived_(static_cast<size_t>(blocks) * warps_, 0),
+        warp_stop_(static_cast<size_t>(blocks) * warps_),
+        handoffs_(static_cast<size_t>(blocks) * warps_, 0),
+        wake_(static_cast<size_t>(blocks) * warps_) {}
+
+  // The calling thread's first turn (before the kernel body).
+  void begin(int block, int thread) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    wait_turn(lock, block, thread / 32, kBeginning);
+  }
+
+  // The calling thread reaches a barrier (or the end of the kernel, kEnd: it does not wait).
+  void stop(int block, int thread, Stop what) {
+    const int warp = thread / 32;
+    const size_t u = unit(block, warp);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (lanes_arrived_[u] == 0) {
+      warp_stop_[u] = what;
+    } else if (warp_stop_[u] != what) {
+      fail("lanes of one warp reach different barriers");
+    }
+    const std::uint64_t seen = handoffs_[u];
+    if (++lanes_arrived_[u] == lanes_in(warp)) {
+      lanes_arrived_[u] = 0;
+      hand_on(block, what);
+      ++handoffs_[u];
+      wake_[u].notify_all();
+    }
+    if (what != Stop::kEnd) wait_turn(lock, block, warp, seen);
+  }
+
+ private:
+  size_t unit(int block, int warp) const {
+    return static_cast<size_t>(block) * static_cast<size_t>(warps_) + static_cast<size_t>(warp);
+  }
+  int lanes_in(int warp) const { return std::min(32, threads_ - 32 * warp); }
+  int ordered(int pos, int count) const { return reverse_ ? count - 1 - pos : pos; }
+  bool has_turn(int block, int warp) const {
+    return ordered(block_pos_, blocks_) == block && ordered(warp_pos_[block], warps_) == warp;
+  }
+
+  [[noreturn]] static void fail(const char* why) {
+    std::fprintf(stderr, "avme CUDA emulator (serial schedule): %s\n", why);
+    std::abort();
+  }
+
+  // The running warp of `block` has stopped at `what`: the next warp, block or interval runs.
+  void hand_on(int block, Stop what) {
+    const size_t b = static_cast<size_t>(block);
+    if (block_stops_seen_[b]++ == 0) {
+      block_stop_[b] = what;
+    } else if (block_stop_[b] != what) {
+      fail("warps of one block reach different barriers");
+    }
+    if (++warp_pos_[b] < warps_) {
+      notify_turn();
+      return;
+    }
+    warp_pos_[b] = 0;
+    block_stops_seen_[b] = 0;
+    if (what == Stop::kBlock) {  // __syncthreads() complete: the block's first warp again
+      notify_turn();
+      return;
+    }
+    if (++block_pos_ == blocks_) block_pos_ = 0;  // grid_sync() complete: the first block again
+    notify_turn();
+  }
+
+  void notify_turn() {
+    const int block = ordered(block_pos_, blocks_);
+    wake_[unit(block, ordered(warp_pos_[static_cast<size_t>(block)], warps_))].notify_all();
+  }
+
+  // Waits until the warp's stop counted as `seen` (kBeginning: none, the kernel's start) is
+  // handed on and the warp has the turn.
+  void wait_turn(std::unique_lock<std::mutex>& lock, int block, int warp, std::uint64_t seen) {
+    const size_t u = unit(block, warp);
+    const bool ok = wake_[u].wait_for(lock, TimedBarrier::kBarrierTimeout, [&] {
+      return (seen == kBeginning || handoffs_[u] != seen) && has_turn(block, warp);
+    });
+    if (!ok) fail("a warp's turn never came: a barrier is missing or not reached by every thread");
+  }
+
+  std::mutex mutex_;
+  const int blocks_, threads_, warps_;
+  const bool reverse_;
+  static constexpr std::uint64_t kBeginning = ~std::uint64_t{0};
+  int block_pos_ = 0;                        // position of the running block in the block order
+  std::vector<int> warp_pos_;                // per block: position of its running warp
+  std::vector<Stop> block_stop_;             // per block: the barrier of this interval
+  std::vector<int> block_stops_seen_;        // per block: its warps stopped in this interval
+  std::vector<int> lanes_arrived_;           // per warp: its lanes stopped so far
+  std::vector<Stop> warp_stop_;              // per warp: the barrier its lanes stop at
+  std::vector<std::uint64_t> handoffs_;      // per warp: its completed stops
+  std::deque<std::condition_variable> wake_;  // per warp
+};
+
 // What the 32 threads of one emulated warp share for warp-collective instructions: each lane
 // deposits its fragment registers in a slot, the last lane to arrive at the warp's barrier
 // computes every lane's result (the barrier's completion step), and each lane reads its own.
@@ -118,9 +254,18 @@ inline thread_local Dim3 tls_block_idx;
 inline thread_local Dim3 tls_block_dim;
 inline thread_local Dim3 tls_grid_dim;
 inline thread_local std::uint64_t tls_warp_instructions = 0;  // this lane's collective count
+inline thread_local SerialScheduler* tls_sched = nullptr;  // a serial schedule's, else null
+inline thread_local int tls_sched_block = 0;  // the calling thread's block in tls_sched's numbering
 
 // __syncthreads(): the calling thread's block barrier.
-inline void sync_block() { tls_barrier->arrive_and_wait(); }
+inline void sync_block() {
+  if (tls_sched != nullptr) {
+    tls_sched->stop(tls_sched_block, static_cast<int>(tls_thread_idx.x),
+                    SerialScheduler::Stop::kBlock);
+  } else {
+    tls_barrier->arrive_and_wait();
+  }
+}
 
 // Grid-wide barrier of a cooperative launch (cooperative_groups::this_grid().sync()).
 inline void grid_sync() {
@@ -128,7 +273,25 @@ inline void grid_sync() {
     std::fprintf(stderr, "avme CUDA emulator: grid_sync() outside a cooperative launch\n");
     std::abort();
   }
-  tls_grid_barrier->arrive_and_wait();
+  if (tls_sched != nullptr) {
+    tls_sched->stop(tls_sched_block, static_cast<int>(tls_thread_idx.x),
+                    SerialScheduler::Stop::kGrid);
+  } else {
+    tls_grid_barrier->arrive_and_wait();
+  }
+}
+
+// Runs one emulated thread's body (the kernel) under the serial scheduler `sched`, where it is
+// block `block` (or directly when `sched` is null): waits for the first turn, and hands the
+// turn on at the end.
+template <typename Body>
+void run_thread(SerialScheduler* sched, int block, int thread, Body&& body) {
+  tls_sched = sched;
+  tls_sched_block = block;
+  if (sched != nullptr) sched->begin(block, thread);
+  body();
+  if (sched != nullptr) sched->stop(block, thread, SerialScheduler::Stop::kEnd);
+  tls_sched = nullptr;
 }
 
 // float -> tf32 (cvt.rna.tf32.f32: round to nearest, ties away from zero; 10 mantissa bits),
@@ -229,11 +392,15 @@ inline std::atomic<int64_t> launch_count{0};
 template <typename Kernel, typename Params>
 void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& params) {
   ++launch_count;
+  const Schedule order = current_schedule();
   std::vector<double> smem((smem_bytes + sizeof(double) - 1) / sizeof(double) + 1);
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t b = order == Schedule::kReverse ? blocks - 1 - i : i;
     // Garbage-fill shared memory: the kernels must initialise what they read.
     std::memset(smem.data(), 0x7f, smem.size() * sizeof(double));
     std::barrier<> barrier(kThreads);
+    std::optional<SerialScheduler> sched;  // the block's warps one at a time
+    if (order != Schedule::kConcurrent) sched.emplace(1, kThreads, order == Schedule::kReverse);
     std::vector<std::thread> threads;
     threads.reserve(kThreads);
     for (int t = 0; t < kThreads; ++t) {
@@ -244,7 +411,7 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, const Params& para
         tls_block_idx.x = static_cast<unsigned int>(b);
         tls_block_dim = Dim3{static_cast<unsigned int>(kThreads), 1, 1};
         tls_grid_dim = Dim3{static_cast<unsigned int>(blocks), 1, 1};
-        kernel(params);
+        run_thread(sched ? &*sched : nullptr, 0, t, [&] { kernel(params); });  // its block 0
       });
     }
     for (auto& th : threads) th.join();
@@ -267,6 +434,9 @@ void cooperative_launch(Kernel kernel, int blocks, int threads, size_t smem_byte
     block_barriers.emplace_back(threads);
   }
   TimedBarrier grid_barrier(blocks * threads, "grid");
+  const Schedule order = current_schedule();
+  std::optional<SerialScheduler> sched;
+  if (order != Schedule::kConcurrent) sched.emplace(blocks, threads, order == Schedule::kReverse);
   std::deque<WarpExchange> warps(static_cast<size_t>(blocks) * ((threads + 31) / 32));
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(blocks) * threads);
@@ -281,7 +451,7 @@ void cooperative_launch(Kernel kernel, int blocks, int threads, size_t smem_byte
         tls_block_idx = Dim3{static_cast<unsigned int>(b), 0, 0};
         tls_block_dim = Dim3{static_cast<unsigned int>(threads), 1, 1};
         tls_grid_dim = Dim3{static_cast<unsigned int>(blocks), 1, 1};
-        kernel(args...);
+        run_thread(sched ? &*sched : nullptr, b, t, [&] { kernel(args...); });
         tls_grid_barrier = nullptr;
         tls_warp = nullptr;
       });

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from avme_ext.loop_types import AVMEParams, ForwardOutput
-from avme_ext.reference import avme_forward_reference
+from avme_ext.reference import avme_forward_reference, avme_sample_reference
 
 FP64_UNIT_ROUNDOFF = 2.0**-53
 FP64_SAFETY = 1e2
@@ -401,3 +401,33 @@ def compare_with_reference(
     else:
         bounds = TENSOR_CORE_BOUNDS[precision]
     return assert_within(got, ref, bounds)
+
+
+def _sample_run(sample, z: Tensor, y: Tensor | None, params: AVMEParams, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Both outputs of the sampler (canvases returned), with z, y, params in ``dtype``."""
+    y = None if y is None else y.to(dtype)
+    out = sample(z.to(dtype), y, AVMEParams(*[t.detach().to(dtype) for t in params]), True)
+    return {"canvas": out.canvas, "canvases": out.canvases}
+
+
+def compare_sample_with_reference(
+    backend, B: int, K: int, sizes: Sizes, C: int, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    """Run the sampler on ``backend`` (z (K, B, Z), y (B, C) or None) and on the float64 reference,
+    and assert the module docstring's bounds on the final canvas (B, D) and the K canvases; the
+    call without canvases returns the same final canvas. Returns the errors."""
+    params = make_params(sizes, C, dtype=dtype, device=backend.device, grad=False)
+    _, y, z = make_inputs(B, K, sizes, C, dtype=dtype, device=backend.device)
+    backend.poison()
+    with torch.no_grad(), design_may_not_fit():
+        got = _sample_run(backend.sample, z, y, params, dtype)
+        last = backend.sample(z, y, params, return_canvases=False)
+        ref = _sample_run(avme_sample_reference, z, y, params, torch.float64)
+        if dtype == torch.float64:
+            bounds: float | dict[str, float] = fp64_bound(K, sizes, C)
+        else:
+            bounds = fp32_bounds(_sample_run(avme_sample_reference, z, y, params, torch.float32), ref)
+    errors = assert_within(got, ref, bounds)
+    assert last.canvases is None
+    assert torch.equal(last.canvas, got["canvas"])
+    return errors
