@@ -293,6 +293,7 @@ BACKWARD = [
     Bad("backward", "y-missing", _set("y", lambda _: None), BWD + r"y \(B, C\) = \[4, 2\] is required"),
     Bad("backward", "logvar", _shape("logvar", K, B, Z + 1), BWD + r"logvar must have shape \(K, B, Z\)"),
     Bad("backward", "canvases", _shape("canvases", K - 1, B, D), BWD + r"canvases must have shape \(K, B, D\)"),
+    Bad("backward", "h_enc", _shape("h_enc", K, B, He + 1), BWD + r"h_enc must have shape \(K, B, He\)"),
     Bad("backward", "c_enc", _shape("c_enc", K, B, He + 1), BWD + r"c_enc must have shape \(K, B, He\)"),
     Bad("backward", "gates_enc", _shape("gates_enc", K, B, He), BWD + r"gates_enc must have shape \(K, B, 4\*He\)"),
     Bad("backward", "z", _shape("z", K, B + 1, Z), BWD + r"z must have shape \(K, B, Z\)"),
