@@ -171,7 +171,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
 _Item = TypeVar("_Item")
 
 
-def progress(items: Sequence[_Item], description: str) -> Iterable[_Item]:
+def _progress(items: Sequence[_Item], description: str) -> Iterable[_Item]:
     """``items`` behind a progress bar ``reading <description>`` (shown for 2000 items or more, on a terminal)."""
     from tqdm.auto import tqdm
 
@@ -194,7 +194,7 @@ def read_image_files(paths: Sequence[str | Path], mode: str, image_size: int | N
         DataFormatError: a file that is not a readable image, or that cannot be decoded.
     """
     images = []
-    for path in progress(paths, description):
+    for path in _progress(paths, description):
         with _open_image(str(path)) as image:
             try:
                 array = np.asarray(image.convert(mode), dtype=np.uint8)

@@ -123,7 +123,6 @@ class SerialScheduler {
         reverse_(reverse),
         warp_pos_(static_cast<size_t>(blocks), 0),
         block_stop_(static_cast<size_t>(blocks)),
-        block_stops_seen_(static_cast<size_t>(blocks), 0),
         lanes_arrived_(static_cast<size_t>(blocks) * warps_, 0),
         warp_stop_(static_cast<size_t>(blocks) * warps_),
         handoffs_(static_cast<size_t>(blocks) * warps_, 0),
@@ -173,7 +172,7 @@ class SerialScheduler {
   // The running warp of `block` has stopped at `what`: the next warp, block or interval runs.
   void hand_on(int block, Stop what) {
     const size_t b = static_cast<size_t>(block);
-    if (block_stops_seen_[b]++ == 0) {
+    if (warp_pos_[b] == 0) {  // the block's first warp to stop in this interval
       block_stop_[b] = what;
     } else if (block_stop_[b] != what) {
       fail("warps of one block reach different barriers");
@@ -183,7 +182,6 @@ class SerialScheduler {
       return;
     }
     warp_pos_[b] = 0;
-    block_stops_seen_[b] = 0;
     if (what == Stop::kBlock) {  // __syncthreads() complete: the block's first warp again
       notify_turn();
       return;
@@ -212,9 +210,9 @@ class SerialScheduler {
   const bool reverse_;
   static constexpr std::uint64_t kBeginning = ~std::uint64_t{0};
   int block_pos_ = 0;                        // position of the running block in the block order
-  std::vector<int> warp_pos_;                // per block: position of its running warp
+  std::vector<int> warp_pos_;                // per block: position of its running warp (= its
+                                             // warps stopped in this interval)
   std::vector<Stop> block_stop_;             // per block: the barrier of this interval
-  std::vector<int> block_stops_seen_;        // per block: its warps stopped in this interval
   std::vector<int> lanes_arrived_;           // per warp: its lanes stopped so far
   std::vector<Stop> warp_stop_;              // per warp: the barrier its lanes stop at
   std::vector<std::uint64_t> handoffs_;      // per warp: its completed stops

@@ -20,7 +20,6 @@
 
 #define AVME_CPU_EMULATION 1
 #include "emulation/harness.h"
-#include "emulation/schedule_op.h"
 #include "../persistent/backward.cu"
 #include "../persistent/forward.cu"
 
@@ -251,7 +250,6 @@ bool pemu_supports(const std::string& kind, int64_t B, int64_t K, int64_t D, int
 }  // namespace avme
 
 TORCH_LIBRARY(avme_pemu, m) {
-  m.def("set_schedule(str schedule) -> ()", &avme::emu::set_schedule_op);
   m.def(
       "forward(Tensor x, Tensor eps, Tensor enc_static, Tensor enc_wT, Tensor q_wT, Tensor q_b, "
       "Tensor dec_static, Tensor dec_wT, Tensor write_wT, Tensor write_b, bool error_mode, "

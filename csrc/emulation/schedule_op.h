@@ -1,7 +1,9 @@
-// Test-only: the op that chooses the emulator's schedule (cuda_emulation.h), registered by each
-// emulation build as `set_schedule(str schedule) -> ()` with "concurrent", "forward" or "reverse".
+// Test-only: the ops that choose and name the emulator's schedule (cuda_emulation.h), registered
+// by avme_emulation.cpp as `set_schedule(str schedule) -> ()` ("concurrent", "forward" or
+// "reverse") and `schedule() -> str`.
 #pragma once
 
+#include <iterator>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -11,29 +13,21 @@
 namespace avme {
 namespace emu {
 
+// The schedules' names, in the order of Schedule's values.
+inline constexpr const char* kScheduleNames[] = {"concurrent", "forward", "reverse"};
+
 inline void set_schedule_op(const std::string& schedule) {
-  if (schedule == "concurrent") {
-    set_schedule(Schedule::kConcurrent);
-  } else if (schedule == "forward") {
-    set_schedule(Schedule::kForward);
-  } else if (schedule == "reverse") {
-    set_schedule(Schedule::kReverse);
-  } else {
-    TORCH_CHECK_VALUE(false, "set_schedule: schedule must be 'concurrent', 'forward' or 'reverse', got '",
-                      schedule, "'");
+  for (size_t i = 0; i < std::size(kScheduleNames); ++i) {
+    if (schedule == kScheduleNames[i]) {
+      set_schedule(static_cast<Schedule>(i));
+      return;
+    }
   }
+  TORCH_CHECK_VALUE(false, "set_schedule: schedule must be 'concurrent', 'forward' or 'reverse', got '",
+                    schedule, "'");
 }
 
-inline std::string schedule_name() {
-  switch (current_schedule()) {
-    case Schedule::kForward:
-      return "forward";
-    case Schedule::kReverse:
-      return "reverse";
-    default:
-      return "concurrent";
-  }
-}
+inline std::string schedule_name() { return kScheduleNames[static_cast<int>(current_schedule())]; }
 
 }  // namespace emu
 }  // namespace avme

@@ -6,7 +6,6 @@
 // tests/ops/test_stagewise_kernels.py (torch.utils.cpp_extension.load); never part of the package.
 #define AVME_CPU_EMULATION 1
 #include "emulation/harness.h"
-#include "emulation/schedule_op.h"
 #include "../stagewise/pointwise_kernels.cu"
 #include "../stagewise/host.cpp"
 #include "../stagewise/forward.cpp"
@@ -115,7 +114,6 @@ void swemu_backward(const OptTensor& grad_canvas, const OptTensor& grad_canvases
 }  // namespace avme
 
 TORCH_LIBRARY(avme_swemu, m) {
-  m.def("set_schedule(str schedule) -> ()", &avme::emu::set_schedule_op);
   m.def(
       "forward(Tensor? x, Tensor? eps, Tensor? z_in, Tensor? enc_static, Tensor? enc_w_ih, "
       "Tensor? enc_w_hh, Tensor? q_w, Tensor? q_b, Tensor dec_static, Tensor dec_w_ih, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from avme_ext import ops
@@ -31,6 +33,15 @@ def backend(request) -> backends.Backend:
 @pytest.fixture
 def cuda_backend() -> backends.Backend:
     return _backend("cuda")
+
+
+@pytest.fixture
+def emulator_backend() -> Iterator[backends.Backend]:
+    """The CPU emulator alone (skipped with the reason where it cannot be built); its schedule is
+    reset to "concurrent" after the test."""
+    backend = _backend("emulator")
+    yield backend
+    backend.ns.set_schedule("concurrent")
 
 
 @pytest.fixture

@@ -10,12 +10,9 @@ warps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
-from . import backends
 from .helpers import CASES, Case, compare_sample_with_reference, compare_with_reference
 
 SERIAL = ("forward", "reverse")
@@ -25,25 +22,14 @@ SELFTEST_EXPECTED = {"grid": [2.0, 3.0, 1.0], "block": [2.0, 3.0, 4.0, 5.0, 6.0,
 MULTI_BLOCK = [c for c in CASES if "emulator" in c.on and not c.slow and c.sms > 1 and c.K > 1]
 
 
-@pytest.fixture
-def emulator() -> Iterator[backends.Backend]:
-    """The emulator backend; its schedule is reset to "concurrent" after the test."""
-    try:
-        backend = backends.emulator()
-    except backends.UnavailableError as exc:
-        pytest.skip(f"emulator backend: {exc}")
-    yield backend
-    backend.ns.set_schedule("concurrent")
-
-
 def test_cases_cover_several_blocks():
     assert len(MULTI_BLOCK) >= 2
     assert {c.encoder_input for c in MULTI_BLOCK} == {"canvas", "error"}
 
 
 @pytest.mark.parametrize("barrier", ["grid", "block"])
-def test_serial_schedules_turn_a_missing_barrier_into_a_wrong_result(emulator, barrier):
-    ns = emulator.ns
+def test_serial_schedules_turn_a_missing_barrier_into_a_wrong_result(emulator_backend, barrier):
+    ns = emulator_backend.ns
     for schedule in ("concurrent", *SERIAL):
         ns.set_schedule(schedule)
         assert ns.schedule() == schedule
@@ -57,9 +43,9 @@ def test_serial_schedules_turn_a_missing_barrier_into_a_wrong_result(emulator, b
         assert seen != SELFTEST_EXPECTED[barrier]
 
 
-def test_an_unknown_schedule_is_refused(emulator):
+def test_an_unknown_schedule_is_refused(emulator_backend):
     with pytest.raises(ValueError, match="schedule must be 'concurrent', 'forward' or 'reverse', got 'random'"):
-        emulator.ns.set_schedule("random")
+        emulator_backend.ns.set_schedule("random")
 
 
 def _case_params() -> list[object]:
@@ -74,14 +60,16 @@ def _case_params() -> list[object]:
 
 @pytest.mark.parametrize("schedule", SERIAL)
 @pytest.mark.parametrize(("case", "dtype"), _case_params())
-def test_forward_and_backward_under_serial_schedules(emulator, case: Case, dtype, schedule, emu_sms, each_design):
+def test_forward_and_backward_under_serial_schedules(
+    emulator_backend, case: Case, dtype, schedule, emu_sms, each_design
+):
     emu_sms(case.sms)
-    emulator.ns.set_schedule(schedule)
-    compare_with_reference(emulator, case, dtype=dtype)
+    emulator_backend.ns.set_schedule(schedule)
+    compare_with_reference(emulator_backend, case, dtype=dtype)
 
 
 @pytest.mark.parametrize("schedule", SERIAL)
-def test_sampler_under_serial_schedules(emulator, schedule, emu_sms, each_design):
+def test_sampler_under_serial_schedules(emulator_backend, schedule, emu_sms, each_design):
     emu_sms(3)
-    emulator.ns.set_schedule(schedule)
-    compare_sample_with_reference(emulator, 5, 3, CASES[4].sizes, 2)
+    emulator_backend.ns.set_schedule(schedule)
+    compare_sample_with_reference(emulator_backend, 5, 3, CASES[4].sizes, 2)
