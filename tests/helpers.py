@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TypedDict
@@ -21,6 +23,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
     return env
+
+
+def run_in_repo(
+    command: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` from the checkout's root and wait (at most ``timeout`` seconds), its stdout and
+    stderr captured as text; a non-zero exit status is returned, not raised. ``env``: the child's whole
+    environment (None: this process's; :func:`subprocess_env` for the usual one)."""
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=timeout)
 
 
 def free_port() -> int:

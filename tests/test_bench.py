@@ -13,17 +13,17 @@ from typing import cast
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+from helpers import REPO, load_module, run_in_repo
 
-from avme_ext.loop_types import AVMEParams  # noqa: E402
-from avme_ext.reference import avme_forward_reference  # noqa: E402
-from bench import flops as F  # noqa: E402
-from bench import report  # noqa: E402
-from bench.timing import Timer, interleave, quantile, round_order, summarize  # noqa: E402
-from bench.workloads import DESIGNS  # noqa: E402
-from helpers import load_module  # noqa: E402
+if str(REPO) not in sys.path:  # bench/ is imported as a package from the checkout
+    sys.path.append(str(REPO))
+
+from avme_ext.loop_types import AVMEParams
+from avme_ext.reference import avme_forward_reference
+from bench import flops as F
+from bench import report
+from bench.timing import Timer, interleave, quantile, round_order, summarize
+from bench.workloads import DESIGNS
 
 # --------------------------------------------------------------------------- end to end (CPU smoke)
 
@@ -34,7 +34,7 @@ def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     cmd = [
         sys.executable,
-        str(ROOT / "bench" / "run.py"),
+        str(REPO / "bench" / "run.py"),
         "--smoke",
         "--device",
         "cpu",
@@ -43,7 +43,7 @@ def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+    proc = run_in_repo(cmd, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -129,20 +129,20 @@ def test_smoke_run_writes_a_valid_results_file(smoke_results: Path):
 
 @pytest.mark.slow
 def test_report_writes_table_and_plot_without_touching_the_real_readme(smoke_results: Path, tmp_path: Path):
-    real_readme = ROOT / "bench" / "README.md"
+    real_readme = REPO / "bench" / "README.md"
     before = real_readme.read_text()
     readme = tmp_path / "README.md"
     shutil.copy(real_readme, readme)
     cmd = [
         sys.executable,
-        str(ROOT / "bench" / "report.py"),
+        str(REPO / "bench" / "report.py"),
         str(smoke_results),
         "--readme",
         str(readme),
         "--plot-dir",
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+    proc = run_in_repo(cmd, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert real_readme.read_text() == before
 
@@ -204,7 +204,7 @@ def test_append_replaces_records_of_the_same_key(smoke_results: Path, tmp_path: 
 
 
 def test_real_readme_has_markers_and_no_invented_numbers():
-    text = (ROOT / "bench" / "README.md").read_text()
+    text = (REPO / "bench" / "README.md").read_text()
     assert report.START in text
     assert report.END in text
 
@@ -554,7 +554,7 @@ def test_crossover_runs_on_the_smoke_results(smoke_results: Path, tmp_path: Path
 # --------------------------------------------------------------------------- GPU scripts (tools/gpu/)
 
 
-GPU_TOOLS = ROOT / "tools" / "gpu"
+GPU_TOOLS = REPO / "tools" / "gpu"
 
 
 def test_gpu_scripts_parse():

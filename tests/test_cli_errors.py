@@ -16,7 +16,7 @@ import pytest
 
 from avme_ext.cli import main
 from cli_helpers import one_error_line, run_cli, tiny_run_dir
-from helpers import REPO, subprocess_env
+from helpers import REPO, run_in_repo, subprocess_env
 
 TIMEOUT = 120
 _run, _one_error_line = run_cli, one_error_line
@@ -333,14 +333,6 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_130(tmp_path):
 
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, avme_ext; assert 'torch' not in sys.modules; print(avme_ext.AVMECore.__name__)"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT,
-    )
+    done = run_in_repo([sys.executable, "-c", code], env=subprocess_env(), timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "AVMECore", done.stderr

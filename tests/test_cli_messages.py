@@ -19,7 +19,7 @@ from avme_ext.checkpoint import atomic_write_bytes
 from avme_ext.cli import _common, _memory, _png_split
 from avme_ext.model import AVME
 from cli_helpers import one_error_line, run_cli, tiny_run_dir
-from helpers import REPO, model_args, subprocess_env, subset_args
+from helpers import model_args, run_in_repo, subprocess_env, subset_args
 
 TINY_TRAIN = ["--epochs", "1", *subset_args(20, 0), *model_args(8, 2, 2), "--batch-size", "10", "--no-progress"]
 TIMEOUT = 120
@@ -67,14 +67,10 @@ def test_top_level_argument_errors_are_one_line(capsys):
 def test_a_sample_request_that_cannot_fit_is_refused_before_the_work(run_dir, tmp_path):
     """The command of the issue, in a real process: one line, exit 2, before any sampling."""
     out = tmp_path / "big.png"
-    done = subprocess.run(
+    done = run_in_repo(
         [sys.executable, "-m", "avme_ext", "sample", str(run_dir), "--num", "1000000000", "--out", str(out)],
-        cwd=REPO,
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=TIMEOUT,
-        check=False,
     )
     line = _one_error_line(done.stderr, "sample")
     assert done.returncode == 2, done.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 from avme_ext.checkpoint import save_checkpoint
 from avme_ext.cli import main
 from avme_ext.model import AVME
-from helpers import REPO, ModelArgs, subprocess_env
+from helpers import ModelArgs, run_in_repo, subprocess_env
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -344,14 +343,7 @@ def test_help(command, options, capsys):
 
 def test_module_entry_point_exit_codes(tmp_path):
     """``python -m avme_ext`` returns a non-zero exit status (not a traceback) for a bad input."""
-    result = subprocess.run(
-        [sys.executable, "-m", "avme_ext", "plot", str(tmp_path / "missing.jsonl")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    result = run_in_repo([sys.executable, "-m", "avme_ext", "plot", str(tmp_path / "missing.jsonl")], timeout=120)
     assert result.returncode != 0
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -376,17 +368,11 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
         "--no-progress",
         "--json",
     ]
-    single = subprocess.run(
-        [sys.executable, "-m", "avme_ext", *common, str(tmp_path / "single.json")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+    single = run_in_repo(
+        [sys.executable, "-m", "avme_ext", *common, str(tmp_path / "single.json")], env=env, timeout=300
     )
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
+    multi = run_in_repo(
         [
             sys.executable,
             "-m",
@@ -399,11 +385,7 @@ def test_eval_under_torchrun_matches_single_process(checkpoints, tmp_path):
             *common,
             str(tmp_path / "multi.json"),
         ],
-        cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
-        check=False,
         timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]

@@ -9,22 +9,14 @@ import sys
 
 import pytest
 
-from helpers import REPO, subprocess_env
+from helpers import run_in_repo, subprocess_env
 
 COMMANDS = ("train", "sample", "eval", "plot", "export", "list-pretrained")
 
 
 def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run ``python -X importtime -m avme_ext ARGV``; the process and the modules it imported."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "avme_ext", *argv],
-        cwd=REPO,
-        check=False,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_in_repo([sys.executable, "-X", "importtime", "-m", "avme_ext", *argv], env=subprocess_env(), timeout=120)
     modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     return done, modules
 
@@ -59,14 +51,6 @@ def test_the_console_entry_point_builds_every_parser_without_torch():
         "import sys; from avme_ext.cli import build_parser; build_parser(); "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_in_repo([sys.executable, "-c", code], env=subprocess_env(), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,12 @@ import torch
 
 from avme_ext import dispatch, ops
 from avme_ext.config import AVMEConfig
+from helpers import REPO, run_in_repo
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(REPO) not in sys.path:  # bench/ is imported as a package from the checkout
+    sys.path.append(str(REPO))
 
-from bench import crossover  # noqa: E402
+from bench import crossover
 
 FAKE = "Fake GPU 80GB"
 TABLE = {
@@ -69,7 +68,7 @@ CUDA0 = torch.device("cuda", 0)
 
 
 def test_committed_table_reads_back_from_the_source():
-    text = (ROOT / "avme_ext" / "dispatch.py").read_text()
+    text = (REPO / "avme_ext" / "dispatch.py").read_text()
     sources, models, table = dispatch.parse_table(text)
     assert table == {k: list(v) for k, v in dispatch.CROSSOVER.items()}
     assert sources == dispatch.CROSSOVER_SOURCES
@@ -84,7 +83,7 @@ def test_committed_table_reads_back_from_the_source():
 
 
 def test_parse_table_refuses_what_is_not_the_table():
-    good = (ROOT / "avme_ext" / "dispatch.py").read_text()
+    good = (REPO / "avme_ext" / "dispatch.py").read_text()
     start, end = dispatch.marker_span(good)
     with pytest.raises(ValueError, match="crossover-table:start"):
         dispatch.parse_table(good.replace(dispatch.TABLE_START + "\n", ""))
@@ -356,12 +355,12 @@ def test_generator_round_trip(tmp_path: Path):
         ]
     results = tmp_path / "2026-01-02-fake-gpu.json"
     results.write_text(json.dumps(_results(records)))
-    source = ROOT / "avme_ext" / "dispatch.py"
+    source = REPO / "avme_ext" / "dispatch.py"
     out = tmp_path / "dispatch.py"
-    proc = subprocess.run(
+    proc = run_in_repo(
         [
             sys.executable,
-            str(ROOT / "bench" / "crossover.py"),
+            str(REPO / "bench" / "crossover.py"),
             str(results),
             "--dispatch",
             str(source),
@@ -369,10 +368,6 @@ def test_generator_round_trip(tmp_path: Path):
             str(out),
             "--print",
         ],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -24,7 +24,7 @@ from avme_ext import distributed as D
 from avme_ext.checkpoint import load_model
 from avme_ext.data import load_split
 from avme_ext.evaluation import evaluate, gather_across_ranks
-from helpers import REPO, SHARED_DATA, free_port, model_args, subprocess_env, subset_args
+from helpers import REPO, SHARED_DATA, free_port, model_args, run_in_repo, subprocess_env, subset_args
 
 TIMEOUT = 180
 MNIST = SHARED_DATA / "mnist"
@@ -64,9 +64,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
         f"--master_port={free_port()}",
         *args,
     ]
-    result = subprocess.run(
-        command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, check=False, timeout=TIMEOUT
-    )
+    result = run_in_repo(command, env=subprocess_env(), timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -74,14 +72,8 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_two_process_training_equals_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        [sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY],
-        env=subprocess_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT,
+    single = run_in_repo(
+        [sys.executable, "-m", "avme_ext", "train", "--out", str(one), *TINY], env=subprocess_env(), timeout=TIMEOUT
     )
     assert single.returncode == 0, single.stderr
     # --resume on a fresh directory: what an elastic job (--max-restarts) does from its first launch

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import REPO, subprocess_env
+from helpers import REPO, run_in_repo, subprocess_env
 
 sys.path.insert(0, str(REPO / "python"))
 
@@ -92,14 +92,10 @@ def run(out: Path, docs: Path, *extra: str, env: dict[str, str] | None = None, s
     if shim is not None:
         environment["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO)])
     started = time.monotonic()
-    result = subprocess.run(
+    result = run_in_repo(
         [sys.executable, str(SCRIPT), "--out", str(out), "--docs", str(docs), "--smoke", *extra],
-        cwd=REPO,
         env=environment,
-        capture_output=True,
-        text=True,
         timeout=600,
-        check=False,
     )
     return TimedRun(result, time.monotonic() - started)
 

@@ -17,7 +17,7 @@ from avme_ext.cli import main
 from avme_ext.training.errors import RunDirError
 from avme_ext.training.run_lock import LOCK_NAME, RunLock
 from cli_helpers import one_error_line
-from helpers import REPO, free_port, model_args, subprocess_env, subset_args
+from helpers import REPO, free_port, model_args, run_in_repo, subprocess_env, subset_args
 
 TIMEOUT = 180
 TINY = [*subset_args(40, 0), *model_args(8, 2, 2), "--batch-size", "10", "--no-progress"]
@@ -138,9 +138,7 @@ def test_a_torchrun_job_holds_the_lock_once_on_rank_0(tmp_path):
         "1",
         *TINY,
     ]
-    done = subprocess.run(
-        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    done = run_in_repo(command, env=subprocess_env(), timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert record.read_text().split() == ["0"]
     assert (out / "last.safetensors").is_file()

@@ -4,22 +4,18 @@ parametrisation of another slow."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import run_in_repo
 
 MODULE = "tests/test_module_compile.py"
 
 
 def collected(*options: str) -> tuple[set[str], str]:
     """The node ids ``pytest --collect-only`` selects with ``options``, and its summary line."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *options, MODULE],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = run_in_repo([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *options, MODULE], timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     return {line for line in lines if "::" in line}, next(line for line in reversed(lines) if "collected" in line)
